@@ -1,0 +1,188 @@
+//! Types and functions shared by the kernel programs (agent-ebpf) and the agent.
+//!
+//! Every map key and value is `#[repr(C)]` with explicit padding fields and a
+//! compile-time size check, so both sides agree on the layout byte for byte.
+//! Addresses and ports are kept in network byte order exactly as they appear in
+//! the packet: the kernel side then compares and copies without byte swaps.
+#![no_std]
+
+pub mod hash;
+pub mod reason;
+
+/// Address family tags stored in keys (values of `AF_INET` / `AF_INET6`).
+pub const FAMILY_V4: u8 = 2;
+pub const FAMILY_V6: u8 = 10;
+
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// A Maglev slot that points at no backend (the service has none).
+pub const NO_BACKEND: u32 = u32::MAX;
+
+/// Key of the `SERVICES` map: what a client addresses.
+///
+/// An IPv4 address occupies `addr[0]`; the other words are zero.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceKey {
+    pub addr: [u32; 4],
+    /// Network byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub family: u8,
+}
+const _: () = assert!(core::mem::size_of::<ServiceKey>() == 20);
+
+/// The service forwards with full NAT: the backend sees `snat_addr` as source.
+pub const SERVICE_F_SNAT: u32 = 1;
+
+/// Value of the `SERVICES` map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Service {
+    /// Index into the per-service statistics.
+    pub id: u32,
+    /// First slot of this service's live Maglev table in `MAGLEV`.
+    pub table_offset: u32,
+    /// Number of slots (a prime).
+    pub table_size: u32,
+    /// `SERVICE_F_*` bits.
+    pub flags: u32,
+    /// Source address for `snat` services.
+    pub snat_addr: [u32; 4],
+}
+const _: () = assert!(core::mem::size_of::<Service>() == 32);
+
+/// Value of the `BACKENDS` array, indexed by backend id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backend {
+    pub addr: [u32; 4],
+    /// Network byte order.
+    pub port: u16,
+    pub _pad0: u16,
+    pub _pad1: u32,
+}
+const _: () = assert!(core::mem::size_of::<Backend>() == 24);
+
+/// Key of the `CONNTRACK` map: a packet's 5-tuple as seen on the wire.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    /// Network byte order.
+    pub sport: u16,
+    /// Network byte order.
+    pub dport: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
+
+/// The entry translates backend → client packets (reverse NAT).
+pub const FLOW_F_REVERSE: u32 = 1;
+/// The flow belongs to an `snat` service: source address and port change too.
+pub const FLOW_F_SNAT: u32 = 2;
+
+/// Value of the `CONNTRACK` map.
+///
+/// A forward entry (client → VIP) says where to send the packet; a reverse
+/// entry (backend → client or → SNAT address) says what to restore. Both carry
+/// the rewrite itself, so an established flow needs no other map lookup and keeps
+/// working after its backend left the service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Flow {
+    /// Forward: the backend address. Reverse: the VIP.
+    pub nat_addr: [u32; 4],
+    /// Forward + SNAT: the SNAT address. Reverse + SNAT: the client address.
+    pub snat_addr: [u32; 4],
+    /// Forward: the backend port. Reverse: the VIP port.
+    pub nat_port: u16,
+    /// Forward + SNAT: the allocated source port. Reverse + SNAT: the client port.
+    pub snat_port: u16,
+    pub backend_id: u32,
+    pub service_id: u32,
+    /// `FLOW_F_*` bits.
+    pub flags: u32,
+}
+const _: () = assert!(core::mem::size_of::<Flow>() == 48);
+
+/// Per-service counters (a per-CPU array indexed by service id).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceStats {
+    pub connections: u64,
+    pub packets_to_backend: u64,
+    pub bytes_to_backend: u64,
+    pub packets_to_client: u64,
+    pub bytes_to_client: u64,
+}
+const _: () = assert!(core::mem::size_of::<ServiceStats>() == 40);
+
+/// Per-backend counters (a per-CPU array indexed by backend id). Same layout
+/// as the service counters so the kernel updates both with one function.
+pub type BackendStats = ServiceStats;
+
+/// Bits in each prefilter bitmap (a power of two).
+pub const PREFILTER_BITS: u32 = 1 << 16;
+/// The prefilter bitmap as stored in one array slot.
+pub const PREFILTER_WORDS: usize = (PREFILTER_BITS / 64) as usize;
+
+/// Slots of the `PREFILTER` array. Each is a bitmap over
+/// [`hash::prefilter_bit`]: a clear bit proves the packet is not ours, so
+/// traffic that isn't for Sluice costs one array read, not a hash lookup.
+pub mod prefilter {
+    /// (VIP, port, protocol) of every service.
+    pub const SERVICE: u32 = 0;
+    /// (address, port, protocol) of every backend: replies to reverse-NAT.
+    pub const BACKEND: u32 = 1;
+    /// VIP addresses alone, for packets without ports (fragments, extension headers).
+    pub const SERVICE_ADDR: u32 = 2;
+    /// Backend addresses alone, likewise.
+    pub const BACKEND_ADDR: u32 = 3;
+    pub const COUNT: u32 = 4;
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Prefilter {
+    pub words: [u64; PREFILTER_WORDS],
+}
+const _: () = assert!(core::mem::size_of::<Prefilter>() == 8192);
+
+impl Default for Prefilter {
+    fn default() -> Self {
+        Self {
+            words: [0; PREFILTER_WORDS],
+        }
+    }
+}
+
+impl Prefilter {
+    pub fn set(&mut self, bit: u32) {
+        let bit = bit & (PREFILTER_BITS - 1);
+        self.words[(bit / 64) as usize] |= 1 << (bit % 64);
+    }
+}
+
+/// Source ports handed out to SNAT flows.
+pub const SNAT_PORT_MIN: u16 = 32768;
+pub const SNAT_PORT_MAX: u16 = 60999;
+/// How many ports the kernel tries before giving up on a new SNAT flow.
+pub const SNAT_PORT_ATTEMPTS: u32 = 16;
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are #[repr(C)], made only of integers, with every
+    // padding byte an explicit field, so any bit pattern is a valid value.
+    unsafe impl aya::Pod for super::ServiceKey {}
+    unsafe impl aya::Pod for super::Service {}
+    unsafe impl aya::Pod for super::Backend {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::Flow {}
+    unsafe impl aya::Pod for super::ServiceStats {}
+    unsafe impl aya::Pod for super::Prefilter {}
+}

@@ -1,0 +1,50 @@
+//! Why a packet left the fast path. The kernel counts each reason in a per-CPU
+//! array; the agent exports drops as `sluice_drops_total{reason}` and passes as
+//! `sluice_passed_total{reason}`.
+
+/// A reason and what the datapath does with such a packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Reason {
+    pub name: &'static str,
+    pub dropped: bool,
+}
+
+macro_rules! reasons {
+    ($($(#[$doc:meta])* $id:ident = $idx:literal, $name:literal, $dropped:literal;)*) => {
+        $( $(#[$doc])* pub const $id: u32 = $idx; )*
+        /// Every reason, indexed by its code.
+        pub const ALL: &[Reason] = &[$(Reason { name: $name, dropped: $dropped }),*];
+    };
+}
+
+reasons! {
+    /// The frame ends before the IP addresses: nothing says it is ours. Passed.
+    SHORT_FRAME = 0, "short_frame", false;
+    /// VLAN-tagged frame; Sluice handles untagged frames (attach it to the VLAN
+    /// interface instead). Passed untouched.
+    VLAN_TAGGED = 1, "vlan_tagged", false;
+    /// For a VIP or from a backend, but a header is cut short. Dropped.
+    TRUNCATED = 2, "truncated", true;
+    /// For a VIP or from a backend, with header lengths that contradict the frame. Dropped.
+    BAD_LENGTH = 3, "bad_length", true;
+    /// An IP fragment for a VIP or from a backend: no ports to route it by. Dropped.
+    FRAGMENT = 4, "fragment", true;
+    /// IPv6 extension headers before TCP/UDP for a VIP or from a backend. Dropped.
+    IPV6_EXTENSION = 5, "ipv6_extension", true;
+    /// The service has no backend to choose. Dropped.
+    NO_BACKEND = 6, "no_backend", true;
+    /// The conntrack map refused a new entry. Dropped.
+    CONNTRACK_FULL = 7, "conntrack_full", true;
+    /// Every SNAT source port tried was taken. Dropped.
+    SNAT_PORTS_EXHAUSTED = 8, "snat_ports_exhausted", true;
+    /// The FIB has no neighbour entry yet: the kernel resolves it and forwards. Passed.
+    FIB_NO_NEIGHBOUR = 9, "fib_no_neighbour", false;
+    /// The packet is too big for the egress MTU: the kernel answers the client. Passed.
+    FIB_FRAG_NEEDED = 10, "fib_frag_needed", false;
+    /// The FIB has no usable route (unreachable, blackhole, prohibited, forwarding off). Dropped.
+    FIB_NO_ROUTE = 11, "fib_no_route", true;
+    /// TTL or hop limit would expire: the kernel sends the ICMP error. Passed.
+    TTL_EXCEEDED = 12, "ttl_exceeded", false;
+}
+
+pub const COUNT: u32 = ALL.len() as u32;

@@ -1,0 +1,54 @@
+//! Views of the L3/L4 headers with natural-width fields.
+//!
+//! network-types declares multi-byte fields as byte arrays (alignment 1), which
+//! the BPF backend turns into one load per byte. These views let an address be
+//! one 32-bit load; x86-64 and arm64 kernels allow unaligned packet access.
+
+#[repr(C)]
+pub struct Ipv4 {
+    pub vihl: u8,
+    pub tos: u8,
+    pub tot_len: u16,
+    pub id: u16,
+    pub frag_off: u16,
+    /// TTL and protocol, read together because they share a checksum word.
+    pub ttl_proto: u16,
+    pub check: u16,
+    pub src: u32,
+    pub dst: u32,
+}
+
+#[repr(C)]
+pub struct Ipv6 {
+    pub vtc_flow: u32,
+    pub payload_len: u16,
+    pub next_hdr: u8,
+    pub hop_limit: u8,
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+}
+
+/// The first four bytes of TCP and UDP.
+#[repr(C)]
+pub struct Ports {
+    pub src: u16,
+    pub dst: u16,
+}
+
+pub const TCP_HDR_LEN: usize = 20;
+pub const TCP_CHECK_OFFSET: usize = 16;
+pub const TCP_FLAGS_OFFSET: usize = 13;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_ACK: u8 = 0x10;
+pub const UDP_HDR_LEN: usize = 8;
+pub const UDP_CHECK_OFFSET: usize = 6;
+
+/// IPv4 "more fragments" flag and fragment offset, in network byte order.
+pub const IPV4_FRAG_MASK_BE: u16 = 0x3fffu16.to_be();
+
+/// IPv6 next-header values that are extension headers (not parsed here).
+#[inline(always)]
+pub fn is_ipv6_extension(next_hdr: u8) -> bool {
+    matches!(next_hdr, 0 | 43 | 44 | 50 | 51 | 60 | 135 | 139 | 140 | 253 | 254)
+}
+pub const IPV6_FRAGMENT: u8 = 44;

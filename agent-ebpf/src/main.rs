@@ -1,0 +1,72 @@
+//! Sluice's kernel programs: the same load-balancing pipeline behind an XDP
+//! entry point and a TC (tcx) entry point for interfaces where XDP can't run.
+#![no_std]
+#![no_main]
+
+mod csum;
+mod headers;
+mod lb;
+mod maps;
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
+    helpers::bpf_redirect,
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
+use lb::{Action, Ctx};
+
+/// Longest header stack the pipeline reads: Ethernet + IPv6 + TCP (with room).
+const TC_HEADER_BYTES: u32 = 14 + 40 + 60;
+
+#[xdp]
+pub fn sluice_xdp(ctx: XdpContext) -> u32 {
+    let c = Ctx {
+        data: ctx.data(),
+        data_end: ctx.data_end(),
+        ifindex: ctx.ingress_ifindex() as u32,
+        raw: ctx.ctx.cast(),
+    };
+    match lb::process(&c) {
+        Action::Pass => xdp_action::XDP_PASS,
+        Action::Drop => xdp_action::XDP_DROP,
+        Action::Tx => xdp_action::XDP_TX,
+        // SAFETY: plain helper call; it returns XDP_REDIRECT or XDP_ABORTED.
+        Action::Redirect(ifindex) => unsafe { bpf_redirect(ifindex, 0) as u32 },
+    }
+}
+
+#[classifier]
+pub fn sluice_tc(ctx: TcContext) -> i32 {
+    // Headers may sit in paged data on an skb: pull them into the linear part
+    // so direct packet access can see them.
+    if ctx.data() + TC_HEADER_BYTES as usize > ctx.data_end() {
+        let _ = ctx.pull_data(ctx.len().min(TC_HEADER_BYTES));
+    }
+    // SAFETY: the skb pointer the kernel passed in.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let c = Ctx {
+        data: ctx.data(),
+        data_end: ctx.data_end(),
+        ifindex,
+        raw: ctx.skb.skb.cast(),
+    };
+    match lb::process(&c) {
+        Action::Pass => TC_ACT_OK,
+        Action::Drop => TC_ACT_SHOT,
+        // SAFETY: plain helper call; it returns TC_ACT_REDIRECT or TC_ACT_SHOT.
+        Action::Tx => unsafe { bpf_redirect(ifindex, 0) as i32 },
+        // SAFETY: as above.
+        Action::Redirect(target) => unsafe { bpf_redirect(target, 0) as i32 },
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

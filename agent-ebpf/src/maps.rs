@@ -1,0 +1,41 @@
+//! The maps the datapath shares with the agent. Sizes here are placeholders:
+//! the agent sets the real ones from its config before loading.
+
+use agent_common::{Backend, Flow, FlowKey, Prefilter, Service, ServiceKey, ServiceStats};
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+};
+
+/// (VIP, port, protocol) → service.
+#[map]
+pub static SERVICES: HashMap<ServiceKey, Service> = HashMap::with_max_entries(1024, 0);
+
+/// Backend id → address. Ids are the agent's, stable while the backend exists.
+#[map]
+pub static BACKENDS: Array<Backend> = Array::with_max_entries(4096, 0);
+
+/// Maglev lookup tables of all services back to back, two halves per service
+/// so the agent fills one while packets read the other.
+#[map]
+pub static MAGLEV: Array<u32> = Array::with_max_entries(1024, 0);
+
+/// Connection tracking: forward and reverse entries of every flow.
+#[map]
+pub static CONNTRACK: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(262_144, 0);
+
+/// Bitmaps that let non-Sluice traffic through without a hash lookup.
+#[map]
+pub static PREFILTER: Array<Prefilter> =
+    Array::with_max_entries(agent_common::prefilter::COUNT, 0);
+
+#[map]
+pub static SERVICE_STATS: PerCpuArray<ServiceStats> = PerCpuArray::with_max_entries(1024, 0);
+
+#[map]
+pub static BACKEND_STATS: PerCpuArray<ServiceStats> = PerCpuArray::with_max_entries(4096, 0);
+
+/// Packets that left the fast path, by `agent_common::reason` code.
+#[map]
+pub static REASONS: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries(agent_common::reason::COUNT, 0);

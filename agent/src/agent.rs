@@ -1,0 +1,182 @@
+//! `sluice run`: start-up, the reload loop and shutdown.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
+
+use anyhow::{Context, Result, anyhow};
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{error, info, warn};
+
+use crate::{
+    config::{self, ConfigError, Validated},
+    datapath::{Datapath, Sizes},
+    reconcile::Reconciler,
+    state::Shared,
+};
+
+/// How often the config file is checked for changes. Polling the content sees
+/// every way a file changes (in place, rename, symlink swap as a Kubernetes
+/// ConfigMap volume does) with no inotify edge cases.
+const RELOAD_POLL: Duration = Duration::from_secs(1);
+
+/// Why `run` failed: the caller maps these to exit codes.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{0:#}")]
+    Other(#[from] anyhow::Error),
+}
+
+/// Interfaces named in the config must exist: refused like any bad value.
+pub fn check_interfaces(cfg: &Validated, path: &Path) -> Result<(), ConfigError> {
+    for (i, iface) in cfg.raw.interfaces.iter().enumerate() {
+        let Ok(name) = std::ffi::CString::new(iface.name.as_str()) else {
+            continue;
+        };
+        // SAFETY: if_nametoindex reads the NUL-terminated string only.
+        if unsafe { libc::if_nametoindex(name.as_ptr()) } == 0 {
+            return Err(ConfigError::Invalid {
+                path: path.display().to_string(),
+                field: format!("interfaces[{i}].name"),
+                value: iface.name.clone(),
+                why: "no such network interface".into(),
+            });
+        }
+    }
+    Ok(())
+}
+
+pub async fn run(config_path: PathBuf, listen: SocketAddr) -> Result<(), RunError> {
+    let cfg = config::load(&config_path)?;
+    check_interfaces(&cfg, &config_path)?;
+    let mut last_text = std::fs::read(&config_path).unwrap_or_default();
+
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("listening on {listen}"))?;
+
+    let shared = Arc::new(Shared::default());
+    let registry = crate::metrics::registry(shared.clone()).context("registering metrics")?;
+    let router = crate::api::router(shared.clone(), registry);
+    let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(async {
+                let _ = http_stopped.await;
+            })
+            .await
+    });
+    info!(%listen, "serving /metrics, /healthz, /readyz, /api/v1/services");
+
+    let sizes = Sizes::from_config(&cfg.raw);
+    let (mut datapath, maps) = Datapath::load(sizes)?;
+    if let Some(logger) = datapath.take_logger() {
+        spawn_kernel_log_reader(logger)?;
+    }
+    for iface in &cfg.raw.interfaces {
+        datapath.attach(&iface.name, iface.attach)?;
+    }
+    *shared.attachments.lock().unwrap() = datapath.attachments();
+    *shared.conntrack_capacity.lock().unwrap() = sizes.conntrack;
+    let mut reconciler = Reconciler::new(maps, sizes.table_size, sizes.services, sizes.backends)?;
+    reconciler.apply(&cfg.services)?;
+    *shared.reconciler.lock().unwrap() = Some(reconciler);
+    shared.ready.store(true, Ordering::SeqCst);
+    info!(
+        config = %config_path.display(),
+        services = cfg.services.len(),
+        "ready"
+    );
+
+    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut ticker = tokio::time::interval(RELOAD_POLL);
+    let mut current = cfg;
+    loop {
+        tokio::select! {
+            _ = sigint.recv() => { info!("SIGINT: shutting down"); break; }
+            _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break; }
+            _ = ticker.tick() => {
+                let Ok(text) = std::fs::read(&config_path) else { continue };
+                if text == last_text {
+                    continue;
+                }
+                last_text = text;
+                match reload(&config_path, &current, &mut datapath, &shared) {
+                    Ok(Some(next)) => current = next,
+                    Ok(None) => {}
+                    Err(e) => error!(config = %config_path.display(), error = %e, "config change rejected; the last good config keeps serving"),
+                }
+            }
+        }
+    }
+
+    shared.ready.store(false, Ordering::SeqCst);
+    let _ = stop_http.send(());
+    // Dropping the datapath closes every link: the programs detach.
+    shared.reconciler.lock().unwrap().take();
+    drop(datapath);
+    info!("detached; bye");
+    let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
+    Ok(())
+}
+
+/// Applies a changed config file. Returns the new config once applied.
+fn reload(
+    path: &Path,
+    current: &Validated,
+    datapath: &mut Datapath,
+    shared: &Shared,
+) -> Result<Option<Validated>> {
+    let next = config::load(path)?;
+    check_interfaces(&next, path)?;
+    if next == *current {
+        return Ok(None);
+    }
+    if Sizes::from_config(&next.raw) != Sizes::from_config(&current.raw) {
+        warn!("conntrack, maglev or limits settings changed: they take effect at the next restart");
+    }
+    // Interfaces: attach the new ones first, then detach those removed.
+    for iface in &next.raw.interfaces {
+        datapath.attach(&iface.name, iface.attach)?;
+    }
+    for old in &current.raw.interfaces {
+        if !next.raw.interfaces.iter().any(|i| i.name == old.name) {
+            datapath.detach(&old.name)?;
+        }
+    }
+    *shared.attachments.lock().unwrap() = datapath.attachments();
+
+    let mut guard = shared.reconciler.lock().unwrap();
+    let reconciler = guard
+        .as_mut()
+        .ok_or_else(|| anyhow!("datapath not loaded"))?;
+    reconciler.apply(&next.services)?;
+    info!(config = %path.display(), services = next.services.len(), "config change applied");
+    Ok(Some(next))
+}
+
+/// Forwards aya-log records from the kernel into `log`, which tracing picks up.
+fn spawn_kernel_log_reader(logger: crate::datapath::KernelLogger) -> Result<()> {
+    // SAFETY: the logger owns its ring buffer fd and the AsyncFd owns the
+    // logger, so the fd stays open and the same for the AsyncFd's whole life.
+    let mut fd = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    }
+    .map_err(|e| anyhow!("watching the kernel log ring buffer: {}", e))?;
+    tokio::spawn(async move {
+        loop {
+            let Ok(mut guard) = fd.readable_mut().await else {
+                return;
+            };
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    });
+    Ok(())
+}

@@ -1,0 +1,131 @@
+//! The HTTP endpoints: health, readiness, metrics and the services API.
+
+use std::sync::{Arc, atomic::Ordering};
+
+use axum::{
+    Json, Router,
+    extract::State,
+    http::{StatusCode, header},
+    response::{Html, IntoResponse},
+    routing::get,
+};
+use prometheus::Registry;
+use serde::Serialize;
+
+use crate::state::{Shared, backend_state};
+
+#[derive(Clone)]
+struct AppState {
+    shared: Arc<Shared>,
+    registry: Registry,
+}
+
+pub fn router(shared: Arc<Shared>, registry: Registry) -> Router {
+    Router::new()
+        .route("/", get(index))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/api/v1/services", get(services))
+        .with_state(AppState { shared, registry })
+}
+
+async fn readyz(State(app): State<AppState>) -> impl IntoResponse {
+    if app.shared.ready.load(Ordering::SeqCst) {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: programs not attached or maps not yet written\n",
+        )
+    }
+}
+
+async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
+    // Reading per-CPU maps is a few syscalls per series: off the async threads.
+    let registry = app.registry.clone();
+    let body = tokio::task::spawn_blocking(move || crate::metrics::render(&registry))
+        .await
+        .unwrap_or_default();
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        body,
+    )
+}
+
+#[derive(Serialize)]
+pub struct ServicesResponse {
+    pub services: Vec<ServiceView>,
+}
+
+#[derive(Serialize)]
+pub struct ServiceView {
+    pub name: String,
+    pub vip: String,
+    pub port: u16,
+    pub protocol: &'static str,
+    pub forwarding: &'static str,
+    pub backends: Vec<BackendView>,
+}
+
+#[derive(Serialize)]
+pub struct BackendView {
+    pub address: String,
+    pub weight: u32,
+    pub state: &'static str,
+    pub connections_total: u64,
+    pub packets_to_backend: u64,
+    pub packets_to_client: u64,
+}
+
+pub fn services_view(shared: &Shared) -> ServicesResponse {
+    let guard = shared.reconciler.lock().unwrap();
+    let Some(rec) = guard.as_ref() else {
+        return ServicesResponse { services: vec![] };
+    };
+    let services = rec
+        .services
+        .values()
+        .map(|s| ServiceView {
+            name: s.spec.name.clone(),
+            vip: s.spec.vip.to_string(),
+            port: s.spec.port,
+            protocol: s.spec.protocol.as_str(),
+            forwarding: if s.spec.snat_ip.is_some() { "snat" } else { "dnat" },
+            backends: s
+                .backends
+                .iter()
+                .map(|b| {
+                    let st = rec.stats(false, b.id);
+                    BackendView {
+                        address: b.addr.to_string(),
+                        weight: b.weight,
+                        state: backend_state(b),
+                        connections_total: st.connections,
+                        packets_to_backend: st.packets_to_backend,
+                        packets_to_client: st.packets_to_client,
+                    }
+                })
+                .collect(),
+        })
+        .collect();
+    ServicesResponse { services }
+}
+
+async fn services(State(app): State<AppState>) -> impl IntoResponse {
+    let shared = app.shared.clone();
+    match tokio::task::spawn_blocking(move || services_view(&shared)).await {
+        Ok(view) => Json(view).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+async fn index() -> Html<&'static str> {
+    Html(concat!(
+        "<!doctype html><title>Sluice</title><h1>Sluice ",
+        env!("CARGO_PKG_VERSION"),
+        "</h1><ul><li><a href=\"/metrics\">/metrics</a></li>",
+        "<li><a href=\"/api/v1/services\">/api/v1/services</a></li>",
+        "<li><a href=\"/readyz\">/readyz</a></li><li><a href=\"/healthz\">/healthz</a></li></ul>"
+    ))
+}

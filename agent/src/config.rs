@@ -1,0 +1,562 @@
+//! The YAML config file (see README "Configuration" and shared/contract.md).
+//!
+//! Parsing is in two steps: serde reads the raw shape (unknown fields are
+//! refused, so a typo never silently means a default), then `validate` checks
+//! what serde can't and resolves addresses. Every error names the field and
+//! the value.
+
+use std::{
+    collections::HashSet,
+    fmt,
+    net::{IpAddr, SocketAddr},
+    path::Path,
+};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("config file {path}: {field}: invalid value {value:?}: {why}")]
+    Invalid {
+        path: String,
+        field: String,
+        value: String,
+        why: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Interfaces where VIP traffic or backend replies arrive.
+    pub interfaces: Vec<Interface>,
+    #[serde(default)]
+    pub conntrack: Conntrack,
+    #[serde(default)]
+    pub maglev: Maglev,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub services: Vec<Service>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Interface {
+    pub name: String,
+    #[serde(default)]
+    pub attach: AttachMode,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AttachMode {
+    /// XDP native, then XDP generic, then TC.
+    #[default]
+    Auto,
+    XdpNative,
+    XdpGeneric,
+    Tc,
+}
+
+impl fmt::Display for AttachMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::XdpNative => "xdp-native",
+            Self::XdpGeneric => "xdp-generic",
+            Self::Tc => "tc",
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Conntrack {
+    /// Capacity of the conntrack LRU map. Each connection takes two entries
+    /// (forward and reply direction).
+    pub max_entries: u32,
+}
+
+impl Default for Conntrack {
+    fn default() -> Self {
+        Self {
+            max_entries: 262_144,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Maglev {
+    /// Slots per service lookup table; a prime, at least 100× the largest
+    /// backend count for even shares.
+    pub table_size: u32,
+}
+
+impl Default for Maglev {
+    fn default() -> Self {
+        Self { table_size: 16_381 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Service slots the kernel maps are sized for (fixed while running).
+    pub max_services: u32,
+    /// Backend slots, over all services (fixed while running).
+    pub max_backends: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_services: 64,
+            max_backends: 4096,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn number(self) -> u8 {
+        match self {
+            Self::Tcp => agent_common::PROTO_TCP,
+            Self::Udp => agent_common::PROTO_UDP,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Forwarding {
+    /// Destination NAT only: the LB is on the backends' return path.
+    #[default]
+    Dnat,
+    /// Full NAT: backends see `snat_ip` as the source.
+    Snat,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Service {
+    pub name: String,
+    pub vip: String,
+    pub port: u16,
+    pub protocol: Protocol,
+    #[serde(default)]
+    pub forwarding: Forwarding,
+    #[serde(default)]
+    pub snat_ip: Option<String>,
+    #[serde(default)]
+    pub backends: Vec<BackendSpec>,
+    #[serde(default)]
+    pub failure: Failure,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendSpec {
+    pub address: String,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+/// Failure handling (counted and acted on by the kernel; see the failure issue).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Failure {
+    /// Ejected after this many failed connects in a row.
+    pub consecutive_failures: u32,
+    /// Base ejection time (longer on repeated ejections).
+    pub ejection_seconds: u32,
+    /// Never eject more than this share of a service's backends.
+    pub max_ejected_percent: u32,
+    /// A refused or unanswered SYN is retried on another backend.
+    pub retry_on_refused: bool,
+}
+
+impl Default for Failure {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: 3,
+            ejection_seconds: 10,
+            max_ejected_percent: 50,
+            retry_on_refused: true,
+        }
+    }
+}
+
+/// A service after validation, addresses parsed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServiceSpec {
+    pub name: String,
+    pub vip: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+    pub snat_ip: Option<IpAddr>,
+    pub backends: Vec<(SocketAddr, u32)>,
+    pub failure: Failure,
+}
+
+/// A config after validation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Validated {
+    pub raw: Config,
+    pub services: Vec<ServiceSpec>,
+}
+
+/// The largest weight accepted; keeps Maglev's round count bounded.
+pub const MAX_WEIGHT: u32 = 1000;
+
+pub fn load(path: &Path) -> Result<Validated, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    parse(&text, &path.display().to_string())
+}
+
+pub fn parse(text: &str, path: &str) -> Result<Validated, ConfigError> {
+    let raw: Config = serde_yaml::from_str(text).map_err(|e| ConfigError::Parse {
+        path: path.to_string(),
+        message: e.to_string(),
+    })?;
+    validate(raw, path)
+}
+
+fn validate(raw: Config, path: &str) -> Result<Validated, ConfigError> {
+    let invalid = |field: String, value: &dyn fmt::Display, why: &str| ConfigError::Invalid {
+        path: path.to_string(),
+        field,
+        value: value.to_string(),
+        why: why.to_string(),
+    };
+
+    if raw.interfaces.is_empty() {
+        return Err(invalid(
+            "interfaces".into(),
+            &"[]",
+            "at least one interface is needed",
+        ));
+    }
+    let mut names = HashSet::new();
+    for (i, iface) in raw.interfaces.iter().enumerate() {
+        if iface.name.is_empty() || iface.name.len() > 15 || iface.name.contains('/') {
+            return Err(invalid(
+                format!("interfaces[{i}].name"),
+                &iface.name,
+                "not a Linux interface name (1 to 15 characters, no '/')",
+            ));
+        }
+        if !names.insert(&iface.name) {
+            return Err(invalid(
+                format!("interfaces[{i}].name"),
+                &iface.name,
+                "listed twice",
+            ));
+        }
+    }
+    if raw.conntrack.max_entries < 1024 {
+        return Err(invalid(
+            "conntrack.max_entries".into(),
+            &raw.conntrack.max_entries,
+            "must be at least 1024",
+        ));
+    }
+    let m = raw.maglev.table_size;
+    if !(251..=1_000_003).contains(&m) || !is_prime(m) {
+        return Err(invalid(
+            "maglev.table_size".into(),
+            &m,
+            "must be a prime between 251 and 1000003 (e.g. 16381 or 65537)",
+        ));
+    }
+    if raw.limits.max_services == 0 || raw.limits.max_services > 65_536 {
+        return Err(invalid(
+            "limits.max_services".into(),
+            &raw.limits.max_services,
+            "must be between 1 and 65536",
+        ));
+    }
+    let table_slots = u64::from(raw.limits.max_services) * 2 * u64::from(m);
+    if table_slots > u64::from(u32::MAX / 4) {
+        return Err(invalid(
+            "limits.max_services".into(),
+            &raw.limits.max_services,
+            "times 2 × maglev.table_size exceeds the kernel's array size limit",
+        ));
+    }
+    if raw.limits.max_backends == 0 || raw.limits.max_backends > 1 << 20 {
+        return Err(invalid(
+            "limits.max_backends".into(),
+            &raw.limits.max_backends,
+            "must be between 1 and 1048576",
+        ));
+    }
+    if raw.services.len() > raw.limits.max_services as usize {
+        return Err(invalid(
+            "services".into(),
+            &format!("{} services", raw.services.len()),
+            &format!(
+                "more than limits.max_services ({})",
+                raw.limits.max_services
+            ),
+        ));
+    }
+
+    let mut services = Vec::with_capacity(raw.services.len());
+    let mut service_names = HashSet::new();
+    let mut frontends = HashSet::new();
+    let mut backend_total = 0usize;
+    for (i, s) in raw.services.iter().enumerate() {
+        let field = |name: &str| format!("services[{i}].{name}");
+        if s.name.is_empty()
+            || !s
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(invalid(
+                field("name"),
+                &s.name,
+                "use letters, digits, '-', '_' and '.'",
+            ));
+        }
+        if !service_names.insert(s.name.clone()) {
+            return Err(invalid(field("name"), &s.name, "two services have this name"));
+        }
+        let vip: IpAddr = s
+            .vip
+            .parse()
+            .map_err(|_| invalid(field("vip"), &s.vip, "not an IPv4 or IPv6 address"))?;
+        if vip.is_unspecified() || vip.is_multicast() {
+            return Err(invalid(field("vip"), &s.vip, "must be a unicast address"));
+        }
+        if s.port == 0 {
+            return Err(invalid(field("port"), &s.port, "must be 1 to 65535"));
+        }
+        if !frontends.insert((vip, s.port, s.protocol)) {
+            return Err(invalid(
+                field("vip"),
+                &s.vip,
+                "another service has the same VIP, port and protocol",
+            ));
+        }
+        let snat_ip = match (s.forwarding, &s.snat_ip) {
+            (Forwarding::Snat, None) => {
+                return Err(invalid(
+                    field("snat_ip"),
+                    &"(missing)",
+                    "required with forwarding: snat",
+                ));
+            }
+            (Forwarding::Snat, Some(text)) => {
+                let ip: IpAddr = text
+                    .parse()
+                    .map_err(|_| invalid(field("snat_ip"), text, "not an IP address"))?;
+                if ip.is_ipv4() != vip.is_ipv4() {
+                    return Err(invalid(
+                        field("snat_ip"),
+                        text,
+                        "must be of the same family as the VIP",
+                    ));
+                }
+                Some(ip)
+            }
+            (Forwarding::Dnat, Some(text)) => {
+                return Err(invalid(
+                    field("snat_ip"),
+                    text,
+                    "only used with forwarding: snat",
+                ));
+            }
+            (Forwarding::Dnat, None) => None,
+        };
+        let mut backends = Vec::with_capacity(s.backends.len());
+        let mut seen = HashSet::new();
+        for (j, b) in s.backends.iter().enumerate() {
+            let bfield = |name: &str| format!("services[{i}].backends[{j}].{name}");
+            let addr: SocketAddr = b.address.parse().map_err(|_| {
+                invalid(
+                    bfield("address"),
+                    &b.address,
+                    "expected IP:PORT, or [IPv6]:PORT",
+                )
+            })?;
+            if addr.is_ipv4() != vip.is_ipv4() {
+                return Err(invalid(
+                    bfield("address"),
+                    &b.address,
+                    "must be of the same family as the service's VIP",
+                ));
+            }
+            if addr.port() == 0 || addr.ip().is_unspecified() || addr.ip().is_multicast() {
+                return Err(invalid(
+                    bfield("address"),
+                    &b.address,
+                    "needs a unicast address and a non-zero port",
+                ));
+            }
+            if !seen.insert(addr) {
+                return Err(invalid(bfield("address"), &b.address, "listed twice"));
+            }
+            if b.weight > MAX_WEIGHT {
+                return Err(invalid(
+                    bfield("weight"),
+                    &b.weight,
+                    &format!("must be 0 (drain) to {MAX_WEIGHT}"),
+                ));
+            }
+            backends.push((addr, b.weight));
+        }
+        backend_total += backends.len();
+        let f = &s.failure;
+        if f.consecutive_failures == 0 {
+            return Err(invalid(
+                field("failure.consecutive_failures"),
+                &f.consecutive_failures,
+                "must be at least 1",
+            ));
+        }
+        if f.ejection_seconds == 0 {
+            return Err(invalid(
+                field("failure.ejection_seconds"),
+                &f.ejection_seconds,
+                "must be at least 1",
+            ));
+        }
+        if f.max_ejected_percent > 100 {
+            return Err(invalid(
+                field("failure.max_ejected_percent"),
+                &f.max_ejected_percent,
+                "must be 0 to 100",
+            ));
+        }
+        services.push(ServiceSpec {
+            name: s.name.clone(),
+            vip,
+            port: s.port,
+            protocol: s.protocol,
+            snat_ip,
+            backends,
+            failure: s.failure.clone(),
+        });
+    }
+    if backend_total > raw.limits.max_backends as usize {
+        return Err(invalid(
+            "services".into(),
+            &format!("{backend_total} backends"),
+            &format!(
+                "more than limits.max_backends ({})",
+                raw.limits.max_backends
+            ),
+        ));
+    }
+    Ok(Validated { raw, services })
+}
+
+pub fn is_prime(n: u32) -> bool {
+    if n < 2 {
+        return false;
+    }
+    let mut d = 2u32;
+    while d.saturating_mul(d) <= n {
+        if n % d == 0 {
+            return false;
+        }
+        d += 1;
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+interfaces:
+  - name: lb0
+services:
+  - name: web
+    vip: 10.0.0.1
+    port: 80
+    protocol: tcp
+    backends:
+      - address: 10.0.1.1:8080
+      - address: 10.0.1.2:8080
+        weight: 3
+"#;
+
+    fn error_of(text: &str) -> String {
+        parse(text, "c.yaml").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn good_config_parses_with_defaults() {
+        let v = parse(GOOD, "c.yaml").unwrap();
+        assert_eq!(v.services[0].backends[0].1, 1);
+        assert_eq!(v.services[0].backends[1].1, 3);
+        assert_eq!(v.raw.conntrack.max_entries, 262_144);
+        assert_eq!(v.raw.interfaces[0].attach, AttachMode::Auto);
+        assert!(v.services[0].failure.retry_on_refused);
+    }
+
+    #[test]
+    fn errors_name_field_and_value() {
+        let e = error_of(&GOOD.replace("10.0.1.2:8080", "10.0.1.2"));
+        assert!(e.contains("services[0].backends[1].address"), "{e}");
+        assert!(e.contains("\"10.0.1.2\""), "{e}");
+
+        let e = error_of(&GOOD.replace("vip: 10.0.0.1", "vip: nope"));
+        assert!(e.contains("services[0].vip") && e.contains("nope"), "{e}");
+
+        let e = error_of(&GOOD.replace("10.0.1.1:8080", "[fd00::1]:80"));
+        assert!(e.contains("same family"), "{e}");
+
+        let e = error_of(&GOOD.replace("port: 80", "port: 70000"));
+        assert!(e.contains("port") && e.contains("70000"), "{e}");
+
+        let e = error_of(&GOOD.replace("protocol: tcp", "protocol: sctp"));
+        assert!(e.contains("protocol") && e.contains("sctp"), "{e}");
+
+        let e = error_of(&GOOD.replace("protocol: tcp", "protocol: tcp\n    forwarding: snat"));
+        assert!(e.contains("snat_ip"), "{e}");
+
+        let e = error_of(&format!("{GOOD}maglev:\n  table_size: 1000\n"));
+        assert!(e.contains("maglev.table_size") && e.contains("1000"), "{e}");
+
+        let e = error_of(&GOOD.replace("weight: 3", "wieght: 3"));
+        assert!(e.contains("wieght"), "{e}");
+    }
+
+    #[test]
+    fn primes() {
+        assert!(is_prime(16_381) && is_prime(65_537) && is_prime(251));
+        assert!(!is_prime(16_383) && !is_prime(1) && !is_prime(65_536));
+    }
+}

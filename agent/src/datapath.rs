@@ -1,0 +1,257 @@
+//! Loading the kernel programs, attaching them to interfaces, and typed
+//! handles on their maps.
+
+use std::collections::BTreeMap;
+
+use agent_common::{Backend, Flow, FlowKey, Prefilter, Service, ServiceKey, ServiceStats};
+use anyhow::{Context, Result, anyhow};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData, PerCpuArray},
+    programs::{
+        LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        tc::{SchedClassifierLinkId, TcAttachOptions},
+        xdp::XdpLinkId,
+    },
+};
+use tracing::{info, warn};
+
+use crate::config::{AttachMode, Config};
+
+/// The kernel programs, built by build.rs from agent-ebpf.
+pub static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sluice.bpf.o"));
+
+pub const XDP_PROGRAM: &str = "sluice_xdp";
+pub const TC_PROGRAM: &str = "sluice_tc";
+
+/// Reads the kernel programs' aya-log records into the `log` facade.
+pub type KernelLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
+
+/// Map sizes fixed at load time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sizes {
+    pub conntrack: u32,
+    pub services: u32,
+    pub backends: u32,
+    pub table_size: u32,
+}
+
+impl Sizes {
+    pub fn from_config(config: &Config) -> Self {
+        Self {
+            conntrack: config.conntrack.max_entries,
+            services: config.limits.max_services,
+            backends: config.limits.max_backends,
+            table_size: config.maglev.table_size,
+        }
+    }
+
+    /// Two table halves per service: one live, one being filled.
+    pub fn maglev_slots(&self) -> u32 {
+        self.services * 2 * self.table_size
+    }
+}
+
+/// Typed handles on every map the agent reads or writes.
+pub struct Maps {
+    pub services: HashMap<MapData, ServiceKey, Service>,
+    pub backends: Array<MapData, Backend>,
+    pub maglev: Array<MapData, u32>,
+    pub conntrack: HashMap<MapData, FlowKey, Flow>,
+    pub prefilter: Array<MapData, Prefilter>,
+    pub service_stats: PerCpuArray<MapData, ServiceStats>,
+    pub backend_stats: PerCpuArray<MapData, ServiceStats>,
+    pub reasons: PerCpuArray<MapData, u64>,
+}
+
+fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
+    ebpf: &mut Ebpf,
+    name: &str,
+) -> Result<T> {
+    let map = ebpf
+        .take_map(name)
+        .ok_or_else(|| anyhow!("map {name} is missing from the eBPF object"))?;
+    T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
+}
+
+impl Maps {
+    fn take_all(ebpf: &mut Ebpf) -> Result<Self> {
+        Ok(Self {
+            services: take(ebpf, "SERVICES")?,
+            backends: take(ebpf, "BACKENDS")?,
+            maglev: take(ebpf, "MAGLEV")?,
+            conntrack: take(ebpf, "CONNTRACK")?,
+            prefilter: take(ebpf, "PREFILTER")?,
+            service_stats: take(ebpf, "SERVICE_STATS")?,
+            backend_stats: take(ebpf, "BACKEND_STATS")?,
+            reasons: take(ebpf, "REASONS")?,
+        })
+    }
+}
+
+/// How a program got attached to one interface.
+enum Link {
+    Xdp(XdpLinkId),
+    Tc(SchedClassifierLinkId),
+}
+
+/// The loaded object and its attachments. Dropping it detaches everything.
+pub struct Datapath {
+    ebpf: Ebpf,
+    links: BTreeMap<String, (AttachMode, AttachMode, Link)>,
+    tc_loaded: bool,
+}
+
+impl Datapath {
+    /// Loads (and verifies) the programs with maps sized for `sizes`.
+    /// Returns the datapath and its maps, which the caller owns separately.
+    pub fn load(sizes: Sizes) -> Result<(Self, Maps)> {
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries("CONNTRACK", sizes.conntrack)
+            .map_max_entries("SERVICES", sizes.services)
+            .map_max_entries("SERVICE_STATS", sizes.services)
+            .map_max_entries("BACKENDS", sizes.backends)
+            .map_max_entries("BACKEND_STATS", sizes.backends)
+            .map_max_entries("MAGLEV", sizes.maglev_slots())
+            .load(EBPF_OBJECT)
+            .context("loading the eBPF object (maps)")?;
+        let xdp: &mut Xdp = program(&mut ebpf, XDP_PROGRAM)?;
+        xdp.load()
+            .with_context(|| format!("loading program {XDP_PROGRAM} (kernel verifier)"))?;
+        let maps = Maps::take_all(&mut ebpf)?;
+        Ok((
+            Self {
+                ebpf,
+                links: BTreeMap::new(),
+                tc_loaded: false,
+            },
+            maps,
+        ))
+    }
+
+    /// The aya-log ring buffer, if the programs log; the caller drains it.
+    pub fn take_logger(&mut self) -> Option<KernelLogger> {
+        match aya_log::EbpfLogger::init(&mut self.ebpf) {
+            Ok(logger) => Some(logger),
+            Err(e) => {
+                warn!(error = %e, "kernel log records are not available");
+                None
+            }
+        }
+    }
+
+    /// The mode each interface got, by interface name.
+    pub fn attachments(&self) -> BTreeMap<String, AttachMode> {
+        self.links
+            .iter()
+            .map(|(name, (_, got, _))| (name.clone(), *got))
+            .collect()
+    }
+
+    /// Attaches to `interface` in the requested mode (`auto` tries XDP native,
+    /// then XDP generic, then TC) and returns the mode it got. An interface
+    /// already attached in the same requested mode is left as it is.
+    pub fn attach(&mut self, interface: &str, requested: AttachMode) -> Result<AttachMode> {
+        if let Some((was, got, _)) = self.links.get(interface) {
+            if *was == requested {
+                return Ok(*got);
+            }
+            self.detach(interface)?;
+        }
+        let order: &[AttachMode] = match requested {
+            AttachMode::Auto => &[
+                AttachMode::XdpNative,
+                AttachMode::XdpGeneric,
+                AttachMode::Tc,
+            ],
+            AttachMode::XdpNative => &[AttachMode::XdpNative],
+            AttachMode::XdpGeneric => &[AttachMode::XdpGeneric],
+            AttachMode::Tc => &[AttachMode::Tc],
+        };
+        let mut errors = Vec::new();
+        for &mode in order {
+            match self.attach_one(interface, mode) {
+                Ok(link) => {
+                    info!(interface, mode = %mode, requested = %requested, "attached");
+                    self.links
+                        .insert(interface.to_string(), (requested, mode, link));
+                    return Ok(mode);
+                }
+                Err(e) => {
+                    if requested == AttachMode::Auto {
+                        info!(interface, mode = %mode, error = format!("{e:#}"), "attach mode unavailable, trying the next");
+                    }
+                    errors.push(format!("{mode}: {e:#}"));
+                }
+            }
+        }
+        Err(anyhow!(
+            "attaching to interface {interface} failed ({})",
+            errors.join("; ")
+        ))
+    }
+
+    fn attach_one(&mut self, interface: &str, mode: AttachMode) -> Result<Link> {
+        match mode {
+            AttachMode::XdpNative | AttachMode::XdpGeneric => {
+                let xdp_mode = if mode == AttachMode::XdpNative {
+                    XdpMode::Driver
+                } else {
+                    XdpMode::Skb
+                };
+                let xdp: &mut Xdp = program(&mut self.ebpf, XDP_PROGRAM)?;
+                Ok(Link::Xdp(xdp.attach(interface, xdp_mode)?))
+            }
+            AttachMode::Tc => {
+                let tc: &mut SchedClassifier = program(&mut self.ebpf, TC_PROGRAM)?;
+                if !self.tc_loaded {
+                    tc.load()
+                        .with_context(|| format!("loading program {TC_PROGRAM} (kernel verifier)"))?;
+                    self.tc_loaded = true;
+                }
+                // tcx links (kernel ≥ 6.6) need no qdisc and go away with the fd.
+                Ok(Link::Tc(tc.attach_with_options(
+                    interface,
+                    TcAttachType::Ingress,
+                    TcAttachOptions::TcxOrder(LinkOrder::default()),
+                )?))
+            }
+            AttachMode::Auto => unreachable!("auto is expanded by attach()"),
+        }
+    }
+
+    pub fn detach(&mut self, interface: &str) -> Result<()> {
+        let Some((_, got, link)) = self.links.remove(interface) else {
+            return Ok(());
+        };
+        match link {
+            Link::Xdp(id) => program::<Xdp>(&mut self.ebpf, XDP_PROGRAM)?.detach(id)?,
+            Link::Tc(id) => program::<SchedClassifier>(&mut self.ebpf, TC_PROGRAM)?.detach(id)?,
+        }
+        info!(interface, mode = %got, "detached");
+        Ok(())
+    }
+
+    /// The program to run with BPF_PROG_TEST_RUN (tests and benchmarks).
+    pub fn xdp_program(&mut self) -> Result<&mut Xdp> {
+        program(&mut self.ebpf, XDP_PROGRAM)
+    }
+
+    /// Raw access for tests and benchmarks that load extra programs.
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let program = ebpf
+        .program_mut(name)
+        .ok_or_else(|| anyhow!("program {name} is missing from the eBPF object"))?;
+    program
+        .try_into()
+        .with_context(|| format!("program {name} has an unexpected type"))
+}

@@ -1,0 +1,11 @@
+//! The Sluice agent: loads the kernel programs, keeps their maps in line with
+//! the config, and serves health, metrics and the services API.
+
+pub mod agent;
+pub mod api;
+pub mod config;
+pub mod datapath;
+pub mod maglev;
+pub mod metrics;
+pub mod reconcile;
+pub mod state;

@@ -1,0 +1,92 @@
+//! `sluice`: the agent's command line.
+
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+use sluice::{
+    agent::{self, RunError},
+    config,
+};
+
+/// Sluice: an eBPF L4 load balancer that learns from real traffic.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent in the foreground: attach the datapath, apply the config
+    /// (and every later change to it), serve metrics and the API.
+    ///
+    /// Example: sluice run --config /etc/sluice/sluice.yaml --listen 0.0.0.0:9464
+    Run {
+        /// The YAML config file; changes to it are applied live.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Address of the HTTP server (/metrics, /healthz, /readyz, /api/v1/services).
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9464")]
+        listen: SocketAddr,
+    },
+    /// Check a config file and exit: 0 if valid, 2 with the bad field named if not.
+    ///
+    /// Example: sluice check --config sluice.yaml
+    Check {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+}
+
+/// Exit status for a config that can't be parsed or validated (the contract's).
+const EXIT_BAD_CONFIG: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+
+    match cli.command {
+        Command::Check { config } => match config::load(&config) {
+            Ok(v) => {
+                println!(
+                    "{}: ok ({} services, {} interfaces)",
+                    config.display(),
+                    v.services.len(),
+                    v.raw.interfaces.len()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(EXIT_BAD_CONFIG)
+            }
+        },
+        Command::Run { config, listen } => {
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("error: starting the async runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(agent::run(config, listen)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(RunError::Config(e)) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(EXIT_BAD_CONFIG)
+                }
+                Err(RunError::Other(e)) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

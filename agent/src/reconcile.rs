@@ -1,0 +1,365 @@
+//! Desired services → kernel maps, with the fewest writes and an order that
+//! never lets a packet see a half-made state:
+//!
+//! 1. backends are written before any table points at them;
+//! 2. a changed Maglev table is written into the service's idle half, then the
+//!    service entry flips to it in one map update;
+//! 3. service prefilter bits are set before a service appears and cleared only
+//!    after it is gone; backend bits are never cleared while the agent runs, so
+//!    replies of connections to a removed backend are still reverse-NATed.
+
+use std::{
+    collections::{BTreeMap, VecDeque},
+    net::{IpAddr, SocketAddr},
+};
+
+use agent_common::{
+    Backend, FAMILY_V4, FAMILY_V6, NO_BACKEND, Prefilter, SERVICE_F_SNAT, Service, ServiceKey,
+    ServiceStats, hash::prefilter_bit, prefilter,
+};
+use anyhow::{Context, Result, anyhow};
+use aya::maps::PerCpuValues;
+use tracing::info;
+
+use crate::{config::ServiceSpec, datapath::Maps, maglev};
+
+/// Address words as the kernel keeps them: network byte order, IPv4 in word 0.
+pub fn addr_words(ip: IpAddr) -> [u32; 4] {
+    match ip {
+        IpAddr::V4(v4) => [u32::from_ne_bytes(v4.octets()), 0, 0, 0],
+        IpAddr::V6(v6) => {
+            let o = v6.octets();
+            let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+            [w(0), w(4), w(8), w(12)]
+        }
+    }
+}
+
+pub fn family(ip: IpAddr) -> u8 {
+    if ip.is_ipv4() { FAMILY_V4 } else { FAMILY_V6 }
+}
+
+pub fn service_key(spec: &ServiceSpec) -> ServiceKey {
+    ServiceKey {
+        addr: addr_words(spec.vip),
+        port: spec.port.to_be(),
+        proto: spec.protocol.number(),
+        family: family(spec.vip),
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct BackendState {
+    pub id: u32,
+    pub addr: SocketAddr,
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServiceState {
+    pub id: u32,
+    pub spec: ServiceSpec,
+    pub backends: Vec<BackendState>,
+    /// Which half of this service's table region is live (0 or 1).
+    pub live_half: u32,
+    /// The live table, as backend ids.
+    pub table: Vec<u32>,
+}
+
+/// A pool of small integer ids; freed ids are reused last, so stale
+/// conntrack entries rarely point at a reused id.
+struct Ids {
+    next: u32,
+    limit: u32,
+    free: VecDeque<u32>,
+    what: &'static str,
+}
+
+impl Ids {
+    fn new(limit: u32, what: &'static str) -> Self {
+        Self {
+            next: 0,
+            limit,
+            free: VecDeque::new(),
+            what,
+        }
+    }
+    fn take(&mut self) -> Result<u32> {
+        if self.next < self.limit {
+            self.next += 1;
+            return Ok(self.next - 1);
+        }
+        self.free
+            .pop_front()
+            .ok_or_else(|| anyhow!("no free {} slot (limit {})", self.what, self.limit))
+    }
+    fn give(&mut self, id: u32) {
+        self.free.push_back(id);
+    }
+}
+
+pub struct Reconciler {
+    pub maps: Maps,
+    table_size: u32,
+    nr_cpus: usize,
+    pub services: BTreeMap<String, ServiceState>,
+    service_ids: Ids,
+    backend_ids: Ids,
+    backend_filter: Prefilter,
+    backend_addr_filter: Prefilter,
+    service_filter: Prefilter,
+    service_addr_filter: Prefilter,
+}
+
+impl Reconciler {
+    pub fn new(maps: Maps, table_size: u32, max_services: u32, max_backends: u32) -> Result<Self> {
+        let nr_cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow!("{what}: {e}"))?;
+        Ok(Self {
+            maps,
+            table_size,
+            nr_cpus,
+            services: BTreeMap::new(),
+            service_ids: Ids::new(max_services, "service"),
+            backend_ids: Ids::new(max_backends, "backend"),
+            backend_filter: Prefilter::default(),
+            backend_addr_filter: Prefilter::default(),
+            service_filter: Prefilter::default(),
+            service_addr_filter: Prefilter::default(),
+        })
+    }
+
+    /// Makes the kernel maps hold exactly `desired`.
+    pub fn apply(&mut self, desired: &[ServiceSpec]) -> Result<()> {
+        // Prefilter bits for services that are about to exist.
+        let mut service_filter = self.service_filter.clone();
+        let mut service_addr_filter = self.service_addr_filter.clone();
+        for spec in desired {
+            let key = service_key(spec);
+            service_filter.set(prefilter_bit(&key.addr, key.port, key.proto));
+            service_addr_filter.set(prefilter_bit(&key.addr, 0, 0));
+        }
+        self.write_filter(prefilter::SERVICE, &service_filter)?;
+        self.write_filter(prefilter::SERVICE_ADDR, &service_addr_filter)?;
+
+        // Services that are gone, or whose frontend changed, go first so that
+        // their ids and slots are free for the rest.
+        let stale: Vec<String> = self
+            .services
+            .iter()
+            .filter(|(name, state)| {
+                desired
+                    .iter()
+                    .find(|d| &d.name == *name)
+                    .is_none_or(|d| service_key(d) != service_key(&state.spec))
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in stale {
+            self.remove_service(&name)?;
+        }
+        for spec in desired {
+            self.upsert_service(spec)
+                .with_context(|| format!("service {}", spec.name))?;
+        }
+
+        // Now that removed services are out of the map, drop their bits.
+        let mut service_filter = Prefilter::default();
+        let mut service_addr_filter = Prefilter::default();
+        for spec in desired {
+            let key = service_key(spec);
+            service_filter.set(prefilter_bit(&key.addr, key.port, key.proto));
+            service_addr_filter.set(prefilter_bit(&key.addr, 0, 0));
+        }
+        self.write_filter(prefilter::SERVICE, &service_filter)?;
+        self.write_filter(prefilter::SERVICE_ADDR, &service_addr_filter)?;
+        self.service_filter = service_filter;
+        self.service_addr_filter = service_addr_filter;
+        Ok(())
+    }
+
+    fn write_filter(&mut self, slot: u32, filter: &Prefilter) -> Result<()> {
+        self.maps
+            .prefilter
+            .set(slot, filter, 0)
+            .with_context(|| format!("writing prefilter slot {slot}"))
+    }
+
+    fn remove_service(&mut self, name: &str) -> Result<()> {
+        let Some(state) = self.services.remove(name) else {
+            return Ok(());
+        };
+        let key = service_key(&state.spec);
+        match self.maps.services.remove(&key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(e) => return Err(e).with_context(|| format!("removing service {name}")),
+        }
+        for b in &state.backends {
+            self.backend_ids.give(b.id);
+        }
+        self.service_ids.give(state.id);
+        info!(service = name, "service removed");
+        Ok(())
+    }
+
+    fn upsert_service(&mut self, spec: &ServiceSpec) -> Result<()> {
+        let existing = self.services.remove(&spec.name);
+        let is_new = existing.is_none();
+        let (id, mut old_backends, live_half, old_table) = match existing {
+            Some(s) => (s.id, s.backends, s.live_half, s.table),
+            None => {
+                let id = self.service_ids.take()?;
+                self.zero_stats(true, id)?;
+                (id, Vec::new(), 1, Vec::new())
+            }
+        };
+
+        // 1. Backends, reusing ids of backends that stay.
+        let mut backends = Vec::with_capacity(spec.backends.len());
+        for &(addr, weight) in &spec.backends {
+            let state = match old_backends.iter().position(|b| b.addr == addr) {
+                Some(i) => {
+                    let mut b = old_backends.swap_remove(i);
+                    b.weight = weight;
+                    b
+                }
+                None => {
+                    let id = self.backend_ids.take()?;
+                    let words = addr_words(addr.ip());
+                    self.maps
+                        .backends
+                        .set(
+                            id,
+                            Backend {
+                                addr: words,
+                                port: addr.port().to_be(),
+                                _pad0: 0,
+                                _pad1: 0,
+                            },
+                            0,
+                        )
+                        .with_context(|| format!("writing backend {addr}"))?;
+                    self.zero_stats(false, id)?;
+                    let proto = spec.protocol.number();
+                    self.backend_filter
+                        .set(prefilter_bit(&words, addr.port().to_be(), proto));
+                    self.backend_addr_filter.set(prefilter_bit(&words, 0, 0));
+                    BackendState { id, addr, weight }
+                }
+            };
+            backends.push(state);
+        }
+        let backend_filter = self.backend_filter.clone();
+        let backend_addr_filter = self.backend_addr_filter.clone();
+        self.write_filter(prefilter::BACKEND, &backend_filter)?;
+        self.write_filter(prefilter::BACKEND_ADDR, &backend_addr_filter)?;
+
+        // 2. The table, into the idle half, only when it changed.
+        let weights: Vec<(SocketAddr, u32)> = backends.iter().map(|b| (b.addr, b.weight)).collect();
+        let table: Vec<u32> = maglev::build(&weights, self.table_size)
+            .into_iter()
+            .map(|i| {
+                if i == maglev::EMPTY {
+                    NO_BACKEND
+                } else {
+                    backends[i as usize].id
+                }
+            })
+            .collect();
+        let half = if table != old_table {
+            let half = 1 - live_half;
+            let base = self.table_offset(id, half);
+            for (i, &backend_id) in table.iter().enumerate() {
+                self.maps
+                    .maglev
+                    .set(base + i as u32, backend_id, 0)
+                    .with_context(|| format!("writing Maglev slot {}", base + i as u32))?;
+            }
+            half
+        } else {
+            live_half
+        };
+
+        // 3. The service entry: one atomic update flips to the new table.
+        let value = Service {
+            id,
+            table_offset: self.table_offset(id, half),
+            table_size: self.table_size,
+            flags: if spec.snat_ip.is_some() { SERVICE_F_SNAT } else { 0 },
+            snat_addr: spec.snat_ip.map(addr_words).unwrap_or_default(),
+        };
+        self.maps
+            .services
+            .insert(service_key(spec), value, 0)
+            .context("writing the service entry")?;
+
+        // 4. Backends no longer listed: free their ids (no table points at them now).
+        for b in old_backends {
+            info!(service = spec.name, backend = %b.addr, "backend removed");
+            self.backend_ids.give(b.id);
+        }
+        if is_new {
+            info!(service = spec.name, vip = %spec.vip, port = spec.port, protocol = spec.protocol.as_str(), backends = backends.len(), "service added");
+        }
+        self.services.insert(
+            spec.name.clone(),
+            ServiceState {
+                id,
+                spec: spec.clone(),
+                backends,
+                live_half: half,
+                table,
+            },
+        );
+        Ok(())
+    }
+
+    fn table_offset(&self, service_id: u32, half: u32) -> u32 {
+        (service_id * 2 + half) * self.table_size
+    }
+
+    fn zero_stats(&mut self, service: bool, id: u32) -> Result<()> {
+        let zeros = PerCpuValues::try_from(vec![ServiceStats::default(); self.nr_cpus])
+            .context("building per-CPU zeros")?;
+        let map = if service {
+            &mut self.maps.service_stats
+        } else {
+            &mut self.maps.backend_stats
+        };
+        map.set(id, zeros, 0)
+            .with_context(|| format!("clearing statistics slot {id}"))
+    }
+
+    /// Per-CPU counters summed.
+    pub fn stats(&self, service: bool, id: u32) -> ServiceStats {
+        let map = if service {
+            &self.maps.service_stats
+        } else {
+            &self.maps.backend_stats
+        };
+        let mut sum = ServiceStats::default();
+        if let Ok(values) = map.get(&id, 0) {
+            for v in values.iter() {
+                sum.connections += v.connections;
+                sum.packets_to_backend += v.packets_to_backend;
+                sum.bytes_to_backend += v.bytes_to_backend;
+                sum.packets_to_client += v.packets_to_client;
+                sum.bytes_to_client += v.bytes_to_client;
+            }
+        }
+        sum
+    }
+
+    /// Summed per-CPU count of one `agent_common::reason` code.
+    pub fn reason_count(&self, code: u32) -> u64 {
+        self.maps
+            .reasons
+            .get(&code, 0)
+            .map(|v| v.iter().sum())
+            .unwrap_or(0)
+    }
+
+    /// Entries in the conntrack map (both directions of every flow).
+    pub fn conntrack_entries(&self) -> u64 {
+        self.maps.conntrack.keys().filter(|k| k.is_ok()).count() as u64
+    }
+}

@@ -1,0 +1,30 @@
+//! What the HTTP handlers, the metrics collector and the reconcile loop share.
+
+use std::{
+    collections::BTreeMap,
+    sync::{Mutex, atomic::AtomicBool},
+};
+
+use crate::{
+    config::AttachMode,
+    reconcile::{BackendState, Reconciler},
+};
+
+#[derive(Default)]
+pub struct Shared {
+    /// None until the programs are loaded.
+    pub reconciler: Mutex<Option<Reconciler>>,
+    pub attachments: Mutex<BTreeMap<String, AttachMode>>,
+    pub conntrack_capacity: Mutex<u32>,
+    /// Every program attached and the maps hold the configured state.
+    pub ready: AtomicBool,
+}
+
+/// A backend's state as the API and metrics name it.
+pub fn backend_state(backend: &BackendState) -> &'static str {
+    if backend.weight == 0 {
+        "draining"
+    } else {
+        "active"
+    }
+}
