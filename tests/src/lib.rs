@@ -1,1 +1,182 @@
+//! Helpers for Sluice's integration tests: running the real `sluice` binary in
+//! a namespace, talking HTTP to it, and writing configs.
 
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use testbed::Netns;
+
+/// The `sluice` binary under test: `SLUICE_BIN`, or next to the test binary.
+pub fn sluice_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("SLUICE_BIN") {
+        return p.into();
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test> → target/<profile>/sluice
+    exe.parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("sluice"))
+        .expect("target directory layout")
+}
+
+/// A temporary directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Result<Self> {
+        let dir = std::env::temp_dir().join(testbed::unique(&format!("sluice-{tag}-")));
+        std::fs::create_dir_all(&dir)?;
+        Ok(Self(dir))
+    }
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running `sluice run` inside a namespace. Dropping it sends SIGTERM
+/// (SIGKILL after 5 s) to the process it started, and to nothing else.
+pub struct Agent {
+    child: Option<Child>,
+    pub listen: SocketAddr,
+    pub ns: String,
+    pub log: PathBuf,
+}
+
+impl Agent {
+    /// Starts the agent on `config` in `ns` and waits until /readyz says 200.
+    pub fn start(ns: &Netns, config: &Path, log: PathBuf) -> Result<Self> {
+        let listen: SocketAddr = "127.0.0.1:9464".parse()?;
+        let log_file = std::fs::File::create(&log)?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns.name])
+            .arg(sluice_bin())
+            .args(["run", "--config"])
+            .arg(config)
+            .args(["--listen", &listen.to_string()])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file)
+            .spawn()
+            .context("starting sluice")?;
+        let mut agent = Self {
+            child: Some(child),
+            listen,
+            ns: ns.name.clone(),
+            log,
+        };
+        agent.wait_ready(ns)?;
+        Ok(agent)
+    }
+
+    fn wait_ready(&mut self, ns: &Netns) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait()? {
+                bail!(
+                    "sluice exited with {status} before it was ready:\n{}",
+                    self.log_text()
+                );
+            }
+            if let Ok((200, _)) = http_get(ns, self.listen, "/readyz") {
+                return Ok(());
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        bail!("sluice not ready within 60 s:\n{}", self.log_text())
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// SIGTERM and wait; returns the exit status code.
+    pub fn stop(&mut self) -> Result<Option<i32>> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(None);
+        };
+        // SAFETY: signalling the child this struct started, by its PID.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status.code());
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        bail!("sluice did not exit within 5 s of SIGTERM")
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.stop();
+    }
+}
+
+/// GET over HTTP/1.0 from inside `ns`: (status, body).
+pub fn http_get(ns: &Netns, addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    ns.enter(|| -> Result<(u16, String)> {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+        let mut text = String::new();
+        s.read_to_string(&mut text)?;
+        let status = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .context("no HTTP status")?;
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        Ok((status, body))
+    })?
+}
+
+/// The value of one sample in Prometheus text, e.g.
+/// `metric(text, "sluice_backend_connections_total", &[("backend", "10.1.0.2:8080")])`.
+/// Sums every series of the metric whose labels include all of `labels`.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let mut found = None;
+    for line in text.lines() {
+        if line.starts_with('#') {
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ')?;
+        let (metric_name, label_text) = match series.split_once('{') {
+            Some((n, rest)) => (n, rest.trim_end_matches('}')),
+            None => (series, ""),
+        };
+        if metric_name != name {
+            continue;
+        }
+        if labels
+            .iter()
+            .all(|(k, v)| label_text.contains(&format!("{k}=\"{v}\"")))
+        {
+            *found.get_or_insert(0.0) += value.parse::<f64>().ok()?;
+        }
+    }
+    found
+}
