@@ -1,6 +1,9 @@
 //! Helpers for Sluice's integration tests: running the real `sluice` binary in
 //! a namespace, talking HTTP to it, and writing configs.
 
+pub mod fib;
+pub mod packet;
+
 use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpStream},

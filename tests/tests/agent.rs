@@ -1,0 +1,205 @@
+//! The `sluice` binary's contract: exit codes, signals, HTTP endpoints, and
+//! live config changes (in place, rename, symlink swap; invalid ones refused).
+
+use std::{
+    net::SocketAddr,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Result, bail};
+use sluice_tests::{Agent, TempDir, http_get, sluice_bin};
+use testbed::{Family, NameServer, Netns, Topology, tcp_ask};
+
+fn config(backends: &[usize]) -> String {
+    let mut text = String::from(
+        "interfaces:\n  - name: front\n    attach: xdp-native\n  - name: back0\n  - name: back1\nservices:\n  - name: web\n    vip: 10.100.0.1\n    port: 80\n    protocol: tcp\n    backends:\n",
+    );
+    for i in backends {
+        text += &format!("      - address: 10.1.{i}.2:8080\n");
+    }
+    text
+}
+
+/// Interfaces of `ns` that have an XDP program or a tcx program attached.
+fn attached(ns: &Netns) -> String {
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns.name, "ip", "-d", "link", "show"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains("xdp") && l.contains("prog/xdp"))
+        .map(str::to_string)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+struct Bed {
+    topo: Topology,
+    _servers: Vec<NameServer>,
+    dir: TempDir,
+}
+
+fn bed(tag: &str) -> Result<Bed> {
+    let topo = Topology::new(tag, 2)?;
+    let mut servers = Vec::new();
+    for (i, ns) in topo.backends.iter().enumerate() {
+        servers.push(NameServer::start(ns, SocketAddr::new(Family::V4.backend(i), 8080), &format!("b{i}"))?);
+    }
+    topo.warm_neighbours()?;
+    let dir = TempDir::new(tag)?;
+    Ok(Bed { topo, _servers: servers, dir })
+}
+
+fn backends_reached(topo: &Topology, n: usize) -> Result<Vec<String>> {
+    let vip: SocketAddr = "10.100.0.1:80".parse()?;
+    let mut names: Vec<String> = topo.client.enter(|| -> Result<Vec<String>> {
+        (0..n)
+            .map(|_| Ok(tcp_ask(vip, Duration::from_secs(3))?.split_whitespace().next().unwrap_or("").to_string()))
+            .collect()
+    })??;
+    names.sort();
+    names.dedup();
+    Ok(names)
+}
+
+fn wait_for(what: &str, mut f: impl FnMut() -> Result<bool>) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if f()? {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!("timed out waiting for {what}")
+}
+
+#[test]
+fn bad_config_exits_2_naming_the_field_and_attaches_nothing() -> Result<()> {
+    let b = bed("ab")?;
+    let cases = [
+        (config(&[0]).replace("10.1.0.2:8080", "10.1.0.2"), "services[0].backends[0].address", "10.1.0.2"),
+        (config(&[0]).replace("port: 80", "port: 0"), "services[0].port", "0"),
+        (config(&[0]).replace("name: back1", "name: nosuchif0"), "interfaces[2].name", "nosuchif0"),
+        (config(&[0]).replace("protocol: tcp", "protocol: icmp"), "protocol", "icmp"),
+        ("interfaces: [".to_string(), "config file", ""),
+    ];
+    for (text, field, value) in cases {
+        let path = b.dir.path("bad.yaml");
+        std::fs::write(&path, &text)?;
+        let out = Command::new("ip")
+            .args(["netns", "exec", &b.topo.lb.name])
+            .arg(sluice_bin())
+            .args(["run", "--config"])
+            .arg(&path)
+            .args(["--listen", "127.0.0.1:9464"])
+            .output()?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "exit status for {field}: {stderr}");
+        let error_lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error")).collect();
+        assert_eq!(error_lines.len(), 1, "one error line: {stderr}");
+        assert!(error_lines[0].contains(field) && error_lines[0].contains(value), "{stderr}");
+        assert_eq!(attached(&b.topo.lb), "", "nothing attached after a bad config");
+    }
+    // `sluice check` agrees.
+    let path = b.dir.path("bad.yaml");
+    std::fs::write(&path, config(&[0]).replace("port: 80", "port: 0"))?;
+    let out = Command::new(sluice_bin()).args(["check", "--config"]).arg(&path).output()?;
+    assert_eq!(out.status.code(), Some(2));
+    std::fs::write(&path, config(&[0]))?;
+    let out = Command::new(sluice_bin()).args(["check", "--config"]).arg(&path).output()?;
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    Ok(())
+}
+
+#[test]
+fn endpoints_and_sigterm() -> Result<()> {
+    let b = bed("ae")?;
+    let path = b.dir.path("sluice.yaml");
+    std::fs::write(&path, config(&[0, 1]))?;
+    let mut agent = Agent::start(&b.topo.lb, &path, b.dir.path("agent.log"))?;
+    assert_ne!(attached(&b.topo.lb), "", "XDP attached while running");
+
+    let (status, body) = http_get(&b.topo.lb, agent.listen, "/healthz")?;
+    assert_eq!(status, 200, "{body}");
+    let (status, _) = http_get(&b.topo.lb, agent.listen, "/readyz")?;
+    assert_eq!(status, 200);
+
+    assert_eq!(backends_reached(&b.topo, 40)?, ["b0", "b1"]);
+    let (status, body) = http_get(&b.topo.lb, agent.listen, "/api/v1/services")?;
+    assert_eq!(status, 200);
+    let json: serde_json::Value = serde_json::from_str(&body)?;
+    let web = &json["services"][0];
+    assert_eq!(web["name"], "web");
+    assert_eq!(web["vip"], "10.100.0.1");
+    assert_eq!(web["port"], 80);
+    assert_eq!(web["protocol"], "tcp");
+    let backends = web["backends"].as_array().unwrap();
+    assert_eq!(backends.len(), 2);
+    let total: u64 = backends.iter().map(|b| b["connections_total"].as_u64().unwrap()).sum();
+    assert_eq!(total, 40, "{body}");
+    for b in backends {
+        assert_eq!(b["state"], "active");
+        assert_eq!(b["weight"], 1);
+    }
+
+    let (status, metrics) = http_get(&b.topo.lb, agent.listen, "/metrics")?;
+    assert_eq!(status, 200);
+    for name in [
+        "sluice_build_info",
+        "sluice_service_packets_total",
+        "sluice_service_bytes_total",
+        "sluice_backend_connections_total",
+        "sluice_backend_state",
+        "sluice_conntrack_entries",
+        "sluice_conntrack_capacity",
+        "process_resident_memory_bytes",
+    ] {
+        assert!(metrics.contains(name), "metric {name} missing");
+    }
+
+    assert_eq!(agent.stop()?, Some(0), "exit status after SIGTERM");
+    assert_eq!(attached(&b.topo.lb), "", "everything detached after SIGTERM");
+    Ok(())
+}
+
+#[test]
+fn config_changes_apply_live_and_invalid_ones_are_refused() -> Result<()> {
+    let b = bed("ar")?;
+    // The agent reads a symlink, as with a Kubernetes ConfigMap volume.
+    let v1 = b.dir.path("v1.yaml");
+    let link = b.dir.path("sluice.yaml");
+    std::fs::write(&v1, config(&[0]))?;
+    std::os::unix::fs::symlink(&v1, &link)?;
+    let agent = Agent::start(&b.topo.lb, &link, b.dir.path("agent.log"))?;
+    assert_eq!(backends_reached(&b.topo, 20)?, ["b0"]);
+
+    // 1. Symlink swap.
+    let v2 = b.dir.path("v2.yaml");
+    std::fs::write(&v2, config(&[1]))?;
+    let tmp_link = b.dir.path("sluice.yaml.tmp");
+    std::os::unix::fs::symlink(&v2, &tmp_link)?;
+    std::fs::rename(&tmp_link, &link)?;
+    wait_for("symlink swap applied", || Ok(backends_reached(&b.topo, 10)? == ["b1"]))?;
+
+    // 2. Written in place.
+    std::fs::write(&v2, config(&[0, 1]))?;
+    wait_for("in-place write applied", || Ok(backends_reached(&b.topo, 30)? == ["b0", "b1"]))?;
+
+    // 3. Replaced by rename.
+    let v3 = b.dir.path("v3.yaml");
+    std::fs::write(&v3, config(&[0]))?;
+    std::fs::rename(&v3, &v2)?;
+    wait_for("rename applied", || Ok(backends_reached(&b.topo, 10)? == ["b0"]))?;
+
+    // 4. An invalid edit is refused: the last good config keeps serving.
+    std::fs::write(&v2, config(&[1]).replace("port: 80", "port: 99999"))?;
+    wait_for("the rejection logged", || Ok(agent.log_text().contains("config change rejected")))?;
+    let log = agent.log_text();
+    assert!(log.contains("services[0].port") && log.contains("99999"), "{log}");
+    assert_eq!(backends_reached(&b.topo, 20)?, ["b0"], "last good config still serves");
+    let (status, _) = http_get(&b.topo.lb, agent.listen, "/readyz")?;
+    assert_eq!(status, 200);
+    Ok(())
+}

@@ -1,0 +1,345 @@
+//! The kernel program on hand-built frames through BPF_PROG_TEST_RUN: exact
+//! bytes out, checksums recomputed from scratch by the test.
+
+use std::net::{IpAddr, SocketAddr};
+
+use agent_common::reason;
+use anyhow::Result;
+use sluice_tests::{
+    fib::{
+        CLIENT_MAC, FibBed, T0_MAC, T1_MAC, XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_REDIRECT,
+        backend_mac,
+    },
+    packet::{Pkt, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+};
+use testbed::Family;
+
+const CLIENT_PORT: u16 = 40_000;
+
+fn services(family: Family, snat: bool, backends: &[usize]) -> String {
+    let mut text = String::from("services:\n");
+    for proto in ["tcp", "udp"] {
+        text += &format!(
+            "  - name: s-{proto}\n    vip: \"{}\"\n    port: 80\n    protocol: {proto}\n",
+            family.vip()
+        );
+        if snat {
+            text += &format!("    forwarding: snat\n    snat_ip: \"{}\"\n", family.snat());
+        }
+        text += "    backends:\n";
+        for &i in backends {
+            text += &format!("      - address: \"{}\"\n", SocketAddr::new(family.backend(i), 8080));
+        }
+    }
+    text
+}
+
+fn to_vip(family: Family, proto: u8, flags: u8) -> Pkt {
+    let (c, v) = (family.client(), family.vip());
+    if proto == 6 {
+        Pkt::tcp(c, CLIENT_PORT, v, 80, flags)
+    } else {
+        Pkt::udp(c, CLIENT_PORT, v, 80)
+    }
+}
+
+/// What the client's packet must look like after DNAT to backend `i`.
+fn dnatted(p: &Pkt, family: Family, i: usize) -> Pkt {
+    Pkt {
+        dst: family.backend(i),
+        dport: 8080,
+        ttl: p.ttl - 1,
+        smac: T0_MAC,
+        dmac: backend_mac(i),
+        ..p.clone()
+    }
+}
+
+fn check_dnat_both_ways(family: Family, proto: u8, udp_no_checksum: bool) -> Result<()> {
+    let mut bed = FibBed::new(&services(family, false, &[1]))?;
+    let mut p = to_vip(family, proto, TCP_SYN);
+    p.udp_no_checksum = udp_no_checksum;
+    let (rc, out) = bed.run(&p.bytes())?;
+    assert_eq!(rc, XDP_REDIRECT, "{family:?}/{proto}: forwarded");
+    assert_eq!(out, dnatted(&p, family, 1).bytes(), "{family:?}/{proto}: DNAT bytes");
+    if udp_no_checksum {
+        assert_eq!(&out[out.len() - p.payload.len() - 2..][..2], &[0, 0], "zero UDP checksum stays zero");
+    }
+
+    // The backend's answer goes back with the VIP as its source.
+    let mut reply = if proto == 6 {
+        Pkt::tcp(family.backend(1), 8080, family.client(), CLIENT_PORT, TCP_SYN | TCP_ACK)
+    } else {
+        Pkt::udp(family.backend(1), 8080, family.client(), CLIENT_PORT)
+    };
+    reply.udp_no_checksum = udp_no_checksum;
+    reply.smac = backend_mac(1);
+    reply.dmac = T0_MAC;
+    let (rc, out) = bed.run(&reply.bytes())?;
+    assert_eq!(rc, XDP_REDIRECT, "{family:?}/{proto}: reply forwarded");
+    let expected = Pkt {
+        src: family.vip(),
+        sport: 80,
+        ttl: reply.ttl - 1,
+        smac: T1_MAC,
+        dmac: CLIENT_MAC,
+        ..reply.clone()
+    };
+    assert_eq!(out, expected.bytes(), "{family:?}/{proto}: reverse NAT bytes");
+    Ok(())
+}
+
+#[test]
+fn dnat_ipv4_tcp() -> Result<()> {
+    check_dnat_both_ways(Family::V4, 6, false)
+}
+
+#[test]
+fn dnat_ipv4_udp() -> Result<()> {
+    check_dnat_both_ways(Family::V4, 17, false)
+}
+
+#[test]
+fn dnat_ipv4_udp_without_checksum() -> Result<()> {
+    check_dnat_both_ways(Family::V4, 17, true)
+}
+
+#[test]
+fn dnat_ipv6_tcp() -> Result<()> {
+    check_dnat_both_ways(Family::V6, 6, false)
+}
+
+#[test]
+fn dnat_ipv6_udp() -> Result<()> {
+    check_dnat_both_ways(Family::V6, 17, false)
+}
+
+fn check_snat(family: Family, proto: u8) -> Result<()> {
+    let mut bed = FibBed::new(&services(family, true, &[2]))?;
+    let p = to_vip(family, proto, TCP_SYN);
+    let (rc, out) = bed.run(&p.bytes())?;
+    assert_eq!(rc, XDP_REDIRECT);
+    // The source port is the datapath's choice: read it, check its range,
+    // then require every other byte to match.
+    let l4 = if family == Family::V4 { 14 + 20 } else { 14 + 40 };
+    let sport = u16::from_be_bytes([out[l4], out[l4 + 1]]);
+    assert!((32768..=60999).contains(&sport), "SNAT port {sport}");
+    let expected = Pkt {
+        src: family.snat(),
+        sport,
+        ..dnatted(&p, family, 2)
+    };
+    assert_eq!(out, expected.bytes(), "SNAT bytes");
+
+    let mut reply = if proto == 6 {
+        Pkt::tcp(family.backend(2), 8080, family.snat(), sport, TCP_SYN | TCP_ACK)
+    } else {
+        Pkt::udp(family.backend(2), 8080, family.snat(), sport)
+    };
+    reply.smac = backend_mac(2);
+    let (rc, out) = bed.run(&reply.bytes())?;
+    assert_eq!(rc, XDP_REDIRECT);
+    let expected = Pkt {
+        src: family.vip(),
+        sport: 80,
+        dst: family.client(),
+        dport: CLIENT_PORT,
+        ttl: reply.ttl - 1,
+        smac: T1_MAC,
+        dmac: CLIENT_MAC,
+        ..reply.clone()
+    };
+    assert_eq!(out, expected.bytes(), "SNAT reply bytes");
+
+    // A second client flow gets a different port: no collisions.
+    let other = Pkt { sport: CLIENT_PORT + 1, ..p.clone() };
+    let (_, out2) = bed.run(&other.bytes())?;
+    let sport2 = u16::from_be_bytes([out2[l4], out2[l4 + 1]]);
+    assert_ne!(sport, sport2, "two flows share an SNAT port");
+    Ok(())
+}
+
+#[test]
+fn snat_ipv4_tcp() -> Result<()> {
+    check_snat(Family::V4, 6)
+}
+
+#[test]
+fn snat_ipv6_udp() -> Result<()> {
+    check_snat(Family::V6, 17)
+}
+
+/// Which backend the output frame was sent to (by destination MAC).
+fn backend_of(out: &[u8]) -> usize {
+    (0..3).find(|&i| out[..6] == backend_mac(i)).expect("sent to a backend")
+}
+
+#[test]
+fn flows_stick_to_their_backend_when_the_set_changes() -> Result<()> {
+    let family = Family::V4;
+    let mut bed = FibBed::new(&services(family, false, &[0, 1, 2]))?;
+    let mut chosen = Vec::new();
+    for port in 0..30u16 {
+        let p = Pkt { sport: 30_000 + port, ..to_vip(family, 6, TCP_SYN) };
+        let (rc, out) = bed.run(&p.bytes())?;
+        assert_eq!(rc, XDP_REDIRECT);
+        chosen.push((p, backend_of(&out)));
+    }
+    let used: std::collections::BTreeSet<_> = chosen.iter().map(|(_, b)| *b).collect();
+    assert_eq!(used.len(), 3, "30 flows over 3 backends use all of them");
+
+    // Remove backend 0: every existing flow keeps its backend, for every
+    // kind of later packet.
+    bed.reconfigure(&services(family, false, &[1, 2]))?;
+    for (p, backend) in &chosen {
+        for flags in [TCP_ACK, TCP_ACK | TCP_FIN, TCP_RST] {
+            let later = Pkt { tcp_flags: flags, ..p.clone() };
+            let (rc, out) = bed.run(&later.bytes())?;
+            assert_eq!(rc, XDP_REDIRECT);
+            assert_eq!(out, dnatted(&later, family, *backend).bytes());
+        }
+    }
+    // New flows avoid the removed backend.
+    for port in 0..30u16 {
+        let p = Pkt { sport: 50_000 + port, ..to_vip(family, 6, TCP_SYN) };
+        let (_, out) = bed.run(&p.bytes())?;
+        assert_ne!(backend_of(&out), 0, "a new flow went to the removed backend");
+    }
+    Ok(())
+}
+
+#[test]
+fn traffic_not_for_a_service_passes_untouched() -> Result<()> {
+    let mut bed = FibBed::new(&services(Family::V4, false, &[0]))?;
+    let other: IpAddr = "10.100.0.9".parse()?;
+    let cases = [
+        Pkt::tcp(Family::V4.client(), 1234, other, 80, TCP_SYN),
+        // The VIP, another port.
+        Pkt::tcp(Family::V4.client(), 1234, Family::V4.vip(), 81, TCP_SYN),
+        Pkt::udp(Family::V6.client(), 1234, "fd64::9".parse()?, 80),
+        Pkt { frag: 0x2000, ..Pkt::udp(Family::V4.client(), 1, other, 80) },
+        Pkt { ipv6_hop_by_hop: true, ..Pkt::udp(Family::V6.client(), 1, "fd64::9".parse()?, 80) },
+    ];
+    for p in cases {
+        let frame = p.bytes();
+        let (rc, out) = bed.run(&frame)?;
+        assert_eq!(rc, XDP_PASS, "{p:?}");
+        assert_eq!(out, frame, "non-VIP frame changed");
+    }
+    // ARP passes untouched too.
+    let mut arp = vec![0xffu8; 6];
+    arp.extend_from_slice(&CLIENT_MAC);
+    arp.extend_from_slice(&[0x08, 0x06]);
+    arp.extend_from_slice(&[0u8; 28]);
+    assert_eq!(bed.run(&arp)?, (XDP_PASS, arp.clone()));
+    for code in 0..reason::COUNT {
+        assert_eq!(bed.reason(code), 0, "reason {} counted for foreign traffic", reason::ALL[code as usize].name);
+    }
+    Ok(())
+}
+
+#[test]
+fn what_the_datapath_cannot_handle_is_counted_by_reason() -> Result<()> {
+    let mut bed = FibBed::new(&services(Family::V4, false, &[0]))?;
+    let mut bed6 = FibBed::new(&services(Family::V6, false, &[0]))?;
+    let v4 = to_vip(Family::V4, 6, TCP_SYN);
+    let v6 = to_vip(Family::V6, 17, 0);
+
+    let cases = [
+        (false, Pkt { vlan: Some(100), ..v4.clone() }, XDP_PASS, reason::VLAN_TAGGED),
+        (false, Pkt { frag: 0x2000, ..v4.clone() }, XDP_DROP, reason::FRAGMENT),
+        (false, Pkt { frag: 0x0010, ..v4.clone() }, XDP_DROP, reason::FRAGMENT),
+        (false, Pkt { ttl: 1, ..v4.clone() }, XDP_PASS, reason::TTL_EXCEEDED),
+        (true, Pkt { ipv6_hop_by_hop: true, ..v6.clone() }, XDP_DROP, reason::IPV6_EXTENSION),
+    ];
+    for (ipv6, p, want_rc, code) in cases {
+        let bed = if ipv6 { &mut bed6 } else { &mut bed };
+        let before = bed.reason(code);
+        let frame = p.bytes();
+        let (rc, out) = bed.run(&frame)?;
+        let name = reason::ALL[code as usize].name;
+        assert_eq!(rc, want_rc, "{name}");
+        if want_rc == XDP_PASS && code != reason::TTL_EXCEEDED {
+            assert_eq!(out, frame, "{name}: passed frames are untouched");
+        }
+        assert_eq!(bed.reason(code), before + 1, "{name} counted once");
+    }
+
+    // An IPv6 fragment header.
+    let mut frag = v6.bytes();
+    frag[20] = 44;
+    let before = bed6.reason(reason::FRAGMENT);
+    assert_eq!(bed6.run(&frag)?.0, XDP_DROP);
+    assert_eq!(bed6.reason(reason::FRAGMENT), before + 1);
+
+    // Bad IPv4 lengths: header length below 5 words; total length shorter
+    // than the headers; total length beyond the frame.
+    for (offset, value, code) in [
+        (14usize, vec![0x44u8], reason::BAD_LENGTH),
+        (16, 20u16.to_be_bytes().to_vec(), reason::BAD_LENGTH),
+        (16, 1500u16.to_be_bytes().to_vec(), reason::BAD_LENGTH),
+    ] {
+        let mut f = v4.bytes();
+        f[offset..offset + value.len()].copy_from_slice(&value);
+        let before = bed.reason(code);
+        assert_eq!(bed.run(&f)?.0, XDP_DROP, "bad length at {offset}");
+        assert_eq!(bed.reason(code), before + 1);
+    }
+    Ok(())
+}
+
+#[test]
+fn ipv4_options_are_forwarded_intact() -> Result<()> {
+    let mut bed = FibBed::new(&services(Family::V4, false, &[0]))?;
+    // A record-route-free NOP, NOP, NOP, EOL option block.
+    let p = Pkt { ip_options: vec![1, 1, 1, 0], ..to_vip(Family::V4, 6, TCP_SYN) };
+    let (rc, out) = bed.run(&p.bytes())?;
+    assert_eq!(rc, XDP_REDIRECT);
+    assert_eq!(out, dnatted(&p, Family::V4, 0).bytes());
+    Ok(())
+}
+
+/// Every prefix of a frame for the VIP: shorter than the IP addresses → passed
+/// (nothing says it is ours); anything longer but cut → dropped and counted.
+#[test]
+fn frames_truncated_at_every_length() -> Result<()> {
+    for (family, proto) in [(Family::V4, 6), (Family::V4, 17), (Family::V6, 6), (Family::V6, 17)] {
+        let mut bed = FibBed::new(&services(family, false, &[0]))?;
+        let frame = to_vip(family, proto, TCP_SYN).bytes();
+        let ip_end = if family == Family::V4 { 14 + 20 } else { 14 + 40 };
+        let l4_len = if proto == 6 { 20 } else { 8 };
+        for len in 0..frame.len() {
+            let cut = &frame[..len];
+            let (code, want_rc) = if len < ip_end {
+                (reason::SHORT_FRAME, XDP_PASS)
+            } else if len < ip_end + l4_len {
+                (reason::TRUNCATED, XDP_DROP)
+            } else {
+                (reason::BAD_LENGTH, XDP_DROP)
+            };
+            // Frames shorter than an Ethernet header are refused by the
+            // kernel's test runner itself.
+            if len < 14 {
+                continue;
+            }
+            let before = bed.reason(code);
+            let (rc, out) = bed.run(cut)?;
+            assert_ne!(rc, XDP_ABORTED);
+            assert_eq!(rc, want_rc, "{family:?}/{proto} cut at {len}");
+            if want_rc == XDP_PASS {
+                assert_eq!(out, cut, "{family:?}/{proto} cut at {len}: changed");
+            }
+            assert_eq!(bed.reason(code), before + 1, "{family:?}/{proto} cut at {len}: counted");
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn a_service_without_backends_drops_and_counts() -> Result<()> {
+    let mut bed = FibBed::new(&services(Family::V4, false, &[]))?;
+    let (rc, _) = bed.run(&to_vip(Family::V4, 6, TCP_SYN).bytes())?;
+    assert_eq!(rc, XDP_DROP);
+    assert_eq!(bed.reason(reason::NO_BACKEND), 1);
+    Ok(())
+}
