@@ -174,6 +174,18 @@ pub const SNAT_PORT_MAX: u16 = 60999;
 /// How many ports the kernel tries before giving up on a new SNAT flow.
 pub const SNAT_PORT_ATTEMPTS: u32 = 16;
 
+/// The frame header `bench_restore` writes back before every benchmark run.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BenchFrame {
+    pub words: [u64; 8],
+    /// If not zero, a per-run counter is written into the IPv4 client
+    /// address and port, so every run is a new flow.
+    pub vary: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<BenchFrame>() == 72);
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: all of these are #[repr(C)], made only of integers, with every
@@ -185,4 +197,5 @@ mod pod {
     unsafe impl aya::Pod for super::Flow {}
     unsafe impl aya::Pod for super::ServiceStats {}
     unsafe impl aya::Pod for super::Prefilter {}
+    unsafe impl aya::Pod for super::BenchFrame {}
 }

@@ -1,1 +1,163 @@
-fn main(){}
+//! `cargo xtask`: install what is missing, build, run the demo, test, bench.
+
+mod demo;
+mod prereqs;
+
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Sluice's build, demo, test and benchmark tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Without arguments: the demo (namespaces, three HTTP backends, live
+    /// traffic, the agent). With `-- ARGS`: the agent itself, `sluice ARGS`.
+    ///
+    /// Examples: `cargo xtask run`, `cargo xtask run -- run --config sluice.yaml`
+    Run {
+        #[arg(last = true)]
+        agent_args: Vec<String>,
+    },
+    /// Everything CI checks: formatting, clippy (agent and eBPF), all tests.
+    /// Extra arguments go to `cargo test`.
+    Test {
+        #[arg(last = true)]
+        test_args: Vec<String>,
+        /// Skip fmt and clippy.
+        #[arg(long)]
+        no_lint: bool,
+    },
+    /// fmt and clippy only.
+    Lint,
+    /// Benchmarks (not tests): `datapath`.
+    Bench {
+        #[arg(default_value = "datapath")]
+        which: String,
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Install what the build and the tests need, and nothing else.
+    Setup,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.task {
+        Task::Setup => prereqs::ensure(prereqs::Need::Tests),
+        Task::Run { agent_args } => {
+            prereqs::ensure(prereqs::Need::Demo)?;
+            cargo(&["build", "--release", "--locked", "-p", "sluice"])?;
+            let bin = workspace_root().join("target/release/sluice");
+            if agent_args.is_empty() {
+                demo::run(&bin)
+            } else {
+                let status = Command::new(&bin).args(&agent_args).status()?;
+                std::process::exit(status.code().unwrap_or(1));
+            }
+        }
+        Task::Lint => {
+            prereqs::ensure(prereqs::Need::Build)?;
+            lint()
+        }
+        Task::Test { test_args, no_lint } => {
+            prereqs::ensure(prereqs::Need::Tests)?;
+            if !no_lint {
+                lint()?;
+            }
+            test(&test_args)
+        }
+        Task::Bench { which, args } => {
+            prereqs::ensure(prereqs::Need::Tests)?;
+            match which.as_str() {
+                "datapath" => {
+                    step("building and running the datapath benchmark (release)");
+                    let mut a = vec!["run", "--release", "--locked", "-p", "sluice-tests", "--bin", "bench-datapath", "--"];
+                    a.extend(args.iter().map(String::as_str));
+                    cargo(&a)
+                }
+                other => bail!("unknown benchmark {other:?}; available: datapath"),
+            }
+        }
+    }
+}
+
+pub fn step(what: &str) {
+    eprintln!("\x1b[1m==> {what}\x1b[0m");
+}
+
+pub fn workspace_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+pub fn cargo(args: &[&str]) -> Result<()> {
+    cargo_with_env(args, &[])
+}
+
+pub fn cargo_with_env(args: &[&str], envs: &[(&str, &std::path::Path)]) -> Result<()> {
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(args)
+        .envs(envs.iter().copied())
+        .current_dir(workspace_root())
+        .status()
+        .with_context(|| format!("running cargo {}", args.join(" ")))?;
+    if !status.success() {
+        bail!("`cargo {}` failed", args.join(" "));
+    }
+    Ok(())
+}
+
+fn lint() -> Result<()> {
+    step("cargo fmt --check (workspace and eBPF crate)");
+    cargo(&["fmt", "--all", "--", "--check"])?;
+    let ebpf = workspace_root().join("agent-ebpf");
+    run_in(&ebpf, "rustup", &["run", "nightly", "cargo", "fmt", "--", "--check"])?;
+    step("cargo clippy -D warnings (agent, tests, xtask)");
+    cargo(&["clippy", "--workspace", "--all-targets", "--locked", "--", "-D", "warnings"])?;
+    step("cargo clippy -D warnings (eBPF crate, bpfel-unknown-none)");
+    let target_dir = workspace_root().join("target/ebpf");
+    let target_dir = target_dir.to_str().unwrap();
+    run_in(
+        &ebpf,
+        "rustup",
+        &[
+            "run", "nightly", "cargo", "clippy", "--release", "--locked", "--target",
+            "bpfel-unknown-none", "-Z", "build-std=core", "--target-dir", target_dir, "--", "-D",
+            "warnings",
+        ],
+    )
+}
+
+fn run_in(dir: &std::path::Path, program: &str, args: &[&str]) -> Result<()> {
+    let status = Command::new(program)
+        .args(args)
+        .current_dir(dir)
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("CARGO")
+        .status()
+        .with_context(|| format!("running {program}"))?;
+    if !status.success() {
+        bail!("`{program} {}` failed in {}", args.join(" "), dir.display());
+    }
+    Ok(())
+}
+
+fn test(extra: &[String]) -> Result<()> {
+    step("building the agent (cargo build -p sluice)");
+    cargo(&["build", "--locked", "-p", "sluice"])?;
+    step("running every test (unit, BPF_PROG_TEST_RUN, network namespaces)");
+    let mut args = vec!["test", "--workspace", "--locked"];
+    args.extend(extra.iter().map(String::as_str));
+    // The tests would find the binary next to themselves; this makes it explicit.
+    let bin = workspace_root().join("target/debug/sluice");
+    cargo_with_env(&args, &[("SLUICE_BIN", &bin)])
+}

@@ -1,0 +1,261 @@
+//! `cargo xtask bench datapath`: ns/packet of the XDP program by
+//! BPF_PROG_TEST_RUN, against an empty XDP_PASS program timed in the same run.
+//!
+//! Cases, interleaved round by round (A B C … A B C …):
+//! - `empty`: `bench_pass`, the baseline;
+//! - `non-VIP`: sluice_xdp on a packet for no service (it passes unchanged);
+//! - `restore`: `bench_restore` → `bench_pass`, the cost of putting the
+//!   original headers back before every run (subtracted below);
+//! - `established`: `bench_restore` → sluice_xdp on one flow that exists;
+//! - `restore+vary`, `new flow`: the same with a counter written into the
+//!   client's port and address, so every run is a new flow (Maglev choice,
+//!   two conntrack inserts; at steady state the LRU map also evicts).
+//!
+//! Every case's return code and the datapath's own counters are checked, so
+//! the numbers are known to come from the intended path.
+
+use agent_common::{BenchFrame, ServiceStats};
+use anyhow::{Context, Result, bail, ensure};
+use aya::{
+    maps::{Array, ProgramArray},
+    programs::{ProgramFd, TestRun, TestRunOptions, Xdp},
+};
+use sluice::datapath::XDP_PROGRAM;
+use sluice_tests::{
+    fib::{FibBed, XDP_PASS, XDP_REDIRECT},
+    packet::{Pkt, TCP_ACK, TCP_SYN},
+};
+use testbed::Family;
+
+const SERVICES: &str = "services:
+  - name: bench
+    vip: 10.100.0.1
+    port: 80
+    protocol: tcp
+    backends:
+      - address: 10.1.0.2:8080
+      - address: 10.1.1.2:8080
+      - address: 10.1.2.2:8080
+";
+
+struct Args {
+    repeat: u32,
+    rounds: usize,
+}
+
+fn parse_args() -> Result<Args> {
+    let mut args = Args {
+        repeat: 1_000_000,
+        rounds: 5,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--repeat" => args.repeat = it.next().context("--repeat N")?.parse()?,
+            "--rounds" => args.rounds = it.next().context("--rounds N")?.parse()?,
+            other => bail!("unknown argument {other:?} (use --repeat N, --rounds N)"),
+        }
+    }
+    ensure!(args.rounds >= 1 && args.repeat >= 1, "rounds and repeat must be positive");
+    Ok(args)
+}
+
+/// A frame padded to at least 64 bytes (what bench_restore rewrites).
+fn frame(p: &Pkt) -> Vec<u8> {
+    let mut p = p.clone();
+    while p.bytes().len() < 64 {
+        p.payload.push(b'.');
+    }
+    p.bytes()
+}
+
+fn bench_frame(bytes: &[u8], vary: u32) -> BenchFrame {
+    let mut words = [0u64; 8];
+    for (i, w) in words.iter_mut().enumerate() {
+        *w = u64::from_ne_bytes(bytes[i * 8..i * 8 + 8].try_into().unwrap());
+    }
+    BenchFrame {
+        words,
+        vary,
+        _pad: 0,
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Case {
+    Empty,
+    NonVip,
+    Restore,
+    Established,
+    RestoreVary,
+    NewFlow,
+}
+
+const CASES: [(Case, &str); 6] = [
+    (Case::Empty, "empty XDP_PASS (baseline)"),
+    (Case::NonVip, "sluice: non-VIP packet"),
+    (Case::Restore, "restore wrapper → empty"),
+    (Case::Established, "sluice: established flow"),
+    (Case::RestoreVary, "restore+vary wrapper → empty"),
+    (Case::NewFlow, "sluice: new flow"),
+];
+
+fn main() -> Result<()> {
+    let args = parse_args()?;
+    let mut bed = FibBed::new(SERVICES)?;
+    let fam = Family::V4;
+
+    let established = Pkt::tcp(fam.client(), 40_000, fam.vip(), 80, TCP_ACK);
+    let new_flow = Pkt::tcp(fam.client(), 40_001, fam.vip(), 80, TCP_SYN);
+    let non_vip = Pkt::tcp(fam.client(), 40_000, "10.100.0.9".parse()?, 80, TCP_ACK);
+    let (established, new_flow, non_vip) = (frame(&established), frame(&new_flow), frame(&non_vip));
+
+    let ebpf = bed.datapath.ebpf_mut();
+    for name in ["bench_pass", "bench_restore"] {
+        let p: &mut Xdp = ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name}"))?
+            .try_into()?;
+        p.load().with_context(|| format!("loading {name}"))?;
+    }
+    let fd_of = |ebpf: &mut aya::Ebpf, name: &str| -> Result<ProgramFd> {
+        let p: &mut Xdp = ebpf.program_mut(name).context(name.to_string())?.try_into()?;
+        Ok(p.fd()?.try_clone()?)
+    };
+    let pass_fd = fd_of(ebpf, "bench_pass")?;
+    let sluice_fd = fd_of(ebpf, XDP_PROGRAM)?;
+    let mut jump: ProgramArray<_> = ebpf.take_map("BENCH_JUMP").context("BENCH_JUMP")?.try_into()?;
+    let mut restore: Array<_, BenchFrame> =
+        ebpf.take_map("BENCH_FRAME").context("BENCH_FRAME")?.try_into()?;
+
+    let mut results: Vec<Vec<f64>> = vec![Vec::new(); CASES.len()];
+    let mut first_established = true;
+    for _round in 0..args.rounds {
+        for (i, (case, name)) in CASES.iter().enumerate() {
+            let (program, data, jump_to, vary) = match case {
+                Case::Empty => ("bench_pass", &established, None, 0),
+                Case::NonVip => (XDP_PROGRAM, &non_vip, None, 0),
+                Case::Restore => ("bench_restore", &established, Some(&pass_fd), 0),
+                Case::Established => ("bench_restore", &established, Some(&sluice_fd), 0),
+                Case::RestoreVary => ("bench_restore", &new_flow, Some(&pass_fd), 1),
+                Case::NewFlow => ("bench_restore", &new_flow, Some(&sluice_fd), 1),
+            };
+            if let Some(fd) = jump_to {
+                jump.set(0, fd, 0)?;
+                restore.set(0, bench_frame(data, vary), 0)?;
+            }
+            if *case == Case::Established && first_established {
+                // Create the flow once, so the timed runs find it.
+                time(&mut bed, program, data, 1)?;
+                first_established = false;
+            }
+            let before = stats(&bed);
+            let (rc, per_packet) = time(&mut bed, program, data, args.repeat)?;
+            let after = stats(&bed);
+            let want_rc = match case {
+                Case::Empty | Case::NonVip | Case::Restore | Case::RestoreVary => XDP_PASS,
+                Case::Established | Case::NewFlow => XDP_REDIRECT,
+            };
+            ensure!(rc == want_rc, "{name}: return code {rc}, expected {want_rc}");
+            let runs = u64::from(args.repeat);
+            let (new_conns, packets) = (
+                after.connections - before.connections,
+                after.packets_to_backend - before.packets_to_backend,
+            );
+            match case {
+                Case::Established => ensure!(
+                    new_conns == 0 && packets == runs,
+                    "{name}: {packets} packets, {new_conns} new connections: not the established path"
+                ),
+                Case::NewFlow => ensure!(
+                    new_conns == runs,
+                    "{name}: {new_conns} new connections for {runs} runs: not the new-flow path"
+                ),
+                _ => ensure!(packets == 0, "{name}: forwarded {packets} packets"),
+            }
+            results[i].push(per_packet);
+        }
+    }
+
+    let median = |v: &[f64]| {
+        let mut s = v.to_vec();
+        s.sort_by(f64::total_cmp);
+        s[s.len() / 2]
+    };
+    let range = |v: &[f64]| {
+        let min = v.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        (min, max)
+    };
+    println!(
+        "\nBPF_PROG_TEST_RUN, {} rounds × {} runs, interleaved; ns/packet (median, min–max)\n",
+        args.rounds, args.repeat
+    );
+    println!("{:<32} {:>8} {:>17}", "case", "median", "min–max");
+    for (i, (_, name)) in CASES.iter().enumerate() {
+        let (lo, hi) = range(&results[i]);
+        println!("{name:<32} {:>8.1} {:>8.1}–{:<8.1}", median(&results[i]), lo, hi);
+    }
+    // Per-round differences: the cost Sluice adds over the empty program.
+    let diff = |a: usize, b: usize| -> Vec<f64> {
+        results[a].iter().zip(&results[b]).map(|(x, y)| x - y).collect()
+    };
+    let ratio = |a: &[f64], b: &[f64]| -> Vec<f64> { a.iter().zip(b).map(|(x, y)| x / y).collect() };
+    let base = &results[0];
+    let rows = [
+        ("non-VIP", diff(1, 0), 15.0),
+        ("established flow", diff(3, 2), 60.0),
+        ("new flow", diff(5, 4), 250.0),
+    ];
+    println!(
+        "\n{:<20} {:>10} {:>19} {:>10} {:>8}   {}",
+        "Sluice over empty", "+ns median", "min–max", "× empty", "target", "verdict"
+    );
+    for (name, d, target) in rows {
+        let (lo, hi) = range(&d);
+        let totals: Vec<f64> = d.iter().zip(base).map(|(d, b)| d + b).collect();
+        let r = ratio(&totals, base);
+        let m = median(&d);
+        println!(
+            "{name:<20} {:>+10.1} {:>+8.1}–{:<+9.1} {:>9.2}× {:>+7.0}   {}",
+            m,
+            lo,
+            hi,
+            median(&r),
+            target,
+            if m <= target { "within" } else { "OVER" }
+        );
+    }
+    println!(
+        "\n(established/new flow: wrapper→sluice minus wrapper→empty, same round; \
+         × empty: total time of the Sluice case over the empty program)"
+    );
+    Ok(())
+}
+
+fn stats(bed: &FibBed) -> ServiceStats {
+    let svc = bed.reconciler.services.get("bench").expect("bench service");
+    bed.reconciler.stats(true, svc.id)
+}
+
+fn time(bed: &mut FibBed, program: &str, data: &[u8], repeat: u32) -> Result<(u32, f64)> {
+    let ns = &bed.ns;
+    let prog: &mut Xdp = bed
+        .datapath
+        .ebpf_mut()
+        .program_mut(program)
+        .with_context(|| format!("program {program}"))?
+        .try_into()?;
+    let mut out = vec![0u8; data.len() + 64];
+    let result = ns.enter(|| {
+        prog.test_run(TestRunOptions {
+            data_in: Some(data),
+            data_out: Some(&mut out),
+            repeat,
+            ..TestRunOptions::default()
+        })
+    })??;
+    // The kernel reports the mean time of one run.
+    let per_packet = result.duration.as_secs_f64() * 1e9;
+    Ok((result.return_value, per_packet))
+}
