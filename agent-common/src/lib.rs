@@ -86,6 +86,24 @@ pub const FLOW_F_REVERSE: u32 = 1;
 /// The flow belongs to an `snat` service: source address and port change too.
 pub const FLOW_F_SNAT: u32 = 2;
 
+/// The FIB lookup result for a flow's next hop, kept in its conntrack entry:
+/// a FIB lookup costs more than the rest of the fast path together.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FibCache {
+    /// Egress interface; 0 = nothing cached.
+    pub ifindex: u32,
+    /// When the lookup was made, in units of 2^30 ns (about 1.07 s). An entry
+    /// is used only within the unit it was made in, so it is at most that old.
+    pub stamp: u32,
+    pub dmac: [u8; 6],
+    pub smac: [u8; 6],
+}
+const _: () = assert!(core::mem::size_of::<FibCache>() == 20);
+
+/// Shift from nanoseconds to FIB cache stamp units.
+pub const FIB_CACHE_SHIFT: u32 = 30;
+
 /// Value of the `CONNTRACK` map.
 ///
 /// A forward entry (client → VIP) says where to send the packet; a reverse
@@ -107,8 +125,10 @@ pub struct Flow {
     pub service_id: u32,
     /// `FLOW_F_*` bits.
     pub flags: u32,
+    pub fib: FibCache,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<Flow>() == 48);
+const _: () = assert!(core::mem::size_of::<Flow>() == 72);
 
 /// Per-service counters (a per-CPU array indexed by service id).
 #[repr(C)]

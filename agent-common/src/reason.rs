@@ -48,3 +48,18 @@ reasons! {
 }
 
 pub const COUNT: u32 = ALL.len() as u32;
+
+/// Bit `code` is set when packets of that reason are dropped (for the kernel,
+/// which must not index `ALL` with a value it can't bound).
+pub const DROPPED_MASK: u32 = {
+    let mut mask = 0;
+    let mut i = 0;
+    while i < ALL.len() {
+        if ALL[i].dropped {
+            mask |= 1 << i;
+        }
+        i += 1;
+    }
+    mask
+};
+const _: () = assert!(ALL.len() <= 32);

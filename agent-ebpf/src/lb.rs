@@ -5,13 +5,15 @@
 use core::{ffi::c_void, mem};
 
 use agent_common::{
-    Backend, FAMILY_V4, FAMILY_V6, FLOW_F_REVERSE, FLOW_F_SNAT, Flow, FlowKey, NO_BACKEND,
+    FAMILY_V4, FAMILY_V6, FLOW_F_REVERSE, FibCache, FLOW_F_SNAT, Flow, FlowKey, NO_BACKEND,
     PROTO_TCP, PROTO_UDP, SERVICE_F_SNAT, SNAT_PORT_ATTEMPTS, SNAT_PORT_MAX, SNAT_PORT_MIN,
     Service, ServiceKey, hash, prefilter, reason,
 };
-use aya_ebpf::bindings::{
-    BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_NOEXIST,
-    bpf_fib_lookup,
+use aya_ebpf::{
+    bindings::{
+    BPF_NOEXIST,
+        bpf_fib_lookup,
+    },
 };
 use network_types::eth::{EthHdr, EtherType};
 
@@ -22,8 +24,10 @@ use crate::{
         TCP_FLAGS_OFFSET, TCP_HDR_LEN, TCP_SYN, UDP_CHECK_OFFSET, UDP_HDR_LEN,
         is_ipv6_extension,
     },
+    fib::forward,
     maps::{
-        BACKEND_STATS, BACKENDS, CONNTRACK, MAGLEV, PREFILTER, REASONS, SERVICE_STATS, SERVICES,
+        BACKEND_STATS, BACKENDS, CONNTRACK, MAGLEV, PREFILTER, REASONS, SCRATCH, SERVICE_STATS,
+        SERVICES,
     },
 };
 
@@ -46,26 +50,44 @@ pub struct Ctx {
     pub raw: *mut c_void,
 }
 
-/// What parsing found out about an IP packet carrying TCP or UDP.
-struct Packet {
-    family: u8,
-    proto: u8,
-    src: [u32; 4],
-    dst: [u32; 4],
-    sport: u16,
-    dport: u16,
+/// Where an IP packet carrying TCP or UDP keeps its headers. Its 5-tuple is
+/// in the per-CPU scratch area (`Scratch::key`), not on the stack.
+pub struct Packet {
+    pub family: u8,
+    pub proto: u8,
     /// Offset of the IP header.
-    l3: usize,
+    pub l3: usize,
     /// Offset of the TCP/UDP header.
-    l4: usize,
+    pub l4: usize,
     /// End of the IP datagram according to its own length field.
-    ip_end: usize,
+    pub ip_end: usize,
 }
 
-const ETH_LEN: usize = mem::size_of::<EthHdr>();
+/// Big values the pipeline builds, kept in a per-CPU map: the BPF stack (512
+/// bytes over all frames) can't hold them all. XDP and TC programs run in
+/// softirq context and never nest on one CPU, so one area per CPU suffices.
+#[repr(C)]
+pub struct Scratch {
+    /// The packet's 5-tuple, as it arrived.
+    pub key: FlowKey,
+    pub service_key: ServiceKey,
+    pub reverse_key: FlowKey,
+    pub forward: Flow,
+    pub reverse: Flow,
+    pub fib: bpf_fib_lookup,
+}
 
 #[inline(always)]
-fn ptr_at<T>(ctx: &Ctx, offset: usize) -> Option<*mut T> {
+fn scratch() -> Option<&'static mut Scratch> {
+    // SAFETY: this CPU's slot; nothing else runs on this CPU while we do
+    // (see `Scratch`), so the exclusive reference is unique.
+    SCRATCH.get_ptr_mut(0).map(|p| unsafe { &mut *p })
+}
+
+pub(crate) const ETH_LEN: usize = mem::size_of::<EthHdr>();
+
+#[inline(always)]
+pub(crate) fn ptr_at<T>(ctx: &Ctx, offset: usize) -> Option<*mut T> {
     let start = ctx.data + offset;
     if start + mem::size_of::<T>() > ctx.data_end {
         return None;
@@ -83,9 +105,9 @@ fn count(code: u32) {
 
 /// Counts the reason and applies its fixed action.
 #[inline(always)]
-fn exception(code: u32) -> Action {
+pub(crate) fn exception(code: u32) -> Action {
     count(code);
-    if agent_common::reason::ALL[code as usize].dropped {
+    if reason::DROPPED_MASK & (1 << (code & 31)) != 0 {
         Action::Drop
     } else {
         Action::Pass
@@ -165,19 +187,14 @@ fn ipv4(ctx: &Ctx) -> Action {
     }
     // IPv4 options are skipped, not parsed: forwarding doesn't need them.
     let l4 = ETH_LEN + ihl * 4;
-    let ip_end = ETH_LEN + u16::from_be(tot_len) as usize;
     let pkt = Packet {
         family: FAMILY_V4,
         proto,
-        src,
-        dst,
-        sport: 0,
-        dport: 0,
         l3: ETH_LEN,
         l4,
-        ip_end,
+        ip_end: ETH_LEN + u16::from_be(tot_len) as usize,
     };
-    transport(ctx, pkt)
+    transport(ctx, &pkt, &src, &dst)
 }
 
 #[inline(always)]
@@ -201,61 +218,83 @@ fn ipv6(ctx: &Ctx) -> Action {
     let pkt = Packet {
         family: FAMILY_V6,
         proto: next_hdr,
-        src,
-        dst,
-        sport: 0,
-        dport: 0,
         l3: ETH_LEN,
         l4,
         ip_end: l4 + u16::from_be(payload_len) as usize,
     };
-    transport(ctx, pkt)
+    transport(ctx, &pkt, &src, &dst)
 }
 
 /// Reads the ports and decides whether the packet is for a service, a reply
 /// to reverse-NAT, or not ours.
 #[inline(always)]
-fn transport(ctx: &Ctx, mut pkt: Packet) -> Action {
+fn transport(ctx: &Ctx, pkt: &Packet, src: &[u32; 4], dst: &[u32; 4]) -> Action {
     let Some(ports) = ptr_at::<Ports>(ctx, pkt.l4) else {
-        return unhandled(&pkt.src, &pkt.dst, reason::TRUNCATED);
+        return unhandled(src, dst, reason::TRUNCATED);
     };
     // SAFETY: checked by ptr_at.
-    unsafe {
-        pkt.sport = (*ports).src;
-        pkt.dport = (*ports).dst;
-    }
+    let (sport, dport) = unsafe { ((*ports).src, (*ports).dst) };
 
-    if prefilter_hit(prefilter::SERVICE, &pkt.dst, pkt.dport, pkt.proto) {
-        let key = ServiceKey {
-            addr: pkt.dst,
-            port: pkt.dport,
-            proto: pkt.proto,
-            family: pkt.family,
+    let to_service = prefilter_hit(prefilter::SERVICE, dst, dport, pkt.proto);
+    if !to_service && !prefilter_hit(prefilter::BACKEND, src, sport, pkt.proto) {
+        return Action::Pass;
+    }
+    let Some(s) = scratch() else {
+        return Action::Pass;
+    };
+    s.key = FlowKey {
+        src: *src,
+        dst: *dst,
+        sport,
+        dport,
+        proto: pkt.proto,
+        family: pkt.family,
+        _pad: 0,
+    };
+    // An established flow needs only its conntrack entry, in either direction.
+    if let Some(flow) = CONNTRACK.get_ptr_mut(&s.key) {
+        if let Err(code) = validate(ctx, pkt) {
+            return exception(code);
+        }
+        // SAFETY: a live map value; fields are read or written one by one.
+        return if unsafe { (*flow).flags } & FLOW_F_REVERSE == 0 {
+            to_backend(ctx, pkt, s, flow)
+        } else {
+            to_client(ctx, pkt, s, flow)
         };
-        // SAFETY: the value is copied out at once; the agent replaces (never
-        // edits in place) service entries.
-        if let Some(service) = unsafe { SERVICES.get(&key) } {
-            let service = *service;
-            if let Err(code) = validate(ctx, &pkt) {
-                return exception(code);
-            }
-            return to_backend(ctx, &pkt, &service);
-        }
     }
-    if prefilter_hit(prefilter::BACKEND, &pkt.src, pkt.sport, pkt.proto) {
-        let key = flow_key(&pkt);
-        // SAFETY: copied out at once; LRU entries may be evicted under us.
-        if let Some(flow) = unsafe { CONNTRACK.get(&key) } {
-            let flow = *flow;
-            if flow.flags & FLOW_F_REVERSE != 0 {
-                if let Err(code) = validate(ctx, &pkt) {
-                    return exception(code);
-                }
-                return to_client(ctx, &pkt, &flow);
-            }
-        }
+    if !to_service {
+        return Action::Pass;
     }
-    Action::Pass
+    s.service_key = ServiceKey {
+        addr: *dst,
+        port: dport,
+        proto: pkt.proto,
+        family: pkt.family,
+    };
+    // SAFETY: copied out at once; the agent replaces, never edits, entries.
+    let Some(service) = (unsafe { SERVICES.get(&s.service_key) }).copied() else {
+        return Action::Pass;
+    };
+    if let Err(code) = validate(ctx, pkt) {
+        return exception(code);
+    }
+    match new_flow(s, &service) {
+        Ok(flow) => {
+            // A connection starts with a SYN (or any UDP datagram); a
+            // mid-stream packet without an entry (evicted, or from before a
+            // restart) is re-pinned by the same Maglev choice but is not a
+            // new connection.
+            let opening =
+                pkt.proto == PROTO_UDP || tcp_flags(ctx, pkt) & (TCP_SYN | TCP_ACK) == TCP_SYN;
+            if opening {
+                // SAFETY: a live map value.
+                count_connection(service.id, unsafe { (*flow).backend_id });
+            }
+            to_backend(ctx, pkt, s, flow)
+        }
+        Err(code) => exception(code),
+    }
 }
 
 /// Lengths checked only for packets we are about to rewrite.
@@ -276,19 +315,6 @@ fn validate(ctx: &Ctx, pkt: &Packet) -> Result<(), u32> {
 }
 
 #[inline(always)]
-fn flow_key(pkt: &Packet) -> FlowKey {
-    FlowKey {
-        src: pkt.src,
-        dst: pkt.dst,
-        sport: pkt.sport,
-        dport: pkt.dport,
-        proto: pkt.proto,
-        family: pkt.family,
-        _pad: 0,
-    }
-}
-
-#[inline(always)]
 fn tcp_flags(ctx: &Ctx, pkt: &Packet) -> u8 {
     match ptr_at::<u8>(ctx, pkt.l4 + TCP_FLAGS_OFFSET) {
         // SAFETY: checked by ptr_at.
@@ -297,56 +323,41 @@ fn tcp_flags(ctx: &Ctx, pkt: &Packet) -> u8 {
     }
 }
 
-/// Client → VIP: recall or choose the backend, then DNAT (and SNAT).
+/// Client → VIP: DNAT (and SNAT) as the flow says.
 #[inline(always)]
-fn to_backend(ctx: &Ctx, pkt: &Packet, service: &Service) -> Action {
-    let key = flow_key(pkt);
-    // SAFETY: copied out at once.
-    let known = unsafe { CONNTRACK.get(&key) }.copied();
-    let flow = match known {
-        Some(flow) if flow.flags & FLOW_F_REVERSE == 0 => flow,
-        _ => match new_flow(&key, service) {
-            Ok(flow) => {
-                // A connection starts with a SYN (or any UDP datagram); a
-                // mid-stream packet without an entry is re-pinned by the same
-                // Maglev choice, not counted as a new connection.
-                let opening = pkt.proto == PROTO_UDP
-                    || tcp_flags(ctx, pkt) & (TCP_SYN | TCP_ACK) == TCP_SYN;
-                if opening {
-                    count_connection(flow.service_id, flow.backend_id);
-                }
-                flow
-            }
-            Err(code) => return exception(code),
-        },
-    };
-
-    let (new_src, new_sport) = if flow.flags & FLOW_F_SNAT != 0 {
-        (flow.snat_addr, flow.snat_port)
+fn to_backend(ctx: &Ctx, pkt: &Packet, s: &mut Scratch, flow: *mut Flow) -> Action {
+    // SAFETY: `flow` points at a live conntrack value.
+    let f = unsafe { &mut *flow };
+    let (src, sport) = if f.flags & FLOW_F_SNAT != 0 {
+        (f.snat_addr, f.snat_port)
     } else {
-        (pkt.src, pkt.sport)
+        (s.key.src, s.key.sport)
     };
-    rewrite(ctx, pkt, new_src, new_sport, flow.nat_addr, flow.nat_port);
-    account(flow.service_id, flow.backend_id, true, ctx);
-    forward(ctx, pkt, &new_src, &flow.nat_addr)
+    rewrite(ctx, pkt, &s.key, &src, sport, &f.nat_addr, f.nat_port);
+    account(f.service_id, f.backend_id, true, ctx);
+    forward(ctx, pkt, s, &src, &f.nat_addr, &mut f.fib)
 }
 
 /// Backend → client: restore the VIP as source (and the client as destination).
 #[inline(always)]
-fn to_client(ctx: &Ctx, pkt: &Packet, flow: &Flow) -> Action {
-    let (new_dst, new_dport) = if flow.flags & FLOW_F_SNAT != 0 {
-        (flow.snat_addr, flow.snat_port)
+fn to_client(ctx: &Ctx, pkt: &Packet, s: &mut Scratch, flow: *mut Flow) -> Action {
+    // SAFETY: `flow` points at a live conntrack value.
+    let f = unsafe { &mut *flow };
+    let (dst, dport) = if f.flags & FLOW_F_SNAT != 0 {
+        (f.snat_addr, f.snat_port)
     } else {
-        (pkt.dst, pkt.dport)
+        (s.key.dst, s.key.dport)
     };
-    rewrite(ctx, pkt, flow.nat_addr, flow.nat_port, new_dst, new_dport);
-    account(flow.service_id, flow.backend_id, false, ctx);
-    forward(ctx, pkt, &flow.nat_addr, &new_dst)
+    rewrite(ctx, pkt, &s.key, &f.nat_addr, f.nat_port, &dst, dport);
+    account(f.service_id, f.backend_id, false, ctx);
+    forward(ctx, pkt, s, &f.nat_addr, &dst, &mut f.fib)
 }
 
-/// Picks the backend by Maglev and records both directions of the flow.
+/// Picks the backend by Maglev, records both directions of the flow, and
+/// returns the forward entry as it sits in the map.
 #[inline(always)]
-fn new_flow(key: &FlowKey, service: &Service) -> Result<Flow, u32> {
+fn new_flow(s: &mut Scratch, service: &Service) -> Result<*mut Flow, u32> {
+    let key = &s.key;
     let h = hash::flow_hash(&key.src, &key.dst, key.sport, key.dport, key.proto);
     if service.table_size == 0 {
         return Err(reason::NO_BACKEND);
@@ -356,76 +367,74 @@ fn new_flow(key: &FlowKey, service: &Service) -> Result<Flow, u32> {
         Some(id) if *id != NO_BACKEND => *id,
         _ => return Err(reason::NO_BACKEND),
     };
-    let backend: Backend = match BACKENDS.get(backend_id) {
-        Some(b) => *b,
-        None => return Err(reason::NO_BACKEND),
+    let Some(backend) = BACKENDS.get(backend_id) else {
+        return Err(reason::NO_BACKEND);
     };
     let snat = service.flags & SERVICE_F_SNAT != 0;
 
-    let mut flow = Flow {
-        nat_addr: backend.addr,
-        snat_addr: [0; 4],
-        nat_port: backend.port,
-        snat_port: 0,
-        backend_id,
-        service_id: service.id,
-        flags: 0,
-    };
-    let mut reverse_key = FlowKey {
+    // The reverse entry first: with SNAT it is the port reservation.
+    s.reverse_key = FlowKey {
         src: backend.addr,
-        dst: key.src,
+        dst: if snat { service.snat_addr } else { key.src },
         sport: backend.port,
         dport: key.sport,
         proto: key.proto,
         family: key.family,
         _pad: 0,
     };
-    let mut reverse = Flow {
+    s.reverse = Flow {
         nat_addr: key.dst,
-        snat_addr: [0; 4],
+        snat_addr: if snat { key.src } else { [0; 4] },
         nat_port: key.dport,
-        snat_port: 0,
+        snat_port: if snat { key.sport } else { 0 },
         backend_id,
         service_id: service.id,
-        flags: FLOW_F_REVERSE,
+        flags: FLOW_F_REVERSE | if snat { FLOW_F_SNAT } else { 0 },
+        fib: FibCache::default(),
+        _pad: 0,
     };
-
+    let mut snat_port = 0;
     if snat {
-        flow.flags |= FLOW_F_SNAT;
-        flow.snat_addr = service.snat_addr;
-        reverse.flags |= FLOW_F_SNAT;
-        reverse.snat_addr = key.src;
-        reverse.snat_port = key.sport;
-        reverse_key.dst = service.snat_addr;
-        // The reverse entry doubles as the port reservation: BPF_NOEXIST makes
-        // claiming a (backend, SNAT address, port) atomic across CPUs.
+        // BPF_NOEXIST makes claiming a (backend, SNAT address, port) atomic
+        // across CPUs.
         let range = u32::from(SNAT_PORT_MAX - SNAT_PORT_MIN) + 1;
-        let mut port_found = false;
         let mut attempt = 0;
         while attempt < SNAT_PORT_ATTEMPTS {
-            let port = SNAT_PORT_MIN + (h.wrapping_add(attempt) % range) as u16;
-            reverse_key.dport = port.to_be();
+            let port = (SNAT_PORT_MIN + (h.wrapping_add(attempt) % range) as u16).to_be();
+            s.reverse_key.dport = port;
             if CONNTRACK
-                .insert(&reverse_key, &reverse, u64::from(BPF_NOEXIST))
+                .insert(&s.reverse_key, &s.reverse, u64::from(BPF_NOEXIST))
                 .is_ok()
             {
-                flow.snat_port = port.to_be();
-                port_found = true;
+                snat_port = port;
                 break;
             }
             attempt += 1;
         }
-        if !port_found {
+        if snat_port == 0 {
             return Err(reason::SNAT_PORTS_EXHAUSTED);
         }
-    } else if CONNTRACK.insert(&reverse_key, &reverse, 0).is_err() {
+    } else if CONNTRACK.insert(&s.reverse_key, &s.reverse, 0).is_err() {
         return Err(reason::CONNTRACK_FULL);
     }
-    if CONNTRACK.insert(key, &flow, 0).is_err() {
-        let _ = CONNTRACK.remove(&reverse_key);
+
+    s.forward = Flow {
+        nat_addr: backend.addr,
+        snat_addr: if snat { service.snat_addr } else { [0; 4] },
+        nat_port: backend.port,
+        snat_port,
+        backend_id,
+        service_id: service.id,
+        flags: if snat { FLOW_F_SNAT } else { 0 },
+        fib: FibCache::default(),
+        _pad: 0,
+    };
+    if CONNTRACK.insert(&s.key, &s.forward, 0).is_err() {
+        let _ = CONNTRACK.remove(&s.reverse_key);
         return Err(reason::CONNTRACK_FULL);
     }
-    Ok(flow)
+    // Fetched back so the FIB result of this first packet is cached in it.
+    CONNTRACK.get_ptr_mut(&s.key).ok_or(reason::CONNTRACK_FULL)
 }
 
 /// Writes the new addresses and ports and fixes the checksums incrementally.
@@ -433,13 +442,14 @@ fn new_flow(key: &FlowKey, service: &Service) -> Result<Flow, u32> {
 fn rewrite(
     ctx: &Ctx,
     pkt: &Packet,
-    src: [u32; 4],
+    old: &FlowKey,
+    src: &[u32; 4],
     sport: u16,
-    dst: [u32; 4],
+    dst: &[u32; 4],
     dport: u16,
 ) {
-    let addrs = Diff::default().addr(&pkt.src, &src).addr(&pkt.dst, &dst);
-    let l4 = addrs.word16(pkt.sport, sport).word16(pkt.dport, dport);
+    let addrs = Diff::default().addr(&old.src, src).addr(&old.dst, dst);
+    let l4 = addrs.word16(old.sport, sport).word16(old.dport, dport);
 
     if pkt.family == FAMILY_V4 {
         if let Some(ip) = ptr_at::<Ipv4>(ctx, pkt.l3) {
@@ -453,8 +463,8 @@ fn rewrite(
     } else if let Some(ip) = ptr_at::<Ipv6>(ctx, pkt.l3) {
         // SAFETY: as above.
         unsafe {
-            (*ip).src = src;
-            (*ip).dst = dst;
+            (*ip).src = *src;
+            (*ip).dst = *dst;
         }
     }
     if let Some(ports) = ptr_at::<Ports>(ctx, pkt.l4) {
@@ -480,89 +490,6 @@ fn rewrite(
             }
         }
     }
-}
-
-/// Sends the rewritten packet towards its new destination by FIB lookup.
-#[inline(always)]
-fn forward(ctx: &Ctx, pkt: &Packet, src: &[u32; 4], dst: &[u32; 4]) -> Action {
-    // SAFETY: bpf_fib_lookup is a plain C struct; all-zero is its empty state.
-    let mut params: bpf_fib_lookup = unsafe { mem::zeroed() };
-    params.family = pkt.family;
-    params.l4_protocol = pkt.proto;
-    params.ifindex = ctx.ifindex;
-    params.__bindgen_anon_1.tot_len = (pkt.ip_end - pkt.l3) as u16;
-    if pkt.family == FAMILY_V4 {
-        params.__bindgen_anon_3.ipv4_src = src[0];
-        params.__bindgen_anon_4.ipv4_dst = dst[0];
-    } else {
-        params.__bindgen_anon_3.ipv6_src = *src;
-        params.__bindgen_anon_4.ipv6_dst = *dst;
-    }
-    // SAFETY: params is a valid, initialised struct of the size passed.
-    let rc = unsafe {
-        aya_ebpf::helpers::bpf_fib_lookup(
-            ctx.raw,
-            &mut params,
-            mem::size_of::<bpf_fib_lookup>() as i32,
-            0,
-        )
-    } as u32;
-    match rc {
-        BPF_FIB_LKUP_RET_SUCCESS => {}
-        // The kernel resolves the neighbour and forwards this packet itself.
-        BPF_FIB_LKUP_RET_NO_NEIGH => return exception(reason::FIB_NO_NEIGHBOUR),
-        BPF_FIB_LKUP_RET_FRAG_NEEDED => return exception(reason::FIB_FRAG_NEEDED),
-        _ => return exception(reason::FIB_NO_ROUTE),
-    }
-    if !decrement_ttl(ctx, pkt) {
-        return exception(reason::TTL_EXCEEDED);
-    }
-    if let Some(eth) = ptr_at::<EthHdr>(ctx, 0) {
-        // SAFETY: inside the packet (ptr_at).
-        unsafe {
-            (*eth).dst_addr = params.dmac;
-            (*eth).src_addr = params.smac;
-        }
-    }
-    if params.ifindex == ctx.ifindex {
-        Action::Tx
-    } else {
-        Action::Redirect(params.ifindex)
-    }
-}
-
-/// Returns false (and changes nothing) when the packet must not be forwarded.
-#[inline(always)]
-fn decrement_ttl(ctx: &Ctx, pkt: &Packet) -> bool {
-    if pkt.family == FAMILY_V4 {
-        let Some(ip) = ptr_at::<Ipv4>(ctx, pkt.l3) else {
-            return false;
-        };
-        // SAFETY: inside the packet (ptr_at).
-        unsafe {
-            let old = (*ip).ttl_proto;
-            // The TTL is the first byte of the word, the low byte once loaded.
-            let ttl = old as u8;
-            if ttl <= 1 {
-                return false;
-            }
-            let new = (old & 0xff00) | u16::from(ttl - 1);
-            (*ip).ttl_proto = new;
-            (*ip).check = Diff::default().word16(old, new).apply((*ip).check);
-        }
-    } else {
-        let Some(ip) = ptr_at::<Ipv6>(ctx, pkt.l3) else {
-            return false;
-        };
-        // SAFETY: inside the packet (ptr_at).
-        unsafe {
-            if (*ip).hop_limit <= 1 {
-                return false;
-            }
-            (*ip).hop_limit -= 1;
-        }
-    }
-    true
 }
 
 #[inline(always)]

@@ -5,6 +5,7 @@
 
 mod bench;
 mod csum;
+mod fib;
 mod headers;
 mod lb;
 mod maps;

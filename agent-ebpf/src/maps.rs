@@ -39,3 +39,7 @@ pub static BACKEND_STATS: PerCpuArray<ServiceStats> = PerCpuArray::with_max_entr
 #[map]
 pub static REASONS: PerCpuArray<u64> =
     PerCpuArray::with_max_entries(agent_common::reason::COUNT, 0);
+
+/// Per-CPU working space of the pipeline (see `lb::Scratch`).
+#[map]
+pub static SCRATCH: PerCpuArray<crate::lb::Scratch> = PerCpuArray::with_max_entries(1, 0);
