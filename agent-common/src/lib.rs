@@ -83,8 +83,6 @@ const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
 
 /// The entry translates backend → client packets (reverse NAT).
 pub const FLOW_F_REVERSE: u32 = 1;
-/// The flow belongs to an `snat` service: source address and port change too.
-pub const FLOW_F_SNAT: u32 = 2;
 
 /// The FIB lookup result for a flow's next hop, kept in its conntrack entry:
 /// a FIB lookup costs more than the rest of the fast path together.
@@ -93,34 +91,30 @@ pub const FLOW_F_SNAT: u32 = 2;
 pub struct FibCache {
     /// Egress interface; 0 = nothing cached.
     pub ifindex: u32,
-    /// When the lookup was made, in units of 2^30 ns (about 1.07 s). An entry
-    /// is used only within the unit it was made in, so it is at most that old.
+    /// The FIB generation the lookup was made in; used only while the
+    /// generation is the same.
     pub stamp: u32,
-    pub dmac: [u8; 6],
-    pub smac: [u8; 6],
+    /// The Ethernet addresses to write, destination then source, exactly as
+    /// the first 12 bytes of the frame (three 32-bit words to store).
+    pub macs: [u32; 3],
 }
 const _: () = assert!(core::mem::size_of::<FibCache>() == 20);
 
-/// Shift from nanoseconds to FIB cache stamp units.
-pub const FIB_CACHE_SHIFT: u32 = 30;
-
-/// Value of the `CONNTRACK` map.
-///
-/// A forward entry (client → VIP) says where to send the packet; a reverse
-/// entry (backend → client or → SNAT address) says what to restore. Both carry
-/// the rewrite itself, so an established flow needs no other map lookup and keeps
-/// working after its backend left the service.
+/// Value of the `CONNTRACK` map: how to rewrite the packets of one direction
+/// of a flow. The forward entry (client → VIP) sends to the backend, from the
+/// SNAT address with SNAT; the reverse entry (backend → client, or → SNAT
+/// address) restores the VIP as source and the client as destination. Both
+/// carry the rewrite itself, so an established flow needs no other map
+/// lookup and keeps working after its backend left the service.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Flow {
-    /// Forward: the backend address. Reverse: the VIP.
-    pub nat_addr: [u32; 4],
-    /// Forward + SNAT: the SNAT address. Reverse + SNAT: the client address.
-    pub snat_addr: [u32; 4],
-    /// Forward: the backend port. Reverse: the VIP port.
-    pub nat_port: u16,
-    /// Forward + SNAT: the allocated source port. Reverse + SNAT: the client port.
-    pub snat_port: u16,
+    pub new_src: [u32; 4],
+    pub new_dst: [u32; 4],
+    /// Network byte order.
+    pub new_sport: u16,
+    /// Network byte order.
+    pub new_dport: u16,
     pub backend_id: u32,
     pub service_id: u32,
     /// `FLOW_F_*` bits.

@@ -5,7 +5,7 @@
 use core::{ffi::c_void, mem};
 
 use agent_common::{
-    FAMILY_V4, FAMILY_V6, FLOW_F_REVERSE, FibCache, FLOW_F_SNAT, Flow, FlowKey, NO_BACKEND,
+    FAMILY_V4, FAMILY_V6, FLOW_F_REVERSE, Flow, FlowKey, NO_BACKEND,
     PROTO_TCP, PROTO_UDP, SERVICE_F_SNAT, SNAT_PORT_ATTEMPTS, SNAT_PORT_MAX, SNAT_PORT_MIN,
     Service, ServiceKey, hash, prefilter, reason,
 };
@@ -85,6 +85,21 @@ fn scratch() -> Option<&'static mut Scratch> {
 }
 
 pub(crate) const ETH_LEN: usize = mem::size_of::<EthHdr>();
+
+/// Copies an address word by word. A plain array copy between two places
+/// LLVM can't prove apart becomes a memmove call: a byte loop in BPF code.
+#[inline(always)]
+pub(crate) fn copy_addr(dst: &mut [u32; 4], src: &[u32; 4]) {
+    let (a, b, c, d) = (src[0], src[1], src[2], src[3]);
+    // SAFETY: writes through a valid &mut; volatile only to keep LLVM from
+    // fusing the four stores back into a memmove.
+    unsafe {
+        core::ptr::write_volatile(&mut dst[0], a);
+        core::ptr::write_volatile(&mut dst[1], b);
+        core::ptr::write_volatile(&mut dst[2], c);
+        core::ptr::write_volatile(&mut dst[3], d);
+    }
+}
 
 #[inline(always)]
 pub(crate) fn ptr_at<T>(ctx: &Ctx, offset: usize) -> Option<*mut T> {
@@ -256,12 +271,7 @@ fn transport(ctx: &Ctx, pkt: &Packet, src: &[u32; 4], dst: &[u32; 4]) -> Action 
         if let Err(code) = validate(ctx, pkt) {
             return exception(code);
         }
-        // SAFETY: a live map value; fields are read or written one by one.
-        return if unsafe { (*flow).flags } & FLOW_F_REVERSE == 0 {
-            to_backend(ctx, pkt, s, flow)
-        } else {
-            to_client(ctx, pkt, s, flow)
-        };
+        return translate(ctx, pkt, s, flow);
     }
     if !to_service {
         return Action::Pass;
@@ -291,7 +301,7 @@ fn transport(ctx: &Ctx, pkt: &Packet, src: &[u32; 4], dst: &[u32; 4]) -> Action 
                 // SAFETY: a live map value.
                 count_connection(service.id, unsafe { (*flow).backend_id });
             }
-            to_backend(ctx, pkt, s, flow)
+            translate(ctx, pkt, s, flow)
         }
         Err(code) => exception(code),
     }
@@ -323,34 +333,15 @@ fn tcp_flags(ctx: &Ctx, pkt: &Packet) -> u8 {
     }
 }
 
-/// Client → VIP: DNAT (and SNAT) as the flow says.
+/// Rewrites the packet as its flow entry says (either direction), counts it,
+/// and forwards it.
 #[inline(always)]
-fn to_backend(ctx: &Ctx, pkt: &Packet, s: &mut Scratch, flow: *mut Flow) -> Action {
+fn translate(ctx: &Ctx, pkt: &Packet, s: &mut Scratch, flow: *mut Flow) -> Action {
     // SAFETY: `flow` points at a live conntrack value.
     let f = unsafe { &mut *flow };
-    let (src, sport) = if f.flags & FLOW_F_SNAT != 0 {
-        (f.snat_addr, f.snat_port)
-    } else {
-        (s.key.src, s.key.sport)
-    };
-    rewrite(ctx, pkt, &s.key, &src, sport, &f.nat_addr, f.nat_port);
-    account(f.service_id, f.backend_id, true, ctx);
-    forward(ctx, pkt, s, &src, &f.nat_addr, &mut f.fib)
-}
-
-/// Backend → client: restore the VIP as source (and the client as destination).
-#[inline(always)]
-fn to_client(ctx: &Ctx, pkt: &Packet, s: &mut Scratch, flow: *mut Flow) -> Action {
-    // SAFETY: `flow` points at a live conntrack value.
-    let f = unsafe { &mut *flow };
-    let (dst, dport) = if f.flags & FLOW_F_SNAT != 0 {
-        (f.snat_addr, f.snat_port)
-    } else {
-        (s.key.dst, s.key.dport)
-    };
-    rewrite(ctx, pkt, &s.key, &f.nat_addr, f.nat_port, &dst, dport);
-    account(f.service_id, f.backend_id, false, ctx);
-    forward(ctx, pkt, s, &f.nat_addr, &dst, &mut f.fib)
+    rewrite(ctx, pkt, &s.key, &f.new_src, f.new_sport, &f.new_dst, f.new_dport);
+    account(f.service_id, f.backend_id, f.flags & FLOW_F_REVERSE == 0, ctx);
+    forward(ctx, pkt, s, &f.new_src, &f.new_dst, &mut f.fib)
 }
 
 /// Picks the backend by Maglev, records both directions of the flow, and
@@ -373,32 +364,24 @@ fn new_flow(s: &mut Scratch, service: &Service) -> Result<*mut Flow, u32> {
     let snat = service.flags & SERVICE_F_SNAT != 0;
 
     // The reverse entry first: with SNAT it is the port reservation.
-    s.reverse_key = FlowKey {
-        src: backend.addr,
-        dst: if snat { service.snat_addr } else { key.src },
-        sport: backend.port,
-        dport: key.sport,
-        proto: key.proto,
-        family: key.family,
-        _pad: 0,
-    };
-    s.reverse = Flow {
-        nat_addr: key.dst,
-        snat_addr: if snat { key.src } else { [0; 4] },
-        nat_port: key.dport,
-        snat_port: if snat { key.sport } else { 0 },
-        backend_id,
-        service_id: service.id,
-        flags: FLOW_F_REVERSE | if snat { FLOW_F_SNAT } else { 0 },
-        fib: FibCache::default(),
-        _pad: 0,
-    };
-    let mut snat_port = 0;
+    let reverse_key = &mut s.reverse_key;
+    copy_addr(&mut reverse_key.src, &backend.addr);
+    copy_addr(&mut reverse_key.dst, if snat { &service.snat_addr } else { &key.src });
+    reverse_key.sport = backend.port;
+    reverse_key.dport = key.sport;
+    reverse_key.proto = key.proto;
+    reverse_key.family = key.family;
+    reverse_key._pad = 0;
+    let (reverse, key) = (&mut s.reverse, &s.key);
+    fill(reverse, &key.dst, key.dport, &key.src, key.sport, backend_id, service.id);
+    reverse.flags = FLOW_F_REVERSE;
+    let mut new_sport = key.sport;
     if snat {
         // BPF_NOEXIST makes claiming a (backend, SNAT address, port) atomic
         // across CPUs.
         let range = u32::from(SNAT_PORT_MAX - SNAT_PORT_MIN) + 1;
         let mut attempt = 0;
+        let mut claimed = false;
         while attempt < SNAT_PORT_ATTEMPTS {
             let port = (SNAT_PORT_MIN + (h.wrapping_add(attempt) % range) as u16).to_be();
             s.reverse_key.dport = port;
@@ -406,35 +389,52 @@ fn new_flow(s: &mut Scratch, service: &Service) -> Result<*mut Flow, u32> {
                 .insert(&s.reverse_key, &s.reverse, u64::from(BPF_NOEXIST))
                 .is_ok()
             {
-                snat_port = port;
+                new_sport = port;
+                claimed = true;
                 break;
             }
             attempt += 1;
         }
-        if snat_port == 0 {
+        if !claimed {
             return Err(reason::SNAT_PORTS_EXHAUSTED);
         }
     } else if CONNTRACK.insert(&s.reverse_key, &s.reverse, 0).is_err() {
         return Err(reason::CONNTRACK_FULL);
     }
 
-    s.forward = Flow {
-        nat_addr: backend.addr,
-        snat_addr: if snat { service.snat_addr } else { [0; 4] },
-        nat_port: backend.port,
-        snat_port,
-        backend_id,
-        service_id: service.id,
-        flags: if snat { FLOW_F_SNAT } else { 0 },
-        fib: FibCache::default(),
-        _pad: 0,
-    };
+    let (forward, key) = (&mut s.forward, &s.key);
+    let new_src = if snat { &service.snat_addr } else { &key.src };
+    fill(forward, new_src, new_sport, &backend.addr, backend.port, backend_id, service.id);
+    forward.flags = 0;
     if CONNTRACK.insert(&s.key, &s.forward, 0).is_err() {
         let _ = CONNTRACK.remove(&s.reverse_key);
         return Err(reason::CONNTRACK_FULL);
     }
     // Fetched back so the FIB result of this first packet is cached in it.
     CONNTRACK.get_ptr_mut(&s.key).ok_or(reason::CONNTRACK_FULL)
+}
+
+/// Fills a flow value field by field: a struct literal with zeroed parts
+/// becomes memset calls (byte loops) in BPF code.
+#[inline(always)]
+fn fill(
+    f: &mut Flow,
+    new_src: &[u32; 4],
+    new_sport: u16,
+    new_dst: &[u32; 4],
+    new_dport: u16,
+    backend_id: u32,
+    service_id: u32,
+) {
+    copy_addr(&mut f.new_src, new_src);
+    f.new_sport = new_sport;
+    copy_addr(&mut f.new_dst, new_dst);
+    f.new_dport = new_dport;
+    f.backend_id = backend_id;
+    f.service_id = service_id;
+    f.fib.ifindex = 0;
+    f.fib.stamp = 0;
+    f._pad = 0;
 }
 
 /// Writes the new addresses and ports and fixes the checksums incrementally.

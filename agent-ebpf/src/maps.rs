@@ -22,7 +22,8 @@ pub static MAGLEV: Array<u32> = Array::with_max_entries(1024, 0);
 
 /// Connection tracking: forward and reverse entries of every flow.
 #[map]
-pub static CONNTRACK: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(262_144, 0);
+pub static CONNTRACK: LruHashMap<FlowKey, Flow> =
+    LruHashMap::with_max_entries(262_144, 0);
 
 /// Bitmaps that let non-Sluice traffic through without a hash lookup.
 #[map]
@@ -43,3 +44,7 @@ pub static REASONS: PerCpuArray<u64> =
 /// Per-CPU working space of the pipeline (see `lb::Scratch`).
 #[map]
 pub static SCRATCH: PerCpuArray<crate::lb::Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// Slot 0: the FIB cache generation (see `fib::forward`), bumped by the agent.
+#[map]
+pub static FIB_GENERATION: Array<u32> = Array::with_max_entries(1, 0);

@@ -23,6 +23,10 @@ use crate::{
 /// ConfigMap volume does) with no inotify edge cases.
 const RELOAD_POLL: Duration = Duration::from_secs(1);
 
+/// How long the datapath may forward by a cached FIB result (next hop, MAC
+/// addresses) before it looks the route up again.
+const FIB_CACHE_LIFETIME: Duration = Duration::from_secs(1);
+
 /// Why `run` failed: the caller maps these to exit codes.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -96,9 +100,17 @@ pub async fn run(config_path: PathBuf, listen: SocketAddr) -> Result<(), RunErro
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut ticker = tokio::time::interval(RELOAD_POLL);
+    let mut fib_ticker = tokio::time::interval(FIB_CACHE_LIFETIME);
     let mut current = cfg;
     loop {
         tokio::select! {
+            _ = fib_ticker.tick() => {
+                if let Some(rec) = shared.reconciler.lock().unwrap().as_mut() {
+                    if let Err(e) = rec.bump_fib_generation() {
+                        warn!(error = format!("{e:#}"), "FIB cache generation not bumped");
+                    }
+                }
+            }
             _ = sigint.recv() => { info!("SIGINT: shutting down"); break; }
             _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break; }
             _ = ticker.tick() => {

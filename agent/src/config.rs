@@ -535,7 +535,7 @@ services:
         let e = error_of(&GOOD.replace("vip: 10.0.0.1", "vip: nope"));
         assert!(e.contains("services[0].vip") && e.contains("nope"), "{e}");
 
-        let e = error_of(&GOOD.replace("10.0.1.1:8080", "[fd00::1]:80"));
+        let e = error_of(&GOOD.replace("10.0.1.1:8080", "\"[fd00::1]:80\""));
         assert!(e.contains("same family"), "{e}");
 
         let e = error_of(&GOOD.replace("port: 80", "port: 70000"));

@@ -63,6 +63,7 @@ pub struct Maps {
     pub service_stats: PerCpuArray<MapData, ServiceStats>,
     pub backend_stats: PerCpuArray<MapData, ServiceStats>,
     pub reasons: PerCpuArray<MapData, u64>,
+    pub fib_generation: Array<MapData, u32>,
 }
 
 fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
@@ -86,6 +87,7 @@ impl Maps {
             service_stats: take(ebpf, "SERVICE_STATS")?,
             backend_stats: take(ebpf, "BACKEND_STATS")?,
             reasons: take(ebpf, "REASONS")?,
+            fib_generation: take(ebpf, "FIB_GENERATION")?,
         })
     }
 }

@@ -358,6 +358,16 @@ impl Reconciler {
             .unwrap_or(0)
     }
 
+    /// Makes every flow's cached FIB result stale: the next packet of each
+    /// flow does a fresh FIB lookup. Called every second and after changes.
+    pub fn bump_fib_generation(&mut self) -> Result<()> {
+        let next = self.maps.fib_generation.get(&0, 0).unwrap_or(0).wrapping_add(1);
+        self.maps
+            .fib_generation
+            .set(0, next, 0)
+            .context("writing the FIB cache generation")
+    }
+
     /// Entries in the conntrack map (both directions of every flow).
     pub fn conntrack_entries(&self) -> u64 {
         self.maps.conntrack.keys().filter(|k| k.is_ok()).count() as u64

@@ -46,6 +46,11 @@ impl FibBed {
     /// A namespace where backends 0..3 sit behind `t0` and the client behind
     /// `t1`, and a datapath loaded with the services of `services_yaml`.
     pub fn new(services_yaml: &str) -> Result<Self> {
+        Self::with_conntrack(services_yaml, 65_536)
+    }
+
+    /// As `new`, with a conntrack map of `conntrack` entries.
+    pub fn with_conntrack(services_yaml: &str, conntrack: u32) -> Result<Self> {
         let ns = Netns::new(&unique("dp"))?;
         ns.exec(&["ip", "link", "add", "t0", "type", "veth", "peer", "name", "t1"])?;
         ns.exec(&["ip", "link", "set", "t0", "address", &mac_text(T0_MAC), "up"])?;
@@ -82,7 +87,7 @@ impl FibBed {
         let text = format!("interfaces:\n  - name: t0\n{services_yaml}");
         let cfg = config::parse(&text, "test.yaml")?;
         let sizes = Sizes {
-            conntrack: 65_536,
+            conntrack,
             services: 8,
             backends: 64,
             table_size: 251,
