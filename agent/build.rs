@@ -13,7 +13,11 @@ fn main() {
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
     let root = manifest_dir.parent().unwrap();
     let ebpf_dir = root.join("agent-ebpf");
-    for watched in ["agent-ebpf/src", "agent-ebpf/Cargo.toml", "agent-common/src"] {
+    for watched in [
+        "agent-ebpf/src",
+        "agent-ebpf/Cargo.toml",
+        "agent-common/src",
+    ] {
         println!("cargo:rerun-if-changed={}", root.join(watched).display());
     }
     println!("cargo:rerun-if-env-changed=SLUICE_EBPF_OBJECT");
@@ -38,7 +42,11 @@ fn main() {
 }
 
 fn build_ebpf(ebpf_dir: &Path, target_dir: &Path) {
-    if Command::new("bpf-linker").arg("--version").output().is_err() {
+    if Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
         panic!(
             "bpf-linker is not installed: run `cargo xtask test` (it installs what is missing) \
              or `cargo install bpf-linker@0.10.3 --locked`"
@@ -62,7 +70,9 @@ fn build_ebpf(ebpf_dir: &Path, target_dir: &Path) {
         }
     }
     let status = cmd.status().unwrap_or_else(|e| {
-        panic!("running `rustup run nightly cargo build` for agent-ebpf: {e} (is rustup installed?)")
+        panic!(
+            "running `rustup run nightly cargo build` for agent-ebpf: {e} (is rustup installed?)"
+        )
     });
     if !status.success() {
         panic!(

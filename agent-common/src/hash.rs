@@ -8,8 +8,14 @@ const SEED: u32 = 0x5_1ce;
 #[inline(always)]
 const fn mix(h: u32, word: u32) -> u32 {
     // One MurmurHash3 round: cheap, no loops, good enough avalanche for slots.
-    let k = word.wrapping_mul(0xcc9e_2d51).rotate_left(15).wrapping_mul(0x1b87_3593);
-    (h ^ k).rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64)
+    let k = word
+        .wrapping_mul(0xcc9e_2d51)
+        .rotate_left(15)
+        .wrapping_mul(0x1b87_3593);
+    (h ^ k)
+        .rotate_left(13)
+        .wrapping_mul(5)
+        .wrapping_add(0xe654_6b64)
 }
 
 #[inline(always)]

@@ -94,14 +94,9 @@ fn lookup(
         copy_addr(&mut params.__bindgen_anon_4.ipv6_dst, dst);
     }
     // SAFETY: params is a valid, initialised struct of the size passed.
-    let rc = unsafe {
-        fib_lookup_helper(
-            ctx.raw,
-            params,
-            mem::size_of::<bpf_fib_lookup>() as i32,
-            0,
-        )
-    } as u32;
+    let rc =
+        unsafe { fib_lookup_helper(ctx.raw, params, mem::size_of::<bpf_fib_lookup>() as i32, 0) }
+            as u32;
     match rc {
         BPF_FIB_LKUP_RET_SUCCESS => Ok(()),
         // The kernel resolves the neighbour and forwards this packet itself.

@@ -49,6 +49,9 @@ pub const IPV4_FRAG_MASK_BE: u16 = 0x3fffu16.to_be();
 /// IPv6 next-header values that are extension headers (not parsed here).
 #[inline(always)]
 pub fn is_ipv6_extension(next_hdr: u8) -> bool {
-    matches!(next_hdr, 0 | 43 | 44 | 50 | 51 | 60 | 135 | 139 | 140 | 253 | 254)
+    matches!(
+        next_hdr,
+        0 | 43 | 44 | 50 | 51 | 60 | 135 | 139 | 140 | 253 | 254
+    )
 }
 pub const IPV6_FRAGMENT: u8 = 44;

@@ -1,30 +1,29 @@
 //! The load-balancing pipeline, shared by the XDP and TC entry points:
 //! parse → find the service (or the reverse-NAT entry) → pick or recall the
 //! backend → rewrite → forward by FIB lookup.
+#![expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "map keys and values are passed by reference on purpose: by value they \
+              would be copied onto the 512-byte BPF stack"
+)]
 
 use core::{ffi::c_void, mem};
 
 use agent_common::{
-    FAMILY_V4, FAMILY_V6, FLOW_F_REVERSE, Flow, FlowKey, NO_BACKEND,
-    PROTO_TCP, PROTO_UDP, SERVICE_F_SNAT, SNAT_PORT_ATTEMPTS, SNAT_PORT_MAX, SNAT_PORT_MIN,
-    Service, ServiceKey, hash, prefilter, reason,
+    FAMILY_V4, FAMILY_V6, FLOW_F_REVERSE, Flow, FlowKey, NO_BACKEND, PROTO_TCP, PROTO_UDP,
+    SERVICE_F_SNAT, SNAT_PORT_ATTEMPTS, SNAT_PORT_MAX, SNAT_PORT_MIN, Service, ServiceKey, hash,
+    prefilter, reason,
 };
-use aya_ebpf::{
-    bindings::{
-    BPF_NOEXIST,
-        bpf_fib_lookup,
-    },
-};
+use aya_ebpf::bindings::{BPF_NOEXIST, bpf_fib_lookup};
 use network_types::eth::{EthHdr, EtherType};
 
 use crate::{
     csum::Diff,
+    fib::forward,
     headers::{
         IPV4_FRAG_MASK_BE, IPV6_FRAGMENT, Ipv4, Ipv6, Ports, TCP_ACK, TCP_CHECK_OFFSET,
-        TCP_FLAGS_OFFSET, TCP_HDR_LEN, TCP_SYN, UDP_CHECK_OFFSET, UDP_HDR_LEN,
-        is_ipv6_extension,
+        TCP_FLAGS_OFFSET, TCP_HDR_LEN, TCP_SYN, UDP_CHECK_OFFSET, UDP_HDR_LEN, is_ipv6_extension,
     },
-    fib::forward,
     maps::{
         BACKEND_STATS, BACKENDS, CONNTRACK, MAGLEV, PREFILTER, REASONS, SCRATCH, SERVICE_STATS,
         SERVICES,
@@ -48,6 +47,12 @@ pub struct Ctx {
     pub ifindex: u32,
     /// The program's context (`xdp_md` or `__sk_buff`) for helpers.
     pub raw: *mut c_void,
+}
+
+impl aya_ebpf::EbpfContext for Ctx {
+    fn as_ptr(&self) -> *mut c_void {
+        self.raw
+    }
 }
 
 /// Where an IP packet carrying TCP or UDP keeps its headers. Its 5-tuple is
@@ -303,7 +308,35 @@ fn transport(ctx: &Ctx, pkt: &Packet, src: &[u32; 4], dst: &[u32; 4]) -> Action 
             }
             translate(ctx, pkt, s, flow)
         }
-        Err(code) => exception(code),
+        Err(code) => {
+            log_refused_flow(ctx, service.id, code);
+            exception(code)
+        }
+    }
+}
+
+/// A connection Sluice could not open is worth a log line (via aya-log into
+/// the agent's log); the ring buffer drops records under a flood, the
+/// per-reason counters still count every packet.
+#[inline(always)]
+fn log_refused_flow(ctx: &Ctx, service_id: u32, code: u32) {
+    match code {
+        reason::NO_BACKEND => {
+            aya_log_ebpf::warn!(ctx, "service #{}: new flow dropped: no backend", service_id)
+        }
+        reason::CONNTRACK_FULL => {
+            aya_log_ebpf::warn!(
+                ctx,
+                "service #{}: new flow dropped: conntrack full",
+                service_id
+            )
+        }
+        reason::SNAT_PORTS_EXHAUSTED => aya_log_ebpf::warn!(
+            ctx,
+            "service #{}: new flow dropped: no free SNAT port",
+            service_id
+        ),
+        _ => {}
     }
 }
 
@@ -339,8 +372,21 @@ fn tcp_flags(ctx: &Ctx, pkt: &Packet) -> u8 {
 fn translate(ctx: &Ctx, pkt: &Packet, s: &mut Scratch, flow: *mut Flow) -> Action {
     // SAFETY: `flow` points at a live conntrack value.
     let f = unsafe { &mut *flow };
-    rewrite(ctx, pkt, &s.key, &f.new_src, f.new_sport, &f.new_dst, f.new_dport);
-    account(f.service_id, f.backend_id, f.flags & FLOW_F_REVERSE == 0, ctx);
+    rewrite(
+        ctx,
+        pkt,
+        &s.key,
+        &f.new_src,
+        f.new_sport,
+        &f.new_dst,
+        f.new_dport,
+    );
+    account(
+        f.service_id,
+        f.backend_id,
+        f.flags & FLOW_F_REVERSE == 0,
+        ctx,
+    );
     forward(ctx, pkt, s, &f.new_src, &f.new_dst, &mut f.fib)
 }
 
@@ -366,14 +412,19 @@ fn new_flow(s: &mut Scratch, service: &Service) -> Result<*mut Flow, u32> {
     // The reverse entry first: with SNAT it is the port reservation.
     let reverse_key = &mut s.reverse_key;
     copy_addr(&mut reverse_key.src, &backend.addr);
-    copy_addr(&mut reverse_key.dst, if snat { &service.snat_addr } else { &key.src });
+    copy_addr(
+        &mut reverse_key.dst,
+        if snat { &service.snat_addr } else { &key.src },
+    );
     reverse_key.sport = backend.port;
     reverse_key.dport = key.sport;
     reverse_key.proto = key.proto;
     reverse_key.family = key.family;
     reverse_key._pad = 0;
     let (reverse, key) = (&mut s.reverse, &s.key);
-    fill(reverse, &key.dst, key.dport, &key.src, key.sport, backend_id, service.id);
+    fill(
+        reverse, &key.dst, key.dport, &key.src, key.sport, backend_id, service.id,
+    );
     reverse.flags = FLOW_F_REVERSE;
     let mut new_sport = key.sport;
     if snat {
@@ -404,7 +455,15 @@ fn new_flow(s: &mut Scratch, service: &Service) -> Result<*mut Flow, u32> {
 
     let (forward, key) = (&mut s.forward, &s.key);
     let new_src = if snat { &service.snat_addr } else { &key.src };
-    fill(forward, new_src, new_sport, &backend.addr, backend.port, backend_id, service.id);
+    fill(
+        forward,
+        new_src,
+        new_sport,
+        &backend.addr,
+        backend.port,
+        backend_id,
+        service.id,
+    );
     forward.flags = 0;
     if CONNTRACK.insert(&s.key, &s.forward, 0).is_err() {
         let _ = CONNTRACK.remove(&s.reverse_key);

@@ -22,13 +22,11 @@ pub static MAGLEV: Array<u32> = Array::with_max_entries(1024, 0);
 
 /// Connection tracking: forward and reverse entries of every flow.
 #[map]
-pub static CONNTRACK: LruHashMap<FlowKey, Flow> =
-    LruHashMap::with_max_entries(262_144, 0);
+pub static CONNTRACK: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(262_144, 0);
 
 /// Bitmaps that let non-Sluice traffic through without a hash lookup.
 #[map]
-pub static PREFILTER: Array<Prefilter> =
-    Array::with_max_entries(agent_common::prefilter::COUNT, 0);
+pub static PREFILTER: Array<Prefilter> = Array::with_max_entries(agent_common::prefilter::COUNT, 0);
 
 #[map]
 pub static SERVICE_STATS: PerCpuArray<ServiceStats> = PerCpuArray::with_max_entries(1024, 0);

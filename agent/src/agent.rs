@@ -105,10 +105,10 @@ pub async fn run(config_path: PathBuf, listen: SocketAddr) -> Result<(), RunErro
     loop {
         tokio::select! {
             _ = fib_ticker.tick() => {
-                if let Some(rec) = shared.reconciler.lock().unwrap().as_mut() {
-                    if let Err(e) = rec.bump_fib_generation() {
-                        warn!(error = format!("{e:#}"), "FIB cache generation not bumped");
-                    }
+                if let Some(rec) = shared.reconciler.lock().unwrap().as_mut()
+                    && let Err(e) = rec.bump_fib_generation()
+                {
+                    warn!(error = format!("{e:#}"), "FIB cache generation not bumped");
                 }
             }
             _ = sigint.recv() => { info!("SIGINT: shutting down"); break; }

@@ -48,7 +48,10 @@ async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
         .await
         .unwrap_or_default();
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         body,
     )
 }
@@ -91,7 +94,11 @@ pub fn services_view(shared: &Shared) -> ServicesResponse {
             vip: s.spec.vip.to_string(),
             port: s.spec.port,
             protocol: s.spec.protocol.as_str(),
-            forwarding: if s.spec.snat_ip.is_some() { "snat" } else { "dnat" },
+            forwarding: if s.spec.snat_ip.is_some() {
+                "snat"
+            } else {
+                "dnat"
+            },
             backends: s
                 .backends
                 .iter()

@@ -348,7 +348,11 @@ fn validate(raw: Config, path: &str) -> Result<Validated, ConfigError> {
             ));
         }
         if !service_names.insert(s.name.clone()) {
-            return Err(invalid(field("name"), &s.name, "two services have this name"));
+            return Err(invalid(
+                field("name"),
+                &s.name,
+                "two services have this name",
+            ));
         }
         let vip: IpAddr = s
             .vip
@@ -486,7 +490,7 @@ pub fn is_prime(n: u32) -> bool {
     }
     let mut d = 2u32;
     while d.saturating_mul(d) <= n {
-        if n % d == 0 {
+        if n.is_multiple_of(d) {
             return false;
         }
         d += 1;

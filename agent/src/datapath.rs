@@ -208,8 +208,9 @@ impl Datapath {
             AttachMode::Tc => {
                 let tc: &mut SchedClassifier = program(&mut self.ebpf, TC_PROGRAM)?;
                 if !self.tc_loaded {
-                    tc.load()
-                        .with_context(|| format!("loading program {TC_PROGRAM} (kernel verifier)"))?;
+                    tc.load().with_context(|| {
+                        format!("loading program {TC_PROGRAM} (kernel verifier)")
+                    })?;
                     self.tc_loaded = true;
                 }
                 // tcx links (kernel ≥ 6.6) need no qdisc and go away with the fd.

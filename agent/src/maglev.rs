@@ -17,9 +17,7 @@ pub const EMPTY: u32 = u32::MAX;
 pub fn build(backends: &[(SocketAddr, u32)], size: u32) -> Vec<u32> {
     let m = size as usize;
     let mut table = vec![EMPTY; m];
-    let mut order: Vec<usize> = (0..backends.len())
-        .filter(|&i| backends[i].1 > 0)
-        .collect();
+    let mut order: Vec<usize> = (0..backends.len()).filter(|&i| backends[i].1 > 0).collect();
     if order.is_empty() {
         return table;
     }
@@ -91,7 +89,14 @@ mod tests {
 
     fn backends(n: usize) -> Vec<(SocketAddr, u32)> {
         (0..n)
-            .map(|i| (format!("10.1.{}.{}:80", i / 200, i % 200 + 1).parse().unwrap(), 1))
+            .map(|i| {
+                (
+                    format!("10.1.{}.{}:80", i / 200, i % 200 + 1)
+                        .parse()
+                        .unwrap(),
+                    1,
+                )
+            })
             .collect()
     }
 
@@ -110,7 +115,10 @@ mod tests {
         assert!(t.iter().all(|&s| s != EMPTY));
         let expected = 16_381.0 / 7.0;
         for c in shares(&t, 7) {
-            assert!((c as f64 - expected).abs() / expected < 0.02, "{c} vs {expected}");
+            assert!(
+                (c as f64 - expected).abs() / expected < 0.02,
+                "{c} vs {expected}"
+            );
         }
     }
 
@@ -124,7 +132,11 @@ mod tests {
         let c = shares(&t, 3);
         for (i, w) in [1.0, 2.0, 3.0].iter().enumerate() {
             let want = 16_381.0 * w / 6.0;
-            assert!((c[i] as f64 - want).abs() / want < 0.02, "backend {i}: {} vs {want}", c[i]);
+            assert!(
+                (c[i] as f64 - want).abs() / want < 0.02,
+                "backend {i}: {} vs {want}",
+                c[i]
+            );
         }
     }
 
@@ -160,7 +172,10 @@ mod tests {
             let ideal = 1.0 / n as f64;
             // The removed backend's slots must move; Maglev moves a little more.
             assert!(fraction >= ideal * 0.95, "n={n}: moved {fraction}");
-            assert!(fraction <= ideal * 1.6 + 0.01, "n={n}: moved {fraction}, ideal {ideal}");
+            assert!(
+                fraction <= ideal * 1.6 + 0.01,
+                "n={n}: moved {fraction}, ideal {ideal}"
+            );
         }
     }
 

@@ -163,7 +163,9 @@ impl DatapathCollector {
                 self.service_packets
                     .with_label_values(&[name, dir])
                     .inc_by(packets);
-                self.service_bytes.with_label_values(&[name, dir]).inc_by(bytes);
+                self.service_bytes
+                    .with_label_values(&[name, dir])
+                    .inc_by(bytes);
             }
             for b in &service.backends {
                 let addr = b.addr.to_string();
@@ -220,7 +222,10 @@ impl Collector for DatapathCollector {
 pub fn registry(shared: Arc<Shared>) -> prometheus::Result<Registry> {
     let registry = Registry::new();
     let build_info = IntGaugeVec::new(
-        Opts::new("sluice_build_info", "Always 1; labels say which build runs."),
+        Opts::new(
+            "sluice_build_info",
+            "Always 1; labels say which build runs.",
+        ),
         &["version"],
     )?;
     build_info

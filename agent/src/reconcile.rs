@@ -35,6 +35,12 @@ pub fn addr_words(ip: IpAddr) -> [u32; 4] {
     }
 }
 
+fn write_filter(maps: &mut Maps, slot: u32, filter: &Prefilter) -> Result<()> {
+    maps.prefilter
+        .set(slot, filter, 0)
+        .with_context(|| format!("writing prefilter slot {slot}"))
+}
+
 pub fn family(ip: IpAddr) -> u8 {
     if ip.is_ipv4() { FAMILY_V4 } else { FAMILY_V6 }
 }
@@ -131,8 +137,8 @@ impl Reconciler {
     /// Makes the kernel maps hold exactly `desired`.
     pub fn apply(&mut self, desired: &[ServiceSpec]) -> Result<()> {
         // Prefilter bits for services that are about to exist.
-        let mut service_filter = self.service_filter.clone();
-        let mut service_addr_filter = self.service_addr_filter.clone();
+        let mut service_filter = self.service_filter;
+        let mut service_addr_filter = self.service_addr_filter;
         for spec in desired {
             let key = service_key(spec);
             service_filter.set(prefilter_bit(&key.addr, key.port, key.proto));
@@ -178,10 +184,7 @@ impl Reconciler {
     }
 
     fn write_filter(&mut self, slot: u32, filter: &Prefilter) -> Result<()> {
-        self.maps
-            .prefilter
-            .set(slot, filter, 0)
-            .with_context(|| format!("writing prefilter slot {slot}"))
+        write_filter(&mut self.maps, slot, filter)
     }
 
     fn remove_service(&mut self, name: &str) -> Result<()> {
@@ -248,10 +251,12 @@ impl Reconciler {
             };
             backends.push(state);
         }
-        let backend_filter = self.backend_filter.clone();
-        let backend_addr_filter = self.backend_addr_filter.clone();
-        self.write_filter(prefilter::BACKEND, &backend_filter)?;
-        self.write_filter(prefilter::BACKEND_ADDR, &backend_addr_filter)?;
+        write_filter(&mut self.maps, prefilter::BACKEND, &self.backend_filter)?;
+        write_filter(
+            &mut self.maps,
+            prefilter::BACKEND_ADDR,
+            &self.backend_addr_filter,
+        )?;
 
         // 2. The table, into the idle half, only when it changed.
         let weights: Vec<(SocketAddr, u32)> = backends.iter().map(|b| (b.addr, b.weight)).collect();
@@ -284,7 +289,11 @@ impl Reconciler {
             id,
             table_offset: self.table_offset(id, half),
             table_size: self.table_size,
-            flags: if spec.snat_ip.is_some() { SERVICE_F_SNAT } else { 0 },
+            flags: if spec.snat_ip.is_some() {
+                SERVICE_F_SNAT
+            } else {
+                0
+            },
             snat_addr: spec.snat_ip.map(addr_words).unwrap_or_default(),
         };
         self.maps
@@ -361,7 +370,12 @@ impl Reconciler {
     /// Makes every flow's cached FIB result stale: the next packet of each
     /// flow does a fresh FIB lookup. Called every second and after changes.
     pub fn bump_fib_generation(&mut self) -> Result<()> {
-        let next = self.maps.fib_generation.get(&0, 0).unwrap_or(0).wrapping_add(1);
+        let next = self
+            .maps
+            .fib_generation
+            .get(&0, 0)
+            .unwrap_or(0)
+            .wrapping_add(1);
         self.maps
             .fib_generation
             .set(0, next, 0)

@@ -290,7 +290,16 @@ fn wait_for_dad(ns: &Netns) -> Result<()> {
     // Addresses are added with nodad; link-local ones may still be tentative.
     for _ in 0..50 {
         let out = Command::new("ip")
-            .args(["netns", "exec", &ns.name, "ip", "-6", "addr", "show", "tentative"])
+            .args([
+                "netns",
+                "exec",
+                &ns.name,
+                "ip",
+                "-6",
+                "addr",
+                "show",
+                "tentative",
+            ])
             .output()?;
         if out.stdout.is_empty() {
             return Ok(());

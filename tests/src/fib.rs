@@ -52,9 +52,27 @@ impl FibBed {
     /// As `new`, with a conntrack map of `conntrack` entries.
     pub fn with_conntrack(services_yaml: &str, conntrack: u32) -> Result<Self> {
         let ns = Netns::new(&unique("dp"))?;
-        ns.exec(&["ip", "link", "add", "t0", "type", "veth", "peer", "name", "t1"])?;
-        ns.exec(&["ip", "link", "set", "t0", "address", &mac_text(T0_MAC), "up"])?;
-        ns.exec(&["ip", "link", "set", "t1", "address", &mac_text(T1_MAC), "up"])?;
+        ns.exec(&[
+            "ip", "link", "add", "t0", "type", "veth", "peer", "name", "t1",
+        ])?;
+        ns.exec(&[
+            "ip",
+            "link",
+            "set",
+            "t0",
+            "address",
+            &mac_text(T0_MAC),
+            "up",
+        ])?;
+        ns.exec(&[
+            "ip",
+            "link",
+            "set",
+            "t1",
+            "address",
+            &mac_text(T1_MAC),
+            "up",
+        ])?;
         for (dev, addr) in [
             ("t0", "10.1.0.1/16"),
             ("t0", "fd01::1/16"),
@@ -76,8 +94,16 @@ impl FibBed {
         }
         for (ip, mac, dev) in neighbours {
             ns.exec(&[
-                "ip", "neigh", "replace", &ip.to_string(), "lladdr", &mac_text(mac), "dev", dev,
-                "nud", "permanent",
+                "ip",
+                "neigh",
+                "replace",
+                &ip.to_string(),
+                "lladdr",
+                &mac_text(mac),
+                "dev",
+                dev,
+                "nud",
+                "permanent",
             ])?;
         }
         for sysctl in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"] {
@@ -93,7 +119,8 @@ impl FibBed {
             table_size: 251,
         };
         let (datapath, maps) = Datapath::load(sizes)?;
-        let mut reconciler = Reconciler::new(maps, sizes.table_size, sizes.services, sizes.backends)?;
+        let mut reconciler =
+            Reconciler::new(maps, sizes.table_size, sizes.services, sizes.backends)?;
         reconciler.apply(&cfg.services)?;
         Ok(Self {
             ns,

@@ -45,18 +45,32 @@ fn bed(tag: &str) -> Result<Bed> {
     let topo = Topology::new(tag, 2)?;
     let mut servers = Vec::new();
     for (i, ns) in topo.backends.iter().enumerate() {
-        servers.push(NameServer::start(ns, SocketAddr::new(Family::V4.backend(i), 8080), &format!("b{i}"))?);
+        servers.push(NameServer::start(
+            ns,
+            SocketAddr::new(Family::V4.backend(i), 8080),
+            &format!("b{i}"),
+        )?);
     }
     topo.warm_neighbours()?;
     let dir = TempDir::new(tag)?;
-    Ok(Bed { topo, _servers: servers, dir })
+    Ok(Bed {
+        topo,
+        _servers: servers,
+        dir,
+    })
 }
 
 fn backends_reached(topo: &Topology, n: usize) -> Result<Vec<String>> {
     let vip: SocketAddr = "10.100.0.1:80".parse()?;
     let mut names: Vec<String> = topo.client.enter(|| -> Result<Vec<String>> {
         (0..n)
-            .map(|_| Ok(tcp_ask(vip, Duration::from_secs(3))?.split_whitespace().next().unwrap_or("").to_string()))
+            .map(|_| {
+                Ok(tcp_ask(vip, Duration::from_secs(3))?
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or("")
+                    .to_string())
+            })
             .collect()
     })??;
     names.sort();
@@ -79,10 +93,26 @@ fn wait_for(what: &str, mut f: impl FnMut() -> Result<bool>) -> Result<()> {
 fn bad_config_exits_2_naming_the_field_and_attaches_nothing() -> Result<()> {
     let b = bed("ab")?;
     let cases = [
-        (config(&[0]).replace("10.1.0.2:8080", "10.1.0.2"), "services[0].backends[0].address", "10.1.0.2"),
-        (config(&[0]).replace("port: 80", "port: 0"), "services[0].port", "0"),
-        (config(&[0]).replace("name: back1", "name: nosuchif0"), "interfaces[2].name", "nosuchif0"),
-        (config(&[0]).replace("protocol: tcp", "protocol: icmp"), "protocol", "icmp"),
+        (
+            config(&[0]).replace("10.1.0.2:8080", "10.1.0.2"),
+            "services[0].backends[0].address",
+            "10.1.0.2",
+        ),
+        (
+            config(&[0]).replace("port: 80", "port: 0"),
+            "services[0].port",
+            "0",
+        ),
+        (
+            config(&[0]).replace("name: back1", "name: nosuchif0"),
+            "interfaces[2].name",
+            "nosuchif0",
+        ),
+        (
+            config(&[0]).replace("protocol: tcp", "protocol: icmp"),
+            "protocol",
+            "icmp",
+        ),
         ("interfaces: [".to_string(), "config file", ""),
     ];
     for (text, field, value) in cases {
@@ -96,20 +126,42 @@ fn bad_config_exits_2_naming_the_field_and_attaches_nothing() -> Result<()> {
             .args(["--listen", "127.0.0.1:9464"])
             .output()?;
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "exit status for {field}: {stderr}");
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "exit status for {field}: {stderr}"
+        );
         let error_lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error")).collect();
         assert_eq!(error_lines.len(), 1, "one error line: {stderr}");
-        assert!(error_lines[0].contains(field) && error_lines[0].contains(value), "{stderr}");
-        assert_eq!(attached(&b.topo.lb), "", "nothing attached after a bad config");
+        assert!(
+            error_lines[0].contains(field) && error_lines[0].contains(value),
+            "{stderr}"
+        );
+        assert_eq!(
+            attached(&b.topo.lb),
+            "",
+            "nothing attached after a bad config"
+        );
     }
     // `sluice check` agrees.
     let path = b.dir.path("bad.yaml");
     std::fs::write(&path, config(&[0]).replace("port: 80", "port: 0"))?;
-    let out = Command::new(sluice_bin()).args(["check", "--config"]).arg(&path).output()?;
+    let out = Command::new(sluice_bin())
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()?;
     assert_eq!(out.status.code(), Some(2));
     std::fs::write(&path, config(&[0]))?;
-    let out = Command::new(sluice_bin()).args(["check", "--config"]).arg(&path).output()?;
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(sluice_bin())
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()?;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(())
 }
 
@@ -137,7 +189,10 @@ fn endpoints_and_sigterm() -> Result<()> {
     assert_eq!(web["protocol"], "tcp");
     let backends = web["backends"].as_array().unwrap();
     assert_eq!(backends.len(), 2);
-    let total: u64 = backends.iter().map(|b| b["connections_total"].as_u64().unwrap()).sum();
+    let total: u64 = backends
+        .iter()
+        .map(|b| b["connections_total"].as_u64().unwrap())
+        .sum();
     assert_eq!(total, 40, "{body}");
     for b in backends {
         assert_eq!(b["state"], "active");
@@ -160,7 +215,11 @@ fn endpoints_and_sigterm() -> Result<()> {
     }
 
     assert_eq!(agent.stop()?, Some(0), "exit status after SIGTERM");
-    assert_eq!(attached(&b.topo.lb), "", "everything detached after SIGTERM");
+    assert_eq!(
+        attached(&b.topo.lb),
+        "",
+        "everything detached after SIGTERM"
+    );
     Ok(())
 }
 
@@ -181,25 +240,72 @@ fn config_changes_apply_live_and_invalid_ones_are_refused() -> Result<()> {
     let tmp_link = b.dir.path("sluice.yaml.tmp");
     std::os::unix::fs::symlink(&v2, &tmp_link)?;
     std::fs::rename(&tmp_link, &link)?;
-    wait_for("symlink swap applied", || Ok(backends_reached(&b.topo, 10)? == ["b1"]))?;
+    wait_for("symlink swap applied", || {
+        Ok(backends_reached(&b.topo, 10)? == ["b1"])
+    })?;
 
     // 2. Written in place.
     std::fs::write(&v2, config(&[0, 1]))?;
-    wait_for("in-place write applied", || Ok(backends_reached(&b.topo, 30)? == ["b0", "b1"]))?;
+    wait_for("in-place write applied", || {
+        Ok(backends_reached(&b.topo, 30)? == ["b0", "b1"])
+    })?;
 
     // 3. Replaced by rename.
     let v3 = b.dir.path("v3.yaml");
     std::fs::write(&v3, config(&[0]))?;
     std::fs::rename(&v3, &v2)?;
-    wait_for("rename applied", || Ok(backends_reached(&b.topo, 10)? == ["b0"]))?;
+    wait_for("rename applied", || {
+        Ok(backends_reached(&b.topo, 10)? == ["b0"])
+    })?;
 
     // 4. An invalid edit is refused: the last good config keeps serving.
     std::fs::write(&v2, config(&[1]).replace("port: 80", "port: 99999"))?;
-    wait_for("the rejection logged", || Ok(agent.log_text().contains("config change rejected")))?;
+    wait_for("the rejection logged", || {
+        Ok(agent.log_text().contains("config change rejected"))
+    })?;
     let log = agent.log_text();
-    assert!(log.contains("services[0].port") && log.contains("99999"), "{log}");
-    assert_eq!(backends_reached(&b.topo, 20)?, ["b0"], "last good config still serves");
+    assert!(
+        log.contains("services[0].port") && log.contains("99999"),
+        "{log}"
+    );
+    assert_eq!(
+        backends_reached(&b.topo, 20)?,
+        ["b0"],
+        "last good config still serves"
+    );
     let (status, _) = http_get(&b.topo.lb, agent.listen, "/readyz")?;
     assert_eq!(status, 200);
+    Ok(())
+}
+
+/// A service whose every backend drains (weight 0) drops new connections;
+/// the kernel says so through aya-log in the agent's log, and the drop
+/// counter counts it.
+#[test]
+fn kernel_log_records_reach_the_agent_log() -> Result<()> {
+    let b = bed("al")?;
+    let path = b.dir.path("sluice.yaml");
+    std::fs::write(
+        &path,
+        config(&[0, 1]).replace("8080\n", "8080\n        weight: 0\n"),
+    )?;
+    let agent = Agent::start(&b.topo.lb, &path, b.dir.path("agent.log"))?;
+    let vip: SocketAddr = "10.100.0.1:80".parse()?;
+    let refused = b
+        .topo
+        .client
+        .enter(|| tcp_ask(vip, Duration::from_millis(500)).is_err())?;
+    assert!(
+        refused,
+        "a service without active backends must not connect"
+    );
+    wait_for("the kernel's log record in the agent log", || {
+        Ok(agent.log_text().contains("new flow dropped: no backend"))
+    })?;
+    let (_, metrics) = http_get(&b.topo.lb, agent.listen, "/metrics")?;
+    let drops = sluice_tests::metric(&metrics, "sluice_drops_total", &[("reason", "no_backend")]);
+    assert!(drops.unwrap_or(0.0) >= 1.0, "{metrics}");
+    let (_, body) = http_get(&b.topo.lb, agent.listen, "/api/v1/services")?;
+    assert!(body.contains("\"draining\""), "{body}");
     Ok(())
 }

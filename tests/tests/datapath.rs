@@ -28,7 +28,10 @@ fn services(family: Family, snat: bool, backends: &[usize]) -> String {
         }
         text += "    backends:\n";
         for &i in backends {
-            text += &format!("      - address: \"{}\"\n", SocketAddr::new(family.backend(i), 8080));
+            text += &format!(
+                "      - address: \"{}\"\n",
+                SocketAddr::new(family.backend(i), 8080)
+            );
         }
     }
     text
@@ -61,14 +64,28 @@ fn check_dnat_both_ways(family: Family, proto: u8, udp_no_checksum: bool) -> Res
     p.udp_no_checksum = udp_no_checksum;
     let (rc, out) = bed.run(&p.bytes())?;
     assert_eq!(rc, XDP_REDIRECT, "{family:?}/{proto}: forwarded");
-    assert_eq!(out, dnatted(&p, family, 1).bytes(), "{family:?}/{proto}: DNAT bytes");
+    assert_eq!(
+        out,
+        dnatted(&p, family, 1).bytes(),
+        "{family:?}/{proto}: DNAT bytes"
+    );
     if udp_no_checksum {
-        assert_eq!(&out[out.len() - p.payload.len() - 2..][..2], &[0, 0], "zero UDP checksum stays zero");
+        assert_eq!(
+            &out[out.len() - p.payload.len() - 2..][..2],
+            &[0, 0],
+            "zero UDP checksum stays zero"
+        );
     }
 
     // The backend's answer goes back with the VIP as its source.
     let mut reply = if proto == 6 {
-        Pkt::tcp(family.backend(1), 8080, family.client(), CLIENT_PORT, TCP_SYN | TCP_ACK)
+        Pkt::tcp(
+            family.backend(1),
+            8080,
+            family.client(),
+            CLIENT_PORT,
+            TCP_SYN | TCP_ACK,
+        )
     } else {
         Pkt::udp(family.backend(1), 8080, family.client(), CLIENT_PORT)
     };
@@ -85,7 +102,11 @@ fn check_dnat_both_ways(family: Family, proto: u8, udp_no_checksum: bool) -> Res
         dmac: CLIENT_MAC,
         ..reply.clone()
     };
-    assert_eq!(out, expected.bytes(), "{family:?}/{proto}: reverse NAT bytes");
+    assert_eq!(
+        out,
+        expected.bytes(),
+        "{family:?}/{proto}: reverse NAT bytes"
+    );
     Ok(())
 }
 
@@ -121,7 +142,11 @@ fn check_snat(family: Family, proto: u8) -> Result<()> {
     assert_eq!(rc, XDP_REDIRECT);
     // The source port is the datapath's choice: read it, check its range,
     // then require every other byte to match.
-    let l4 = if family == Family::V4 { 14 + 20 } else { 14 + 40 };
+    let l4 = if family == Family::V4 {
+        14 + 20
+    } else {
+        14 + 40
+    };
     let sport = u16::from_be_bytes([out[l4], out[l4 + 1]]);
     assert!((32768..=60999).contains(&sport), "SNAT port {sport}");
     let expected = Pkt {
@@ -132,7 +157,13 @@ fn check_snat(family: Family, proto: u8) -> Result<()> {
     assert_eq!(out, expected.bytes(), "SNAT bytes");
 
     let mut reply = if proto == 6 {
-        Pkt::tcp(family.backend(2), 8080, family.snat(), sport, TCP_SYN | TCP_ACK)
+        Pkt::tcp(
+            family.backend(2),
+            8080,
+            family.snat(),
+            sport,
+            TCP_SYN | TCP_ACK,
+        )
     } else {
         Pkt::udp(family.backend(2), 8080, family.snat(), sport)
     };
@@ -152,7 +183,10 @@ fn check_snat(family: Family, proto: u8) -> Result<()> {
     assert_eq!(out, expected.bytes(), "SNAT reply bytes");
 
     // A second client flow gets a different port: no collisions.
-    let other = Pkt { sport: CLIENT_PORT + 1, ..p.clone() };
+    let other = Pkt {
+        sport: CLIENT_PORT + 1,
+        ..p.clone()
+    };
     let (_, out2) = bed.run(&other.bytes())?;
     let sport2 = u16::from_be_bytes([out2[l4], out2[l4 + 1]]);
     assert_ne!(sport, sport2, "two flows share an SNAT port");
@@ -171,7 +205,9 @@ fn snat_ipv6_udp() -> Result<()> {
 
 /// Which backend the output frame was sent to (by destination MAC).
 fn backend_of(out: &[u8]) -> usize {
-    (0..3).find(|&i| out[..6] == backend_mac(i)).expect("sent to a backend")
+    (0..3)
+        .find(|&i| out[..6] == backend_mac(i))
+        .expect("sent to a backend")
 }
 
 #[test]
@@ -180,7 +216,10 @@ fn flows_stick_to_their_backend_when_the_set_changes() -> Result<()> {
     let mut bed = FibBed::new(&services(family, false, &[0, 1, 2]))?;
     let mut chosen = Vec::new();
     for port in 0..30u16 {
-        let p = Pkt { sport: 30_000 + port, ..to_vip(family, 6, TCP_SYN) };
+        let p = Pkt {
+            sport: 30_000 + port,
+            ..to_vip(family, 6, TCP_SYN)
+        };
         let (rc, out) = bed.run(&p.bytes())?;
         assert_eq!(rc, XDP_REDIRECT);
         chosen.push((p, backend_of(&out)));
@@ -193,7 +232,10 @@ fn flows_stick_to_their_backend_when_the_set_changes() -> Result<()> {
     bed.reconfigure(&services(family, false, &[1, 2]))?;
     for (p, backend) in &chosen {
         for flags in [TCP_ACK, TCP_ACK | TCP_FIN, TCP_RST] {
-            let later = Pkt { tcp_flags: flags, ..p.clone() };
+            let later = Pkt {
+                tcp_flags: flags,
+                ..p.clone()
+            };
             let (rc, out) = bed.run(&later.bytes())?;
             assert_eq!(rc, XDP_REDIRECT);
             assert_eq!(out, dnatted(&later, family, *backend).bytes());
@@ -201,9 +243,16 @@ fn flows_stick_to_their_backend_when_the_set_changes() -> Result<()> {
     }
     // New flows avoid the removed backend.
     for port in 0..30u16 {
-        let p = Pkt { sport: 50_000 + port, ..to_vip(family, 6, TCP_SYN) };
+        let p = Pkt {
+            sport: 50_000 + port,
+            ..to_vip(family, 6, TCP_SYN)
+        };
         let (_, out) = bed.run(&p.bytes())?;
-        assert_ne!(backend_of(&out), 0, "a new flow went to the removed backend");
+        assert_ne!(
+            backend_of(&out),
+            0,
+            "a new flow went to the removed backend"
+        );
     }
     Ok(())
 }
@@ -217,8 +266,14 @@ fn traffic_not_for_a_service_passes_untouched() -> Result<()> {
         // The VIP, another port.
         Pkt::tcp(Family::V4.client(), 1234, Family::V4.vip(), 81, TCP_SYN),
         Pkt::udp(Family::V6.client(), 1234, "fd64::9".parse()?, 80),
-        Pkt { frag: 0x2000, ..Pkt::udp(Family::V4.client(), 1, other, 80) },
-        Pkt { ipv6_hop_by_hop: true, ..Pkt::udp(Family::V6.client(), 1, "fd64::9".parse()?, 80) },
+        Pkt {
+            frag: 0x2000,
+            ..Pkt::udp(Family::V4.client(), 1, other, 80)
+        },
+        Pkt {
+            ipv6_hop_by_hop: true,
+            ..Pkt::udp(Family::V6.client(), 1, "fd64::9".parse()?, 80)
+        },
     ];
     for p in cases {
         let frame = p.bytes();
@@ -233,7 +288,12 @@ fn traffic_not_for_a_service_passes_untouched() -> Result<()> {
     arp.extend_from_slice(&[0u8; 28]);
     assert_eq!(bed.run(&arp)?, (XDP_PASS, arp.clone()));
     for code in 0..reason::COUNT {
-        assert_eq!(bed.reason(code), 0, "reason {} counted for foreign traffic", reason::ALL[code as usize].name);
+        assert_eq!(
+            bed.reason(code),
+            0,
+            "reason {} counted for foreign traffic",
+            reason::ALL[code as usize].name
+        );
     }
     Ok(())
 }
@@ -246,11 +306,51 @@ fn what_the_datapath_cannot_handle_is_counted_by_reason() -> Result<()> {
     let v6 = to_vip(Family::V6, 17, 0);
 
     let cases = [
-        (false, Pkt { vlan: Some(100), ..v4.clone() }, XDP_PASS, reason::VLAN_TAGGED),
-        (false, Pkt { frag: 0x2000, ..v4.clone() }, XDP_DROP, reason::FRAGMENT),
-        (false, Pkt { frag: 0x0010, ..v4.clone() }, XDP_DROP, reason::FRAGMENT),
-        (false, Pkt { ttl: 1, ..v4.clone() }, XDP_PASS, reason::TTL_EXCEEDED),
-        (true, Pkt { ipv6_hop_by_hop: true, ..v6.clone() }, XDP_DROP, reason::IPV6_EXTENSION),
+        (
+            false,
+            Pkt {
+                vlan: Some(100),
+                ..v4.clone()
+            },
+            XDP_PASS,
+            reason::VLAN_TAGGED,
+        ),
+        (
+            false,
+            Pkt {
+                frag: 0x2000,
+                ..v4.clone()
+            },
+            XDP_DROP,
+            reason::FRAGMENT,
+        ),
+        (
+            false,
+            Pkt {
+                frag: 0x0010,
+                ..v4.clone()
+            },
+            XDP_DROP,
+            reason::FRAGMENT,
+        ),
+        (
+            false,
+            Pkt {
+                ttl: 1,
+                ..v4.clone()
+            },
+            XDP_PASS,
+            reason::TTL_EXCEEDED,
+        ),
+        (
+            true,
+            Pkt {
+                ipv6_hop_by_hop: true,
+                ..v6.clone()
+            },
+            XDP_DROP,
+            reason::IPV6_EXTENSION,
+        ),
     ];
     for (ipv6, p, want_rc, code) in cases {
         let bed = if ipv6 { &mut bed6 } else { &mut bed };
@@ -292,7 +392,10 @@ fn what_the_datapath_cannot_handle_is_counted_by_reason() -> Result<()> {
 fn ipv4_options_are_forwarded_intact() -> Result<()> {
     let mut bed = FibBed::new(&services(Family::V4, false, &[0]))?;
     // A record-route-free NOP, NOP, NOP, EOL option block.
-    let p = Pkt { ip_options: vec![1, 1, 1, 0], ..to_vip(Family::V4, 6, TCP_SYN) };
+    let p = Pkt {
+        ip_options: vec![1, 1, 1, 0],
+        ..to_vip(Family::V4, 6, TCP_SYN)
+    };
     let (rc, out) = bed.run(&p.bytes())?;
     assert_eq!(rc, XDP_REDIRECT);
     assert_eq!(out, dnatted(&p, Family::V4, 0).bytes());
@@ -303,10 +406,19 @@ fn ipv4_options_are_forwarded_intact() -> Result<()> {
 /// (nothing says it is ours); anything longer but cut → dropped and counted.
 #[test]
 fn frames_truncated_at_every_length() -> Result<()> {
-    for (family, proto) in [(Family::V4, 6), (Family::V4, 17), (Family::V6, 6), (Family::V6, 17)] {
+    for (family, proto) in [
+        (Family::V4, 6),
+        (Family::V4, 17),
+        (Family::V6, 6),
+        (Family::V6, 17),
+    ] {
         let mut bed = FibBed::new(&services(family, false, &[0]))?;
         let frame = to_vip(family, proto, TCP_SYN).bytes();
-        let ip_end = if family == Family::V4 { 14 + 20 } else { 14 + 40 };
+        let ip_end = if family == Family::V4 {
+            14 + 20
+        } else {
+            14 + 40
+        };
         let l4_len = if proto == 6 { 20 } else { 8 };
         for len in 0..frame.len() {
             let cut = &frame[..len];
@@ -329,7 +441,11 @@ fn frames_truncated_at_every_length() -> Result<()> {
             if want_rc == XDP_PASS {
                 assert_eq!(out, cut, "{family:?}/{proto} cut at {len}: changed");
             }
-            assert_eq!(bed.reason(code), before + 1, "{family:?}/{proto} cut at {len}: counted");
+            assert_eq!(
+                bed.reason(code),
+                before + 1,
+                "{family:?}/{proto} cut at {len}: counted"
+            );
         }
     }
     Ok(())

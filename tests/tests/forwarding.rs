@@ -44,7 +44,10 @@ fn config_text(s: &Setup, weights: &[Option<u32>]) -> String {
             s.family.vip()
         );
         if s.snat {
-            text += &format!("    forwarding: snat\n    snat_ip: \"{}\"\n", s.family.snat());
+            text += &format!(
+                "    forwarding: snat\n    snat_ip: \"{}\"\n",
+                s.family.snat()
+            );
         }
         text += "    backends:\n";
         for (i, w) in weights.iter().enumerate() {
@@ -85,7 +88,12 @@ impl Bed {
 
     /// `n` fresh connections (or datagram exchanges); counts per backend name
     /// and checks the source address each backend saw.
-    fn spread(&self, n: usize, udp: bool, expect_source: IpAddr) -> Result<BTreeMap<String, usize>> {
+    fn spread(
+        &self,
+        n: usize,
+        udp: bool,
+        expect_source: IpAddr,
+    ) -> Result<BTreeMap<String, usize>> {
         let vip = self.vip();
         let replies = self.topo.client.enter(|| -> Result<Vec<String>> {
             (0..n)
@@ -123,7 +131,11 @@ impl Bed {
 
 fn assert_even(counts: &BTreeMap<String, usize>, n: usize, backends: usize, what: &str) {
     assert_eq!(counts.values().sum::<usize>(), n, "{what}: {counts:?}");
-    assert_eq!(counts.len(), backends, "{what}: every backend gets traffic: {counts:?}");
+    assert_eq!(
+        counts.len(),
+        backends,
+        "{what}: every backend gets traffic: {counts:?}"
+    );
     let even = n as f64 / backends as f64;
     for (name, &c) in counts {
         assert!(
@@ -133,8 +145,23 @@ fn assert_even(counts: &BTreeMap<String, usize>, n: usize, backends: usize, what
     }
 }
 
-fn run_spread(tag: &str, family: Family, attach: &str, snat: bool, tcp_n: usize, udp_n: usize) -> Result<()> {
-    let b = bed(tag, Setup { family, attach, snat, weights: &[1, 1, 1] })?;
+fn run_spread(
+    tag: &str,
+    family: Family,
+    attach: &str,
+    snat: bool,
+    tcp_n: usize,
+    udp_n: usize,
+) -> Result<()> {
+    let b = bed(
+        tag,
+        Setup {
+            family,
+            attach,
+            snat,
+            weights: &[1, 1, 1],
+        },
+    )?;
     let source = if snat { family.snat() } else { family.client() };
     let tcp = b.spread(tcp_n, false, source)?;
     assert_even(&tcp, tcp_n, 3, "tcp");
@@ -146,15 +173,38 @@ fn run_spread(tag: &str, family: Family, attach: &str, snat: bool, tcp_n: usize,
     for (i, _) in b.topo.backends.iter().enumerate() {
         let backend = SocketAddr::new(family.backend(i), BACKEND_PORT).to_string();
         let name = format!("b{i}");
-        let got = metric(&m, "sluice_backend_connections_total", &[("service", "web-tcp"), ("backend", &backend)]);
-        assert_eq!(got, Some(tcp[&name] as f64), "tcp connections of {backend}\n{m}");
-        let got = metric(&m, "sluice_backend_connections_total", &[("service", "web-udp"), ("backend", &backend)]);
+        let got = metric(
+            &m,
+            "sluice_backend_connections_total",
+            &[("service", "web-tcp"), ("backend", &backend)],
+        );
+        assert_eq!(
+            got,
+            Some(tcp[&name] as f64),
+            "tcp connections of {backend}\n{m}"
+        );
+        let got = metric(
+            &m,
+            "sluice_backend_connections_total",
+            &[("service", "web-udp"), ("backend", &backend)],
+        );
         assert_eq!(got, Some(udp[&name] as f64), "udp exchanges of {backend}");
     }
     let mode = if attach == "tc" { "tc" } else { attach };
-    assert_eq!(metric(&m, "sluice_interface_attached", &[("interface", "front"), ("mode", mode)]), Some(1.0));
+    assert_eq!(
+        metric(
+            &m,
+            "sluice_interface_attached",
+            &[("interface", "front"), ("mode", mode)]
+        ),
+        Some(1.0)
+    );
     // Nothing in this clean run was dropped.
-    assert_eq!(metric(&m, "sluice_drops_total", &[]).unwrap_or(0.0), 0.0, "{m}");
+    assert_eq!(
+        metric(&m, "sluice_drops_total", &[]).unwrap_or(0.0),
+        0.0,
+        "{m}"
+    );
     Ok(())
 }
 
@@ -195,14 +245,25 @@ fn ipv4_dnat_xdp_generic() -> Result<()> {
 
 #[test]
 fn weights_are_honoured() -> Result<()> {
-    let b = bed("fw", Setup { family: Family::V4, attach: "xdp-native", snat: false, weights: &[1, 2, 3] })?;
+    let b = bed(
+        "fw",
+        Setup {
+            family: Family::V4,
+            attach: "xdp-native",
+            snat: false,
+            weights: &[1, 2, 3],
+        },
+    )?;
     let n = 1200;
     let counts = b.spread(n, false, Family::V4.client())?;
     assert_eq!(counts.values().sum::<usize>(), n);
     for (i, w) in [1.0, 2.0, 3.0].iter().enumerate() {
         let want = n as f64 * w / 6.0;
         let got = *counts.get(&format!("b{i}")).unwrap_or(&0) as f64;
-        assert!((got - want).abs() <= want * 0.2, "b{i} (weight {w}) got {got}, want {want}: {counts:?}");
+        assert!(
+            (got - want).abs() <= want * 0.2,
+            "b{i} (weight {w}) got {got}, want {want}: {counts:?}"
+        );
     }
     Ok(())
 }
@@ -211,7 +272,12 @@ fn weights_are_honoured() -> Result<()> {
 /// connection already established to it keeps working.
 #[test]
 fn removed_backend_keeps_established_connections() -> Result<()> {
-    let setup = Setup { family: Family::V4, attach: "xdp-native", snat: false, weights: &[1, 1, 1] };
+    let setup = Setup {
+        family: Family::V4,
+        attach: "xdp-native",
+        snat: false,
+        weights: &[1, 1, 1],
+    };
     let b = bed("fr", Setup { ..setup })?;
     let vip = b.vip();
     let mut stream = b.topo.client.enter(|| -> Result<TcpStream> {
@@ -223,11 +289,23 @@ fn removed_backend_keeps_established_connections() -> Result<()> {
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut first = String::new();
     reader.read_line(&mut first)?;
-    let held: usize = first.trim_start_matches('b').split_whitespace().next().context("reply")?.parse()?;
+    let held: usize = first
+        .trim_start_matches('b')
+        .split_whitespace()
+        .next()
+        .context("reply")?
+        .parse()?;
 
     // Rewrite the config without that backend (write to a new file, rename).
-    let setup = Setup { family: Family::V4, attach: "xdp-native", snat: false, weights: &[1, 1, 1] };
-    let weights: Vec<Option<u32>> = (0..3).map(|i| if i == held { None } else { Some(1) }).collect();
+    let setup = Setup {
+        family: Family::V4,
+        attach: "xdp-native",
+        snat: false,
+        weights: &[1, 1, 1],
+    };
+    let weights: Vec<Option<u32>> = (0..3)
+        .map(|i| if i == held { None } else { Some(1) })
+        .collect();
     let path = b.dir.path("sluice.yaml");
     let tmp = b.dir.path("sluice.yaml.new");
     std::fs::write(&tmp, config_text(&setup, &weights))?;
@@ -240,20 +318,29 @@ fn removed_backend_keeps_established_connections() -> Result<()> {
             break;
         }
         if Instant::now() > deadline {
-            bail!("backend {removed} still listed 10 s after the config change:\n{}", b.agent.log_text());
+            bail!(
+                "backend {removed} still listed 10 s after the config change:\n{}",
+                b.agent.log_text()
+            );
         }
         std::thread::sleep(Duration::from_millis(100));
     }
 
     let counts = b.spread(300, false, Family::V4.client())?;
-    assert!(!counts.contains_key(&format!("b{held}")), "removed backend b{held} got new connections: {counts:?}");
+    assert!(
+        !counts.contains_key(&format!("b{held}")),
+        "removed backend b{held} got new connections: {counts:?}"
+    );
     assert_eq!(counts.values().sum::<usize>(), 300);
 
     for line in ["still there?\n", "yes\n"] {
         stream.write_all(line.as_bytes())?;
         let mut echo = String::new();
         reader.read_line(&mut echo)?;
-        assert_eq!(echo, line, "the established connection to the removed backend broke");
+        assert_eq!(
+            echo, line,
+            "the established connection to the removed backend broke"
+        );
     }
     Ok(())
 }

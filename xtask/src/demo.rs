@@ -42,7 +42,10 @@ fn config() -> String {
             fam.vip()
         );
         for i in 0..BACKENDS {
-            text += &format!("      - address: \"{}\"\n", SocketAddr::new(fam.backend(i), 8080));
+            text += &format!(
+                "      - address: \"{}\"\n",
+                SocketAddr::new(fam.backend(i), 8080)
+            );
         }
     }
     text
@@ -66,8 +69,16 @@ pub fn run(bin: &Path) -> Result<()> {
         }
     }
     topo.warm_neighbours()?;
-    println!("    namespaces: {} (client), {} (lb), {}", topo.client.name, topo.lb.name,
-        topo.backends.iter().map(|b| b.name.as_str()).collect::<Vec<_>>().join(", "));
+    println!(
+        "    namespaces: {} (client), {} (lb), {}",
+        topo.client.name,
+        topo.lb.name,
+        topo.backends
+            .iter()
+            .map(|b| b.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
 
     let dir = std::env::temp_dir().join(format!("sluice-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
@@ -81,11 +92,17 @@ pub fn run(bin: &Path) -> Result<()> {
         agent.wait_ready(&topo.lb, &log_path)?;
         let port = forward_port(&topo.lb, stop.clone())?;
         println!();
-        println!("    config:    {}  (edit it: changes apply live)", config_path.display());
+        println!(
+            "    config:    {}  (edit it: changes apply live)",
+            config_path.display()
+        );
         println!("    agent log: {}", log_path.display());
         println!("    metrics:   http://127.0.0.1:{port}/metrics");
         println!("    services:  http://127.0.0.1:{port}/api/v1/services");
-        println!("    try:       ip netns exec {} curl -s http://10.100.0.1/", topo.client.name);
+        println!(
+            "    try:       ip netns exec {} curl -s http://10.100.0.1/",
+            topo.client.name
+        );
         println!();
         step("driving traffic: HTTP over IPv4 and IPv6, UDP (Ctrl-C to stop and tear down)");
         drive_traffic(&topo.client, &stop)
@@ -110,9 +127,19 @@ fn drive_traffic(client: &Netns, stop: &Arc<AtomicBool>) -> Result<()> {
             while !stop.load(Ordering::SeqCst) {
                 n += 1;
                 let reply = match n % 6 {
-                    0 => udp_ask(SocketAddr::new(Family::V4.vip(), 80), 0, Duration::from_secs(1)),
-                    1 | 3 => tcp_ask(SocketAddr::new(Family::V6.vip(), 80), Duration::from_secs(2)),
-                    _ => tcp_ask(SocketAddr::new(Family::V4.vip(), 80), Duration::from_secs(2)),
+                    0 => udp_ask(
+                        SocketAddr::new(Family::V4.vip(), 80),
+                        0,
+                        Duration::from_secs(1),
+                    ),
+                    1 | 3 => tcp_ask(
+                        SocketAddr::new(Family::V6.vip(), 80),
+                        Duration::from_secs(2),
+                    ),
+                    _ => tcp_ask(
+                        SocketAddr::new(Family::V4.vip(), 80),
+                        Duration::from_secs(2),
+                    ),
                 };
                 match reply {
                     Ok(text) => {

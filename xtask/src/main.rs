@@ -78,7 +78,16 @@ fn main() -> Result<()> {
             match which.as_str() {
                 "datapath" => {
                     step("building and running the datapath benchmark (release)");
-                    let mut a = vec!["run", "--release", "--locked", "-p", "sluice-tests", "--bin", "bench-datapath", "--"];
+                    let mut a = vec![
+                        "run",
+                        "--release",
+                        "--locked",
+                        "-p",
+                        "sluice-tests",
+                        "--bin",
+                        "bench-datapath",
+                        "--",
+                    ];
                     a.extend(args.iter().map(String::as_str));
                     cargo(&a)
                 }
@@ -100,13 +109,8 @@ pub fn workspace_root() -> std::path::PathBuf {
 }
 
 pub fn cargo(args: &[&str]) -> Result<()> {
-    cargo_with_env(args, &[])
-}
-
-pub fn cargo_with_env(args: &[&str], envs: &[(&str, &std::path::Path)]) -> Result<()> {
     let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .args(args)
-        .envs(envs.iter().copied())
         .current_dir(workspace_root())
         .status()
         .with_context(|| format!("running cargo {}", args.join(" ")))?;
@@ -120,9 +124,21 @@ fn lint() -> Result<()> {
     step("cargo fmt --check (workspace and eBPF crate)");
     cargo(&["fmt", "--all", "--", "--check"])?;
     let ebpf = workspace_root().join("agent-ebpf");
-    run_in(&ebpf, "rustup", &["run", "nightly", "cargo", "fmt", "--", "--check"])?;
+    run_in(
+        &ebpf,
+        "rustup",
+        &["run", "nightly", "cargo", "fmt", "--", "--check"],
+    )?;
     step("cargo clippy -D warnings (agent, tests, xtask)");
-    cargo(&["clippy", "--workspace", "--all-targets", "--locked", "--", "-D", "warnings"])?;
+    cargo(&[
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--locked",
+        "--",
+        "-D",
+        "warnings",
+    ])?;
     step("cargo clippy -D warnings (eBPF crate, bpfel-unknown-none)");
     let target_dir = workspace_root().join("target/ebpf");
     let target_dir = target_dir.to_str().unwrap();
@@ -130,8 +146,20 @@ fn lint() -> Result<()> {
         &ebpf,
         "rustup",
         &[
-            "run", "nightly", "cargo", "clippy", "--release", "--locked", "--target",
-            "bpfel-unknown-none", "-Z", "build-std=core", "--target-dir", target_dir, "--", "-D",
+            "run",
+            "nightly",
+            "cargo",
+            "clippy",
+            "--release",
+            "--locked",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--target-dir",
+            target_dir,
+            "--",
+            "-D",
             "warnings",
         ],
     )
@@ -159,5 +187,36 @@ fn test(extra: &[String]) -> Result<()> {
     args.extend(extra.iter().map(String::as_str));
     // The tests would find the binary next to themselves; this makes it explicit.
     let bin = workspace_root().join("target/debug/sluice");
-    cargo_with_env(&args, &[("SLUICE_BIN", &bin)])
+    let mut child = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(&args)
+        .env("SLUICE_BIN", &bin)
+        .current_dir(workspace_root())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("running cargo test")?;
+    // Echo the output and add up every test binary's result line, so the run
+    // ends with one total rather than the last binary's (often "0 passed").
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    let stdout = child.stdout.take().context("cargo test stdout")?;
+    for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let count = |word: &str| -> u64 {
+                rest.split(';')
+                    .find_map(|part| part.trim().strip_suffix(word))
+                    .and_then(|n| n.trim().rsplit(' ').next()?.parse().ok())
+                    .unwrap_or(0)
+            };
+            passed += count(" passed");
+            failed += count(" failed");
+            ignored += count(" ignored");
+        }
+    }
+    let status = child.wait()?;
+    println!("\ntotal: {passed} passed, {failed} failed, {ignored} skipped");
+    if !status.success() {
+        bail!("`cargo {}` failed", args.join(" "));
+    }
+    Ok(())
 }

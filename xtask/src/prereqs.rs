@@ -63,7 +63,13 @@ fn ensure_nightly_rust_src() -> Result<()> {
     if !quiet(Command::new("rustup").args(["run", "nightly", "rustc", "--version"])) {
         step("installing the nightly Rust toolchain (for the eBPF build)");
         if !quiet(Command::new("rustup").args([
-            "toolchain", "install", "nightly", "--profile", "minimal", "--component", "rust-src",
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+            "--component",
+            "rust-src",
         ])) {
             bail!(
                 "no nightly Rust toolchain and `rustup toolchain install nightly` failed: \
@@ -84,14 +90,19 @@ fn ensure_nightly_rust_src() -> Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    step(&format!("rustup component add {} --toolchain nightly", missing.join(" ")));
+    step(&format!(
+        "rustup component add {} --toolchain nightly",
+        missing.join(" ")
+    ));
     let mut cmd = Command::new("rustup");
     cmd.args(["component", "add", "--toolchain", "nightly"]);
     cmd.args(&missing);
     if !cmd.status().map(|s| s.success()).unwrap_or(false) {
         missing.retain(|c| *c == "rust-src");
         if !missing.is_empty() {
-            bail!("`rustup component add rust-src --toolchain nightly` failed: the eBPF build needs it");
+            bail!(
+                "`rustup component add rust-src --toolchain nightly` failed: the eBPF build needs it"
+            );
         }
         eprintln!("warning: nightly clippy/rustfmt unavailable: `cargo xtask lint` will fail");
     }
@@ -102,7 +113,9 @@ fn ensure_bpf_linker() -> Result<()> {
     if quiet(Command::new("bpf-linker").arg("--version")) {
         return Ok(());
     }
-    step(&format!("installing {BPF_LINKER} (about 2 to 5 minutes, once)"));
+    step(&format!(
+        "installing {BPF_LINKER} (about 2 to 5 minutes, once)"
+    ));
     let status = Command::new("cargo")
         .args(["install", BPF_LINKER, "--locked"])
         .env_remove("RUSTUP_TOOLCHAIN")

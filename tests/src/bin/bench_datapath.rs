@@ -60,7 +60,10 @@ fn parse_args() -> Result<Args> {
             other => bail!("unknown argument {other:?} (use --repeat N, --rounds N, --only CASE)"),
         }
     }
-    ensure!(args.rounds >= 1 && args.repeat >= 1, "rounds and repeat must be positive");
+    ensure!(
+        args.rounds >= 1 && args.repeat >= 1,
+        "rounds and repeat must be positive"
+    );
     Ok(args)
 }
 
@@ -127,20 +130,32 @@ fn main() -> Result<()> {
         p.load().with_context(|| format!("loading {name}"))?;
     }
     let fd_of = |ebpf: &mut aya::Ebpf, name: &str| -> Result<ProgramFd> {
-        let p: &mut Xdp = ebpf.program_mut(name).context(name.to_string())?.try_into()?;
+        let p: &mut Xdp = ebpf
+            .program_mut(name)
+            .context(name.to_string())?
+            .try_into()?;
         Ok(p.fd()?.try_clone()?)
     };
     let pass_fd = fd_of(ebpf, "bench_pass")?;
     let sluice_fd = fd_of(ebpf, XDP_PROGRAM)?;
-    let mut jump: ProgramArray<_> = ebpf.take_map("BENCH_JUMP").context("BENCH_JUMP")?.try_into()?;
-    let mut restore: Array<_, BenchFrame> =
-        ebpf.take_map("BENCH_FRAME").context("BENCH_FRAME")?.try_into()?;
+    let mut jump: ProgramArray<_> = ebpf
+        .take_map("BENCH_JUMP")
+        .context("BENCH_JUMP")?
+        .try_into()?;
+    let mut restore: Array<_, BenchFrame> = ebpf
+        .take_map("BENCH_FRAME")
+        .context("BENCH_FRAME")?
+        .try_into()?;
 
     let mut results: Vec<Vec<f64>> = vec![Vec::new(); CASES.len()];
     let mut first_established = true;
     for _round in 0..args.rounds {
         for (i, (case, name)) in CASES.iter().enumerate() {
-            if args.only.as_ref().is_some_and(|only| !name.contains(only.as_str())) {
+            if args
+                .only
+                .as_ref()
+                .is_some_and(|only| !name.contains(only.as_str()))
+            {
                 results[i].push(f64::NAN);
                 continue;
             }
@@ -173,7 +188,10 @@ fn main() -> Result<()> {
                 Case::Empty | Case::NonVip | Case::Restore | Case::RestoreVary => XDP_PASS,
                 Case::Established | Case::NewFlow => XDP_REDIRECT,
             };
-            ensure!(rc == want_rc, "{name}: return code {rc}, expected {want_rc}");
+            ensure!(
+                rc == want_rc,
+                "{name}: return code {rc}, expected {want_rc}"
+            );
             let runs = u64::from(repeat);
             let (new_conns, packets) = (
                 after.connections - before.connections,
@@ -212,13 +230,23 @@ fn main() -> Result<()> {
     println!("{:<32} {:>8} {:>17}", "case", "median", "min–max");
     for (i, (_, name)) in CASES.iter().enumerate() {
         let (lo, hi) = range(&results[i]);
-        println!("{name:<32} {:>8.1} {:>8.1}–{:<8.1}", median(&results[i]), lo, hi);
+        println!(
+            "{name:<32} {:>8.1} {:>8.1}–{:<8.1}",
+            median(&results[i]),
+            lo,
+            hi
+        );
     }
     // Per-round differences: the cost Sluice adds over the empty program.
     let diff = |a: usize, b: usize| -> Vec<f64> {
-        results[a].iter().zip(&results[b]).map(|(x, y)| x - y).collect()
+        results[a]
+            .iter()
+            .zip(&results[b])
+            .map(|(x, y)| x - y)
+            .collect()
     };
-    let ratio = |a: &[f64], b: &[f64]| -> Vec<f64> { a.iter().zip(b).map(|(x, y)| x / y).collect() };
+    let ratio =
+        |a: &[f64], b: &[f64]| -> Vec<f64> { a.iter().zip(b).map(|(x, y)| x / y).collect() };
     let base = &results[0];
     let rows = [
         ("non-VIP", diff(1, 0), 15.0),
@@ -226,8 +254,8 @@ fn main() -> Result<()> {
         ("new flow", diff(5, 4), 250.0),
     ];
     println!(
-        "\n{:<20} {:>10} {:>19} {:>10} {:>8}   {}",
-        "Sluice over empty", "+ns median", "min–max", "× empty", "target", "verdict"
+        "\n{:<20} {:>10} {:>19} {:>10} {:>8}   verdict",
+        "Sluice over empty", "+ns median", "min–max", "× empty", "target"
     );
     for (name, d, target) in rows {
         let (lo, hi) = range(&d);
