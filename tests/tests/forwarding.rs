@@ -29,6 +29,9 @@ struct Setup<'a> {
     attach: &'a str,
     snat: bool,
     weights: &'a [u32],
+    /// Leave the LB's neighbour tables empty: the first packets then take the
+    /// kernel's path while it resolves them.
+    cold: bool,
 }
 
 fn config_text(s: &Setup, weights: &[Option<u32>]) -> String {
@@ -67,7 +70,9 @@ fn bed(tag: &str, s: Setup) -> Result<Bed> {
         let addr = SocketAddr::new(s.family.backend(i), BACKEND_PORT);
         servers.push(NameServer::start(ns, addr, &format!("b{i}"))?);
     }
-    topo.warm_neighbours()?;
+    if !s.cold {
+        topo.warm_neighbours()?;
+    }
     let dir = TempDir::new(tag)?;
     let weights: Vec<Option<u32>> = s.weights.iter().map(|w| Some(*w)).collect();
     std::fs::write(dir.path("sluice.yaml"), config_text(&s, &weights))?;
@@ -159,6 +164,7 @@ fn run_spread(
             family,
             attach,
             snat,
+            cold: false,
             weights: &[1, 1, 1],
         },
     )?;
@@ -251,6 +257,7 @@ fn weights_are_honoured() -> Result<()> {
             family: Family::V4,
             attach: "xdp-native",
             snat: false,
+            cold: false,
             weights: &[1, 2, 3],
         },
     )?;
@@ -276,6 +283,7 @@ fn removed_backend_keeps_established_connections() -> Result<()> {
         family: Family::V4,
         attach: "xdp-native",
         snat: false,
+        cold: false,
         weights: &[1, 1, 1],
     };
     let b = bed("fr", Setup { ..setup })?;
@@ -301,6 +309,7 @@ fn removed_backend_keeps_established_connections() -> Result<()> {
         family: Family::V4,
         attach: "xdp-native",
         snat: false,
+        cold: false,
         weights: &[1, 1, 1],
     };
     let weights: Vec<Option<u32>> = (0..3)
@@ -343,4 +352,48 @@ fn removed_backend_keeps_established_connections() -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// With empty neighbour tables the first packet to each backend (and back to
+/// the client) is handed to the kernel, which resolves the neighbour and
+/// forwards it; every connection still completes.
+fn run_cold(tag: &str, family: Family, snat: bool) -> Result<()> {
+    let b = bed(
+        tag,
+        Setup {
+            family,
+            attach: "xdp-native",
+            snat,
+            weights: &[1, 1, 1],
+            cold: true,
+        },
+    )?;
+    let source = if snat { family.snat() } else { family.client() };
+    let counts = b.spread(60, false, source)?;
+    assert_eq!(counts.values().sum::<usize>(), 60, "{counts:?}");
+    let udp = b.spread(30, true, source)?;
+    assert_eq!(udp.values().sum::<usize>(), 30, "{udp:?}");
+    let m = b.metrics()?;
+    let slow_path =
+        metric(&m, "sluice_passed_total", &[("reason", "fib_no_neighbour")]).unwrap_or(0.0);
+    assert!(
+        slow_path >= 1.0,
+        "the first packets went the kernel's way\n{m}"
+    );
+    Ok(())
+}
+
+#[test]
+fn ipv4_dnat_cold_neighbours() -> Result<()> {
+    run_cold("fc4", Family::V4, false)
+}
+
+#[test]
+fn ipv4_snat_cold_neighbours() -> Result<()> {
+    run_cold("fc4s", Family::V4, true)
+}
+
+#[test]
+fn ipv6_snat_cold_neighbours() -> Result<()> {
+    run_cold("fc6s", Family::V6, true)
 }
