@@ -16,6 +16,7 @@ use crate::{
     datapath::{Datapath, Sizes},
     reconcile::Reconciler,
     state::Shared,
+    sysctl::Sysctls,
 };
 
 /// How often the config file is checked for changes. Polling the content sees
@@ -87,6 +88,8 @@ pub async fn run(config_path: PathBuf, listen: SocketAddr) -> Result<(), RunErro
     }
     *shared.attachments.lock().unwrap() = datapath.attachments();
     *shared.conntrack_capacity.lock().unwrap() = sizes.conntrack;
+    let mut sysctls = Sysctls::default();
+    sysctls.apply(&cfg)?;
     let mut reconciler = Reconciler::new(maps, sizes.table_size, sizes.services, sizes.backends)?;
     reconciler.apply(&cfg.services)?;
     *shared.reconciler.lock().unwrap() = Some(reconciler);
@@ -119,7 +122,7 @@ pub async fn run(config_path: PathBuf, listen: SocketAddr) -> Result<(), RunErro
                     continue;
                 }
                 last_text = text;
-                match reload(&config_path, &current, &mut datapath, &shared) {
+                match reload(&config_path, &current, &mut datapath, &mut sysctls, &shared) {
                     Ok(Some(next)) => current = next,
                     Ok(None) => {}
                     Err(e) => error!(config = %config_path.display(), error = %e, "config change rejected; the last good config keeps serving"),
@@ -133,6 +136,7 @@ pub async fn run(config_path: PathBuf, listen: SocketAddr) -> Result<(), RunErro
     // Dropping the datapath closes every link: the programs detach.
     shared.reconciler.lock().unwrap().take();
     drop(datapath);
+    sysctls.restore();
     info!("detached; bye");
     let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
     Ok(())
@@ -143,6 +147,7 @@ fn reload(
     path: &Path,
     current: &Validated,
     datapath: &mut Datapath,
+    sysctls: &mut Sysctls,
     shared: &Shared,
 ) -> Result<Option<Validated>> {
     let next = config::load(path)?;
@@ -163,6 +168,7 @@ fn reload(
         }
     }
     *shared.attachments.lock().unwrap() = datapath.attachments();
+    sysctls.apply(&next)?;
 
     let mut guard = shared.reconciler.lock().unwrap();
     let reconciler = guard

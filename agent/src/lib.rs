@@ -9,3 +9,4 @@ pub mod maglev;
 pub mod metrics;
 pub mod reconcile;
 pub mod state;
+pub mod sysctl;
