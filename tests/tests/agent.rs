@@ -168,8 +168,17 @@ fn bad_config_exits_2_naming_the_field_and_attaches_nothing() -> Result<()> {
 #[test]
 fn endpoints_and_sigterm() -> Result<()> {
     let b = bed("ae")?;
+    // A VXLAN device has no native XDP: `attach: auto` must fall back.
+    b.topo.lb.exec(&[
+        "ip", "link", "add", "vx0", "type", "vxlan", "id", "42", "dstport", "4789", "local",
+        "10.0.1.1", "dev", "front",
+    ])?;
+    b.topo.lb.exec(&["ip", "link", "set", "vx0", "up"])?;
     let path = b.dir.path("sluice.yaml");
-    std::fs::write(&path, config(&[0, 1]))?;
+    std::fs::write(
+        &path,
+        config(&[0, 1]).replace("  - name: back1\n", "  - name: back1\n  - name: vx0\n"),
+    )?;
     let mut agent = Agent::start(&b.topo.lb, &path, b.dir.path("agent.log"))?;
     assert_ne!(attached(&b.topo.lb), "", "XDP attached while running");
 
@@ -201,6 +210,29 @@ fn endpoints_and_sigterm() -> Result<()> {
 
     let (status, metrics) = http_get(&b.topo.lb, agent.listen, "/metrics")?;
     assert_eq!(status, 200);
+    let mode = |iface: &str, mode: &str| {
+        sluice_tests::metric(
+            &metrics,
+            "sluice_interface_attached",
+            &[("interface", iface), ("mode", mode)],
+        )
+    };
+    assert_eq!(mode("front", "xdp-native"), Some(1.0), "{metrics}");
+    assert_eq!(
+        mode("back0", "xdp-native"),
+        Some(1.0),
+        "auto on a veth: native XDP"
+    );
+    assert_eq!(
+        mode("vx0", "xdp-generic"),
+        Some(1.0),
+        "auto on VXLAN falls back to generic XDP"
+    );
+    assert!(
+        agent
+            .log_text()
+            .contains("attach mode unavailable, trying the next")
+    );
     for name in [
         "sluice_build_info",
         "sluice_service_packets_total",
