@@ -209,6 +209,7 @@ mod pod {
     unsafe impl aya::Pod for super::Backend {}
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::Flow {}
+    unsafe impl aya::Pod for super::FibCache {}
     unsafe impl aya::Pod for super::ServiceStats {}
     unsafe impl aya::Pod for super::Prefilter {}
     unsafe impl aya::Pod for super::BenchFrame {}

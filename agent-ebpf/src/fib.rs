@@ -16,7 +16,7 @@ use network_types::eth::EthHdr;
 use crate::{
     csum::Diff,
     headers::{Ipv4, Ipv6},
-    lb::{Action, Ctx, Packet, Scratch, copy_addr, exception, ptr_at},
+    lb::{Action, Ctx, Packet, copy_addr, exception, ptr_at},
     maps::FIB_GENERATION,
 };
 
@@ -28,7 +28,7 @@ use crate::{
 pub fn forward(
     ctx: &Ctx,
     pkt: &Packet,
-    s: &mut Scratch,
+    params: &mut bpf_fib_lookup,
     src: &[u32; 4],
     dst: &[u32; 4],
     cache: &mut FibCache,
@@ -37,17 +37,17 @@ pub fn forward(
     // neighbours change; a cached result of an older generation is stale.
     let now = FIB_GENERATION.get(0).copied().unwrap_or(0);
     if cache.ifindex == 0 || cache.stamp != now {
-        if let Err(code) = lookup(ctx, pkt, &mut s.fib, src, dst) {
+        if let Err(code) = lookup(ctx, pkt, params, src, dst) {
             return exception(code);
         }
         // Byte by byte: copying the 6-byte arrays becomes memmove calls.
-        let (d, m) = (&s.fib.dmac, &s.fib.smac);
+        let (d, m) = (&params.dmac, &params.smac);
         cache.macs = [
             u32::from_ne_bytes([d[0], d[1], d[2], d[3]]),
             u32::from_ne_bytes([d[4], d[5], m[0], m[1]]),
             u32::from_ne_bytes([m[2], m[3], m[4], m[5]]),
         ];
-        cache.ifindex = s.fib.ifindex;
+        cache.ifindex = params.ifindex;
         cache.stamp = now;
     }
     if !decrement_ttl(ctx, pkt) {

@@ -25,8 +25,8 @@ use crate::{
         TCP_FLAGS_OFFSET, TCP_HDR_LEN, TCP_SYN, UDP_CHECK_OFFSET, UDP_HDR_LEN, is_ipv6_extension,
     },
     maps::{
-        BACKEND_STATS, BACKENDS, CONNTRACK, MAGLEV, PREFILTER, REASONS, SCRATCH, SERVICE_STATS,
-        SERVICES,
+        BACKEND_FIB, BACKEND_STATS, BACKENDS, CONNTRACK, MAGLEV, PREFILTER, REASONS, SCRATCH,
+        SERVICE_STATS, SERVICES,
     },
 };
 
@@ -276,7 +276,7 @@ fn transport(ctx: &Ctx, pkt: &Packet, src: &[u32; 4], dst: &[u32; 4]) -> Action 
         if let Err(code) = validate(ctx, pkt) {
             return exception(code);
         }
-        return translate(ctx, pkt, s, flow);
+        return translate(ctx, pkt, &s.key, &mut s.fib, flow);
     }
     if !to_service {
         return Action::Pass;
@@ -306,7 +306,7 @@ fn transport(ctx: &Ctx, pkt: &Packet, src: &[u32; 4], dst: &[u32; 4]) -> Action 
                 // SAFETY: a live map value.
                 count_connection(service.id, unsafe { (*flow).backend_id });
             }
-            translate(ctx, pkt, s, flow)
+            translate(ctx, pkt, &s.key, &mut s.fib, flow)
         }
         Err(code) => {
             log_refused_flow(ctx, service.id, code);
@@ -367,31 +367,42 @@ fn tcp_flags(ctx: &Ctx, pkt: &Packet) -> u8 {
 }
 
 /// Rewrites the packet as its flow entry says (either direction), counts it,
-/// and forwards it.
+/// and forwards it. `flow` is a conntrack value or the scratch copy of a new
+/// one; `key` and `params` are other parts of the scratch area.
 #[inline(always)]
-fn translate(ctx: &Ctx, pkt: &Packet, s: &mut Scratch, flow: *mut Flow) -> Action {
-    // SAFETY: `flow` points at a live conntrack value.
+fn translate(
+    ctx: &Ctx,
+    pkt: &Packet,
+    key: &FlowKey,
+    params: &mut bpf_fib_lookup,
+    flow: *mut Flow,
+) -> Action {
+    // SAFETY: `flow` is valid and aliases neither `key` nor `params`.
     let f = unsafe { &mut *flow };
     rewrite(
         ctx,
         pkt,
-        &s.key,
+        key,
         &f.new_src,
         f.new_sport,
         &f.new_dst,
         f.new_dport,
     );
-    account(
-        f.service_id,
-        f.backend_id,
-        f.flags & FLOW_F_REVERSE == 0,
-        ctx,
-    );
-    forward(ctx, pkt, s, &f.new_src, &f.new_dst, &mut f.fib)
+    let to_backend = f.flags & FLOW_F_REVERSE == 0;
+    account(f.service_id, f.backend_id, to_backend, ctx);
+    // Towards a backend the next hop depends on the backend alone: one cached
+    // FIB result per backend serves all its flows, new ones included. Towards
+    // a client it is the flow's own.
+    let cache = match BACKEND_FIB.get_ptr_mut(f.backend_id) {
+        // SAFETY: an array slot; concurrent writers store the same result.
+        Some(cache) if to_backend => unsafe { &mut *cache },
+        _ => &mut f.fib,
+    };
+    forward(ctx, pkt, params, &f.new_src, &f.new_dst, cache)
 }
 
 /// Picks the backend by Maglev, records both directions of the flow, and
-/// returns the forward entry as it sits in the map.
+/// returns the forward entry (its copy in the scratch area).
 #[inline(always)]
 fn new_flow(s: &mut Scratch, service: &Service) -> Result<*mut Flow, u32> {
     let key = &s.key;
@@ -469,8 +480,7 @@ fn new_flow(s: &mut Scratch, service: &Service) -> Result<*mut Flow, u32> {
         let _ = CONNTRACK.remove(&s.reverse_key);
         return Err(reason::CONNTRACK_FULL);
     }
-    // Fetched back so the FIB result of this first packet is cached in it.
-    CONNTRACK.get_ptr_mut(&s.key).ok_or(reason::CONNTRACK_FULL)
+    Ok(&raw mut s.forward)
 }
 
 /// Fills a flow value field by field: a struct literal with zeroed parts

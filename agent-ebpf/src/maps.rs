@@ -15,6 +15,10 @@ pub static SERVICES: HashMap<ServiceKey, Service> = HashMap::with_max_entries(10
 #[map]
 pub static BACKENDS: Array<Backend> = Array::with_max_entries(4096, 0);
 
+/// Backend id → the FIB result towards it (see `fib::forward`).
+#[map]
+pub static BACKEND_FIB: Array<agent_common::FibCache> = Array::with_max_entries(4096, 0);
+
 /// Maglev lookup tables of all services back to back, two halves per service
 /// so the agent fills one while packets read the other.
 #[map]

@@ -3,7 +3,9 @@
 
 use std::collections::BTreeMap;
 
-use agent_common::{Backend, Flow, FlowKey, Prefilter, Service, ServiceKey, ServiceStats};
+use agent_common::{
+    Backend, FibCache, Flow, FlowKey, Prefilter, Service, ServiceKey, ServiceStats,
+};
 use anyhow::{Context, Result, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
@@ -57,6 +59,7 @@ impl Sizes {
 pub struct Maps {
     pub services: HashMap<MapData, ServiceKey, Service>,
     pub backends: Array<MapData, Backend>,
+    pub backend_fib: Array<MapData, FibCache>,
     pub maglev: Array<MapData, u32>,
     pub conntrack: HashMap<MapData, FlowKey, Flow>,
     pub prefilter: Array<MapData, Prefilter>,
@@ -81,6 +84,7 @@ impl Maps {
         Ok(Self {
             services: take(ebpf, "SERVICES")?,
             backends: take(ebpf, "BACKENDS")?,
+            backend_fib: take(ebpf, "BACKEND_FIB")?,
             maglev: take(ebpf, "MAGLEV")?,
             conntrack: take(ebpf, "CONNTRACK")?,
             prefilter: take(ebpf, "PREFILTER")?,
@@ -115,6 +119,7 @@ impl Datapath {
             .map_max_entries("SERVICE_STATS", sizes.services)
             .map_max_entries("BACKENDS", sizes.backends)
             .map_max_entries("BACKEND_STATS", sizes.backends)
+            .map_max_entries("BACKEND_FIB", sizes.backends)
             .map_max_entries("MAGLEV", sizes.maglev_slots())
             .load(EBPF_OBJECT)
             .context("loading the eBPF object (maps)")?;

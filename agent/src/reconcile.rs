@@ -14,8 +14,8 @@ use std::{
 };
 
 use agent_common::{
-    Backend, FAMILY_V4, FAMILY_V6, NO_BACKEND, Prefilter, SERVICE_F_SNAT, Service, ServiceKey,
-    ServiceStats, hash::prefilter_bit, prefilter,
+    Backend, FAMILY_V4, FAMILY_V6, FibCache, NO_BACKEND, Prefilter, SERVICE_F_SNAT, Service,
+    ServiceKey, ServiceStats, hash::prefilter_bit, prefilter,
 };
 use anyhow::{Context, Result, anyhow};
 use aya::maps::PerCpuValues;
@@ -241,6 +241,11 @@ impl Reconciler {
                             0,
                         )
                         .with_context(|| format!("writing backend {addr}"))?;
+                    // A reused id must not inherit its last owner's next hop.
+                    self.maps
+                        .backend_fib
+                        .set(id, FibCache::default(), 0)
+                        .with_context(|| format!("clearing the FIB cache of backend {addr}"))?;
                     self.zero_stats(false, id)?;
                     let proto = spec.protocol.number();
                     self.backend_filter
