@@ -35,6 +35,25 @@ pub fn addr_words(ip: IpAddr) -> [u32; 4] {
     }
 }
 
+/// The service bitmaps for `desired`: (VIP, port, protocol) and VIP alone.
+fn service_filters(desired: &[ServiceSpec]) -> (Prefilter, Prefilter) {
+    let (mut frontends, mut addrs) = (Prefilter::default(), Prefilter::default());
+    for spec in desired {
+        let key = service_key(spec);
+        frontends.set(prefilter_bit(&key.addr, key.port, key.proto));
+        addrs.set(prefilter_bit(&key.addr, 0, 0));
+    }
+    (frontends, addrs)
+}
+
+fn union(a: &Prefilter, b: &Prefilter) -> Prefilter {
+    let mut out = *a;
+    for (word, other) in out.words.iter_mut().zip(&b.words) {
+        *word |= other;
+    }
+    out
+}
+
 fn write_filter(maps: &mut Maps, slot: u32, filter: &Prefilter) -> Result<()> {
     maps.prefilter
         .set(slot, filter, 0)
@@ -136,16 +155,15 @@ impl Reconciler {
 
     /// Makes the kernel maps hold exactly `desired`.
     pub fn apply(&mut self, desired: &[ServiceSpec]) -> Result<()> {
-        // Prefilter bits for services that are about to exist.
-        let mut service_filter = self.service_filter;
-        let mut service_addr_filter = self.service_addr_filter;
-        for spec in desired {
-            let key = service_key(spec);
-            service_filter.set(prefilter_bit(&key.addr, key.port, key.proto));
-            service_addr_filter.set(prefilter_bit(&key.addr, 0, 0));
-        }
-        self.write_filter(prefilter::SERVICE, &service_filter)?;
-        self.write_filter(prefilter::SERVICE_ADDR, &service_addr_filter)?;
+        // Prefilter bits for services about to exist are set first (the old
+        // bits stay until the old services are gone).
+        let (wanted, wanted_addr) = service_filters(desired);
+        let (union, union_addr) = (
+            union(&self.service_filter, &wanted),
+            union(&self.service_addr_filter, &wanted_addr),
+        );
+        self.write_filter(prefilter::SERVICE, &union)?;
+        self.write_filter(prefilter::SERVICE_ADDR, &union_addr)?;
 
         // Services that are gone, or whose frontend changed, go first so that
         // their ids and slots are free for the rest.
@@ -169,17 +187,10 @@ impl Reconciler {
         }
 
         // Now that removed services are out of the map, drop their bits.
-        let mut service_filter = Prefilter::default();
-        let mut service_addr_filter = Prefilter::default();
-        for spec in desired {
-            let key = service_key(spec);
-            service_filter.set(prefilter_bit(&key.addr, key.port, key.proto));
-            service_addr_filter.set(prefilter_bit(&key.addr, 0, 0));
-        }
-        self.write_filter(prefilter::SERVICE, &service_filter)?;
-        self.write_filter(prefilter::SERVICE_ADDR, &service_addr_filter)?;
-        self.service_filter = service_filter;
-        self.service_addr_filter = service_addr_filter;
+        self.write_filter(prefilter::SERVICE, &wanted)?;
+        self.write_filter(prefilter::SERVICE_ADDR, &wanted_addr)?;
+        self.service_filter = wanted;
+        self.service_addr_filter = wanted_addr;
         Ok(())
     }
 
