@@ -44,6 +44,12 @@ pub const fn flow_hash(src: &[u32; 4], dst: &[u32; 4], sport: u16, dport: u16, p
     finish(h)
 }
 
+/// The `attempt`-th alternative to a flow hash, for skipping ejected backends.
+#[inline(always)]
+pub const fn rehash(h: u32, attempt: u32) -> u32 {
+    finish(mix(h, attempt))
+}
+
 /// Bit of a prefilter bitmap for an (address, port, protocol); pass port 0
 /// and protocol 0 for the address-only bitmaps.
 #[inline(always)]

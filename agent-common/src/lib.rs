@@ -35,6 +35,8 @@ const _: () = assert!(core::mem::size_of::<ServiceKey>() == 20);
 
 /// The service forwards with full NAT: the backend sees `snat_addr` as source.
 pub const SERVICE_F_SNAT: u32 = 1;
+/// A refused or unanswered SYN is retried on another backend (policy flag).
+pub const SERVICE_F_RETRY: u32 = 2;
 
 /// Value of the `SERVICES` map.
 #[repr(C)]
@@ -120,9 +122,15 @@ pub struct Flow {
     /// `FLOW_F_*` bits.
     pub flags: u32,
     pub fib: FibCache,
-    pub _pad: u32,
+    /// `flow_state` (forward entries of TCP flows).
+    pub state: u8,
+    /// Backends tried after the first (retries).
+    pub attempts: u8,
+    pub _pad: u16,
+    /// When the last SYN was forwarded (bpf_ktime_get_ns).
+    pub syn_ns: u64,
 }
-const _: () = assert!(core::mem::size_of::<Flow>() == 72);
+const _: () = assert!(core::mem::size_of::<Flow>() == 80);
 
 /// Per-service counters (a per-CPU array indexed by service id).
 #[repr(C)]
@@ -133,8 +141,88 @@ pub struct ServiceStats {
     pub bytes_to_backend: u64,
     pub packets_to_client: u64,
     pub bytes_to_client: u64,
+    /// The backend answered a SYN with RST.
+    pub failures_refused: u64,
+    /// The client retransmitted its SYN after the connect timeout.
+    pub failures_timeout: u64,
+    /// An ICMP destination-unreachable came back for a flow.
+    pub failures_unreachable: u64,
+    /// Connects sent again to another backend.
+    pub retries: u64,
+    /// TCP connections that got their SYN-ACK.
+    pub opened: u64,
+    /// Opened TCP connections that saw a FIN or RST.
+    pub closed: u64,
+    /// Failures that would have ejected a backend but for max_ejected_percent.
+    pub fail_open: u64,
 }
-const _: () = assert!(core::mem::size_of::<ServiceStats>() == 40);
+const _: () = assert!(core::mem::size_of::<ServiceStats>() == 96);
+
+/// Failure policy of a service (array by service id), written by the agent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServicePolicy {
+    /// Consecutive failures that eject a backend.
+    pub consecutive_failures: u32,
+    /// How many of the service's backends may be ejected at once.
+    pub max_ejected: u32,
+    /// A SYN retransmitted this long after the forwarded one is a timeout.
+    pub connect_timeout_ns: u64,
+    /// `SERVICE_F_*` bits (`SERVICE_F_RETRY`).
+    pub flags: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<ServicePolicy>() == 24);
+
+/// Health of a backend (array by backend id). The kernel counts failures and
+/// ejects; the agent readmits.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendHealth {
+    pub consecutive_failures: u32,
+    /// Not 0 while new connections must skip the backend: 1 ejected by the
+    /// kernel, `BACKEND_REMOVED` gone from the config.
+    pub ejected: u32,
+    /// Times the kernel ejected it.
+    pub ejections: u32,
+    pub _pad: u32,
+    /// When it was last ejected (bpf_ktime_get_ns).
+    pub ejected_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<BackendHealth>() == 24);
+
+/// `BackendHealth::ejected` of a backend the agent removed.
+pub const BACKEND_REMOVED: u32 = 2;
+
+/// Buckets of the connect latency histogram: bucket i counts latencies below
+/// `LATENCY_BASE_NS << i` (8 µs up to about 4.2 s); slower ones count only in
+/// `count`.
+pub const LATENCY_BUCKETS: usize = 20;
+pub const LATENCY_BASE_NS: u64 = 8_000;
+
+/// Connect latency (SYN forwarded → SYN-ACK seen) of a backend (per-CPU
+/// array by backend id). Buckets are not cumulative.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LatencyHistogram {
+    pub buckets: [u64; LATENCY_BUCKETS],
+    pub count: u64,
+    pub sum_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<LatencyHistogram>() == 176);
+
+/// TCP state of a flow, kept in its forward entry.
+pub mod flow_state {
+    /// Not tracked (UDP, or a TCP flow first seen mid-stream).
+    pub const UNKNOWN: u8 = 0;
+    /// SYN forwarded, no answer yet.
+    pub const SYN_SENT: u8 = 1;
+    pub const ESTABLISHED: u8 = 2;
+    /// A FIN or RST was seen after establishment (or an unretried refusal).
+    pub const CLOSED: u8 = 3;
+    /// The backend refused; the client's retransmitted SYN goes elsewhere.
+    pub const REFUSED: u8 = 4;
+}
 
 /// Per-backend counters (a per-CPU array indexed by backend id). Same layout
 /// as the service counters so the kernel updates both with one function.
@@ -210,6 +298,9 @@ mod pod {
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::Flow {}
     unsafe impl aya::Pod for super::FibCache {}
+    unsafe impl aya::Pod for super::ServicePolicy {}
+    unsafe impl aya::Pod for super::BackendHealth {}
+    unsafe impl aya::Pod for super::LatencyHistogram {}
     unsafe impl aya::Pod for super::ServiceStats {}
     unsafe impl aya::Pod for super::Prefilter {}
     unsafe impl aya::Pod for super::BenchFrame {}

@@ -45,6 +45,9 @@ reasons! {
     FIB_NO_ROUTE = 11, "fib_no_route", true;
     /// TTL or hop limit would expire: the kernel sends the ICMP error. Passed.
     TTL_EXCEEDED = 12, "ttl_exceeded", false;
+    /// A backend's RST to a SYN, held back: the client's retransmitted SYN
+    /// goes to another backend instead of the client seeing the refusal.
+    RST_HELD_FOR_RETRY = 13, "rst_held_for_retry", true;
 }
 
 pub const COUNT: u32 = ALL.len() as u32;

@@ -38,7 +38,9 @@ pub struct Ports {
 pub const TCP_HDR_LEN: usize = 20;
 pub const TCP_CHECK_OFFSET: usize = 16;
 pub const TCP_FLAGS_OFFSET: usize = 13;
+pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 pub const UDP_HDR_LEN: usize = 8;
 pub const UDP_CHECK_OFFSET: usize = 6;
@@ -55,3 +57,10 @@ pub fn is_ipv6_extension(next_hdr: u8) -> bool {
     )
 }
 pub const IPV6_FRAGMENT: u8 = 44;
+
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_ICMPV6: u8 = 58;
+/// Type, code, checksum and 4 bytes before an ICMP error's quoted packet.
+pub const ICMP_HDR_LEN: usize = 8;
+pub const ICMP_DEST_UNREACHABLE: u8 = 3;
+pub const ICMPV6_DEST_UNREACHABLE: u8 = 1;

@@ -10,9 +10,9 @@
 use core::{ffi::c_void, mem};
 
 use agent_common::{
-    FAMILY_V4, FAMILY_V6, FLOW_F_REVERSE, Flow, FlowKey, NO_BACKEND, PROTO_TCP, PROTO_UDP,
-    SERVICE_F_SNAT, SNAT_PORT_ATTEMPTS, SNAT_PORT_MAX, SNAT_PORT_MIN, Service, ServiceKey, hash,
-    prefilter, reason,
+    Backend, FAMILY_V4, FAMILY_V6, FLOW_F_REVERSE, Flow, FlowKey, NO_BACKEND, PROTO_TCP, PROTO_UDP,
+    SERVICE_F_RETRY, SERVICE_F_SNAT, SNAT_PORT_ATTEMPTS, SNAT_PORT_MAX, SNAT_PORT_MIN, Service,
+    ServiceKey, flow_state, hash, prefilter, reason,
 };
 use aya_ebpf::bindings::{BPF_NOEXIST, bpf_fib_lookup};
 use network_types::eth::{EthHdr, EtherType};
@@ -21,11 +21,14 @@ use crate::{
     csum::Diff,
     fib::forward,
     headers::{
-        IPV4_FRAG_MASK_BE, IPV6_FRAGMENT, Ipv4, Ipv6, Ports, TCP_ACK, TCP_CHECK_OFFSET,
-        TCP_FLAGS_OFFSET, TCP_HDR_LEN, TCP_SYN, UDP_CHECK_OFFSET, UDP_HDR_LEN, is_ipv6_extension,
+        ICMP_DEST_UNREACHABLE, ICMP_HDR_LEN, ICMPV6_DEST_UNREACHABLE, IPV4_FRAG_MASK_BE,
+        IPV6_FRAGMENT, Ipv4, Ipv6, PROTO_ICMP, PROTO_ICMPV6, Ports, TCP_ACK, TCP_CHECK_OFFSET,
+        TCP_FIN, TCP_FLAGS_OFFSET, TCP_HDR_LEN, TCP_RST, TCP_SYN, UDP_CHECK_OFFSET, UDP_HDR_LEN,
+        is_ipv6_extension,
     },
+    health::{self, Failure},
     maps::{
-        BACKEND_FIB, BACKEND_STATS, BACKENDS, CONNTRACK, MAGLEV, PREFILTER, REASONS, SCRATCH,
+        BACKEND_FIB, BACKEND_STATS, BACKENDS, CONNTRACK, PREFILTER, REASONS, SCRATCH,
         SERVICE_STATS, SERVICES,
     },
 };
@@ -106,6 +109,11 @@ pub(crate) fn copy_addr(dst: &mut [u32; 4], src: &[u32; 4]) {
     }
 }
 
+/// A pointer to a `T` at `offset` in the packet, if it lies inside.
+///
+/// Don't ask for a single byte at a variable offset: LLVM turns
+/// `start + 1 > end` into `start >= end`, from which the verifier learns
+/// nothing about the byte. Read a wider word instead.
 #[inline(always)]
 pub(crate) fn ptr_at<T>(ctx: &Ctx, offset: usize) -> Option<*mut T> {
     let start = ctx.data + offset;
@@ -194,6 +202,9 @@ fn ipv4(ctx: &Ctx) -> Action {
     };
     let proto = (ttl_proto >> 8) as u8;
     if proto != PROTO_TCP && proto != PROTO_UDP {
+        if proto == PROTO_ICMP && frag_off & IPV4_FRAG_MASK_BE == 0 {
+            return icmp_error(ctx, ETH_LEN + (vihl & 0x0f) as usize * 4, FAMILY_V4);
+        }
         return Action::Pass;
     }
     let src = [src, 0, 0, 0];
@@ -231,6 +242,9 @@ fn ipv6(ctx: &Ctx) -> Action {
         }
         if is_ipv6_extension(next_hdr) {
             return unhandled(&src, &dst, reason::IPV6_EXTENSION);
+        }
+        if next_hdr == PROTO_ICMPV6 {
+            return icmp_error(ctx, ETH_LEN + mem::size_of::<Ipv6>(), FAMILY_V6);
         }
         return Action::Pass;
     }
@@ -276,6 +290,19 @@ fn transport(ctx: &Ctx, pkt: &Packet, src: &[u32; 4], dst: &[u32; 4]) -> Action 
         if let Err(code) = validate(ctx, pkt) {
             return exception(code);
         }
+        if pkt.proto == PROTO_TCP {
+            let flags = tcp_flags(ctx, pkt);
+            // SAFETY: a live conntrack value, not aliased by the scratch area.
+            let f = unsafe { &mut *flow };
+            let verdict = if f.flags & FLOW_F_REVERSE == 0 {
+                client_tcp(s, f, flags)
+            } else {
+                backend_tcp(s, f, flags)
+            };
+            if let Err(code) = verdict {
+                return exception(code);
+            }
+        }
         return translate(ctx, pkt, &s.key, &mut s.fib, flow);
     }
     if !to_service {
@@ -294,16 +321,14 @@ fn transport(ctx: &Ctx, pkt: &Packet, src: &[u32; 4], dst: &[u32; 4]) -> Action 
     if let Err(code) = validate(ctx, pkt) {
         return exception(code);
     }
-    match new_flow(s, &service) {
+    // A connection starts with a SYN (or any UDP datagram); a mid-stream
+    // packet without an entry (evicted, or from before a restart) is
+    // re-pinned by the same Maglev choice but is not a new connection.
+    let syn = pkt.proto == PROTO_TCP && tcp_flags(ctx, pkt) & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    match new_flow(s, &service, syn) {
         Ok(flow) => {
-            // A connection starts with a SYN (or any UDP datagram); a
-            // mid-stream packet without an entry (evicted, or from before a
-            // restart) is re-pinned by the same Maglev choice but is not a
-            // new connection.
-            let opening =
-                pkt.proto == PROTO_UDP || tcp_flags(ctx, pkt) & (TCP_SYN | TCP_ACK) == TCP_SYN;
-            if opening {
-                // SAFETY: a live map value.
+            if syn || pkt.proto == PROTO_UDP {
+                // SAFETY: the scratch copy of the new entry.
                 count_connection(service.id, unsafe { (*flow).backend_id });
             }
             translate(ctx, pkt, &s.key, &mut s.fib, flow)
@@ -313,6 +338,254 @@ fn transport(ctx: &Ctx, pkt: &Packet, src: &[u32; 4], dst: &[u32; 4]) -> Action 
             exception(code)
         }
     }
+}
+
+/// A TCP packet from the client on a known flow: SYN retransmissions
+/// (timeouts, retries after a refusal, a reused 5-tuple) and closes.
+#[inline(always)]
+fn client_tcp(s: &mut Scratch, f: &mut Flow, flags: u8) -> Result<(), u32> {
+    if flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+        if flags & (TCP_FIN | TCP_RST) != 0 && f.state == flow_state::ESTABLISHED {
+            f.state = flow_state::CLOSED;
+            health::count_close(f.service_id, f.backend_id);
+        }
+        return Ok(());
+    }
+    match f.state {
+        flow_state::SYN_SENT => {
+            let now = health::now_ns();
+            let Some(policy) = health::policy(f.service_id) else {
+                return Ok(());
+            };
+            if now.wrapping_sub(f.syn_ns) < policy.connect_timeout_ns {
+                return Ok(()); // an early retransmission: same backend
+            }
+            health::record_failure(f.service_id, f.backend_id, Failure::Timeout, now);
+            if policy.flags & SERVICE_F_RETRY != 0 {
+                retry(s, f, now)
+            } else {
+                f.syn_ns = now;
+                Ok(())
+            }
+        }
+        flow_state::REFUSED => retry(s, f, health::now_ns()),
+        flow_state::CLOSED => {
+            // The 5-tuple is reused by a new connection: it starts afresh,
+            // on the same backend if that is still healthy.
+            f.state = flow_state::SYN_SENT;
+            f.syn_ns = health::now_ns();
+            count_connection(f.service_id, f.backend_id);
+            if health::is_ejected(f.backend_id) {
+                return retry(s, f, f.syn_ns);
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+/// A TCP packet from the backend: SYN-ACK (success, latency), RST to a SYN
+/// (refused: held back when the service retries), and closes. Returns an
+/// error code when the packet must not be forwarded.
+#[inline(always)]
+fn backend_tcp(s: &mut Scratch, reply: &Flow, flags: u8) -> Result<(), u32> {
+    if flags & (TCP_SYN | TCP_RST | TCP_FIN) == 0 {
+        return Ok(()); // data and ACKs: the fast path
+    }
+    let Some(forward) = forward_of(s, reply) else {
+        return Ok(());
+    };
+    // SAFETY: a live conntrack value.
+    let f = unsafe { &mut *forward };
+    if f.backend_id != reply.backend_id {
+        return Ok(()); // a late packet from a backend the flow has left
+    }
+    if flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK {
+        if f.state == flow_state::SYN_SENT {
+            let now = health::now_ns();
+            health::record_success(f.service_id, f.backend_id, now.wrapping_sub(f.syn_ns));
+            f.state = flow_state::ESTABLISHED;
+        }
+        return Ok(());
+    }
+    if flags & TCP_RST != 0 && f.state == flow_state::SYN_SENT {
+        let now = health::now_ns();
+        health::record_failure(f.service_id, f.backend_id, Failure::Refused, now);
+        let retries = health::policy(f.service_id).is_some_and(|p| p.flags & SERVICE_F_RETRY != 0);
+        if retries {
+            // Nothing has flowed yet: the client's retransmitted SYN will go
+            // to another backend, so it must not see this refusal.
+            f.state = flow_state::REFUSED;
+            return Err(reason::RST_HELD_FOR_RETRY);
+        }
+        f.state = flow_state::CLOSED;
+        return Ok(());
+    }
+    if flags & (TCP_FIN | TCP_RST) != 0 && f.state == flow_state::ESTABLISHED {
+        f.state = flow_state::CLOSED;
+        health::count_close(f.service_id, f.backend_id);
+    }
+    Ok(())
+}
+
+/// The forward entry of the flow whose reply entry is `reply`. The state
+/// lives there; its key is the reply's rewrite turned around (client → VIP).
+#[inline(always)]
+fn forward_of(s: &mut Scratch, reply: &Flow) -> Option<*mut Flow> {
+    let key = &mut s.reverse_key;
+    copy_addr(&mut key.src, &reply.new_dst);
+    copy_addr(&mut key.dst, &reply.new_src);
+    key.sport = reply.new_dport;
+    key.dport = reply.new_sport;
+    key.proto = s.key.proto;
+    key.family = s.key.family;
+    key._pad = 0;
+    CONNTRACK.get_ptr_mut(&s.reverse_key)
+}
+
+/// An ICMP destination-unreachable about a flow Sluice forwarded (the error
+/// quotes the packet as sent to the backend) counts against that backend; a
+/// TCP connect it fails is retried like a refused one. The message itself
+/// goes on to the kernel.
+#[inline(always)]
+fn icmp_error(ctx: &Ctx, l4: usize, family: u8) -> Action {
+    // Read as type, code and checksum together: see `ptr_at`.
+    let Some(icmp) = ptr_at::<[u8; 4]>(ctx, l4) else {
+        return Action::Pass;
+    };
+    // SAFETY: checked by ptr_at.
+    let icmp_type = unsafe { (*icmp)[0] };
+    let unreachable = if family == FAMILY_V4 {
+        icmp_type == ICMP_DEST_UNREACHABLE
+    } else {
+        icmp_type == ICMPV6_DEST_UNREACHABLE
+    };
+    if !unreachable {
+        return Action::Pass;
+    }
+    // The quoted packet: its IP header, then at least 8 bytes of TCP/UDP.
+    let inner = l4 + ICMP_HDR_LEN;
+    let (proto, src, dst, inner_l4) = if family == FAMILY_V4 {
+        let Some(ip) = ptr_at::<Ipv4>(ctx, inner) else {
+            return Action::Pass;
+        };
+        // SAFETY: checked by ptr_at.
+        let (vihl, ttl_proto, src, dst) =
+            unsafe { ((*ip).vihl, (*ip).ttl_proto, (*ip).src, (*ip).dst) };
+        let ihl = (vihl & 0x0f) as usize;
+        (
+            (ttl_proto >> 8) as u8,
+            [src, 0, 0, 0],
+            [dst, 0, 0, 0],
+            inner + ihl * 4,
+        )
+    } else {
+        let Some(ip) = ptr_at::<Ipv6>(ctx, inner) else {
+            return Action::Pass;
+        };
+        // SAFETY: checked by ptr_at.
+        let (next, src, dst) = unsafe { ((*ip).next_hdr, (*ip).src, (*ip).dst) };
+        (next, src, dst, inner + mem::size_of::<Ipv6>())
+    };
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        return Action::Pass;
+    }
+    let Some(ports) = ptr_at::<Ports>(ctx, inner_l4) else {
+        return Action::Pass;
+    };
+    // SAFETY: checked by ptr_at.
+    let (sport, dport) = unsafe { ((*ports).src, (*ports).dst) };
+    if !prefilter_hit(prefilter::BACKEND, &dst, dport, proto) {
+        return Action::Pass;
+    }
+    let Some(s) = scratch() else {
+        return Action::Pass;
+    };
+    // The reply direction's key: from the backend back to the flow's source.
+    s.key = FlowKey {
+        src: dst,
+        dst: src,
+        sport: dport,
+        dport: sport,
+        proto,
+        family,
+        _pad: 0,
+    };
+    let Some(reply) = CONNTRACK.get_ptr_mut(&s.key) else {
+        return Action::Pass;
+    };
+    // SAFETY: a live conntrack value.
+    let reply = unsafe { &*reply };
+    if reply.flags & FLOW_F_REVERSE == 0 {
+        return Action::Pass;
+    }
+    let now = health::now_ns();
+    health::record_failure(
+        reply.service_id,
+        reply.backend_id,
+        Failure::Unreachable,
+        now,
+    );
+    if proto == PROTO_TCP
+        && let Some(forward) = forward_of(s, reply)
+    {
+        // SAFETY: a live conntrack value.
+        let f = unsafe { &mut *forward };
+        let retries = health::policy(f.service_id).is_some_and(|p| p.flags & SERVICE_F_RETRY != 0);
+        if f.state == flow_state::SYN_SENT && f.backend_id == reply.backend_id && retries {
+            f.state = flow_state::REFUSED;
+        }
+    }
+    Action::Pass
+}
+
+/// Sends the flow (whose SYN is being forwarded now) to another backend:
+/// the next healthy choice after the failed one. If there is none, the SYN
+/// goes to the same backend again.
+#[inline(always)]
+fn retry(s: &mut Scratch, f: &mut Flow, now: u64) -> Result<(), u32> {
+    copy_addr(&mut s.service_key.addr, &s.key.dst);
+    s.service_key.port = s.key.dport;
+    s.service_key.proto = s.key.proto;
+    s.service_key.family = s.key.family;
+    // SAFETY: copied out at once.
+    let Some(service) = (unsafe { SERVICES.get(&s.service_key) }).copied() else {
+        return Ok(());
+    };
+    let key = &s.key;
+    let h = hash::flow_hash(&key.src, &key.dst, key.sport, key.dport, key.proto);
+    let first = u32::from(f.attempts) + 1;
+    let Some((backend_id, attempt)) = health::pick(&service, h, f.backend_id, first) else {
+        f.syn_ns = now;
+        f.state = flow_state::SYN_SENT;
+        return Ok(());
+    };
+    let Some(backend) = BACKENDS.get(backend_id) else {
+        return Ok(());
+    };
+    // The old reply entry goes; the new backend's comes (with SNAT it keeps
+    // the flow's port when that is free towards the new backend).
+    let old = &mut s.reverse_key;
+    copy_addr(&mut old.src, &f.new_dst);
+    copy_addr(&mut old.dst, &f.new_src);
+    old.sport = f.new_dport;
+    old.dport = f.new_sport;
+    old.proto = s.key.proto;
+    old.family = s.key.family;
+    old._pad = 0;
+    let _ = CONNTRACK.remove(&s.reverse_key);
+    // Seeded with the current port's offset: the same port is tried first.
+    let seed = u32::from(u16::from_be(f.new_sport)).wrapping_sub(u32::from(SNAT_PORT_MIN));
+    let new_sport = install_reverse(s, &service, backend_id, backend, seed)?;
+    copy_addr(&mut f.new_dst, &backend.addr);
+    f.new_dport = backend.port;
+    f.new_sport = new_sport;
+    f.backend_id = backend_id;
+    f.attempts = attempt.min(255) as u8;
+    f.state = flow_state::SYN_SENT;
+    f.syn_ns = now;
+    health::count_retry(service.id, backend_id);
+    Ok(())
 }
 
 /// A connection Sluice could not open is worth a log line (via aya-log into
@@ -359,9 +632,10 @@ fn validate(ctx: &Ctx, pkt: &Packet) -> Result<(), u32> {
 
 #[inline(always)]
 fn tcp_flags(ctx: &Ctx, pkt: &Packet) -> u8 {
-    match ptr_at::<u8>(ctx, pkt.l4 + TCP_FLAGS_OFFSET) {
-        // SAFETY: checked by ptr_at.
-        Some(flags) => unsafe { *flags },
+    // The data offset byte and the flags byte as one word: see `ptr_at`.
+    match ptr_at::<u16>(ctx, pkt.l4 + TCP_FLAGS_OFFSET - 1) {
+        // SAFETY: checked by ptr_at. The flags are the word's second byte.
+        Some(word) => (u16::from_be(unsafe { word.read_unaligned() }) & 0xff) as u8,
         None => 0,
     }
 }
@@ -401,70 +675,23 @@ fn translate(
     forward(ctx, pkt, params, &f.new_src, &f.new_dst, cache)
 }
 
-/// Picks the backend by Maglev, records both directions of the flow, and
-/// returns the forward entry (its copy in the scratch area).
+/// Picks the backend by Maglev (skipping ejected ones), records both
+/// directions of the flow, and returns the forward entry (its copy in the
+/// scratch area).
 #[inline(always)]
-fn new_flow(s: &mut Scratch, service: &Service) -> Result<*mut Flow, u32> {
+fn new_flow(s: &mut Scratch, service: &Service, syn: bool) -> Result<*mut Flow, u32> {
     let key = &s.key;
     let h = hash::flow_hash(&key.src, &key.dst, key.sport, key.dport, key.proto);
-    if service.table_size == 0 {
+    let Some((backend_id, attempt)) = health::pick(service, h, NO_BACKEND, 0) else {
         return Err(reason::NO_BACKEND);
-    }
-    let slot = service.table_offset + h % service.table_size;
-    let backend_id = match MAGLEV.get(slot) {
-        Some(id) if *id != NO_BACKEND => *id,
-        _ => return Err(reason::NO_BACKEND),
     };
     let Some(backend) = BACKENDS.get(backend_id) else {
         return Err(reason::NO_BACKEND);
     };
-    let snat = service.flags & SERVICE_F_SNAT != 0;
-
-    // The reverse entry first: with SNAT it is the port reservation.
-    let reverse_key = &mut s.reverse_key;
-    copy_addr(&mut reverse_key.src, &backend.addr);
-    copy_addr(
-        &mut reverse_key.dst,
-        if snat { &service.snat_addr } else { &key.src },
-    );
-    reverse_key.sport = backend.port;
-    reverse_key.dport = key.sport;
-    reverse_key.proto = key.proto;
-    reverse_key.family = key.family;
-    reverse_key._pad = 0;
-    let (reverse, key) = (&mut s.reverse, &s.key);
-    fill(
-        reverse, &key.dst, key.dport, &key.src, key.sport, backend_id, service.id,
-    );
-    reverse.flags = FLOW_F_REVERSE;
-    let mut new_sport = key.sport;
-    if snat {
-        // BPF_NOEXIST makes claiming a (backend, SNAT address, port) atomic
-        // across CPUs.
-        let range = u32::from(SNAT_PORT_MAX - SNAT_PORT_MIN) + 1;
-        let mut attempt = 0;
-        let mut claimed = false;
-        while attempt < SNAT_PORT_ATTEMPTS {
-            let port = (SNAT_PORT_MIN + (h.wrapping_add(attempt) % range) as u16).to_be();
-            s.reverse_key.dport = port;
-            if CONNTRACK
-                .insert(&s.reverse_key, &s.reverse, u64::from(BPF_NOEXIST))
-                .is_ok()
-            {
-                new_sport = port;
-                claimed = true;
-                break;
-            }
-            attempt += 1;
-        }
-        if !claimed {
-            return Err(reason::SNAT_PORTS_EXHAUSTED);
-        }
-    } else if CONNTRACK.insert(&s.reverse_key, &s.reverse, 0).is_err() {
-        return Err(reason::CONNTRACK_FULL);
-    }
+    let new_sport = install_reverse(s, service, backend_id, backend, h)?;
 
     let (forward, key) = (&mut s.forward, &s.key);
+    let snat = service.flags & SERVICE_F_SNAT != 0;
     let new_src = if snat { &service.snat_addr } else { &key.src };
     fill(
         forward,
@@ -476,11 +703,76 @@ fn new_flow(s: &mut Scratch, service: &Service) -> Result<*mut Flow, u32> {
         service.id,
     );
     forward.flags = 0;
+    forward.attempts = attempt.min(255) as u8;
+    if syn {
+        forward.state = flow_state::SYN_SENT;
+        forward.syn_ns = health::now_ns();
+    } else {
+        forward.state = flow_state::UNKNOWN;
+        forward.syn_ns = 0;
+    }
     if CONNTRACK.insert(&s.key, &s.forward, 0).is_err() {
         let _ = CONNTRACK.remove(&s.reverse_key);
         return Err(reason::CONNTRACK_FULL);
     }
     Ok(&raw mut s.forward)
+}
+
+/// Records the reply direction of the flow in `s.key` towards `backend`
+/// and returns the source port its forward packets must carry. With SNAT
+/// the reply entry is the port reservation: `BPF_NOEXIST` claims a
+/// (backend, SNAT address, port) atomically across CPUs, starting at
+/// `port_seed` within the SNAT range.
+#[inline(always)]
+fn install_reverse(
+    s: &mut Scratch,
+    service: &Service,
+    backend_id: u32,
+    backend: &Backend,
+    port_seed: u32,
+) -> Result<u16, u32> {
+    let snat = service.flags & SERVICE_F_SNAT != 0;
+    let key = &s.key;
+    let reverse_key = &mut s.reverse_key;
+    copy_addr(&mut reverse_key.src, &backend.addr);
+    copy_addr(
+        &mut reverse_key.dst,
+        if snat { &service.snat_addr } else { &key.src },
+    );
+    reverse_key.sport = backend.port;
+    reverse_key.dport = key.sport;
+    reverse_key.proto = key.proto;
+    reverse_key.family = key.family;
+    reverse_key._pad = 0;
+    let reverse = &mut s.reverse;
+    fill(
+        reverse, &key.dst, key.dport, &key.src, key.sport, backend_id, service.id,
+    );
+    reverse.flags = FLOW_F_REVERSE;
+    reverse.state = flow_state::UNKNOWN;
+    reverse.attempts = 0;
+    reverse.syn_ns = 0;
+    if !snat {
+        return if CONNTRACK.insert(&s.reverse_key, &s.reverse, 0).is_ok() {
+            Ok(key.sport)
+        } else {
+            Err(reason::CONNTRACK_FULL)
+        };
+    }
+    let range = u32::from(SNAT_PORT_MAX - SNAT_PORT_MIN) + 1;
+    let mut attempt = 0;
+    while attempt < SNAT_PORT_ATTEMPTS {
+        let port = (SNAT_PORT_MIN + (port_seed.wrapping_add(attempt) % range) as u16).to_be();
+        s.reverse_key.dport = port;
+        if CONNTRACK
+            .insert(&s.reverse_key, &s.reverse, u64::from(BPF_NOEXIST))
+            .is_ok()
+        {
+            return Ok(port);
+        }
+        attempt += 1;
+    }
+    Err(reason::SNAT_PORTS_EXHAUSTED)
 }
 
 /// Fills a flow value field by field: a struct literal with zeroed parts

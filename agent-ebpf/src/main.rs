@@ -7,6 +7,7 @@ mod bench;
 mod csum;
 mod fib;
 mod headers;
+mod health;
 mod lb;
 mod maps;
 

@@ -50,3 +50,21 @@ pub static SCRATCH: PerCpuArray<crate::lb::Scratch> = PerCpuArray::with_max_entr
 /// Slot 0: the FIB cache generation (see `fib::forward`), bumped by the agent.
 #[map]
 pub static FIB_GENERATION: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Service id → failure policy (written by the agent).
+#[map]
+pub static SERVICE_POLICY: Array<agent_common::ServicePolicy> = Array::with_max_entries(1024, 0);
+
+/// Service id → how many of its backends are ejected now (the kernel adds on
+/// ejection, the agent recounts on readmission).
+#[map]
+pub static SERVICE_EJECTED: Array<u32> = Array::with_max_entries(1024, 0);
+
+/// Backend id → consecutive failures and ejection.
+#[map]
+pub static BACKEND_HEALTH: Array<agent_common::BackendHealth> = Array::with_max_entries(4096, 0);
+
+/// Backend id → connect latency histogram.
+#[map]
+pub static BACKEND_LATENCY: PerCpuArray<agent_common::LatencyHistogram> =
+    PerCpuArray::with_max_entries(4096, 0);

@@ -104,6 +104,8 @@ pub async fn run(config_path: PathBuf, listen: SocketAddr) -> Result<(), RunErro
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut ticker = tokio::time::interval(RELOAD_POLL);
     let mut fib_ticker = tokio::time::interval(FIB_CACHE_LIFETIME);
+    let mut health_ticker = tokio::time::interval(crate::readmit::POLL);
+    let mut readmitter = crate::readmit::Readmitter::default();
     let mut current = cfg;
     loop {
         tokio::select! {
@@ -114,6 +116,7 @@ pub async fn run(config_path: PathBuf, listen: SocketAddr) -> Result<(), RunErro
                     warn!(error = format!("{e:#}"), "FIB cache generation not bumped");
                 }
             }
+            _ = health_ticker.tick() => readmitter.tick(&shared).await,
             _ = sigint.recv() => { info!("SIGINT: shutting down"); break; }
             _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break; }
             _ = ticker.tick() => {

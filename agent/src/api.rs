@@ -77,8 +77,19 @@ pub struct BackendView {
     pub weight: u32,
     pub state: &'static str,
     pub connections_total: u64,
+    pub failures_total: u64,
+    pub failures: FailureView,
+    pub ejections_total: u32,
+    pub active_connections: u64,
     pub packets_to_backend: u64,
     pub packets_to_client: u64,
+}
+
+#[derive(Serialize)]
+pub struct FailureView {
+    pub refused: u64,
+    pub timeout: u64,
+    pub unreachable: u64,
 }
 
 pub fn services_view(shared: &Shared) -> ServicesResponse {
@@ -107,8 +118,18 @@ pub fn services_view(shared: &Shared) -> ServicesResponse {
                     BackendView {
                         address: b.addr.to_string(),
                         weight: b.weight,
-                        state: backend_state(b),
+                        state: backend_state(rec, b),
                         connections_total: st.connections,
+                        failures_total: st.failures_refused
+                            + st.failures_timeout
+                            + st.failures_unreachable,
+                        failures: FailureView {
+                            refused: st.failures_refused,
+                            timeout: st.failures_timeout,
+                            unreachable: st.failures_unreachable,
+                        },
+                        ejections_total: rec.health(b.id).ejections,
+                        active_connections: st.opened.saturating_sub(st.closed),
                         packets_to_backend: st.packets_to_backend,
                         packets_to_client: st.packets_to_client,
                     }

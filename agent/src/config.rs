@@ -186,18 +186,26 @@ fn default_weight() -> u32 {
     1
 }
 
-/// Failure handling (counted and acted on by the kernel; see the failure issue).
+/// Failure handling: the kernel counts failures from the traffic and ejects;
+/// the agent readmits. See README "Failure handling".
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Failure {
     /// Ejected after this many failed connects in a row.
     pub consecutive_failures: u32,
-    /// Base ejection time (longer on repeated ejections).
+    /// Base ejection time; doubles on each repeated ejection.
     pub ejection_seconds: u32,
+    /// Cap of the doubled ejection time.
+    pub max_ejection_seconds: u32,
     /// Never eject more than this share of a service's backends.
     pub max_ejected_percent: u32,
     /// A refused or unanswered SYN is retried on another backend.
     pub retry_on_refused: bool,
+    /// A client SYN retransmitted this long after the forwarded one, with no
+    /// answer from the backend, is a timeout failure.
+    pub connect_timeout_ms: u32,
+    /// Readmit (TCP) only after a TCP connect to the backend succeeds.
+    pub probe: bool,
 }
 
 impl Default for Failure {
@@ -205,8 +213,11 @@ impl Default for Failure {
         Self {
             consecutive_failures: 3,
             ejection_seconds: 10,
+            max_ejection_seconds: 300,
             max_ejected_percent: 50,
             retry_on_refused: true,
+            connect_timeout_ms: 500,
+            probe: true,
         }
     }
 }
@@ -452,6 +463,20 @@ fn validate(raw: Config, path: &str) -> Result<Validated, ConfigError> {
                 field("failure.ejection_seconds"),
                 &f.ejection_seconds,
                 "must be at least 1",
+            ));
+        }
+        if f.max_ejection_seconds < f.ejection_seconds {
+            return Err(invalid(
+                field("failure.max_ejection_seconds"),
+                &f.max_ejection_seconds,
+                "must be at least failure.ejection_seconds",
+            ));
+        }
+        if !(10..=60_000).contains(&f.connect_timeout_ms) {
+            return Err(invalid(
+                field("failure.connect_timeout_ms"),
+                &f.connect_timeout_ms,
+                "must be 10 to 60000",
             ));
         }
         if f.max_ejected_percent > 100 {

@@ -4,7 +4,8 @@
 use std::collections::BTreeMap;
 
 use agent_common::{
-    Backend, FibCache, Flow, FlowKey, Prefilter, Service, ServiceKey, ServiceStats,
+    Backend, BackendHealth, FibCache, Flow, FlowKey, LatencyHistogram, Prefilter, Service,
+    ServiceKey, ServicePolicy, ServiceStats,
 };
 use anyhow::{Context, Result, anyhow};
 use aya::{
@@ -67,6 +68,10 @@ pub struct Maps {
     pub backend_stats: PerCpuArray<MapData, ServiceStats>,
     pub reasons: PerCpuArray<MapData, u64>,
     pub fib_generation: Array<MapData, u32>,
+    pub service_policy: Array<MapData, ServicePolicy>,
+    pub service_ejected: Array<MapData, u32>,
+    pub backend_health: Array<MapData, BackendHealth>,
+    pub backend_latency: PerCpuArray<MapData, LatencyHistogram>,
 }
 
 fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
@@ -92,6 +97,10 @@ impl Maps {
             backend_stats: take(ebpf, "BACKEND_STATS")?,
             reasons: take(ebpf, "REASONS")?,
             fib_generation: take(ebpf, "FIB_GENERATION")?,
+            service_policy: take(ebpf, "SERVICE_POLICY")?,
+            service_ejected: take(ebpf, "SERVICE_EJECTED")?,
+            backend_health: take(ebpf, "BACKEND_HEALTH")?,
+            backend_latency: take(ebpf, "BACKEND_LATENCY")?,
         })
     }
 }
@@ -113,13 +122,23 @@ impl Datapath {
     /// Loads (and verifies) the programs with maps sized for `sizes`.
     /// Returns the datapath and its maps, which the caller owns separately.
     pub fn load(sizes: Sizes) -> Result<(Self, Maps)> {
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        // SLUICE_VERIFIER_LOG=1: the kernel verifier's full log on a refusal.
+        if std::env::var_os("SLUICE_VERIFIER_LOG").is_some() {
+            loader
+                .verifier_log_level(aya::VerifierLogLevel::VERBOSE | aya::VerifierLogLevel::STATS);
+        }
+        let mut ebpf = loader
             .map_max_entries("CONNTRACK", sizes.conntrack)
             .map_max_entries("SERVICES", sizes.services)
             .map_max_entries("SERVICE_STATS", sizes.services)
             .map_max_entries("BACKENDS", sizes.backends)
             .map_max_entries("BACKEND_STATS", sizes.backends)
             .map_max_entries("BACKEND_FIB", sizes.backends)
+            .map_max_entries("BACKEND_HEALTH", sizes.backends)
+            .map_max_entries("BACKEND_LATENCY", sizes.backends)
+            .map_max_entries("SERVICE_POLICY", sizes.services)
+            .map_max_entries("SERVICE_EJECTED", sizes.services)
             .map_max_entries("MAGLEV", sizes.maglev_slots())
             .load(EBPF_OBJECT)
             .context("loading the eBPF object (maps)")?;

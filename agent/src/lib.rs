@@ -7,6 +7,7 @@ pub mod config;
 pub mod datapath;
 pub mod maglev;
 pub mod metrics;
+pub mod readmit;
 pub mod reconcile;
 pub mod state;
 pub mod sysctl;

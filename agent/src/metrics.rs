@@ -3,10 +3,11 @@
 
 use std::sync::{Arc, Mutex};
 
+use agent_common::{LATENCY_BASE_NS, LATENCY_BUCKETS, LatencyHistogram};
 use prometheus::{
     IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
     core::{Collector, Desc},
-    proto::MetricFamily,
+    proto::{Bucket, Histogram, LabelPair, Metric, MetricFamily, MetricType},
 };
 
 use crate::state::Shared;
@@ -20,6 +21,12 @@ pub struct DatapathCollector {
     backend_packets: IntCounterVec,
     backend_bytes: IntCounterVec,
     backend_state: IntGaugeVec,
+    backend_failures: IntCounterVec,
+    backend_ejections: IntCounterVec,
+    backend_active: IntGaugeVec,
+    retries: IntCounterVec,
+    fail_open: IntCounterVec,
+    latency_desc: Desc,
     drops: IntCounterVec,
     passed: IntCounterVec,
     conntrack_entries: IntGauge,
@@ -76,6 +83,39 @@ impl DatapathCollector {
                 "1 for the backend's current state (active, draining, ejected).",
                 &["service", "backend", "state"],
             ),
+            backend_failures: counter(
+                "sluice_backend_failures_total",
+                "Failed connects seen in the traffic: refused (RST to a SYN), timeout (SYN retransmitted past the connect timeout), unreachable (ICMP).",
+                &["service", "backend", "reason"],
+            ),
+            backend_ejections: counter(
+                "sluice_backend_ejections_total",
+                "Times the datapath ejected the backend after consecutive failures.",
+                &["service", "backend"],
+            ),
+            backend_active: gauge_vec(
+                "sluice_backend_active_connections",
+                "TCP connections established to the backend and not yet closed by FIN or RST.",
+                &["service", "backend"],
+            ),
+            retries: counter(
+                "sluice_connection_retries_total",
+                "Connects sent again to another backend after a refusal or timeout.",
+                &["service"],
+            ),
+            fail_open: counter(
+                "sluice_service_fail_open_total",
+                "Failures that would have ejected a backend but for max_ejected_percent: the service fails open.",
+                &["service"],
+            ),
+            latency_desc: Desc::new(
+                LATENCY.into(),
+                "Time from the forwarded SYN to the backend's SYN-ACK, measured in the kernel."
+                    .into(),
+                vec!["service".into(), "backend".into()],
+                Default::default(),
+            )
+            .expect("static metric definition"),
             drops: counter(
                 "sluice_drops_total",
                 "Packets for a service or from a backend that the datapath dropped, by reason.",
@@ -114,6 +154,11 @@ impl DatapathCollector {
             &self.backend_packets,
             &self.backend_bytes,
             &self.backend_state,
+            &self.backend_failures,
+            &self.backend_ejections,
+            &self.backend_active,
+            &self.retries,
+            &self.fail_open,
             &self.drops,
             &self.passed,
             &self.conntrack_entries,
@@ -122,7 +167,7 @@ impl DatapathCollector {
         ]
     }
 
-    fn refresh(&self) {
+    fn refresh(&self) -> Vec<Metric> {
         for v in [
             &self.service_packets,
             &self.service_bytes,
@@ -130,12 +175,17 @@ impl DatapathCollector {
             &self.backend_connections,
             &self.backend_packets,
             &self.backend_bytes,
+            &self.backend_failures,
+            &self.backend_ejections,
+            &self.retries,
+            &self.fail_open,
             &self.drops,
             &self.passed,
         ] {
             v.reset();
         }
         self.backend_state.reset();
+        self.backend_active.reset();
         self.attach_mode.reset();
 
         for (interface, mode) in self.shared.attachments.lock().unwrap().iter() {
@@ -148,14 +198,19 @@ impl DatapathCollector {
 
         let guard = self.shared.reconciler.lock().unwrap();
         let Some(rec) = guard.as_ref() else {
-            return;
+            return Vec::new();
         };
+        let mut latency = Vec::new();
         for service in rec.services.values() {
             let name = service.spec.name.as_str();
             let s = rec.stats(true, service.id);
             self.service_connections
                 .with_label_values(&[name])
                 .inc_by(s.connections);
+            self.retries.with_label_values(&[name]).inc_by(s.retries);
+            self.fail_open
+                .with_label_values(&[name])
+                .inc_by(s.fail_open);
             for (dir, packets, bytes) in [
                 ("to_backend", s.packets_to_backend, s.bytes_to_backend),
                 ("to_client", s.packets_to_client, s.bytes_to_client),
@@ -184,7 +239,25 @@ impl DatapathCollector {
                         .with_label_values(&[name, &addr, dir])
                         .inc_by(bytes);
                 }
-                let current = crate::state::backend_state(b);
+                for (reason, n) in [
+                    ("refused", st.failures_refused),
+                    ("timeout", st.failures_timeout),
+                    ("unreachable", st.failures_unreachable),
+                ] {
+                    self.backend_failures
+                        .with_label_values(&[name, &addr, reason])
+                        .inc_by(n);
+                }
+                self.backend_ejections
+                    .with_label_values(&[name, &addr])
+                    .inc_by(u64::from(rec.health(b.id).ejections));
+                self.backend_active
+                    .with_label_values(&[name, &addr])
+                    .set(st.opened.saturating_sub(st.closed).min(i64::MAX as u64) as i64);
+                if service.spec.protocol == crate::config::Protocol::Tcp {
+                    latency.push(latency_metric(name, &addr, &rec.latency(b.id)));
+                }
+                let current = crate::state::backend_state(rec, b);
                 for state in ["active", "draining", "ejected"] {
                     self.backend_state
                         .with_label_values(&[name, &addr, state])
@@ -203,19 +276,62 @@ impl DatapathCollector {
         }
         self.conntrack_entries
             .set(rec.conntrack_entries().min(i64::MAX as u64) as i64);
+        latency
     }
 }
 
 impl Collector for DatapathCollector {
     fn desc(&self) -> Vec<&Desc> {
-        self.parts().into_iter().flat_map(|c| c.desc()).collect()
+        let mut descs: Vec<&Desc> = self.parts().into_iter().flat_map(|c| c.desc()).collect();
+        descs.push(&self.latency_desc);
+        descs
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
         let _one_at_a_time = self.scrape.lock().unwrap();
-        self.refresh();
-        self.parts().into_iter().flat_map(|c| c.collect()).collect()
+        let latency = self.refresh();
+        let mut families: Vec<MetricFamily> =
+            self.parts().into_iter().flat_map(|c| c.collect()).collect();
+        if !latency.is_empty() {
+            let mut family = MetricFamily::default();
+            family.set_name(LATENCY.into());
+            family.set_help(self.latency_desc.help.clone());
+            family.set_field_type(MetricType::HISTOGRAM);
+            family.set_metric(latency);
+            families.push(family);
+        }
+        families
     }
+}
+
+const LATENCY: &str = "sluice_backend_connect_latency_seconds";
+
+/// One backend's connect latency as a Prometheus histogram: the kernel's
+/// log-scale buckets (each 2× the last, from 8 µs) made cumulative.
+fn latency_metric(service: &str, backend: &str, h: &LatencyHistogram) -> Metric {
+    let mut buckets = Vec::with_capacity(LATENCY_BUCKETS);
+    let mut cumulative = 0;
+    for (i, n) in h.buckets.iter().enumerate() {
+        cumulative += n;
+        let mut b = Bucket::default();
+        b.set_upper_bound((LATENCY_BASE_NS << i) as f64 / 1e9);
+        b.set_cumulative_count(cumulative);
+        buckets.push(b);
+    }
+    let mut hist = Histogram::default();
+    hist.set_sample_count(h.count);
+    hist.set_sample_sum(h.sum_ns as f64 / 1e9);
+    hist.set_bucket(buckets);
+    let mut metric = Metric::default();
+    let label = |name: &str, value: &str| {
+        let mut l = LabelPair::default();
+        l.set_name(name.into());
+        l.set_value(value.into());
+        l
+    };
+    metric.set_label(vec![label("backend", backend), label("service", service)]);
+    metric.set_histogram(hist);
+    metric
 }
 
 /// The agent's registry: datapath metrics, build info, process metrics.

@@ -14,10 +14,11 @@ use std::{
 };
 
 use agent_common::{
-    Backend, FAMILY_V4, FAMILY_V6, FibCache, NO_BACKEND, Prefilter, SERVICE_F_SNAT, Service,
-    ServiceKey, ServiceStats, hash::prefilter_bit, prefilter,
+    BACKEND_REMOVED, Backend, BackendHealth, FAMILY_V4, FAMILY_V6, FibCache, LatencyHistogram,
+    NO_BACKEND, Prefilter, SERVICE_F_RETRY, SERVICE_F_SNAT, Service, ServiceKey, ServicePolicy,
+    ServiceStats, hash::prefilter_bit, prefilter,
 };
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail};
 use aya::maps::PerCpuValues;
 use tracing::info;
 
@@ -121,6 +122,9 @@ impl Ids {
     fn give(&mut self, id: u32) {
         self.free.push_back(id);
     }
+    fn available(&self) -> u32 {
+        self.limit - self.next + self.free.len() as u32
+    }
 }
 
 pub struct Reconciler {
@@ -153,8 +157,69 @@ impl Reconciler {
         })
     }
 
-    /// Makes the kernel maps hold exactly `desired`.
+    /// Makes the kernel maps hold exactly `desired`. Refuses, before
+    /// changing anything, what the running maps can't hold.
     pub fn apply(&mut self, desired: &[ServiceSpec]) -> Result<()> {
+        self.check_capacity(desired)?;
+        // A backend's id is freed only after no table points at it, so new
+        // backends need free ids while the old ones still hold theirs. When
+        // that doesn't fit, drop the leaving backends first.
+        let new_backends = self.new_backend_count(desired);
+        if new_backends > self.backend_ids.available() {
+            let staying: Vec<ServiceSpec> = desired
+                .iter()
+                .map(|spec| {
+                    let mut spec = spec.clone();
+                    let old = self.services.get(&spec.name);
+                    spec.backends.retain(|(addr, _)| {
+                        old.is_some_and(|o| o.backends.iter().any(|b| b.addr == *addr))
+                    });
+                    spec
+                })
+                .collect();
+            self.apply_once(&staying)?;
+        }
+        self.apply_once(desired)
+    }
+
+    fn check_capacity(&self, desired: &[ServiceSpec]) -> Result<()> {
+        if desired.len() > self.service_ids.limit as usize {
+            bail!(
+                "{} services, but the running maps hold {} (limits.max_services at start)",
+                desired.len(),
+                self.service_ids.limit
+            );
+        }
+        let backends: usize = desired.iter().map(|s| s.backends.len()).sum();
+        if backends > self.backend_ids.limit as usize {
+            bail!(
+                "{backends} backends, but the running maps hold {} (limits.max_backends at start)",
+                self.backend_ids.limit
+            );
+        }
+        Ok(())
+    }
+
+    /// Backends in `desired` that have no id yet.
+    fn new_backend_count(&self, desired: &[ServiceSpec]) -> u32 {
+        desired
+            .iter()
+            .map(|spec| {
+                let old = self.services.get(&spec.name);
+                spec.backends
+                    .iter()
+                    .filter(|(addr, _)| {
+                        !old.is_some_and(|o| {
+                            service_key(&o.spec) == service_key(spec)
+                                && o.backends.iter().any(|b| b.addr == *addr)
+                        })
+                    })
+                    .count() as u32
+            })
+            .sum()
+    }
+
+    fn apply_once(&mut self, desired: &[ServiceSpec]) -> Result<()> {
         // Prefilter bits for services about to exist are set first (the old
         // bits stay until the old services are gone).
         let (wanted, wanted_addr) = service_filters(desired);
@@ -208,6 +273,11 @@ impl Reconciler {
             Err(e) => return Err(e).with_context(|| format!("removing service {name}")),
         }
         for b in &state.backends {
+            let removed = BackendHealth {
+                ejected: BACKEND_REMOVED,
+                ..BackendHealth::default()
+            };
+            let _ = self.maps.backend_health.set(b.id, removed, 0);
             self.backend_ids.give(b.id);
         }
         self.service_ids.give(state.id);
@@ -216,7 +286,8 @@ impl Reconciler {
     }
 
     fn upsert_service(&mut self, spec: &ServiceSpec) -> Result<()> {
-        let existing = self.services.remove(&spec.name);
+        // The old state stays recorded until the new one is in place.
+        let existing = self.services.get(&spec.name).cloned();
         let is_new = existing.is_none();
         let (id, mut old_backends, live_half, old_table) = match existing {
             Some(s) => (s.id, s.backends, s.live_half, s.table),
@@ -238,30 +309,7 @@ impl Reconciler {
                 }
                 None => {
                     let id = self.backend_ids.take()?;
-                    let words = addr_words(addr.ip());
-                    self.maps
-                        .backends
-                        .set(
-                            id,
-                            Backend {
-                                addr: words,
-                                port: addr.port().to_be(),
-                                _pad0: 0,
-                                _pad1: 0,
-                            },
-                            0,
-                        )
-                        .with_context(|| format!("writing backend {addr}"))?;
-                    // A reused id must not inherit its last owner's next hop.
-                    self.maps
-                        .backend_fib
-                        .set(id, FibCache::default(), 0)
-                        .with_context(|| format!("clearing the FIB cache of backend {addr}"))?;
-                    self.zero_stats(false, id)?;
-                    let proto = spec.protocol.number();
-                    self.backend_filter
-                        .set(prefilter_bit(&words, addr.port().to_be(), proto));
-                    self.backend_addr_filter.set(prefilter_bit(&words, 0, 0));
+                    self.write_new_backend(id, addr, spec.protocol.number())?;
                     BackendState { id, addr, weight }
                 }
             };
@@ -274,7 +322,26 @@ impl Reconciler {
             &self.backend_addr_filter,
         )?;
 
-        // 2. The table, into the idle half, only when it changed.
+        // 2. The failure policy, before the service entry can be used.
+        let active = backends.iter().filter(|b| b.weight > 0).count() as u32;
+        let f = &spec.failure;
+        let policy = ServicePolicy {
+            consecutive_failures: f.consecutive_failures,
+            max_ejected: active * f.max_ejected_percent / 100,
+            connect_timeout_ns: u64::from(f.connect_timeout_ms) * 1_000_000,
+            flags: if f.retry_on_refused {
+                SERVICE_F_RETRY
+            } else {
+                0
+            },
+            _pad: 0,
+        };
+        self.maps
+            .service_policy
+            .set(id, policy, 0)
+            .context("writing the failure policy")?;
+
+        // 3. The table, into the idle half, only when it changed.
         let weights: Vec<(SocketAddr, u32)> = backends.iter().map(|b| (b.addr, b.weight)).collect();
         let table: Vec<u32> = maglev::build(&weights, self.table_size)
             .into_iter()
@@ -300,7 +367,7 @@ impl Reconciler {
             live_half
         };
 
-        // 3. The service entry: one atomic update flips to the new table.
+        // 4. The service entry: one atomic update flips to the new table.
         let value = Service {
             id,
             table_offset: self.table_offset(id, half),
@@ -317,9 +384,15 @@ impl Reconciler {
             .insert(service_key(spec), value, 0)
             .context("writing the service entry")?;
 
-        // 4. Backends no longer listed: free their ids (no table points at them now).
+        // 5. Backends no longer listed: no table points at them now. Marked
+        // removed (so a reused 5-tuple re-picks), then their ids are freed.
         for b in old_backends {
             info!(service = spec.name, backend = %b.addr, "backend removed");
+            let removed = BackendHealth {
+                ejected: BACKEND_REMOVED,
+                ..BackendHealth::default()
+            };
+            let _ = self.maps.backend_health.set(b.id, removed, 0);
             self.backend_ids.give(b.id);
         }
         if is_new {
@@ -335,6 +408,41 @@ impl Reconciler {
                 table,
             },
         );
+        Ok(())
+    }
+
+    /// Everything the kernel keeps per backend, for a new or reused id.
+    fn write_new_backend(&mut self, id: u32, addr: SocketAddr, proto: u8) -> Result<()> {
+        let words = addr_words(addr.ip());
+        let backend = Backend {
+            addr: words,
+            port: addr.port().to_be(),
+            _pad0: 0,
+            _pad1: 0,
+        };
+        self.maps
+            .backends
+            .set(id, backend, 0)
+            .with_context(|| format!("writing backend {addr}"))?;
+        // A reused id must not inherit its last owner's next hop or health.
+        self.maps
+            .backend_fib
+            .set(id, FibCache::default(), 0)
+            .with_context(|| format!("clearing the FIB cache of backend {addr}"))?;
+        self.maps
+            .backend_health
+            .set(id, BackendHealth::default(), 0)
+            .with_context(|| format!("clearing the health of backend {addr}"))?;
+        let zeros = PerCpuValues::try_from(vec![LatencyHistogram::default(); self.nr_cpus])
+            .context("building per-CPU zeros")?;
+        self.maps
+            .backend_latency
+            .set(id, zeros, 0)
+            .with_context(|| format!("clearing the latency histogram of backend {addr}"))?;
+        self.zero_stats(false, id)?;
+        self.backend_filter
+            .set(prefilter_bit(&words, addr.port().to_be(), proto));
+        self.backend_addr_filter.set(prefilter_bit(&words, 0, 0));
         Ok(())
     }
 
@@ -369,6 +477,73 @@ impl Reconciler {
                 sum.bytes_to_backend += v.bytes_to_backend;
                 sum.packets_to_client += v.packets_to_client;
                 sum.bytes_to_client += v.bytes_to_client;
+                sum.failures_refused += v.failures_refused;
+                sum.failures_timeout += v.failures_timeout;
+                sum.failures_unreachable += v.failures_unreachable;
+                sum.retries += v.retries;
+                sum.opened += v.opened;
+                sum.closed += v.closed;
+                sum.fail_open += v.fail_open;
+            }
+        }
+        sum
+    }
+
+    /// The kernel's view of a backend's health.
+    pub fn health(&self, backend_id: u32) -> BackendHealth {
+        self.maps
+            .backend_health
+            .get(&backend_id, 0)
+            .unwrap_or_default()
+    }
+
+    /// Ends an ejection: the backend takes new connections again, its
+    /// failure streak starts over. `ejections` and `ejected_ns` stay.
+    pub fn readmit(&mut self, backend_id: u32) -> Result<()> {
+        let mut health = self.health(backend_id);
+        health.ejected = 0;
+        health.consecutive_failures = 0;
+        self.maps
+            .backend_health
+            .set(backend_id, health, 0)
+            .context("writing backend health")
+    }
+
+    /// Writes each service's count of ejected backends, which the kernel's
+    /// ejection cap reads (the kernel adds one per ejection; this corrects
+    /// it after readmissions).
+    pub fn recount_ejected(&mut self) -> Result<()> {
+        let counts: Vec<(u32, u32)> = self
+            .services
+            .values()
+            .map(|s| {
+                let n = s
+                    .backends
+                    .iter()
+                    .filter(|b| self.health(b.id).ejected == 1)
+                    .count() as u32;
+                (s.id, n)
+            })
+            .collect();
+        for (id, n) in counts {
+            self.maps
+                .service_ejected
+                .set(id, n, 0)
+                .context("writing the ejected count")?;
+        }
+        Ok(())
+    }
+
+    /// The connect latency histogram of a backend, summed over CPUs.
+    pub fn latency(&self, backend_id: u32) -> LatencyHistogram {
+        let mut sum = LatencyHistogram::default();
+        if let Ok(values) = self.maps.backend_latency.get(&backend_id, 0) {
+            for v in values.iter() {
+                for (s, b) in sum.buckets.iter_mut().zip(&v.buckets) {
+                    *s += b;
+                }
+                sum.count += v.count;
+                sum.sum_ns += v.sum_ns;
             }
         }
         sum

@@ -21,8 +21,10 @@ pub struct Shared {
 }
 
 /// A backend's state as the API and metrics name it.
-pub fn backend_state(backend: &BackendState) -> &'static str {
-    if backend.weight == 0 {
+pub fn backend_state(rec: &Reconciler, backend: &BackendState) -> &'static str {
+    if rec.health(backend.id).ejected == 1 {
+        "ejected"
+    } else if backend.weight == 0 {
         "draining"
     } else {
         "active"

@@ -1,0 +1,175 @@
+//! Failure accounting from real traffic, instant ejection, and the backend
+//! choice that skips ejected backends.
+//!
+//! Counters and health are plain per-CPU or shared map words without atomic
+//! instructions: two CPUs failing the same backend at the same instant may
+//! lose one count, which delays an ejection by one failure at worst.
+
+use agent_common::{
+    LATENCY_BASE_NS, LATENCY_BUCKETS, NO_BACKEND, Service, ServicePolicy, ServiceStats, hash,
+};
+use aya_ebpf::helpers::bpf_ktime_get_ns;
+
+use crate::maps::{
+    BACKEND_HEALTH, BACKEND_LATENCY, BACKEND_STATS, MAGLEV, SERVICE_EJECTED, SERVICE_POLICY,
+    SERVICE_STATS,
+};
+
+/// How many table slots a new connection may look at before it gives up
+/// skipping ejected backends. With at most half the backends ejected, 8
+/// tries miss a healthy one for fewer than 1 in 250 connections.
+const MAX_PICKS: u32 = 8;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    Refused,
+    Timeout,
+    Unreachable,
+}
+
+#[inline(always)]
+pub fn now_ns() -> u64 {
+    // SAFETY: plain helper call.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+#[inline(always)]
+pub fn policy(service_id: u32) -> Option<&'static ServicePolicy> {
+    SERVICE_POLICY.get(service_id)
+}
+
+#[inline(always)]
+fn with_stats(map_is_service: bool, id: u32, f: impl FnOnce(&mut ServiceStats)) {
+    let slot = if map_is_service {
+        SERVICE_STATS.get_ptr_mut(id)
+    } else {
+        BACKEND_STATS.get_ptr_mut(id)
+    };
+    if let Some(stats) = slot {
+        // SAFETY: this CPU's slot of a per-CPU map; only this CPU writes it.
+        f(unsafe { &mut *stats });
+    }
+}
+
+#[inline(always)]
+pub fn count_retry(service_id: u32, backend_id: u32) {
+    with_stats(true, service_id, |s| s.retries += 1);
+    with_stats(false, backend_id, |s| s.connections += 1);
+}
+
+#[inline(always)]
+pub fn count_close(service_id: u32, backend_id: u32) {
+    with_stats(true, service_id, |s| s.closed += 1);
+    with_stats(false, backend_id, |s| s.closed += 1);
+}
+
+#[inline(always)]
+pub fn is_ejected(backend_id: u32) -> bool {
+    BACKEND_HEALTH
+        .get(backend_id)
+        .is_some_and(|health| health.ejected != 0)
+}
+
+/// Counts a failure of a backend and ejects it on the packet that reaches the
+/// service's threshold, unless the service's ejection cap is reached (then it
+/// fails open: the backend stays in, and that is counted). The agent logs
+/// both as it reads the health words; logging from here would put aya-log's
+/// record building on this path.
+#[inline(always)]
+pub fn record_failure(service_id: u32, backend_id: u32, failure: Failure, now: u64) {
+    with_stats(false, backend_id, |s| match failure {
+        Failure::Refused => s.failures_refused += 1,
+        Failure::Timeout => s.failures_timeout += 1,
+        Failure::Unreachable => s.failures_unreachable += 1,
+    });
+    let (Some(policy), Some(health)) = (policy(service_id), BACKEND_HEALTH.get_ptr_mut(backend_id))
+    else {
+        return;
+    };
+    // SAFETY: a shared array slot; see the module note on races.
+    let health = unsafe { &mut *health };
+    health.consecutive_failures += 1;
+    if health.ejected != 0 || health.consecutive_failures < policy.consecutive_failures {
+        return;
+    }
+    let Some(ejected) = SERVICE_EJECTED.get_ptr_mut(service_id) else {
+        return;
+    };
+    // SAFETY: as above.
+    let ejected = unsafe { &mut *ejected };
+    if *ejected >= policy.max_ejected {
+        // The agent logs this when it sees the counter move.
+        with_stats(true, service_id, |s| s.fail_open += 1);
+        return;
+    }
+    *ejected += 1;
+    health.ejected = 1;
+    health.ejections += 1;
+    health.ejected_ns = now;
+}
+
+/// A SYN-ACK: the backend answers; its consecutive failures start over and
+/// the connect latency goes into its histogram.
+#[inline(always)]
+pub fn record_success(service_id: u32, backend_id: u32, latency_ns: u64) {
+    if let Some(health) = BACKEND_HEALTH.get_ptr_mut(backend_id) {
+        // SAFETY: a shared array slot; see the module note on races.
+        unsafe { (*health).consecutive_failures = 0 };
+    }
+    with_stats(true, service_id, |s| s.opened += 1);
+    with_stats(false, backend_id, |s| s.opened += 1);
+    let Some(hist) = BACKEND_LATENCY.get_ptr_mut(backend_id) else {
+        return;
+    };
+    // SAFETY: this CPU's slot of a per-CPU map.
+    let hist = unsafe { &mut *hist };
+    hist.count += 1;
+    hist.sum_ns += latency_ns;
+    let mut i = 0;
+    let mut bound = LATENCY_BASE_NS;
+    while i < LATENCY_BUCKETS && latency_ns >= bound {
+        i += 1;
+        bound <<= 1;
+    }
+    if i < LATENCY_BUCKETS {
+        hist.buckets[i] += 1;
+    }
+}
+
+/// The Maglev choice for a connection: the slot of its hash, and while that
+/// backend is ejected (or is `exclude`, the one that just failed it), the
+/// slot of a rehash. Every node with the same healthy set makes the same
+/// choice, and an ejected backend's share spreads over all the others in
+/// proportion to their weights. Returns the backend id and the attempt that
+/// found it; falls back to the first choice (fail open) if every try lands
+/// on an ejected backend.
+#[inline(always)]
+pub fn pick(service: &Service, h: u32, exclude: u32, first_attempt: u32) -> Option<(u32, u32)> {
+    if service.table_size == 0 {
+        return None;
+    }
+    let mut fallback = None;
+    let mut attempt = first_attempt;
+    while attempt < first_attempt + MAX_PICKS {
+        let hh = if attempt == 0 {
+            h
+        } else {
+            hash::rehash(h, attempt)
+        };
+        let slot = service.table_offset + hh % service.table_size;
+        let id = *MAGLEV.get(slot)?;
+        if id == NO_BACKEND {
+            return None;
+        }
+        if id != exclude {
+            if !is_ejected(id) {
+                return Some((id, attempt));
+            }
+            if fallback.is_none() {
+                fallback = Some((id, attempt));
+            }
+        }
+        attempt += 1;
+    }
+    fallback
+}
