@@ -1,0 +1,187 @@
+//! Failure accounting state transitions through BPF_PROG_TEST_RUN: SYN → RST
+//! (refused, held back, retried), SYN retransmitted past the connect timeout,
+//! SYN-ACK (the streak resets, latency recorded), ejection after the
+//! threshold, and the ejection cap.
+
+use std::{net::SocketAddr, time::Duration};
+
+use agent_common::reason;
+use anyhow::Result;
+use sluice_tests::{
+    fib::{FibBed, T0_MAC, XDP_DROP, XDP_REDIRECT, backend_mac},
+    packet::{Pkt, TCP_ACK, TCP_RST, TCP_SYN},
+};
+use testbed::Family;
+
+const FAM: Family = Family::V4;
+
+fn services(retry: bool, backends: &[usize], max_ejected_percent: u32) -> String {
+    let mut text = format!(
+        "services:\n  - name: web\n    vip: \"{}\"\n    port: 80\n    protocol: tcp\n    failure:\n      consecutive_failures: 3\n      connect_timeout_ms: 20\n      retry_on_refused: {retry}\n      max_ejected_percent: {max_ejected_percent}\n    backends:\n",
+        FAM.vip()
+    );
+    for &i in backends {
+        text += &format!("      - address: \"{}\"\n", SocketAddr::new(FAM.backend(i), 8080));
+    }
+    text
+}
+
+fn syn(port: u16) -> Pkt {
+    Pkt::tcp(FAM.client(), port, FAM.vip(), 80, TCP_SYN)
+}
+
+/// Which backend a forwarded frame went to.
+fn backend_of(out: &[u8]) -> usize {
+    (0..3).find(|&i| out[..6] == backend_mac(i)).expect("sent to a backend")
+}
+
+/// The backend's answer to the client's SYN on `port`.
+fn answer(backend: usize, port: u16, flags: u8) -> Pkt {
+    Pkt {
+        smac: backend_mac(backend),
+        dmac: T0_MAC,
+        ..Pkt::tcp(FAM.backend(backend), 8080, FAM.client(), port, flags)
+    }
+}
+
+fn backend_stats(bed: &FibBed, i: usize) -> agent_common::ServiceStats {
+    let addr = SocketAddr::new(FAM.backend(i), 8080);
+    let service = &bed.reconciler.services["web"];
+    let b = service.backends.iter().find(|b| b.addr == addr).unwrap();
+    bed.reconciler.stats(false, b.id)
+}
+
+fn backend_id(bed: &FibBed, i: usize) -> u32 {
+    let addr = SocketAddr::new(FAM.backend(i), 8080);
+    bed.reconciler.services["web"]
+        .backends
+        .iter()
+        .find(|b| b.addr == addr)
+        .unwrap()
+        .id
+}
+
+#[test]
+fn refused_syn_is_held_back_and_retried_on_another_backend() -> Result<()> {
+    let mut bed = FibBed::new(&services(true, &[0, 1, 2], 50))?;
+    let (rc, out) = bed.run(&syn(41_000).bytes())?;
+    assert_eq!(rc, XDP_REDIRECT);
+    let first = backend_of(&out);
+
+    // The backend refuses: counted, and the RST is not forwarded.
+    let (rc, _) = bed.run(&answer(first, 41_000, TCP_RST | TCP_ACK).bytes())?;
+    assert_eq!(rc, XDP_DROP, "the refusal is held back");
+    assert_eq!(bed.reason(reason::RST_HELD_FOR_RETRY), 1);
+    assert_eq!(backend_stats(&bed, first).failures_refused, 1);
+    assert_eq!(bed.reconciler.health(backend_id(&bed, first)).consecutive_failures, 1);
+
+    // The client's retransmitted SYN goes to another backend.
+    let (rc, out) = bed.run(&syn(41_000).bytes())?;
+    assert_eq!(rc, XDP_REDIRECT);
+    let second = backend_of(&out);
+    assert_ne!(second, first, "retried on another backend");
+    let service_id = bed.reconciler.services["web"].id;
+    assert_eq!(bed.reconciler.stats(true, service_id).retries, 1);
+
+    // The new backend's SYN-ACK reaches the client; the old backend's late
+    // packets of this flow are not translated any more.
+    let (rc, _) = bed.run(&answer(second, 41_000, TCP_SYN | TCP_ACK).bytes())?;
+    assert_eq!(rc, XDP_REDIRECT);
+    assert_eq!(backend_stats(&bed, second).opened, 1);
+    Ok(())
+}
+
+#[test]
+fn without_retry_the_refusal_reaches_the_client() -> Result<()> {
+    let mut bed = FibBed::new(&services(false, &[0, 1, 2], 50))?;
+    let (_, out) = bed.run(&syn(41_001).bytes())?;
+    let first = backend_of(&out);
+    let (rc, _) = bed.run(&answer(first, 41_001, TCP_RST | TCP_ACK).bytes())?;
+    assert_eq!(rc, XDP_REDIRECT, "RST forwarded to the client");
+    assert_eq!(backend_stats(&bed, first).failures_refused, 1);
+    Ok(())
+}
+
+#[test]
+fn syn_retransmitted_after_the_connect_timeout_counts_and_retries() -> Result<()> {
+    let mut bed = FibBed::new(&services(true, &[0, 1, 2], 50))?;
+    let (_, out) = bed.run(&syn(41_002).bytes())?;
+    let first = backend_of(&out);
+    // An early retransmission (within the timeout) stays on the backend.
+    let (_, out) = bed.run(&syn(41_002).bytes())?;
+    assert_eq!(backend_of(&out), first);
+    assert_eq!(backend_stats(&bed, first).failures_timeout, 0);
+
+    std::thread::sleep(Duration::from_millis(50));
+    let (rc, out) = bed.run(&syn(41_002).bytes())?;
+    assert_eq!(rc, XDP_REDIRECT);
+    assert_eq!(backend_stats(&bed, first).failures_timeout, 1);
+    assert_ne!(backend_of(&out), first, "retried on another backend");
+    Ok(())
+}
+
+#[test]
+fn syn_ack_resets_the_streak_and_records_latency() -> Result<()> {
+    let mut bed = FibBed::new(&services(false, &[1], 50))?;
+    let id = backend_id(&bed, 1);
+    for (n, port) in (42_000..42_002).enumerate() {
+        bed.run(&syn(port).bytes())?;
+        bed.run(&answer(1, port, TCP_RST | TCP_ACK).bytes())?;
+        assert_eq!(bed.reconciler.health(id).consecutive_failures, n as u32 + 1);
+    }
+    bed.run(&syn(42_010).bytes())?;
+    std::thread::sleep(Duration::from_millis(2));
+    bed.run(&answer(1, 42_010, TCP_SYN | TCP_ACK).bytes())?;
+    assert_eq!(bed.reconciler.health(id).consecutive_failures, 0, "success resets");
+    let latency = bed.reconciler.latency(id);
+    assert_eq!(latency.count, 1);
+    assert!(latency.sum_ns >= 2_000_000, "latency {} ns", latency.sum_ns);
+    assert_eq!(latency.buckets.iter().sum::<u64>(), 1);
+    // A second SYN-ACK (retransmitted) is not a second connection.
+    bed.run(&answer(1, 42_010, TCP_SYN | TCP_ACK).bytes())?;
+    assert_eq!(bed.reconciler.latency(id).count, 1);
+    Ok(())
+}
+
+#[test]
+fn ejected_after_the_threshold_and_new_flows_skip_it() -> Result<()> {
+    let mut bed = FibBed::new(&services(false, &[0, 1, 2], 50))?;
+    let victim = backend_of(&bed.run(&syn(43_000).bytes())?.1);
+    let id = backend_id(&bed, victim);
+    bed.run(&answer(victim, 43_000, TCP_RST | TCP_ACK).bytes())?;
+    // Two more refusals from the same backend, on flows that land there.
+    let mut refused = 1;
+    let mut port = 43_001;
+    while refused < 3 {
+        let (_, out) = bed.run(&syn(port).bytes())?;
+        if backend_of(&out) == victim {
+            bed.run(&answer(victim, port, TCP_RST | TCP_ACK).bytes())?;
+            refused += 1;
+            assert_eq!(bed.reconciler.health(id).ejected, u32::from(refused == 3));
+        }
+        port += 1;
+    }
+    assert_eq!(bed.reconciler.health(id).ejections, 1);
+    for port in 44_000..44_100 {
+        let (_, out) = bed.run(&syn(port).bytes())?;
+        assert_ne!(backend_of(&out), victim, "a new flow went to the ejected backend");
+    }
+    Ok(())
+}
+
+#[test]
+fn ejections_stop_at_max_ejected_percent() -> Result<()> {
+    // 3 backends, 34%: one may be ejected, then the service fails open.
+    let mut bed = FibBed::new(&services(false, &[0, 1, 2], 34))?;
+    for port in 45_000..45_100 {
+        let (_, out) = bed.run(&syn(port).bytes())?;
+        bed.run(&answer(backend_of(&out), port, TCP_RST | TCP_ACK).bytes())?;
+    }
+    let ejected: Vec<usize> = (0..3)
+        .filter(|&i| bed.reconciler.health(backend_id(&bed, i)).ejected == 1)
+        .collect();
+    assert_eq!(ejected.len(), 1, "only one of three may be ejected: {ejected:?}");
+    let service_id = bed.reconciler.services["web"].id;
+    assert!(bed.reconciler.stats(true, service_id).fail_open > 0);
+    Ok(())
+}
