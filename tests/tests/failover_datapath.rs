@@ -21,7 +21,10 @@ fn services(retry: bool, backends: &[usize], max_ejected_percent: u32) -> String
         FAM.vip()
     );
     for &i in backends {
-        text += &format!("      - address: \"{}\"\n", SocketAddr::new(FAM.backend(i), 8080));
+        text += &format!(
+            "      - address: \"{}\"\n",
+            SocketAddr::new(FAM.backend(i), 8080)
+        );
     }
     text
 }
@@ -32,7 +35,9 @@ fn syn(port: u16) -> Pkt {
 
 /// Which backend a forwarded frame went to.
 fn backend_of(out: &[u8]) -> usize {
-    (0..3).find(|&i| out[..6] == backend_mac(i)).expect("sent to a backend")
+    (0..3)
+        .find(|&i| out[..6] == backend_mac(i))
+        .expect("sent to a backend")
 }
 
 /// The backend's answer to the client's SYN on `port`.
@@ -73,7 +78,12 @@ fn refused_syn_is_held_back_and_retried_on_another_backend() -> Result<()> {
     assert_eq!(rc, XDP_DROP, "the refusal is held back");
     assert_eq!(bed.reason(reason::RST_HELD_FOR_RETRY), 1);
     assert_eq!(backend_stats(&bed, first).failures_refused, 1);
-    assert_eq!(bed.reconciler.health(backend_id(&bed, first)).consecutive_failures, 1);
+    assert_eq!(
+        bed.reconciler
+            .health(backend_id(&bed, first))
+            .consecutive_failures,
+        1
+    );
 
     // The client's retransmitted SYN goes to another backend.
     let (rc, out) = bed.run(&syn(41_000).bytes())?;
@@ -132,7 +142,11 @@ fn syn_ack_resets_the_streak_and_records_latency() -> Result<()> {
     bed.run(&syn(42_010).bytes())?;
     std::thread::sleep(Duration::from_millis(2));
     bed.run(&answer(1, 42_010, TCP_SYN | TCP_ACK).bytes())?;
-    assert_eq!(bed.reconciler.health(id).consecutive_failures, 0, "success resets");
+    assert_eq!(
+        bed.reconciler.health(id).consecutive_failures,
+        0,
+        "success resets"
+    );
     let latency = bed.reconciler.latency(id);
     assert_eq!(latency.count, 1);
     assert!(latency.sum_ns >= 2_000_000, "latency {} ns", latency.sum_ns);
@@ -164,7 +178,11 @@ fn ejected_after_the_threshold_and_new_flows_skip_it() -> Result<()> {
     assert_eq!(bed.reconciler.health(id).ejections, 1);
     for port in 44_000..44_100 {
         let (_, out) = bed.run(&syn(port).bytes())?;
-        assert_ne!(backend_of(&out), victim, "a new flow went to the ejected backend");
+        assert_ne!(
+            backend_of(&out),
+            victim,
+            "a new flow went to the ejected backend"
+        );
     }
     Ok(())
 }
@@ -180,7 +198,11 @@ fn ejections_stop_at_max_ejected_percent() -> Result<()> {
     let ejected: Vec<usize> = (0..3)
         .filter(|&i| bed.reconciler.health(backend_id(&bed, i)).ejected == 1)
         .collect();
-    assert_eq!(ejected.len(), 1, "only one of three may be ejected: {ejected:?}");
+    assert_eq!(
+        ejected.len(),
+        1,
+        "only one of three may be ejected: {ejected:?}"
+    );
     let service_id = bed.reconciler.services["web"].id;
     assert!(bed.reconciler.stats(true, service_id).fail_open > 0);
     Ok(())

@@ -18,6 +18,7 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("ethtool", "ethtool"),
     ("iputils-ping", "ping"),
     ("procps", "sysctl"),
+    ("nftables", "nft"),
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq)]
