@@ -102,6 +102,17 @@ pub struct FibCache {
 }
 const _: () = assert!(core::mem::size_of::<FibCache>() == 20);
 
+/// Value of the `BACKEND_FIB` array: the FIB result towards one backend, and
+/// which backend address it is for (ids are reused; a flow to a backend that
+/// left may still hold the old id).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendFib {
+    pub dst: [u32; 4],
+    pub fib: FibCache,
+}
+const _: () = assert!(core::mem::size_of::<BackendFib>() == 36);
+
 /// Value of the `CONNTRACK` map: how to rewrite the packets of one direction
 /// of a flow. The forward entry (client → VIP) sends to the backend, from the
 /// SNAT address with SNAT; the reverse entry (backend → client, or → SNAT
@@ -298,6 +309,7 @@ mod pod {
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::Flow {}
     unsafe impl aya::Pod for super::FibCache {}
+    unsafe impl aya::Pod for super::BackendFib {}
     unsafe impl aya::Pod for super::ServicePolicy {}
     unsafe impl aya::Pod for super::BackendHealth {}
     unsafe impl aya::Pod for super::LatencyHistogram {}

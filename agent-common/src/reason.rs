@@ -48,6 +48,9 @@ reasons! {
     /// A backend's RST to a SYN, held back: the client's retransmitted SYN
     /// goes to another backend instead of the client seeing the refusal.
     RST_HELD_FOR_RETRY = 13, "rst_held_for_retry", true;
+    /// dnat: another flow already uses this (backend, client, ports) reply
+    /// tuple (same client port towards two VIPs sharing a backend). Dropped.
+    REPLY_CONFLICT = 14, "reply_conflict", true;
 }
 
 pub const COUNT: u32 = ALL.len() as u32;

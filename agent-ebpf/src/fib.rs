@@ -106,6 +106,25 @@ fn lookup(
     }
 }
 
+/// False when the TTL (hop limit) would expire here: the kernel must answer.
+#[inline(always)]
+pub fn ttl_allows_forwarding(ctx: &Ctx, pkt: &Packet) -> bool {
+    if pkt.family == FAMILY_V4 {
+        match ptr_at::<Ipv4>(ctx, pkt.l3) {
+            // SAFETY: inside the packet (ptr_at). The TTL is the word's first
+            // byte, the low byte once loaded.
+            Some(ip) => (unsafe { (*ip).ttl_proto } as u8) > 1,
+            None => false,
+        }
+    } else {
+        match ptr_at::<Ipv6>(ctx, pkt.l3) {
+            // SAFETY: inside the packet (ptr_at).
+            Some(ip) => (unsafe { (*ip).hop_limit }) > 1,
+            None => false,
+        }
+    }
+}
+
 /// Returns false (and changes nothing) when the packet must not be forwarded.
 #[inline(always)]
 fn decrement_ttl(ctx: &Ctx, pkt: &Packet) -> bool {

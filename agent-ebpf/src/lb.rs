@@ -19,7 +19,7 @@ use network_types::eth::{EthHdr, EtherType};
 
 use crate::{
     csum::Diff,
-    fib::forward,
+    fib::{self, forward},
     headers::{
         ICMP_DEST_UNREACHABLE, ICMP_HDR_LEN, ICMPV6_DEST_UNREACHABLE, IPV4_FRAG_MASK_BE,
         IPV6_FRAGMENT, Ipv4, Ipv6, PROTO_ICMP, PROTO_ICMPV6, Ports, TCP_ACK, TCP_CHECK_OFFSET,
@@ -47,6 +47,9 @@ pub enum Action {
 pub struct Ctx {
     pub data: usize,
     pub data_end: usize,
+    /// The whole packet's length. For TC only the headers need to be in the
+    /// linear part (`data..data_end`); the rest may be paged.
+    pub len: usize,
     pub ifindex: u32,
     /// The program's context (`xdp_md` or `__sk_buff`) for helpers.
     pub raw: *mut c_void,
@@ -369,9 +372,10 @@ fn client_tcp(s: &mut Scratch, f: &mut Flow, flags: u8) -> Result<(), u32> {
             }
         }
         flow_state::REFUSED => retry(s, f, health::now_ns()),
-        flow_state::CLOSED => {
-            // The 5-tuple is reused by a new connection: it starts afresh,
-            // on the same backend if that is still healthy.
+        flow_state::CLOSED | flow_state::UNKNOWN => {
+            // The 5-tuple is reused by a new connection (or a flow picked up
+            // mid-stream starts over): it starts afresh, on the same backend
+            // if that is still healthy and in the service.
             f.state = flow_state::SYN_SENT;
             f.syn_ns = health::now_ns();
             count_connection(f.service_id, f.backend_id);
@@ -624,7 +628,7 @@ fn validate(ctx: &Ctx, pkt: &Packet) -> Result<(), u32> {
     if ctx.data + pkt.l4 + l4_len > ctx.data_end {
         return Err(reason::TRUNCATED);
     }
-    if pkt.ip_end < pkt.l4 + l4_len || ctx.data + pkt.ip_end > ctx.data_end {
+    if pkt.ip_end < pkt.l4 + l4_len || pkt.ip_end > ctx.len {
         return Err(reason::BAD_LENGTH);
     }
     Ok(())
@@ -653,6 +657,11 @@ fn translate(
 ) -> Action {
     // SAFETY: `flow` is valid and aliases neither `key` nor `params`.
     let f = unsafe { &mut *flow };
+    // Before any rewrite: the kernel's ICMP time-exceeded must quote the
+    // packet the client sent.
+    if !fib::ttl_allows_forwarding(ctx, pkt) {
+        return exception(reason::TTL_EXCEEDED);
+    }
     rewrite(
         ctx,
         pkt,
@@ -665,11 +674,14 @@ fn translate(
     let to_backend = f.flags & FLOW_F_REVERSE == 0;
     account(f.service_id, f.backend_id, to_backend, ctx);
     // Towards a backend the next hop depends on the backend alone: one cached
-    // FIB result per backend serves all its flows, new ones included. Towards
-    // a client it is the flow's own.
+    // FIB result per backend serves all its flows, new ones included, as long
+    // as the slot is still that backend's (the agent reuses ids). Towards a
+    // client, and for a flow whose backend id was reused, it is the flow's own.
     let cache = match BACKEND_FIB.get_ptr_mut(f.backend_id) {
         // SAFETY: an array slot; concurrent writers store the same result.
-        Some(cache) if to_backend => unsafe { &mut *cache },
+        Some(slot) if to_backend && unsafe { (*slot).dst == f.new_dst } => unsafe {
+            &mut (*slot).fib
+        },
         _ => &mut f.fib,
     };
     forward(ctx, pkt, params, &f.new_src, &f.new_dst, cache)
@@ -753,6 +765,21 @@ fn install_reverse(
     reverse.attempts = 0;
     reverse.syn_ns = 0;
     if !snat {
+        if CONNTRACK
+            .insert(&s.reverse_key, &s.reverse, u64::from(BPF_NOEXIST))
+            .is_ok()
+        {
+            return Ok(key.sport);
+        }
+        // Taken: by an earlier life of this same flow (overwrite it), or by
+        // another flow whose replies would then be mistranslated (refuse).
+        let same_flow = CONNTRACK.get_ptr_mut(&s.reverse_key).is_some_and(|other| {
+            // SAFETY: a live conntrack value, read field by field.
+            unsafe { (*other).new_src == key.dst && (*other).new_sport == key.dport }
+        });
+        if !same_flow {
+            return Err(reason::REPLY_CONFLICT);
+        }
         return if CONNTRACK.insert(&s.reverse_key, &s.reverse, 0).is_ok() {
             Ok(key.sport)
         } else {
@@ -867,7 +894,7 @@ fn count_connection(service_id: u32, backend_id: u32) {
 
 #[inline(always)]
 fn account(service_id: u32, backend_id: u32, to_backend: bool, ctx: &Ctx) {
-    let bytes = (ctx.data_end - ctx.data) as u64;
+    let bytes = ctx.len as u64;
     if let Some(s) = SERVICE_STATS.get_ptr_mut(service_id) {
         add_traffic(s, to_backend, bytes);
     }

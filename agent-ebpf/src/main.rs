@@ -27,6 +27,7 @@ pub fn sluice_xdp(ctx: XdpContext) -> u32 {
     let c = Ctx {
         data: ctx.data(),
         data_end: ctx.data_end(),
+        len: ctx.data_end() - ctx.data(),
         ifindex: ctx.ingress_ifindex() as u32,
         raw: ctx.ctx.cast(),
     };
@@ -51,6 +52,7 @@ pub fn sluice_tc(ctx: TcContext) -> i32 {
     let c = Ctx {
         data: ctx.data(),
         data_end: ctx.data_end(),
+        len: ctx.len() as usize,
         ifindex,
         raw: ctx.skb.skb.cast(),
     };

@@ -15,9 +15,9 @@ pub static SERVICES: HashMap<ServiceKey, Service> = HashMap::with_max_entries(10
 #[map]
 pub static BACKENDS: Array<Backend> = Array::with_max_entries(4096, 0);
 
-/// Backend id → the FIB result towards it (see `fib::forward`).
+/// Backend id → the FIB result towards it (see `lb::translate`).
 #[map]
-pub static BACKEND_FIB: Array<agent_common::FibCache> = Array::with_max_entries(4096, 0);
+pub static BACKEND_FIB: Array<agent_common::BackendFib> = Array::with_max_entries(4096, 0);
 
 /// Maglev lookup tables of all services back to back, two halves per service
 /// so the agent fills one while packets read the other.

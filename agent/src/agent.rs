@@ -57,9 +57,17 @@ pub fn check_interfaces(cfg: &Validated, path: &Path) -> Result<(), ConfigError>
 }
 
 pub async fn run(config_path: PathBuf, listen: SocketAddr) -> Result<(), RunError> {
-    let cfg = config::load(&config_path)?;
+    // One read: what is parsed is what later reads are compared with, so an
+    // edit made during start-up is not missed.
+    let mut last_text = std::fs::read(&config_path).map_err(|source| ConfigError::Read {
+        path: config_path.display().to_string(),
+        source,
+    })?;
+    let cfg = config::parse(
+        &String::from_utf8_lossy(&last_text),
+        &config_path.display().to_string(),
+    )?;
     check_interfaces(&cfg, &config_path)?;
-    let mut last_text = std::fs::read(&config_path).unwrap_or_default();
 
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -90,6 +98,11 @@ pub async fn run(config_path: PathBuf, listen: SocketAddr) -> Result<(), RunErro
     *shared.conntrack_capacity.lock().unwrap() = sizes.conntrack;
     let mut sysctls = Sysctls::default();
     sysctls.apply(&cfg)?;
+    spawn_conntrack_counter(
+        datapath.conntrack_handle()?,
+        sizes.conntrack,
+        shared.clone(),
+    );
     let mut reconciler = Reconciler::new(maps, sizes.table_size, sizes.services, sizes.backends)?;
     reconciler.apply(&cfg.services)?;
     *shared.reconciler.lock().unwrap() = Some(reconciler);
@@ -124,8 +137,9 @@ pub async fn run(config_path: PathBuf, listen: SocketAddr) -> Result<(), RunErro
                 if text == last_text {
                     continue;
                 }
+                let result = reload(&config_path, &text, &current, &mut datapath, &mut sysctls, &shared);
                 last_text = text;
-                match reload(&config_path, &current, &mut datapath, &mut sysctls, &shared) {
+                match result {
                     Ok(Some(next)) => current = next,
                     Ok(None) => {}
                     Err(e) => error!(config = %config_path.display(), error = %e, "config change rejected; the last good config keeps serving"),
@@ -135,6 +149,7 @@ pub async fn run(config_path: PathBuf, listen: SocketAddr) -> Result<(), RunErro
     }
 
     shared.ready.store(false, Ordering::SeqCst);
+    shared.stopping.store(true, Ordering::SeqCst);
     let _ = stop_http.send(());
     // Dropping the datapath closes every link: the programs detach.
     shared.reconciler.lock().unwrap().take();
@@ -148,12 +163,13 @@ pub async fn run(config_path: PathBuf, listen: SocketAddr) -> Result<(), RunErro
 /// Applies a changed config file. Returns the new config once applied.
 fn reload(
     path: &Path,
+    text: &[u8],
     current: &Validated,
     datapath: &mut Datapath,
     sysctls: &mut Sysctls,
     shared: &Shared,
 ) -> Result<Option<Validated>> {
-    let next = config::load(path)?;
+    let next = config::parse(&String::from_utf8_lossy(text), &path.display().to_string())?;
     check_interfaces(&next, path)?;
     if next == *current {
         return Ok(None);
@@ -180,6 +196,35 @@ fn reload(
     reconciler.apply(&next.services)?;
     info!(config = %path.display(), services = next.services.len(), "config change applied");
     Ok(Some(next))
+}
+
+/// How often the conntrack map's entries are counted (a walk of the map).
+const CONNTRACK_COUNT_EVERY: Duration = Duration::from_secs(5);
+
+/// Counts conntrack entries on a thread of its own: a walk of a large map
+/// takes a while, and must hold up neither scrapes nor reconciliation. The
+/// map changes during the walk (a deleted key restarts it), so the count is
+/// approximate and capped at the capacity.
+fn spawn_conntrack_counter(
+    map: aya::maps::HashMap<aya::maps::MapData, agent_common::FlowKey, agent_common::Flow>,
+    capacity: u32,
+    shared: Arc<Shared>,
+) {
+    std::thread::spawn(move || {
+        while !shared.stopping.load(Ordering::SeqCst) {
+            let entries = map
+                .keys()
+                .take_while(Result::is_ok)
+                .take(capacity as usize)
+                .count() as u64;
+            shared.conntrack_entries.store(entries, Ordering::Relaxed);
+            let mut slept = Duration::ZERO;
+            while slept < CONNTRACK_COUNT_EVERY && !shared.stopping.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(100));
+                slept += Duration::from_millis(100);
+            }
+        }
+    });
 }
 
 /// Forwards aya-log records from the kernel into `log`, which tracing picks up.

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use agent_common::{
-    Backend, BackendHealth, FibCache, Flow, FlowKey, LatencyHistogram, Prefilter, Service,
+    Backend, BackendFib, BackendHealth, Flow, FlowKey, LatencyHistogram, Prefilter, Service,
     ServiceKey, ServicePolicy, ServiceStats,
 };
 use anyhow::{Context, Result, anyhow};
@@ -60,7 +60,7 @@ impl Sizes {
 pub struct Maps {
     pub services: HashMap<MapData, ServiceKey, Service>,
     pub backends: Array<MapData, Backend>,
-    pub backend_fib: Array<MapData, FibCache>,
+    pub backend_fib: Array<MapData, BackendFib>,
     pub maglev: Array<MapData, u32>,
     pub conntrack: HashMap<MapData, FlowKey, Flow>,
     pub prefilter: Array<MapData, Prefilter>,
@@ -116,6 +116,7 @@ pub struct Datapath {
     ebpf: Ebpf,
     links: BTreeMap<String, (AttachMode, AttachMode, Link)>,
     tc_loaded: bool,
+    conntrack_id: u32,
 }
 
 impl Datapath {
@@ -145,15 +146,27 @@ impl Datapath {
         let xdp: &mut Xdp = program(&mut ebpf, XDP_PROGRAM)?;
         xdp.load()
             .with_context(|| format!("loading program {XDP_PROGRAM} (kernel verifier)"))?;
+        let conntrack_id = match ebpf.map("CONNTRACK") {
+            Some(aya::maps::Map::LruHashMap(data)) => data.info()?.id(),
+            _ => anyhow::bail!("map CONNTRACK is missing or not an LRU hash"),
+        };
         let maps = Maps::take_all(&mut ebpf)?;
         Ok((
             Self {
                 ebpf,
                 links: BTreeMap::new(),
                 tc_loaded: false,
+                conntrack_id,
             },
             maps,
         ))
+    }
+
+    /// A second handle on the conntrack map, for counting its entries
+    /// without holding up the reconciler.
+    pub fn conntrack_handle(&self) -> Result<HashMap<MapData, FlowKey, Flow>> {
+        let data = MapData::from_id(self.conntrack_id).context("opening the conntrack map")?;
+        HashMap::try_from(aya::maps::Map::LruHashMap(data)).context("conntrack map type")
     }
 
     /// The aya-log ring buffer, if the programs log; the caller drains it.

@@ -1,7 +1,7 @@
 //! Prometheus metrics. The kernel counts in per-CPU maps; this collector reads
 //! and sums them at scrape time (the datapath never waits on a scrape).
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, atomic::Ordering};
 
 use agent_common::{LATENCY_BASE_NS, LATENCY_BUCKETS, LatencyHistogram};
 use prometheus::{
@@ -274,8 +274,9 @@ impl DatapathCollector {
             };
             vec.with_label_values(&[reason.name]).inc_by(n);
         }
+        let entries = self.shared.conntrack_entries.load(Ordering::Relaxed);
         self.conntrack_entries
-            .set(rec.conntrack_entries().min(i64::MAX as u64) as i64);
+            .set(entries.min(i64::MAX as u64) as i64);
         latency
     }
 }

@@ -14,9 +14,9 @@ use std::{
 };
 
 use agent_common::{
-    BACKEND_REMOVED, Backend, BackendHealth, FAMILY_V4, FAMILY_V6, FibCache, LatencyHistogram,
-    NO_BACKEND, Prefilter, SERVICE_F_RETRY, SERVICE_F_SNAT, Service, ServiceKey, ServicePolicy,
-    ServiceStats, hash::prefilter_bit, prefilter,
+    BACKEND_REMOVED, Backend, BackendFib, BackendHealth, FAMILY_V4, FAMILY_V6, FibCache,
+    LatencyHistogram, NO_BACKEND, Prefilter, SERVICE_F_RETRY, SERVICE_F_SNAT, Service, ServiceKey,
+    ServicePolicy, ServiceStats, hash::prefilter_bit, prefilter,
 };
 use anyhow::{Context, Result, anyhow, bail};
 use aya::maps::PerCpuValues;
@@ -425,9 +425,13 @@ impl Reconciler {
             .set(id, backend, 0)
             .with_context(|| format!("writing backend {addr}"))?;
         // A reused id must not inherit its last owner's next hop or health.
+        let fib = BackendFib {
+            dst: words,
+            fib: FibCache::default(),
+        };
         self.maps
             .backend_fib
-            .set(id, FibCache::default(), 0)
+            .set(id, fib, 0)
             .with_context(|| format!("clearing the FIB cache of backend {addr}"))?;
         self.maps
             .backend_health
@@ -571,10 +575,5 @@ impl Reconciler {
             .fib_generation
             .set(0, next, 0)
             .context("writing the FIB cache generation")
-    }
-
-    /// Entries in the conntrack map (both directions of every flow).
-    pub fn conntrack_entries(&self) -> u64 {
-        self.maps.conntrack.keys().filter(|k| k.is_ok()).count() as u64
     }
 }

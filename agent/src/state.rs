@@ -2,7 +2,10 @@
 
 use std::{
     collections::BTreeMap,
-    sync::{Mutex, atomic::AtomicBool},
+    sync::{
+        Mutex,
+        atomic::{AtomicBool, AtomicU64},
+    },
 };
 
 use crate::{
@@ -18,6 +21,10 @@ pub struct Shared {
     pub conntrack_capacity: Mutex<u32>,
     /// Every program attached and the maps hold the configured state.
     pub ready: AtomicBool,
+    /// Entries in the conntrack map, counted in the background.
+    pub conntrack_entries: AtomicU64,
+    /// Set at shutdown: background work stops.
+    pub stopping: AtomicBool,
 }
 
 /// A backend's state as the API and metrics name it.

@@ -359,7 +359,9 @@ fn what_the_datapath_cannot_handle_is_counted_by_reason() -> Result<()> {
         let (rc, out) = bed.run(&frame)?;
         let name = reason::ALL[code as usize].name;
         assert_eq!(rc, want_rc, "{name}");
-        if want_rc == XDP_PASS && code != reason::TTL_EXCEEDED {
+        if want_rc == XDP_PASS {
+            // Untouched, TTL-expired ones too: the kernel's ICMP error must
+            // quote what the client sent.
             assert_eq!(out, frame, "{name}: passed frames are untouched");
         }
         assert_eq!(bed.reason(code), before + 1, "{name} counted once");
@@ -457,5 +459,50 @@ fn a_service_without_backends_drops_and_counts() -> Result<()> {
     let (rc, _) = bed.run(&to_vip(Family::V4, 6, TCP_SYN).bytes())?;
     assert_eq!(rc, XDP_DROP);
     assert_eq!(bed.reason(reason::NO_BACKEND), 1);
+    Ok(())
+}
+
+/// dnat: the same client port towards two VIPs that share a backend would
+/// give both flows one reply tuple; the second is refused, not mistranslated.
+#[test]
+fn a_reply_tuple_is_never_shared_by_two_flows() -> Result<()> {
+    let family = Family::V4;
+    let backend = SocketAddr::new(family.backend(0), 8080);
+    let text = format!(
+        "services:\n  - name: a\n    vip: 10.100.0.1\n    port: 80\n    protocol: tcp\n    backends:\n      - address: {backend}\n  - name: b\n    vip: 10.100.0.2\n    port: 80\n    protocol: tcp\n    backends:\n      - address: {backend}\n"
+    );
+    let mut bed = FibBed::new(&text)?;
+    let first = Pkt::tcp(
+        family.client(),
+        CLIENT_PORT,
+        "10.100.0.1".parse()?,
+        80,
+        TCP_SYN,
+    );
+    assert_eq!(bed.run(&first.bytes())?.0, XDP_REDIRECT);
+    let second = Pkt {
+        dst: "10.100.0.2".parse()?,
+        ..first.clone()
+    };
+    assert_eq!(bed.run(&second.bytes())?.0, XDP_DROP);
+    assert_eq!(bed.reason(reason::REPLY_CONFLICT), 1);
+    // The first flow's replies still come from its own VIP.
+    let reply = Pkt {
+        smac: backend_mac(0),
+        ..Pkt::tcp(
+            family.backend(0),
+            8080,
+            family.client(),
+            CLIENT_PORT,
+            TCP_SYN | TCP_ACK,
+        )
+    };
+    let (rc, out) = bed.run(&reply.bytes())?;
+    assert_eq!(rc, XDP_REDIRECT);
+    assert_eq!(
+        &out[26..30],
+        &[10, 100, 0, 1],
+        "source rewritten to the first VIP"
+    );
     Ok(())
 }

@@ -295,7 +295,7 @@ fn readmitted_after_the_ejection_time_then_longer() -> Result<()> {
         "      consecutive_failures: 3\n      ejection_seconds: 1\n      probe: false\n",
     )?;
     b.stop(1);
-    let mut until_ejected = |b: &Bed| -> Result<()> {
+    let until_ejected = |b: &Bed| -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(30);
         while b.state("web-tcp", 1)? != "ejected" {
             b.connect()?; // retried: must succeed
