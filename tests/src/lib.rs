@@ -22,11 +22,13 @@ pub fn sluice_bin() -> PathBuf {
         return p.into();
     }
     let exe = std::env::current_exe().expect("current_exe");
-    // target/<profile>/deps/<test> → target/<profile>/sluice
-    exe.parent()
-        .and_then(Path::parent)
-        .map(|d| d.join("sluice"))
-        .expect("target directory layout")
+    // A test: target/<profile>/deps/<test>; a benchmark binary:
+    // target/<profile>/<bench>. Either way: target/<profile>/sluice.
+    let mut dir = exe.parent().expect("target directory layout");
+    if dir.ends_with("deps") {
+        dir = dir.parent().expect("target directory layout");
+    }
+    dir.join("sluice")
 }
 
 /// A temporary directory removed on drop.

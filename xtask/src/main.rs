@@ -36,7 +36,7 @@ enum Task {
     },
     /// fmt and clippy only.
     Lint,
-    /// Benchmarks (not tests): `datapath`.
+    /// Benchmarks (not tests): `datapath`, `failover`.
     Bench {
         #[arg(default_value = "datapath")]
         which: String,
@@ -91,7 +91,24 @@ fn main() -> Result<()> {
                     a.extend(args.iter().map(String::as_str));
                     cargo(&a)
                 }
-                other => bail!("unknown benchmark {other:?}; available: datapath"),
+                "failover" => {
+                    prereqs::ensure_packages(&[("iptables", "iptables")])?;
+                    step("building the agent and the failover benchmark (release)");
+                    cargo(&["build", "--release", "--locked", "-p", "sluice"])?;
+                    let mut a = vec![
+                        "run",
+                        "--release",
+                        "--locked",
+                        "-p",
+                        "sluice-tests",
+                        "--bin",
+                        "bench-failover",
+                        "--",
+                    ];
+                    a.extend(args.iter().map(String::as_str));
+                    cargo(&a)
+                }
+                other => bail!("unknown benchmark {other:?}; available: datapath, failover"),
             }
         }
     }
