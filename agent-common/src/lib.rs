@@ -222,6 +222,69 @@ pub struct LatencyHistogram {
 }
 const _: () = assert!(core::mem::size_of::<LatencyHistogram>() == 176);
 
+/// Kinds of connection events (`Event::kind`).
+pub mod event_kind {
+    /// A TCP connection got its SYN-ACK (duration: connect latency), or a new
+    /// UDP flow started.
+    pub const OPEN: u8 = 1;
+    /// An established TCP connection saw a FIN or RST (duration: since its SYN).
+    pub const CLOSE: u8 = 2;
+    /// A connect failed (`reason`: `failure_reason`).
+    pub const FAIL: u8 = 3;
+    /// A connect was sent again to another backend (the event's backend).
+    pub const RETRY: u8 = 4;
+    /// The backend was ejected.
+    pub const EJECT: u8 = 5;
+}
+
+/// `Event::reason` of a `FAIL` (and the `EJECT` it caused).
+pub mod failure_reason {
+    pub const REFUSED: u8 = 1;
+    pub const TIMEOUT: u8 = 2;
+    pub const UNREACHABLE: u8 = 3;
+}
+
+/// A connection event, from the kernel through the `EVENTS` ring buffer.
+/// Client and VIP are the flow as the client sees it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Event {
+    /// bpf_ktime_get_ns.
+    pub ts_ns: u64,
+    pub duration_ns: u64,
+    pub client: [u32; 4],
+    pub vip: [u32; 4],
+    /// Network byte order.
+    pub client_port: u16,
+    /// Network byte order.
+    pub vip_port: u16,
+    pub service_id: u32,
+    pub backend_id: u32,
+    pub kind: u8,
+    pub reason: u8,
+    pub proto: u8,
+    pub family: u8,
+}
+const _: () = assert!(core::mem::size_of::<Event>() == 64);
+
+/// Events each CPU may emit per second, and the burst it may save up: a
+/// flood of connections must not swamp the agent.
+pub const EVENTS_PER_SECOND: u64 = 5_000;
+pub const EVENT_BURST: u64 = 1_000;
+
+/// Per-CPU event budget (token bucket, in events × 10^9).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventBudget {
+    pub tokens: u64,
+    pub last_ns: u64,
+    /// Events sent.
+    pub sent: u64,
+    /// Events dropped: over budget or ring buffer full.
+    pub dropped: u64,
+}
+const _: () = assert!(core::mem::size_of::<EventBudget>() == 32);
+
 /// TCP state of a flow, kept in its forward entry.
 pub mod flow_state {
     /// Not tracked (UDP, or a TCP flow first seen mid-stream).
@@ -309,6 +372,8 @@ mod pod {
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::Flow {}
     unsafe impl aya::Pod for super::FibCache {}
+    unsafe impl aya::Pod for super::Event {}
+    unsafe impl aya::Pod for super::EventBudget {}
     unsafe impl aya::Pod for super::BackendFib {}
     unsafe impl aya::Pod for super::ServicePolicy {}
     unsafe impl aya::Pod for super::BackendHealth {}

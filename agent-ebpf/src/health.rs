@@ -6,13 +6,17 @@
 //! lose one count, which delays an ejection by one failure at worst.
 
 use agent_common::{
-    LATENCY_BASE_NS, LATENCY_BUCKETS, NO_BACKEND, Service, ServicePolicy, ServiceStats, hash,
+    FlowKey, LATENCY_BASE_NS, LATENCY_BUCKETS, NO_BACKEND, Service, ServicePolicy, ServiceStats,
+    event_kind, failure_reason, hash,
 };
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 
-use crate::maps::{
-    BACKEND_HEALTH, BACKEND_LATENCY, BACKEND_STATS, MAGLEV, SERVICE_EJECTED, SERVICE_POLICY,
-    SERVICE_STATS,
+use crate::{
+    events::emit,
+    maps::{
+        BACKEND_HEALTH, BACKEND_LATENCY, BACKEND_STATS, MAGLEV, SERVICE_EJECTED, SERVICE_POLICY,
+        SERVICE_STATS,
+    },
 };
 
 /// How many table slots a new connection may look at before it gives up
@@ -51,16 +55,29 @@ fn with_stats(map_is_service: bool, id: u32, f: impl FnOnce(&mut ServiceStats)) 
     }
 }
 
+/// A connect sent again, to `backend_id` now.
 #[inline(always)]
-pub fn count_retry(service_id: u32, backend_id: u32) {
+pub fn count_retry(key: &FlowKey, service_id: u32, backend_id: u32, now: u64) {
     with_stats(true, service_id, |s| s.retries += 1);
     with_stats(false, backend_id, |s| s.connections += 1);
+    emit(event_kind::RETRY, 0, key, service_id, backend_id, 0, now);
 }
 
+/// An established connection closes; `since` is its SYN's time.
 #[inline(always)]
-pub fn count_close(service_id: u32, backend_id: u32) {
+pub fn count_close(key: &FlowKey, service_id: u32, backend_id: u32, since: u64) {
     with_stats(true, service_id, |s| s.closed += 1);
     with_stats(false, backend_id, |s| s.closed += 1);
+    let now = now_ns();
+    emit(
+        event_kind::CLOSE,
+        0,
+        key,
+        service_id,
+        backend_id,
+        now.saturating_sub(since),
+        now,
+    );
 }
 
 #[inline(always)]
@@ -76,12 +93,26 @@ pub fn is_ejected(backend_id: u32) -> bool {
 /// both as it reads the health words; logging from here would put aya-log's
 /// record building on this path.
 #[inline(always)]
-pub fn record_failure(service_id: u32, backend_id: u32, failure: Failure, now: u64) {
+pub fn record_failure(key: &FlowKey, service_id: u32, backend_id: u32, failure: Failure, now: u64) {
     with_stats(false, backend_id, |s| match failure {
         Failure::Refused => s.failures_refused += 1,
         Failure::Timeout => s.failures_timeout += 1,
         Failure::Unreachable => s.failures_unreachable += 1,
     });
+    let reason = match failure {
+        Failure::Refused => failure_reason::REFUSED,
+        Failure::Timeout => failure_reason::TIMEOUT,
+        Failure::Unreachable => failure_reason::UNREACHABLE,
+    };
+    emit(
+        event_kind::FAIL,
+        reason,
+        key,
+        service_id,
+        backend_id,
+        0,
+        now,
+    );
     let (Some(policy), Some(health)) = (policy(service_id), BACKEND_HEALTH.get_ptr_mut(backend_id))
     else {
         return;
@@ -106,12 +137,30 @@ pub fn record_failure(service_id: u32, backend_id: u32, failure: Failure, now: u
     health.ejected = 1;
     health.ejections += 1;
     health.ejected_ns = now;
+    emit(
+        event_kind::EJECT,
+        reason,
+        key,
+        service_id,
+        backend_id,
+        0,
+        now,
+    );
 }
 
 /// A SYN-ACK: the backend answers; its consecutive failures start over and
 /// the connect latency goes into its histogram.
 #[inline(always)]
-pub fn record_success(service_id: u32, backend_id: u32, latency_ns: u64) {
+pub fn record_success(key: &FlowKey, service_id: u32, backend_id: u32, latency_ns: u64, now: u64) {
+    emit(
+        event_kind::OPEN,
+        0,
+        key,
+        service_id,
+        backend_id,
+        latency_ns,
+        now,
+    );
     if let Some(health) = BACKEND_HEALTH.get_ptr_mut(backend_id) {
         // SAFETY: a shared array slot; see the module note on races.
         unsafe { (*health).consecutive_failures = 0 };

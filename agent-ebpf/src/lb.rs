@@ -12,13 +12,14 @@ use core::{ffi::c_void, mem};
 use agent_common::{
     Backend, FAMILY_V4, FAMILY_V6, FLOW_F_REVERSE, Flow, FlowKey, NO_BACKEND, PROTO_TCP, PROTO_UDP,
     SERVICE_F_RETRY, SERVICE_F_SNAT, SNAT_PORT_ATTEMPTS, SNAT_PORT_MAX, SNAT_PORT_MIN, Service,
-    ServiceKey, flow_state, hash, prefilter, reason,
+    ServiceKey, event_kind, flow_state, hash, prefilter, reason,
 };
 use aya_ebpf::bindings::{BPF_NOEXIST, bpf_fib_lookup};
 use network_types::eth::{EthHdr, EtherType};
 
 use crate::{
     csum::Diff,
+    events,
     fib::{self, forward},
     headers::{
         ICMP_DEST_UNREACHABLE, ICMP_HDR_LEN, ICMPV6_DEST_UNREACHABLE, IPV4_FRAG_MASK_BE,
@@ -332,7 +333,12 @@ fn transport(ctx: &Ctx, pkt: &Packet, src: &[u32; 4], dst: &[u32; 4]) -> Action 
         Ok(flow) => {
             if syn || pkt.proto == PROTO_UDP {
                 // SAFETY: the scratch copy of the new entry.
-                count_connection(service.id, unsafe { (*flow).backend_id });
+                let backend_id = unsafe { (*flow).backend_id };
+                count_connection(service.id, backend_id);
+                if pkt.proto == PROTO_UDP {
+                    let now = health::now_ns();
+                    events::emit(event_kind::OPEN, 0, &s.key, service.id, backend_id, 0, now);
+                }
             }
             translate(ctx, pkt, &s.key, &mut s.fib, flow)
         }
@@ -350,7 +356,7 @@ fn client_tcp(s: &mut Scratch, f: &mut Flow, flags: u8) -> Result<(), u32> {
     if flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
         if flags & (TCP_FIN | TCP_RST) != 0 && f.state == flow_state::ESTABLISHED {
             f.state = flow_state::CLOSED;
-            health::count_close(f.service_id, f.backend_id);
+            health::count_close(&s.key, f.service_id, f.backend_id, f.syn_ns);
         }
         return Ok(());
     }
@@ -363,7 +369,7 @@ fn client_tcp(s: &mut Scratch, f: &mut Flow, flags: u8) -> Result<(), u32> {
             if now.wrapping_sub(f.syn_ns) < policy.connect_timeout_ns {
                 return Ok(()); // an early retransmission: same backend
             }
-            health::record_failure(f.service_id, f.backend_id, Failure::Timeout, now);
+            health::record_failure(&s.key, f.service_id, f.backend_id, Failure::Timeout, now);
             if policy.flags & SERVICE_F_RETRY != 0 {
                 retry(s, f, now)
             } else {
@@ -407,14 +413,21 @@ fn backend_tcp(s: &mut Scratch, reply: &Flow, flags: u8) -> Result<(), u32> {
     if flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK {
         if f.state == flow_state::SYN_SENT {
             let now = health::now_ns();
-            health::record_success(f.service_id, f.backend_id, now.wrapping_sub(f.syn_ns));
+            let latency = now.wrapping_sub(f.syn_ns);
+            health::record_success(&s.reverse_key, f.service_id, f.backend_id, latency, now);
             f.state = flow_state::ESTABLISHED;
         }
         return Ok(());
     }
     if flags & TCP_RST != 0 && f.state == flow_state::SYN_SENT {
         let now = health::now_ns();
-        health::record_failure(f.service_id, f.backend_id, Failure::Refused, now);
+        health::record_failure(
+            &s.reverse_key,
+            f.service_id,
+            f.backend_id,
+            Failure::Refused,
+            now,
+        );
         let retries = health::policy(f.service_id).is_some_and(|p| p.flags & SERVICE_F_RETRY != 0);
         if retries {
             // Nothing has flowed yet: the client's retransmitted SYN will go
@@ -427,7 +440,7 @@ fn backend_tcp(s: &mut Scratch, reply: &Flow, flags: u8) -> Result<(), u32> {
     }
     if flags & (TCP_FIN | TCP_RST) != 0 && f.state == flow_state::ESTABLISHED {
         f.state = flow_state::CLOSED;
-        health::count_close(f.service_id, f.backend_id);
+        health::count_close(&s.reverse_key, f.service_id, f.backend_id, f.syn_ns);
     }
     Ok(())
 }
@@ -524,14 +537,17 @@ fn icmp_error(ctx: &Ctx, l4: usize, family: u8) -> Action {
         return Action::Pass;
     }
     let now = health::now_ns();
+    // forward_of leaves the flow's client → VIP key in s.reverse_key.
+    let forward = forward_of(s, reply);
     health::record_failure(
+        &s.reverse_key,
         reply.service_id,
         reply.backend_id,
         Failure::Unreachable,
         now,
     );
     if proto == PROTO_TCP
-        && let Some(forward) = forward_of(s, reply)
+        && let Some(forward) = forward
     {
         // SAFETY: a live conntrack value.
         let f = unsafe { &mut *forward };
@@ -588,7 +604,7 @@ fn retry(s: &mut Scratch, f: &mut Flow, now: u64) -> Result<(), u32> {
     f.attempts = attempt.min(255) as u8;
     f.state = flow_state::SYN_SENT;
     f.syn_ns = now;
-    health::count_retry(service.id, backend_id);
+    health::count_retry(&s.key, service.id, backend_id, now);
     Ok(())
 }
 

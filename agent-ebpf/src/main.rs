@@ -5,6 +5,7 @@
 
 mod bench;
 mod csum;
+mod events;
 mod fib;
 mod headers;
 mod health;

@@ -68,3 +68,12 @@ pub static BACKEND_HEALTH: Array<agent_common::BackendHealth> = Array::with_max_
 #[map]
 pub static BACKEND_LATENCY: PerCpuArray<agent_common::LatencyHistogram> =
     PerCpuArray::with_max_entries(4096, 0);
+
+/// Connection events for the agent (see `events`).
+#[map]
+pub static EVENTS: aya_ebpf::maps::RingBuf = aya_ebpf::maps::RingBuf::with_byte_size(1 << 18, 0);
+
+/// Per-CPU event rate limit and counts.
+#[map]
+pub static EVENT_BUDGET: PerCpuArray<agent_common::EventBudget> =
+    PerCpuArray::with_max_entries(1, 0);

@@ -91,6 +91,7 @@ pub async fn run(config_path: PathBuf, listen: SocketAddr) -> Result<(), RunErro
     if let Some(logger) = datapath.take_logger() {
         spawn_kernel_log_reader(logger)?;
     }
+    crate::events::spawn_reader(datapath.take_events()?, shared.clone())?;
     for iface in &cfg.raw.interfaces {
         datapath.attach(&iface.name, iface.attach)?;
     }

@@ -2,15 +2,22 @@
 
 use std::sync::{Arc, atomic::Ordering};
 
+use std::convert::Infallible;
+
 use axum::{
     Json, Router,
-    extract::State,
+    extract::{Query, State},
     http::{StatusCode, header},
-    response::{Html, IntoResponse},
+    response::{
+        Html, IntoResponse,
+        sse::{Event as SseEvent, KeepAlive, Sse},
+    },
     routing::get,
 };
+use futures_util::StreamExt;
 use prometheus::Registry;
 use serde::Serialize;
+use tokio_stream::wrappers::BroadcastStream;
 
 use crate::state::{Shared, backend_state};
 
@@ -27,6 +34,8 @@ pub fn router(shared: Arc<Shared>, registry: Registry) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/api/v1/services", get(services))
+        .route("/api/v1/events", get(events_stream))
+        .route("/api/v1/events/recent", get(events_recent))
         .with_state(AppState { shared, registry })
 }
 
@@ -146,6 +155,41 @@ async fn services(State(app): State<AppState>) -> impl IntoResponse {
         Ok(view) => Json(view).into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }
+}
+
+/// Live connection events as Server-Sent Events, one JSON object per event.
+async fn events_stream(
+    State(app): State<AppState>,
+) -> Sse<impl futures_util::Stream<Item = Result<SseEvent, Infallible>>> {
+    let stream =
+        BroadcastStream::new(app.shared.events.subscribe()).filter_map(|event| async move {
+            // A subscriber too slow for the feed skips what it missed.
+            let event = event.ok()?;
+            let json = serde_json::to_string(&*event).ok()?;
+            Some(Ok(SseEvent::default().event(event.kind).data(json)))
+        });
+    Sse::new(stream).keep_alive(KeepAlive::default())
+}
+
+#[derive(serde::Deserialize)]
+struct RecentQuery {
+    limit: Option<usize>,
+}
+
+/// The newest kept events (default 200, at most all kept), oldest first.
+async fn events_recent(
+    State(app): State<AppState>,
+    Query(q): Query<RecentQuery>,
+) -> impl IntoResponse {
+    let n = q.limit.unwrap_or(200).min(crate::events::KEEP);
+    let events: Vec<crate::events::EventView> = app
+        .shared
+        .events
+        .recent(n)
+        .iter()
+        .map(|e| (**e).clone())
+        .collect();
+    Json(events)
 }
 
 async fn index() -> Html<&'static str> {

@@ -4,8 +4,8 @@
 use std::collections::BTreeMap;
 
 use agent_common::{
-    Backend, BackendFib, BackendHealth, Flow, FlowKey, LatencyHistogram, Prefilter, Service,
-    ServiceKey, ServicePolicy, ServiceStats,
+    Backend, BackendFib, BackendHealth, EventBudget, Flow, FlowKey, LatencyHistogram, Prefilter,
+    Service, ServiceKey, ServicePolicy, ServiceStats,
 };
 use anyhow::{Context, Result, anyhow};
 use aya::{
@@ -72,6 +72,7 @@ pub struct Maps {
     pub service_ejected: Array<MapData, u32>,
     pub backend_health: Array<MapData, BackendHealth>,
     pub backend_latency: PerCpuArray<MapData, LatencyHistogram>,
+    pub event_budget: PerCpuArray<MapData, EventBudget>,
 }
 
 fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
@@ -101,6 +102,7 @@ impl Maps {
             service_ejected: take(ebpf, "SERVICE_EJECTED")?,
             backend_health: take(ebpf, "BACKEND_HEALTH")?,
             backend_latency: take(ebpf, "BACKEND_LATENCY")?,
+            event_budget: take(ebpf, "EVENT_BUDGET")?,
         })
     }
 }
@@ -160,6 +162,11 @@ impl Datapath {
             },
             maps,
         ))
+    }
+
+    /// The connection events ring buffer; the caller reads it.
+    pub fn take_events(&mut self) -> Result<aya::maps::RingBuf<MapData>> {
+        take(&mut self.ebpf, "EVENTS")
     }
 
     /// A second handle on the conntrack map, for counting its entries

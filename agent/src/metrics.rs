@@ -27,6 +27,7 @@ pub struct DatapathCollector {
     retries: IntCounterVec,
     fail_open: IntCounterVec,
     latency_desc: Desc,
+    events: IntCounterVec,
     drops: IntCounterVec,
     passed: IntCounterVec,
     conntrack_entries: IntGauge,
@@ -116,6 +117,11 @@ impl DatapathCollector {
                 Default::default(),
             )
             .expect("static metric definition"),
+            events: counter(
+                "sluice_events_total",
+                "Connection events from the datapath: sent to the agent, or dropped by the per-CPU rate limit or a full ring buffer.",
+                &["outcome"],
+            ),
             drops: counter(
                 "sluice_drops_total",
                 "Packets for a service or from a backend that the datapath dropped, by reason.",
@@ -159,6 +165,7 @@ impl DatapathCollector {
             &self.backend_active,
             &self.retries,
             &self.fail_open,
+            &self.events,
             &self.drops,
             &self.passed,
             &self.conntrack_entries,
@@ -179,6 +186,7 @@ impl DatapathCollector {
             &self.backend_ejections,
             &self.retries,
             &self.fail_open,
+            &self.events,
             &self.drops,
             &self.passed,
         ] {
@@ -274,6 +282,9 @@ impl DatapathCollector {
             };
             vec.with_label_values(&[reason.name]).inc_by(n);
         }
+        let (sent, dropped) = rec.event_counts();
+        self.events.with_label_values(&["sent"]).inc_by(sent);
+        self.events.with_label_values(&["dropped"]).inc_by(dropped);
         let entries = self.shared.conntrack_entries.load(Ordering::Relaxed);
         self.conntrack_entries
             .set(entries.min(i64::MAX as u64) as i64);

@@ -553,6 +553,18 @@ impl Reconciler {
         sum
     }
 
+    /// Connection events (sent, dropped by the rate limit or a full ring).
+    pub fn event_counts(&self) -> (u64, u64) {
+        self.maps
+            .event_budget
+            .get(&0, 0)
+            .map(|v| {
+                v.iter()
+                    .fold((0, 0), |(s, d), b| (s + b.sent, d + b.dropped))
+            })
+            .unwrap_or((0, 0))
+    }
+
     /// Summed per-CPU count of one `agent_common::reason` code.
     pub fn reason_count(&self, code: u32) -> u64 {
         self.maps

@@ -25,6 +25,7 @@ pub struct Shared {
     pub conntrack_entries: AtomicU64,
     /// Set at shutdown: background work stops.
     pub stopping: AtomicBool,
+    pub events: crate::events::EventLog,
 }
 
 /// A backend's state as the API and metrics name it.

@@ -448,3 +448,140 @@ fn latency_histogram_and_active_connections() -> Result<()> {
     }
     Ok(())
 }
+
+/// Reads Server-Sent Events from the agent in the background.
+struct EventReader {
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl EventReader {
+    fn start(b: &Bed) -> Result<Self> {
+        let listen = b.agent.listen;
+        let mut stream = b.topo.lb.enter(|| -> Result<TcpStream> {
+            let mut s = TcpStream::connect_timeout(&listen, Duration::from_secs(2))?;
+            write!(
+                s,
+                "GET /api/v1/events HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n"
+            )?;
+            Ok(s)
+        })??;
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            let mut pending = String::new();
+            while let Ok(n) = stream.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                pending.push_str(&String::from_utf8_lossy(&buf[..n]));
+                while let Some(i) = pending.find('\n') {
+                    let line: String = pending.drain(..=i).collect();
+                    if let Some(data) = line.trim_end().strip_prefix("data: ") {
+                        sink.lock().unwrap().push(data.to_string());
+                    }
+                }
+            }
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        Ok(Self { lines })
+    }
+
+    fn events(&self) -> Vec<serde_json::Value> {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    fn count(&self, service: &str, kind: &str, reason: Option<&str>) -> usize {
+        self.events()
+            .iter()
+            .filter(|e| {
+                e["service"] == service
+                    && e["kind"] == kind
+                    && reason.is_none_or(|r| e["reason"] == r)
+            })
+            .count()
+    }
+
+    fn wait(&self, what: &str, cond: impl Fn(&Self) -> bool) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !cond(self) {
+            if Instant::now() > deadline {
+                bail!("{what}: events so far: {:#?}", self.events());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+}
+
+/// The event stream has an event for each connection of a known workload,
+/// with the right reasons for failures.
+#[test]
+fn event_stream_reports_each_connection_and_failure() -> Result<()> {
+    let mut b = bed("xe", RETRY)?;
+    let events = EventReader::start(&b)?;
+    for _ in 0..10 {
+        b.connect()?;
+    }
+    events.wait("10 opens and 10 closes", |e| {
+        e.count("web-tcp", "open", None) == 10 && e.count("web-tcp", "close", None) == 10
+    })?;
+    let open = events
+        .events()
+        .into_iter()
+        .find(|e| e["kind"] == "open")
+        .context("an open event")?;
+    assert_eq!(open["vip"], "10.100.0.1:80");
+    assert!(open["client"].as_str().unwrap().starts_with("10.0.1.2:"));
+    assert!(
+        open["duration_ms"].as_f64().unwrap() > 0.0,
+        "connect latency: {open}"
+    );
+
+    let vip = SocketAddr::new(FAM.vip(), 80);
+    b.topo.client.enter(|| -> Result<()> {
+        for port in 0..5u16 {
+            let s = UdpSocket::bind(("0.0.0.0", 22_000 + port))?;
+            s.set_read_timeout(Some(Duration::from_secs(2)))?;
+            s.send_to(b"hi", vip)?;
+            let mut buf = [0u8; 64];
+            s.recv(&mut buf)?;
+        }
+        Ok(())
+    })??;
+    events.wait("5 UDP opens", |e| e.count("web-udp", "open", None) == 5)?;
+
+    b.stop(1);
+    for _ in 0..30 {
+        b.connect()?;
+    }
+    events.wait("3 refusals, 3 retries, 1 ejection", |e| {
+        e.count("web-tcp", "fail", Some("refused")) == 3
+            && e.count("web-tcp", "retry", None) == 3
+            && e.count("web-tcp", "eject", Some("refused")) == 1
+    })?;
+    let eject = events
+        .events()
+        .into_iter()
+        .find(|e| e["kind"] == "eject")
+        .context("an eject event")?;
+    assert_eq!(eject["backend"], backend(1).to_string());
+
+    let (_, recent) = http_get(
+        &b.topo.lb,
+        b.agent.listen,
+        "/api/v1/events/recent?limit=1000",
+    )?;
+    let recent: Vec<serde_json::Value> = serde_json::from_str(&recent)?;
+    assert_eq!(
+        recent.len(),
+        events.events().len(),
+        "recent events match the stream"
+    );
+    Ok(())
+}
