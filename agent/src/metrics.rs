@@ -33,6 +33,7 @@ pub struct DatapathCollector {
     conntrack_entries: IntGauge,
     conntrack_capacity: IntGauge,
     attach_mode: IntGaugeVec,
+    ready: IntGauge,
     /// Held while one scrape resets and refills the vectors.
     scrape: Mutex<()>,
 }
@@ -147,6 +148,11 @@ impl DatapathCollector {
                 "1 for the mode the datapath got on each interface.",
                 &["interface", "mode"],
             ),
+            ready: IntGauge::new(
+                "sluice_ready",
+                "1 when every program is attached and the maps hold the configured state (as /readyz).",
+            )
+            .expect("static metric definition"),
             scrape: Mutex::new(()),
         }
     }
@@ -171,6 +177,7 @@ impl DatapathCollector {
             &self.conntrack_entries,
             &self.conntrack_capacity,
             &self.attach_mode,
+            &self.ready,
         ]
     }
 
@@ -194,6 +201,8 @@ impl DatapathCollector {
         }
         self.backend_state.reset();
         self.backend_active.reset();
+        self.ready
+            .set(i64::from(self.shared.ready.load(Ordering::SeqCst)));
         self.attach_mode.reset();
 
         for (interface, mode) in self.shared.attachments.lock().unwrap().iter() {

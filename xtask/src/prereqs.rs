@@ -19,6 +19,7 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("iputils-ping", "ping"),
     ("procps", "sysctl"),
     ("nftables", "nft"),
+    ("prometheus", "promtool"),
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq)]
