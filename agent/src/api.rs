@@ -36,6 +36,7 @@ pub fn router(shared: Arc<Shared>, registry: Registry) -> Router {
         .route("/api/v1/services", get(services))
         .route("/api/v1/events", get(events_stream))
         .route("/api/v1/events/recent", get(events_recent))
+        .route("/api/v1/dashboard", get(dashboard_data))
         .with_state(AppState { shared, registry })
 }
 
@@ -77,6 +78,9 @@ pub struct ServiceView {
     pub port: u16,
     pub protocol: &'static str,
     pub forwarding: &'static str,
+    pub connections_total: u64,
+    pub retries_total: u64,
+    pub fail_open_total: u64,
     pub backends: Vec<BackendView>,
 }
 
@@ -92,6 +96,8 @@ pub struct BackendView {
     pub active_connections: u64,
     pub packets_to_backend: u64,
     pub packets_to_client: u64,
+    pub bytes_to_backend: u64,
+    pub bytes_to_client: u64,
 }
 
 #[derive(Serialize)]
@@ -109,41 +115,49 @@ pub fn services_view(shared: &Shared) -> ServicesResponse {
     let services = rec
         .services
         .values()
-        .map(|s| ServiceView {
-            name: s.spec.name.clone(),
-            vip: s.spec.vip.to_string(),
-            port: s.spec.port,
-            protocol: s.spec.protocol.as_str(),
-            forwarding: if s.spec.snat_ip.is_some() {
-                "snat"
-            } else {
-                "dnat"
-            },
-            backends: s
-                .backends
-                .iter()
-                .map(|b| {
-                    let st = rec.stats(false, b.id);
-                    BackendView {
-                        address: b.addr.to_string(),
-                        weight: b.weight,
-                        state: backend_state(rec, b),
-                        connections_total: st.connections,
-                        failures_total: st.failures_refused
-                            + st.failures_timeout
-                            + st.failures_unreachable,
-                        failures: FailureView {
-                            refused: st.failures_refused,
-                            timeout: st.failures_timeout,
-                            unreachable: st.failures_unreachable,
-                        },
-                        ejections_total: rec.health(b.id).ejections,
-                        active_connections: st.opened.saturating_sub(st.closed),
-                        packets_to_backend: st.packets_to_backend,
-                        packets_to_client: st.packets_to_client,
-                    }
-                })
-                .collect(),
+        .map(|s| {
+            let totals = rec.stats(true, s.id);
+            ServiceView {
+                name: s.spec.name.clone(),
+                vip: s.spec.vip.to_string(),
+                port: s.spec.port,
+                protocol: s.spec.protocol.as_str(),
+                forwarding: if s.spec.snat_ip.is_some() {
+                    "snat"
+                } else {
+                    "dnat"
+                },
+                connections_total: totals.connections,
+                retries_total: totals.retries,
+                fail_open_total: totals.fail_open,
+                backends: s
+                    .backends
+                    .iter()
+                    .map(|b| {
+                        let st = rec.stats(false, b.id);
+                        BackendView {
+                            address: b.addr.to_string(),
+                            weight: b.weight,
+                            state: backend_state(rec, b),
+                            connections_total: st.connections,
+                            failures_total: st.failures_refused
+                                + st.failures_timeout
+                                + st.failures_unreachable,
+                            failures: FailureView {
+                                refused: st.failures_refused,
+                                timeout: st.failures_timeout,
+                                unreachable: st.failures_unreachable,
+                            },
+                            ejections_total: rec.health(b.id).ejections,
+                            active_connections: st.opened.saturating_sub(st.closed),
+                            packets_to_backend: st.packets_to_backend,
+                            packets_to_client: st.packets_to_client,
+                            bytes_to_backend: st.bytes_to_backend,
+                            bytes_to_client: st.bytes_to_client,
+                        }
+                    })
+                    .collect(),
+            }
         })
         .collect();
     ServicesResponse { services }
@@ -192,12 +206,90 @@ async fn events_recent(
     Json(events)
 }
 
+/// The live dashboard: one self-contained page (no external assets).
 async fn index() -> Html<&'static str> {
-    Html(concat!(
-        "<!doctype html><title>Sluice</title><h1>Sluice ",
-        env!("CARGO_PKG_VERSION"),
-        "</h1><ul><li><a href=\"/metrics\">/metrics</a></li>",
-        "<li><a href=\"/api/v1/services\">/api/v1/services</a></li>",
-        "<li><a href=\"/readyz\">/readyz</a></li><li><a href=\"/healthz\">/healthz</a></li></ul>"
-    ))
+    Html(include_str!("dashboard/index.html"))
+}
+
+#[derive(Serialize)]
+struct LatencyView {
+    service: String,
+    backend: String,
+    /// Upper bounds of the buckets, in seconds.
+    bounds_s: Vec<f64>,
+    /// Connections per bucket (not cumulative).
+    counts: Vec<u64>,
+    count: u64,
+    sum_s: f64,
+}
+
+#[derive(Serialize)]
+struct DashboardView {
+    version: &'static str,
+    ready: bool,
+    services: Vec<ServiceView>,
+    latency: Vec<LatencyView>,
+    conntrack_entries: u64,
+    conntrack_capacity: u32,
+    drops: std::collections::BTreeMap<&'static str, u64>,
+    passed: std::collections::BTreeMap<&'static str, u64>,
+    attached: std::collections::BTreeMap<String, String>,
+}
+
+fn dashboard_view(shared: &Shared) -> DashboardView {
+    let services = services_view(shared).services;
+    let mut latency = Vec::new();
+    let (mut drops, mut passed) = (Default::default(), Default::default());
+    if let Some(rec) = shared.reconciler.lock().unwrap().as_ref() {
+        for s in rec.services.values() {
+            if s.spec.protocol != crate::config::Protocol::Tcp {
+                continue;
+            }
+            for b in &s.backends {
+                let h = rec.latency(b.id);
+                latency.push(LatencyView {
+                    service: s.spec.name.clone(),
+                    backend: b.addr.to_string(),
+                    bounds_s: (0..agent_common::LATENCY_BUCKETS)
+                        .map(|i| (agent_common::LATENCY_BASE_NS << i) as f64 / 1e9)
+                        .collect(),
+                    counts: h.buckets.to_vec(),
+                    count: h.count,
+                    sum_s: h.sum_ns as f64 / 1e9,
+                });
+            }
+        }
+        let (d, p): (&mut std::collections::BTreeMap<_, _>, &mut std::collections::BTreeMap<_, _>) =
+            (&mut drops, &mut passed);
+        for (code, reason) in agent_common::reason::ALL.iter().enumerate() {
+            let n = rec.reason_count(code as u32);
+            if reason.dropped { d.insert(reason.name, n) } else { p.insert(reason.name, n) };
+        }
+    }
+    DashboardView {
+        version: env!("CARGO_PKG_VERSION"),
+        ready: shared.ready.load(Ordering::SeqCst),
+        services,
+        latency,
+        conntrack_entries: shared.conntrack_entries.load(Ordering::Relaxed),
+        conntrack_capacity: *shared.conntrack_capacity.lock().unwrap(),
+        drops,
+        passed,
+        attached: shared
+            .attachments
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.to_string()))
+            .collect(),
+    }
+}
+
+/// Everything the dashboard draws, in one request.
+async fn dashboard_data(State(app): State<AppState>) -> impl IntoResponse {
+    let shared = app.shared.clone();
+    match tokio::task::spawn_blocking(move || dashboard_view(&shared)).await {
+        Ok(view) => Json(view).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
 }
