@@ -259,11 +259,17 @@ fn dashboard_view(shared: &Shared) -> DashboardView {
                 });
             }
         }
-        let (d, p): (&mut std::collections::BTreeMap<_, _>, &mut std::collections::BTreeMap<_, _>) =
-            (&mut drops, &mut passed);
+        let (d, p): (
+            &mut std::collections::BTreeMap<_, _>,
+            &mut std::collections::BTreeMap<_, _>,
+        ) = (&mut drops, &mut passed);
         for (code, reason) in agent_common::reason::ALL.iter().enumerate() {
             let n = rec.reason_count(code as u32);
-            if reason.dropped { d.insert(reason.name, n) } else { p.insert(reason.name, n) };
+            if reason.dropped {
+                d.insert(reason.name, n)
+            } else {
+                p.insert(reason.name, n)
+            };
         }
     }
     DashboardView {

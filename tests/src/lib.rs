@@ -3,6 +3,7 @@
 
 pub mod fib;
 pub mod packet;
+pub mod webdriver;
 
 use std::{
     io::{Read, Write},

@@ -20,6 +20,8 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("procps", "sysctl"),
     ("nftables", "nft"),
     ("prometheus", "promtool"),
+    ("chromium", "chromium"),
+    ("chromium-driver", "chromedriver"),
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq)]
