@@ -63,10 +63,7 @@ pub fn run(bin: &Path) -> Result<()> {
     let topo = Topology::new("sd", BACKENDS)?;
     let mut servers = Vec::new();
     for (i, ns) in topo.backends.iter().enumerate() {
-        for fam in [Family::V4, Family::V6] {
-            let addr = SocketAddr::new(fam.backend(i), 8080);
-            servers.push(NameServer::start(ns, addr, &format!("backend-{i}"))?);
-        }
+        servers.push(start_backend(ns, i)?);
     }
     topo.warm_neighbours()?;
     println!(
@@ -97,6 +94,7 @@ pub fn run(bin: &Path) -> Result<()> {
             config_path.display()
         );
         println!("    agent log: {}", log_path.display());
+        println!("    dashboard: http://127.0.0.1:{port}/");
         println!("    metrics:   http://127.0.0.1:{port}/metrics");
         println!("    services:  http://127.0.0.1:{port}/api/v1/services");
         println!(
@@ -105,7 +103,10 @@ pub fn run(bin: &Path) -> Result<()> {
         );
         println!();
         step("driving traffic: HTTP over IPv4 and IPv6, UDP (Ctrl-C to stop and tear down)");
-        drive_traffic(&topo.client, &stop)
+        println!(
+            "    backend-1 stops for {DOWN_S} s of every {CYCLE_S} s: watch it fail, get ejected and come back"
+        );
+        drive_traffic(&topo, &mut servers, &stop)
     })();
 
     step("tearing down");
@@ -116,8 +117,32 @@ pub fn run(bin: &Path) -> Result<()> {
     result
 }
 
-/// Connections per backend, printed as one live line.
-fn drive_traffic(client: &Netns, stop: &Arc<AtomicBool>) -> Result<()> {
+/// backend-1's outage: from `CYCLE_S - DOWN_S` to `CYCLE_S` of every cycle.
+const CYCLE_S: u64 = 60;
+const DOWN_S: u64 = 20;
+
+/// Backend i's HTTP servers (IPv4 and IPv6).
+fn start_backend(ns: &Netns, i: usize) -> Result<Vec<NameServer>> {
+    [Family::V4, Family::V6]
+        .into_iter()
+        .map(|fam| {
+            NameServer::start(
+                ns,
+                SocketAddr::new(fam.backend(i), 8080),
+                &format!("backend-{i}"),
+            )
+        })
+        .collect()
+}
+
+/// Connections per backend, printed as one live line; backend-1 goes down
+/// and comes back on a cycle, so the failure handling has something to show.
+fn drive_traffic(
+    topo: &Topology,
+    servers: &mut [Vec<NameServer>],
+    stop: &Arc<AtomicBool>,
+) -> Result<()> {
+    let client = &topo.client;
     let counts: Arc<Mutex<BTreeMap<String, u64>>> = Arc::default();
     let errors = Arc::new(Mutex::new(0u64));
     let worker = {
@@ -155,6 +180,13 @@ fn drive_traffic(client: &Netns, stop: &Arc<AtomicBool>) -> Result<()> {
     let started = Instant::now();
     while !stop.load(Ordering::SeqCst) {
         thread::sleep(Duration::from_millis(500));
+        let in_cycle = started.elapsed().as_secs() % CYCLE_S;
+        let down = in_cycle >= CYCLE_S - DOWN_S;
+        if down && !servers[1].is_empty() {
+            servers[1].clear();
+        } else if !down && servers[1].is_empty() {
+            servers[1] = start_backend(&topo.backends[1], 1)?;
+        }
         let counts = counts.lock().unwrap().clone();
         let total: u64 = counts.values().sum();
         let line: Vec<String> = counts.iter().map(|(k, v)| format!("{k}: {v}")).collect();

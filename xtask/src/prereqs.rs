@@ -12,12 +12,17 @@ use crate::step;
 /// builds with the toolchains on our machines (see docs/architecture.md).
 const BPF_LINKER: &str = "bpf-linker@0.10.3";
 
-/// Debian packages and the command each provides.
-const TEST_PACKAGES: &[(&str, &str)] = &[
+/// Debian packages the demo needs, and the command each provides.
+const DEMO_PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "ip"),
     ("ethtool", "ethtool"),
     ("iputils-ping", "ping"),
     ("procps", "sysctl"),
+];
+
+/// Debian packages the tests need on top: a silent backend (nftables), a real
+/// Prometheus and promtool, a real headless browser.
+const TEST_PACKAGES: &[(&str, &str)] = &[
     ("nftables", "nft"),
     ("prometheus", "promtool"),
     ("chromium", "chromium"),
@@ -47,6 +52,9 @@ pub fn ensure(need: Need) -> Result<()> {
     ensure_nightly_rust_src()?;
     ensure_bpf_linker()?;
     if need != Need::Build {
+        ensure_packages(DEMO_PACKAGES)?;
+    }
+    if need == Need::Tests {
         ensure_packages(TEST_PACKAGES)?;
     }
     Ok(())
