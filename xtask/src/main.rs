@@ -36,7 +36,7 @@ enum Task {
     },
     /// fmt and clippy only.
     Lint,
-    /// Benchmarks (not tests): `datapath`, `failover`.
+    /// Benchmarks (not tests): `datapath`, `failover`, `control-plane`.
     Bench {
         #[arg(default_value = "datapath")]
         which: String,
@@ -108,7 +108,25 @@ fn main() -> Result<()> {
                     a.extend(args.iter().map(String::as_str));
                     cargo(&a)
                 }
-                other => bail!("unknown benchmark {other:?}; available: datapath, failover"),
+                "control-plane" => {
+                    step("building the agent and the control-plane benchmark (release)");
+                    cargo(&["build", "--release", "--locked", "-p", "sluice"])?;
+                    let mut a = vec![
+                        "run",
+                        "--release",
+                        "--locked",
+                        "-p",
+                        "sluice-tests",
+                        "--bin",
+                        "bench-control-plane",
+                        "--",
+                    ];
+                    a.extend(args.iter().map(String::as_str));
+                    cargo(&a)
+                }
+                other => bail!(
+                    "unknown benchmark {other:?}; available: datapath, failover, control-plane"
+                ),
             }
         }
     }
