@@ -74,7 +74,7 @@ pub async fn run(config_path: PathBuf, listen: SocketAddr) -> Result<(), RunErro
         .with_context(|| format!("listening on {listen}"))?;
 
     let shared = Arc::new(Shared::default());
-    let registry = crate::metrics::registry(shared.clone()).context("registering metrics")?;
+    let registry = crate::metrics::registry().context("registering metrics")?;
     let router = crate::api::router(shared.clone(), registry);
     let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(async move {

@@ -53,8 +53,8 @@ async fn readyz(State(app): State<AppState>) -> impl IntoResponse {
 
 async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
     // Reading per-CPU maps is a few syscalls per series: off the async threads.
-    let registry = app.registry.clone();
-    let body = tokio::task::spawn_blocking(move || crate::metrics::render(&registry))
+    let (registry, shared) = (app.registry.clone(), app.shared.clone());
+    let body = tokio::task::spawn_blocking(move || crate::metrics::render(&registry, &shared))
         .await
         .unwrap_or_default();
     (
