@@ -449,15 +449,22 @@ fn backend_tcp(s: &mut Scratch, reply: &Flow, flags: u8) -> Result<(), u32> {
 /// lives there; its key is the reply's rewrite turned around (client → VIP).
 #[inline(always)]
 fn forward_of(s: &mut Scratch, reply: &Flow) -> Option<*mut Flow> {
-    let key = &mut s.reverse_key;
-    copy_addr(&mut key.src, &reply.new_dst);
-    copy_addr(&mut key.dst, &reply.new_src);
-    key.sport = reply.new_dport;
-    key.dport = reply.new_sport;
-    key.proto = s.key.proto;
-    key.family = s.key.family;
-    key._pad = 0;
+    answer_key(&mut s.reverse_key, reply, s.key.proto, s.key.family);
     CONNTRACK.get_ptr_mut(&s.reverse_key)
+}
+
+/// The 5-tuple of the packets that answer those `flow` rewrites: its new
+/// destination and source, turned around. (The forward entry's answer is the
+/// reply direction, and the reply entry's answer is the forward direction.)
+#[inline(always)]
+fn answer_key(key: &mut FlowKey, flow: &Flow, proto: u8, family: u8) {
+    copy_addr(&mut key.src, &flow.new_dst);
+    copy_addr(&mut key.dst, &flow.new_src);
+    key.sport = flow.new_dport;
+    key.dport = flow.new_sport;
+    key.proto = proto;
+    key.family = family;
+    key._pad = 0;
 }
 
 /// An ICMP destination-unreachable about a flow Sluice forwarded (the error
@@ -585,14 +592,7 @@ fn retry(s: &mut Scratch, f: &mut Flow, now: u64) -> Result<(), u32> {
     };
     // The old reply entry goes; the new backend's comes (with SNAT it keeps
     // the flow's port when that is free towards the new backend).
-    let old = &mut s.reverse_key;
-    copy_addr(&mut old.src, &f.new_dst);
-    copy_addr(&mut old.dst, &f.new_src);
-    old.sport = f.new_dport;
-    old.dport = f.new_sport;
-    old.proto = s.key.proto;
-    old.family = s.key.family;
-    old._pad = 0;
+    answer_key(&mut s.reverse_key, f, s.key.proto, s.key.family);
     let _ = CONNTRACK.remove(&s.reverse_key);
     // Seeded with the current port's offset: the same port is tried first.
     let seed = u32::from(u16::from_be(f.new_sport)).wrapping_sub(u32::from(SNAT_PORT_MIN));

@@ -190,9 +190,15 @@ fn refused_with_retry_loses_no_connection() -> Result<()> {
         )?,
         1.0
     );
+    // Every failed connect was retried once: the three refusals, and any
+    // SYN a loaded machine answered too late (a timeout) is retried too.
+    let timeouts = b.value(
+        "sluice_backend_failures_total",
+        &[("service", "web-tcp"), ("reason", "timeout")],
+    )?;
     assert_eq!(
         b.value("sluice_connection_retries_total", &[("service", "web-tcp")])?,
-        3.0
+        3.0 + timeouts
     );
     assert_eq!(b.state("web-tcp", 1)?, "ejected");
     assert!(
@@ -270,7 +276,7 @@ fn icmp_unreachable_is_counted_for_udp() -> Result<()> {
         let mut answered = 0;
         for port in 0..60u16 {
             let s = UdpSocket::bind(("0.0.0.0", 21_000 + port))?;
-            s.set_read_timeout(Some(Duration::from_millis(300)))?;
+            s.set_read_timeout(Some(Duration::from_secs(1)))?;
             s.send_to(b"hello", vip)?;
             let mut buf = [0u8; 256];
             if s.recv(&mut buf).is_ok() {
@@ -295,28 +301,35 @@ fn readmitted_after_the_ejection_time_then_longer() -> Result<()> {
         "      consecutive_failures: 3\n      ejection_seconds: 1\n      probe: false\n",
     )?;
     b.stop(1);
-    let until_ejected = |b: &Bed| -> Result<()> {
+    // Counted by the kernel's ejection counter, not by polling the state: a
+    // slow connect could miss a whole (short) ejection.
+    let b1 = backend(1).to_string();
+    let ejections = |b: &Bed| {
+        b.value(
+            "sluice_backend_ejections_total",
+            &[("service", "web-tcp"), ("backend", &b1)],
+        )
+    };
+    let until_ejected = |b: &Bed, n: f64| -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(30);
-        while b.state("web-tcp", 1)? != "ejected" {
+        while ejections(b)? < n {
             b.connect()?; // retried: must succeed
             if Instant::now() > deadline {
-                bail!("b1 not ejected");
+                bail!("b1 not ejected {n} times");
             }
         }
         Ok(())
     };
-    // The test sees the ejection only when the connection that caused it
-    // completes (after the client's SYN retransmission), so durations are
-    // checked in the agent's own events rather than timed here.
-    until_ejected(&b)?;
+    until_ejected(&b, 1.0)?;
     b.wait_state("web-tcp", 1, "active", Duration::from_secs(3))?;
-    until_ejected(&b)?;
+    until_ejected(&b, 2.0)?;
     b.wait_state("web-tcp", 1, "active", Duration::from_secs(5))?;
     let log = b.agent.log_text();
     let events: Vec<&str> = log
         .lines()
+        .filter(|l| l.contains("service=\"web-tcp\""))
         .filter_map(|l| {
-            if l.contains("event=\"ejected\"") || l.contains("event=ejected") {
+            if l.contains("event=\"ejected\"") {
                 Some(if l.contains("ejected_for_s=1") {
                     "ejected 1s"
                 } else if l.contains("ejected_for_s=2") {
@@ -331,10 +344,9 @@ fn readmitted_after_the_ejection_time_then_longer() -> Result<()> {
             }
         })
         .collect();
-    assert_eq!(
-        events,
-        ["ejected 1s", "readmitted", "ejected 2s", "readmitted"],
-        "{log}"
+    assert!(
+        events.starts_with(&["ejected 1s", "readmitted", "ejected 2s", "readmitted"]),
+        "{events:?}\n{log}"
     );
 
     // Back up: readmitted connections reach it again.

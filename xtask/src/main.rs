@@ -75,59 +75,34 @@ fn main() -> Result<()> {
         }
         Task::Bench { which, args } => {
             prereqs::ensure(prereqs::Need::Tests)?;
-            match which.as_str() {
-                "datapath" => {
-                    step("building and running the datapath benchmark (release)");
-                    let mut a = vec![
-                        "run",
-                        "--release",
-                        "--locked",
-                        "-p",
-                        "sluice-tests",
-                        "--bin",
-                        "bench-datapath",
-                        "--",
-                    ];
-                    a.extend(args.iter().map(String::as_str));
-                    cargo(&a)
-                }
+            let (bin, uses_agent) = match which.as_str() {
+                "datapath" => ("bench-datapath", false),
                 "failover" => {
                     prereqs::ensure_packages(&[("iptables", "iptables")])?;
-                    step("building the agent and the failover benchmark (release)");
-                    cargo(&["build", "--release", "--locked", "-p", "sluice"])?;
-                    let mut a = vec![
-                        "run",
-                        "--release",
-                        "--locked",
-                        "-p",
-                        "sluice-tests",
-                        "--bin",
-                        "bench-failover",
-                        "--",
-                    ];
-                    a.extend(args.iter().map(String::as_str));
-                    cargo(&a)
+                    ("bench-failover", true)
                 }
-                "control-plane" => {
-                    step("building the agent and the control-plane benchmark (release)");
-                    cargo(&["build", "--release", "--locked", "-p", "sluice"])?;
-                    let mut a = vec![
-                        "run",
-                        "--release",
-                        "--locked",
-                        "-p",
-                        "sluice-tests",
-                        "--bin",
-                        "bench-control-plane",
-                        "--",
-                    ];
-                    a.extend(args.iter().map(String::as_str));
-                    cargo(&a)
-                }
+                "control-plane" => ("bench-control-plane", true),
                 other => bail!(
                     "unknown benchmark {other:?}; available: datapath, failover, control-plane"
                 ),
+            };
+            if uses_agent {
+                step("building the agent (release)");
+                cargo(&["build", "--release", "--locked", "-p", "sluice"])?;
             }
+            step(&format!("building and running {bin} (release)"));
+            let mut a = vec![
+                "run",
+                "--release",
+                "--locked",
+                "-p",
+                "sluice-tests",
+                "--bin",
+                bin,
+                "--",
+            ];
+            a.extend(args.iter().map(String::as_str));
+            cargo(&a)
         }
     }
 }
