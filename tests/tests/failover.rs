@@ -162,9 +162,13 @@ fn run_loop(
                 order.push(name.clone());
                 *counts.entry(name).or_default() += 1;
             }
-            Err(_) => {
+            Err(e) => {
                 failed += 1;
-                order.push("failed".into());
+                let refused = e.chain().any(|c| {
+                    c.downcast_ref::<std::io::Error>()
+                        .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
+                });
+                order.push(if refused { "refused" } else { "failed" }.into());
             }
         }
     }
@@ -222,8 +226,19 @@ fn refused_without_retry_fails_at_most_the_threshold() -> Result<()> {
         "xn",
         "      consecutive_failures: 3\n      ejection_seconds: 60\n      retry_on_refused: false\n",
     )?;
-    let (counts, failed, _) = run_loop(&mut b, 300, 50, |b| b.stop(1))?;
-    assert!((1..=3).contains(&failed), "failed {failed}: {counts:?}");
+    let (counts, failed, order) = run_loop(&mut b, 300, 50, |b| b.stop(1))?;
+    // Refusals reach the client until the ejection; a loaded machine may
+    // add a slow connect that times out, which is not what is tested here.
+    let refused = order.iter().filter(|o| *o == "refused").count();
+    assert!(
+        (1..=3).contains(&refused),
+        "refused {refused}, failed {failed}: {counts:?}"
+    );
+    assert!(
+        failed - refused <= 2,
+        "{} connects failed otherwise",
+        failed - refused
+    );
     assert_eq!(failures(&b, "web-tcp", 1, "refused")?, 3.0);
     assert_eq!(b.state("web-tcp", 1)?, "ejected");
     Ok(())
