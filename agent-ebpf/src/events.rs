@@ -19,6 +19,9 @@ pub fn emit(
     duration_ns: u64,
     now: u64,
 ) {
+    if cfg!(feature = "no-stats") {
+        return;
+    }
     let Some(budget) = EVENT_BUDGET.get_ptr_mut(0) else {
         return;
     };

@@ -44,6 +44,9 @@ pub fn policy(service_id: u32) -> Option<&'static ServicePolicy> {
 
 #[inline(always)]
 fn with_stats(map_is_service: bool, id: u32, f: impl FnOnce(&mut ServiceStats)) {
+    if cfg!(feature = "no-stats") {
+        return;
+    }
     let slot = if map_is_service {
         SERVICE_STATS.get_ptr_mut(id)
     } else {
@@ -167,6 +170,9 @@ pub fn record_success(key: &FlowKey, service_id: u32, backend_id: u32, latency_n
     }
     with_stats(true, service_id, |s| s.opened += 1);
     with_stats(false, backend_id, |s| s.opened += 1);
+    if cfg!(feature = "no-stats") {
+        return;
+    }
     let Some(hist) = BACKEND_LATENCY.get_ptr_mut(backend_id) else {
         return;
     };

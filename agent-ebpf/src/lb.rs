@@ -898,6 +898,9 @@ fn rewrite(
 
 #[inline(always)]
 fn count_connection(service_id: u32, backend_id: u32) {
+    if cfg!(feature = "no-stats") {
+        return;
+    }
     if let Some(s) = SERVICE_STATS.get_ptr_mut(service_id) {
         // SAFETY: per-CPU slot, only this CPU writes it.
         unsafe { (*s).connections += 1 };
@@ -910,6 +913,9 @@ fn count_connection(service_id: u32, backend_id: u32) {
 
 #[inline(always)]
 fn account(service_id: u32, backend_id: u32, to_backend: bool, ctx: &Ctx) {
+    if cfg!(feature = "no-stats") {
+        return;
+    }
     let bytes = ctx.len as u64;
     if let Some(s) = SERVICE_STATS.get_ptr_mut(service_id) {
         add_traffic(s, to_backend, bytes);

@@ -125,6 +125,11 @@ impl Datapath {
     /// Loads (and verifies) the programs with maps sized for `sizes`.
     /// Returns the datapath and its maps, which the caller owns separately.
     pub fn load(sizes: Sizes) -> Result<(Self, Maps)> {
+        Self::load_object(sizes, EBPF_OBJECT)
+    }
+
+    /// As `load`, from another build of the object (benchmarks compare them).
+    pub fn load_object(sizes: Sizes, object: &[u8]) -> Result<(Self, Maps)> {
         let mut loader = EbpfLoader::new();
         // SLUICE_VERIFIER_LOG=1: the kernel verifier's full log on a refusal.
         if std::env::var_os("SLUICE_VERIFIER_LOG").is_some() {
@@ -143,7 +148,7 @@ impl Datapath {
             .map_max_entries("SERVICE_POLICY", sizes.services)
             .map_max_entries("SERVICE_EJECTED", sizes.services)
             .map_max_entries("MAGLEV", sizes.maglev_slots())
-            .load(EBPF_OBJECT)
+            .load(object)
             .context("loading the eBPF object (maps)")?;
         let xdp: &mut Xdp = program(&mut ebpf, XDP_PROGRAM)?;
         xdp.load()

@@ -51,6 +51,11 @@ impl FibBed {
 
     /// As `new`, with a conntrack map of `conntrack` entries.
     pub fn with_conntrack(services_yaml: &str, conntrack: u32) -> Result<Self> {
+        Self::with_object(services_yaml, conntrack, sluice::datapath::EBPF_OBJECT)
+    }
+
+    /// As `with_conntrack`, loading another build of the eBPF object.
+    pub fn with_object(services_yaml: &str, conntrack: u32, object: &[u8]) -> Result<Self> {
         let ns = Netns::new(&unique("dp"))?;
         ns.exec(&[
             "ip", "link", "add", "t0", "type", "veth", "peer", "name", "t1",
@@ -118,7 +123,7 @@ impl FibBed {
             backends: 64,
             table_size: 251,
         };
-        let (datapath, maps) = Datapath::load(sizes)?;
+        let (datapath, maps) = Datapath::load_object(sizes, object)?;
         let mut reconciler =
             Reconciler::new(maps, sizes.table_size, sizes.services, sizes.backends)?;
         reconciler.apply(&cfg.services)?;

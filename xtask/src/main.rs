@@ -90,6 +90,33 @@ fn main() -> Result<()> {
                 step("building the agent (release)");
                 cargo(&["build", "--release", "--locked", "-p", "sluice"])?;
             }
+            let mut envs = Vec::new();
+            if which == "datapath" {
+                step("building the eBPF object without statistics and events (for comparison)");
+                let target_dir = workspace_root().join("target/ebpf-bare");
+                run_in(
+                    &workspace_root().join("agent-ebpf"),
+                    "rustup",
+                    &[
+                        "run",
+                        "nightly",
+                        "cargo",
+                        "build",
+                        "--release",
+                        "--locked",
+                        "--target",
+                        "bpfel-unknown-none",
+                        "-Z",
+                        "build-std=core",
+                        "--features",
+                        "no-stats",
+                        "--target-dir",
+                        target_dir.to_str().unwrap(),
+                    ],
+                )?;
+                let object = target_dir.join("bpfel-unknown-none/release/sluice");
+                envs.push(("SLUICE_BENCH_BARE_OBJECT", object));
+            }
             step(&format!("building and running {bin} (release)"));
             let mut a = vec![
                 "run",
@@ -102,7 +129,15 @@ fn main() -> Result<()> {
                 "--",
             ];
             a.extend(args.iter().map(String::as_str));
-            cargo(&a)
+            let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+                .args(&a)
+                .envs(envs)
+                .current_dir(workspace_root())
+                .status()?;
+            if !status.success() {
+                bail!("benchmark {bin} failed");
+            }
+            Ok(())
         }
     }
 }

@@ -96,16 +96,74 @@ enum Case {
     Established,
     RestoreVary,
     NewFlow,
+    /// The same two, on the build with statistics and events compiled out.
+    EstablishedBare,
+    NewFlowBare,
 }
 
-const CASES: [(Case, &str); 6] = [
+const CASES: [(Case, &str); 8] = [
     (Case::Empty, "empty XDP_PASS (baseline)"),
     (Case::NonVip, "sluice: non-VIP packet"),
     (Case::Restore, "restore wrapper → empty"),
     (Case::Established, "sluice: established flow"),
     (Case::RestoreVary, "restore+vary wrapper → empty"),
     (Case::NewFlow, "sluice: new flow"),
+    (Case::EstablishedBare, "no stats/events: established"),
+    (Case::NewFlowBare, "no stats/events: new flow"),
 ];
+
+/// A datapath loaded for benchmarking: its bench programs loaded, the
+/// restore wrapper's maps at hand.
+struct BenchBed {
+    bed: FibBed,
+    jump: ProgramArray<aya::maps::MapData>,
+    restore: Array<aya::maps::MapData, BenchFrame>,
+    pass_fd: ProgramFd,
+    sluice_fd: ProgramFd,
+    established_made: bool,
+}
+
+impl BenchBed {
+    fn new(object: Option<&[u8]>, conntrack: u32) -> Result<Self> {
+        let mut bed = match object {
+            Some(bytes) => FibBed::with_object(SERVICES, conntrack, bytes)?,
+            None => FibBed::with_conntrack(SERVICES, conntrack)?,
+        };
+        let ebpf = bed.datapath.ebpf_mut();
+        for name in ["bench_pass", "bench_restore"] {
+            let p: &mut Xdp = ebpf
+                .program_mut(name)
+                .with_context(|| format!("program {name}"))?
+                .try_into()?;
+            p.load().with_context(|| format!("loading {name}"))?;
+        }
+        let fd_of = |ebpf: &mut aya::Ebpf, name: &str| -> Result<ProgramFd> {
+            let p: &mut Xdp = ebpf
+                .program_mut(name)
+                .context(name.to_string())?
+                .try_into()?;
+            Ok(p.fd()?.try_clone()?)
+        };
+        let pass_fd = fd_of(ebpf, "bench_pass")?;
+        let sluice_fd = fd_of(ebpf, XDP_PROGRAM)?;
+        let jump = ebpf
+            .take_map("BENCH_JUMP")
+            .context("BENCH_JUMP")?
+            .try_into()?;
+        let restore = ebpf
+            .take_map("BENCH_FRAME")
+            .context("BENCH_FRAME")?
+            .try_into()?;
+        Ok(Self {
+            bed,
+            jump,
+            restore,
+            pass_fd,
+            sluice_fd,
+            established_made: false,
+        })
+    }
+}
 
 fn main() -> Result<()> {
     let args = parse_args()?;
@@ -113,7 +171,16 @@ fn main() -> Result<()> {
     // run adds two entries, so cap those runs to what the map holds.
     let conntrack: u32 = 262_144; // the agent's default
     let new_flow_repeat = args.repeat.min(conntrack / 2 / (args.rounds as u32 + 1));
-    let mut bed = FibBed::with_conntrack(SERVICES, conntrack)?;
+    let mut full = BenchBed::new(None, conntrack)?;
+    // The build without statistics and events, made by `cargo xtask bench`.
+    let bare_object = std::env::var_os("SLUICE_BENCH_BARE_OBJECT")
+        .map(std::fs::read)
+        .transpose()
+        .context("reading SLUICE_BENCH_BARE_OBJECT")?;
+    let mut bare = match &bare_object {
+        Some(bytes) => Some(BenchBed::new(Some(bytes), conntrack)?),
+        None => None,
+    };
     let fam = Family::V4;
 
     let established = Pkt::tcp(fam.client(), 40_000, fam.vip(), 80, TCP_ACK);
@@ -121,72 +188,56 @@ fn main() -> Result<()> {
     let non_vip = Pkt::tcp(fam.client(), 40_000, "10.100.0.9".parse()?, 80, TCP_ACK);
     let (established, new_flow, non_vip) = (frame(&established), frame(&new_flow), frame(&non_vip));
 
-    let ebpf = bed.datapath.ebpf_mut();
-    for name in ["bench_pass", "bench_restore"] {
-        let p: &mut Xdp = ebpf
-            .program_mut(name)
-            .with_context(|| format!("program {name}"))?
-            .try_into()?;
-        p.load().with_context(|| format!("loading {name}"))?;
-    }
-    let fd_of = |ebpf: &mut aya::Ebpf, name: &str| -> Result<ProgramFd> {
-        let p: &mut Xdp = ebpf
-            .program_mut(name)
-            .context(name.to_string())?
-            .try_into()?;
-        Ok(p.fd()?.try_clone()?)
-    };
-    let pass_fd = fd_of(ebpf, "bench_pass")?;
-    let sluice_fd = fd_of(ebpf, XDP_PROGRAM)?;
-    let mut jump: ProgramArray<_> = ebpf
-        .take_map("BENCH_JUMP")
-        .context("BENCH_JUMP")?
-        .try_into()?;
-    let mut restore: Array<_, BenchFrame> = ebpf
-        .take_map("BENCH_FRAME")
-        .context("BENCH_FRAME")?
-        .try_into()?;
-
     let mut results: Vec<Vec<f64>> = vec![Vec::new(); CASES.len()];
-    let mut first_established = true;
     for _round in 0..args.rounds {
         for (i, (case, name)) in CASES.iter().enumerate() {
+            let is_bare = matches!(case, Case::EstablishedBare | Case::NewFlowBare);
             if args
                 .only
                 .as_ref()
                 .is_some_and(|only| !name.contains(only.as_str()))
+                || (is_bare && bare.is_none())
             {
                 results[i].push(f64::NAN);
                 continue;
             }
-            let (program, data, jump_to, vary) = match case {
+            let b: &mut BenchBed = if is_bare {
+                bare.as_mut().expect("checked above")
+            } else {
+                &mut full
+            };
+            let (program, data, to_sluice, vary) = match case {
                 Case::Empty => ("bench_pass", &established, None, 0),
                 Case::NonVip => (XDP_PROGRAM, &non_vip, None, 0),
-                Case::Restore => ("bench_restore", &established, Some(&pass_fd), 0),
-                Case::Established => ("bench_restore", &established, Some(&sluice_fd), 0),
-                Case::RestoreVary => ("bench_restore", &new_flow, Some(&pass_fd), 1),
-                Case::NewFlow => ("bench_restore", &new_flow, Some(&sluice_fd), 1),
+                Case::Restore => ("bench_restore", &established, Some(false), 0),
+                Case::Established | Case::EstablishedBare => {
+                    ("bench_restore", &established, Some(true), 0)
+                }
+                Case::RestoreVary => ("bench_restore", &new_flow, Some(false), 1),
+                Case::NewFlow | Case::NewFlowBare => ("bench_restore", &new_flow, Some(true), 1),
             };
-            if let Some(fd) = jump_to {
-                jump.set(0, fd, 0)?;
-                restore.set(0, bench_frame(data, vary), 0)?;
+            if let Some(to_sluice) = to_sluice {
+                let fd = if to_sluice { &b.sluice_fd } else { &b.pass_fd };
+                b.jump.set(0, fd, 0)?;
+                b.restore.set(0, bench_frame(data, vary), 0)?;
             }
-            if *case == Case::Established && first_established {
+            if matches!(case, Case::Established | Case::EstablishedBare) && !b.established_made {
                 // Create the flow once, so the timed runs find it.
-                time(&mut bed, program, data, 1)?;
-                first_established = false;
+                time(&mut b.bed, program, data, 1)?;
+                b.established_made = true;
             }
-            let repeat = if matches!(case, Case::NewFlow | Case::RestoreVary) {
+            let bed = &mut b.bed;
+            let repeat = if matches!(case, Case::NewFlow | Case::RestoreVary | Case::NewFlowBare) {
                 new_flow_repeat
             } else {
                 args.repeat
             };
-            let before = stats(&bed);
-            let (rc, per_packet) = time(&mut bed, program, data, repeat)?;
-            let after = stats(&bed);
+            let before = stats(bed);
+            let (rc, per_packet) = time(bed, program, data, repeat)?;
+            let after = stats(bed);
             let want_rc = match case {
                 Case::Empty | Case::NonVip | Case::Restore | Case::RestoreVary => XDP_PASS,
-                Case::Established | Case::NewFlow => XDP_REDIRECT,
+                _ => XDP_REDIRECT,
             };
             ensure!(
                 rc == want_rc,
@@ -206,6 +257,8 @@ fn main() -> Result<()> {
                     new_conns == runs,
                     "{name}: {new_conns} new connections for {runs} runs: not the new-flow path"
                 ),
+                // Nothing counts in this build: the return code must do.
+                Case::EstablishedBare | Case::NewFlowBare => {}
                 _ => ensure!(packets == 0, "{name}: forwarded {packets} packets"),
             }
             results[i].push(per_packet);
@@ -248,11 +301,15 @@ fn main() -> Result<()> {
     let ratio =
         |a: &[f64], b: &[f64]| -> Vec<f64> { a.iter().zip(b).map(|(x, y)| x / y).collect() };
     let base = &results[0];
-    let rows = [
+    let mut rows = vec![
         ("non-VIP", diff(1, 0), 15.0),
         ("established flow", diff(3, 2), 60.0),
         ("new flow", diff(5, 4), 250.0),
     ];
+    if bare.is_some() {
+        rows.push(("stats+events, estab.", diff(3, 6), 10.0));
+        rows.push(("stats+events, new", diff(5, 7), 10.0));
+    }
     println!(
         "\n{:<20} {:>10} {:>19} {:>10} {:>8}   verdict",
         "Sluice over empty", "+ns median", "min–max", "× empty", "target"
@@ -274,7 +331,8 @@ fn main() -> Result<()> {
     }
     println!(
         "\n(established/new flow: wrapper→sluice minus wrapper→empty, same round; \
-         × empty: total time of the Sluice case over the empty program)"
+         × empty: total time of the Sluice case over the empty program; \
+         stats+events: the full build minus the build without them, same round)"
     );
     Ok(())
 }
