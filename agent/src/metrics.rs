@@ -272,13 +272,17 @@ fn render_datapath(shared: &Shared, out: &mut String) {
         "histogram",
         "Time from the forwarded SYN to the backend's SYN-ACK, measured in the kernel.",
     );
+    // Formatted once: formatting floats for every bucket line of every
+    // backend was a large part of a scrape.
+    let bounds: Vec<String> = (0..agent_common::LATENCY_BUCKETS)
+        .map(|i| ((LATENCY_BASE_NS << i) as f64 / 1e9).to_string())
+        .collect();
     for r in &rows {
         let Some(h) = &r.latency else { continue };
         // The kernel's log-scale buckets (each 2× the last, from 8 µs), cumulative.
         let mut cumulative = 0;
-        for (i, n) in h.buckets.iter().enumerate() {
+        for (le, n) in bounds.iter().zip(&h.buckets) {
             cumulative += n;
-            let le = (LATENCY_BASE_NS << i) as f64 / 1e9;
             let _ = writeln!(
                 out,
                 "{LATENCY}_bucket{{service=\"{}\",backend=\"{}\",le=\"{le}\"}} {cumulative}",

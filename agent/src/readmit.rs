@@ -6,7 +6,7 @@
 //! connect to it succeeds; a failed probe counts as another ejection.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::SocketAddr,
     sync::Arc,
     time::{Duration, Instant},
@@ -16,8 +16,8 @@ use tracing::{info, warn};
 
 use crate::{config::Protocol, state::Shared};
 
-/// How often the kernel's health words are read.
-pub const POLL: Duration = Duration::from_millis(200);
+/// How often the kernel's health words are read (one map read per backend).
+pub const POLL: Duration = Duration::from_millis(500);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
 #[derive(Default)]
@@ -95,12 +95,12 @@ impl Readmitter {
             return Vec::new();
         };
         let mut due = Vec::new();
-        let mut seen = Vec::new();
+        let mut seen = HashSet::new();
         for service in rec.services.values() {
             let f = &service.spec.failure;
             for b in &service.backends {
                 let key = (service.spec.name.clone(), b.addr);
-                seen.push(key.clone());
+                seen.insert(key.clone());
                 let health = rec.health(b.id);
                 let entry = self.tracked.entry(key).or_default();
                 if health.ejected != 1 {
