@@ -298,6 +298,24 @@ pub mod flow_state {
     pub const REFUSED: u8 = 4;
 }
 
+impl core::ops::AddAssign<&ServiceStats> for ServiceStats {
+    /// Sums the per-CPU copies of a slot.
+    fn add_assign(&mut self, o: &ServiceStats) {
+        self.connections += o.connections;
+        self.packets_to_backend += o.packets_to_backend;
+        self.bytes_to_backend += o.bytes_to_backend;
+        self.packets_to_client += o.packets_to_client;
+        self.bytes_to_client += o.bytes_to_client;
+        self.failures_refused += o.failures_refused;
+        self.failures_timeout += o.failures_timeout;
+        self.failures_unreachable += o.failures_unreachable;
+        self.retries += o.retries;
+        self.opened += o.opened;
+        self.closed += o.closed;
+        self.fail_open += o.fail_open;
+    }
+}
+
 /// Per-backend counters (a per-CPU array indexed by backend id). Same layout
 /// as the service counters so the kernel updates both with one function.
 pub type BackendStats = ServiceStats;

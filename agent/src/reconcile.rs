@@ -476,18 +476,7 @@ impl Reconciler {
         let mut sum = ServiceStats::default();
         if let Ok(values) = map.get(&id, 0) {
             for v in values.iter() {
-                sum.connections += v.connections;
-                sum.packets_to_backend += v.packets_to_backend;
-                sum.bytes_to_backend += v.bytes_to_backend;
-                sum.packets_to_client += v.packets_to_client;
-                sum.bytes_to_client += v.bytes_to_client;
-                sum.failures_refused += v.failures_refused;
-                sum.failures_timeout += v.failures_timeout;
-                sum.failures_unreachable += v.failures_unreachable;
-                sum.retries += v.retries;
-                sum.opened += v.opened;
-                sum.closed += v.closed;
-                sum.fail_open += v.fail_open;
+                sum += v;
             }
         }
         sum

@@ -94,26 +94,7 @@ fn main() -> Result<()> {
             if which == "datapath" {
                 step("building the eBPF object without statistics and events (for comparison)");
                 let target_dir = workspace_root().join("target/ebpf-bare");
-                run_in(
-                    &workspace_root().join("agent-ebpf"),
-                    "rustup",
-                    &[
-                        "run",
-                        "nightly",
-                        "cargo",
-                        "build",
-                        "--release",
-                        "--locked",
-                        "--target",
-                        "bpfel-unknown-none",
-                        "-Z",
-                        "build-std=core",
-                        "--features",
-                        "no-stats",
-                        "--target-dir",
-                        target_dir.to_str().unwrap(),
-                    ],
-                )?;
+                ebpf_cargo("build", &target_dir, &["--features", "no-stats"])?;
                 let object = target_dir.join("bpfel-unknown-none/release/sluice");
                 envs.push(("SLUICE_BENCH_BARE_OBJECT", object));
             }
@@ -186,28 +167,29 @@ fn lint() -> Result<()> {
     ])?;
     step("cargo clippy -D warnings (eBPF crate, bpfel-unknown-none)");
     let target_dir = workspace_root().join("target/ebpf");
-    let target_dir = target_dir.to_str().unwrap();
-    run_in(
-        &ebpf,
-        "rustup",
-        &[
-            "run",
-            "nightly",
-            "cargo",
-            "clippy",
-            "--release",
-            "--locked",
-            "--target",
-            "bpfel-unknown-none",
-            "-Z",
-            "build-std=core",
-            "--target-dir",
-            target_dir,
-            "--",
-            "-D",
-            "warnings",
-        ],
-    )
+    ebpf_cargo("clippy", &target_dir, &["--", "-D", "warnings"])
+}
+
+/// `cargo SUBCOMMAND` on the eBPF crate: nightly, `bpfel-unknown-none`,
+/// `-Z build-std=core`, release profile, into `target_dir`.
+fn ebpf_cargo(subcommand: &str, target_dir: &std::path::Path, extra: &[&str]) -> Result<()> {
+    let target_dir = target_dir.to_str().context("target directory path")?;
+    let mut args = vec![
+        "run",
+        "nightly",
+        "cargo",
+        subcommand,
+        "--release",
+        "--locked",
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+        "--target-dir",
+        target_dir,
+    ];
+    args.extend_from_slice(extra);
+    run_in(&workspace_root().join("agent-ebpf"), "rustup", &args)
 }
 
 fn run_in(dir: &std::path::Path, program: &str, args: &[&str]) -> Result<()> {
