@@ -116,6 +116,8 @@ pub async fn run(config_path: PathBuf, listen: SocketAddr) -> Result<(), RunErro
 
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    // SIGHUP: read the config now instead of at the next poll.
+    let mut sighup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
     let mut ticker = tokio::time::interval(RELOAD_POLL);
     let mut fib_ticker = tokio::time::interval(FIB_CACHE_LIFETIME);
     let mut health_ticker = tokio::time::interval(crate::readmit::POLL);
@@ -133,7 +135,12 @@ pub async fn run(config_path: PathBuf, listen: SocketAddr) -> Result<(), RunErro
             _ = health_ticker.tick() => readmitter.tick(&shared).await,
             _ = sigint.recv() => { info!("SIGINT: shutting down"); break; }
             _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break; }
-            _ = ticker.tick() => {
+            _ = async {
+                tokio::select! {
+                    _ = ticker.tick() => {}
+                    _ = sighup.recv() => {}
+                }
+            } => {
                 let Ok(text) = std::fs::read(&config_path) else { continue };
                 if text == last_text {
                     continue;

@@ -397,3 +397,68 @@ fn ipv4_snat_cold_neighbours() -> Result<()> {
 fn ipv6_snat_cold_neighbours() -> Result<()> {
     run_cold("fc6s", Family::V6, true)
 }
+
+/// The backend set changes 100 times (each applied at once on SIGHUP) while
+/// a loop of connections runs: tables are swapped whole, so every connection
+/// completes.
+#[test]
+fn every_connection_completes_while_the_backend_set_changes_100_times() -> Result<()> {
+    let setup = Setup {
+        family: Family::V4,
+        attach: "xdp-native",
+        snat: false,
+        cold: false,
+        weights: &[1, 1, 1],
+    };
+    let b = bed("fs", Setup { ..setup })?;
+    let vip = b.vip();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let done = std::sync::Arc::new(std::sync::Mutex::new((0usize, Vec::<String>::new())));
+    let worker = {
+        let (stop, done) = (stop.clone(), done.clone());
+        b.topo.client.spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let result = tcp_ask(vip, TIMEOUT);
+                let mut d = done.lock().unwrap();
+                match result {
+                    Ok(_) => d.0 += 1,
+                    Err(e) => d.1.push(format!("{e:#}")),
+                }
+            }
+        })?
+    };
+    let path = b.dir.path("sluice.yaml");
+    let tmp = b.dir.path("sluice.yaml.new");
+    let sets: [[Option<u32>; 3]; 5] = [
+        [Some(1), Some(1), Some(1)],
+        [None, Some(1), Some(1)],
+        [Some(2), None, Some(1)],
+        [Some(1), Some(3), None],
+        [None, None, Some(1)],
+    ];
+    for k in 0..100 {
+        std::fs::write(&tmp, config_text(&setup, &sets[k % sets.len()]))?;
+        std::fs::rename(&tmp, &path)?;
+        // SAFETY: signalling the agent this test started, by its PID.
+        unsafe { libc::kill(b.agent.pid() as i32, libc::SIGHUP) };
+        std::thread::sleep(Duration::from_millis(40));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let _ = worker.join();
+    let (completed, failed) = done.lock().unwrap().clone();
+    assert!(
+        failed.is_empty(),
+        "{} of {} connections failed: {:?}",
+        failed.len(),
+        completed + failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    assert!(
+        completed >= 100,
+        "only {completed} connections ran during the changes"
+    );
+    let applied = b.agent.log_text().matches("config change applied").count();
+    assert!(applied >= 50, "only {applied} of 100 changes were applied");
+    Ok(())
+}
