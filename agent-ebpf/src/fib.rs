@@ -50,9 +50,7 @@ pub fn forward(
         cache.ifindex = params.ifindex;
         cache.stamp = now;
     }
-    if !decrement_ttl(ctx, pkt) {
-        return exception(reason::TTL_EXCEEDED);
-    }
+    decrement_ttl(ctx, pkt);
     if let Some(eth) = ptr_at::<EthHdr>(ctx, 0) {
         let words = eth.cast::<u32>();
         // SAFETY: the 12 address bytes are inside the packet (ptr_at); word
@@ -125,36 +123,22 @@ pub fn ttl_allows_forwarding(ctx: &Ctx, pkt: &Packet) -> bool {
     }
 }
 
-/// Returns false (and changes nothing) when the packet must not be forwarded.
+/// Decrements the TTL (hop limit); `lb::translate` has checked it is above 1.
 #[inline(always)]
-fn decrement_ttl(ctx: &Ctx, pkt: &Packet) -> bool {
+fn decrement_ttl(ctx: &Ctx, pkt: &Packet) {
     if pkt.family == FAMILY_V4 {
-        let Some(ip) = ptr_at::<Ipv4>(ctx, pkt.l3) else {
-            return false;
-        };
-        // SAFETY: inside the packet (ptr_at).
-        unsafe {
-            let old = (*ip).ttl_proto;
-            // The TTL is the first byte of the word, the low byte once loaded.
-            let ttl = old as u8;
-            if ttl <= 1 {
-                return false;
+        if let Some(ip) = ptr_at::<Ipv4>(ctx, pkt.l3) {
+            // SAFETY: inside the packet (ptr_at).
+            unsafe {
+                let old = (*ip).ttl_proto;
+                // The TTL is the first byte of the word, the low byte once loaded.
+                let new = (old & 0xff00) | u16::from((old as u8).wrapping_sub(1));
+                (*ip).ttl_proto = new;
+                (*ip).check = Diff::default().word16(old, new).apply((*ip).check);
             }
-            let new = (old & 0xff00) | u16::from(ttl - 1);
-            (*ip).ttl_proto = new;
-            (*ip).check = Diff::default().word16(old, new).apply((*ip).check);
         }
-    } else {
-        let Some(ip) = ptr_at::<Ipv6>(ctx, pkt.l3) else {
-            return false;
-        };
+    } else if let Some(ip) = ptr_at::<Ipv6>(ctx, pkt.l3) {
         // SAFETY: inside the packet (ptr_at).
-        unsafe {
-            if (*ip).hop_limit <= 1 {
-                return false;
-            }
-            (*ip).hop_limit -= 1;
-        }
+        unsafe { (*ip).hop_limit = (*ip).hop_limit.wrapping_sub(1) };
     }
-    true
 }

@@ -135,10 +135,11 @@ pub fn services_view(shared: &Shared) -> ServicesResponse {
                     .iter()
                     .map(|b| {
                         let st = rec.stats(false, b.id);
+                        let health = rec.health(b.id);
                         BackendView {
                             address: b.addr.to_string(),
                             weight: b.weight,
-                            state: backend_state(rec, b),
+                            state: backend_state(&health, b.weight),
                             connections_total: st.connections,
                             failures_total: st.failures_refused
                                 + st.failures_timeout
@@ -148,7 +149,7 @@ pub fn services_view(shared: &Shared) -> ServicesResponse {
                                 timeout: st.failures_timeout,
                                 unreachable: st.failures_unreachable,
                             },
-                            ejections_total: rec.health(b.id).ejections,
+                            ejections_total: health.ejections,
                             active_connections: st.opened.saturating_sub(st.closed),
                             packets_to_backend: st.packets_to_backend,
                             packets_to_client: st.packets_to_client,

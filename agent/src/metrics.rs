@@ -73,12 +73,13 @@ fn render_datapath(shared: &Shared, out: &mut String) {
         let name = &service.spec.name;
         services.push((name.clone(), rec.stats(true, service.id)));
         for b in &service.backends {
+            let health = rec.health(b.id);
             rows.push(BackendRow {
                 service: name.clone(),
                 backend: b.addr.to_string(),
                 stats: rec.stats(false, b.id),
-                state: crate::state::backend_state(rec, b),
-                ejections: rec.health(b.id).ejections,
+                state: crate::state::backend_state(&health, b.weight),
+                ejections: health.ejections,
                 latency: (service.spec.protocol == Protocol::Tcp).then(|| rec.latency(b.id)),
             });
         }
@@ -92,42 +93,6 @@ fn render_datapath(shared: &Shared, out: &mut String) {
     drop(guard);
 
     // Per service.
-    family(
-        out,
-        "sluice_service_packets_total",
-        "counter",
-        "Packets forwarded for a service, by direction.",
-    );
-    for (s, st) in &services {
-        let _ = writeln!(
-            out,
-            "sluice_service_packets_total{{service=\"{s}\",direction=\"to_backend\"}} {}",
-            st.packets_to_backend
-        );
-        let _ = writeln!(
-            out,
-            "sluice_service_packets_total{{service=\"{s}\",direction=\"to_client\"}} {}",
-            st.packets_to_client
-        );
-    }
-    family(
-        out,
-        "sluice_service_bytes_total",
-        "counter",
-        "Bytes (Ethernet frames) forwarded for a service, by direction.",
-    );
-    for (s, st) in &services {
-        let _ = writeln!(
-            out,
-            "sluice_service_bytes_total{{service=\"{s}\",direction=\"to_backend\"}} {}",
-            st.bytes_to_backend
-        );
-        let _ = writeln!(
-            out,
-            "sluice_service_bytes_total{{service=\"{s}\",direction=\"to_client\"}} {}",
-            st.bytes_to_client
-        );
-    }
     for (name, help, value) in [
         (
             "sluice_service_connections_total",
@@ -147,7 +112,26 @@ fn render_datapath(shared: &Shared, out: &mut String) {
     ] {
         family(out, name, "counter", help);
         for (s, st) in &services {
-            let _ = writeln!(out, "{name}{{service=\"{s}\"}} {}", value(st));
+            sample(out, name, &[("service", s)], value(st));
+        }
+    }
+    for (name, help, packets) in [
+        (
+            "sluice_service_packets_total",
+            "Packets forwarded for a service, by direction.",
+            true,
+        ),
+        (
+            "sluice_service_bytes_total",
+            "Bytes (Ethernet frames) forwarded for a service, by direction.",
+            false,
+        ),
+    ] {
+        family(out, name, "counter", help);
+        for (s, st) in &services {
+            for (direction, n) in directions(st, packets) {
+                sample(out, name, &[("service", s), ("direction", direction)], n);
+            }
         }
     }
 
@@ -159,47 +143,32 @@ fn render_datapath(shared: &Shared, out: &mut String) {
         "New connections sent to a backend.",
     );
     for r in &rows {
-        let _ = writeln!(
+        sample(
             out,
-            "sluice_backend_connections_total{{service=\"{}\",backend=\"{}\"}} {}",
-            r.service, r.backend, r.stats.connections
+            "sluice_backend_connections_total",
+            &r.labels(),
+            r.stats.connections,
         );
     }
-    family(
-        out,
-        "sluice_backend_packets_total",
-        "counter",
-        "Packets forwarded to or from a backend, by direction.",
-    );
-    for r in &rows {
-        let _ = writeln!(
-            out,
-            "sluice_backend_packets_total{{service=\"{}\",backend=\"{}\",direction=\"to_backend\"}} {}",
-            r.service, r.backend, r.stats.packets_to_backend
-        );
-        let _ = writeln!(
-            out,
-            "sluice_backend_packets_total{{service=\"{}\",backend=\"{}\",direction=\"to_client\"}} {}",
-            r.service, r.backend, r.stats.packets_to_client
-        );
-    }
-    family(
-        out,
-        "sluice_backend_bytes_total",
-        "counter",
-        "Bytes forwarded to or from a backend, by direction.",
-    );
-    for r in &rows {
-        let _ = writeln!(
-            out,
-            "sluice_backend_bytes_total{{service=\"{}\",backend=\"{}\",direction=\"to_backend\"}} {}",
-            r.service, r.backend, r.stats.bytes_to_backend
-        );
-        let _ = writeln!(
-            out,
-            "sluice_backend_bytes_total{{service=\"{}\",backend=\"{}\",direction=\"to_client\"}} {}",
-            r.service, r.backend, r.stats.bytes_to_client
-        );
+    for (name, help, packets) in [
+        (
+            "sluice_backend_packets_total",
+            "Packets forwarded to or from a backend, by direction.",
+            true,
+        ),
+        (
+            "sluice_backend_bytes_total",
+            "Bytes forwarded to or from a backend, by direction.",
+            false,
+        ),
+    ] {
+        family(out, name, "counter", help);
+        for r in &rows {
+            for (direction, n) in directions(&r.stats, packets) {
+                let [s, b] = r.labels();
+                sample(out, name, &[s, b, ("direction", direction)], n);
+            }
+        }
     }
     family(
         out,
@@ -209,12 +178,12 @@ fn render_datapath(shared: &Shared, out: &mut String) {
     );
     for r in &rows {
         for state in ["active", "draining", "ejected"] {
-            let _ = writeln!(
+            let [s, b] = r.labels();
+            sample(
                 out,
-                "sluice_backend_state{{service=\"{}\",backend=\"{}\",state=\"{state}\"}} {}",
-                r.service,
-                r.backend,
-                u8::from(state == r.state)
+                "sluice_backend_state",
+                &[s, b, ("state", state)],
+                u8::from(state == r.state),
             );
         }
     }
@@ -230,10 +199,12 @@ fn render_datapath(shared: &Shared, out: &mut String) {
             ("timeout", r.stats.failures_timeout),
             ("unreachable", r.stats.failures_unreachable),
         ] {
-            let _ = writeln!(
+            let [s, b] = r.labels();
+            sample(
                 out,
-                "sluice_backend_failures_total{{service=\"{}\",backend=\"{}\",reason=\"{reason}\"}} {n}",
-                r.service, r.backend
+                "sluice_backend_failures_total",
+                &[s, b, ("reason", reason)],
+                n,
             );
         }
     }
@@ -244,10 +215,11 @@ fn render_datapath(shared: &Shared, out: &mut String) {
         "Times the datapath ejected the backend after consecutive failures.",
     );
     for r in &rows {
-        let _ = writeln!(
+        sample(
             out,
-            "sluice_backend_ejections_total{{service=\"{}\",backend=\"{}\"}} {}",
-            r.service, r.backend, r.ejections
+            "sluice_backend_ejections_total",
+            &r.labels(),
+            r.ejections,
         );
     }
     family(
@@ -257,12 +229,12 @@ fn render_datapath(shared: &Shared, out: &mut String) {
         "TCP connections established to the backend and not yet closed by FIN or RST.",
     );
     for r in &rows {
-        let _ = writeln!(
+        let active = r.stats.opened.saturating_sub(r.stats.closed);
+        sample(
             out,
-            "sluice_backend_active_connections{{service=\"{}\",backend=\"{}\"}} {}",
-            r.service,
-            r.backend,
-            r.stats.opened.saturating_sub(r.stats.closed)
+            "sluice_backend_active_connections",
+            &r.labels(),
+            active,
         );
     }
     const LATENCY: &str = "sluice_backend_connect_latency_seconds";
@@ -279,53 +251,55 @@ fn render_datapath(shared: &Shared, out: &mut String) {
         .collect();
     for r in &rows {
         let Some(h) = &r.latency else { continue };
+        let [s, b] = r.labels();
         // The kernel's log-scale buckets (each 2× the last, from 8 µs), cumulative.
         let mut cumulative = 0;
         for (le, n) in bounds.iter().zip(&h.buckets) {
             cumulative += n;
-            let _ = writeln!(
+            sample(
                 out,
-                "{LATENCY}_bucket{{service=\"{}\",backend=\"{}\",le=\"{le}\"}} {cumulative}",
-                r.service, r.backend
+                "sluice_backend_connect_latency_seconds_bucket",
+                &[s, b, ("le", le)],
+                cumulative,
             );
         }
-        let _ = writeln!(
+        sample(
             out,
-            "{LATENCY}_bucket{{service=\"{}\",backend=\"{}\",le=\"+Inf\"}} {}",
-            r.service, r.backend, h.count
+            "sluice_backend_connect_latency_seconds_bucket",
+            &[s, b, ("le", "+Inf")],
+            h.count,
         );
-        let _ = writeln!(
+        sample(
             out,
-            "{LATENCY}_sum{{service=\"{}\",backend=\"{}\"}} {}",
-            r.service,
-            r.backend,
-            h.sum_ns as f64 / 1e9
+            "sluice_backend_connect_latency_seconds_sum",
+            &[s, b],
+            h.sum_ns as f64 / 1e9,
         );
-        let _ = writeln!(
+        sample(
             out,
-            "{LATENCY}_count{{service=\"{}\",backend=\"{}\"}} {}",
-            r.service, r.backend, h.count
+            "sluice_backend_connect_latency_seconds_count",
+            &[s, b],
+            h.count,
         );
     }
 
     // Datapath-wide.
-    family(
-        out,
-        "sluice_drops_total",
-        "counter",
-        "Packets for a service or from a backend that the datapath dropped, by reason.",
-    );
-    for (name, _, n) in reasons.iter().filter(|r| r.1) {
-        let _ = writeln!(out, "sluice_drops_total{{reason=\"{name}\"}} {n}");
-    }
-    family(
-        out,
-        "sluice_passed_total",
-        "counter",
-        "Packets the datapath handed to the kernel stack instead of forwarding, by reason.",
-    );
-    for (name, _, n) in reasons.iter().filter(|r| !r.1) {
-        let _ = writeln!(out, "sluice_passed_total{{reason=\"{name}\"}} {n}");
+    for (name, help, dropped) in [
+        (
+            "sluice_drops_total",
+            "Packets for a service or from a backend that the datapath dropped, by reason.",
+            true,
+        ),
+        (
+            "sluice_passed_total",
+            "Packets the datapath handed to the kernel stack instead of forwarding, by reason.",
+            false,
+        ),
+    ] {
+        family(out, name, "counter", help);
+        for (reason, _, n) in reasons.iter().filter(|r| r.1 == dropped) {
+            sample(out, name, &[("reason", reason)], n);
+        }
     }
     family(
         out,
@@ -333,9 +307,17 @@ fn render_datapath(shared: &Shared, out: &mut String) {
         "counter",
         "Connection events from the datapath: sent to the agent, or dropped by the per-CPU rate limit or a full ring buffer.",
     );
-    let _ = writeln!(
+    sample(
         out,
-        "sluice_events_total{{outcome=\"sent\"}} {events_sent}\nsluice_events_total{{outcome=\"dropped\"}} {events_dropped}"
+        "sluice_events_total",
+        &[("outcome", "sent")],
+        events_sent,
+    );
+    sample(
+        out,
+        "sluice_events_total",
+        &[("outcome", "dropped")],
+        events_dropped,
     );
     family(
         out,
@@ -343,10 +325,11 @@ fn render_datapath(shared: &Shared, out: &mut String) {
         "gauge",
         "Entries in the conntrack map (two per connection), counted every few seconds.",
     );
-    let _ = writeln!(
+    sample(
         out,
-        "sluice_conntrack_entries {}",
-        shared.conntrack_entries.load(Ordering::Relaxed)
+        "sluice_conntrack_entries",
+        &[],
+        shared.conntrack_entries.load(Ordering::Relaxed),
     );
     family(
         out,
@@ -354,10 +337,11 @@ fn render_datapath(shared: &Shared, out: &mut String) {
         "gauge",
         "Capacity of the conntrack map.",
     );
-    let _ = writeln!(
+    sample(
         out,
-        "sluice_conntrack_capacity {}",
-        *shared.conntrack_capacity.lock().unwrap()
+        "sluice_conntrack_capacity",
+        &[],
+        *shared.conntrack_capacity.lock().unwrap(),
     );
     family(
         out,
@@ -366,9 +350,12 @@ fn render_datapath(shared: &Shared, out: &mut String) {
         "1 for the mode the datapath got on each interface.",
     );
     for (interface, mode) in shared.attachments.lock().unwrap().iter() {
-        let _ = writeln!(
+        let mode = mode.to_string();
+        sample(
             out,
-            "sluice_interface_attached{{interface=\"{interface}\",mode=\"{mode}\"}} 1"
+            "sluice_interface_attached",
+            &[("interface", interface), ("mode", &mode)],
+            1,
         );
     }
     family(
@@ -377,9 +364,48 @@ fn render_datapath(shared: &Shared, out: &mut String) {
         "gauge",
         "1 when every program is attached and the maps hold the configured state (as /readyz).",
     );
-    let _ = writeln!(
+    sample(
         out,
-        "sluice_ready {}",
-        u8::from(shared.ready.load(Ordering::SeqCst))
+        "sluice_ready",
+        &[],
+        u8::from(shared.ready.load(Ordering::SeqCst)),
     );
+}
+
+/// One sample line: `name{k="v",…} value`. Label values here are service
+/// names, addresses, interface names and fixed words: nothing to escape.
+fn sample(out: &mut String, name: &str, labels: &[(&str, &str)], value: impl std::fmt::Display) {
+    out.push_str(name);
+    if !labels.is_empty() {
+        out.push('{');
+        for (i, (k, v)) in labels.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            let _ = write!(out, "{k}=\"{v}\"");
+        }
+        out.push('}');
+    }
+    let _ = writeln!(out, " {value}");
+}
+
+/// (direction, count) pairs of a service's or backend's packets or bytes.
+fn directions(s: &ServiceStats, packets: bool) -> [(&'static str, u64); 2] {
+    if packets {
+        [
+            ("to_backend", s.packets_to_backend),
+            ("to_client", s.packets_to_client),
+        ]
+    } else {
+        [
+            ("to_backend", s.bytes_to_backend),
+            ("to_client", s.bytes_to_client),
+        ]
+    }
+}
+
+impl BackendRow {
+    fn labels(&self) -> [(&'static str, &str); 2] {
+        [("service", &self.service), ("backend", &self.backend)]
+    }
 }

@@ -8,10 +8,9 @@ use std::{
     },
 };
 
-use crate::{
-    config::AttachMode,
-    reconcile::{BackendState, Reconciler},
-};
+use agent_common::BackendHealth;
+
+use crate::{config::AttachMode, reconcile::Reconciler};
 
 #[derive(Default)]
 pub struct Shared {
@@ -28,11 +27,12 @@ pub struct Shared {
     pub events: crate::events::EventLog,
 }
 
-/// A backend's state as the API and metrics name it.
-pub fn backend_state(rec: &Reconciler, backend: &BackendState) -> &'static str {
-    if rec.health(backend.id).ejected == 1 {
+/// A backend's state as the API and metrics name it, from the kernel's
+/// health word and the configured weight.
+pub fn backend_state(health: &BackendHealth, weight: u32) -> &'static str {
+    if health.ejected == 1 {
         "ejected"
-    } else if backend.weight == 0 {
+    } else if weight == 0 {
         "draining"
     } else {
         "active"

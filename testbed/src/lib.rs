@@ -243,6 +243,22 @@ impl Topology {
         Ok(())
     }
 
+    /// A `NameServer` named `b{i}` on backend i's `family` address and
+    /// `port`, for every backend (index i in the result).
+    pub fn serve(&self, family: Family, port: u16) -> Result<Vec<NameServer>> {
+        self.backends
+            .iter()
+            .enumerate()
+            .map(|(i, ns)| {
+                NameServer::start(
+                    ns,
+                    SocketAddr::new(family.backend(i), port),
+                    &format!("b{i}"),
+                )
+            })
+            .collect()
+    }
+
     /// Names of the LB's interfaces (`front`, `back0`, …).
     pub fn lb_interfaces(&self) -> Vec<String> {
         std::iter::once("front".to_string())

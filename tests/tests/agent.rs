@@ -43,14 +43,7 @@ struct Bed {
 
 fn bed(tag: &str) -> Result<Bed> {
     let topo = Topology::new(tag, 2)?;
-    let mut servers = Vec::new();
-    for (i, ns) in topo.backends.iter().enumerate() {
-        servers.push(NameServer::start(
-            ns,
-            SocketAddr::new(Family::V4.backend(i), 8080),
-            &format!("b{i}"),
-        )?);
-    }
+    let servers = topo.serve(Family::V4, 8080)?;
     topo.warm_neighbours()?;
     let dir = TempDir::new(tag)?;
     Ok(Bed {

@@ -30,10 +30,7 @@ fn backend(i: usize) -> SocketAddr {
 
 fn bed(tag: &str, failure: &str) -> Result<Bed> {
     let topo = Topology::new(tag, 3)?;
-    let mut servers = Vec::new();
-    for (i, ns) in topo.backends.iter().enumerate() {
-        servers.push(Some(NameServer::start(ns, backend(i), &format!("b{i}"))?));
-    }
+    let servers = topo.serve(FAM, PORT)?.into_iter().map(Some).collect();
     topo.warm_neighbours()?;
     let dir = TempDir::new(tag)?;
     let mut text = String::from("interfaces:\n  - name: front\n");

@@ -65,11 +65,7 @@ fn config_text(s: &Setup, weights: &[Option<u32>]) -> String {
 
 fn bed(tag: &str, s: Setup) -> Result<Bed> {
     let topo = Topology::new(tag, s.weights.len())?;
-    let mut servers = Vec::new();
-    for (i, ns) in topo.backends.iter().enumerate() {
-        let addr = SocketAddr::new(s.family.backend(i), BACKEND_PORT);
-        servers.push(NameServer::start(ns, addr, &format!("b{i}"))?);
-    }
+    let servers = topo.serve(s.family, BACKEND_PORT)?;
     if !s.cold {
         topo.warm_neighbours()?;
     }

@@ -181,11 +181,11 @@ fn alert_rules_pass_promtool() -> Result<()> {
 #[test]
 fn dashboard_and_alert_queries_return_data_from_a_live_agent() -> Result<()> {
     let topo = Topology::new("ob", 3)?;
-    let mut servers = Vec::new();
-    for (i, ns) in topo.backends.iter().enumerate() {
-        let addr = SocketAddr::new(Family::V4.backend(i), 8080);
-        servers.push(Some(NameServer::start(ns, addr, &format!("b{i}"))?));
-    }
+    let mut servers: Vec<Option<NameServer>> = topo
+        .serve(Family::V4, 8080)?
+        .into_iter()
+        .map(Some)
+        .collect();
     topo.warm_neighbours()?;
     let dir = TempDir::new("ob")?;
     let mut text = String::from(
