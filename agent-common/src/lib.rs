@@ -63,7 +63,9 @@ pub struct Backend {
     /// Network byte order.
     pub port: u16,
     pub _pad0: u16,
-    pub _pad1: u32,
+    /// The owning service's id. The kernel doesn't read it: a restarted
+    /// agent does, to adopt the backends of pinned maps with their ids.
+    pub service_id: u32,
 }
 const _: () = assert!(core::mem::size_of::<Backend>() == 24);
 
@@ -192,7 +194,8 @@ const _: () = assert!(core::mem::size_of::<ServicePolicy>() == 24);
 pub struct BackendHealth {
     pub consecutive_failures: u32,
     /// Not 0 while new connections must skip the backend: 1 ejected by the
-    /// kernel, `BACKEND_REMOVED` gone from the config.
+    /// kernel, `BACKEND_REMOVED` gone from the config, `BACKEND_DRAINING`
+    /// finishing its established connections.
     pub ejected: u32,
     /// Times the kernel ejected it.
     pub ejections: u32,
@@ -204,6 +207,8 @@ const _: () = assert!(core::mem::size_of::<BackendHealth>() == 24);
 
 /// `BackendHealth::ejected` of a backend the agent removed.
 pub const BACKEND_REMOVED: u32 = 2;
+/// `BackendHealth::ejected` of a draining backend (removed, or weight 0).
+pub const BACKEND_DRAINING: u32 = 3;
 
 /// Buckets of the connect latency histogram: bucket i counts latencies below
 /// `LATENCY_BASE_NS << i` (8 µs up to about 4.2 s); slower ones count only in

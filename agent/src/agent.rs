@@ -105,7 +105,11 @@ pub async fn run(config_path: PathBuf, listen: SocketAddr) -> Result<(), RunErro
         shared.clone(),
     );
     let mut reconciler = Reconciler::new(maps, sizes.table_size, sizes.services, sizes.backends)?;
-    reconciler.apply(&cfg.services)?;
+    // Discovery services start with no backends (or what pinned maps hold,
+    // once adopted) and fill in as their providers report.
+    let (report_tx, mut reports) = tokio::sync::mpsc::channel(256);
+    shared.discovery.lock().unwrap().sync(&cfg, &report_tx);
+    reconciler.apply(&shared.discovery.lock().unwrap().desired(&cfg))?;
     *shared.reconciler.lock().unwrap() = Some(reconciler);
     shared.ready.store(true, Ordering::SeqCst);
     info!(
@@ -132,7 +136,21 @@ pub async fn run(config_path: PathBuf, listen: SocketAddr) -> Result<(), RunErro
                     warn!(error = format!("{e:#}"), "FIB cache generation not bumped");
                 }
             }
-            _ = health_ticker.tick() => readmitter.tick(&shared).await,
+            _ = health_ticker.tick() => {
+                readmitter.tick(&shared).await;
+                if let Some(rec) = shared.reconciler.lock().unwrap().as_mut()
+                    && let Err(e) = rec.finish_drains(Some(std::time::Instant::now()))
+                {
+                    warn!(error = format!("{e:#}"), "ending drains");
+                }
+            }
+            Some(report) = reports.recv() => {
+                let service = report.service.clone();
+                let changed = shared.discovery.lock().unwrap().accept(report, &current);
+                if changed && let Err(e) = apply_desired(&shared, &current) {
+                    error!(service, error = format!("{e:#}"), "discovered backends not applied; the last applied set keeps serving");
+                }
+            }
             _ = sigint.recv() => { info!("SIGINT: shutting down"); break; }
             _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break; }
             _ = async {
@@ -145,7 +163,7 @@ pub async fn run(config_path: PathBuf, listen: SocketAddr) -> Result<(), RunErro
                 if text == last_text {
                     continue;
                 }
-                let result = reload(&config_path, &text, &current, &mut datapath, &mut sysctls, &shared);
+                let result = reload(&config_path, &text, &current, &mut datapath, &mut sysctls, &shared, &report_tx);
                 last_text = text;
                 match result {
                     Ok(Some(next)) => current = next,
@@ -158,6 +176,7 @@ pub async fn run(config_path: PathBuf, listen: SocketAddr) -> Result<(), RunErro
 
     shared.ready.store(false, Ordering::SeqCst);
     shared.stopping.store(true, Ordering::SeqCst);
+    shared.discovery.lock().unwrap().stop();
     let _ = stop_http.send(());
     // Dropping the datapath closes every link: the programs detach.
     shared.reconciler.lock().unwrap().take();
@@ -176,6 +195,7 @@ fn reload(
     datapath: &mut Datapath,
     sysctls: &mut Sysctls,
     shared: &Shared,
+    report_tx: &tokio::sync::mpsc::Sender<crate::discovery::Report>,
 ) -> Result<Option<Validated>> {
     let next = config::parse(&String::from_utf8_lossy(text), &path.display().to_string())?;
     check_interfaces(&next, path)?;
@@ -197,13 +217,20 @@ fn reload(
     *shared.attachments.lock().unwrap() = datapath.attachments();
     sysctls.apply(&next)?;
 
+    shared.discovery.lock().unwrap().sync(&next, report_tx);
+    apply_desired(shared, &next)?;
+    info!(config = %path.display(), services = next.services.len(), "config change applied");
+    Ok(Some(next))
+}
+
+/// The config merged with the discovered backends, into the kernel maps.
+fn apply_desired(shared: &Shared, config: &Validated) -> Result<()> {
+    let desired = shared.discovery.lock().unwrap().desired(config);
     let mut guard = shared.reconciler.lock().unwrap();
     let reconciler = guard
         .as_mut()
         .ok_or_else(|| anyhow!("datapath not loaded"))?;
-    reconciler.apply(&next.services)?;
-    info!(config = %path.display(), services = next.services.len(), "config change applied");
-    Ok(Some(next))
+    reconciler.apply(&desired)
 }
 
 /// How often the conntrack map's entries are counted (a walk of the map).

@@ -40,15 +40,23 @@ pub fn router(shared: Arc<Shared>, registry: Registry) -> Router {
         .with_state(AppState { shared, registry })
 }
 
+/// 200 once attached and written. A failing discovery provider doesn't
+/// make the agent unready (its service keeps serving the last good set);
+/// it is named in the body.
 async fn readyz(State(app): State<AppState>) -> impl IntoResponse {
-    if app.shared.ready.load(Ordering::SeqCst) {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (
+    if !app.shared.ready.load(Ordering::SeqCst) {
+        return (
             StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: programs not attached or maps not yet written\n",
-        )
+            "not ready: programs not attached or maps not yet written\n".to_string(),
+        );
     }
+    let mut body = "ready\n".to_string();
+    for (service, provider, error) in app.shared.discovery.lock().unwrap().unhealthy() {
+        body += &format!(
+            "discovery unhealthy: service {service}: {provider}: {error} (the last good backends keep serving)\n"
+        );
+    }
+    (StatusCode::OK, body)
 }
 
 async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
@@ -82,6 +90,21 @@ pub struct ServiceView {
     pub retries_total: u64,
     pub fail_open_total: u64,
     pub backends: Vec<BackendView>,
+    /// Present for services whose backends come from discovery.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub discovery: Option<DiscoveryView>,
+}
+
+#[derive(Serialize)]
+pub struct DiscoveryView {
+    pub provider: &'static str,
+    pub healthy: bool,
+    pub error: Option<String>,
+    /// An update that would have emptied the service is held back.
+    pub held_back: bool,
+    pub last_success_unix_seconds: Option<u64>,
+    pub updates_applied: u64,
+    pub failures: u64,
 }
 
 #[derive(Serialize)]
@@ -98,6 +121,9 @@ pub struct BackendView {
     pub packets_to_client: u64,
     pub bytes_to_backend: u64,
     pub bytes_to_client: u64,
+    /// Seconds until a draining backend's remaining connections are closed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drain_remaining_seconds: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -112,6 +138,8 @@ pub fn services_view(shared: &Shared) -> ServicesResponse {
     let Some(rec) = guard.as_ref() else {
         return ServicesResponse { services: vec![] };
     };
+    let discovery = shared.discovery.lock().unwrap();
+    let now = std::time::Instant::now();
     let services = rec
         .services
         .values()
@@ -139,7 +167,7 @@ pub fn services_view(shared: &Shared) -> ServicesResponse {
                         BackendView {
                             address: b.addr.to_string(),
                             weight: b.weight,
-                            state: backend_state(&health, b.weight),
+                            state: backend_state(&health, b.draining()),
                             connections_total: st.connections,
                             failures_total: st.failures_refused
                                 + st.failures_timeout
@@ -155,9 +183,25 @@ pub fn services_view(shared: &Shared) -> ServicesResponse {
                             packets_to_client: st.packets_to_client,
                             bytes_to_backend: st.bytes_to_backend,
                             bytes_to_client: st.bytes_to_client,
+                            drain_remaining_seconds: b
+                                .drain_deadline
+                                .map(|d| d.saturating_duration_since(now).as_secs()),
                         }
                     })
                     .collect(),
+                discovery: discovery.statuses.get(&s.spec.name).map(|d| DiscoveryView {
+                    provider: d.provider,
+                    healthy: d.healthy,
+                    error: d.error.clone(),
+                    held_back: d.held_back,
+                    last_success_unix_seconds: d.last_success.and_then(|t| {
+                        t.duration_since(std::time::UNIX_EPOCH)
+                            .ok()
+                            .map(|d| d.as_secs())
+                    }),
+                    updates_applied: d.updates_applied,
+                    failures: d.failures,
+                }),
             }
         })
         .collect();

@@ -172,6 +172,79 @@ pub struct Service {
     pub backends: Vec<BackendSpec>,
     #[serde(default)]
     pub failure: Failure,
+    /// Where the backends come from when not listed in `backends`.
+    #[serde(default)]
+    pub discovery: Option<Discovery>,
+    /// How long a removed backend keeps its established connections.
+    #[serde(default = "default_drain_timeout")]
+    pub drain_timeout_seconds: u32,
+}
+
+fn default_drain_timeout() -> u32 {
+    60
+}
+
+/// A discovery source for one service's backends (exactly one of them).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Discovery {
+    #[serde(default)]
+    pub dns: Option<DnsDiscovery>,
+    #[serde(default)]
+    pub etcd: Option<EtcdDiscovery>,
+    /// Apply an update that leaves the service with no backend. Off by
+    /// default: such an update is held back and logged, the last set serves.
+    #[serde(default)]
+    pub allow_empty: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DnsRecord {
+    /// SRV records: target, port and weight from DNS.
+    #[default]
+    Srv,
+    /// A records (IPv4 services), with the configured port.
+    A,
+    /// AAAA records (IPv6 services), with the configured port.
+    Aaaa,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsDiscovery {
+    pub name: String,
+    #[serde(default, rename = "type")]
+    pub record: DnsRecord,
+    /// The backends' port with `type: a` or `aaaa`.
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// A name server (`IP` or `IP:PORT`); default: the system's resolv.conf.
+    #[serde(default)]
+    pub server: Option<String>,
+    /// Re-resolved when the answer's TTL expires, but never more often
+    /// than this (nor after a failure)...
+    #[serde(default = "default_dns_min_interval")]
+    pub min_interval_seconds: u32,
+    /// ...and never less often than this.
+    #[serde(default = "default_dns_max_interval")]
+    pub max_interval_seconds: u32,
+}
+
+fn default_dns_min_interval() -> u32 {
+    5
+}
+fn default_dns_max_interval() -> u32 {
+    300
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdDiscovery {
+    /// etcd v3 client URLs (`http://host:2379`), tried in turn.
+    pub endpoints: Vec<String>,
+    /// Every key under this prefix is one backend (value: JSON, see README).
+    pub prefix: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -232,6 +305,42 @@ pub struct ServiceSpec {
     pub snat_ip: Option<IpAddr>,
     pub backends: Vec<(SocketAddr, u32)>,
     pub failure: Failure,
+    /// None: the backends are the file's.
+    pub discovery: Option<DiscoverySpec>,
+    pub drain_timeout: std::time::Duration,
+}
+
+/// A discovery source after validation.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Source {
+    Dns {
+        name: String,
+        record: DnsRecord,
+        port: Option<u16>,
+        server: Option<SocketAddr>,
+        min_interval: std::time::Duration,
+        max_interval: std::time::Duration,
+    },
+    Etcd {
+        endpoints: Vec<String>,
+        prefix: String,
+    },
+}
+
+impl Source {
+    /// A short name for logs, metrics and the API: `dns` or `etcd`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Dns { .. } => "dns",
+            Self::Etcd { .. } => "etcd",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct DiscoverySpec {
+    pub source: Source,
+    pub allow_empty: bool,
 }
 
 /// A config after validation.
@@ -486,6 +595,24 @@ fn validate(raw: Config, path: &str) -> Result<Validated, ConfigError> {
                 "must be 0 to 100",
             ));
         }
+        let discovery = match &s.discovery {
+            None => None,
+            Some(d) => Some(validate_discovery(d, vip, !s.backends.is_empty(), &|name| {
+                if name.is_empty() {
+                    field("discovery")
+                } else {
+                    field(&format!("discovery.{name}"))
+                }
+            })
+            .map_err(|(f, value, why)| invalid(f, &value, &why))?),
+        };
+        if s.drain_timeout_seconds > 86_400 {
+            return Err(invalid(
+                field("drain_timeout_seconds"),
+                &s.drain_timeout_seconds,
+                "must be 0 to 86400",
+            ));
+        }
         services.push(ServiceSpec {
             name: s.name.clone(),
             vip,
@@ -494,6 +621,8 @@ fn validate(raw: Config, path: &str) -> Result<Validated, ConfigError> {
             snat_ip,
             backends,
             failure: s.failure.clone(),
+            discovery,
+            drain_timeout: std::time::Duration::from_secs(s.drain_timeout_seconds.into()),
         });
     }
     if backend_total > raw.limits.max_backends as usize {
@@ -507,6 +636,125 @@ fn validate(raw: Config, path: &str) -> Result<Validated, ConfigError> {
         ));
     }
     Ok(Validated { raw, services })
+}
+
+/// (field, value, why) of a refused discovery setting.
+type Refusal = (String, String, String);
+
+fn validate_discovery(
+    d: &Discovery,
+    vip: IpAddr,
+    has_static_backends: bool,
+    field: &dyn Fn(&str) -> String,
+) -> Result<DiscoverySpec, Refusal> {
+    fn refuse<T>(
+        field: &dyn Fn(&str) -> String,
+        name: &str,
+        value: &dyn fmt::Display,
+        why: &str,
+    ) -> Result<T, Refusal> {
+        Err((field(name), value.to_string(), why.to_string()))
+    }
+    let refuse = |name: &str, value: &dyn fmt::Display, why: &str| refuse(field, name, value, why);
+    if has_static_backends {
+        return refuse(
+            "",
+            &"dns/etcd",
+            "a service takes its backends from `backends` or from `discovery`, not both",
+        );
+    }
+    let source = match (&d.dns, &d.etcd) {
+        (Some(_), Some(_)) | (None, None) => {
+            return refuse("", &"{}", "name exactly one source: dns or etcd");
+        }
+        (Some(dns), None) => {
+            if dns.name.is_empty() || dns.name.len() > 253 || dns.name.contains(char::is_whitespace)
+            {
+                return refuse("dns.name", &dns.name, "not a DNS name");
+            }
+            match (dns.record, dns.port) {
+                (DnsRecord::Srv, Some(port)) => {
+                    return refuse("dns.port", &port, "SRV records carry the port: leave it out");
+                }
+                (DnsRecord::A | DnsRecord::Aaaa, None | Some(0)) => {
+                    return refuse(
+                        "dns.port",
+                        &dns.port.unwrap_or(0),
+                        "required (1 to 65535) with type a or aaaa",
+                    );
+                }
+                (DnsRecord::A, _) if !vip.is_ipv4() => {
+                    return refuse("dns.type", &"a", "an IPv6 service needs type aaaa");
+                }
+                (DnsRecord::Aaaa, _) if vip.is_ipv4() => {
+                    return refuse("dns.type", &"aaaa", "an IPv4 service needs type a");
+                }
+                _ => {}
+            }
+            let server = match &dns.server {
+                None => None,
+                Some(text) => Some(
+                    text.parse::<SocketAddr>()
+                        .or_else(|_| text.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+                        .or_else(|_| {
+                            Err((
+                                field("dns.server"),
+                                text.clone(),
+                                "expected IP or IP:PORT".to_string(),
+                            ))
+                        })?,
+                ),
+            };
+            if dns.min_interval_seconds == 0 {
+                return refuse(
+                    "dns.min_interval_seconds",
+                    &dns.min_interval_seconds,
+                    "must be at least 1",
+                );
+            }
+            if dns.max_interval_seconds < dns.min_interval_seconds {
+                return refuse(
+                    "dns.max_interval_seconds",
+                    &dns.max_interval_seconds,
+                    "must be at least dns.min_interval_seconds",
+                );
+            }
+            Source::Dns {
+                name: dns.name.clone(),
+                record: dns.record,
+                port: dns.port,
+                server,
+                min_interval: std::time::Duration::from_secs(dns.min_interval_seconds.into()),
+                max_interval: std::time::Duration::from_secs(dns.max_interval_seconds.into()),
+            }
+        }
+        (None, Some(etcd)) => {
+            if etcd.endpoints.is_empty() {
+                return refuse("etcd.endpoints", &"[]", "at least one endpoint is needed");
+            }
+            for (k, url) in etcd.endpoints.iter().enumerate() {
+                let rest = url.strip_prefix("http://").unwrap_or("");
+                if rest.is_empty() || rest.contains(['/', '?', '#', ' ']) {
+                    return refuse(
+                        &format!("etcd.endpoints[{k}]"),
+                        url,
+                        "expected http://HOST:PORT (TLS is not supported yet)",
+                    );
+                }
+            }
+            if etcd.prefix.is_empty() {
+                return refuse("etcd.prefix", &"\"\"", "must not be empty");
+            }
+            Source::Etcd {
+                endpoints: etcd.endpoints.clone(),
+                prefix: etcd.prefix.clone(),
+            }
+        }
+    };
+    Ok(DiscoverySpec {
+        source,
+        allow_empty: d.allow_empty,
+    })
 }
 
 pub fn is_prime(n: u32) -> bool {

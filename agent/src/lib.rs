@@ -5,6 +5,7 @@ pub mod agent;
 pub mod api;
 pub mod config;
 pub mod datapath;
+pub mod discovery;
 pub mod events;
 pub mod maglev;
 pub mod metrics;

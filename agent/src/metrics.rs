@@ -78,7 +78,7 @@ fn render_datapath(shared: &Shared, out: &mut String) {
                 service: name.clone(),
                 backend: b.addr.to_string(),
                 stats: rec.stats(false, b.id),
-                state: crate::state::backend_state(&health, b.weight),
+                state: crate::state::backend_state(&health, b.draining()),
                 ejections: health.ejections,
                 latency: (service.spec.protocol == Protocol::Tcp).then(|| rec.latency(b.id)),
             });
@@ -370,6 +370,74 @@ fn render_datapath(shared: &Shared, out: &mut String) {
         &[],
         u8::from(shared.ready.load(Ordering::SeqCst)),
     );
+    render_discovery(shared, out);
+}
+
+fn render_discovery(shared: &Shared, out: &mut String) {
+    let hub = shared.discovery.lock().unwrap();
+    let families: [(&str, &str, &str); 5] = [
+        (
+            "sluice_discovery_healthy",
+            "gauge",
+            "1 while the service's discovery provider answers usable sets (0: its last good set serves).",
+        ),
+        (
+            "sluice_discovery_backends",
+            "gauge",
+            "Backends in the service's last good discovered set.",
+        ),
+        (
+            "sluice_discovery_held_back",
+            "gauge",
+            "1 while an update that would empty the service is held back.",
+        ),
+        (
+            "sluice_discovery_updates_total",
+            "counter",
+            "Discovered sets by what became of them: applied, held_back (would empty the service), failed (source unreachable or unusable).",
+        ),
+        (
+            "sluice_discovery_last_success_timestamp_seconds",
+            "gauge",
+            "When the provider last answered a usable set (Unix time).",
+        ),
+    ];
+    for (name, kind, help) in families {
+        family(out, name, kind, help);
+        for (service, st) in &hub.statuses {
+            let labels = [("service", service.as_str()), ("provider", st.provider)];
+            match name {
+                "sluice_discovery_healthy" => sample(out, name, &labels, u8::from(st.healthy)),
+                "sluice_discovery_backends" => sample(
+                    out,
+                    name,
+                    &labels,
+                    st.backends.as_ref().map_or(0, Vec::len),
+                ),
+                "sluice_discovery_held_back" => {
+                    sample(out, name, &labels, u8::from(st.held_back))
+                }
+                "sluice_discovery_updates_total" => {
+                    for (result, n) in [
+                        ("applied", st.updates_applied),
+                        ("held_back", st.updates_held_back),
+                        ("failed", st.failures),
+                    ] {
+                        let l = [labels[0], labels[1], ("result", result)];
+                        sample(out, name, &l, n);
+                    }
+                }
+                _ => sample(
+                    out,
+                    name,
+                    &labels,
+                    st.last_success
+                        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                        .map_or(0, |d| d.as_secs()),
+                ),
+            }
+        }
+    }
 }
 
 /// One sample line: `name{k="v",…} value`. Label values here are service

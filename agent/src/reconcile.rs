@@ -11,10 +11,11 @@
 use std::{
     collections::{BTreeMap, VecDeque},
     net::{IpAddr, SocketAddr},
+    time::Instant,
 };
 
 use agent_common::{
-    BACKEND_REMOVED, Backend, BackendFib, BackendHealth, FAMILY_V4, FAMILY_V6, FibCache,
+    BACKEND_DRAINING, BACKEND_REMOVED, Backend, BackendFib, BackendHealth, FAMILY_V4, FAMILY_V6, FibCache,
     LatencyHistogram, NO_BACKEND, Prefilter, SERVICE_F_RETRY, SERVICE_F_SNAT, Service, ServiceKey,
     ServicePolicy, ServiceStats, hash::prefilter_bit, prefilter,
 };
@@ -79,6 +80,16 @@ pub struct BackendState {
     pub id: u32,
     pub addr: SocketAddr,
     pub weight: u32,
+    /// Set while a backend that left the desired state drains: its
+    /// established connections continue until they close or this passes.
+    pub drain_deadline: Option<Instant>,
+}
+
+impl BackendState {
+    /// Takes no new connections: removed and draining, or weight 0.
+    pub fn draining(&self) -> bool {
+        self.weight == 0 || self.drain_deadline.is_some()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -166,10 +177,15 @@ impl Reconciler {
         // that doesn't fit, drop the leaving backends first.
         let new_backends = self.new_backend_count(desired);
         if new_backends > self.backend_ids.available() {
+            // Draining backends hold ids: end their drains first.
+            self.finish_drains(None)?;
+        }
+        if new_backends > self.backend_ids.available() {
             let staying: Vec<ServiceSpec> = desired
                 .iter()
                 .map(|spec| {
                     let mut spec = spec.clone();
+                    spec.drain_timeout = std::time::Duration::ZERO;
                     let old = self.services.get(&spec.name);
                     spec.backends.retain(|(addr, _)| {
                         old.is_some_and(|o| o.backends.iter().any(|b| b.addr == *addr))
@@ -305,14 +321,23 @@ impl Reconciler {
                 Some(i) => {
                     let mut b = old_backends.swap_remove(i);
                     b.weight = weight;
+                    if b.drain_deadline.take().is_some() {
+                        info!(service = spec.name, backend = %addr, "backend back; drain ended");
+                    }
                     b
                 }
                 None => {
-                    let id = self.backend_ids.take()?;
-                    self.write_new_backend(id, addr, spec.protocol.number())?;
-                    BackendState { id, addr, weight }
+                    let backend_id = self.backend_ids.take()?;
+                    self.write_new_backend(backend_id, addr, spec.protocol.number(), id)?;
+                    BackendState {
+                        id: backend_id,
+                        addr,
+                        weight,
+                        drain_deadline: None,
+                    }
                 }
             };
+            self.mark_draining(&state)?;
             backends.push(state);
         }
         write_filter(&mut self.maps, prefilter::BACKEND, &self.backend_filter)?;
@@ -343,6 +368,7 @@ impl Reconciler {
 
         // 3. The table, into the idle half, only when it changed.
         let weights: Vec<(SocketAddr, u32)> = backends.iter().map(|b| (b.addr, b.weight)).collect();
+        debug_assert!(backends.iter().all(|b| b.drain_deadline.is_none()));
         let table: Vec<u32> = maglev::build(&weights, self.table_size)
             .into_iter()
             .map(|i| {
@@ -384,16 +410,20 @@ impl Reconciler {
             .insert(service_key(spec), value, 0)
             .context("writing the service entry")?;
 
-        // 5. Backends no longer listed: no table points at them now. Marked
-        // removed (so a reused 5-tuple re-picks), then their ids are freed.
-        for b in old_backends {
-            info!(service = spec.name, backend = %b.addr, "backend removed");
-            let removed = BackendHealth {
-                ejected: BACKEND_REMOVED,
-                ..BackendHealth::default()
-            };
-            let _ = self.maps.backend_health.set(b.id, removed, 0);
-            self.backend_ids.give(b.id);
+        // 5. Backends no longer listed: no table points at them now. They
+        // drain (established connections continue; a reused 5-tuple
+        // re-picks), or with no drain time go at once.
+        for mut b in old_backends {
+            if b.drain_deadline.is_none() {
+                if spec.drain_timeout.is_zero() {
+                    self.remove_backend(&spec.name, &b, false)?;
+                    continue;
+                }
+                b.drain_deadline = Some(Instant::now() + spec.drain_timeout);
+                info!(service = spec.name, backend = %b.addr, drain_timeout_s = spec.drain_timeout.as_secs(), "backend draining");
+            }
+            self.mark_draining(&b)?;
+            backends.push(b);
         }
         if is_new {
             info!(service = spec.name, vip = %spec.vip, port = spec.port, protocol = spec.protocol.as_str(), backends = backends.len(), "service added");
@@ -411,14 +441,104 @@ impl Reconciler {
         Ok(())
     }
 
+    /// The kernel's health word says whether new connections may use the
+    /// backend; draining ones must not (a reused 5-tuple re-picks).
+    fn mark_draining(&mut self, b: &BackendState) -> Result<()> {
+        let mut health = self.health(b.id);
+        let want = if b.draining() {
+            if health.ejected == 1 {
+                return Ok(()); // ejected already: no new connections either
+            }
+            BACKEND_DRAINING
+        } else if health.ejected == BACKEND_DRAINING {
+            0
+        } else {
+            return Ok(());
+        };
+        if health.ejected != want {
+            health.ejected = want;
+            self.maps
+                .backend_health
+                .set(b.id, health, 0)
+                .with_context(|| format!("writing the health of backend {}", b.addr))?;
+        }
+        Ok(())
+    }
+
+    /// Ends a backend: marked removed (a reused 5-tuple re-picks), its
+    /// remaining flows deleted when `flush` (the drain timed out), its id
+    /// freed. No table points at it.
+    fn remove_backend(&mut self, service: &str, b: &BackendState, flush: bool) -> Result<()> {
+        let removed = BackendHealth {
+            ejected: BACKEND_REMOVED,
+            ..BackendHealth::default()
+        };
+        let _ = self.maps.backend_health.set(b.id, removed, 0);
+        let flushed = if flush { self.flush_flows(b.id) } else { 0 };
+        info!(service, backend = %b.addr, flows_closed = flushed, "backend removed");
+        self.backend_ids.give(b.id);
+        Ok(())
+    }
+
+    /// Deletes every conntrack entry (both directions) of a backend; the
+    /// next packet of such a connection starts over (and is reset by
+    /// whichever backend it reaches). Returns the count of entries deleted.
+    fn flush_flows(&mut self, backend_id: u32) -> usize {
+        let doomed: Vec<_> = self
+            .maps
+            .conntrack
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, flow)| flow.backend_id == backend_id)
+            .map(|(key, _)| key)
+            .collect();
+        doomed
+            .iter()
+            .filter(|key| self.maps.conntrack.remove(key).is_ok())
+            .count()
+    }
+
+    /// Ends drains that are over: no connection left, or the drain time
+    /// passed (then its remaining flows are closed). `now` None ends every
+    /// drain at once.
+    pub fn finish_drains(&mut self, now: Option<Instant>) -> Result<()> {
+        let mut done = Vec::new();
+        for (name, state) in &self.services {
+            for b in &state.backends {
+                let Some(deadline) = b.drain_deadline else {
+                    continue;
+                };
+                let st = self.stats(false, b.id);
+                let open = st.opened.saturating_sub(st.closed);
+                let timed_out = now.is_none_or(|now| now >= deadline);
+                if open == 0 || timed_out {
+                    done.push((name.clone(), b.clone(), open > 0));
+                }
+            }
+        }
+        for (name, b, flush) in done {
+            self.remove_backend(&name, &b, flush)?;
+            if let Some(state) = self.services.get_mut(&name) {
+                state.backends.retain(|x| x.id != b.id);
+            }
+        }
+        Ok(())
+    }
+
     /// Everything the kernel keeps per backend, for a new or reused id.
-    fn write_new_backend(&mut self, id: u32, addr: SocketAddr, proto: u8) -> Result<()> {
+    fn write_new_backend(
+        &mut self,
+        id: u32,
+        addr: SocketAddr,
+        proto: u8,
+        service_id: u32,
+    ) -> Result<()> {
         let words = addr_words(addr.ip());
         let backend = Backend {
             addr: words,
             port: addr.port().to_be(),
             _pad0: 0,
-            _pad1: 0,
+            service_id,
         };
         self.maps
             .backends
@@ -494,6 +614,9 @@ impl Reconciler {
     /// failure streak starts over. `ejections` and `ejected_ns` stay.
     pub fn readmit(&mut self, backend_id: u32) -> Result<()> {
         let mut health = self.health(backend_id);
+        if health.ejected != 1 {
+            return Ok(()); // drained or removed meanwhile
+        }
         health.ejected = 0;
         health.consecutive_failures = 0;
         self.maps

@@ -25,14 +25,16 @@ pub struct Shared {
     /// Set at shutdown: background work stops.
     pub stopping: AtomicBool,
     pub events: crate::events::EventLog,
+    /// Discovery providers' health and last good sets.
+    pub discovery: Mutex<crate::discovery::Hub>,
 }
 
 /// A backend's state as the API and metrics name it, from the kernel's
 /// health word and the configured weight.
-pub fn backend_state(health: &BackendHealth, weight: u32) -> &'static str {
+pub fn backend_state(health: &BackendHealth, draining: bool) -> &'static str {
     if health.ejected == 1 {
         "ejected"
-    } else if weight == 0 {
+    } else if draining {
         "draining"
     } else {
         "active"

@@ -186,3 +186,103 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     }
     found
 }
+
+/// A server process (dnsmasq, etcd…) started by a test inside a namespace.
+/// Dropping it kills that process, by its PID, and nothing else.
+pub struct Daemon {
+    child: Option<Child>,
+    pub what: String,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    pub fn start(ns: &Netns, program: &str, args: &[String], log: PathBuf) -> Result<Self> {
+        let log_file = std::fs::File::create(&log)?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns.name, program])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file)
+            .spawn()
+            .with_context(|| format!("starting {program}"))?;
+        Ok(Self {
+            child: Some(child),
+            what: program.to_string(),
+            log,
+        })
+    }
+
+    /// SIGKILL: the server dies without a goodbye, as in a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Polls `f` every 100 ms until it says true; fails after `limit`.
+pub fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> Result<bool>) -> Result<()> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if f()? {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {limit:?} waiting for {what}");
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `/api/v1/services` parsed.
+pub fn services_json(ns: &Netns, agent: &Agent) -> Result<serde_json::Value> {
+    let (status, body) = http_get(ns, agent.listen, "/api/v1/services")?;
+    if status != 200 {
+        bail!("/api/v1/services: HTTP {status}: {body}");
+    }
+    Ok(serde_json::from_str(&body)?)
+}
+
+/// One service's entry of `/api/v1/services`.
+pub fn service_json(ns: &Netns, agent: &Agent, service: &str) -> Result<serde_json::Value> {
+    let all = services_json(ns, agent)?;
+    all["services"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|s| s["name"] == service)
+        .cloned()
+        .with_context(|| format!("service {service} not in /api/v1/services: {all}"))
+}
+
+/// A service's backends as the API lists them: address → state.
+pub fn backend_states(
+    ns: &Netns,
+    agent: &Agent,
+    service: &str,
+) -> Result<std::collections::BTreeMap<String, String>> {
+    let s = service_json(ns, agent, service)?;
+    Ok(s["backends"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|b| {
+            (
+                b["address"].as_str().unwrap_or("").to_string(),
+                b["state"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect())
+}

@@ -316,15 +316,25 @@ fn removed_backend_keeps_established_connections() -> Result<()> {
     std::fs::write(&tmp, config_text(&setup, &weights))?;
     std::fs::rename(&tmp, &path)?;
     let removed = SocketAddr::new(Family::V4.backend(held), BACKEND_PORT).to_string();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    // It drains: listed as draining while its connection is open.
+    let state_of_removed = || -> Result<Option<String>> {
         let (_, body) = http_get(&b.topo.lb, b.agent.listen, "/api/v1/services")?;
-        if !body.contains(&removed) {
-            break;
-        }
+        let v: serde_json::Value = serde_json::from_str(&body)?;
+        Ok(v["services"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|s| s["name"] == "web-tcp")
+            .flat_map(|s| s["backends"].as_array().cloned().unwrap_or_default())
+            .find(|b| b["address"] == removed.as_str())
+            .map(|b| b["state"].as_str().unwrap_or("").to_string()))
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while state_of_removed()?.as_deref() != Some("draining") {
         if Instant::now() > deadline {
             bail!(
-                "backend {removed} still listed 10 s after the config change:\n{}",
+                "backend {removed} not draining 10 s after the config change (state {:?}):\n{}",
+                state_of_removed()?,
                 b.agent.log_text()
             );
         }
@@ -334,7 +344,7 @@ fn removed_backend_keeps_established_connections() -> Result<()> {
     let counts = b.spread(300, false, Family::V4.client())?;
     assert!(
         !counts.contains_key(&format!("b{held}")),
-        "removed backend b{held} got new connections: {counts:?}"
+        "draining backend b{held} got new connections: {counts:?}"
     );
     assert_eq!(counts.values().sum::<usize>(), 300);
 
@@ -344,8 +354,22 @@ fn removed_backend_keeps_established_connections() -> Result<()> {
         reader.read_line(&mut echo)?;
         assert_eq!(
             echo, line,
-            "the established connection to the removed backend broke"
+            "the established connection to the draining backend broke"
         );
+    }
+
+    // Its last connection closes: the drain ends and the backend is gone.
+    drop(reader);
+    drop(stream);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while state_of_removed()?.is_some() {
+        if Instant::now() > deadline {
+            bail!(
+                "backend {removed} still listed 10 s after its last connection closed:\n{}",
+                b.agent.log_text()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
     Ok(())
 }

@@ -27,6 +27,10 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("prometheus", "promtool"),
     ("chromium", "chromium"),
     ("chromium-driver", "chromedriver"),
+    ("dnsmasq-base", "dnsmasq"),
+    ("dnsutils", "dig"),
+    ("etcd-server", "etcd"),
+    ("etcd-client", "etcdctl"),
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq)]

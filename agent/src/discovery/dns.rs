@@ -1,0 +1,153 @@
+//! DNS discovery: SRV records (target, port, weight), or A/AAAA records with
+//! a configured port. Re-resolved when the answer's TTL runs out, clamped to
+//! [min_interval, max_interval]; after a failure, retried every min_interval.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
+
+use hickory_resolver::{
+    TokioResolver,
+    config::{NameServerConfig, ResolverConfig},
+    net::{NetError, runtime::TokioRuntimeProvider},
+    proto::rr::{RData, RecordType},
+};
+
+use super::{Backends, Outcome, Reporter};
+use crate::config::{DnsRecord, MAX_WEIGHT, Source};
+
+/// One query's limit; a server that doesn't answer in time is a failure.
+const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
+
+pub async fn run(source: Source, reporter: Reporter) {
+    let Source::Dns {
+        name,
+        record,
+        port,
+        server,
+        min_interval,
+        max_interval,
+    } = source
+    else {
+        return;
+    };
+    let resolver = match resolver(server) {
+        Ok(r) => r,
+        Err(e) => {
+            reporter
+                .send(Outcome::Failed(format!("DNS resolver: {e}")))
+                .await;
+            return;
+        }
+    };
+    loop {
+        let (outcome, wait) = match resolve(&resolver, &name, record, port).await {
+            Ok((backends, ttl)) => (
+                Outcome::Backends(backends),
+                ttl.clamp(min_interval, max_interval),
+            ),
+            Err(e) => (Outcome::Failed(format!("{name}: {e}")), min_interval),
+        };
+        if !reporter.send(outcome).await {
+            return;
+        }
+        tokio::time::sleep(wait).await;
+    }
+}
+
+fn resolver(server: Option<SocketAddr>) -> Result<TokioResolver, NetError> {
+    let mut builder = match server {
+        Some(addr) => {
+            let mut ns = NameServerConfig::udp_and_tcp(addr.ip());
+            for c in &mut ns.connections {
+                c.port = addr.port();
+            }
+            TokioResolver::builder_with_config(
+                ResolverConfig::from_name_servers(vec![ns]),
+                TokioRuntimeProvider::default(),
+            )
+        }
+        None => TokioResolver::builder_tokio()?,
+    };
+    let options = builder.options_mut();
+    // Each resolution asks the server: the interval is ours to pace (TTL,
+    // floor, ceiling), not a cache's.
+    options.cache_size = 0;
+    options.timeout = QUERY_TIMEOUT;
+    options.attempts = 1;
+    builder.build()
+}
+
+/// The backends and the TTL of the answer (the smallest of its records).
+async fn resolve(
+    resolver: &TokioResolver,
+    name: &str,
+    record: DnsRecord,
+    port: Option<u16>,
+) -> Result<(Backends, Duration), String> {
+    let mut ttl = u32::MAX;
+    let mut backends = Vec::new();
+    match record {
+        DnsRecord::Srv => {
+            let lookup = match resolver.lookup(name, RecordType::SRV).await {
+                Ok(lookup) => lookup,
+                // The name exists no more, or has no such records: DNS says
+                // "no backends" (held back unless allow_empty).
+                Err(e) if e.is_no_records_found() => return Ok((Vec::new(), Duration::ZERO)),
+                Err(e) => return Err(e.to_string()),
+            };
+            let srvs: Vec<_> = lookup
+                .answers()
+                .iter()
+                .filter_map(|r| match &r.data {
+                    RData::SRV(srv) => Some((r.ttl, srv.clone())),
+                    _ => None,
+                })
+                .collect();
+            // Only the most preferred priority serves; the others are
+            // fallbacks in SRV's sense.
+            let best = srvs.iter().map(|(_, s)| s.priority).min();
+            for (record_ttl, srv) in srvs.iter().filter(|(_, s)| Some(s.priority) == best) {
+                ttl = ttl.min(*record_ttl);
+                let target = srv.target.to_ascii();
+                let addrs = resolver
+                    .lookup_ip(target.as_str())
+                    .await
+                    .map_err(|e| format!("SRV target {target}: {e}"))?;
+                // SRV weight 0 means "rarely", not "never": it gets the
+                // smallest share Sluice has.
+                let weight = u32::from(srv.weight).clamp(1, MAX_WEIGHT);
+                for ip in addrs.iter() {
+                    backends.push((SocketAddr::new(ip, srv.port), weight));
+                }
+                if let Some(min) = addrs.as_lookup().answers().iter().map(|r| r.ttl).min() {
+                    ttl = ttl.min(min);
+                }
+            }
+        }
+        DnsRecord::A | DnsRecord::Aaaa => {
+            let kind = if record == DnsRecord::A {
+                RecordType::A
+            } else {
+                RecordType::AAAA
+            };
+            let lookup = match resolver.lookup(name, kind).await {
+                Ok(lookup) => lookup,
+                Err(e) if e.is_no_records_found() => return Ok((Vec::new(), Duration::ZERO)),
+                Err(e) => return Err(e.to_string()),
+            };
+            for r in lookup.answers() {
+                let ip: IpAddr = match &r.data {
+                    RData::A(a) => a.0.into(),
+                    RData::AAAA(a) => a.0.into(),
+                    _ => continue,
+                };
+                ttl = ttl.min(r.ttl);
+                backends.push((SocketAddr::new(ip, port.unwrap_or(0)), 1));
+            }
+        }
+    }
+    let ttl = if ttl == u32::MAX { 0 } else { ttl };
+    Ok((backends, Duration::from_secs(ttl.into())))
+}

@@ -1,0 +1,364 @@
+//! etcd v3 discovery over etcd's JSON gateway (`/v3/kv/range`,
+//! `/v3/watch`): every key under the prefix is one backend, its value
+//! `{"address": "10.0.0.5:8080", "weight": 1}` (weight optional, default 1).
+//!
+//! The prefix is listed once, then watched from the list's revision. After a
+//! disconnect the watch resumes from the last revision seen, so no change is
+//! missed; only when etcd has compacted that revision away does it list again.
+
+use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
+
+use base64::{Engine, engine::general_purpose::STANDARD};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::TokioExecutor,
+};
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::{Backends, Outcome, Reporter};
+use crate::config::Source;
+
+type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+/// A list request's limit.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Waits between attempts after a failure: doubling from the first to the last.
+const RETRY_FIRST: Duration = Duration::from_millis(250);
+const RETRY_LAST: Duration = Duration::from_secs(5);
+
+/// The value of a backend key.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BackendValue {
+    address: String,
+    #[serde(default = "one")]
+    weight: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// What the watch has seen: every key's raw value, and the revision the
+/// next watch starts after.
+struct Snapshot {
+    revision: i64,
+    values: BTreeMap<Vec<u8>, Vec<u8>>,
+}
+
+pub async fn run(source: Source, reporter: Reporter) {
+    let Source::Etcd { endpoints, prefix } = source else {
+        return;
+    };
+    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    let range = Range {
+        key: STANDARD.encode(prefix.as_bytes()),
+        range_end: STANDARD.encode(prefix_end(prefix.as_bytes())),
+    };
+    let mut snapshot: Option<Snapshot> = None;
+    let mut wait = RETRY_FIRST;
+    for endpoint in endpoints.iter().cycle() {
+        let mut progressed = false;
+        let why = session(
+            &client,
+            endpoint,
+            &range,
+            &mut snapshot,
+            &reporter,
+            &mut progressed,
+        )
+        .await;
+        if reporter.tx.is_closed() {
+            return;
+        }
+        if progressed {
+            wait = RETRY_FIRST;
+        }
+        if !reporter
+            .send(Outcome::Failed(format!("etcd {endpoint}: {why}")))
+            .await
+        {
+            return;
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(RETRY_LAST);
+    }
+}
+
+struct Range {
+    key: String,
+    range_end: String,
+}
+
+/// The key just past every key that starts with `prefix`.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0] // the prefix is all 0xff: to the end of the keyspace
+}
+
+/// Lists (when there is no snapshot) and watches until the connection or
+/// the watch ends; returns why.
+async fn session(
+    client: &HttpClient,
+    endpoint: &str,
+    range: &Range,
+    snapshot: &mut Option<Snapshot>,
+    reporter: &Reporter,
+    progressed: &mut bool,
+) -> String {
+    if snapshot.is_none() {
+        match list(client, endpoint, range).await {
+            Ok(listed) => {
+                *progressed = true;
+                report(&listed, reporter).await;
+                *snapshot = Some(listed);
+            }
+            Err(e) => return format!("listing the prefix: {e}"),
+        }
+    }
+    let Some(snap) = snapshot.as_mut() else {
+        return "no snapshot".into();
+    };
+    let body = serde_json::json!({"create_request": {
+        "key": range.key,
+        "range_end": range.range_end,
+        "start_revision": (snap.revision + 1).to_string(),
+    }});
+    let response = match post(client, endpoint, "/v3/watch", &body).await {
+        Ok(r) => r,
+        Err(e) => return format!("starting the watch: {e}"),
+    };
+    let mut body = response.into_body();
+    let mut buffer: Vec<u8> = Vec::new();
+    loop {
+        let frame = match body.frame().await {
+            None => return "the watch stream ended".into(),
+            Some(Err(e)) => return format!("the watch stream broke: {e}"),
+            Some(Ok(frame)) => frame,
+        };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        buffer.extend_from_slice(&data);
+        // The gateway streams one JSON object per message; a message may
+        // arrive in pieces.
+        let mut stream = serde_json::Deserializer::from_slice(&buffer).into_iter::<Value>();
+        let mut messages = Vec::new();
+        let mut consumed = 0;
+        while let Some(message) = stream.next() {
+            match message {
+                Ok(m) => {
+                    messages.push(m);
+                    consumed = stream.byte_offset();
+                }
+                Err(e) if e.is_eof() => break,
+                Err(e) => return format!("the watch sent invalid JSON: {e}"),
+            }
+        }
+        buffer.drain(..consumed);
+        for message in messages {
+            match apply_watch_message(snap, &message) {
+                Ok(false) => {}
+                Ok(true) => {
+                    *progressed = true;
+                    report(snap, reporter).await;
+                }
+                Err(Compacted(why)) => {
+                    *snapshot = None;
+                    return why;
+                }
+            }
+        }
+    }
+}
+
+/// The watch can't resume where it was: list again.
+struct Compacted(String);
+
+/// Applies one watch message. Ok(true) when keys changed.
+fn apply_watch_message(snap: &mut Snapshot, message: &Value) -> Result<bool, Compacted> {
+    if let Some(error) = message.get("error") {
+        return Err(Compacted(format!("the watch failed: {error}")));
+    }
+    let Some(result) = message.get("result") else {
+        return Ok(false);
+    };
+    let compact = int(result.get("compact_revision"));
+    if compact > 0 {
+        return Err(Compacted(format!(
+            "revision {} was compacted (oldest kept {compact}); listing again",
+            snap.revision + 1
+        )));
+    }
+    if result.get("canceled").and_then(Value::as_bool) == Some(true) {
+        return Err(Compacted(format!(
+            "the watch was canceled: {}",
+            result.get("cancel_reason").unwrap_or(&Value::Null)
+        )));
+    }
+    let mut changed = false;
+    for event in result
+        .get("events")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+    {
+        let Some(kv) = event.get("kv") else { continue };
+        let key = decode(kv.get("key"));
+        snap.revision = snap.revision.max(int(kv.get("mod_revision")));
+        if event.get("type").and_then(Value::as_str) == Some("DELETE") {
+            changed |= snap.values.remove(&key).is_some();
+        } else {
+            let value = decode(kv.get("value"));
+            changed |= snap.values.insert(key, value.clone()).as_ref() != Some(&value);
+        }
+    }
+    Ok(changed)
+}
+
+async fn list(client: &HttpClient, endpoint: &str, range: &Range) -> Result<Snapshot, String> {
+    let body = serde_json::json!({"key": range.key, "range_end": range.range_end});
+    let response = tokio::time::timeout(
+        REQUEST_TIMEOUT,
+        post(client, endpoint, "/v3/kv/range", &body),
+    )
+    .await
+    .map_err(|_| format!("no answer in {REQUEST_TIMEOUT:?}"))??;
+    let bytes = tokio::time::timeout(REQUEST_TIMEOUT, response.into_body().collect())
+        .await
+        .map_err(|_| format!("no answer in {REQUEST_TIMEOUT:?}"))?
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    let value: Value = serde_json::from_slice(&bytes).map_err(|e| format!("invalid JSON: {e}"))?;
+    let header = value
+        .get("header")
+        .ok_or_else(|| format!("no header in {}", String::from_utf8_lossy(&bytes)))?;
+    let mut values = BTreeMap::new();
+    for kv in value
+        .get("kvs")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+    {
+        values.insert(decode(kv.get("key")), decode(kv.get("value")));
+    }
+    Ok(Snapshot {
+        revision: int(header.get("revision")),
+        values,
+    })
+}
+
+async fn post(
+    client: &HttpClient,
+    endpoint: &str,
+    path: &str,
+    body: &Value,
+) -> Result<hyper::Response<hyper::body::Incoming>, String> {
+    let request = hyper::Request::post(format!("{}{path}", endpoint.trim_end_matches('/')))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .map_err(|e| e.to_string())?;
+    let response = client.request(request).await.map_err(|e| {
+        // The connect error's cause says what happened (refused, timed out).
+        let mut text = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            text += &format!(": {s}");
+            source = s.source();
+        }
+        text
+    })?;
+    if !response.status().is_success() {
+        return Err(format!("HTTP {} from {path}", response.status()));
+    }
+    Ok(response)
+}
+
+/// The snapshot's backends, or why they can't be used (a value that is not
+/// a backend): then the last good set stays.
+async fn report(snap: &Snapshot, reporter: &Reporter) {
+    let outcome = match backends(snap) {
+        Ok(b) => Outcome::Backends(b),
+        Err(e) => Outcome::Failed(e),
+    };
+    reporter.send(outcome).await;
+}
+
+fn backends(snap: &Snapshot) -> Result<Backends, String> {
+    snap.values
+        .iter()
+        .map(|(key, value)| {
+            let key = String::from_utf8_lossy(key);
+            let parsed: BackendValue = serde_json::from_slice(value).map_err(|e| {
+                format!(
+                    "key {key}: value {:?} is not {{\"address\": \"IP:PORT\", \"weight\": N}}: {e}",
+                    String::from_utf8_lossy(value)
+                )
+            })?;
+            let addr: SocketAddr = parsed
+                .address
+                .parse()
+                .map_err(|_| format!("key {key}: address {:?} is not IP:PORT", parsed.address))?;
+            Ok((addr, parsed.weight))
+        })
+        .collect()
+}
+
+/// etcd's JSON gateway writes int64 as strings.
+fn int(v: Option<&Value>) -> i64 {
+    match v {
+        Some(Value::String(s)) => s.parse().unwrap_or(0),
+        Some(Value::Number(n)) => n.as_i64().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+fn decode(v: Option<&Value>) -> Vec<u8> {
+    v.and_then(Value::as_str)
+        .and_then(|s| STANDARD.decode(s).ok())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_end_covers_the_prefix() {
+        assert_eq!(prefix_end(b"/svc/"), b"/svc0".to_vec());
+        assert_eq!(prefix_end(b"a\xff"), b"b".to_vec());
+        assert_eq!(prefix_end(b"\xff"), vec![0]);
+    }
+
+    #[test]
+    fn watch_events_put_and_delete_keys() {
+        let mut snap = Snapshot {
+            revision: 5,
+            values: BTreeMap::new(),
+        };
+        let put = serde_json::json!({"result": {"events": [{"kv": {
+            "key": STANDARD.encode("/s/a"), "value": STANDARD.encode(r#"{"address":"10.0.0.1:80"}"#),
+            "mod_revision": "7"}}]}});
+        assert!(apply_watch_message(&mut snap, &put).is_ok_and(|c| c));
+        assert_eq!(snap.revision, 7);
+        assert_eq!(
+            backends(&snap).unwrap(),
+            vec![("10.0.0.1:80".parse().unwrap(), 1)]
+        );
+        let delete = serde_json::json!({"result": {"events": [{"type": "DELETE", "kv": {
+            "key": STANDARD.encode("/s/a"), "mod_revision": "8"}}]}});
+        assert!(apply_watch_message(&mut snap, &delete).is_ok_and(|c| c));
+        assert!(snap.values.is_empty());
+        let compacted = serde_json::json!({"result": {"compact_revision": "20", "canceled": true}});
+        assert!(apply_watch_message(&mut snap, &compacted).is_err());
+    }
+}

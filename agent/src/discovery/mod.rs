@@ -1,0 +1,297 @@
+//! Discovery: where a service's backends come from when the config file
+//! doesn't list them.
+//!
+//! Every provider is a task that sends `Report`s (a full backend set, or a
+//! failure) for one service into the agent's channel. The `Hub` keeps each
+//! service's last good set and its provider's health; `Hub::desired` merges
+//! them with the config into the one desired state the reconciler applies.
+//! A provider that fails, or sends what can't be used, never changes the
+//! desired state: its service keeps the last good set. A Kubernetes provider
+//! fits the same shape (one task, reports for every service it watches).
+
+mod dns;
+mod etcd;
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    net::SocketAddr,
+    time::SystemTime,
+};
+
+use tokio::{sync::mpsc, task::AbortHandle};
+use tracing::{info, warn};
+
+use crate::config::{DiscoverySpec, MAX_WEIGHT, ServiceSpec, Source, Validated};
+
+/// A backend as a provider reports it: address and weight.
+pub type Backends = Vec<(SocketAddr, u32)>;
+
+/// What a provider found.
+#[derive(Debug)]
+pub enum Outcome {
+    /// The complete current set (not a delta).
+    Backends(Backends),
+    /// The source could not be read, or said something unusable.
+    Failed(String),
+}
+
+#[derive(Debug)]
+pub struct Report {
+    pub service: String,
+    /// Which provider instance sent it: reports of a replaced one are stale.
+    pub generation: u64,
+    pub outcome: Outcome,
+}
+
+/// Where a provider sends its reports.
+#[derive(Clone)]
+pub struct Reporter {
+    service: String,
+    generation: u64,
+    tx: mpsc::Sender<Report>,
+}
+
+impl Reporter {
+    /// Sends a report; false once the agent has stopped listening.
+    pub async fn send(&self, outcome: Outcome) -> bool {
+        self.tx
+            .send(Report {
+                service: self.service.clone(),
+                generation: self.generation,
+                outcome,
+            })
+            .await
+            .is_ok()
+    }
+}
+
+/// A provider's health and its service's last good set, as the API, the
+/// metrics and /readyz show them.
+#[derive(Debug, Clone)]
+pub struct Status {
+    pub provider: &'static str,
+    pub generation: u64,
+    pub healthy: bool,
+    /// Why it is unhealthy (None while healthy).
+    pub error: Option<String>,
+    /// The last good set; None until the provider first succeeded.
+    pub backends: Option<Backends>,
+    pub last_success: Option<SystemTime>,
+    /// An update that would have emptied the service, held back.
+    pub held_back: bool,
+    pub updates_applied: u64,
+    pub updates_held_back: u64,
+    pub failures: u64,
+}
+
+/// Running providers and what they reported.
+#[derive(Default)]
+pub struct Hub {
+    pub statuses: BTreeMap<String, Status>,
+    running: BTreeMap<String, (DiscoverySpec, AbortHandle)>,
+    next_generation: u64,
+}
+
+impl Hub {
+    /// Starts, restarts (when their source changed) and stops providers so
+    /// that exactly the config's discovery services have one. A restarted
+    /// provider's service keeps its last good set until the new one reports.
+    pub fn sync(&mut self, config: &Validated, tx: &mpsc::Sender<Report>) {
+        let wanted: BTreeMap<&str, &DiscoverySpec> = config
+            .services
+            .iter()
+            .filter_map(|s| s.discovery.as_ref().map(|d| (s.name.as_str(), d)))
+            .collect();
+        self.running.retain(|name, (spec, handle)| {
+            let keep = wanted.get(name.as_str()) == Some(&&*spec);
+            if !keep {
+                handle.abort();
+            }
+            keep
+        });
+        self.statuses
+            .retain(|name, _| wanted.contains_key(name.as_str()));
+        for (name, spec) in wanted {
+            if self.running.contains_key(name) {
+                continue;
+            }
+            self.next_generation += 1;
+            let reporter = Reporter {
+                service: name.to_string(),
+                generation: self.next_generation,
+                tx: tx.clone(),
+            };
+            let handle = match &spec.source {
+                Source::Dns { .. } => tokio::spawn(dns::run(spec.source.clone(), reporter)),
+                Source::Etcd { .. } => tokio::spawn(etcd::run(spec.source.clone(), reporter)),
+            }
+            .abort_handle();
+            info!(service = name, provider = spec.source.kind(), "discovery started");
+            let status = self.statuses.entry(name.to_string()).or_insert(Status {
+                provider: spec.source.kind(),
+                generation: 0,
+                healthy: false,
+                error: Some("no answer yet".into()),
+                backends: None,
+                last_success: None,
+                held_back: false,
+                updates_applied: 0,
+                updates_held_back: 0,
+                failures: 0,
+            });
+            status.provider = spec.source.kind();
+            status.generation = self.next_generation;
+            self.running
+                .insert(name.to_string(), (spec.clone(), handle));
+        }
+    }
+
+    /// Takes a report in. Returns true when the desired state changed.
+    pub fn accept(&mut self, report: Report, config: &Validated) -> bool {
+        let Some(status) = self.statuses.get_mut(&report.service) else {
+            return false;
+        };
+        if status.generation != report.generation {
+            return false; // from a provider that was replaced
+        }
+        let Some(spec) = config.services.iter().find(|s| s.name == report.service) else {
+            return false;
+        };
+        let allow_empty = spec.discovery.as_ref().is_some_and(|d| d.allow_empty);
+        let backends = match report.outcome {
+            Outcome::Failed(why) => {
+                status.failures += 1;
+                if status.healthy || status.error.as_deref() != Some(why.as_str()) {
+                    warn!(
+                        service = report.service,
+                        provider = status.provider,
+                        error = why,
+                        backends = status.backends.as_ref().map_or(0, Vec::len),
+                        "discovery failing; the last good backends keep serving"
+                    );
+                }
+                status.healthy = false;
+                status.error = Some(why);
+                return false;
+            }
+            Outcome::Backends(found) => match check_backends(spec, found) {
+                Ok(backends) => backends,
+                Err(why) => {
+                    status.failures += 1;
+                    warn!(service = report.service, provider = status.provider, error = why, "discovery answer refused; the last good backends keep serving");
+                    status.healthy = false;
+                    status.error = Some(why);
+                    return false;
+                }
+            },
+        };
+        if !status.healthy {
+            info!(
+                service = report.service,
+                provider = status.provider,
+                backends = backends.len(),
+                "discovery healthy"
+            );
+        }
+        status.healthy = true;
+        status.error = None;
+        status.last_success = Some(SystemTime::now());
+        let had_backends = status.backends.as_ref().is_some_and(|b| !b.is_empty());
+        if backends.is_empty() && had_backends && !allow_empty {
+            if !status.held_back {
+                warn!(
+                    service = report.service,
+                    provider = status.provider,
+                    "discovery says the service has no backends; held back (discovery.allow_empty: true applies such updates)"
+                );
+            }
+            status.held_back = true;
+            status.updates_held_back += 1;
+            return false;
+        }
+        status.held_back = false;
+        if status.backends.as_ref() == Some(&backends) {
+            return false;
+        }
+        info!(
+            service = report.service,
+            provider = status.provider,
+            backends = backends.len(),
+            "discovered backends changed"
+        );
+        status.backends = Some(backends);
+        status.updates_applied += 1;
+        true
+    }
+
+    /// The config's services, each discovery service with its last good set.
+    pub fn desired(&self, config: &Validated) -> Vec<ServiceSpec> {
+        config
+            .services
+            .iter()
+            .map(|spec| {
+                let mut spec = spec.clone();
+                if spec.discovery.is_some() {
+                    spec.backends = self
+                        .statuses
+                        .get(&spec.name)
+                        .and_then(|s| s.backends.clone())
+                        .unwrap_or_default();
+                }
+                spec
+            })
+            .collect()
+    }
+
+    /// Services whose provider is unhealthy, with the reason.
+    pub fn unhealthy(&self) -> Vec<(String, &'static str, String)> {
+        self.statuses
+            .iter()
+            .filter(|(_, s)| !s.healthy)
+            .map(|(name, s)| {
+                (
+                    name.clone(),
+                    s.provider,
+                    s.error.clone().unwrap_or_default(),
+                )
+            })
+            .collect()
+    }
+
+    pub fn stop(&mut self) {
+        for (_, (_, handle)) in std::mem::take(&mut self.running) {
+            handle.abort();
+        }
+    }
+}
+
+/// A discovered set must fit its service like a configured one: same family
+/// as the VIP, a real address and port, a weight in range, no duplicates.
+fn check_backends(spec: &ServiceSpec, found: Backends) -> Result<Backends, String> {
+    let mut seen = HashSet::new();
+    let mut backends = Vec::with_capacity(found.len());
+    for (addr, weight) in found {
+        if addr.is_ipv4() != spec.vip.is_ipv4() {
+            return Err(format!(
+                "backend {addr}: not of the VIP's address family ({})",
+                spec.vip
+            ));
+        }
+        if addr.port() == 0 || addr.ip().is_unspecified() || addr.ip().is_multicast() {
+            return Err(format!(
+                "backend {addr}: needs a unicast address and a non-zero port"
+            ));
+        }
+        if weight > MAX_WEIGHT {
+            return Err(format!(
+                "backend {addr}: weight {weight} over the maximum {MAX_WEIGHT}"
+            ));
+        }
+        if seen.insert(addr) {
+            backends.push((addr, weight));
+        }
+    }
+    // A stable order: the same set never looks like a change.
+    backends.sort();
+    Ok(backends)
+}
