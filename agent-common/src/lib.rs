@@ -205,6 +205,11 @@ pub struct BackendHealth {
 }
 const _: () = assert!(core::mem::size_of::<BackendHealth>() == 24);
 
+/// Version of the pinned maps' layout and meaning. Bump it with any change
+/// to a type or map that pinned state carries from one build to the next:
+/// an agent never adopts maps of another layout.
+pub const MAP_LAYOUT: u32 = 1;
+
 /// `BackendHealth::ejected` of a backend the agent removed.
 pub const BACKEND_REMOVED: u32 = 2;
 /// `BackendHealth::ejected` of a draining backend (removed, or weight 0).

@@ -56,7 +56,13 @@ pub fn check_interfaces(cfg: &Validated, path: &Path) -> Result<(), ConfigError>
     Ok(())
 }
 
-pub async fn run(config_path: PathBuf, listen: SocketAddr) -> Result<(), RunError> {
+/// `object`: a build of the kernel programs to run instead of the one built
+/// in (a datapath upgrade on its own; tests use it).
+pub async fn run(
+    config_path: PathBuf,
+    listen: SocketAddr,
+    object: Option<PathBuf>,
+) -> Result<(), RunError> {
     // One read: what is parsed is what later reads are compared with, so an
     // edit made during start-up is not missed.
     let mut last_text = std::fs::read(&config_path).map_err(|source| ConfigError::Read {
@@ -87,7 +93,25 @@ pub async fn run(config_path: PathBuf, listen: SocketAddr) -> Result<(), RunErro
     info!(%listen, "serving /metrics, /healthz, /readyz, /api/v1/services");
 
     let sizes = Sizes::from_config(&cfg.raw);
-    let (mut datapath, maps) = Datapath::load(sizes)?;
+    let pins = match &cfg.raw.pinning {
+        Some(p) => Some(crate::pinning::PinDir::prepare(Path::new(&p.directory))?),
+        None => None,
+    };
+    let object_bytes = match &object {
+        Some(path) => Some(
+            std::fs::read(path)
+                .with_context(|| format!("reading eBPF object {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let (mut datapath, maps) = Datapath::load_object(
+        sizes,
+        object_bytes
+            .as_deref()
+            .unwrap_or(crate::datapath::EBPF_OBJECT),
+        pins,
+    )?;
+    drop(object_bytes);
     if let Some(logger) = datapath.take_logger() {
         spawn_kernel_log_reader(logger)?;
     }
@@ -109,6 +133,11 @@ pub async fn run(config_path: PathBuf, listen: SocketAddr) -> Result<(), RunErro
     // once adopted) and fill in as their providers report.
     let (report_tx, mut reports) = tokio::sync::mpsc::channel(256);
     shared.discovery.lock().unwrap().sync(&cfg, &report_tx);
+    if datapath.adopted {
+        for (service, backends) in reconciler.adopt(&cfg.services)? {
+            shared.discovery.lock().unwrap().seed(&service, &backends);
+        }
+    }
     reconciler.apply(&shared.discovery.lock().unwrap().desired(&cfg))?;
     *shared.reconciler.lock().unwrap() = Some(reconciler);
     shared.ready.store(true, Ordering::SeqCst);
@@ -178,11 +207,20 @@ pub async fn run(config_path: PathBuf, listen: SocketAddr) -> Result<(), RunErro
     shared.stopping.store(true, Ordering::SeqCst);
     shared.discovery.lock().unwrap().stop();
     let _ = stop_http.send(());
-    // Dropping the datapath closes every link: the programs detach.
+    // Dropping the datapath closes every link: the programs detach, unless
+    // pinned. A pinned datapath keeps forwarding (and needs its sysctls).
     shared.reconciler.lock().unwrap().take();
     drop(datapath);
-    sysctls.restore();
-    info!("detached; bye");
+    match &current.raw.pinning {
+        Some(p) => info!(
+            directory = p.directory,
+            "the pinned datapath keeps forwarding; the next agent adopts it (`sluice cleanup` removes it); bye"
+        ),
+        None => {
+            sysctls.restore();
+            info!("detached; bye");
+        }
+    }
     let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
     Ok(())
 }
@@ -204,6 +242,9 @@ fn reload(
     }
     if Sizes::from_config(&next.raw) != Sizes::from_config(&current.raw) {
         warn!("conntrack, maglev or limits settings changed: they take effect at the next restart");
+    }
+    if next.raw.pinning != current.raw.pinning {
+        warn!("pinning changed: it takes effect at the next restart");
     }
     // Interfaces: attach the new ones first, then detach those removed.
     for iface in &next.raw.interfaces {

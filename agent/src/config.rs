@@ -45,6 +45,18 @@ pub struct Config {
     pub limits: Limits,
     #[serde(default)]
     pub services: Vec<Service>,
+    /// Pin the datapath under bpffs so it outlives the agent (see README
+    /// "Hitless restarts and upgrades"). Absent: everything detaches on exit.
+    #[serde(default)]
+    pub pinning: Option<Pinning>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pinning {
+    /// One directory per agent instance, on bpffs
+    /// (e.g. /sys/fs/bpf/sluice/NODE).
+    pub directory: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -400,6 +412,15 @@ fn validate(raw: Config, path: &str) -> Result<Validated, ConfigError> {
                 "listed twice",
             ));
         }
+    }
+    if let Some(p) = &raw.pinning
+        && (!p.directory.starts_with('/') || p.directory.len() < 2)
+    {
+        return Err(invalid(
+            "pinning.directory".into(),
+            &p.directory,
+            "must be an absolute path on bpffs (e.g. /sys/fs/bpf/sluice/node-1)",
+        ));
     }
     if raw.conntrack.max_entries < 1024 {
         return Err(invalid(

@@ -19,7 +19,10 @@ use aya::{
 };
 use tracing::{info, warn};
 
-use crate::config::{AttachMode, Config};
+use crate::{
+    config::{AttachMode, Config},
+    pinning::{PINNED_MAPS, PinDir},
+};
 
 /// The kernel programs, built by build.rs from agent-ebpf.
 pub static EBPF_OBJECT: &[u8] =
@@ -111,43 +114,69 @@ impl Maps {
 enum Link {
     Xdp(XdpLinkId),
     Tc(SchedClassifierLinkId),
+    /// A link pinned under bpffs: it stays attached without us. Detaching
+    /// removes the pin, then closes our handle.
+    Pinned(aya::programs::links::FdLink, std::path::PathBuf),
 }
 
-/// The loaded object and its attachments. Dropping it detaches everything.
+/// The loaded object and its attachments. Dropping it detaches everything
+/// that is not pinned.
 pub struct Datapath {
     ebpf: Ebpf,
     links: BTreeMap<String, (AttachMode, AttachMode, Link)>,
     tc_loaded: bool,
     conntrack_id: u32,
+    pins: Option<PinDir>,
+    /// The maps were pinned by an earlier agent and now adopted.
+    pub adopted: bool,
 }
 
 impl Datapath {
     /// Loads (and verifies) the programs with maps sized for `sizes`.
     /// Returns the datapath and its maps, which the caller owns separately.
     pub fn load(sizes: Sizes) -> Result<(Self, Maps)> {
-        Self::load_object(sizes, EBPF_OBJECT)
+        Self::load_object(sizes, EBPF_OBJECT, None)
     }
 
-    /// As `load`, from another build of the object (benchmarks compare them).
-    pub fn load_object(sizes: Sizes, object: &[u8]) -> Result<(Self, Maps)> {
+    /// As `load`, from another build of the object (benchmarks compare them,
+    /// upgrades bring one), and with the maps pinned in `pins` (adopted when
+    /// an earlier agent pinned them).
+    pub fn load_object(
+        sizes: Sizes,
+        object: &[u8],
+        pins: Option<PinDir>,
+    ) -> Result<(Self, Maps)> {
+        let capacities = [
+            ("CONNTRACK", sizes.conntrack),
+            ("SERVICES", sizes.services),
+            ("SERVICE_STATS", sizes.services),
+            ("BACKENDS", sizes.backends),
+            ("BACKEND_STATS", sizes.backends),
+            ("BACKEND_FIB", sizes.backends),
+            ("BACKEND_HEALTH", sizes.backends),
+            ("BACKEND_LATENCY", sizes.backends),
+            ("SERVICE_POLICY", sizes.services),
+            ("SERVICE_EJECTED", sizes.services),
+            ("MAGLEV", sizes.maglev_slots()),
+        ];
         let mut loader = EbpfLoader::new();
+        let mut adopted = false;
+        if let Some(pins) = &pins {
+            adopted = pins.has_maps();
+            pins.check_maps(object, &capacities)?;
+            for &name in PINNED_MAPS {
+                loader.map_pin_path(name, pins.map_path(name));
+            }
+        }
+        for (name, capacity) in capacities {
+            loader.map_max_entries(name, capacity);
+        }
         // SLUICE_VERIFIER_LOG=1: the kernel verifier's full log on a refusal.
         if std::env::var_os("SLUICE_VERIFIER_LOG").is_some() {
             loader
                 .verifier_log_level(aya::VerifierLogLevel::VERBOSE | aya::VerifierLogLevel::STATS);
         }
         let mut ebpf = loader
-            .map_max_entries("CONNTRACK", sizes.conntrack)
-            .map_max_entries("SERVICES", sizes.services)
-            .map_max_entries("SERVICE_STATS", sizes.services)
-            .map_max_entries("BACKENDS", sizes.backends)
-            .map_max_entries("BACKEND_STATS", sizes.backends)
-            .map_max_entries("BACKEND_FIB", sizes.backends)
-            .map_max_entries("BACKEND_HEALTH", sizes.backends)
-            .map_max_entries("BACKEND_LATENCY", sizes.backends)
-            .map_max_entries("SERVICE_POLICY", sizes.services)
-            .map_max_entries("SERVICE_EJECTED", sizes.services)
-            .map_max_entries("MAGLEV", sizes.maglev_slots())
             .load(object)
             .context("loading the eBPF object (maps)")?;
         let xdp: &mut Xdp = program(&mut ebpf, XDP_PROGRAM)?;
@@ -164,6 +193,8 @@ impl Datapath {
                 links: BTreeMap::new(),
                 tc_loaded: false,
                 conntrack_id,
+                pins,
+                adopted,
             },
             maps,
         ))
@@ -210,6 +241,9 @@ impl Datapath {
             }
             self.detach(interface)?;
         }
+        if let Some(mode) = self.adopt_link(interface, requested)? {
+            return Ok(mode);
+        }
         let order: &[AttachMode] = match requested {
             AttachMode::Auto => &[
                 AttachMode::XdpNative,
@@ -222,7 +256,10 @@ impl Datapath {
         };
         let mut errors = Vec::new();
         for &mode in order {
-            match self.attach_one(interface, mode) {
+            match self
+                .attach_one(interface, mode)
+                .and_then(|link| self.pin_link(interface, mode, link))
+            {
                 Ok(link) => {
                     info!(interface, mode = %mode, requested = %requested, "attached");
                     self.links
@@ -280,9 +317,109 @@ impl Datapath {
         match link {
             Link::Xdp(id) => program::<Xdp>(&mut self.ebpf, XDP_PROGRAM)?.detach(id)?,
             Link::Tc(id) => program::<SchedClassifier>(&mut self.ebpf, TC_PROGRAM)?.detach(id)?,
+            Link::Pinned(fd, path) => {
+                std::fs::remove_file(&path)
+                    .with_context(|| format!("removing pin {}", path.display()))?;
+                drop(fd);
+            }
         }
         info!(interface, mode = %got, "detached");
         Ok(())
+    }
+
+    /// With pinning: the link of a fresh attachment is pinned, so it stays
+    /// attached after the agent exits.
+    fn pin_link(&mut self, interface: &str, mode: AttachMode, link: Link) -> Result<Link> {
+        let Some(pins) = &self.pins else {
+            return Ok(link);
+        };
+        let path = pins.link_path(interface, mode);
+        let fd: aya::programs::links::FdLink = match link {
+            Link::Xdp(id) => program::<Xdp>(&mut self.ebpf, XDP_PROGRAM)?
+                .take_link(id)?
+                .try_into()
+                .context("an XDP attachment without a bpf_link can't be pinned")?,
+            Link::Tc(id) => program::<SchedClassifier>(&mut self.ebpf, TC_PROGRAM)?
+                .take_link(id)?
+                .try_into()
+                .context("a TC attachment without a tcx link can't be pinned")?,
+            pinned @ Link::Pinned(..) => return Ok(pinned),
+        };
+        let pinned = fd
+            .pin(&path)
+            .with_context(|| format!("pinning the link of {interface} at {}", path.display()))?;
+        Ok(Link::Pinned(pinned.into(), path))
+    }
+
+    /// With pinning: an interface whose link an earlier agent pinned gets
+    /// this build's program swapped into that link atomically (bpf_link
+    /// update): no packet goes unprocessed, the pinned maps carry every
+    /// connection over. Returns the mode, or None to attach afresh.
+    fn adopt_link(&mut self, interface: &str, requested: AttachMode) -> Result<Option<AttachMode>> {
+        let Some((mode, path)) = self.pins.as_ref().and_then(|p| p.pinned_link(interface)) else {
+            return Ok(None);
+        };
+        let fd: aya::programs::links::FdLink = aya::programs::links::PinnedLink::from_pin(&path)
+            .with_context(|| format!("opening pinned link {}", path.display()))?
+            .into();
+        if requested != AttachMode::Auto && requested != mode {
+            // Another mode is wanted: the old link goes (after the new one
+            // is attached, by the caller's fresh attach).
+            std::fs::remove_file(&path)
+                .with_context(|| format!("removing pin {}", path.display()))?;
+            info!(interface, was = %mode, requested = %requested, "pinned attachment in another mode replaced");
+            return Ok(None);
+        }
+        let replaced = match mode {
+            AttachMode::Tc => {
+                let tc: &mut SchedClassifier = program(&mut self.ebpf, TC_PROGRAM)?;
+                if !self.tc_loaded {
+                    tc.load().with_context(|| {
+                        format!("loading program {TC_PROGRAM} (kernel verifier)")
+                    })?;
+                    self.tc_loaded = true;
+                }
+                aya::programs::tc::SchedClassifierLink::try_from(fd)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|link| Ok(Link::Tc(tc.attach_to_link(link)?)))
+            }
+            _ => {
+                let xdp: &mut Xdp = program(&mut self.ebpf, XDP_PROGRAM)?;
+                aya::programs::xdp::XdpLink::try_from(fd)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|link| Ok(Link::Xdp(xdp.attach_to_link(link)?)))
+            }
+        };
+        match replaced {
+            Ok(link) => {
+                // The program now owns an fd of the link; the pin keeps it.
+                let link = match link {
+                    Link::Xdp(id) => Link::Pinned(
+                        program::<Xdp>(&mut self.ebpf, XDP_PROGRAM)?
+                            .take_link(id)?
+                            .try_into()?,
+                        path,
+                    ),
+                    Link::Tc(id) => Link::Pinned(
+                        program::<SchedClassifier>(&mut self.ebpf, TC_PROGRAM)?
+                            .take_link(id)?
+                            .try_into()?,
+                        path,
+                    ),
+                    other => other,
+                };
+                info!(interface, mode = %mode, "adopted the pinned attachment; program replaced in place");
+                self.links
+                    .insert(interface.to_string(), (requested, mode, link));
+                Ok(Some(mode))
+            }
+            Err(e) => {
+                // E.g. the interface was recreated: the old link is defunct.
+                let _ = std::fs::remove_file(&path);
+                info!(interface, error = format!("{e:#}"), "pinned attachment unusable; attaching afresh");
+                Ok(None)
+            }
+        }
     }
 
     /// The program to run with BPF_PROG_TEST_RUN (tests and benchmarks).

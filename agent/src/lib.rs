@@ -9,6 +9,7 @@ pub mod discovery;
 pub mod events;
 pub mod maglev;
 pub mod metrics;
+pub mod pinning;
 pub mod readmit;
 pub mod reconcile;
 pub mod state;

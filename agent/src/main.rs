@@ -29,6 +29,18 @@ enum Command {
         /// Address of the HTTP server (/metrics, /healthz, /readyz, /api/v1/services).
         #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9464")]
         listen: SocketAddr,
+        /// Run this build of the kernel programs instead of the built-in one
+        /// (with pinning: swapped into the running links atomically).
+        #[arg(long, value_name = "FILE")]
+        ebpf_object: Option<PathBuf>,
+    },
+    /// Remove the pinned datapath of a config's pinning.directory: the
+    /// programs detach, the maps (and the connections they track) go.
+    ///
+    /// Example: sluice cleanup --config /etc/sluice/sluice.yaml
+    Cleanup {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
     },
     /// Check a config file and exit: 0 if valid, 2 with the bad field named if not.
     ///
@@ -70,7 +82,34 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_BAD_CONFIG)
             }
         },
-        Command::Run { config, listen } => {
+        Command::Cleanup { config } => {
+            let cfg = match config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(EXIT_BAD_CONFIG);
+                }
+            };
+            let Some(p) = cfg.raw.pinning else {
+                println!("{}: no pinning.directory; nothing to clean up", config.display());
+                return ExitCode::SUCCESS;
+            };
+            match sluice::pinning::cleanup(std::path::Path::new(&p.directory)) {
+                Ok(n) => {
+                    println!("{}: removed {n} pins", p.directory);
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Run {
+            config,
+            listen,
+            ebpf_object,
+        } => {
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(r) => r,
                 Err(e) => {
@@ -78,7 +117,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(agent::run(config, listen)) {
+            match runtime.block_on(agent::run(config, listen, ebpf_object)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(RunError::Config(e)) => {
                     eprintln!("error: {e}");

@@ -103,6 +103,44 @@ pub struct ServiceState {
     pub table: Vec<u32>,
 }
 
+/// The inverse of `addr_words`.
+fn words_ip(words: [u32; 4], v4: bool) -> IpAddr {
+    if v4 {
+        return IpAddr::from(words[0].to_ne_bytes());
+    }
+    let mut o = [0u8; 16];
+    for (i, w) in words.iter().enumerate() {
+        o[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+    }
+    IpAddr::from(o)
+}
+
+fn by_id(pinned: &[(ServiceKey, Service)], id: u32) -> Option<&(ServiceKey, Service)> {
+    pinned.iter().find(|(_, s)| s.id == id)
+}
+
+/// A pinned service the config no longer has, for its removal.
+fn orphan_spec(key: &ServiceKey) -> ServiceSpec {
+    let vip = words_ip(key.addr, key.family == FAMILY_V4);
+    let protocol = if key.proto == agent_common::PROTO_UDP {
+        crate::config::Protocol::Udp
+    } else {
+        crate::config::Protocol::Tcp
+    };
+    let port = u16::from_be(key.port);
+    ServiceSpec {
+        name: format!("(adopted) {vip} {port}/{}", protocol.as_str()),
+        vip,
+        port,
+        protocol,
+        snat_ip: None,
+        backends: Vec::new(),
+        failure: Default::default(),
+        discovery: None,
+        drain_timeout: std::time::Duration::ZERO,
+    }
+}
+
 /// A pool of small integer ids; freed ids are reused last, so stale
 /// conntrack entries rarely point at a reused id.
 struct Ids {
@@ -129,6 +167,11 @@ impl Ids {
         self.free
             .pop_front()
             .ok_or_else(|| anyhow!("no free {} slot (limit {})", self.what, self.limit))
+    }
+    /// Marks `used` as taken (adopted from pinned maps).
+    fn adopt(&mut self, used: &[u32]) {
+        self.next = used.iter().map(|&id| id + 1).max().unwrap_or(0);
+        self.free = (0..self.next).filter(|id| !used.contains(id)).collect();
     }
     fn give(&mut self, id: u32) {
         self.free.push_back(id);
@@ -217,6 +260,101 @@ impl Reconciler {
     }
 
     /// Backends in `desired` that have no id yet.
+    /// Takes over the state an earlier agent left in pinned maps: services
+    /// (matched to the config by VIP, port and protocol) keep their ids,
+    /// tables and counters, backends keep theirs. Adopted services the config
+    /// no longer has are removed by the next `apply`; adopted backends it no
+    /// longer lists drain. Returns, per config service, the backends found
+    /// (discovery services serve them until their provider answers).
+    pub fn adopt(&mut self, config: &[ServiceSpec]) -> Result<BTreeMap<String, Vec<SocketAddr>>> {
+        let pinned: Vec<(ServiceKey, Service)> = self
+            .maps
+            .services
+            .iter()
+            .filter_map(Result::ok)
+            .collect();
+        let mut by_service: BTreeMap<u32, Vec<(u32, SocketAddr)>> = BTreeMap::new();
+        let mut backend_ids = Vec::new();
+        for id in 0..self.backend_ids.limit {
+            let Ok(b) = self.maps.backends.get(&id, 0) else {
+                continue;
+            };
+            if b.port == 0 || self.health(id).ejected == BACKEND_REMOVED {
+                continue; // never used, or removed
+            }
+            let v4 = by_id(&pinned, b.service_id).is_some_and(|(k, _)| k.family == FAMILY_V4);
+            let ip = words_ip(b.addr, v4);
+            by_service
+                .entry(b.service_id)
+                .or_default()
+                .push((id, SocketAddr::new(ip, u16::from_be(b.port))));
+            backend_ids.push(id);
+        }
+        let mut found = BTreeMap::new();
+        let mut service_ids = Vec::new();
+        for (key, value) in &pinned {
+            service_ids.push(value.id);
+            let spec = match config.iter().find(|s| service_key(s) == *key) {
+                Some(spec) => spec.clone(),
+                None => orphan_spec(key),
+            };
+            let backends: Vec<BackendState> = by_service
+                .remove(&value.id)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(id, addr)| BackendState {
+                    id,
+                    addr,
+                    weight: 1,
+                    drain_deadline: None,
+                })
+                .collect();
+            found.insert(
+                spec.name.clone(),
+                backends.iter().map(|b| b.addr).collect(),
+            );
+            let live_half = u32::from(value.table_offset != self.table_offset(value.id, 0));
+            self.services.insert(
+                spec.name.clone(),
+                ServiceState {
+                    id: value.id,
+                    spec,
+                    backends,
+                    live_half,
+                    // Unknown: the first apply writes the idle half and flips.
+                    table: Vec::new(),
+                },
+            );
+        }
+        // Backends of services that are gone: their ids stay taken until
+        // marked removed here.
+        for (_, orphans) in by_service {
+            for (id, _) in orphans {
+                let removed = BackendHealth {
+                    ejected: BACKEND_REMOVED,
+                    ..BackendHealth::default()
+                };
+                let _ = self.maps.backend_health.set(id, removed, 0);
+                backend_ids.retain(|&x| x != id);
+            }
+        }
+        self.service_ids.adopt(&service_ids);
+        self.backend_ids.adopt(&backend_ids);
+        // The bits already set stay set: replies of adopted flows to any
+        // backend must still be recognised.
+        let read = |slot| self.maps.prefilter.get(&slot, 0).unwrap_or_default();
+        self.backend_filter = read(prefilter::BACKEND);
+        self.backend_addr_filter = read(prefilter::BACKEND_ADDR);
+        self.service_filter = read(prefilter::SERVICE);
+        self.service_addr_filter = read(prefilter::SERVICE_ADDR);
+        info!(
+            services = service_ids.len(),
+            backends = backend_ids.len(),
+            "adopted the pinned datapath"
+        );
+        Ok(found)
+    }
+
     fn new_backend_count(&self, desired: &[ServiceSpec]) -> u32 {
         desired
             .iter()

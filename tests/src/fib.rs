@@ -123,7 +123,7 @@ impl FibBed {
             backends: 64,
             table_size: 251,
         };
-        let (datapath, maps) = Datapath::load_object(sizes, object)?;
+        let (datapath, maps) = Datapath::load_object(sizes, object, None)?;
         let mut reconciler =
             Reconciler::new(maps, sizes.table_size, sizes.services, sizes.backends)?;
         reconciler.apply(&cfg.services)?;

@@ -64,6 +64,11 @@ pub struct Agent {
 impl Agent {
     /// Starts the agent on `config` in `ns` and waits until /readyz says 200.
     pub fn start(ns: &Netns, config: &Path, log: PathBuf) -> Result<Self> {
+        Self::start_with(ns, config, log, &[])
+    }
+
+    /// As `start`, with more arguments for `sluice run`.
+    pub fn start_with(ns: &Netns, config: &Path, log: PathBuf, extra: &[&str]) -> Result<Self> {
         let listen: SocketAddr = "127.0.0.1:9464".parse()?;
         let log_file = std::fs::File::create(&log)?;
         let child = Command::new("ip")
@@ -72,6 +77,7 @@ impl Agent {
             .args(["run", "--config"])
             .arg(config)
             .args(["--listen", &listen.to_string()])
+            .args(extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
@@ -111,6 +117,15 @@ impl Agent {
 
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// SIGKILL, as in a crash: the agent gets no chance to clean up.
+    pub fn kill9(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
     }
 
     /// SIGTERM and wait; returns the exit status code.

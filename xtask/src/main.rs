@@ -92,11 +92,7 @@ fn main() -> Result<()> {
             }
             let mut envs = Vec::new();
             if which == "datapath" {
-                step("building the eBPF object without statistics and events (for comparison)");
-                let target_dir = workspace_root().join("target/ebpf-bare");
-                ebpf_cargo("build", &target_dir, &["--features", "no-stats"])?;
-                let object = target_dir.join("bpfel-unknown-none/release/sluice");
-                envs.push(("SLUICE_BENCH_BARE_OBJECT", object));
+                envs.push(("SLUICE_BENCH_BARE_OBJECT", bare_object()?));
             }
             step(&format!("building and running {bin} (release)"));
             let mut a = vec![
@@ -206,9 +202,19 @@ fn run_in(dir: &std::path::Path, program: &str, args: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// The eBPF object built without statistics and events: the datapath
+/// benchmark compares against it, the hitless test upgrades to it.
+fn bare_object() -> Result<std::path::PathBuf> {
+    step("building the eBPF object without statistics and events");
+    let target_dir = workspace_root().join("target/ebpf-bare");
+    ebpf_cargo("build", &target_dir, &["--features", "no-stats"])?;
+    Ok(target_dir.join("bpfel-unknown-none/release/sluice"))
+}
+
 fn test(extra: &[String]) -> Result<()> {
     step("building the agent (cargo build -p sluice)");
     cargo(&["build", "--locked", "-p", "sluice"])?;
+    let upgrade_object = bare_object()?;
     step("running every test (unit, BPF_PROG_TEST_RUN, network namespaces)");
     let mut args = vec!["test", "--workspace", "--locked"];
     args.extend(extra.iter().map(String::as_str));
@@ -217,6 +223,7 @@ fn test(extra: &[String]) -> Result<()> {
     let mut child = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .args(&args)
         .env("SLUICE_BIN", &bin)
+        .env("SLUICE_UPGRADE_OBJECT", &upgrade_object)
         .current_dir(workspace_root())
         .stdout(std::process::Stdio::piped())
         .spawn()

@@ -146,6 +146,19 @@ impl Hub {
         }
     }
 
+    /// Starts a service off with the backends an earlier agent left in
+    /// pinned maps, until its provider answers: a restart empties nothing.
+    pub fn seed(&mut self, service: &str, backends: &[SocketAddr]) {
+        if let Some(status) = self.statuses.get_mut(service)
+            && status.backends.is_none()
+            && !backends.is_empty()
+        {
+            let mut set: Backends = backends.iter().map(|&a| (a, 1)).collect();
+            set.sort();
+            status.backends = Some(set);
+        }
+    }
+
     /// Takes a report in. Returns true when the desired state changed.
     pub fn accept(&mut self, report: Report, config: &Validated) -> bool {
         let Some(status) = self.statuses.get_mut(&report.service) else {

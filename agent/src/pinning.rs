@@ -1,0 +1,222 @@
+//! Pinning the datapath under bpffs, so that it outlives the agent.
+//!
+//! Layout of a pin directory (one per agent instance):
+//!
+//! ```text
+//! DIR/layout-N/maps/NAME         every map whose contents must survive
+//! DIR/layout-N/links/IFACE@MODE  the program's link on each interface
+//! ```
+//!
+//! `N` is `agent_common::MAP_LAYOUT`, bumped whenever a shared type's layout
+//! or meaning changes. A build never opens another layout's maps, so pinned
+//! state is never silently reinterpreted: it refuses to start and says how
+//! to replace the old datapath. Within a layout, each pinned map's key size,
+//! value size and capacity are checked against the object before use.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, anyhow, bail};
+use tracing::info;
+
+use crate::config::AttachMode;
+
+/// Maps pinned (and adopted by the next agent). Per-CPU scratch space and
+/// the log ring are per program and start fresh.
+pub const PINNED_MAPS: &[&str] = &[
+    "SERVICES",
+    "BACKENDS",
+    "BACKEND_FIB",
+    "MAGLEV",
+    "CONNTRACK",
+    "PREFILTER",
+    "SERVICE_STATS",
+    "BACKEND_STATS",
+    "REASONS",
+    "FIB_GENERATION",
+    "SERVICE_POLICY",
+    "SERVICE_EJECTED",
+    "BACKEND_HEALTH",
+    "BACKEND_LATENCY",
+    "EVENTS",
+    "EVENT_BUDGET",
+];
+
+/// statfs(2) f_type of a bpf filesystem.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+#[derive(Debug, Clone)]
+pub struct PinDir {
+    /// DIR/layout-N
+    root: PathBuf,
+}
+
+impl PinDir {
+    /// Checks that `dir` is on bpffs (mounting /sys/fs/bpf if that is where
+    /// it is and nothing is mounted there) and holds no other layout.
+    pub fn prepare(dir: &Path) -> Result<Self> {
+        ensure_bpffs(dir)?;
+        let layout = format!("layout-{}", agent_common::MAP_LAYOUT);
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if name.starts_with("layout-") && name != layout && has_pins(&entry.path()) {
+                    bail!(
+                        "pin directory {} holds a datapath with map {name}, pinned by another \
+                         version of Sluice; this build uses {layout} and will not reinterpret \
+                         its maps. Run that version again, or replace the old datapath \
+                         (dropping the connections it tracks) with `sluice cleanup --config FILE`",
+                        dir.display()
+                    );
+                }
+            }
+        }
+        let root = dir.join(layout);
+        for sub in ["maps", "links"] {
+            std::fs::create_dir_all(root.join(sub))
+                .with_context(|| format!("creating {}", root.join(sub).display()))?;
+        }
+        Ok(Self { root })
+    }
+
+    pub fn map_path(&self, name: &str) -> PathBuf {
+        self.root.join("maps").join(name)
+    }
+
+    pub fn link_path(&self, interface: &str, mode: AttachMode) -> PathBuf {
+        // bpffs refuses names with a dot.
+        self.root.join("links").join(format!("{interface}@{mode}"))
+    }
+
+    /// The pinned link of `interface`, if any, and the mode it was made in.
+    pub fn pinned_link(&self, interface: &str) -> Option<(AttachMode, PathBuf)> {
+        [
+            AttachMode::XdpNative,
+            AttachMode::XdpGeneric,
+            AttachMode::Tc,
+        ]
+        .into_iter()
+        .map(|mode| (mode, self.link_path(interface, mode)))
+        .find(|(_, path)| path.exists())
+    }
+
+    /// True when maps of an earlier agent are pinned here.
+    pub fn has_maps(&self) -> bool {
+        PINNED_MAPS.iter().any(|m| self.map_path(m).exists())
+    }
+
+    /// Each pinned map must match the object's definition (with the
+    /// capacities the config sets): same key and value sizes, same capacity.
+    pub fn check_maps(&self, object: &[u8], capacities: &[(&str, u32)]) -> Result<()> {
+        let obj = aya_obj::Object::parse(object).context("parsing the eBPF object")?;
+        for &name in PINNED_MAPS {
+            let path = self.map_path(name);
+            if !path.exists() {
+                continue;
+            }
+            let def = obj
+                .maps
+                .get(name)
+                .ok_or_else(|| anyhow!("map {name} is missing from the eBPF object"))?;
+            let pinned = aya::maps::MapInfo::from_pin(&path)
+                .with_context(|| format!("opening pinned map {}", path.display()))?;
+            let want_entries = capacities
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map_or(def.max_entries(), |(_, c)| *c);
+            let got = (
+                pinned.key_size(),
+                pinned.value_size(),
+                pinned.max_entries(),
+            );
+            let want = (def.key_size(), def.value_size(), want_entries);
+            if got != want {
+                bail!(
+                    "pinned map {} does not fit this build and config: key/value size and \
+                     capacity are {got:?}, expected {want:?}. A capacity change (conntrack, \
+                     limits, maglev) needs the old datapath replaced: `sluice cleanup --config \
+                     FILE` (drops the connections it tracks), then start again",
+                    path.display()
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+fn has_pins(dir: &Path) -> bool {
+    ["maps", "links"].iter().any(|sub| {
+        std::fs::read_dir(dir.join(sub)).is_ok_and(|mut entries| entries.next().is_some())
+    })
+}
+
+fn statfs_type(path: &Path) -> Option<i64> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statfs writes into the zeroed struct we own; the path is a
+    // NUL-terminated string that outlives the call.
+    unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        (libc::statfs(c.as_ptr(), &mut st) == 0).then_some(st.f_type as i64)
+    }
+}
+
+fn ensure_bpffs(dir: &Path) -> Result<()> {
+    let existing = dir
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"));
+    if statfs_type(existing) == Some(BPF_FS_MAGIC) {
+        return Ok(());
+    }
+    let default = Path::new("/sys/fs/bpf");
+    if dir.starts_with(default) && default.is_dir() {
+        info!("mounting bpffs at /sys/fs/bpf");
+        // SAFETY: mount(2) with constant NUL-terminated strings and no data.
+        let rc = unsafe {
+            libc::mount(
+                c"bpf".as_ptr(),
+                c"/sys/fs/bpf".as_ptr(),
+                c"bpf".as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+        bail!(
+            "mounting bpffs at /sys/fs/bpf for pinning.directory {}: {}",
+            dir.display(),
+            std::io::Error::last_os_error()
+        );
+    }
+    bail!(
+        "pinning.directory {} is not on a bpf filesystem (mount one: mount -t bpf bpf /sys/fs/bpf)",
+        dir.display()
+    )
+}
+
+/// `sluice cleanup`: removes every pin under `dir` (all layouts). The
+/// programs detach and the maps are freed once nothing else holds them.
+pub fn cleanup(dir: &Path) -> Result<usize> {
+    let mut removed = 0;
+    let Ok(layouts) = std::fs::read_dir(dir) else {
+        return Ok(0);
+    };
+    for layout in layouts.flatten() {
+        for sub in ["links", "maps"] {
+            let Ok(entries) = std::fs::read_dir(layout.path().join(sub)) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                std::fs::remove_file(entry.path())
+                    .with_context(|| format!("removing {}", entry.path().display()))?;
+                removed += 1;
+            }
+            let _ = std::fs::remove_dir(layout.path().join(sub));
+        }
+        let _ = std::fs::remove_dir(layout.path());
+    }
+    let _ = std::fs::remove_dir(dir);
+    Ok(removed)
+}
