@@ -192,14 +192,14 @@ const _: () = assert!(core::mem::size_of::<ServicePolicy>() == 24);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BackendHealth {
-    pub consecutive_failures: u32,
+    /// Failed connects in a row; 64 bits for the kernel's atomic add.
+    pub consecutive_failures: u64,
     /// Not 0 while new connections must skip the backend: 1 ejected by the
     /// kernel, `BACKEND_REMOVED` gone from the config, `BACKEND_DRAINING`
     /// finishing its established connections.
     pub ejected: u32,
     /// Times the kernel ejected it.
     pub ejections: u32,
-    pub _pad: u32,
     /// When it was last ejected (bpf_ktime_get_ns).
     pub ejected_ns: u64,
 }

@@ -122,8 +122,16 @@ pub fn record_failure(key: &FlowKey, service_id: u32, backend_id: u32, failure: 
     };
     // SAFETY: a shared array slot; see the module note on races.
     let health = unsafe { &mut *health };
-    health.consecutive_failures += 1;
-    if health.ejected != 0 || health.consecutive_failures < policy.consecutive_failures {
+    // An atomic add (BPF XADD): two CPUs counting failures of one backend at
+    // once must both count, or an ejection comes a failure late.
+    // SAFETY: an aligned u64 inside a live map value.
+    unsafe {
+        core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+            &raw mut health.consecutive_failures,
+            1,
+        );
+    }
+    if health.ejected != 0 || health.consecutive_failures < u64::from(policy.consecutive_failures) {
         return;
     }
     let Some(ejected) = SERVICE_EJECTED.get_ptr_mut(service_id) else {

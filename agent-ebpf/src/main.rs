@@ -1,6 +1,9 @@
 //! Sluice's kernel programs: the same load-balancing pipeline behind an XDP
 //! entry point and a TC (tcx) entry point for interfaces where XDP can't run.
 #![no_std]
+// atomic_xadd: the BPF target has no atomic read-modify-write in core::sync.
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
 #![no_main]
 
 mod bench;

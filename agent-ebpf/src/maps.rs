@@ -20,9 +20,10 @@ pub static BACKENDS: Array<Backend> = Array::with_max_entries(4096, 0);
 pub static BACKEND_FIB: Array<agent_common::BackendFib> = Array::with_max_entries(4096, 0);
 
 /// Maglev lookup tables of all services back to back, two halves per service
-/// so the agent fills one while packets read the other.
+/// so the agent fills one while packets read the other. Mmapable: the agent
+/// writes a table with memory stores, not a syscall per slot.
 #[map]
-pub static MAGLEV: Array<u32> = Array::with_max_entries(1024, 0);
+pub static MAGLEV: Array<u32> = Array::with_max_entries(1024, aya_ebpf::bindings::BPF_F_MMAPABLE);
 
 /// Connection tracking: forward and reverse entries of every flow.
 #[map]

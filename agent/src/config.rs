@@ -618,14 +618,16 @@ fn validate(raw: Config, path: &str) -> Result<Validated, ConfigError> {
         }
         let discovery = match &s.discovery {
             None => None,
-            Some(d) => Some(validate_discovery(d, vip, !s.backends.is_empty(), &|name| {
-                if name.is_empty() {
-                    field("discovery")
-                } else {
-                    field(&format!("discovery.{name}"))
-                }
-            })
-            .map_err(|(f, value, why)| invalid(f, &value, &why))?),
+            Some(d) => Some(
+                validate_discovery(d, vip, !s.backends.is_empty(), &|name| {
+                    if name.is_empty() {
+                        field("discovery")
+                    } else {
+                        field(&format!("discovery.{name}"))
+                    }
+                })
+                .map_err(|(f, value, why)| invalid(f, &value, &why))?,
+            ),
         };
         if s.drain_timeout_seconds > 86_400 {
             return Err(invalid(
@@ -695,7 +697,11 @@ fn validate_discovery(
             }
             match (dns.record, dns.port) {
                 (DnsRecord::Srv, Some(port)) => {
-                    return refuse("dns.port", &port, "SRV records carry the port: leave it out");
+                    return refuse(
+                        "dns.port",
+                        &port,
+                        "SRV records carry the port: leave it out",
+                    );
                 }
                 (DnsRecord::A | DnsRecord::Aaaa, None | Some(0)) => {
                     return refuse(
@@ -717,12 +723,12 @@ fn validate_discovery(
                 Some(text) => Some(
                     text.parse::<SocketAddr>()
                         .or_else(|_| text.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
-                        .or_else(|_| {
-                            Err((
+                        .map_err(|_| {
+                            (
                                 field("dns.server"),
                                 text.clone(),
                                 "expected IP or IP:PORT".to_string(),
-                            ))
+                            )
                         })?,
                 ),
             };

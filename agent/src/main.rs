@@ -91,7 +91,10 @@ fn main() -> ExitCode {
                 }
             };
             let Some(p) = cfg.raw.pinning else {
-                println!("{}: no pinning.directory; nothing to clean up", config.display());
+                println!(
+                    "{}: no pinning.directory; nothing to clean up",
+                    config.display()
+                );
                 return ExitCode::SUCCESS;
             };
             match sluice::pinning::cleanup(std::path::Path::new(&p.directory)) {

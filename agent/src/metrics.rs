@@ -408,15 +408,10 @@ fn render_discovery(shared: &Shared, out: &mut String) {
             let labels = [("service", service.as_str()), ("provider", st.provider)];
             match name {
                 "sluice_discovery_healthy" => sample(out, name, &labels, u8::from(st.healthy)),
-                "sluice_discovery_backends" => sample(
-                    out,
-                    name,
-                    &labels,
-                    st.backends.as_ref().map_or(0, Vec::len),
-                ),
-                "sluice_discovery_held_back" => {
-                    sample(out, name, &labels, u8::from(st.held_back))
+                "sluice_discovery_backends" => {
+                    sample(out, name, &labels, st.backends.as_ref().map_or(0, Vec::len))
                 }
+                "sluice_discovery_held_back" => sample(out, name, &labels, u8::from(st.held_back)),
                 "sluice_discovery_updates_total" => {
                     for (result, n) in [
                         ("applied", st.updates_applied),

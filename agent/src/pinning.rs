@@ -123,11 +123,7 @@ impl PinDir {
                 .iter()
                 .find(|(n, _)| *n == name)
                 .map_or(def.max_entries(), |(_, c)| *c);
-            let got = (
-                pinned.key_size(),
-                pinned.value_size(),
-                pinned.max_entries(),
-            );
+            let got = (pinned.key_size(), pinned.value_size(), pinned.max_entries());
             let want = (def.key_size(), def.value_size(), want_entries);
             if got != want {
                 bail!(

@@ -15,9 +15,9 @@ use std::{
 };
 
 use agent_common::{
-    BACKEND_DRAINING, BACKEND_REMOVED, Backend, BackendFib, BackendHealth, FAMILY_V4, FAMILY_V6, FibCache,
-    LatencyHistogram, NO_BACKEND, Prefilter, SERVICE_F_RETRY, SERVICE_F_SNAT, Service, ServiceKey,
-    ServicePolicy, ServiceStats, hash::prefilter_bit, prefilter,
+    BACKEND_DRAINING, BACKEND_REMOVED, Backend, BackendFib, BackendHealth, FAMILY_V4, FAMILY_V6,
+    FibCache, LatencyHistogram, NO_BACKEND, Prefilter, SERVICE_F_RETRY, SERVICE_F_SNAT, Service,
+    ServiceKey, ServicePolicy, ServiceStats, hash::prefilter_bit, prefilter,
 };
 use anyhow::{Context, Result, anyhow, bail};
 use aya::maps::PerCpuValues;
@@ -267,12 +267,8 @@ impl Reconciler {
     /// longer lists drain. Returns, per config service, the backends found
     /// (discovery services serve them until their provider answers).
     pub fn adopt(&mut self, config: &[ServiceSpec]) -> Result<BTreeMap<String, Vec<SocketAddr>>> {
-        let pinned: Vec<(ServiceKey, Service)> = self
-            .maps
-            .services
-            .iter()
-            .filter_map(Result::ok)
-            .collect();
+        let pinned: Vec<(ServiceKey, Service)> =
+            self.maps.services.iter().filter_map(Result::ok).collect();
         let mut by_service: BTreeMap<u32, Vec<(u32, SocketAddr)>> = BTreeMap::new();
         let mut backend_ids = Vec::new();
         for id in 0..self.backend_ids.limit {
@@ -309,10 +305,7 @@ impl Reconciler {
                     drain_deadline: None,
                 })
                 .collect();
-            found.insert(
-                spec.name.clone(),
-                backends.iter().map(|b| b.addr).collect(),
-            );
+            found.insert(spec.name.clone(), backends.iter().map(|b| b.addr).collect());
             let live_half = u32::from(value.table_offset != self.table_offset(value.id, 0));
             self.services.insert(
                 spec.name.clone(),
@@ -520,12 +513,10 @@ impl Reconciler {
         let half = if table != old_table {
             let half = 1 - live_half;
             let base = self.table_offset(id, half);
-            for (i, &backend_id) in table.iter().enumerate() {
-                self.maps
-                    .maglev
-                    .set(base + i as u32, backend_id, 0)
-                    .with_context(|| format!("writing Maglev slot {}", base + i as u32))?;
-            }
+            self.maps
+                .maglev
+                .write(base, &table)
+                .with_context(|| format!("writing the Maglev table at slot {base}"))?;
             half
         } else {
             live_half

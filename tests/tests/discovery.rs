@@ -203,7 +203,10 @@ fn dns_srv_and_a_records_follow_dnsmasq_and_survive_its_death() -> Result<()> {
     assert_eq!(active(&b, &agent, "web")?, set(&[1, 2]));
     assert_eq!(reached(&b.topo, 30)?, names(&[1, 2]));
     let (status, body) = http_get(&b.topo.lb, agent.listen, "/readyz")?;
-    assert_eq!(status, 200, "a discovery failure must not unready the agent");
+    assert_eq!(
+        status, 200,
+        "a discovery failure must not unready the agent"
+    );
     assert!(
         body.contains("discovery unhealthy: service web: dns"),
         "/readyz names the failing provider: {body}"
@@ -269,10 +272,7 @@ fn etcdctl(b: &Bed, args: &[&str]) -> Result<String> {
         .env("ETCDCTL_API", "3")
         .output()?;
     if !out.status.success() {
-        bail!(
-            "etcdctl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        bail!("etcdctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -412,8 +412,10 @@ fn drain_timeout_closes_the_remaining_connections() -> Result<()> {
     std::fs::write(b.dir.path("sluice.yaml"), config(&[other]))?;
 
     wait_for("draining", Duration::from_secs(5), || {
-        Ok(backend_states(&b.topo.lb, &agent, "web")?.get(&backend(held))
-            == Some(&"draining".to_string()))
+        Ok(
+            backend_states(&b.topo.lb, &agent, "web")?.get(&backend(held))
+                == Some(&"draining".to_string()),
+        )
     })?;
     assert_eq!(reached(&b.topo, 30)?, names(&[other]));
     let mut reader = BufReader::new(stream.try_clone()?);

@@ -137,7 +137,7 @@ fn syn_ack_resets_the_streak_and_records_latency() -> Result<()> {
     for (n, port) in (42_000..42_002).enumerate() {
         bed.run(&syn(port).bytes())?;
         bed.run(&answer(1, port, TCP_RST | TCP_ACK).bytes())?;
-        assert_eq!(bed.reconciler.health(id).consecutive_failures, n as u32 + 1);
+        assert_eq!(bed.reconciler.health(id).consecutive_failures, n as u64 + 1);
     }
     bed.run(&syn(42_010).bytes())?;
     std::thread::sleep(Duration::from_millis(2));

@@ -112,9 +112,11 @@ impl Load {
     /// Waits until `more` further connections completed.
     fn wait_more(&self, more: u64) -> Result<()> {
         let target = self.ok() + more;
-        wait_for("connections through the VIP", Duration::from_secs(30), || {
-            Ok(self.ok() >= target)
-        })
+        wait_for(
+            "connections through the VIP",
+            Duration::from_secs(30),
+            || Ok(self.ok() >= target),
+        )
     }
 
     fn finish(mut self) -> (u64, u64, Vec<String>) {
@@ -145,15 +147,17 @@ struct Stream {
 impl Stream {
     fn open(topo: &Topology) -> Result<Self> {
         let vip: SocketAddr = VIP.parse()?;
-        let (writer, reader) = topo.client.enter(|| -> Result<(TcpStream, BufReader<TcpStream>)> {
-            let mut s = TcpStream::connect_timeout(&vip, Duration::from_secs(3))?;
-            s.set_read_timeout(Some(Duration::from_secs(3)))?;
-            s.write_all(b"echo\n")?;
-            let mut reader = BufReader::new(s.try_clone()?);
-            let mut first = String::new();
-            reader.read_line(&mut first)?;
-            Ok((s, reader))
-        })??;
+        let (writer, reader) =
+            topo.client
+                .enter(|| -> Result<(TcpStream, BufReader<TcpStream>)> {
+                    let mut s = TcpStream::connect_timeout(&vip, Duration::from_secs(3))?;
+                    s.set_read_timeout(Some(Duration::from_secs(3)))?;
+                    s.write_all(b"echo\n")?;
+                    let mut reader = BufReader::new(s.try_clone()?);
+                    let mut first = String::new();
+                    reader.read_line(&mut first)?;
+                    Ok((s, reader))
+                })??;
         Ok(Self { writer, reader })
     }
 
@@ -266,7 +270,12 @@ fn kill_restart_and_upgrade_lose_no_connection() -> Result<()> {
     let (ok, failed, errors) = load.finish();
     eprintln!("{ok} connections, {failed} failed, across kill -9, restart and upgrade");
     assert!(ok >= 1000, "only {ok} connections ran");
-    assert_eq!(failed, 0, "failed connections: {:?}", &errors[..errors.len().min(5)]);
+    assert_eq!(
+        failed,
+        0,
+        "failed connections: {:?}",
+        &errors[..errors.len().min(5)]
+    );
     drop(stream);
     drop(agent);
 

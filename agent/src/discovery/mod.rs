@@ -126,7 +126,11 @@ impl Hub {
                 Source::Etcd { .. } => tokio::spawn(etcd::run(spec.source.clone(), reporter)),
             }
             .abort_handle();
-            info!(service = name, provider = spec.source.kind(), "discovery started");
+            info!(
+                service = name,
+                provider = spec.source.kind(),
+                "discovery started"
+            );
             let status = self.statuses.entry(name.to_string()).or_insert(Status {
                 provider: spec.source.kind(),
                 generation: 0,
@@ -191,7 +195,12 @@ impl Hub {
                 Ok(backends) => backends,
                 Err(why) => {
                     status.failures += 1;
-                    warn!(service = report.service, provider = status.provider, error = why, "discovery answer refused; the last good backends keep serving");
+                    warn!(
+                        service = report.service,
+                        provider = status.provider,
+                        error = why,
+                        "discovery answer refused; the last good backends keep serving"
+                    );
                     status.healthy = false;
                     status.error = Some(why);
                     return false;
