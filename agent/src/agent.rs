@@ -235,11 +235,13 @@ fn reload(
     shared: &Shared,
     report_tx: &tokio::sync::mpsc::Sender<crate::discovery::Report>,
 ) -> Result<Option<Validated>> {
+    let started = std::time::Instant::now();
     let next = config::parse(&String::from_utf8_lossy(text), &path.display().to_string())?;
     check_interfaces(&next, path)?;
     if next == *current {
         return Ok(None);
     }
+    let parsed = started.elapsed();
     if Sizes::from_config(&next.raw) != Sizes::from_config(&current.raw) {
         warn!("conntrack, maglev or limits settings changed: they take effect at the next restart");
     }
@@ -259,8 +261,16 @@ fn reload(
     sysctls.apply(&next)?;
 
     shared.discovery.lock().unwrap().sync(&next, report_tx);
+    let before_apply = started.elapsed();
     apply_desired(shared, &next)?;
-    info!(config = %path.display(), services = next.services.len(), "config change applied");
+    info!(
+        config = %path.display(),
+        services = next.services.len(),
+        parse_ms = parsed.as_millis() as u64,
+        apply_ms = (started.elapsed() - before_apply).as_millis() as u64,
+        total_ms = started.elapsed().as_millis() as u64,
+        "config change applied"
+    );
     Ok(Some(next))
 }
 

@@ -227,12 +227,16 @@ impl Reconciler {
             let staying: Vec<ServiceSpec> = desired
                 .iter()
                 .map(|spec| {
+                    let old = self.services.get(&spec.name);
+                    let known = |addr: &SocketAddr| {
+                        old.is_some_and(|o| o.backends.iter().any(|b| b.addr == *addr))
+                    };
+                    if spec.backends.iter().all(|(addr, _)| known(addr)) {
+                        return spec.clone(); // nothing new: unchanged by this pass
+                    }
                     let mut spec = spec.clone();
                     spec.drain_timeout = std::time::Duration::ZERO;
-                    let old = self.services.get(&spec.name);
-                    spec.backends.retain(|(addr, _)| {
-                        old.is_some_and(|o| o.backends.iter().any(|b| b.addr == *addr))
-                    });
+                    spec.backends.retain(|(addr, _)| known(addr));
                     spec
                 })
                 .collect();
@@ -394,6 +398,15 @@ impl Reconciler {
             self.remove_service(&name)?;
         }
         for spec in desired {
+            // Unchanged services cost nothing: a churn update touches only
+            // what changed. (An adopted service has no known table yet.)
+            if self
+                .services
+                .get(&spec.name)
+                .is_some_and(|s| s.spec == *spec && !s.table.is_empty())
+            {
+                continue;
+            }
             self.upsert_service(spec)
                 .with_context(|| format!("service {}", spec.name))?;
         }
@@ -446,6 +459,7 @@ impl Reconciler {
         };
 
         // 1. Backends, reusing ids of backends that stay.
+        let mut added = false;
         let mut backends = Vec::with_capacity(spec.backends.len());
         for &(addr, weight) in &spec.backends {
             let state = match old_backends.iter().position(|b| b.addr == addr) {
@@ -458,6 +472,7 @@ impl Reconciler {
                     b
                 }
                 None => {
+                    added = true;
                     let backend_id = self.backend_ids.take()?;
                     self.write_new_backend(backend_id, addr, spec.protocol.number(), id)?;
                     BackendState {
@@ -471,12 +486,14 @@ impl Reconciler {
             self.mark_draining(&state)?;
             backends.push(state);
         }
-        write_filter(&mut self.maps, prefilter::BACKEND, &self.backend_filter)?;
-        write_filter(
-            &mut self.maps,
-            prefilter::BACKEND_ADDR,
-            &self.backend_addr_filter,
-        )?;
+        if added {
+            write_filter(&mut self.maps, prefilter::BACKEND, &self.backend_filter)?;
+            write_filter(
+                &mut self.maps,
+                prefilter::BACKEND_ADDR,
+                &self.backend_addr_filter,
+            )?;
+        }
 
         // 2. The failure policy, before the service entry can be used.
         let active = backends.iter().filter(|b| b.weight > 0).count() as u32;

@@ -1,10 +1,15 @@
 //! `cargo xtask bench control-plane`: the agent with 1,000 services × 10
-//! backends (options: `--services N --backends N --scrapes N`). Reports the
-//! time from start to ready (every table written), the time of a full
-//! `/metrics` scrape and of `/api/v1/services` (median and min–max), the
-//! agent's CPU per scrape, and its resident memory.
+//! backends (options: `--services N --backends N --scrapes N --churns N`).
+//! Reports the time from start to ready (every table written), the time for
+//! a 1% churn update (1% of the backends replaced) to reach the kernel, the
+//! time of a full `/metrics` scrape and of `/api/v1/services` (median and
+//! min–max), the agent's CPU per scrape, its resident memory, and the Maglev
+//! table build time against the table size.
 
-use std::time::Instant;
+use std::{net::SocketAddr, time::Instant};
+
+use agent_common::{Service, ServiceKey};
+use aya::maps::{HashMap, Map, MapData};
 
 use anyhow::{Context, Result, bail};
 use sluice_tests::{Agent, TempDir, http_get, metric};
@@ -14,6 +19,7 @@ struct Args {
     services: usize,
     backends: usize,
     scrapes: usize,
+    churns: usize,
 }
 
 fn parse_args() -> Result<Args> {
@@ -21,6 +27,7 @@ fn parse_args() -> Result<Args> {
         services: 1000,
         backends: 10,
         scrapes: 10,
+        churns: 10,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -29,13 +36,26 @@ fn parse_args() -> Result<Args> {
             "--services" => a.services = value()?,
             "--backends" => a.backends = value()?,
             "--scrapes" => a.scrapes = value()?,
-            other => bail!("unknown argument {other:?} (--services N --backends N --scrapes N)"),
+            "--churns" => a.churns = value()?,
+            other => bail!(
+                "unknown argument {other:?} (--services N --backends N --scrapes N --churns N)"
+            ),
         }
     }
     Ok(a)
 }
 
-fn config(a: &Args) -> String {
+/// The services whose first backend churn round `round` replaces: 1% of
+/// the backends, spread over the services.
+fn churned(a: &Args, round: usize) -> Vec<usize> {
+    let count = (a.services * a.backends / 100).max(1);
+    (0..count)
+        .map(|k| (k * a.services / count + round) % a.services)
+        .collect()
+}
+
+/// The config after `round` churn rounds (0: the initial one).
+fn config(a: &Args, round: usize) -> String {
     let mut text = format!(
         "interfaces:\n  - name: cp0\nmaglev:\n  table_size: 1021\nlimits:\n  max_services: {}\n  max_backends: {}\nservices:\n",
         a.services,
@@ -48,11 +68,17 @@ fn config(a: &Args) -> String {
             s % 250
         );
         for b in 0..a.backends {
+            // Each round that churns this service moves its first backend.
+            let moved = if b == 0 {
+                (1..=round).filter(|&r| churned(a, r).contains(&s)).count()
+            } else {
+                0
+            };
             text += &format!(
                 "      - address: 10.{}.{}.{}:8080\n",
                 50 + s / 250,
                 s % 250,
-                b + 2
+                b + 2 + moved * 20
             );
         }
     }
@@ -73,7 +99,7 @@ fn main() -> Result<()> {
     ns.exec(&["ip", "link", "set", "cp0", "up"])?;
     ns.exec(&["ip", "link", "set", "cp1", "up"])?;
     let dir = TempDir::new("cp")?;
-    std::fs::write(dir.path("sluice.yaml"), config(&a))?;
+    std::fs::write(dir.path("sluice.yaml"), config(&a, 0))?;
 
     let started = Instant::now();
     let agent = Agent::start(&ns, &dir.path("sluice.yaml"), dir.path("agent.log"))?;
@@ -98,6 +124,34 @@ fn main() -> Result<()> {
     let cpu_per_scrape = (cpu(&last) - cpu_before) / (a.scrapes + 1) as f64 * 1e3 / 2.0;
     let rss = metric(&last, "process_resident_memory_bytes", &[]).unwrap_or(0.0) / 1048576.0;
 
+    // Churn: 1% of the backends replaced per update (file renamed into
+    // place, SIGHUP), timed until the last changed service's entry flips to
+    // its new table in the kernel (services are applied in config order).
+    let services_map = kernel_services_map()?;
+    let mut churn = Vec::new();
+    for round in 1..=a.churns {
+        let changed = churned(&a, round);
+        let last = *changed.iter().max().context("no service churned")?;
+        let key = service_key(last)?;
+        let before = services_map.get(&key, 0)?.table_offset;
+        let tmp = dir.path("sluice.yaml.new");
+        std::fs::write(&tmp, config(&a, round))?;
+        let t = Instant::now();
+        std::fs::rename(&tmp, dir.path("sluice.yaml"))?;
+        // SAFETY: signalling the agent this benchmark started, by its PID.
+        unsafe { libc::kill(agent.pid() as i32, libc::SIGHUP) };
+        while services_map.get(&key, 0)?.table_offset == before {
+            if t.elapsed().as_secs() > 30 {
+                bail!("churn round {round} did not reach the kernel in 30 s");
+            }
+            std::thread::yield_now();
+        }
+        churn.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let (_, after_churn) = http_get(&ns, agent.listen, "/metrics")?;
+    let rss_churn =
+        metric(&after_churn, "process_resident_memory_bytes", &[]).unwrap_or(0.0) / 1048576.0;
+
     let (sm, slo, shi) = stats(&mut scrape);
     let (am, alo, ahi) = stats(&mut api);
     println!(
@@ -111,6 +165,13 @@ fn main() -> Result<()> {
         "start to ready (load, attach, write every table)   {:>8.2} s",
         ready.as_secs_f64()
     );
+    if !churn.is_empty() {
+        let (cm, clo, chi) = stats(&mut churn);
+        println!(
+            "1% churn update to the kernel ({} backends moved)   median {cm:>7.1} ms   min–max {clo:.1}–{chi:.1} ms   target < 50 ms",
+            churned(&a, 1).len()
+        );
+    }
     println!(
         "GET /metrics ({series} series)                    median {sm:>7.1} ms   min–max {slo:.1}–{shi:.1} ms   target < 50 ms"
     );
@@ -118,7 +179,66 @@ fn main() -> Result<()> {
         "GET /api/v1/services                              median {am:>7.1} ms   min–max {alo:.1}–{ahi:.1} ms"
     );
     println!("agent CPU per request (mean of both)              {cpu_per_scrape:>8.1} ms");
-    println!("agent resident memory                             {rss:>8.1} MiB");
+    println!(
+        "agent resident memory                             {rss:>8.1} MiB (after churn {rss_churn:.1} MiB)   target < 100 MiB"
+    );
     drop(agent);
+    maglev_build_times();
     Ok(())
+}
+
+/// The agent's SERVICES map, found among the kernel's maps by name (the
+/// newest, if several agents run).
+fn kernel_services_map() -> Result<HashMap<MapData, ServiceKey, Service>> {
+    let id = aya::maps::loaded_maps()
+        .filter_map(Result::ok)
+        .filter(|m| m.name_as_str() == Some("SERVICES"))
+        .map(|m| m.id())
+        .max()
+        .context("no SERVICES map loaded")?;
+    let data = MapData::from_id(id)?;
+    Ok(HashMap::try_from(Map::HashMap(data))?)
+}
+
+fn service_key(s: usize) -> Result<ServiceKey> {
+    let vip: std::net::Ipv4Addr = format!("10.{}.{}.1", 100 + s / 250, s % 250).parse()?;
+    Ok(ServiceKey {
+        addr: sluice::reconcile::addr_words(vip.into()),
+        port: 80u16.to_be(),
+        proto: agent_common::PROTO_TCP,
+        family: agent_common::FAMILY_V4,
+    })
+}
+
+/// Userspace Maglev build time per service against the table size.
+fn maglev_build_times() {
+    println!("\nMaglev table build (one service, median of 21 builds)");
+    println!("  slots     10 backends    100 backends    per slot (100 backends)");
+    for size in [1021u32, 4093, 16381, 65537] {
+        let mut row = Vec::new();
+        for n in [10usize, 100] {
+            let backends: Vec<(SocketAddr, u32)> = (0..n)
+                .map(|i| {
+                    (
+                        SocketAddr::from(([10, 9, (i / 250) as u8, (i % 250) as u8], 80)),
+                        1,
+                    )
+                })
+                .collect();
+            let mut times: Vec<f64> = (0..21)
+                .map(|_| {
+                    let t = Instant::now();
+                    std::hint::black_box(sluice::maglev::build(&backends, size));
+                    t.elapsed().as_secs_f64() * 1e6
+                })
+                .collect();
+            row.push(stats(&mut times).0);
+        }
+        println!(
+            "  {size:>6}   {:>9.0} µs    {:>10.0} µs    {:>8.1} ns",
+            row[0],
+            row[1],
+            row[1] * 1e3 / f64::from(size)
+        );
+    }
 }
