@@ -47,7 +47,8 @@ impl Drop for Bpffs {
     }
 }
 
-fn config(pin_dir: &Path, conntrack: u32) -> String {
+/// `drained`: a backend listed with weight 0 (draining).
+fn config(pin_dir: &Path, conntrack: u32, drained: Option<usize>) -> String {
     let mut text = String::from("interfaces:\n  - name: front\n    attach: xdp-native\n");
     for i in 0..3 {
         text += &format!("  - name: back{i}\n    attach: xdp-native\n");
@@ -57,9 +58,26 @@ fn config(pin_dir: &Path, conntrack: u32) -> String {
         pin_dir.display()
     );
     for i in 0..3 {
-        text += &format!("      - address: 10.1.{i}.2:8080\n");
+        let weight = if drained == Some(i) { 0 } else { 1 };
+        text += &format!("      - address: 10.1.{i}.2:8080\n        weight: {weight}\n");
     }
     text
+}
+
+/// A backend's connections_total and state, from the API.
+fn backend(topo: &Topology, agent: &Agent, i: usize) -> Result<(u64, String)> {
+    let s = service_json(&topo.lb, agent, "web")?;
+    let b = s["backends"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|b| b["address"] == format!("10.1.{i}.2:8080").as_str())
+        .cloned()
+        .with_context(|| format!("backend {i} not listed: {s}"))?;
+    Ok((
+        b["connections_total"].as_u64().unwrap_or(0),
+        b["state"].as_str().unwrap_or("").to_string(),
+    ))
 }
 
 /// New connections through the VIP in a loop until stopped; counts both.
@@ -213,7 +231,7 @@ fn kill_restart_and_upgrade_lose_no_connection() -> Result<()> {
     let bpffs = Bpffs::mount(&dir)?;
     let pin_dir = bpffs.0.join("node-a");
     let cfg = dir.path("sluice.yaml");
-    std::fs::write(&cfg, config(&pin_dir, 65536))?;
+    std::fs::write(&cfg, config(&pin_dir, 65536, None))?;
 
     let mut agent = Agent::start(&topo.lb, &cfg, dir.path("a1.log"))?;
     let mut stream = Stream::open(&topo)?;
@@ -226,8 +244,10 @@ fn kill_restart_and_upgrade_lose_no_connection() -> Result<()> {
     load.wait_more(300)?;
     stream.check("with no agent running")?;
 
-    // 2. A restart adopts the pinned maps and links; counters carry on.
+    // 2. A restart adopts the pinned maps and links, and reconciles them to
+    // the config, changed meanwhile (backend 2 drains); counters carry on.
     let before = load.ok();
+    std::fs::write(&cfg, config(&pin_dir, 65536, Some(2)))?;
     let agent = Agent::start(&topo.lb, &cfg, dir.path("a2.log"))?;
     let log = agent.log_text();
     assert!(
@@ -239,8 +259,15 @@ fn kill_restart_and_upgrade_lose_no_connection() -> Result<()> {
         counted >= before,
         "counters restarted: {counted} connections counted, {before} made"
     );
+    let (drained_before, state) = backend(&topo, &agent, 2)?;
+    assert_eq!(state, "draining");
     load.wait_more(300)?;
     stream.check("after the restart")?;
+    let (drained_after, _) = backend(&topo, &agent, 2)?;
+    assert_eq!(
+        drained_before, drained_after,
+        "the draining backend got new connections after the restart"
+    );
     drop(agent); // SIGTERM: with pinning, the datapath stays
 
     // 3. An upgrade: another build swapped into the same links.
@@ -289,7 +316,7 @@ fn kill_restart_and_upgrade_lose_no_connection() -> Result<()> {
     );
     std::fs::rename(pin_dir.join("layout-0"), pin_dir.join(&layout))?;
     // Another capacity: the map and both sizes are named.
-    std::fs::write(&cfg, config(&pin_dir, 131072))?;
+    std::fs::write(&cfg, config(&pin_dir, 131072, Some(2)))?;
     let refused = run_expecting_failure(&topo, &cfg, &dir)?;
     assert!(
         refused.contains("CONNTRACK") && refused.contains("131072"),
