@@ -158,7 +158,7 @@ fn alert_exprs() -> Result<Vec<(String, String)>> {
             exprs.push((name.clone(), lhs.trim().to_string()));
         }
     }
-    assert_eq!(exprs.len(), 5, "{exprs:?}");
+    assert_eq!(exprs.len(), 6, "{exprs:?}");
     Ok(exprs)
 }
 
@@ -199,6 +199,9 @@ fn dashboard_and_alert_queries_return_data_from_a_live_agent() -> Result<()> {
             text += &format!("      - address: 10.1.{i}.2:8080\n");
         }
     }
+    // A discovery service whose DNS server is not there: its provider's
+    // metrics exist (unhealthy) for the discovery panel and alert.
+    text += "  - name: web-dns\n    vip: 10.100.0.2\n    port: 80\n    protocol: tcp\n    discovery:\n      dns:\n        name: _web._tcp.sluice.test\n        server: 127.0.0.1:9\n        min_interval_seconds: 1\n";
     std::fs::write(dir.path("sluice.yaml"), text)?;
     let agent = Agent::start(&topo.lb, &dir.path("sluice.yaml"), dir.path("agent.log"))?;
 
