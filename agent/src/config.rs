@@ -49,6 +49,49 @@ pub struct Config {
     /// "Hitless restarts and upgrades"). Absent: everything detaches on exit.
     #[serde(default)]
     pub pinning: Option<Pinning>,
+    /// Services and backends from a Kubernetes API server (see README
+    /// "Kubernetes").
+    #[serde(default)]
+    pub kubernetes: Option<Kubernetes>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Kubernetes {
+    /// The API server's URL; default: the pod's service account, else
+    /// KUBECONFIG or ~/.kube/config.
+    #[serde(default)]
+    pub api_server: Option<String>,
+    /// Watch one namespace only; default: all.
+    #[serde(default)]
+    pub namespace: Option<String>,
+    /// Label selector of the Services Sluice takes over (the opt-in).
+    #[serde(default = "default_service_selector")]
+    pub service_selector: String,
+    /// Which of a Service's addresses become VIPs.
+    #[serde(default = "default_kube_addresses")]
+    pub addresses: Vec<KubeAddress>,
+    /// Failure handling of the Kubernetes services.
+    #[serde(default)]
+    pub failure: Failure,
+    #[serde(default = "default_drain_timeout")]
+    pub drain_timeout_seconds: u32,
+}
+
+fn default_service_selector() -> String {
+    "sluice.io/enabled=true".into()
+}
+
+fn default_kube_addresses() -> Vec<KubeAddress> {
+    vec![KubeAddress::ClusterIp]
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KubeAddress {
+    ClusterIp,
+    ExternalIps,
+    LoadBalancer,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -421,6 +464,31 @@ fn validate(raw: Config, path: &str) -> Result<Validated, ConfigError> {
             &p.directory,
             "must be an absolute path on bpffs (e.g. /sys/fs/bpf/sluice/node-1)",
         ));
+    }
+    if let Some(k) = &raw.kubernetes {
+        if let Some(url) = &k.api_server
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return Err(invalid(
+                "kubernetes.api_server".into(),
+                url,
+                "expected an http:// or https:// URL",
+            ));
+        }
+        if k.service_selector.trim().is_empty() {
+            return Err(invalid(
+                "kubernetes.service_selector".into(),
+                &"\"\"",
+                "an empty selector would take over every Service: name a label (e.g. sluice.io/enabled=true)",
+            ));
+        }
+        if k.addresses.is_empty() {
+            return Err(invalid(
+                "kubernetes.addresses".into(),
+                &"[]",
+                "name at least one of cluster_ip, external_ips, load_balancer",
+            ));
+        }
     }
     if raw.conntrack.max_entries < 1024 {
         return Err(invalid(

@@ -32,13 +32,19 @@ pub async fn run(source: Source, reporter: Reporter) {
     else {
         return;
     };
-    let resolver = match resolver(server) {
-        Ok(r) => r,
-        Err(e) => {
-            reporter
-                .send(Outcome::Failed(format!("DNS resolver: {e}")))
-                .await;
-            return;
+    let resolver = loop {
+        match resolver(server) {
+            Ok(r) => break r,
+            // E.g. an unreadable resolv.conf: report, and try again.
+            Err(e) => {
+                if !reporter
+                    .send(Outcome::Failed(format!("DNS resolver: {e}")))
+                    .await
+                {
+                    return;
+                }
+                tokio::time::sleep(min_interval).await;
+            }
         }
     };
     loop {

@@ -11,6 +11,7 @@
 
 mod dns;
 mod etcd;
+pub mod kubernetes;
 
 use std::{
     collections::{BTreeMap, HashSet},
@@ -21,7 +22,16 @@ use std::{
 use tokio::{sync::mpsc, task::AbortHandle};
 use tracing::{info, warn};
 
-use crate::config::{DiscoverySpec, MAX_WEIGHT, ServiceSpec, Source, Validated};
+use crate::{
+    config::{DiscoverySpec, Kubernetes, MAX_WEIGHT, ServiceSpec, Source, Validated},
+    reconcile::service_key,
+};
+
+/// The `Report::service` of the Kubernetes provider, which reports whole
+/// services rather than one service's backends.
+pub const KUBERNETES: &str = "(kubernetes)";
+/// Provider name of services that come from Kubernetes.
+const KUBERNETES_PROVIDER: &str = "kubernetes";
 
 /// A backend as a provider reports it: address and weight.
 pub type Backends = Vec<(SocketAddr, u32)>;
@@ -33,6 +43,8 @@ pub enum Outcome {
     Backends(Backends),
     /// The source could not be read, or said something unusable.
     Failed(String),
+    /// Whole services with their backends (Kubernetes): the complete set.
+    Services(Vec<ServiceSpec>),
 }
 
 #[derive(Debug)]
@@ -90,6 +102,20 @@ pub struct Hub {
     pub statuses: BTreeMap<String, Status>,
     running: BTreeMap<String, (DiscoverySpec, AbortHandle)>,
     next_generation: u64,
+    kubernetes: Option<KubeState>,
+}
+
+/// The Kubernetes provider and the services it last reported.
+struct KubeState {
+    spec: Kubernetes,
+    generation: u64,
+    handle: AbortHandle,
+    healthy: bool,
+    error: Option<String>,
+    /// None until the first complete answer.
+    services: Option<Vec<ServiceSpec>>,
+    failures: u64,
+    updates: u64,
 }
 
 impl Hub {
@@ -109,8 +135,10 @@ impl Hub {
             }
             keep
         });
-        self.statuses
-            .retain(|name, _| wanted.contains_key(name.as_str()));
+        self.statuses.retain(|name, s| {
+            wanted.contains_key(name.as_str()) || s.provider == KUBERNETES_PROVIDER
+        });
+        self.sync_kubernetes(config.raw.kubernetes.as_ref(), tx);
         for (name, spec) in wanted {
             if self.running.contains_key(name) {
                 continue;
@@ -150,6 +178,105 @@ impl Hub {
         }
     }
 
+    fn sync_kubernetes(&mut self, wanted: Option<&Kubernetes>, tx: &mpsc::Sender<Report>) {
+        if self.kubernetes.as_ref().map(|k| &k.spec) == wanted {
+            return;
+        }
+        let last = self.kubernetes.take().and_then(|k| {
+            k.handle.abort();
+            k.services
+        });
+        let Some(spec) = wanted else {
+            self.statuses.retain(|_, s| s.provider != KUBERNETES_PROVIDER);
+            return;
+        };
+        self.next_generation += 1;
+        let reporter = Reporter {
+            service: KUBERNETES.to_string(),
+            generation: self.next_generation,
+            tx: tx.clone(),
+        };
+        let handle = tokio::spawn(kubernetes::run(spec.clone(), reporter)).abort_handle();
+        info!(provider = KUBERNETES_PROVIDER, "discovery started");
+        self.kubernetes = Some(KubeState {
+            spec: spec.clone(),
+            generation: self.next_generation,
+            handle,
+            healthy: false,
+            error: Some("no answer yet".into()),
+            // A restarted provider's services keep serving until it answers.
+            services: last,
+            failures: 0,
+            updates: 0,
+        });
+    }
+
+    fn accept_kubernetes(&mut self, report: Report) -> bool {
+        let Some(k) = self.kubernetes.as_mut() else {
+            return false;
+        };
+        if k.generation != report.generation {
+            return false;
+        }
+        let changed = match report.outcome {
+            Outcome::Failed(why) => {
+                k.failures += 1;
+                if k.healthy || k.error.as_deref() != Some(why.as_str()) {
+                    warn!(provider = KUBERNETES_PROVIDER, error = why, "discovery failing; the last known services keep serving");
+                }
+                k.healthy = false;
+                k.error = Some(why);
+                false
+            }
+            Outcome::Services(services) => {
+                if !k.healthy {
+                    info!(provider = KUBERNETES_PROVIDER, services = services.len(), "discovery healthy");
+                }
+                k.healthy = true;
+                k.error = None;
+                let changed = k.services.as_ref() != Some(&services);
+                if changed {
+                    k.updates += 1;
+                    info!(provider = KUBERNETES_PROVIDER, services = services.len(), "discovered services changed");
+                    k.services = Some(services);
+                }
+                changed
+            }
+            Outcome::Backends(_) => false,
+        };
+        // Per-service statuses, as for the other providers.
+        let now = SystemTime::now();
+        let (healthy, error, failures, updates) =
+            (k.healthy, k.error.clone(), k.failures, k.updates);
+        let services = k.services.clone().unwrap_or_default();
+        self.statuses.retain(|name, s| {
+            s.provider != KUBERNETES_PROVIDER || services.iter().any(|x| &x.name == name)
+        });
+        for svc in services {
+            let status = self.statuses.entry(svc.name.clone()).or_insert(Status {
+                provider: KUBERNETES_PROVIDER,
+                generation: 0,
+                healthy,
+                error: None,
+                backends: None,
+                last_success: None,
+                held_back: false,
+                updates_applied: 0,
+                updates_held_back: 0,
+                failures: 0,
+            });
+            status.healthy = healthy;
+            status.error = error.clone();
+            status.failures = failures;
+            status.updates_applied = updates;
+            if healthy {
+                status.last_success = Some(now);
+            }
+            status.backends = Some(svc.backends);
+        }
+        changed
+    }
+
     /// Starts a service off with the backends an earlier agent left in
     /// pinned maps, until its provider answers: a restart empties nothing.
     pub fn seed(&mut self, service: &str, backends: &[SocketAddr]) {
@@ -165,6 +292,9 @@ impl Hub {
 
     /// Takes a report in. Returns true when the desired state changed.
     pub fn accept(&mut self, report: Report, config: &Validated) -> bool {
+        if report.service == KUBERNETES {
+            return self.accept_kubernetes(report);
+        }
         let Some(status) = self.statuses.get_mut(&report.service) else {
             return false;
         };
@@ -191,6 +321,7 @@ impl Hub {
                 status.error = Some(why);
                 return false;
             }
+            Outcome::Services(_) => return false,
             Outcome::Backends(found) => match check_backends(spec, found) {
                 Ok(backends) => backends,
                 Err(why) => {
@@ -246,9 +377,11 @@ impl Hub {
         true
     }
 
-    /// The config's services, each discovery service with its last good set.
+    /// The config's services, each discovery service with its last good
+    /// set, then the Kubernetes services (a frontend the file already has
+    /// stays the file's).
     pub fn desired(&self, config: &Validated) -> Vec<ServiceSpec> {
-        config
+        let mut out: Vec<ServiceSpec> = config
             .services
             .iter()
             .map(|spec| {
@@ -262,7 +395,18 @@ impl Hub {
                 }
                 spec
             })
-            .collect()
+            .collect();
+        if let Some(services) = self.kubernetes.as_ref().and_then(|k| k.services.as_ref()) {
+            for svc in services {
+                let clash = out
+                    .iter()
+                    .any(|s| service_key(s) == service_key(svc) || s.name == svc.name);
+                if !clash {
+                    out.push(svc.clone());
+                }
+            }
+        }
+        out
     }
 
     /// Services whose provider is unhealthy, with the reason.
@@ -283,6 +427,9 @@ impl Hub {
     pub fn stop(&mut self) {
         for (_, (_, handle)) in std::mem::take(&mut self.running) {
             handle.abort();
+        }
+        if let Some(k) = self.kubernetes.take() {
+            k.handle.abort();
         }
     }
 }

@@ -1,0 +1,297 @@
+//! Kubernetes discovery: Services (opted in by a label selector) and their
+//! EndpointSlices, watched with kube-rs reflectors, become Sluice services.
+//!
+//! - VIPs: a Service's ClusterIPs, and (configurable) its externalIPs and
+//!   LoadBalancer ingress IPs; one Sluice service per VIP and TCP/UDP port,
+//!   named `NAMESPACE/NAME:PORT` (`…@VIP` for every VIP after the first).
+//! - Backends: the endpoints of the Service's EndpointSlices of the VIP's
+//!   family, on the slice port of the same name: `ready` → active,
+//!   `serving && terminating` → draining (no new connections), anything else
+//!   → removed (and drained by the reconciler).
+//! - Weights: the Service annotation `sluice.io/weights`, a comma-separated
+//!   list of `ADDRESS=WEIGHT` or `POD=WEIGHT` (default 1).
+//!
+//! The stores are complete only after both initial lists; nothing is sent
+//! before. A watch error (API server gone, 410 Gone, …) is reported and the
+//! last sent set keeps serving; the watchers relist with backoff by
+//! themselves.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
+
+use futures_util::StreamExt;
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use kube::{
+    Api, Client,
+    runtime::{WatchStreamExt, reflector, watcher},
+};
+
+use super::{Outcome, Reporter};
+use crate::config::{Kubernetes, KubeAddress, MAX_WEIGHT, Protocol, ServiceSpec};
+
+/// The Service annotation with per-endpoint weights.
+pub const WEIGHTS_ANNOTATION: &str = "sluice.io/weights";
+/// Events that arrive within this much of each other are applied together.
+const SETTLE: Duration = Duration::from_millis(50);
+
+pub async fn run(spec: Kubernetes, reporter: Reporter) {
+    let client = loop {
+        match client(&spec).await {
+            Ok(c) => break c,
+            Err(e) => {
+                if !reporter
+                    .send(Outcome::Failed(format!("Kubernetes client: {e}")))
+                    .await
+                {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+        }
+    };
+    let (services_api, slices_api): (Api<Service>, Api<EndpointSlice>) = match &spec.namespace {
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client, ns),
+        ),
+        None => (Api::all(client.clone()), Api::all(client)),
+    };
+    let (services, services_writer) = reflector::store();
+    let (slices, slices_writer) = reflector::store();
+    let service_events = reflector(
+        services_writer,
+        watcher(
+            services_api,
+            watcher::Config::default().labels(&spec.service_selector),
+        ),
+    )
+    .default_backoff()
+    .map(|e| (0usize, e.map(|e| matches!(e, watcher::Event::InitDone))));
+    let slice_events = reflector(
+        slices_writer,
+        watcher(slices_api, watcher::Config::default()),
+    )
+    .default_backoff()
+    .map(|e| (1usize, e.map(|e| matches!(e, watcher::Event::InitDone))));
+    let mut events = std::pin::pin!(futures_util::stream::select(service_events, slice_events));
+    let mut listed = [false, false];
+    while let Some((which, event)) = events.next().await {
+        match event {
+            Err(e) => {
+                let what = if which == 0 { "services" } else { "endpointslices" };
+                if !reporter
+                    .send(Outcome::Failed(format!("watching {what}: {e}")))
+                    .await
+                {
+                    return;
+                }
+                continue;
+            }
+            Ok(init_done) => listed[which] |= init_done,
+        }
+        if !(listed[0] && listed[1]) {
+            continue;
+        }
+        // Let a burst of events land before computing the whole set once.
+        while let Ok(Some((which, event))) = tokio::time::timeout(SETTLE, events.next()).await {
+            if let Ok(init_done) = event {
+                listed[which] |= init_done;
+            }
+        }
+        let found = desired(&services.state(), &slices.state(), &spec);
+        if !reporter.send(Outcome::Services(found)).await {
+            return;
+        }
+    }
+}
+
+async fn client(spec: &Kubernetes) -> Result<Client, String> {
+    match &spec.api_server {
+        Some(url) => {
+            let uri = url.parse().map_err(|e| format!("api_server {url:?}: {e}"))?;
+            Client::try_from(kube::Config::new(uri)).map_err(|e| e.to_string())
+        }
+        // In a pod: the service account; elsewhere KUBECONFIG / ~/.kube/config.
+        None => Client::try_default().await.map_err(|e| e.to_string()),
+    }
+}
+
+/// Every opted-in Service's Sluice services, from the two stores.
+pub fn desired(
+    services: &[Arc<Service>],
+    slices: &[Arc<EndpointSlice>],
+    spec: &Kubernetes,
+) -> Vec<ServiceSpec> {
+    let mut by_service: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
+    for slice in slices {
+        let (Some(ns), Some(owner)) = (
+            slice.metadata.namespace.as_deref(),
+            slice
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get("kubernetes.io/service-name")),
+        ) else {
+            continue;
+        };
+        by_service.entry((ns, owner.as_str())).or_default().push(slice);
+    }
+    let mut out = Vec::new();
+    let mut sorted: Vec<&Arc<Service>> = services.iter().collect();
+    sorted.sort_by_key(|s| (s.metadata.namespace.clone(), s.metadata.name.clone()));
+    for svc in sorted {
+        let (Some(ns), Some(name), Some(svc_spec)) = (
+            svc.metadata.namespace.as_deref(),
+            svc.metadata.name.as_deref(),
+            svc.spec.as_ref(),
+        ) else {
+            continue;
+        };
+        let weights = weights(svc);
+        let mut vips: Vec<IpAddr> = Vec::new();
+        let mut add = |text: &str| {
+            if let Ok(ip) = text.parse::<IpAddr>()
+                && !vips.contains(&ip)
+            {
+                vips.push(ip);
+            }
+        };
+        if spec.addresses.contains(&KubeAddress::ClusterIp) {
+            let ips = svc_spec
+                .cluster_ips
+                .clone()
+                .or_else(|| svc_spec.cluster_ip.clone().map(|ip| vec![ip]))
+                .unwrap_or_default();
+            ips.iter().for_each(|ip| add(ip)); // "None" (headless) doesn't parse
+        }
+        if spec.addresses.contains(&KubeAddress::ExternalIps) {
+            svc_spec.external_ips.iter().flatten().for_each(|ip| add(ip));
+        }
+        if spec.addresses.contains(&KubeAddress::LoadBalancer) {
+            svc.status
+                .as_ref()
+                .and_then(|s| s.load_balancer.as_ref())
+                .and_then(|lb| lb.ingress.as_ref())
+                .into_iter()
+                .flatten()
+                .filter_map(|i| i.ip.as_deref())
+                .for_each(&mut add);
+        }
+        let slices = by_service.get(&(ns, name)).map(Vec::as_slice).unwrap_or_default();
+        for port in svc_spec.ports.iter().flatten() {
+            let protocol = match port.protocol.as_deref().unwrap_or("TCP") {
+                "TCP" => Protocol::Tcp,
+                "UDP" => Protocol::Udp,
+                _ => continue, // SCTP: not load-balanced by Sluice
+            };
+            let Ok(vip_port) = u16::try_from(port.port) else {
+                continue;
+            };
+            let port_label = port
+                .name
+                .clone()
+                .filter(|n| !n.is_empty())
+                .unwrap_or_else(|| port.port.to_string());
+            for (k, vip) in vips.iter().enumerate() {
+                let service_name = if k == 0 {
+                    format!("{ns}/{name}:{port_label}")
+                } else {
+                    format!("{ns}/{name}:{port_label}@{vip}")
+                };
+                out.push(ServiceSpec {
+                    name: service_name,
+                    vip: *vip,
+                    port: vip_port,
+                    protocol,
+                    snat_ip: None,
+                    backends: backends(slices, port.name.as_deref(), vip.is_ipv4(), &weights),
+                    failure: spec.failure.clone(),
+                    discovery: None,
+                    drain_timeout: Duration::from_secs(spec.drain_timeout_seconds.into()),
+                });
+            }
+        }
+    }
+    out
+}
+
+/// `sluice.io/weights: "10.1.0.2=3, web-7d9f-abcde=2"`.
+fn weights(svc: &Service) -> BTreeMap<String, u32> {
+    svc.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(WEIGHTS_ANNOTATION))
+        .map(|text| {
+            text.split(',')
+                .filter_map(|pair| {
+                    let (k, v) = pair.split_once('=')?;
+                    Some((k.trim().to_string(), v.trim().parse().ok()?))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The endpoints of `slices` for one Service port and address family.
+fn backends(
+    slices: &[&EndpointSlice],
+    port_name: Option<&str>,
+    v4: bool,
+    weights: &BTreeMap<String, u32>,
+) -> Vec<(SocketAddr, u32)> {
+    let family = if v4 { "IPv4" } else { "IPv6" };
+    let mut out: Vec<(SocketAddr, u32)> = Vec::new();
+    for slice in slices.iter().filter(|s| s.address_type == family) {
+        let wanted = port_name.unwrap_or("");
+        let Some(port) = slice
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| p.name.as_deref().unwrap_or("") == wanted)
+            .and_then(|p| p.port)
+            .and_then(|p| u16::try_from(p).ok())
+        else {
+            continue;
+        };
+        for endpoint in &slice.endpoints {
+            let conditions = endpoint.conditions.as_ref();
+            // Unset conditions mean ready / serving (the API's convention).
+            let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
+            let serving = conditions.and_then(|c| c.serving).unwrap_or(ready);
+            let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
+            // The first address is the endpoint's (the others are legacy).
+            let Some(ip) = endpoint
+                .addresses
+                .first()
+                .and_then(|a| a.parse::<IpAddr>().ok())
+            else {
+                continue;
+            };
+            let pod = endpoint.target_ref.as_ref().and_then(|r| r.name.clone());
+            let weight = weights
+                .get(&ip.to_string())
+                .or_else(|| pod.as_ref().and_then(|p| weights.get(p)))
+                .copied()
+                .unwrap_or(1)
+                .min(MAX_WEIGHT);
+            let weight = if ready {
+                weight.max(1)
+            } else if serving && terminating {
+                0 // draining: established connections only
+            } else {
+                continue;
+            };
+            let addr = SocketAddr::new(ip, port);
+            match out.iter_mut().find(|(a, _)| *a == addr) {
+                Some(existing) => existing.1 = existing.1.max(weight),
+                None => out.push((addr, weight)),
+            }
+        }
+    }
+    out.sort();
+    out
+}

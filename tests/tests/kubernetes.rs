@@ -1,0 +1,224 @@
+//! The Kubernetes provider against a mock API server that speaks the real
+//! list/watch protocol (tests/src/kube_mock.rs): an opted-in Service and its
+//! EndpointSlices become a Sluice service whose traffic really flows;
+//! endpoint conditions drive active/draining/removed; weights come from the
+//! annotation; a 410 Gone makes the watcher relist; an API server that
+//! disappears leaves everything serving, and its return is picked up.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+use serde_json::{Value, json};
+use sluice_tests::{Agent, TempDir, backend_states, http_get, kube_mock::KubeMock, wait_for};
+use testbed::{Family, Topology, tcp_ask};
+
+const SERVICE: &str = "shop/web:http";
+const API: &str = "127.0.0.1:8001";
+
+fn service(name: &str, ip: &str, opted_in: bool, weights: Option<&str>) -> Value {
+    let mut labels = json!({"app": name});
+    if opted_in {
+        labels["sluice.io/enabled"] = json!("true");
+    }
+    let mut annotations = json!({});
+    if let Some(w) = weights {
+        annotations["sluice.io/weights"] = json!(w);
+    }
+    json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": "shop", "labels": labels, "annotations": annotations},
+        "spec": {"type": "ClusterIP", "clusterIP": ip, "clusterIPs": [ip], "ipFamilies": ["IPv4"],
+                 "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}]},
+        "status": {"loadBalancer": {}}
+    })
+}
+
+/// (backend index, ready, serving, terminating)
+fn slice(endpoints: &[(usize, bool, bool, bool)]) -> Value {
+    let endpoints: Vec<Value> = endpoints
+        .iter()
+        .map(|&(i, ready, serving, terminating)| {
+            json!({
+                "addresses": [format!("10.1.{i}.2")],
+                "conditions": {"ready": ready, "serving": serving, "terminating": terminating},
+                "targetRef": {"kind": "Pod", "namespace": "shop", "name": format!("web-{i}")}
+            })
+        })
+        .collect();
+    json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": "web-abcde", "namespace": "shop",
+                     "labels": {"kubernetes.io/service-name": "web",
+                                "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "endpoints": endpoints
+    })
+}
+
+fn states(topo: &Topology, agent: &Agent) -> Result<BTreeMap<String, String>> {
+    backend_states(&topo.lb, agent, SERVICE)
+}
+
+fn want(pairs: &[(usize, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(i, s)| (format!("10.1.{i}.2:8080"), s.to_string()))
+        .collect()
+}
+
+fn wait_states(topo: &Topology, agent: &Agent, pairs: &[(usize, &str)]) -> Result<()> {
+    let want = want(pairs);
+    wait_for(&format!("{SERVICE} = {want:?}"), Duration::from_secs(15), || {
+        Ok(states(topo, agent).unwrap_or_default() == want)
+    })
+    .with_context(|| {
+        format!(
+            "now {:?}\n{}",
+            states(topo, agent).unwrap_or_default(),
+            agent.log_text()
+        )
+    })
+}
+
+/// Backends reached by `n` new connections to the ClusterIP.
+fn reached(topo: &Topology, n: usize) -> Result<BTreeSet<String>> {
+    let vip: SocketAddr = "10.100.0.1:80".parse()?;
+    topo.client.enter(|| -> Result<BTreeSet<String>> {
+        (0..n)
+            .map(|_| {
+                Ok(tcp_ask(vip, Duration::from_secs(3))?
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or("")
+                    .to_string())
+            })
+            .collect()
+    })?
+}
+
+fn names(items: &[usize]) -> BTreeSet<String> {
+    items.iter().map(|i| format!("b{i}")).collect()
+}
+
+fn healthy(topo: &Topology, agent: &Agent) -> Result<bool> {
+    let (_, metrics) = http_get(&topo.lb, agent.listen, "/metrics")?;
+    Ok(sluice_tests::metric(
+        &metrics,
+        "sluice_discovery_healthy",
+        &[("service", SERVICE), ("provider", "kubernetes")],
+    ) == Some(1.0))
+}
+
+#[test]
+fn endpointslices_drive_the_maps_through_watch_expiry_and_an_api_outage() -> Result<()> {
+    let topo = Topology::new("k8s", 3)?;
+    let _servers = topo.serve(Family::V4, 8080)?;
+    topo.warm_neighbours()?;
+    let mut api = KubeMock::start(&topo.lb, API.parse()?)?;
+    api.apply(service("web", "10.100.0.1", true, None));
+    // Not opted in: must be left alone.
+    api.apply(service("other", "10.100.0.9", false, None));
+    api.apply(slice(&[(0, true, true, false), (1, true, true, false)]));
+
+    let dir = TempDir::new("k8s")?;
+    let mut config = String::from("interfaces:\n  - name: front\n    attach: xdp-native\n");
+    for i in 0..3 {
+        config += &format!("  - name: back{i}\n    attach: xdp-native\n");
+    }
+    config += &format!("kubernetes:\n  api_server: http://{API}\n  drain_timeout_seconds: 30\n");
+    std::fs::write(dir.path("sluice.yaml"), config)?;
+    let agent = Agent::start(&topo.lb, &dir.path("sluice.yaml"), dir.path("agent.log"))?;
+
+    // Initial list: the opted-in Service only, its ready endpoints active.
+    wait_states(&topo, &agent, &[(0, "active"), (1, "active")])?;
+    let all = sluice_tests::services_json(&topo.lb, &agent)?;
+    let names_listed: Vec<&str> = all["services"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| s["name"].as_str())
+        .collect();
+    assert_eq!(names_listed, [SERVICE], "only the opted-in Service");
+    assert_eq!(reached(&topo, 60)?, names(&[0, 1]), "the maps carry it");
+
+    // Updates: a new ready endpoint; one terminating but still serving.
+    api.apply(slice(&[
+        (0, false, true, true),
+        (1, true, true, false),
+        (2, true, true, false),
+    ]));
+    wait_states(&topo, &agent, &[(0, "draining"), (1, "active"), (2, "active")])?;
+    assert_eq!(reached(&topo, 60)?, names(&[1, 2]));
+
+    // Gone from the slice: removed (it had no connections left to drain).
+    api.apply(slice(&[(1, true, true, false), (2, true, true, false)]));
+    wait_states(&topo, &agent, &[(1, "active"), (2, "active")])?;
+
+    // Weights from the annotation (by address and by pod name).
+    api.apply(service("web", "10.100.0.1", true, Some("10.1.1.2=3, web-2=2")));
+    wait_for("weights applied", Duration::from_secs(15), || {
+        let s = sluice_tests::service_json(&topo.lb, &agent, SERVICE)?;
+        let w: BTreeMap<String, u64> = s["backends"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|b| {
+                (
+                    b["address"].as_str().unwrap_or("").to_string(),
+                    b["weight"].as_u64().unwrap_or(0),
+                )
+            })
+            .collect();
+        Ok(w.get("10.1.1.2:8080") == Some(&3) && w.get("10.1.2.2:8080") == Some(&2))
+    })?;
+
+    // The watch expires (410 Gone): the watcher lists again and sees a
+    // change made meanwhile.
+    api.expire_watches();
+    api.apply(slice(&[
+        (0, true, true, false),
+        (1, true, true, false),
+        (2, true, true, false),
+    ]));
+    wait_states(&topo, &agent, &[(0, "active"), (1, "active"), (2, "active")])?;
+    assert_eq!(reached(&topo, 90)?, names(&[0, 1, 2]));
+    let log = agent.log_text();
+    assert!(
+        log.contains("too old resource version"),
+        "the watch did not see 410 Gone:\n{log}"
+    );
+
+    // The API server disappears: everything keeps serving, the provider is
+    // unhealthy.
+    api.stop();
+    wait_for("provider unhealthy", Duration::from_secs(30), || {
+        Ok(!healthy(&topo, &agent)?)
+    })?;
+    assert_eq!(
+        states(&topo, &agent)?,
+        want(&[(0, "active"), (1, "active"), (2, "active")])
+    );
+    assert_eq!(reached(&topo, 60)?, names(&[0, 1, 2]));
+
+    // It comes back (with a change made while it was away): picked up.
+    api.apply(slice(&[(1, true, true, false), (2, true, true, false)]));
+    api.resume(&topo.lb)?;
+    wait_states(&topo, &agent, &[(0, "draining"), (1, "active"), (2, "active")])
+        .or_else(|_| wait_states(&topo, &agent, &[(1, "active"), (2, "active")]))?;
+    wait_for("provider healthy again", Duration::from_secs(30), || {
+        healthy(&topo, &agent)
+    })?;
+
+    // The Service is deleted: its Sluice service goes.
+    api.delete("Service", "shop", "web");
+    wait_for("service removed", Duration::from_secs(15), || {
+        let all = sluice_tests::services_json(&topo.lb, &agent)?;
+        Ok(all["services"].as_array().is_none_or(|s| s.is_empty()))
+    })?;
+    Ok(())
+}
