@@ -62,9 +62,10 @@ pub struct Backend {
     pub addr: [u32; 4],
     /// Network byte order.
     pub port: u16,
-    pub _pad0: u16,
-    /// The owning service's id. The kernel doesn't read it: a restarted
-    /// agent does, to adopt the backends of pinned maps with their ids.
+    /// The configured weight, and the owning service's id. The kernel reads
+    /// neither: a restarted agent does, to adopt the backends of pinned maps
+    /// as they were.
+    pub weight: u16,
     pub service_id: u32,
 }
 const _: () = assert!(core::mem::size_of::<Backend>() == 24);

@@ -119,6 +119,8 @@ pub async fn run(
     for iface in &cfg.raw.interfaces {
         datapath.attach(&iface.name, iface.attach)?;
     }
+    let configured: Vec<&str> = cfg.raw.interfaces.iter().map(|i| i.name.as_str()).collect();
+    datapath.prune_pinned_links(&configured)?;
     *shared.attachments.lock().unwrap() = datapath.attachments();
     *shared.conntrack_capacity.lock().unwrap() = sizes.conntrack;
     let mut sysctls = Sysctls::default();
@@ -177,7 +179,9 @@ pub async fn run(
                 let service = report.service.clone();
                 let changed = shared.discovery.lock().unwrap().accept(report, &current);
                 if changed && let Err(e) = apply_desired(&shared, &current) {
-                    error!(service, error = format!("{e:#}"), "discovered backends not applied; the last applied set keeps serving");
+                    let why = format!("{e:#}");
+                    error!(service, error = why, "discovered backends not applied; the last applied set keeps serving");
+                    shared.discovery.lock().unwrap().revert(&service, &why);
                 }
             }
             _ = sigint.recv() => { info!("SIGINT: shutting down"); break; }
@@ -262,7 +266,12 @@ fn reload(
 
     shared.discovery.lock().unwrap().sync(&next, report_tx);
     let before_apply = started.elapsed();
-    apply_desired(shared, &next)?;
+    if let Err(e) = apply_desired(shared, &next) {
+        // Back to the providers of the config that keeps serving.
+        shared.discovery.lock().unwrap().sync(current, report_tx);
+        return Err(e);
+    }
+    shared.discovery.lock().unwrap().prune(&next);
     info!(
         config = %path.display(),
         services = next.services.len(),

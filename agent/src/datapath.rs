@@ -192,7 +192,9 @@ impl MaglevTables {
             )
         };
         for (slot, &id) in slots.chunks_exact_mut(ELEMENT_STRIDE).zip(table) {
-            slot[0] = id;
+            // SAFETY: a valid, aligned u32 of the mapping. Volatile: the
+            // kernel reads this memory concurrently.
+            unsafe { std::ptr::write_volatile(&mut slot[0], id) };
         }
         Ok(())
     }
@@ -434,6 +436,25 @@ impl Datapath {
         Ok(())
     }
 
+    /// With pinning: links an earlier agent pinned on interfaces the config
+    /// no longer names are removed (their programs detach).
+    pub fn prune_pinned_links(&mut self, configured: &[&str]) -> Result<()> {
+        let Some(pins) = &self.pins else {
+            return Ok(());
+        };
+        for (interface, path) in pins.pinned_links()? {
+            if !configured.contains(&interface.as_str()) {
+                std::fs::remove_file(&path)
+                    .with_context(|| format!("removing pin {}", path.display()))?;
+                info!(
+                    interface,
+                    "pinned attachment removed: the interface is no longer configured"
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// With pinning: the link of a fresh attachment is pinned, so it stays
     /// attached after the agent exits.
     fn pin_link(&mut self, interface: &str, mode: AttachMode, link: Link) -> Result<Link> {
@@ -470,8 +491,8 @@ impl Datapath {
             .with_context(|| format!("opening pinned link {}", path.display()))?
             .into();
         if requested != AttachMode::Auto && requested != mode {
-            // Another mode is wanted: the old link goes (after the new one
-            // is attached, by the caller's fresh attach).
+            // Another mode is wanted: the old link goes first (an interface
+            // takes one XDP program), so this change has a short gap.
             std::fs::remove_file(&path)
                 .with_context(|| format!("removing pin {}", path.display()))?;
             info!(interface, was = %mode, requested = %requested, "pinned attachment in another mode replaced");

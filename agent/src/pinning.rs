@@ -99,6 +99,22 @@ impl PinDir {
         .find(|(_, path)| path.exists())
     }
 
+    /// Every pinned link: (interface, path).
+    pub fn pinned_links(&self) -> Result<Vec<(String, PathBuf)>> {
+        let dir = self.root.join("links");
+        let mut out = Vec::new();
+        for entry in
+            std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))?
+        {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some((interface, _mode)) = name.rsplit_once('@') {
+                out.push((interface.to_string(), entry.path()));
+            }
+        }
+        Ok(out)
+    }
+
     /// True when maps of an earlier agent are pinned here.
     pub fn has_maps(&self) -> bool {
         PINNED_MAPS.iter().any(|m| self.map_path(m).exists())
@@ -123,12 +139,22 @@ impl PinDir {
                 .iter()
                 .find(|(n, _)| *n == name)
                 .map_or(def.max_entries(), |(_, c)| *c);
-            let got = (pinned.key_size(), pinned.value_size(), pinned.max_entries());
-            let want = (def.key_size(), def.value_size(), want_entries);
+            let got = (
+                pinned.key_size(),
+                pinned.value_size(),
+                pinned.max_entries(),
+                pinned.map_flags(),
+            );
+            let want = (
+                def.key_size(),
+                def.value_size(),
+                want_entries,
+                def.map_flags(),
+            );
             if got != want {
                 bail!(
-                    "pinned map {} does not fit this build and config: key/value size and \
-                     capacity are {got:?}, expected {want:?}. A capacity change (conntrack, \
+                    "pinned map {} does not fit this build and config: key size, value size, \
+                     capacity and flags are {got:?}, expected {want:?}. A capacity change (conntrack, \
                      limits, maglev) needs the old datapath replaced: `sluice cleanup --config \
                      FILE` (drops the connections it tracks), then start again",
                     path.display()

@@ -16,12 +16,12 @@ use std::{
 
 use agent_common::{
     BACKEND_DRAINING, BACKEND_REMOVED, Backend, BackendFib, BackendHealth, FAMILY_V4, FAMILY_V6,
-    FibCache, LatencyHistogram, NO_BACKEND, Prefilter, SERVICE_F_RETRY, SERVICE_F_SNAT, Service,
-    ServiceKey, ServicePolicy, ServiceStats, hash::prefilter_bit, prefilter,
+    FibCache, FlowKey, LatencyHistogram, NO_BACKEND, Prefilter, SERVICE_F_RETRY, SERVICE_F_SNAT,
+    Service, ServiceKey, ServicePolicy, ServiceStats, hash::prefilter_bit, prefilter,
 };
 use anyhow::{Context, Result, anyhow, bail};
 use aya::maps::PerCpuValues;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::{config::ServiceSpec, datapath::Maps, maglev};
 
@@ -192,6 +192,9 @@ pub struct Reconciler {
     backend_addr_filter: Prefilter,
     service_filter: Prefilter,
     service_addr_filter: Prefilter,
+    /// Backends out of every table whose flows are still to be deleted
+    /// before their ids may be reused (see `end_backends`).
+    ending: Vec<(String, BackendState)>,
 }
 
 impl Reconciler {
@@ -208,6 +211,7 @@ impl Reconciler {
             backend_addr_filter: Prefilter::default(),
             service_filter: Prefilter::default(),
             service_addr_filter: Prefilter::default(),
+            ending: Vec::new(),
         })
     }
 
@@ -240,9 +244,13 @@ impl Reconciler {
                     spec
                 })
                 .collect();
-            self.apply_once(&staying)?;
+            let staying = self.apply_once(&staying);
+            self.end_backends();
+            staying?;
         }
-        self.apply_once(desired)
+        let applied = self.apply_once(desired);
+        self.end_backends();
+        applied
     }
 
     fn check_capacity(&self, desired: &[ServiceSpec]) -> Result<()> {
@@ -270,10 +278,14 @@ impl Reconciler {
     /// no longer has are removed by the next `apply`; adopted backends it no
     /// longer lists drain. Returns, per config service, the backends found
     /// (discovery services serve them until their provider answers).
-    pub fn adopt(&mut self, config: &[ServiceSpec]) -> Result<BTreeMap<String, Vec<SocketAddr>>> {
+    pub fn adopt(
+        &mut self,
+        config: &[ServiceSpec],
+    ) -> Result<BTreeMap<String, Vec<(SocketAddr, u32)>>> {
         let pinned: Vec<(ServiceKey, Service)> =
             self.maps.services.iter().filter_map(Result::ok).collect();
-        let mut by_service: BTreeMap<u32, Vec<(u32, SocketAddr)>> = BTreeMap::new();
+        // Per service id: (backend id, address, weight, draining).
+        let mut by_service: BTreeMap<u32, Vec<(u32, SocketAddr, u32, bool)>> = BTreeMap::new();
         let mut backend_ids = Vec::new();
         for id in 0..self.backend_ids.limit {
             let Ok(b) = self.maps.backends.get(&id, 0) else {
@@ -284,10 +296,12 @@ impl Reconciler {
             }
             let v4 = by_id(&pinned, b.service_id).is_some_and(|(k, _)| k.family == FAMILY_V4);
             let ip = words_ip(b.addr, v4);
-            by_service
-                .entry(b.service_id)
-                .or_default()
-                .push((id, SocketAddr::new(ip, u16::from_be(b.port))));
+            by_service.entry(b.service_id).or_default().push((
+                id,
+                SocketAddr::new(ip, u16::from_be(b.port)),
+                u32::from(b.weight),
+                self.health(id).ejected == BACKEND_DRAINING,
+            ));
             backend_ids.push(id);
         }
         let mut found = BTreeMap::new();
@@ -302,14 +316,23 @@ impl Reconciler {
                 .remove(&value.id)
                 .unwrap_or_default()
                 .into_iter()
-                .map(|(id, addr)| BackendState {
+                // A backend that was draining drains on (its time starts over).
+                .map(|(id, addr, weight, draining)| BackendState {
                     id,
                     addr,
-                    weight: 1,
-                    drain_deadline: None,
+                    weight,
+                    drain_deadline: (draining && weight > 0)
+                        .then(|| Instant::now() + spec.drain_timeout),
                 })
                 .collect();
-            found.insert(spec.name.clone(), backends.iter().map(|b| b.addr).collect());
+            found.insert(
+                spec.name.clone(),
+                backends
+                    .iter()
+                    .filter(|b| !b.draining())
+                    .map(|b| (b.addr, b.weight))
+                    .collect(),
+            );
             let live_half = u32::from(value.table_offset != self.table_offset(value.id, 0));
             self.services.insert(
                 spec.name.clone(),
@@ -326,7 +349,7 @@ impl Reconciler {
         // Backends of services that are gone: their ids stay taken until
         // marked removed here.
         for (_, orphans) in by_service {
-            for (id, _) in orphans {
+            for (id, ..) in orphans {
                 let removed = BackendHealth {
                     ejected: BACKEND_REMOVED,
                     ..BackendHealth::default()
@@ -432,13 +455,8 @@ impl Reconciler {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
             Err(e) => return Err(e).with_context(|| format!("removing service {name}")),
         }
-        for b in &state.backends {
-            let removed = BackendHealth {
-                ejected: BACKEND_REMOVED,
-                ..BackendHealth::default()
-            };
-            let _ = self.maps.backend_health.set(b.id, removed, 0);
-            self.backend_ids.give(b.id);
+        for b in state.backends {
+            self.ending.push((name.to_string(), b));
         }
         self.service_ids.give(state.id);
         info!(service = name, "service removed");
@@ -465,7 +483,10 @@ impl Reconciler {
             let state = match old_backends.iter().position(|b| b.addr == addr) {
                 Some(i) => {
                     let mut b = old_backends.swap_remove(i);
-                    b.weight = weight;
+                    if b.weight != weight {
+                        b.weight = weight;
+                        self.write_backend(b.id, addr, weight, id)?;
+                    }
                     if b.drain_deadline.take().is_some() {
                         info!(service = spec.name, backend = %addr, "backend back; drain ended");
                     }
@@ -474,7 +495,7 @@ impl Reconciler {
                 None => {
                     added = true;
                     let backend_id = self.backend_ids.take()?;
-                    self.write_new_backend(backend_id, addr, spec.protocol.number(), id)?;
+                    self.write_new_backend(backend_id, addr, weight, spec.protocol.number(), id)?;
                     BackendState {
                         id: backend_id,
                         addr,
@@ -562,13 +583,17 @@ impl Reconciler {
         for mut b in old_backends {
             if b.drain_deadline.is_none() {
                 if spec.drain_timeout.is_zero() {
-                    self.remove_backend(&spec.name, &b, false)?;
+                    self.ending.push((spec.name.clone(), b));
                     continue;
                 }
                 b.drain_deadline = Some(Instant::now() + spec.drain_timeout);
                 info!(service = spec.name, backend = %b.addr, drain_timeout_s = spec.drain_timeout.as_secs(), "backend draining");
             }
-            self.mark_draining(&b)?;
+            // The new table is live: failing here must not lose the state
+            // recorded below (a retry would write into the live half).
+            if let Err(e) = self.mark_draining(&b) {
+                warn!(service = spec.name, backend = %b.addr, error = format!("{e:#}"), "marking a backend draining");
+            }
             backends.push(b);
         }
         if is_new {
@@ -611,37 +636,43 @@ impl Reconciler {
         Ok(())
     }
 
-    /// Ends a backend: marked removed (a reused 5-tuple re-picks), its
-    /// remaining flows deleted when `flush` (the drain timed out), its id
-    /// freed. No table points at it.
-    fn remove_backend(&mut self, service: &str, b: &BackendState, flush: bool) -> Result<()> {
+    /// Ends the backends queued in `ending`: marked removed (a reused
+    /// 5-tuple re-picks), their remaining conntrack entries deleted in one
+    /// walk (the next packet of such a connection starts over and is reset
+    /// by whichever backend it reaches), then their ids freed: no flow and
+    /// no table points at a freed id.
+    fn end_backends(&mut self) {
+        if self.ending.is_empty() {
+            return;
+        }
+        let ending = std::mem::take(&mut self.ending);
         let removed = BackendHealth {
             ejected: BACKEND_REMOVED,
             ..BackendHealth::default()
         };
-        let _ = self.maps.backend_health.set(b.id, removed, 0);
-        let flushed = if flush { self.flush_flows(b.id) } else { 0 };
-        info!(service, backend = %b.addr, flows_closed = flushed, "backend removed");
-        self.backend_ids.give(b.id);
-        Ok(())
-    }
-
-    /// Deletes every conntrack entry (both directions) of a backend; the
-    /// next packet of such a connection starts over (and is reset by
-    /// whichever backend it reaches). Returns the count of entries deleted.
-    fn flush_flows(&mut self, backend_id: u32) -> usize {
-        let doomed: Vec<_> = self
+        for (_, b) in &ending {
+            let _ = self.maps.backend_health.set(b.id, removed, 0);
+        }
+        let ids: std::collections::HashSet<u32> = ending.iter().map(|(_, b)| b.id).collect();
+        let doomed: Vec<(FlowKey, u32)> = self
             .maps
             .conntrack
             .iter()
             .filter_map(Result::ok)
-            .filter(|(_, flow)| flow.backend_id == backend_id)
-            .map(|(key, _)| key)
+            .filter(|(_, flow)| ids.contains(&flow.backend_id))
+            .map(|(key, flow)| (key, flow.backend_id))
             .collect();
-        doomed
-            .iter()
-            .filter(|key| self.maps.conntrack.remove(key).is_ok())
-            .count()
+        let mut closed: BTreeMap<u32, usize> = BTreeMap::new();
+        for (key, id) in &doomed {
+            if self.maps.conntrack.remove(key).is_ok() {
+                *closed.entry(*id).or_default() += 1;
+            }
+        }
+        for (service, b) in ending {
+            let flows = closed.get(&b.id).copied().unwrap_or(0);
+            info!(service, backend = %b.addr, flows_closed = flows, "backend removed");
+            self.backend_ids.give(b.id);
+        }
     }
 
     /// Ends drains that are over: no connection left, or the drain time
@@ -654,21 +685,45 @@ impl Reconciler {
                 let Some(deadline) = b.drain_deadline else {
                     continue;
                 };
-                let st = self.stats(false, b.id);
-                let open = st.opened.saturating_sub(st.closed);
                 let timed_out = now.is_none_or(|now| now >= deadline);
-                if open == 0 || timed_out {
-                    done.push((name.clone(), b.clone(), open > 0));
+                // TCP connections are counted open and closed; UDP flows
+                // have no close, so they drain until the timeout.
+                let idle = state.spec.protocol == crate::config::Protocol::Tcp && {
+                    let st = self.stats(false, b.id);
+                    st.opened <= st.closed
+                };
+                if idle || timed_out {
+                    done.push((name.clone(), b.clone()));
                 }
             }
         }
-        for (name, b, flush) in done {
-            self.remove_backend(&name, &b, flush)?;
+        for (name, b) in done {
             if let Some(state) = self.services.get_mut(&name) {
                 state.backends.retain(|x| x.id != b.id);
             }
+            self.ending.push((name, b));
         }
+        self.end_backends();
         Ok(())
+    }
+
+    fn write_backend(
+        &mut self,
+        id: u32,
+        addr: SocketAddr,
+        weight: u32,
+        service_id: u32,
+    ) -> Result<()> {
+        let backend = Backend {
+            addr: addr_words(addr.ip()),
+            port: addr.port().to_be(),
+            weight: weight as u16, // ≤ MAX_WEIGHT
+            service_id,
+        };
+        self.maps
+            .backends
+            .set(id, backend, 0)
+            .with_context(|| format!("writing backend {addr}"))
     }
 
     /// Everything the kernel keeps per backend, for a new or reused id.
@@ -676,20 +731,12 @@ impl Reconciler {
         &mut self,
         id: u32,
         addr: SocketAddr,
+        weight: u32,
         proto: u8,
         service_id: u32,
     ) -> Result<()> {
         let words = addr_words(addr.ip());
-        let backend = Backend {
-            addr: words,
-            port: addr.port().to_be(),
-            _pad0: 0,
-            service_id,
-        };
-        self.maps
-            .backends
-            .set(id, backend, 0)
-            .with_context(|| format!("writing backend {addr}"))?;
+        self.write_backend(id, addr, weight, service_id)?;
         // A reused id must not inherit its last owner's next hop or health.
         let fib = BackendFib {
             dst: words,
@@ -763,7 +810,13 @@ impl Reconciler {
         if health.ejected != 1 {
             return Ok(()); // drained or removed meanwhile
         }
-        health.ejected = 0;
+        // A backend that started draining while ejected stays out.
+        let draining = self
+            .services
+            .values()
+            .flat_map(|s| &s.backends)
+            .any(|b| b.id == backend_id && b.draining());
+        health.ejected = if draining { BACKEND_DRAINING } else { 0 };
         health.consecutive_failures = 0;
         self.maps
             .backend_health

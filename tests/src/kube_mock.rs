@@ -113,8 +113,14 @@ impl KubeMock {
     /// Creates or replaces an object (`kind`: Service or EndpointSlice).
     pub fn apply(&self, mut object: Value) {
         let kind = object["kind"].as_str().unwrap_or("").to_string();
-        let ns = object["metadata"]["namespace"].as_str().unwrap_or("").to_string();
-        let name = object["metadata"]["name"].as_str().unwrap_or("").to_string();
+        let ns = object["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        let name = object["metadata"]["name"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
         let mut s = self.state.0.lock().unwrap();
         s.revision += 1;
         let rv = s.revision;
@@ -134,9 +140,9 @@ impl KubeMock {
 
     pub fn delete(&self, kind: &str, ns: &str, name: &str) {
         let mut s = self.state.0.lock().unwrap();
-        let Some(mut object) = s
-            .objects
-            .remove(&(kind.to_string(), ns.to_string(), name.to_string()))
+        let Some(mut object) =
+            s.objects
+                .remove(&(kind.to_string(), ns.to_string(), name.to_string()))
         else {
             return;
         };
@@ -174,9 +180,14 @@ fn parse_request(line: &str) -> Option<Request> {
         ["api", "v1", "services"] => ("Service", None),
         ["api", "v1", "namespaces", ns, "services"] => ("Service", Some(ns.to_string())),
         ["apis", "discovery.k8s.io", "v1", "endpointslices"] => ("EndpointSlice", None),
-        ["apis", "discovery.k8s.io", "v1", "namespaces", ns, "endpointslices"] => {
-            ("EndpointSlice", Some(ns.to_string()))
-        }
+        [
+            "apis",
+            "discovery.k8s.io",
+            "v1",
+            "namespaces",
+            ns,
+            "endpointslices",
+        ] => ("EndpointSlice", Some(ns.to_string())),
         _ => return None,
     };
     Some(Request {

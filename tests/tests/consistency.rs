@@ -77,20 +77,22 @@ fn tcp_from(port: u16) -> Result<String> {
 /// Backend name per client port, for TCP and UDP tuples.
 fn choices(n: &Node, first_port: u16) -> Result<BTreeMap<(char, u16), String>> {
     let vip: SocketAddr = "10.100.0.1:80".parse()?;
-    n.topo.client.enter(|| -> Result<BTreeMap<(char, u16), String>> {
-        let mut out = BTreeMap::new();
-        for port in first_port..first_port + TUPLES {
-            let name = tcp_from(port).with_context(|| format!("TCP from port {port}"))?;
-            out.insert(('t', port), name);
-            let reply = udp_ask(vip, port, Duration::from_secs(3))
-                .with_context(|| format!("UDP from port {port}"))?;
-            out.insert(
-                ('u', port),
-                reply.split_whitespace().next().unwrap_or("").to_string(),
-            );
-        }
-        Ok(out)
-    })?
+    n.topo
+        .client
+        .enter(|| -> Result<BTreeMap<(char, u16), String>> {
+            let mut out = BTreeMap::new();
+            for port in first_port..first_port + TUPLES {
+                let name = tcp_from(port).with_context(|| format!("TCP from port {port}"))?;
+                out.insert(('t', port), name);
+                let reply = udp_ask(vip, port, Duration::from_secs(3))
+                    .with_context(|| format!("UDP from port {port}"))?;
+                out.insert(
+                    ('u', port),
+                    reply.split_whitespace().next().unwrap_or("").to_string(),
+                );
+            }
+            Ok(out)
+        })?
 }
 
 #[test]
@@ -101,7 +103,10 @@ fn two_nodes_choose_the_same_backend_for_the_same_tuples() -> Result<()> {
 
     let on_a = choices(&a, FIRST_PORT)?;
     let on_b = choices(&b, FIRST_PORT)?;
-    let differ: Vec<_> = on_a.iter().filter(|(k, v)| on_b.get(*k) != Some(*v)).collect();
+    let differ: Vec<_> = on_a
+        .iter()
+        .filter(|(k, v)| on_b.get(*k) != Some(*v))
+        .collect();
     assert!(
         differ.is_empty(),
         "{} of {} tuples went to different backends, e.g. {:?}",
@@ -112,14 +117,15 @@ fn two_nodes_choose_the_same_backend_for_the_same_tuples() -> Result<()> {
     // Every backend got its weighted share on both (the choice is not
     // degenerate): backend 3 (weight 3) well above backend 0 (weight 1).
     let count = |name: &str| on_a.values().filter(|v| *v == name).count();
-    assert!(count("b3") > 2 * count("b0"), "{:?}", [count("b0"), count("b3")]);
+    assert!(
+        count("b3") > 2 * count("b0"),
+        "{:?}",
+        [count("b0"), count("b3")]
+    );
 
     // Node A learns first that backend 1 is gone; B still has it. New
     // tuples (fresh ports) disagree only where B picks backend 1.
-    std::fs::write(
-        a.dir.path("sluice.yaml"),
-        config(&[(0, 1), (2, 1), (3, 3)]),
-    )?;
+    std::fs::write(a.dir.path("sluice.yaml"), config(&[(0, 1), (2, 1), (3, 3)]))?;
     wait_for("backend 1 removed on A", Duration::from_secs(10), || {
         Ok(!backend_states(&a.topo.lb, &a.agent, "web-tcp")?.contains_key("10.1.1.2:8080"))
     })?;
@@ -131,7 +137,10 @@ fn two_nodes_choose_the_same_backend_for_the_same_tuples() -> Result<()> {
     let (mut moved_off_1, mut moved_other) = (0, 0);
     for (k, v) in &on_a {
         let other = &on_b[k];
-        assert_ne!(v, "b1", "tuple {k:?} still went to the removed backend on A");
+        assert_ne!(
+            v, "b1",
+            "tuple {k:?} still went to the removed backend on A"
+        );
         if other != v {
             if other == "b1" {
                 moved_off_1 += 1;

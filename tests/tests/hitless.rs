@@ -330,14 +330,17 @@ fn kill_restart_and_upgrade_lose_no_connection() -> Result<()> {
         .output()?;
     assert!(out.status.success(), "cleanup failed: {out:?}");
     assert!(!pin_dir.exists(), "pins left after cleanup");
-    let links = Command::new("ip")
-        .args(["netns", "exec", &topo.lb.name, "ip", "-d", "link", "show"])
-        .output()?;
-    let links = String::from_utf8_lossy(&links.stdout);
-    assert!(
-        !links.contains("prog/xdp"),
-        "programs still attached after cleanup:\n{links}"
-    );
+    // The kernel releases an unpinned link asynchronously.
+    wait_for(
+        "programs detached after cleanup",
+        Duration::from_secs(10),
+        || {
+            let links = Command::new("ip")
+                .args(["netns", "exec", &topo.lb.name, "ip", "-d", "link", "show"])
+                .output()?;
+            Ok(!String::from_utf8_lossy(&links.stdout).contains("prog/xdp"))
+        },
+    )?;
     Ok(())
 }
 

@@ -73,9 +73,11 @@ fn want(pairs: &[(usize, &str)]) -> BTreeMap<String, String> {
 
 fn wait_states(topo: &Topology, agent: &Agent, pairs: &[(usize, &str)]) -> Result<()> {
     let want = want(pairs);
-    wait_for(&format!("{SERVICE} = {want:?}"), Duration::from_secs(15), || {
-        Ok(states(topo, agent).unwrap_or_default() == want)
-    })
+    wait_for(
+        &format!("{SERVICE} = {want:?}"),
+        Duration::from_secs(15),
+        || Ok(states(topo, agent).unwrap_or_default() == want),
+    )
     .with_context(|| {
         format!(
             "now {:?}\n{}",
@@ -152,7 +154,11 @@ fn endpointslices_drive_the_maps_through_watch_expiry_and_an_api_outage() -> Res
         (1, true, true, false),
         (2, true, true, false),
     ]));
-    wait_states(&topo, &agent, &[(0, "draining"), (1, "active"), (2, "active")])?;
+    wait_states(
+        &topo,
+        &agent,
+        &[(0, "draining"), (1, "active"), (2, "active")],
+    )?;
     assert_eq!(reached(&topo, 60)?, names(&[1, 2]));
 
     // Gone from the slice: removed (it had no connections left to drain).
@@ -160,7 +166,12 @@ fn endpointslices_drive_the_maps_through_watch_expiry_and_an_api_outage() -> Res
     wait_states(&topo, &agent, &[(1, "active"), (2, "active")])?;
 
     // Weights from the annotation (by address and by pod name).
-    api.apply(service("web", "10.100.0.1", true, Some("10.1.1.2=3, web-2=2")));
+    api.apply(service(
+        "web",
+        "10.100.0.1",
+        true,
+        Some("10.1.1.2=3, web-2=2"),
+    ));
     wait_for("weights applied", Duration::from_secs(15), || {
         let s = sluice_tests::service_json(&topo.lb, &agent, SERVICE)?;
         let w: BTreeMap<String, u64> = s["backends"]
@@ -185,7 +196,11 @@ fn endpointslices_drive_the_maps_through_watch_expiry_and_an_api_outage() -> Res
         (1, true, true, false),
         (2, true, true, false),
     ]));
-    wait_states(&topo, &agent, &[(0, "active"), (1, "active"), (2, "active")])?;
+    wait_states(
+        &topo,
+        &agent,
+        &[(0, "active"), (1, "active"), (2, "active")],
+    )?;
     assert_eq!(reached(&topo, 90)?, names(&[0, 1, 2]));
     let log = agent.log_text();
     assert!(
@@ -208,8 +223,12 @@ fn endpointslices_drive_the_maps_through_watch_expiry_and_an_api_outage() -> Res
     // It comes back (with a change made while it was away): picked up.
     api.apply(slice(&[(1, true, true, false), (2, true, true, false)]));
     api.resume(&topo.lb)?;
-    wait_states(&topo, &agent, &[(0, "draining"), (1, "active"), (2, "active")])
-        .or_else(|_| wait_states(&topo, &agent, &[(1, "active"), (2, "active")]))?;
+    wait_states(
+        &topo,
+        &agent,
+        &[(0, "draining"), (1, "active"), (2, "active")],
+    )
+    .or_else(|_| wait_states(&topo, &agent, &[(1, "active"), (2, "active")]))?;
     wait_for("provider healthy again", Duration::from_secs(30), || {
         healthy(&topo, &agent)
     })?;

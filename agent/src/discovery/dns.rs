@@ -20,7 +20,9 @@ use crate::config::{DnsRecord, MAX_WEIGHT, Source};
 /// One query's limit; a server that doesn't answer in time is a failure.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
 
-pub async fn run(source: Source, reporter: Reporter) {
+/// `v4`: the service's family; SRV targets' addresses of the other family
+/// are left out (a dual-stack target serves both kinds of service).
+pub async fn run(source: Source, v4: bool, reporter: Reporter) {
     let Source::Dns {
         name,
         record,
@@ -48,7 +50,7 @@ pub async fn run(source: Source, reporter: Reporter) {
         }
     };
     loop {
-        let (outcome, wait) = match resolve(&resolver, &name, record, port).await {
+        let (outcome, wait) = match resolve(&resolver, &name, record, port, v4).await {
             Ok((backends, ttl)) => (
                 Outcome::Backends(backends),
                 ttl.clamp(min_interval, max_interval),
@@ -82,6 +84,8 @@ fn resolver(server: Option<SocketAddr>) -> Result<TokioResolver, NetError> {
     options.cache_size = 0;
     options.timeout = QUERY_TIMEOUT;
     options.attempts = 1;
+    // Both families: the service's is picked from the answer.
+    options.ip_strategy = hickory_resolver::config::LookupIpStrategy::Ipv4AndIpv6;
     builder.build()
 }
 
@@ -91,6 +95,7 @@ async fn resolve(
     name: &str,
     record: DnsRecord,
     port: Option<u16>,
+    v4: bool,
 ) -> Result<(Backends, Duration), String> {
     let mut ttl = u32::MAX;
     let mut backends = Vec::new();
@@ -124,7 +129,7 @@ async fn resolve(
                 // SRV weight 0 means "rarely", not "never": it gets the
                 // smallest share Sluice has.
                 let weight = u32::from(srv.weight).clamp(1, MAX_WEIGHT);
-                for ip in addrs.iter() {
+                for ip in addrs.iter().filter(|ip| ip.is_ipv4() == v4) {
                     backends.push((SocketAddr::new(ip, srv.port), weight));
                 }
                 if let Some(min) = addrs.as_lookup().answers().iter().map(|r| r.ttl).min() {

@@ -53,7 +53,12 @@ pub async fn run(source: Source, reporter: Reporter) {
     let Source::Etcd { endpoints, prefix } = source else {
         return;
     };
-    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(REQUEST_TIMEOUT));
+    // A peer that vanishes without a FIN (a partition) is found by
+    // keepalive probes rather than never.
+    connector.set_keepalive(Some(Duration::from_secs(15)));
+    let client: HttpClient = Client::builder(TokioExecutor::new()).build(connector);
     let range = Range {
         key: STANDARD.encode(prefix.as_bytes()),
         range_end: STANDARD.encode(prefix_end(prefix.as_bytes())),
@@ -132,6 +137,8 @@ async fn session(
         "key": range.key,
         "range_end": range.range_end,
         "start_revision": (snap.revision + 1).to_string(),
+        // Progress notifications move the resume point on a quiet prefix.
+        "progress_notify": true,
     }});
     let response = match post(client, endpoint, "/v3/watch", &body).await {
         Ok(r) => r,
@@ -204,6 +211,14 @@ fn apply_watch_message(snap: &mut Snapshot, message: &Value) -> Result<bool, Com
             "the watch was canceled: {}",
             result.get("cancel_reason").unwrap_or(&Value::Null)
         )));
+    }
+    let events = result.get("events").and_then(Value::as_array);
+    let created = result.get("created").and_then(Value::as_bool) == Some(true);
+    if events.is_none_or(|e| e.is_empty()) && !created {
+        // A progress notification: every event up to the header's revision
+        // has been sent.
+        let header = int(result.get("header").and_then(|h| h.get("revision")));
+        snap.revision = snap.revision.max(header);
     }
     let mut changed = false;
     for event in result

@@ -31,7 +31,7 @@ use kube::{
 };
 
 use super::{Outcome, Reporter};
-use crate::config::{Kubernetes, KubeAddress, MAX_WEIGHT, Protocol, ServiceSpec};
+use crate::config::{KubeAddress, Kubernetes, MAX_WEIGHT, Protocol, ServiceSpec};
 
 /// The Service annotation with per-endpoint weights.
 pub const WEIGHTS_ANNOTATION: &str = "sluice.io/weights";
@@ -82,7 +82,11 @@ pub async fn run(spec: Kubernetes, reporter: Reporter) {
     while let Some((which, event)) = events.next().await {
         match event {
             Err(e) => {
-                let what = if which == 0 { "services" } else { "endpointslices" };
+                let what = if which == 0 {
+                    "services"
+                } else {
+                    "endpointslices"
+                };
                 if !reporter
                     .send(Outcome::Failed(format!("watching {what}: {e}")))
                     .await
@@ -112,7 +116,9 @@ pub async fn run(spec: Kubernetes, reporter: Reporter) {
 async fn client(spec: &Kubernetes) -> Result<Client, String> {
     match &spec.api_server {
         Some(url) => {
-            let uri = url.parse().map_err(|e| format!("api_server {url:?}: {e}"))?;
+            let uri = url
+                .parse()
+                .map_err(|e| format!("api_server {url:?}: {e}"))?;
             Client::try_from(kube::Config::new(uri)).map_err(|e| e.to_string())
         }
         // In a pod: the service account; elsewhere KUBECONFIG / ~/.kube/config.
@@ -138,7 +144,10 @@ pub fn desired(
         ) else {
             continue;
         };
-        by_service.entry((ns, owner.as_str())).or_default().push(slice);
+        by_service
+            .entry((ns, owner.as_str()))
+            .or_default()
+            .push(slice);
     }
     let mut out = Vec::new();
     let mut sorted: Vec<&Arc<Service>> = services.iter().collect();
@@ -169,7 +178,11 @@ pub fn desired(
             ips.iter().for_each(|ip| add(ip)); // "None" (headless) doesn't parse
         }
         if spec.addresses.contains(&KubeAddress::ExternalIps) {
-            svc_spec.external_ips.iter().flatten().for_each(|ip| add(ip));
+            svc_spec
+                .external_ips
+                .iter()
+                .flatten()
+                .for_each(|ip| add(ip));
         }
         if spec.addresses.contains(&KubeAddress::LoadBalancer) {
             svc.status
@@ -181,7 +194,10 @@ pub fn desired(
                 .filter_map(|i| i.ip.as_deref())
                 .for_each(&mut add);
         }
-        let slices = by_service.get(&(ns, name)).map(Vec::as_slice).unwrap_or_default();
+        let slices = by_service
+            .get(&(ns, name))
+            .map(Vec::as_slice)
+            .unwrap_or_default();
         for port in svc_spec.ports.iter().flatten() {
             let protocol = match port.protocol.as_deref().unwrap_or("TCP") {
                 "TCP" => Protocol::Tcp,

@@ -88,6 +88,8 @@ pub struct Status {
     pub error: Option<String>,
     /// The last good set; None until the provider first succeeded.
     pub backends: Option<Backends>,
+    /// The set before the last change, until that change is applied.
+    pub previous: Option<Backends>,
     pub last_success: Option<SystemTime>,
     /// An update that would have emptied the service, held back.
     pub held_back: bool,
@@ -114,6 +116,8 @@ struct KubeState {
     error: Option<String>,
     /// None until the first complete answer.
     services: Option<Vec<ServiceSpec>>,
+    /// The services before the last change, until that change is applied.
+    previous: Option<Vec<ServiceSpec>>,
     failures: u64,
     updates: u64,
 }
@@ -122,21 +126,28 @@ impl Hub {
     /// Starts, restarts (when their source changed) and stops providers so
     /// that exactly the config's discovery services have one. A restarted
     /// provider's service keeps its last good set until the new one reports.
+    /// Statuses of services that left the config stay until `prune` (after
+    /// the config is applied): if it can't be, `sync` back to the old one
+    /// finds their last good sets.
     pub fn sync(&mut self, config: &Validated, tx: &mpsc::Sender<Report>) {
         let wanted: BTreeMap<&str, &DiscoverySpec> = config
             .services
             .iter()
             .filter_map(|s| s.discovery.as_ref().map(|d| (s.name.as_str(), d)))
             .collect();
+        let v4 = |name: &str| {
+            config
+                .services
+                .iter()
+                .find(|s| s.name == name)
+                .is_none_or(|s| s.vip.is_ipv4())
+        };
         self.running.retain(|name, (spec, handle)| {
             let keep = wanted.get(name.as_str()) == Some(&&*spec);
             if !keep {
                 handle.abort();
             }
             keep
-        });
-        self.statuses.retain(|name, s| {
-            wanted.contains_key(name.as_str()) || s.provider == KUBERNETES_PROVIDER
         });
         self.sync_kubernetes(config.raw.kubernetes.as_ref(), tx);
         for (name, spec) in wanted {
@@ -150,7 +161,9 @@ impl Hub {
                 tx: tx.clone(),
             };
             let handle = match &spec.source {
-                Source::Dns { .. } => tokio::spawn(dns::run(spec.source.clone(), reporter)),
+                Source::Dns { .. } => {
+                    tokio::spawn(dns::run(spec.source.clone(), v4(name), reporter))
+                }
                 Source::Etcd { .. } => tokio::spawn(etcd::run(spec.source.clone(), reporter)),
             }
             .abort_handle();
@@ -165,6 +178,7 @@ impl Hub {
                 healthy: false,
                 error: Some("no answer yet".into()),
                 backends: None,
+                previous: None,
                 last_success: None,
                 held_back: false,
                 updates_applied: 0,
@@ -187,7 +201,8 @@ impl Hub {
             k.services
         });
         let Some(spec) = wanted else {
-            self.statuses.retain(|_, s| s.provider != KUBERNETES_PROVIDER);
+            self.statuses
+                .retain(|_, s| s.provider != KUBERNETES_PROVIDER);
             return;
         };
         self.next_generation += 1;
@@ -206,6 +221,7 @@ impl Hub {
             error: Some("no answer yet".into()),
             // A restarted provider's services keep serving until it answers.
             services: last,
+            previous: None,
             failures: 0,
             updates: 0,
         });
@@ -222,7 +238,11 @@ impl Hub {
             Outcome::Failed(why) => {
                 k.failures += 1;
                 if k.healthy || k.error.as_deref() != Some(why.as_str()) {
-                    warn!(provider = KUBERNETES_PROVIDER, error = why, "discovery failing; the last known services keep serving");
+                    warn!(
+                        provider = KUBERNETES_PROVIDER,
+                        error = why,
+                        "discovery failing; the last known services keep serving"
+                    );
                 }
                 k.healthy = false;
                 k.error = Some(why);
@@ -230,15 +250,23 @@ impl Hub {
             }
             Outcome::Services(services) => {
                 if !k.healthy {
-                    info!(provider = KUBERNETES_PROVIDER, services = services.len(), "discovery healthy");
+                    info!(
+                        provider = KUBERNETES_PROVIDER,
+                        services = services.len(),
+                        "discovery healthy"
+                    );
                 }
                 k.healthy = true;
                 k.error = None;
                 let changed = k.services.as_ref() != Some(&services);
                 if changed {
                     k.updates += 1;
-                    info!(provider = KUBERNETES_PROVIDER, services = services.len(), "discovered services changed");
-                    k.services = Some(services);
+                    info!(
+                        provider = KUBERNETES_PROVIDER,
+                        services = services.len(),
+                        "discovered services changed"
+                    );
+                    k.previous = k.services.replace(services);
                 }
                 changed
             }
@@ -259,6 +287,7 @@ impl Hub {
                 healthy,
                 error: None,
                 backends: None,
+                previous: None,
                 last_success: None,
                 held_back: false,
                 updates_applied: 0,
@@ -277,14 +306,49 @@ impl Hub {
         changed
     }
 
+    /// Forgets the statuses of services `config` (now applied) doesn't have.
+    pub fn prune(&mut self, config: &Validated) {
+        self.statuses.retain(|name, s| {
+            if s.provider == KUBERNETES_PROVIDER {
+                return config.raw.kubernetes.is_some();
+            }
+            config
+                .services
+                .iter()
+                .any(|c| &c.name == name && c.discovery.is_some())
+        });
+    }
+
+    /// An accepted set that could not be applied (e.g. over the maps'
+    /// capacity) is taken back: the service keeps the set that serves.
+    pub fn revert(&mut self, service: &str, why: &str) {
+        if service == KUBERNETES {
+            if let Some(k) = self.kubernetes.as_mut()
+                && let Some(previous) = k.previous.take()
+            {
+                k.services = Some(previous);
+                k.healthy = false;
+                k.error = Some(format!("not applied: {why}"));
+            }
+            return;
+        }
+        if let Some(status) = self.statuses.get_mut(service)
+            && let Some(previous) = status.previous.take()
+        {
+            status.backends = Some(previous);
+            status.healthy = false;
+            status.error = Some(format!("not applied: {why}"));
+        }
+    }
+
     /// Starts a service off with the backends an earlier agent left in
     /// pinned maps, until its provider answers: a restart empties nothing.
-    pub fn seed(&mut self, service: &str, backends: &[SocketAddr]) {
+    pub fn seed(&mut self, service: &str, backends: &[(SocketAddr, u32)]) {
         if let Some(status) = self.statuses.get_mut(service)
             && status.backends.is_none()
             && !backends.is_empty()
         {
-            let mut set: Backends = backends.iter().map(|&a| (a, 1)).collect();
+            let mut set: Backends = backends.to_vec();
             set.sort();
             status.backends = Some(set);
         }
@@ -372,7 +436,7 @@ impl Hub {
             backends = backends.len(),
             "discovered backends changed"
         );
-        status.backends = Some(backends);
+        status.previous = status.backends.replace(backends);
         status.updates_applied += 1;
         true
     }
