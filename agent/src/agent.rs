@@ -146,6 +146,8 @@ pub async fn run(
     info!(
         config = %config_path.display(),
         services = cfg.services.len(),
+        // Set from the downward API in the DaemonSet.
+        node = std::env::var("NODE_NAME").unwrap_or_default(),
         "ready"
     );
 

@@ -2,6 +2,7 @@
 //! a namespace, talking HTTP to it, and writing configs.
 
 pub mod fib;
+pub mod helm;
 pub mod kube_mock;
 pub mod packet;
 pub mod webdriver;

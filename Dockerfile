@@ -1,0 +1,22 @@
+# Multi-stage build of the agent image: `docker build -t sluice .`
+#
+# Stage 1 builds the eBPF object (nightly, rust-src, bpf-linker) and the
+# agent; stage 2 is a small Debian with the binary and the tools the
+# DaemonSet's init step uses (mountpoint, mount).
+
+FROM rust:1.95-bookworm AS build
+RUN rustup toolchain install nightly --profile minimal --component rust-src \
+ && cargo install bpf-linker@0.10.3 --locked
+WORKDIR /src
+COPY . .
+RUN cargo build --release --locked -p sluice \
+ && install -m 0755 target/release/sluice /usr/local/bin/sluice
+
+FROM debian:bookworm-slim
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ca-certificates util-linux mount \
+ && rm -rf /var/lib/apt/lists/*
+COPY --from=build /usr/local/bin/sluice /usr/local/bin/sluice
+EXPOSE 9464
+ENTRYPOINT ["/usr/local/bin/sluice"]
+CMD ["run", "--config", "/etc/sluice/sluice.yaml", "--listen", "0.0.0.0:9464"]
