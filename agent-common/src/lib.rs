@@ -206,6 +206,52 @@ pub struct BackendHealth {
 }
 const _: () = assert!(core::mem::size_of::<BackendHealth>() == 24);
 
+/// Key of `SOCK_REVERSE`: a socket (by cookie) and a backend it was sent
+/// to by the socket-level load balancer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockReverseKey {
+    pub cookie: u64,
+    pub backend: [u32; 4],
+    /// Network byte order.
+    pub port: u16,
+    pub _pad: [u16; 3],
+}
+const _: () = assert!(core::mem::size_of::<SockReverseKey>() == 32);
+
+/// Value of `SOCK_REVERSE`: the VIP the application asked for, which
+/// getpeername and recvmsg show it instead of the backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockReverse {
+    pub vip: [u32; 4],
+    /// Network byte order.
+    pub port: u16,
+    pub _pad: u16,
+    pub service_id: u32,
+}
+const _: () = assert!(core::mem::size_of::<SockReverse>() == 24);
+
+/// Value of `SOCK_CONNECTS` (key: the kernel's socket address): a TCP
+/// connect the socket-level balancer sent to a backend, followed through
+/// its state changes for failure accounting.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockConnect {
+    pub vip: [u32; 4],
+    /// Network byte order.
+    pub vport: u16,
+    pub family: u8,
+    /// 1 once established (then its close is counted).
+    pub established: u8,
+    pub service_id: u32,
+    pub backend_id: u32,
+    pub _pad: u32,
+    /// When the connect was made (bpf_ktime_get_ns).
+    pub since_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<SockConnect>() == 40);
+
 /// Version of the pinned maps' layout and meaning. Bump it with any change
 /// to a type or map that pinned state carries from one build to the next:
 /// an agent never adopts maps of another layout.
@@ -410,4 +456,7 @@ mod pod {
     unsafe impl aya::Pod for super::ServiceStats {}
     unsafe impl aya::Pod for super::Prefilter {}
     unsafe impl aya::Pod for super::BenchFrame {}
+    unsafe impl aya::Pod for super::SockReverseKey {}
+    unsafe impl aya::Pod for super::SockReverse {}
+    unsafe impl aya::Pod for super::SockConnect {}
 }

@@ -1,9 +1,10 @@
 //! Failure accounting from real traffic, instant ejection, and the backend
 //! choice that skips ejected backends.
 //!
-//! Counters and health are plain per-CPU or shared map words without atomic
-//! instructions: two CPUs failing the same backend at the same instant may
-//! lose one count, which delays an ejection by one failure at worst.
+//! Counters are per-CPU; the failure streak is a shared word counted with an
+//! atomic add. The ejection decision itself is not atomic: two CPUs reaching
+//! the threshold at once may both eject (the agent's recount corrects the
+//! service's ejected count).
 
 use agent_common::{
     FlowKey, LATENCY_BASE_NS, LATENCY_BUCKETS, NO_BACKEND, Service, ServicePolicy, ServiceStats,
@@ -43,7 +44,7 @@ pub fn policy(service_id: u32) -> Option<&'static ServicePolicy> {
 }
 
 #[inline(always)]
-fn with_stats(map_is_service: bool, id: u32, f: impl FnOnce(&mut ServiceStats)) {
+pub fn with_stats(map_is_service: bool, id: u32, f: impl FnOnce(&mut ServiceStats)) {
     if cfg!(feature = "no-stats") {
         return;
     }
@@ -67,6 +68,12 @@ pub fn count_retry(key: &FlowKey, service_id: u32, backend_id: u32, now: u64) {
 }
 
 /// An established connection closes; `since` is its SYN's time.
+#[inline(always)]
+pub fn count_connection(service_id: u32, backend_id: u32) {
+    with_stats(true, service_id, |s| s.connections += 1);
+    with_stats(false, backend_id, |s| s.connections += 1);
+}
+
 #[inline(always)]
 pub fn count_close(key: &FlowKey, service_id: u32, backend_id: u32, since: u64) {
     with_stats(true, service_id, |s| s.closed += 1);

@@ -334,7 +334,7 @@ fn transport(ctx: &Ctx, pkt: &Packet, src: &[u32; 4], dst: &[u32; 4]) -> Action 
             if syn || pkt.proto == PROTO_UDP {
                 // SAFETY: the scratch copy of the new entry.
                 let backend_id = unsafe { (*flow).backend_id };
-                count_connection(service.id, backend_id);
+                health::count_connection(service.id, backend_id);
                 if pkt.proto == PROTO_UDP {
                     let now = health::now_ns();
                     events::emit(event_kind::OPEN, 0, &s.key, service.id, backend_id, 0, now);
@@ -384,7 +384,7 @@ fn client_tcp(s: &mut Scratch, f: &mut Flow, flags: u8) -> Result<(), u32> {
             // if that is still healthy and in the service.
             f.state = flow_state::SYN_SENT;
             f.syn_ns = health::now_ns();
-            count_connection(f.service_id, f.backend_id);
+            health::count_connection(f.service_id, f.backend_id);
             if health::is_ejected(f.backend_id) {
                 return retry(s, f, f.syn_ns);
             }
@@ -893,21 +893,6 @@ fn rewrite(
                 *check = if c == 0 { 0xffff } else { c };
             }
         }
-    }
-}
-
-#[inline(always)]
-fn count_connection(service_id: u32, backend_id: u32) {
-    if cfg!(feature = "no-stats") {
-        return;
-    }
-    if let Some(s) = SERVICE_STATS.get_ptr_mut(service_id) {
-        // SAFETY: per-CPU slot, only this CPU writes it.
-        unsafe { (*s).connections += 1 };
-    }
-    if let Some(b) = BACKEND_STATS.get_ptr_mut(backend_id) {
-        // SAFETY: as above.
-        unsafe { (*b).connections += 1 };
     }
 }
 

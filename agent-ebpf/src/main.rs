@@ -14,14 +14,16 @@ mod headers;
 mod health;
 mod lb;
 mod maps;
+mod sock;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
     helpers::bpf_redirect,
-    macros::{classifier, xdp},
-    programs::{TcContext, XdpContext},
+    macros::{cgroup_sock_addr, classifier, raw_tracepoint, xdp},
+    programs::{RawTracePointContext, SockAddrContext, TcContext, XdpContext},
 };
 use lb::{Action, Ctx};
+use sock::Hook;
 
 /// Longest header stack the pipeline reads: Ethernet + IPv6 + TCP (with room).
 const TC_HEADER_BYTES: u32 = 14 + 40 + 60;
@@ -79,3 +81,50 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
 static LICENSE: [u8; 4] = *b"GPL\0";
+
+// Socket-level balancing (see `sock`): one entry point per hook and family.
+
+#[cgroup_sock_addr(connect4)]
+pub fn sluice_connect4(ctx: SockAddrContext) -> i32 {
+    sock::translate(&ctx, false, Hook::Connect)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn sluice_connect6(ctx: SockAddrContext) -> i32 {
+    sock::translate(&ctx, true, Hook::Connect)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sluice_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock::translate(&ctx, false, Hook::Sendmsg)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn sluice_sendmsg6(ctx: SockAddrContext) -> i32 {
+    sock::translate(&ctx, true, Hook::Sendmsg)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn sluice_recvmsg4(ctx: SockAddrContext) -> i32 {
+    sock::reverse(&ctx, false)
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn sluice_recvmsg6(ctx: SockAddrContext) -> i32 {
+    sock::reverse(&ctx, true)
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn sluice_getpeername4(ctx: SockAddrContext) -> i32 {
+    sock::reverse(&ctx, false)
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn sluice_getpeername6(ctx: SockAddrContext) -> i32 {
+    sock::reverse(&ctx, true)
+}
+
+#[raw_tracepoint(tracepoint = "inet_sock_set_state")]
+pub fn sluice_sock_state(ctx: RawTracePointContext) -> i32 {
+    sock::state_change(&ctx)
+}

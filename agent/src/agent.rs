@@ -121,6 +121,9 @@ pub async fn run(
     }
     let configured: Vec<&str> = cfg.raw.interfaces.iter().map(|i| i.name.as_str()).collect();
     datapath.prune_pinned_links(&configured)?;
+    if let Some(s) = &cfg.raw.socket_lb {
+        datapath.attach_socket_lb(Path::new(&s.cgroup))?;
+    }
     *shared.attachments.lock().unwrap() = datapath.attachments();
     *shared.conntrack_capacity.lock().unwrap() = sizes.conntrack;
     let mut sysctls = Sysctls::default();
@@ -251,8 +254,8 @@ fn reload(
     if Sizes::from_config(&next.raw) != Sizes::from_config(&current.raw) {
         warn!("conntrack, maglev or limits settings changed: they take effect at the next restart");
     }
-    if next.raw.pinning != current.raw.pinning {
-        warn!("pinning changed: it takes effect at the next restart");
+    if next.raw.pinning != current.raw.pinning || next.raw.socket_lb != current.raw.socket_lb {
+        warn!("pinning or socket_lb changed: it takes effect at the next restart");
     }
     // Interfaces: attach the new ones first, then detach those removed.
     for iface in &next.raw.interfaces {

@@ -53,6 +53,19 @@ pub struct Config {
     /// "Kubernetes").
     #[serde(default)]
     pub kubernetes: Option<Kubernetes>,
+    /// Socket-level balancing for processes on this host (see README
+    /// "Node-local clients").
+    #[serde(default)]
+    pub socket_lb: Option<SocketLb>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SocketLb {
+    /// The cgroup (v2 directory) whose processes' sockets are balanced;
+    /// its whole subtree is covered. The root (/sys/fs/cgroup) covers every
+    /// pod and host process.
+    pub cgroup: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]

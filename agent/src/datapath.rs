@@ -30,6 +30,18 @@ pub static EBPF_OBJECT: &[u8] =
 
 pub const XDP_PROGRAM: &str = "sluice_xdp";
 pub const TC_PROGRAM: &str = "sluice_tc";
+/// The cgroup sock_addr programs of socket-level balancing.
+pub const SOCKET_PROGRAMS: [&str; 8] = [
+    "sluice_connect4",
+    "sluice_connect6",
+    "sluice_sendmsg4",
+    "sluice_sendmsg6",
+    "sluice_recvmsg4",
+    "sluice_recvmsg6",
+    "sluice_getpeername4",
+    "sluice_getpeername6",
+];
+pub const SOCK_STATE_PROGRAM: &str = "sluice_sock_state";
 
 /// Reads the kernel programs' aya-log records into the `log` facade.
 pub type KernelLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
@@ -552,6 +564,31 @@ impl Datapath {
                 Ok(None)
             }
         }
+    }
+
+    /// Socket-level balancing: the connect/sendmsg/recvmsg/getpeername
+    /// programs on the cgroup at `cgroup`, and the socket state tracepoint
+    /// that counts their connects' failures. Detached when the agent exits.
+    pub fn attach_socket_lb(&mut self, cgroup: &std::path::Path) -> Result<()> {
+        use aya::programs::{CgroupSockAddr, RawTracePoint, links::CgroupAttachMode};
+        let dir = std::fs::File::open(cgroup)
+            .with_context(|| format!("opening cgroup {}", cgroup.display()))?;
+        for name in SOCKET_PROGRAMS {
+            let p: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;
+            p.load()
+                .with_context(|| format!("loading program {name} (kernel verifier)"))?;
+            // A bpf_link attachment coexists with other programs on the cgroup
+            // whatever the mode; the kernel refuses flags with links.
+            p.attach(&dir, CgroupAttachMode::Single)
+                .with_context(|| format!("attaching {name} to cgroup {}", cgroup.display()))?;
+        }
+        let tp: &mut RawTracePoint = program(&mut self.ebpf, SOCK_STATE_PROGRAM)?;
+        tp.load()
+            .with_context(|| format!("loading program {SOCK_STATE_PROGRAM} (kernel verifier)"))?;
+        tp.attach("inet_sock_set_state")
+            .context("attaching to the sock:inet_sock_set_state tracepoint")?;
+        info!(cgroup = %cgroup.display(), "socket-level balancing attached");
+        Ok(())
     }
 
     /// The program to run with BPF_PROG_TEST_RUN (tests and benchmarks).

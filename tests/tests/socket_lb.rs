@@ -1,0 +1,242 @@
+//! Socket-level balancing for node-local clients: a process in the attached
+//! cgroup connects to the VIP and reaches a backend without any packet to
+//! the VIP (no XDP translation involved), `getpeername` and `recvfrom` show
+//! the VIP, UDP request/reply works, and a refusing backend is counted and
+//! ejected through the socket state tracepoint, as on the packet path.
+
+use std::{
+    collections::BTreeMap,
+    path::PathBuf,
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+use sluice_tests::{Agent, TempDir, backend_states, http_get, metric, wait_for};
+use testbed::{Family, Topology};
+
+/// A cgroup v2 made for one test, on a cgroup2 mount of its own outside
+/// /sys (which `ip netns exec` remounts). Removed on drop.
+struct Cgroup {
+    mount: PathBuf,
+    path: PathBuf,
+}
+
+impl Cgroup {
+    fn new(dir: &TempDir, name: &str) -> Result<Self> {
+        let mount = dir.path("cgroup2");
+        std::fs::create_dir_all(&mount)?;
+        let ok = Command::new("mount")
+            .args(["-t", "cgroup2", "none"])
+            .arg(&mount)
+            .status()?
+            .success();
+        if !ok {
+            bail!("mount -t cgroup2 failed");
+        }
+        let path = mount.join(testbed::unique(name));
+        std::fs::create_dir(&path)?;
+        Ok(Self { mount, path })
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        // The test's client processes have exited: the cgroup is empty.
+        let _ = std::fs::remove_dir(&self.path);
+        let _ = Command::new("umount").arg("-l").arg(&self.mount).status();
+    }
+}
+
+/// Runs a Python client in the client namespace, inside `cgroup`, and
+/// returns one JSON object per line it prints.
+fn client(topo: &Topology, cgroup: &Cgroup, script: &str) -> Result<Vec<Value>> {
+    let procs = cgroup.path.join("cgroup.procs");
+    let out = Command::new("ip")
+        .args(["netns", "exec", &topo.client.name, "sh", "-c"])
+        .arg(format!(
+            "echo $$ > {} && exec python3 -c \"$0\"",
+            procs.display()
+        ))
+        .arg(script)
+        .stdin(Stdio::null())
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "client failed: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).with_context(|| format!("client line {l:?}")))
+        .collect()
+}
+
+const TCP_CLIENT: &str = r#"
+import json, socket
+for i in range(COUNT):
+    try:
+        s = socket.create_connection(("10.100.0.1", 80), timeout=3)
+    except ConnectionRefusedError:
+        print(json.dumps({"refused": True})); continue
+    peer = s.getpeername()
+    s.sendall(b"hello\n")
+    reply = b""
+    while True:
+        d = s.recv(4096)
+        if not d: break
+        reply += d
+    s.close()
+    print(json.dumps({"peer": list(peer), "reply": reply.decode()}))
+"#;
+
+const UDP_CLIENT: &str = r#"
+import json, socket
+for i in range(COUNT):
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    u.settimeout(3)
+    if i % 2:
+        u.connect(("10.100.0.1", 80)); u.send(b"hello")
+        data = u.recv(2048); src = u.getpeername()
+    else:
+        u.sendto(b"hello", ("10.100.0.1", 80))
+        data, src = u.recvfrom(2048)
+    u.close()
+    print(json.dumps({"peer": list(src), "reply": data.decode()}))
+"#;
+
+fn config(cgroup: &Cgroup) -> String {
+    let mut text = String::from("interfaces:\n  - name: front\n    attach: xdp-native\n");
+    for i in 0..3 {
+        text += &format!("  - name: back{i}\n    attach: xdp-native\n");
+    }
+    text += &format!(
+        "socket_lb:\n  cgroup: {}\nservices:\n",
+        cgroup.path.display()
+    );
+    for proto in ["tcp", "udp"] {
+        text += &format!(
+            "  - name: web-{proto}\n    vip: 10.100.0.1\n    port: 80\n    protocol: {proto}\n    failure:\n      ejection_seconds: 300\n    backends:\n"
+        );
+        for i in 0..3 {
+            text += &format!("      - address: 10.1.{i}.2:8080\n");
+        }
+    }
+    text
+}
+
+fn by_backend(results: &[Value]) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for r in results {
+        if let Some(reply) = r["reply"].as_str() {
+            let name = reply.split_whitespace().next().unwrap_or("").to_string();
+            *counts.entry(name).or_default() += 1;
+        }
+    }
+    counts
+}
+
+#[test]
+fn cgroup_clients_reach_backends_see_the_vip_and_failures_eject() -> Result<()> {
+    let topo = Topology::new("sk", 3)?;
+    let mut servers = topo.serve(Family::V4, 8080)?;
+    topo.warm_neighbours()?;
+    let dir = TempDir::new("sk")?;
+    let cgroup = Cgroup::new(&dir, "sluice-sk-")?;
+    std::fs::write(dir.path("sluice.yaml"), config(&cgroup))?;
+    let agent = Agent::start(&topo.lb, &dir.path("sluice.yaml"), dir.path("agent.log"))?;
+
+    // TCP: every connection reaches a backend; the application sees the VIP.
+    let tcp = client(&topo, &cgroup, &TCP_CLIENT.replace("COUNT", "60"))?;
+    assert_eq!(tcp.len(), 60);
+    for r in &tcp {
+        assert_eq!(r["peer"], serde_json::json!(["10.100.0.1", 80]), "{r}");
+        // The backend saw the client's own address: no NAT on the way.
+        assert!(
+            r["reply"].as_str().unwrap_or("").contains("10.0.1.2"),
+            "{r}"
+        );
+    }
+    let counts = by_backend(&tcp);
+    assert_eq!(counts.len(), 3, "spread over every backend: {counts:?}");
+
+    // UDP, unconnected (sendto/recvfrom) and connected: replies come "from"
+    // the VIP.
+    let udp = client(&topo, &cgroup, &UDP_CLIENT.replace("COUNT", "40"))?;
+    assert_eq!(udp.len(), 40);
+    for r in &udp {
+        assert_eq!(r["peer"], serde_json::json!(["10.100.0.1", 80]), "{r}");
+    }
+
+    // The balancing happened at the socket: the same counters as the packet
+    // path, but no packet to the VIP went through the XDP program.
+    let (_, m) = http_get(&topo.lb, agent.listen, "/metrics")?;
+    let conns = metric(
+        &m,
+        "sluice_service_connections_total",
+        &[("service", "web-tcp")],
+    );
+    assert!(conns.is_some_and(|c| c >= 60.0), "connections {conns:?}");
+    let udp_conns = metric(
+        &m,
+        "sluice_service_connections_total",
+        &[("service", "web-udp")],
+    );
+    assert!(
+        udp_conns.is_some_and(|c| c >= 40.0),
+        "udp connections {udp_conns:?}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "sluice_service_packets_total",
+            &[("service", "web-tcp"), ("direction", "to_backend")]
+        ),
+        Some(0.0)
+    );
+    // Connect latency came from the tracepoint.
+    let latency = metric(
+        &m,
+        "sluice_backend_connect_latency_seconds_count",
+        &[("service", "web-tcp")],
+    );
+    assert!(
+        latency.is_some_and(|n| n >= 60.0),
+        "latency samples {latency:?}"
+    );
+
+    // Backend 1 refuses: counted by the tracepoint, ejected after 3.
+    servers.remove(1);
+    let after = client(&topo, &cgroup, &TCP_CLIENT.replace("COUNT", "60"))?;
+    let refused = after.iter().filter(|r| r["refused"] == true).count();
+    assert!((1..=3).contains(&refused), "{refused} refused");
+    let (_, m) = http_get(&topo.lb, agent.listen, "/metrics")?;
+    assert_eq!(
+        metric(
+            &m,
+            "sluice_backend_failures_total",
+            &[
+                ("service", "web-tcp"),
+                ("backend", "10.1.1.2:8080"),
+                ("reason", "refused")
+            ]
+        ),
+        Some(3.0)
+    );
+    wait_for("backend 1 ejected", Duration::from_secs(5), || {
+        Ok(
+            backend_states(&topo.lb, &agent, "web-tcp")?.get("10.1.1.2:8080")
+                == Some(&"ejected".to_string()),
+        )
+    })?;
+    let later = client(&topo, &cgroup, &TCP_CLIENT.replace("COUNT", "30"))?;
+    assert!(
+        later.iter().all(|r| r["refused"] != true),
+        "refusals after the ejection"
+    );
+    assert!(!by_backend(&later).contains_key("b1"));
+    Ok(())
+}
