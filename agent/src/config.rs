@@ -502,6 +502,15 @@ fn validate(raw: Config, path: &str) -> Result<Validated, ConfigError> {
                 "name at least one of cluster_ip, external_ips, load_balancer",
             ));
         }
+        validate_failure(&k.failure, &|name| format!("kubernetes.failure.{name}"))
+            .map_err(|(f, value, why)| invalid(f, &value, &why))?;
+        if k.drain_timeout_seconds > 86_400 {
+            return Err(invalid(
+                "kubernetes.drain_timeout_seconds".into(),
+                &k.drain_timeout_seconds,
+                "must be 0 to 86400",
+            ));
+        }
     }
     if raw.conntrack.max_entries < 1024 {
         return Err(invalid(
@@ -661,42 +670,8 @@ fn validate(raw: Config, path: &str) -> Result<Validated, ConfigError> {
             backends.push((addr, b.weight));
         }
         backend_total += backends.len();
-        let f = &s.failure;
-        if f.consecutive_failures == 0 {
-            return Err(invalid(
-                field("failure.consecutive_failures"),
-                &f.consecutive_failures,
-                "must be at least 1",
-            ));
-        }
-        if f.ejection_seconds == 0 {
-            return Err(invalid(
-                field("failure.ejection_seconds"),
-                &f.ejection_seconds,
-                "must be at least 1",
-            ));
-        }
-        if f.max_ejection_seconds < f.ejection_seconds {
-            return Err(invalid(
-                field("failure.max_ejection_seconds"),
-                &f.max_ejection_seconds,
-                "must be at least failure.ejection_seconds",
-            ));
-        }
-        if !(10..=60_000).contains(&f.connect_timeout_ms) {
-            return Err(invalid(
-                field("failure.connect_timeout_ms"),
-                &f.connect_timeout_ms,
-                "must be 10 to 60000",
-            ));
-        }
-        if f.max_ejected_percent > 100 {
-            return Err(invalid(
-                field("failure.max_ejected_percent"),
-                &f.max_ejected_percent,
-                "must be 0 to 100",
-            ));
-        }
+        validate_failure(&s.failure, &|name| field(&format!("failure.{name}")))
+            .map_err(|(f, value, why)| invalid(f, &value, &why))?;
         let discovery = match &s.discovery {
             None => None,
             Some(d) => Some(
@@ -742,8 +717,45 @@ fn validate(raw: Config, path: &str) -> Result<Validated, ConfigError> {
     Ok(Validated { raw, services })
 }
 
-/// (field, value, why) of a refused discovery setting.
+/// (field, value, why) of a refused setting.
 type Refusal = (String, String, String);
+
+fn validate_failure(f: &Failure, field: &dyn Fn(&str) -> String) -> Result<(), Refusal> {
+    let refuse =
+        |name: &str, value: u32, why: &str| Err((field(name), value.to_string(), why.to_string()));
+    if f.consecutive_failures == 0 {
+        return refuse(
+            "consecutive_failures",
+            f.consecutive_failures,
+            "must be at least 1",
+        );
+    }
+    if f.ejection_seconds == 0 {
+        return refuse("ejection_seconds", f.ejection_seconds, "must be at least 1");
+    }
+    if f.max_ejection_seconds < f.ejection_seconds {
+        return refuse(
+            "max_ejection_seconds",
+            f.max_ejection_seconds,
+            "must be at least failure.ejection_seconds",
+        );
+    }
+    if !(10..=60_000).contains(&f.connect_timeout_ms) {
+        return refuse(
+            "connect_timeout_ms",
+            f.connect_timeout_ms,
+            "must be 10 to 60000",
+        );
+    }
+    if f.max_ejected_percent > 100 {
+        return refuse(
+            "max_ejected_percent",
+            f.max_ejected_percent,
+            "must be 0 to 100",
+        );
+    }
+    Ok(())
+}
 
 fn validate_discovery(
     d: &Discovery,

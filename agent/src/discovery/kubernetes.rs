@@ -311,3 +311,78 @@ fn backends(
     out.sort();
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> Kubernetes {
+        serde_yaml::from_str("addresses: [cluster_ip, external_ips]").unwrap()
+    }
+
+    #[test]
+    fn services_and_slices_become_sluice_services() {
+        let svc: Service = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web", "namespace": "shop",
+                         "annotations": {"sluice.io/weights": "10.1.0.3=4, web-c=2"}},
+            "spec": {"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10", "fd00::10"],
+                     "externalIPs": ["192.0.2.7"],
+                     "ports": [{"name": "http", "port": 80, "protocol": "TCP"},
+                               {"name": "dns", "port": 53, "protocol": "UDP"},
+                               {"name": "sctp", "port": 9, "protocol": "SCTP"}]}
+        }))
+        .unwrap();
+        let headless: Service = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "db", "namespace": "shop"},
+            "spec": {"clusterIP": "None", "ports": [{"port": 5432}]}
+        }))
+        .unwrap();
+        let slice: EndpointSlice = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web-1", "namespace": "shop",
+                         "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080}, {"name": "dns", "port": 5353}],
+            "endpoints": [
+                {"addresses": ["10.1.0.2"], "conditions": {"ready": true}},
+                {"addresses": ["10.1.0.3"]},
+                {"addresses": ["10.1.0.4"], "conditions": {"ready": false, "serving": true, "terminating": true},
+                 "targetRef": {"name": "web-c"}},
+                {"addresses": ["10.1.0.5"], "conditions": {"ready": false, "serving": false, "terminating": true}}
+            ]
+        }))
+        .unwrap();
+        let out = desired(
+            &[Arc::new(svc), Arc::new(headless)],
+            &[Arc::new(slice)],
+            &spec(),
+        );
+        let names: Vec<&str> = out.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "shop/web:http",
+                "shop/web:http@fd00::10",
+                "shop/web:http@192.0.2.7",
+                "shop/web:dns",
+                "shop/web:dns@fd00::10",
+                "shop/web:dns@192.0.2.7"
+            ]
+        );
+        let http = &out[0];
+        assert_eq!((http.port, http.protocol), (80, Protocol::Tcp));
+        let b = |a: &str| a.parse::<SocketAddr>().unwrap();
+        // ready (explicit or unset) → active with its weight; serving and
+        // terminating → weight 0 (draining); neither → left out.
+        assert_eq!(
+            http.backends,
+            vec![
+                (b("10.1.0.2:8080"), 1),
+                (b("10.1.0.3:8080"), 4),
+                (b("10.1.0.4:8080"), 0)
+            ]
+        );
+        assert_eq!(out[3].backends[0].0.port(), 5353);
+        // The IPv6 VIP has no IPv6 slice: no backends, never IPv4 ones.
+        assert!(out[1].backends.is_empty());
+    }
+}
