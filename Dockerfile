@@ -5,7 +5,10 @@
 # DaemonSet's init step uses (mountpoint, mount).
 
 FROM rust:1.95-bookworm AS build
-RUN rustup toolchain install nightly --profile minimal --component rust-src \
+# A dated nightly: bpf-linker 0.10.3 links LLVM 22, as this nightly does.
+# build.rs runs `rustup run nightly`, so it is linked under that name.
+RUN rustup toolchain install nightly-2026-05-19 --profile minimal --component rust-src \
+ && rustup toolchain link nightly "$(rustup run nightly-2026-05-19 rustc --print sysroot)" \
  && cargo install bpf-linker@0.10.3 --locked
 WORKDIR /src
 COPY . .

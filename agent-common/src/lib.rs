@@ -206,31 +206,22 @@ pub struct BackendHealth {
 }
 const _: () = assert!(core::mem::size_of::<BackendHealth>() == 24);
 
-/// Key of `SOCK_REVERSE`: a socket (by cookie) and a backend it was sent
-/// to by the socket-level load balancer.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct SockReverseKey {
-    pub cookie: u64,
-    pub backend: [u32; 4],
-    /// Network byte order.
-    pub port: u16,
-    pub _pad: [u16; 3],
-}
-const _: () = assert!(core::mem::size_of::<SockReverseKey>() == 32);
-
-/// Value of `SOCK_REVERSE`: the VIP the application asked for, which
-/// getpeername and recvmsg show it instead of the backend.
+/// Value of `SOCK_REVERSE` (key: a socket's cookie): the backend the
+/// socket-level balancer sent it to, and the VIP the application asked for,
+/// which getpeername and recvmsg show it instead. Deleted when the socket is
+/// released.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SockReverse {
     pub vip: [u32; 4],
+    pub backend: [u32; 4],
     /// Network byte order.
-    pub port: u16,
-    pub _pad: u16,
+    pub vport: u16,
+    /// Network byte order.
+    pub backend_port: u16,
     pub service_id: u32,
 }
-const _: () = assert!(core::mem::size_of::<SockReverse>() == 24);
+const _: () = assert!(core::mem::size_of::<SockReverse>() == 40);
 
 /// Value of `SOCK_CONNECTS` (key: the kernel's socket address): a TCP
 /// connect the socket-level balancer sent to a backend, followed through
@@ -246,7 +237,8 @@ pub struct SockConnect {
     pub established: u8,
     pub service_id: u32,
     pub backend_id: u32,
-    pub _pad: u32,
+    /// 1 once the backend answered the SYN with a reset (a refusal).
+    pub reset: u32,
     /// When the connect was made (bpf_ktime_get_ns).
     pub since_ns: u64,
 }
@@ -456,7 +448,6 @@ mod pod {
     unsafe impl aya::Pod for super::ServiceStats {}
     unsafe impl aya::Pod for super::Prefilter {}
     unsafe impl aya::Pod for super::BenchFrame {}
-    unsafe impl aya::Pod for super::SockReverseKey {}
     unsafe impl aya::Pod for super::SockReverse {}
     unsafe impl aya::Pod for super::SockConnect {}
 }

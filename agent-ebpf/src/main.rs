@@ -19,8 +19,8 @@ mod sock;
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
     helpers::bpf_redirect,
-    macros::{cgroup_sock_addr, classifier, raw_tracepoint, xdp},
-    programs::{RawTracePointContext, SockAddrContext, TcContext, XdpContext},
+    macros::{cgroup_sock, cgroup_sock_addr, classifier, raw_tracepoint, xdp},
+    programs::{RawTracePointContext, SockAddrContext, SockContext, TcContext, XdpContext},
 };
 use lb::{Action, Ctx};
 use sock::Hook;
@@ -127,4 +127,14 @@ pub fn sluice_getpeername6(ctx: SockAddrContext) -> i32 {
 #[raw_tracepoint(tracepoint = "inet_sock_set_state")]
 pub fn sluice_sock_state(ctx: RawTracePointContext) -> i32 {
     sock::state_change(&ctx)
+}
+
+#[raw_tracepoint(tracepoint = "tcp_receive_reset")]
+pub fn sluice_tcp_reset(ctx: RawTracePointContext) -> i32 {
+    sock::reset(&ctx)
+}
+
+#[cgroup_sock(sock_release)]
+pub fn sluice_sock_release(ctx: SockContext) -> i32 {
+    sock::release(&ctx)
 }

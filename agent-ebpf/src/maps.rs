@@ -79,10 +79,10 @@ pub static EVENTS: aya_ebpf::maps::RingBuf = aya_ebpf::maps::RingBuf::with_byte_
 pub static EVENT_BUDGET: PerCpuArray<agent_common::EventBudget> =
     PerCpuArray::with_max_entries(1, 0);
 
-/// Socket-level balancing: (socket cookie, backend) → the VIP the socket
-/// asked for, for getpeername and recvmsg.
+/// Socket-level balancing: socket cookie → the VIP the socket asked for
+/// and the backend it got, for getpeername and recvmsg.
 #[map]
-pub static SOCK_REVERSE: LruHashMap<agent_common::SockReverseKey, agent_common::SockReverse> =
+pub static SOCK_REVERSE: LruHashMap<u64, agent_common::SockReverse> =
     LruHashMap::with_max_entries(65_536, 0);
 
 /// Socket-level balancing: TCP connects being followed for failure

@@ -8,12 +8,12 @@
 
 use agent_common::{
     FAMILY_V4, FAMILY_V6, FlowKey, NO_BACKEND, PROTO_TCP, PROTO_UDP, ServiceKey, SockConnect,
-    SockReverse, SockReverseKey,
+    SockReverse,
 };
 use aya_ebpf::{
     bindings::bpf_sock_addr,
     helpers::generated::bpf_get_socket_cookie,
-    programs::{RawTracePointContext, SockAddrContext},
+    programs::{RawTracePointContext, SockAddrContext, SockContext},
 };
 
 use crate::{
@@ -26,6 +26,10 @@ const ALLOW: i32 = 1;
 const TCP_ESTABLISHED: u64 = 1;
 const TCP_SYN_SENT: u64 = 2;
 const TCP_CLOSE: u64 = 7;
+/// A followed connect older than this that hasn't reached ESTABLISHED is
+/// stale (its socket never sent a SYN, and the address may be reused by
+/// another socket): not acted on. The kernel gives up a SYN after ~127 s.
+const CONNECT_STALE_NS: u64 = 150_000_000_000;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Hook {
@@ -105,20 +109,17 @@ pub fn translate(ctx: &SockAddrContext, v6: bool, hook: Hook) -> i32 {
         return ALLOW;
     };
     set_destination(sa, v6, &backend.addr, backend.port);
-    let reverse_key = SockReverseKey {
-        cookie,
-        backend: backend.addr,
-        port: backend.port,
-        _pad: [0; 3],
-    };
     let reverse = SockReverse {
         vip,
-        port: vport,
-        _pad: 0,
+        backend: backend.addr,
+        vport,
+        backend_port: backend.port,
         service_id: service.id,
     };
-    // BPF_NOEXIST: a UDP socket's later datagrams don't count again.
-    let new = SOCK_REVERSE.insert(reverse_key, reverse, 1).is_ok();
+    // The same VIP again from a UDP socket doesn't count again.
+    // SAFETY: a hash map lookup; the value is only read.
+    let new = unsafe { SOCK_REVERSE.get(cookie) }.is_none_or(|r| r.vip != vip || r.vport != vport);
+    let _ = SOCK_REVERSE.insert(cookie, reverse, 0);
     if new || hook == Hook::Connect {
         health::count_connection(service.id, backend_id);
     }
@@ -133,7 +134,7 @@ pub fn translate(ctx: &SockAddrContext, v6: bool, hook: Hook) -> i32 {
             established: 0,
             service_id: service.id,
             backend_id,
-            _pad: 0,
+            reset: 0,
             since_ns: health::now_ns(),
         };
         let _ = SOCK_CONNECTS.insert(sk, connect, 0);
@@ -149,23 +150,45 @@ pub fn reverse(ctx: &SockAddrContext, v6: bool) -> i32 {
     let (addr, port) = destination(sa, v6);
     // SAFETY: as in `translate`.
     let cookie = unsafe { bpf_get_socket_cookie(sa.cast()) };
-    let key = SockReverseKey {
-        cookie,
-        backend: addr,
-        port,
-        _pad: [0; 3],
-    };
     // SAFETY: a hash map lookup; the value is only read.
-    if let Some(r) = unsafe { SOCK_REVERSE.get(key) } {
-        set_destination(sa, v6, &r.vip, r.port);
+    if let Some(r) = unsafe { SOCK_REVERSE.get(cookie) }
+        && r.backend == addr
+        && r.backend_port == port
+    {
+        set_destination(sa, v6, &r.vip, r.vport);
     }
     ALLOW
 }
 
-/// sock:inet_sock_set_state (raw): a followed connect that reaches
-/// ESTABLISHED is a success (latency); one that closes from SYN_SENT is a
-/// refusal (or, after the service's connect timeout, a timeout); an
-/// established one that closes ends its active count.
+/// sock_release: the socket is gone; so are its entries.
+#[inline(always)]
+pub fn release(ctx: &SockContext) -> i32 {
+    // SAFETY: a helper the cgroup sock hooks may call with their context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock.cast()) };
+    let _ = SOCK_REVERSE.remove(cookie);
+    // The context is the socket: its address is the followed connect's key.
+    let _ = SOCK_CONNECTS.remove(ctx.sock as u64);
+    1
+}
+
+/// tcp:tcp_receive_reset (raw): a followed connect got a reset: when it
+/// then closes from SYN_SENT, the backend refused it.
+#[inline(always)]
+pub fn reset(ctx: &RawTracePointContext) -> i32 {
+    let sk: u64 = ctx.arg(0);
+    if let Some(c) = SOCK_CONNECTS.get_ptr_mut(sk) {
+        // SAFETY: a live LRU value.
+        unsafe { (*c).reset = 1 };
+    }
+    0
+}
+
+/// sock:inet_sock_set_state (raw): a followed connect that goes from
+/// SYN_SENT to ESTABLISHED is a success (latency); one that closes from
+/// SYN_SENT after a reset is a refusal, after the service's connect timeout
+/// a timeout, and otherwise (the application gave up early, a local error)
+/// no failure of the backend's; an established one that closes ends its
+/// active count.
 #[inline(always)]
 pub fn state_change(ctx: &RawTracePointContext) -> i32 {
     let sk: u64 = ctx.arg(0);
@@ -186,18 +209,27 @@ pub fn state_change(ctx: &RawTracePointContext) -> i32 {
         _pad: 0,
     };
     let now = health::now_ns();
-    if new == TCP_ESTABLISHED && c.established == 0 {
+    let age = now.wrapping_sub(c.since_ns);
+    if c.established == 0 && age > CONNECT_STALE_NS {
+        let _ = SOCK_CONNECTS.remove(sk);
+        return 0;
+    }
+    if old == TCP_SYN_SENT && new == TCP_ESTABLISHED && c.established == 0 {
         c.established = 1;
-        health::record_success(&key, c.service_id, c.backend_id, now - c.since_ns, now);
+        health::record_success(&key, c.service_id, c.backend_id, age, now);
     } else if new == TCP_CLOSE {
-        if old == TCP_SYN_SENT {
+        if old == TCP_SYN_SENT && c.established == 0 {
             let timeout = health::policy(c.service_id).map_or(u64::MAX, |p| p.connect_timeout_ns);
-            let failure = if now - c.since_ns < timeout {
-                Failure::Refused
+            let failure = if c.reset != 0 {
+                Some(Failure::Refused)
+            } else if age >= timeout {
+                Some(Failure::Timeout)
             } else {
-                Failure::Timeout
+                None
             };
-            health::record_failure(&key, c.service_id, c.backend_id, failure, now);
+            if let Some(failure) = failure {
+                health::record_failure(&key, c.service_id, c.backend_id, failure, now);
+            }
         } else if c.established != 0 {
             health::count_close(&key, c.service_id, c.backend_id, c.since_ns);
         }

@@ -139,9 +139,14 @@ pub async fn run(
     let (report_tx, mut reports) = tokio::sync::mpsc::channel(256);
     shared.discovery.lock().unwrap().sync(&cfg, &report_tx);
     if datapath.adopted {
-        for (service, backends) in reconciler.adopt(&cfg.services)? {
-            shared.discovery.lock().unwrap().seed(&service, &backends);
+        let adopted = reconciler.adopt(&cfg.services)?;
+        let mut hub = shared.discovery.lock().unwrap();
+        for (service, backends) in adopted.found {
+            hub.seed(&service, &backends);
         }
+        // The Kubernetes services of the last run keep serving until the
+        // provider's first answer renames them (by frontend) or drops them.
+        hub.seed_kubernetes(adopted.orphans);
     }
     reconciler.apply(&shared.discovery.lock().unwrap().desired(&cfg))?;
     *shared.reconciler.lock().unwrap() = Some(reconciler);

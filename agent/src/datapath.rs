@@ -42,6 +42,8 @@ pub const SOCKET_PROGRAMS: [&str; 8] = [
     "sluice_getpeername6",
 ];
 pub const SOCK_STATE_PROGRAM: &str = "sluice_sock_state";
+pub const TCP_RESET_PROGRAM: &str = "sluice_tcp_reset";
+pub const SOCK_RELEASE_PROGRAM: &str = "sluice_sock_release";
 
 /// Reads the kernel programs' aya-log records into the `log` facade.
 pub type KernelLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
@@ -88,6 +90,7 @@ pub struct Maps {
     pub backend_health: Array<MapData, BackendHealth>,
     pub backend_latency: PerCpuArray<MapData, LatencyHistogram>,
     pub event_budget: PerCpuArray<MapData, EventBudget>,
+    pub sock_connects: HashMap<MapData, u64, agent_common::SockConnect>,
 }
 
 fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
@@ -118,6 +121,7 @@ impl Maps {
             backend_health: take(ebpf, "BACKEND_HEALTH")?,
             backend_latency: take(ebpf, "BACKEND_LATENCY")?,
             event_budget: take(ebpf, "EVENT_BUDGET")?,
+            sock_connects: take(ebpf, "SOCK_CONNECTS")?,
         })
     }
 }
@@ -582,11 +586,29 @@ impl Datapath {
             p.attach(&dir, CgroupAttachMode::Single)
                 .with_context(|| format!("attaching {name} to cgroup {}", cgroup.display()))?;
         }
-        let tp: &mut RawTracePoint = program(&mut self.ebpf, SOCK_STATE_PROGRAM)?;
-        tp.load()
-            .with_context(|| format!("loading program {SOCK_STATE_PROGRAM} (kernel verifier)"))?;
-        tp.attach("inet_sock_set_state")
-            .context("attaching to the sock:inet_sock_set_state tracepoint")?;
+        let release: &mut aya::programs::CgroupSock =
+            program(&mut self.ebpf, SOCK_RELEASE_PROGRAM)?;
+        release
+            .load()
+            .with_context(|| format!("loading program {SOCK_RELEASE_PROGRAM} (kernel verifier)"))?;
+        release
+            .attach(&dir, CgroupAttachMode::Single)
+            .with_context(|| {
+                format!(
+                    "attaching {SOCK_RELEASE_PROGRAM} to cgroup {}",
+                    cgroup.display()
+                )
+            })?;
+        for (name, tracepoint) in [
+            (SOCK_STATE_PROGRAM, "inet_sock_set_state"),
+            (TCP_RESET_PROGRAM, "tcp_receive_reset"),
+        ] {
+            let tp: &mut RawTracePoint = program(&mut self.ebpf, name)?;
+            tp.load()
+                .with_context(|| format!("loading program {name} (kernel verifier)"))?;
+            tp.attach(tracepoint)
+                .with_context(|| format!("attaching to the {tracepoint} tracepoint"))?;
+        }
         info!(cgroup = %cgroup.display(), "socket-level balancing attached");
         Ok(())
     }

@@ -39,6 +39,8 @@ pub const PINNED_MAPS: &[&str] = &[
     "BACKEND_LATENCY",
     "EVENTS",
     "EVENT_BUDGET",
+    "SOCK_REVERSE",
+    "SOCK_CONNECTS",
 ];
 
 /// statfs(2) f_type of a bpf filesystem.

@@ -119,6 +119,20 @@ fn by_id(pinned: &[(ServiceKey, Service)], id: u32) -> Option<&(ServiceKey, Serv
     pinned.iter().find(|(_, s)| s.id == id)
 }
 
+/// What a restarted agent found in pinned maps.
+pub struct Adopted {
+    /// Per config service, its backends (address, weight) that take new
+    /// connections: discovery services serve them until their provider
+    /// answers.
+    pub found: BTreeMap<String, Vec<(SocketAddr, u32)>>,
+    /// Services the config file doesn't have, with their backends: removed
+    /// by the next apply, unless a provider (Kubernetes) takes them over
+    /// (they are matched by frontend and renamed).
+    pub orphans: Vec<ServiceSpec>,
+}
+
+const ORPHAN_PREFIX: &str = "(adopted) ";
+
 /// A pinned service the config no longer has, for its removal.
 fn orphan_spec(key: &ServiceKey) -> ServiceSpec {
     let vip = words_ip(key.addr, key.family == FAMILY_V4);
@@ -129,7 +143,7 @@ fn orphan_spec(key: &ServiceKey) -> ServiceSpec {
     };
     let port = u16::from_be(key.port);
     ServiceSpec {
-        name: format!("(adopted) {vip} {port}/{}", protocol.as_str()),
+        name: format!("{ORPHAN_PREFIX}{vip} {port}/{}", protocol.as_str()),
         vip,
         port,
         protocol,
@@ -278,10 +292,7 @@ impl Reconciler {
     /// no longer has are removed by the next `apply`; adopted backends it no
     /// longer lists drain. Returns, per config service, the backends found
     /// (discovery services serve them until their provider answers).
-    pub fn adopt(
-        &mut self,
-        config: &[ServiceSpec],
-    ) -> Result<BTreeMap<String, Vec<(SocketAddr, u32)>>> {
+    pub fn adopt(&mut self, config: &[ServiceSpec]) -> Result<Adopted> {
         let pinned: Vec<(ServiceKey, Service)> =
             self.maps.services.iter().filter_map(Result::ok).collect();
         // Per service id: (backend id, address, weight, draining).
@@ -305,6 +316,7 @@ impl Reconciler {
             backend_ids.push(id);
         }
         let mut found = BTreeMap::new();
+        let mut orphans = Vec::new();
         let mut service_ids = Vec::new();
         for (key, value) in &pinned {
             service_ids.push(value.id);
@@ -333,6 +345,11 @@ impl Reconciler {
                     .map(|b| (b.addr, b.weight))
                     .collect(),
             );
+            if spec.name.starts_with(ORPHAN_PREFIX) {
+                let mut orphan = spec.clone();
+                orphan.backends = backends.iter().map(|b| (b.addr, b.weight)).collect();
+                orphans.push(orphan);
+            }
             let live_half = u32::from(value.table_offset != self.table_offset(value.id, 0));
             self.services.insert(
                 spec.name.clone(),
@@ -372,7 +389,7 @@ impl Reconciler {
             backends = backend_ids.len(),
             "adopted the pinned datapath"
         );
-        Ok(found)
+        Ok(Adopted { found, orphans })
     }
 
     fn new_backend_count(&self, desired: &[ServiceSpec]) -> u32 {
@@ -403,6 +420,29 @@ impl Reconciler {
         );
         self.write_filter(prefilter::SERVICE, &union)?;
         self.write_filter(prefilter::SERVICE_ADDR, &union_addr)?;
+
+        // A service known under another name with the same frontend (VIP,
+        // port, protocol) is renamed, not replaced: its id, table, counters
+        // and connections carry over (adopted services get their names so).
+        let renames: Vec<(String, String)> = desired
+            .iter()
+            .filter(|d| !self.services.contains_key(&d.name))
+            .filter_map(|d| {
+                self.services
+                    .iter()
+                    .find(|(name, state)| {
+                        service_key(&state.spec) == service_key(d)
+                            && !desired.iter().any(|x| &x.name == *name)
+                    })
+                    .map(|(name, _)| (name.clone(), d.name.clone()))
+            })
+            .collect();
+        for (from, to) in renames {
+            if let Some(state) = self.services.remove(&from) {
+                info!(from, to, "service renamed");
+                self.services.insert(to, state);
+            }
+        }
 
         // Services that are gone, or whose frontend changed, go first so that
         // their ids and slots are free for the rest.
@@ -667,6 +707,19 @@ impl Reconciler {
             if self.maps.conntrack.remove(key).is_ok() {
                 *closed.entry(*id).or_default() += 1;
             }
+        }
+        // Sockets the socket-level balancer sent there stop being followed
+        // (they stay connected to the backend directly; their id is reused).
+        let followed: Vec<u64> = self
+            .maps
+            .sock_connects
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, c)| ids.contains(&c.backend_id))
+            .map(|(sk, _)| sk)
+            .collect();
+        for sk in followed {
+            let _ = self.maps.sock_connects.remove(&sk);
         }
         for (service, b) in ending {
             let flows = closed.get(&b.id).copied().unwrap_or(0);

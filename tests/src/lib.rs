@@ -303,3 +303,28 @@ pub fn backend_states(
         })
         .collect())
 }
+
+/// A bpffs instance mounted for one test (in the root mount namespace, so
+/// every `ip netns exec` sees it). Unmounted on drop, which drops its pins.
+pub struct Bpffs(pub PathBuf);
+
+impl Bpffs {
+    pub fn mount(dir: &TempDir) -> Result<Self> {
+        let path = dir.path("bpffs");
+        std::fs::create_dir_all(&path)?;
+        let status = Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(&path)
+            .status()?;
+        if !status.success() {
+            bail!("mount -t bpf bpf {} failed", path.display());
+        }
+        Ok(Self(path))
+    }
+}
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}

@@ -274,7 +274,8 @@ fn manifests_parse_as_kubernetes_types_and_match_the_agent() -> Result<()> {
         ("/healthz".to_string(), Value::from(listen_port))
     );
     let svc: Service = typed(find(&docs, "Service")?)?;
-    let svc_port = &svc.spec.context("service spec")?.ports.context("ports")?[0];
+    let svc_spec = svc.spec.clone().context("service spec")?;
+    let svc_port = &svc_spec.ports.clone().context("ports")?[0];
     assert_eq!(svc_port.port, listen_port);
     assert_eq!(
         serde_json::to_value(&svc_port.target_port)?,
@@ -283,10 +284,14 @@ fn manifests_parse_as_kubernetes_types_and_match_the_agent() -> Result<()> {
     let sm = find(&docs, "ServiceMonitor")?;
     assert_eq!(sm["spec"]["endpoints"][0]["port"], "metrics");
     assert_eq!(sm["spec"]["endpoints"][0]["path"], "/metrics");
-    assert_eq!(
-        sm["spec"]["selector"]["matchLabels"],
-        serde_json::to_value(&spec.selector.match_labels)?
-    );
+    // It selects the metrics Service, whose selector picks the agent pods.
+    let svc_labels = serde_json::to_value(&svc.metadata.labels)?;
+    for (k, v) in sm["spec"]["selector"]["matchLabels"]
+        .as_object()
+        .context("ServiceMonitor matchLabels")?
+    {
+        assert_eq!(&svc_labels[k], v, "ServiceMonitor selects {k}={v}");
+    }
 
     // The dashboard ConfigMap is the Grafana dashboard file.
     let dash = docs
@@ -333,10 +338,11 @@ fn helm_chart_defaults_render_to_the_plain_manifests() -> Result<()> {
         .into_iter()
         .map(normalise)
         .collect::<Result<_>>()?;
-    // The chart leaves the namespace to `helm install --create-namespace`.
+    // The chart leaves the namespace to `helm install --create-namespace`,
+    // and the ServiceMonitor off by default (it needs the operator's CRDs).
     let mut plain: Vec<Value> = plain_manifests()?
         .into_iter()
-        .filter(|d| d["kind"] != "Namespace")
+        .filter(|d| d["kind"] != "Namespace" && d["kind"] != "ServiceMonitor")
         .map(normalise)
         .collect::<Result<_>>()?;
     let key = |d: &Value| format!("{}/{}", d["kind"], d["metadata"]["name"]);
@@ -359,14 +365,20 @@ fn helm_chart_defaults_render_to_the_plain_manifests() -> Result<()> {
         std::fs::read_to_string(chart.join("dashboards/sluice-dashboard.json"))?,
         std::fs::read_to_string(repo("deploy/grafana/sluice-dashboard.json"))?
     );
-    // The privileged option swaps the capabilities for privileged mode.
+    // The privileged option swaps the capabilities for privileged mode; the
+    // ServiceMonitor, enabled, is the plain one.
     let values = std::fs::read_to_string(chart.join("values.yaml"))?;
     let dir = TempDir::new("chart")?;
     let copy = dir.path("sluice");
     copy_dir(&chart, &copy)?;
     std::fs::write(
         copy.join("values.yaml"),
-        values.replace("privileged: false", "privileged: true"),
+        values
+            .replace("privileged: false", "privileged: true")
+            .replace(
+                "serviceMonitor:\n  enabled: false",
+                "serviceMonitor:\n  enabled: true",
+            ),
     )?;
     let rendered = helm::render(
         &copy,
@@ -376,6 +388,11 @@ fn helm_chart_defaults_render_to_the_plain_manifests() -> Result<()> {
         },
     )?;
     let docs = documents(&rendered)?;
+    let plain = plain_manifests()?;
+    assert_eq!(
+        find(&docs, "ServiceMonitor")?,
+        find(&plain, "ServiceMonitor")?
+    );
     let ds: DaemonSet = typed(find(&docs, "DaemonSet")?)?;
     let c = &ds
         .spec

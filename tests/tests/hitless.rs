@@ -17,35 +17,10 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use sluice_tests::{Agent, TempDir, service_json, sluice_bin, wait_for};
+use sluice_tests::{Agent, Bpffs, TempDir, service_json, sluice_bin, wait_for};
 use testbed::{Family, Topology, tcp_ask};
 
 const VIP: &str = "10.100.0.1:80";
-
-/// A bpffs instance mounted for one test (in the root mount namespace, so
-/// every `ip netns exec` sees it). Unmounted on drop, which drops its pins.
-struct Bpffs(PathBuf);
-
-impl Bpffs {
-    fn mount(dir: &TempDir) -> Result<Self> {
-        let path = dir.path("bpffs");
-        std::fs::create_dir_all(&path)?;
-        let status = Command::new("mount")
-            .args(["-t", "bpf", "bpf"])
-            .arg(&path)
-            .status()?;
-        if !status.success() {
-            bail!("mount -t bpf bpf {} failed", path.display());
-        }
-        Ok(Self(path))
-    }
-}
-
-impl Drop for Bpffs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
 
 /// `drained`: a backend listed with weight 0 (draining).
 fn config(pin_dir: &Path, conntrack: u32, drained: Option<usize>) -> String {

@@ -13,7 +13,9 @@ use std::{
 
 use anyhow::{Context, Result};
 use serde_json::{Value, json};
-use sluice_tests::{Agent, TempDir, backend_states, http_get, kube_mock::KubeMock, wait_for};
+use sluice_tests::{
+    Agent, Bpffs, TempDir, backend_states, http_get, kube_mock::KubeMock, wait_for,
+};
 use testbed::{Family, Topology, tcp_ask};
 
 const SERVICE: &str = "shop/web:http";
@@ -128,13 +130,17 @@ fn endpointslices_drive_the_maps_through_watch_expiry_and_an_api_outage() -> Res
     api.apply(slice(&[(0, true, true, false), (1, true, true, false)]));
 
     let dir = TempDir::new("k8s")?;
+    let bpffs = Bpffs::mount(&dir)?;
     let mut config = String::from("interfaces:\n  - name: front\n    attach: xdp-native\n");
     for i in 0..3 {
         config += &format!("  - name: back{i}\n    attach: xdp-native\n");
     }
-    config += &format!("kubernetes:\n  api_server: http://{API}\n  drain_timeout_seconds: 30\n");
+    config += &format!(
+        "kubernetes:\n  api_server: http://{API}\n  drain_timeout_seconds: 30\npinning:\n  directory: {}\n",
+        bpffs.0.join("k8s").display()
+    );
     std::fs::write(dir.path("sluice.yaml"), config)?;
-    let agent = Agent::start(&topo.lb, &dir.path("sluice.yaml"), dir.path("agent.log"))?;
+    let mut agent = Agent::start(&topo.lb, &dir.path("sluice.yaml"), dir.path("agent.log"))?;
 
     // Initial list: the opted-in Service only, its ready endpoints active.
     wait_states(&topo, &agent, &[(0, "active"), (1, "active")])?;
@@ -232,6 +238,27 @@ fn endpointslices_drive_the_maps_through_watch_expiry_and_an_api_outage() -> Res
     wait_for("provider healthy again", Duration::from_secs(30), || {
         healthy(&topo, &agent)
     })?;
+
+    // A restart while the API server is away: the pinned Kubernetes
+    // services keep serving (adopted) until the provider answers, then
+    // carry on under their names.
+    wait_states(&topo, &agent, &[(1, "active"), (2, "active")])?;
+    agent.kill9()?;
+    api.stop();
+    let agent = Agent::start(&topo.lb, &dir.path("sluice.yaml"), dir.path("agent2.log"))?;
+    assert_eq!(
+        reached(&topo, 60)?,
+        names(&[1, 2]),
+        "served while the API is away"
+    );
+    api.resume(&topo.lb)?;
+    wait_states(&topo, &agent, &[(1, "active"), (2, "active")])?;
+    let log = agent.log_text();
+    assert!(
+        log.contains("service renamed"),
+        "the adopted service was not taken over by name:\n{log}"
+    );
+    assert_eq!(reached(&topo, 60)?, names(&[1, 2]));
 
     // The Service is deleted: its Sluice service goes.
     api.delete("Service", "shop", "web");

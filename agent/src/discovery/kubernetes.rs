@@ -35,8 +35,13 @@ use crate::config::{KubeAddress, Kubernetes, MAX_WEIGHT, Protocol, ServiceSpec};
 
 /// The Service annotation with per-endpoint weights.
 pub const WEIGHTS_ANNOTATION: &str = "sluice.io/weights";
-/// Events that arrive within this much of each other are applied together.
+/// Events that arrive within this much of each other are applied together…
 const SETTLE: Duration = Duration::from_millis(50);
+/// …but a steady stream of events is applied at least this often.
+const SETTLE_MAX: Duration = Duration::from_millis(500);
+/// A watch error followed by this long without another one means the
+/// watchers are back (they resume silently): the set is sent again.
+const RECOVERED_AFTER: Duration = Duration::from_secs(10);
 
 pub async fn run(spec: Kubernetes, reporter: Reporter) {
     let client = loop {
@@ -79,9 +84,31 @@ pub async fn run(spec: Kubernetes, reporter: Reporter) {
     .map(|e| (1usize, e.map(|e| matches!(e, watcher::Event::InitDone))));
     let mut events = std::pin::pin!(futures_util::stream::select(service_events, slice_events));
     let mut listed = [false, false];
-    while let Some((which, event)) = events.next().await {
+    let mut failing = false;
+    loop {
+        let next = if failing {
+            match tokio::time::timeout(RECOVERED_AFTER, events.next()).await {
+                Ok(next) => next,
+                Err(_) => {
+                    // Quiet since the last error: the watches are up again
+                    // (they resume without an event).
+                    failing = false;
+                    if listed[0] && listed[1] {
+                        let found = desired(&services.state(), &slices.state(), &spec);
+                        if !reporter.send(Outcome::Services(found)).await {
+                            return;
+                        }
+                    }
+                    continue;
+                }
+            }
+        } else {
+            events.next().await
+        };
+        let Some((which, event)) = next else { return };
         match event {
             Err(e) => {
+                failing = true;
                 let what = if which == 0 {
                     "services"
                 } else {
@@ -100,11 +127,19 @@ pub async fn run(spec: Kubernetes, reporter: Reporter) {
         if !(listed[0] && listed[1]) {
             continue;
         }
-        // Let a burst of events land before computing the whole set once.
-        while let Ok(Some((which, event))) = tokio::time::timeout(SETTLE, events.next()).await {
-            if let Ok(init_done) = event {
-                listed[which] |= init_done;
+        // Let a burst of events land before computing the whole set once,
+        // but apply a steady stream at least every SETTLE_MAX.
+        let started = tokio::time::Instant::now();
+        while started.elapsed() < SETTLE_MAX
+            && let Ok(Some((which, event))) = tokio::time::timeout(SETTLE, events.next()).await
+        {
+            match event {
+                Ok(init_done) => listed[which] |= init_done,
+                Err(_) => failing = true,
             }
+        }
+        if failing {
+            continue; // sent once the watchers are quiet again
         }
         let found = desired(&services.state(), &slices.state(), &spec);
         if !reporter.send(Outcome::Services(found)).await {
@@ -116,10 +151,19 @@ pub async fn run(spec: Kubernetes, reporter: Reporter) {
 async fn client(spec: &Kubernetes) -> Result<Client, String> {
     match &spec.api_server {
         Some(url) => {
-            let uri = url
+            let uri: hyper::Uri = url
                 .parse()
                 .map_err(|e| format!("api_server {url:?}: {e}"))?;
-            Client::try_from(kube::Config::new(uri)).map_err(|e| e.to_string())
+            // Keep the credentials (service account, kubeconfig) and change
+            // only where they are presented.
+            let config = match kube::Config::infer().await {
+                Ok(mut c) => {
+                    c.cluster_url = uri;
+                    c
+                }
+                Err(_) => kube::Config::new(uri),
+            };
+            Client::try_from(config).map_err(|e| e.to_string())
         }
         // In a pod: the service account; elsewhere KUBECONFIG / ~/.kube/config.
         None => Client::try_default().await.map_err(|e| e.to_string()),

@@ -98,6 +98,24 @@ pub struct Status {
     pub failures: u64,
 }
 
+impl Status {
+    fn starting(provider: &'static str) -> Self {
+        Self {
+            provider,
+            generation: 0,
+            healthy: false,
+            error: Some("no answer yet".into()),
+            backends: None,
+            previous: None,
+            last_success: None,
+            held_back: false,
+            updates_applied: 0,
+            updates_held_back: 0,
+            failures: 0,
+        }
+    }
+}
+
 /// Running providers and what they reported.
 #[derive(Default)]
 pub struct Hub {
@@ -105,6 +123,9 @@ pub struct Hub {
     running: BTreeMap<String, (DiscoverySpec, AbortHandle)>,
     next_generation: u64,
     kubernetes: Option<KubeState>,
+    /// The Kubernetes services while a config without Kubernetes is not
+    /// yet applied.
+    kube_stash: Option<Vec<ServiceSpec>>,
 }
 
 /// The Kubernetes provider and the services it last reported.
@@ -196,13 +217,18 @@ impl Hub {
         if self.kubernetes.as_ref().map(|k| &k.spec) == wanted {
             return;
         }
-        let last = self.kubernetes.take().and_then(|k| {
-            k.handle.abort();
-            k.services
-        });
+        let last = self
+            .kubernetes
+            .take()
+            .and_then(|k| {
+                k.handle.abort();
+                k.services
+            })
+            .or_else(|| self.kube_stash.take());
         let Some(spec) = wanted else {
-            self.statuses
-                .retain(|_, s| s.provider != KUBERNETES_PROVIDER);
+            // Kept until the config without Kubernetes is applied (`prune`):
+            // if it can't be, the provider restarts with these.
+            self.kube_stash = last;
             return;
         };
         self.next_generation += 1;
@@ -225,6 +251,11 @@ impl Hub {
             failures: 0,
             updates: 0,
         });
+        // The provider's own health, before any service is known (broken
+        // RBAC, no API server): shown in /readyz and the metrics.
+        self.statuses
+            .entry(KUBERNETES.to_string())
+            .or_insert_with(|| Status::starting(KUBERNETES_PROVIDER));
     }
 
     fn accept_kubernetes(&mut self, report: Report) -> bool {
@@ -278,8 +309,20 @@ impl Hub {
             (k.healthy, k.error.clone(), k.failures, k.updates);
         let services = k.services.clone().unwrap_or_default();
         self.statuses.retain(|name, s| {
-            s.provider != KUBERNETES_PROVIDER || services.iter().any(|x| &x.name == name)
+            s.provider != KUBERNETES_PROVIDER
+                || name == KUBERNETES
+                || services.iter().any(|x| &x.name == name)
         });
+        if let Some(status) = self.statuses.get_mut(KUBERNETES) {
+            status.healthy = healthy;
+            status.error = error.clone();
+            status.failures = failures;
+            status.updates_applied = updates;
+            if healthy {
+                status.last_success = Some(now);
+            }
+            status.backends = Some(Vec::new());
+        }
         for svc in services {
             let status = self.statuses.entry(svc.name.clone()).or_insert(Status {
                 provider: KUBERNETES_PROVIDER,
@@ -308,6 +351,9 @@ impl Hub {
 
     /// Forgets the statuses of services `config` (now applied) doesn't have.
     pub fn prune(&mut self, config: &Validated) {
+        if config.raw.kubernetes.is_none() {
+            self.kube_stash = None;
+        }
         self.statuses.retain(|name, s| {
             if s.provider == KUBERNETES_PROVIDER {
                 return config.raw.kubernetes.is_some();
@@ -338,6 +384,17 @@ impl Hub {
             status.backends = Some(previous);
             status.healthy = false;
             status.error = Some(format!("not applied: {why}"));
+        }
+    }
+
+    /// Starts the Kubernetes provider off with the services a pinned
+    /// datapath still had (when Kubernetes is configured).
+    pub fn seed_kubernetes(&mut self, services: Vec<ServiceSpec>) {
+        if let Some(k) = self.kubernetes.as_mut()
+            && k.services.is_none()
+            && !services.is_empty()
+        {
+            k.services = Some(services);
         }
     }
 
