@@ -328,3 +328,25 @@ impl Drop for Bpffs {
         let _ = Command::new("umount").arg("-l").arg(&self.0).status();
     }
 }
+
+/// The backends (by the name their server answers with) that `n` new TCP
+/// connections from the topology's client to `vip` reach.
+pub fn backends_reached(
+    topo: &testbed::Topology,
+    vip: SocketAddr,
+    n: usize,
+) -> Result<std::collections::BTreeSet<String>> {
+    topo.client
+        .enter(|| -> Result<std::collections::BTreeSet<String>> {
+            (0..n)
+                .map(|i| {
+                    Ok(testbed::tcp_ask(vip, Duration::from_secs(3))
+                        .with_context(|| format!("connection {i} through {vip}"))?
+                        .split_whitespace()
+                        .next()
+                        .unwrap_or("")
+                        .to_string())
+                })
+                .collect()
+        })?
+}

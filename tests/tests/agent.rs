@@ -54,21 +54,8 @@ fn bed(tag: &str) -> Result<Bed> {
 }
 
 fn backends_reached(topo: &Topology, n: usize) -> Result<Vec<String>> {
-    let vip: SocketAddr = "10.100.0.1:80".parse()?;
-    let mut names: Vec<String> = topo.client.enter(|| -> Result<Vec<String>> {
-        (0..n)
-            .map(|_| {
-                Ok(tcp_ask(vip, Duration::from_secs(3))?
-                    .split_whitespace()
-                    .next()
-                    .unwrap_or("")
-                    .to_string())
-            })
-            .collect()
-    })??;
-    names.sort();
-    names.dedup();
-    Ok(names)
+    let reached = sluice_tests::backends_reached(topo, "10.100.0.1:80".parse()?, n)?;
+    Ok(reached.into_iter().collect())
 }
 
 fn wait_for(what: &str, mut f: impl FnMut() -> Result<bool>) -> Result<()> {

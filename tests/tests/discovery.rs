@@ -14,7 +14,7 @@ use anyhow::{Context, Result, bail};
 use sluice_tests::{
     Agent, Daemon, TempDir, backend_states, http_get, metric, service_json, wait_for,
 };
-use testbed::{Family, NameServer, Topology, tcp_ask};
+use testbed::{Family, NameServer, Topology};
 
 const VIP: &str = "10.100.0.1:80";
 
@@ -51,19 +51,7 @@ fn backend(i: usize) -> String {
 /// Which backends (by the name their server answers with) `n` new
 /// connections through the VIP reach.
 fn reached(topo: &Topology, n: usize) -> Result<BTreeSet<String>> {
-    let vip: SocketAddr = VIP.parse()?;
-    topo.client.enter(|| -> Result<BTreeSet<String>> {
-        (0..n)
-            .map(|i| {
-                Ok(tcp_ask(vip, Duration::from_secs(3))
-                    .with_context(|| format!("connection {i} through {vip}"))?
-                    .split_whitespace()
-                    .next()
-                    .unwrap_or("")
-                    .to_string())
-            })
-            .collect()
-    })?
+    sluice_tests::backends_reached(topo, "10.100.0.1:80".parse()?, n)
 }
 
 /// The service's backends that take new connections.

@@ -7,7 +7,6 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::SocketAddr,
     time::Duration,
 };
 
@@ -16,7 +15,7 @@ use serde_json::{Value, json};
 use sluice_tests::{
     Agent, Bpffs, TempDir, backend_states, http_get, kube_mock::KubeMock, wait_for,
 };
-use testbed::{Family, Topology, tcp_ask};
+use testbed::{Family, Topology};
 
 const SERVICE: &str = "shop/web:http";
 const API: &str = "127.0.0.1:8001";
@@ -91,18 +90,7 @@ fn wait_states(topo: &Topology, agent: &Agent, pairs: &[(usize, &str)]) -> Resul
 
 /// Backends reached by `n` new connections to the ClusterIP.
 fn reached(topo: &Topology, n: usize) -> Result<BTreeSet<String>> {
-    let vip: SocketAddr = "10.100.0.1:80".parse()?;
-    topo.client.enter(|| -> Result<BTreeSet<String>> {
-        (0..n)
-            .map(|_| {
-                Ok(tcp_ask(vip, Duration::from_secs(3))?
-                    .split_whitespace()
-                    .next()
-                    .unwrap_or("")
-                    .to_string())
-            })
-            .collect()
-    })?
+    sluice_tests::backends_reached(topo, "10.100.0.1:80".parse()?, n)
 }
 
 fn names(items: &[usize]) -> BTreeSet<String> {

@@ -125,7 +125,13 @@ async fn session(
         match list(client, endpoint, range).await {
             Ok(listed) => {
                 *progressed = true;
-                info!(service = reporter.service, endpoint, revision = listed.revision, keys = listed.values.len(), "etcd prefix listed");
+                info!(
+                    service = reporter.service,
+                    endpoint,
+                    revision = listed.revision,
+                    keys = listed.values.len(),
+                    "etcd prefix listed"
+                );
                 report(&listed, reporter).await;
                 *snapshot = Some(listed);
             }
@@ -146,7 +152,12 @@ async fn session(
         Ok(r) => r,
         Err(e) => return format!("starting the watch: {e}"),
     };
-    info!(service = reporter.service, endpoint, from_revision = snap.revision + 1, "etcd watch started");
+    info!(
+        service = reporter.service,
+        endpoint,
+        from_revision = snap.revision + 1,
+        "etcd watch started"
+    );
     let mut body = response.into_body();
     let mut buffer: Vec<u8> = Vec::new();
     loop {

@@ -193,19 +193,10 @@ impl Hub {
                 provider = spec.source.kind(),
                 "discovery started"
             );
-            let status = self.statuses.entry(name.to_string()).or_insert(Status {
-                provider: spec.source.kind(),
-                generation: 0,
-                healthy: false,
-                error: Some("no answer yet".into()),
-                backends: None,
-                previous: None,
-                last_success: None,
-                held_back: false,
-                updates_applied: 0,
-                updates_held_back: 0,
-                failures: 0,
-            });
+            let status = self
+                .statuses
+                .entry(name.to_string())
+                .or_insert_with(|| Status::starting(spec.source.kind()));
             status.provider = spec.source.kind();
             status.generation = self.next_generation;
             self.running
@@ -324,19 +315,10 @@ impl Hub {
             status.backends = Some(Vec::new());
         }
         for svc in services {
-            let status = self.statuses.entry(svc.name.clone()).or_insert(Status {
-                provider: KUBERNETES_PROVIDER,
-                generation: 0,
-                healthy,
-                error: None,
-                backends: None,
-                previous: None,
-                last_success: None,
-                held_back: false,
-                updates_applied: 0,
-                updates_held_back: 0,
-                failures: 0,
-            });
+            let status = self
+                .statuses
+                .entry(svc.name.clone())
+                .or_insert_with(|| Status::starting(KUBERNETES_PROVIDER));
             status.healthy = healthy;
             status.error = error.clone();
             status.failures = failures;
