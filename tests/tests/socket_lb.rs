@@ -2,7 +2,8 @@
 //! cgroup connects to the VIP and reaches a backend without any packet to
 //! the VIP (no XDP translation involved), `getpeername` and `recvfrom` show
 //! the VIP, UDP request/reply works, and a refusing backend is counted and
-//! ejected through the socket state tracepoint, as on the packet path.
+//! ejected through the socket state tracepoint, as on the packet path. IPv4
+//! and IPv6.
 
 use std::{
     collections::BTreeMap,
@@ -124,6 +125,12 @@ fn config(cgroup: &Cgroup) -> String {
         for i in 0..3 {
             text += &format!("      - address: 10.1.{i}.2:8080\n");
         }
+        text += &format!(
+            "  - name: web6-{proto}\n    vip: \"fd64::1\"\n    port: 80\n    protocol: {proto}\n    backends:\n"
+        );
+        for i in 0..3 {
+            text += &format!("      - address: \"[fd01:{i}::2]:8080\"\n");
+        }
     }
     text
 }
@@ -143,6 +150,7 @@ fn by_backend(results: &[Value]) -> BTreeMap<String, usize> {
 fn cgroup_clients_reach_backends_see_the_vip_and_failures_eject() -> Result<()> {
     let topo = Topology::new("sk", 3)?;
     let mut servers = topo.serve(Family::V4, 8080)?;
+    let _servers6 = topo.serve(Family::V6, 8080)?;
     topo.warm_neighbours()?;
     let dir = TempDir::new("sk")?;
     let cgroup = Cgroup::new(&dir, "sluice-sk-")?;
@@ -169,6 +177,35 @@ fn cgroup_clients_reach_backends_see_the_vip_and_failures_eject() -> Result<()> 
     assert_eq!(udp.len(), 40);
     for r in &udp {
         assert_eq!(r["peer"], serde_json::json!(["10.100.0.1", 80]), "{r}");
+    }
+
+    // IPv6: the same through connect6/sendmsg6/recvmsg6/getpeername6.
+    let script6 = TCP_CLIENT
+        .replace("\"10.100.0.1\"", "\"fd64::1\"")
+        .replace("list(peer)", "list(peer)[:2]")
+        .replace("COUNT", "30");
+    let tcp6 = client(&topo, &cgroup, &script6)?;
+    assert_eq!(tcp6.len(), 30);
+    for r in &tcp6 {
+        assert_eq!(r["peer"], serde_json::json!(["fd64::1", 80]), "{r}");
+        assert!(
+            r["reply"].as_str().unwrap_or("").contains("fd00:1::2"),
+            "{r}"
+        );
+    }
+    assert_eq!(by_backend(&tcp6).len(), 3, "{:?}", by_backend(&tcp6));
+    let udp6 = client(
+        &topo,
+        &cgroup,
+        &UDP_CLIENT
+            .replace("AF_INET", "AF_INET6")
+            .replace("\"10.100.0.1\"", "\"fd64::1\"")
+            .replace("list(src)", "list(src)[:2]")
+            .replace("COUNT", "20"),
+    )?;
+    assert_eq!(udp6.len(), 20);
+    for r in &udp6 {
+        assert_eq!(r["peer"], serde_json::json!(["fd64::1", 80]), "{r}");
     }
 
     // The balancing happened at the socket: the same counters as the packet
