@@ -121,8 +121,9 @@ pub async fn run(
     }
     let configured: Vec<&str> = cfg.raw.interfaces.iter().map(|i| i.name.as_str()).collect();
     datapath.prune_pinned_links(&configured)?;
-    if let Some(s) = &cfg.raw.socket_lb {
-        datapath.attach_socket_lb(Path::new(&s.cgroup))?;
+    match &cfg.raw.socket_lb {
+        Some(s) => datapath.attach_socket_lb(Path::new(&s.cgroup))?,
+        None => datapath.remove_pinned_socket_lb()?,
     }
     *shared.attachments.lock().unwrap() = datapath.attachments();
     *shared.conntrack_capacity.lock().unwrap() = sizes.conntrack;

@@ -574,24 +574,34 @@ impl Datapath {
     /// programs on the cgroup at `cgroup`, and the socket state tracepoint
     /// that counts their connects' failures. Detached when the agent exits.
     pub fn attach_socket_lb(&mut self, cgroup: &std::path::Path) -> Result<()> {
-        use aya::programs::{CgroupSockAddr, RawTracePoint, links::CgroupAttachMode};
+        use aya::programs::{
+            CgroupSock, CgroupSockAddr, RawTracePoint, links::CgroupAttachMode, links::FdLink,
+        };
         let dir = std::fs::File::open(cgroup)
             .with_context(|| format!("opening cgroup {}", cgroup.display()))?;
+        // With pinning, each new link is pinned in place of the last agent's
+        // (attached first, so the hooks never go missing: for a moment both
+        // run, and the second sees a backend, not a VIP).
+        let pin = self.pins.is_some();
+        let mut links: Vec<(&str, FdLink)> = Vec::new();
         for name in SOCKET_PROGRAMS {
             let p: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;
             p.load()
                 .with_context(|| format!("loading program {name} (kernel verifier)"))?;
             // A bpf_link attachment coexists with other programs on the cgroup
             // whatever the mode; the kernel refuses flags with links.
-            p.attach(&dir, CgroupAttachMode::Single)
+            let id = p
+                .attach(&dir, CgroupAttachMode::Single)
                 .with_context(|| format!("attaching {name} to cgroup {}", cgroup.display()))?;
+            if pin {
+                links.push((name, p.take_link(id)?.try_into()?));
+            }
         }
-        let release: &mut aya::programs::CgroupSock =
-            program(&mut self.ebpf, SOCK_RELEASE_PROGRAM)?;
+        let release: &mut CgroupSock = program(&mut self.ebpf, SOCK_RELEASE_PROGRAM)?;
         release
             .load()
             .with_context(|| format!("loading program {SOCK_RELEASE_PROGRAM} (kernel verifier)"))?;
-        release
+        let id = release
             .attach(&dir, CgroupAttachMode::Single)
             .with_context(|| {
                 format!(
@@ -599,6 +609,9 @@ impl Datapath {
                     cgroup.display()
                 )
             })?;
+        if pin {
+            links.push((SOCK_RELEASE_PROGRAM, release.take_link(id)?.try_into()?));
+        }
         for (name, tracepoint) in [
             (SOCK_STATE_PROGRAM, "inet_sock_set_state"),
             (TCP_RESET_PROGRAM, "tcp_receive_reset"),
@@ -606,10 +619,51 @@ impl Datapath {
             let tp: &mut RawTracePoint = program(&mut self.ebpf, name)?;
             tp.load()
                 .with_context(|| format!("loading program {name} (kernel verifier)"))?;
-            tp.attach(tracepoint)
+            let id = tp
+                .attach(tracepoint)
                 .with_context(|| format!("attaching to the {tracepoint} tracepoint"))?;
+            if pin {
+                links.push((name, FdLink::from(tp.take_link(id)?)));
+            }
         }
-        info!(cgroup = %cgroup.display(), "socket-level balancing attached");
+        if let Some(pins) = &self.pins {
+            for (name, link) in links {
+                let path = pins.socket_link_path(name);
+                if path.exists() {
+                    std::fs::remove_file(&path)
+                        .with_context(|| format!("removing pin {}", path.display()))?;
+                }
+                // The pin holds the link from now on; our handle may go.
+                link.pin(&path)
+                    .with_context(|| format!("pinning {name} at {}", path.display()))?;
+            }
+        }
+        info!(cgroup = %cgroup.display(), pinned = pin, "socket-level balancing attached");
+        Ok(())
+    }
+
+    /// With pinning and no `socket_lb` in the config: the socket hooks an
+    /// earlier agent pinned are removed.
+    pub fn remove_pinned_socket_lb(&mut self) -> Result<()> {
+        let Some(pins) = &self.pins else {
+            return Ok(());
+        };
+        let mut removed = 0;
+        for name in SOCKET_PROGRAMS.iter().chain(&[
+            SOCK_RELEASE_PROGRAM,
+            SOCK_STATE_PROGRAM,
+            TCP_RESET_PROGRAM,
+        ]) {
+            let path = pins.socket_link_path(name);
+            if path.exists() {
+                std::fs::remove_file(&path)
+                    .with_context(|| format!("removing pin {}", path.display()))?;
+                removed += 1;
+            }
+        }
+        if removed > 0 {
+            info!("pinned socket-level balancing removed: socket_lb is no longer configured");
+        }
         Ok(())
     }
 

@@ -5,6 +5,7 @@
 //! ```text
 //! DIR/layout-N/maps/NAME         every map whose contents must survive
 //! DIR/layout-N/links/IFACE@MODE  the program's link on each interface
+//! DIR/layout-N/sock/PROGRAM      socket-level balancing's cgroup and tracepoint links
 //! ```
 //!
 //! `N` is `agent_common::MAP_LAYOUT`, bumped whenever a shared type's layout
@@ -73,7 +74,7 @@ impl PinDir {
             }
         }
         let root = dir.join(layout);
-        for sub in ["maps", "links"] {
+        for sub in ["maps", "links", "sock"] {
             std::fs::create_dir_all(root.join(sub))
                 .with_context(|| format!("creating {}", root.join(sub).display()))?;
         }
@@ -87,6 +88,11 @@ impl PinDir {
     pub fn link_path(&self, interface: &str, mode: AttachMode) -> PathBuf {
         // bpffs refuses names with a dot.
         self.root.join("links").join(format!("{interface}@{mode}"))
+    }
+
+    /// Where the link of a socket-level balancing program is pinned.
+    pub fn socket_link_path(&self, program: &str) -> PathBuf {
+        self.root.join("sock").join(program)
     }
 
     /// The pinned link of `interface`, if any, and the mode it was made in.
@@ -168,7 +174,7 @@ impl PinDir {
 }
 
 fn has_pins(dir: &Path) -> bool {
-    ["maps", "links"].iter().any(|sub| {
+    ["maps", "links", "sock"].iter().any(|sub| {
         std::fs::read_dir(dir.join(sub)).is_ok_and(|mut entries| entries.next().is_some())
     })
 }
@@ -228,7 +234,7 @@ pub fn cleanup(dir: &Path) -> Result<usize> {
         return Ok(0);
     };
     for layout in layouts.flatten() {
-        for sub in ["links", "maps"] {
+        for sub in ["links", "sock", "maps"] {
             let Ok(entries) = std::fs::read_dir(layout.path().join(sub)) else {
                 continue;
             };

@@ -14,7 +14,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
-use sluice_tests::{Agent, TempDir, backend_states, http_get, metric, wait_for};
+use sluice_tests::{Agent, Bpffs, TempDir, backend_states, http_get, metric, wait_for};
 use testbed::{Family, Topology};
 
 /// A cgroup v2 made for one test, on a cgroup2 mount of its own outside
@@ -109,14 +109,15 @@ for i in range(COUNT):
     print(json.dumps({"peer": list(src), "reply": data.decode()}))
 "#;
 
-fn config(cgroup: &Cgroup) -> String {
+fn config(cgroup: &Cgroup, pins: &Bpffs) -> String {
     let mut text = String::from("interfaces:\n  - name: front\n    attach: xdp-native\n");
     for i in 0..3 {
         text += &format!("  - name: back{i}\n    attach: xdp-native\n");
     }
     text += &format!(
-        "socket_lb:\n  cgroup: {}\nservices:\n",
-        cgroup.path.display()
+        "socket_lb:\n  cgroup: {}\npinning:\n  directory: {}\nservices:\n",
+        cgroup.path.display(),
+        pins.0.join("sk").display()
     );
     for proto in ["tcp", "udp"] {
         text += &format!(
@@ -154,8 +155,9 @@ fn cgroup_clients_reach_backends_see_the_vip_and_failures_eject() -> Result<()> 
     topo.warm_neighbours()?;
     let dir = TempDir::new("sk")?;
     let cgroup = Cgroup::new(&dir, "sluice-sk-")?;
-    std::fs::write(dir.path("sluice.yaml"), config(&cgroup))?;
-    let agent = Agent::start(&topo.lb, &dir.path("sluice.yaml"), dir.path("agent.log"))?;
+    let pins = Bpffs::mount(&dir)?;
+    std::fs::write(dir.path("sluice.yaml"), config(&cgroup, &pins))?;
+    let mut agent = Agent::start(&topo.lb, &dir.path("sluice.yaml"), dir.path("agent.log"))?;
 
     // TCP: every connection reaches a backend; the application sees the VIP.
     let tcp = client(&topo, &cgroup, &TCP_CLIENT.replace("COUNT", "60"))?;
@@ -275,5 +277,30 @@ fn cgroup_clients_reach_backends_see_the_vip_and_failures_eject() -> Result<()> 
         "refusals after the ejection"
     );
     assert!(!by_backend(&later).contains_key("b1"));
+
+    // kill -9: the pinned hooks keep balancing on their own (and keep the
+    // ejection); a restarted agent replaces them with no gap.
+    agent.kill9()?;
+    let alone = client(&topo, &cgroup, &TCP_CLIENT.replace("COUNT", "30"))?;
+    for r in &alone {
+        assert_eq!(r["peer"], serde_json::json!(["10.100.0.1", 80]), "{r}");
+    }
+    assert!(!by_backend(&alone).contains_key("b1"));
+    assert_eq!(by_backend(&alone).values().sum::<usize>(), 30);
+    let agent = Agent::start(&topo.lb, &dir.path("sluice.yaml"), dir.path("agent2.log"))?;
+    assert!(agent.log_text().contains("pinned=true"));
+    // Still no packet to the VIP reached the XDP path (the counters are
+    // pinned too): the hooks balanced while no agent ran.
+    let (_, m) = http_get(&topo.lb, agent.listen, "/metrics")?;
+    assert_eq!(
+        metric(
+            &m,
+            "sluice_service_packets_total",
+            &[("service", "web-tcp"), ("direction", "to_backend")]
+        ),
+        Some(0.0)
+    );
+    let again = client(&topo, &cgroup, &TCP_CLIENT.replace("COUNT", "30"))?;
+    assert_eq!(by_backend(&again).values().sum::<usize>(), 30);
     Ok(())
 }
