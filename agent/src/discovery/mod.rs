@@ -175,12 +175,7 @@ impl Hub {
             if self.running.contains_key(name) {
                 continue;
             }
-            self.next_generation += 1;
-            let reporter = Reporter {
-                service: name.to_string(),
-                generation: self.next_generation,
-                tx: tx.clone(),
-            };
+            let reporter = self.reporter(name, tx);
             let handle = match &spec.source {
                 Source::Dns { .. } => {
                     tokio::spawn(dns::run(spec.source.clone(), v4(name), reporter))
@@ -204,6 +199,17 @@ impl Hub {
         }
     }
 
+    /// A new provider instance's reporter: a new generation, so reports of
+    /// the instance it replaces are ignored.
+    fn reporter(&mut self, service: &str, tx: &mpsc::Sender<Report>) -> Reporter {
+        self.next_generation += 1;
+        Reporter {
+            service: service.to_string(),
+            generation: self.next_generation,
+            tx: tx.clone(),
+        }
+    }
+
     fn sync_kubernetes(&mut self, wanted: Option<&Kubernetes>, tx: &mpsc::Sender<Report>) {
         if self.kubernetes.as_ref().map(|k| &k.spec) == wanted {
             return;
@@ -222,12 +228,7 @@ impl Hub {
             self.kube_stash = last;
             return;
         };
-        self.next_generation += 1;
-        let reporter = Reporter {
-            service: KUBERNETES.to_string(),
-            generation: self.next_generation,
-            tx: tx.clone(),
-        };
+        let reporter = self.reporter(KUBERNETES, tx);
         let handle = tokio::spawn(kubernetes::run(spec.clone(), reporter)).abort_handle();
         info!(provider = KUBERNETES_PROVIDER, "discovery started");
         self.kubernetes = Some(KubeState {
