@@ -214,22 +214,6 @@ impl MaglevTables {
         }
         Ok(())
     }
-
-    /// Reads `len` slots at `offset` (tests).
-    pub fn read(&self, offset: u32, len: usize) -> Result<Vec<u32>> {
-        let start = offset as usize;
-        if start + len > self.slots {
-            anyhow::bail!("Maglev slots past the array");
-        }
-        // SAFETY: as in `write`, a checked range of the live mapping.
-        let slots = unsafe {
-            std::slice::from_raw_parts(
-                self.ptr.as_ptr().add(start * ELEMENT_STRIDE),
-                len * ELEMENT_STRIDE,
-            )
-        };
-        Ok(slots.iter().step_by(ELEMENT_STRIDE).copied().collect())
-    }
 }
 
 impl Drop for MaglevTables {
@@ -417,13 +401,7 @@ impl Datapath {
                 Ok(Link::Xdp(xdp.attach(interface, xdp_mode)?))
             }
             AttachMode::Tc => {
-                let tc: &mut SchedClassifier = program(&mut self.ebpf, TC_PROGRAM)?;
-                if !self.tc_loaded {
-                    tc.load().with_context(|| {
-                        format!("loading program {TC_PROGRAM} (kernel verifier)")
-                    })?;
-                    self.tc_loaded = true;
-                }
+                let tc = self.tc_program()?;
                 // tcx links (kernel ≥ 6.6) need no qdisc and go away with the fd.
                 Ok(Link::Tc(tc.attach_with_options(
                     interface,
@@ -478,7 +456,20 @@ impl Datapath {
             return Ok(link);
         };
         let path = pins.link_path(interface, mode);
-        let fd: aya::programs::links::FdLink = match link {
+        if let Link::Pinned(..) = link {
+            return Ok(link);
+        }
+        let pinned = self
+            .take_fd_link(link)?
+            .pin(&path)
+            .with_context(|| format!("pinning the link of {interface} at {}", path.display()))?;
+        Ok(Link::Pinned(pinned.into(), path))
+    }
+
+    /// The bpf_link of an attachment, taken from the program that owns it
+    /// (a pin, or our handle, keeps it from then on).
+    fn take_fd_link(&mut self, link: Link) -> Result<aya::programs::links::FdLink> {
+        Ok(match link {
             Link::Xdp(id) => program::<Xdp>(&mut self.ebpf, XDP_PROGRAM)?
                 .take_link(id)?
                 .try_into()
@@ -487,12 +478,19 @@ impl Datapath {
                 .take_link(id)?
                 .try_into()
                 .context("a TC attachment without a tcx link can't be pinned")?,
-            pinned @ Link::Pinned(..) => return Ok(pinned),
-        };
-        let pinned = fd
-            .pin(&path)
-            .with_context(|| format!("pinning the link of {interface} at {}", path.display()))?;
-        Ok(Link::Pinned(pinned.into(), path))
+            Link::Pinned(fd, _) => fd,
+        })
+    }
+
+    /// The TC program, loaded (verified) on first use.
+    fn tc_program(&mut self) -> Result<&mut SchedClassifier> {
+        let tc: &mut SchedClassifier = program(&mut self.ebpf, TC_PROGRAM)?;
+        if !self.tc_loaded {
+            tc.load()
+                .with_context(|| format!("loading program {TC_PROGRAM} (kernel verifier)"))?;
+            self.tc_loaded = true;
+        }
+        Ok(tc)
     }
 
     /// With pinning: an interface whose link an earlier agent pinned gets
@@ -516,13 +514,7 @@ impl Datapath {
         }
         let replaced = match mode {
             AttachMode::Tc => {
-                let tc: &mut SchedClassifier = program(&mut self.ebpf, TC_PROGRAM)?;
-                if !self.tc_loaded {
-                    tc.load().with_context(|| {
-                        format!("loading program {TC_PROGRAM} (kernel verifier)")
-                    })?;
-                    self.tc_loaded = true;
-                }
+                let tc = self.tc_program()?;
                 aya::programs::tc::SchedClassifierLink::try_from(fd)
                     .map_err(anyhow::Error::from)
                     .and_then(|link| Ok(Link::Tc(tc.attach_to_link(link)?)))
@@ -537,21 +529,7 @@ impl Datapath {
         match replaced {
             Ok(link) => {
                 // The program now owns an fd of the link; the pin keeps it.
-                let link = match link {
-                    Link::Xdp(id) => Link::Pinned(
-                        program::<Xdp>(&mut self.ebpf, XDP_PROGRAM)?
-                            .take_link(id)?
-                            .try_into()?,
-                        path,
-                    ),
-                    Link::Tc(id) => Link::Pinned(
-                        program::<SchedClassifier>(&mut self.ebpf, TC_PROGRAM)?
-                            .take_link(id)?
-                            .try_into()?,
-                        path,
-                    ),
-                    other => other,
-                };
+                let link = Link::Pinned(self.take_fd_link(link)?, path);
                 info!(interface, mode = %mode, "adopted the pinned attachment; program replaced in place");
                 self.links
                     .insert(interface.to_string(), (requested, mode, link));

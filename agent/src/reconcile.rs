@@ -115,10 +115,6 @@ fn words_ip(words: [u32; 4], v4: bool) -> IpAddr {
     IpAddr::from(o)
 }
 
-fn by_id(pinned: &[(ServiceKey, Service)], id: u32) -> Option<&(ServiceKey, Service)> {
-    pinned.iter().find(|(_, s)| s.id == id)
-}
-
 /// What a restarted agent found in pinned maps.
 pub struct Adopted {
     /// Per config service, its backends (address, weight) that take new
@@ -295,6 +291,8 @@ impl Reconciler {
     pub fn adopt(&mut self, config: &[ServiceSpec]) -> Result<Adopted> {
         let pinned: Vec<(ServiceKey, Service)> =
             self.maps.services.iter().filter_map(Result::ok).collect();
+        let family_of: std::collections::HashMap<u32, u8> =
+            pinned.iter().map(|(k, v)| (v.id, k.family)).collect();
         // Per service id: (backend id, address, weight, draining).
         let mut by_service: BTreeMap<u32, Vec<(u32, SocketAddr, u32, bool)>> = BTreeMap::new();
         let mut backend_ids = Vec::new();
@@ -305,7 +303,7 @@ impl Reconciler {
             if b.port == 0 || self.health(id).ejected == BACKEND_REMOVED {
                 continue; // never used, or removed
             }
-            let v4 = by_id(&pinned, b.service_id).is_some_and(|(k, _)| k.family == FAMILY_V4);
+            let v4 = family_of.get(&b.service_id) == Some(&FAMILY_V4);
             let ip = words_ip(b.addr, v4);
             by_service.entry(b.service_id).or_default().push((
                 id,

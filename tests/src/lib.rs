@@ -350,3 +350,22 @@ pub fn backends_reached(
                 .collect()
         })?
 }
+
+/// A test bed: the client ⇄ lb ⇄ backends topology with every backend
+/// serving (IPv4, port 8080), warm neighbour tables, and a temporary
+/// directory for configs and logs.
+pub struct Bed {
+    pub topo: testbed::Topology,
+    pub servers: Vec<testbed::NameServer>,
+    pub dir: TempDir,
+}
+
+impl Bed {
+    pub fn new(tag: &str, backends: usize) -> Result<Self> {
+        let topo = testbed::Topology::new(tag, backends)?;
+        let servers = topo.serve(testbed::Family::V4, 8080)?;
+        topo.warm_neighbours()?;
+        let dir = TempDir::new(tag)?;
+        Ok(Self { topo, servers, dir })
+    }
+}

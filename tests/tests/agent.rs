@@ -8,8 +8,8 @@ use std::{
 };
 
 use anyhow::{Result, bail};
-use sluice_tests::{Agent, TempDir, http_get, sluice_bin};
-use testbed::{Family, NameServer, Netns, Topology, tcp_ask};
+use sluice_tests::{Agent, Bed, http_get, sluice_bin};
+use testbed::{Netns, Topology, tcp_ask};
 
 fn config(backends: &[usize]) -> String {
     let mut text = String::from(
@@ -35,22 +35,8 @@ fn attached(ns: &Netns) -> String {
         .join("\n")
 }
 
-struct Bed {
-    topo: Topology,
-    _servers: Vec<NameServer>,
-    dir: TempDir,
-}
-
 fn bed(tag: &str) -> Result<Bed> {
-    let topo = Topology::new(tag, 2)?;
-    let servers = topo.serve(Family::V4, 8080)?;
-    topo.warm_neighbours()?;
-    let dir = TempDir::new(tag)?;
-    Ok(Bed {
-        topo,
-        _servers: servers,
-        dir,
-    })
+    Bed::new(tag, 2)
 }
 
 fn backends_reached(topo: &Topology, n: usize) -> Result<Vec<String>> {

@@ -11,29 +11,13 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use sluice_tests::{
-    Agent, Daemon, TempDir, backend_states, http_get, metric, service_json, wait_for,
-};
-use testbed::{Family, NameServer, Topology};
+use sluice_tests::{Agent, Bed, Daemon, backend_states, http_get, metric, service_json, wait_for};
+use testbed::Topology;
 
 const VIP: &str = "10.100.0.1:80";
 
-struct Bed {
-    topo: Topology,
-    _servers: Vec<NameServer>,
-    dir: TempDir,
-}
-
 fn bed(tag: &str, backends: usize) -> Result<Bed> {
-    let topo = Topology::new(tag, backends)?;
-    let servers = topo.serve(Family::V4, 8080)?;
-    topo.warm_neighbours()?;
-    let dir = TempDir::new(tag)?;
-    Ok(Bed {
-        topo,
-        _servers: servers,
-        dir,
-    })
+    Bed::new(tag, backends)
 }
 
 fn interfaces(backends: usize) -> String {

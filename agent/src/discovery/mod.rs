@@ -99,6 +99,36 @@ pub struct Status {
 }
 
 impl Status {
+    /// A failed or refused answer: counted, logged when it is news.
+    fn failed(&mut self, service: &str, why: String) {
+        self.failures += 1;
+        if self.healthy || self.error.as_deref() != Some(why.as_str()) {
+            warn!(
+                service,
+                provider = self.provider,
+                error = why,
+                "discovery failing; the last good set keeps serving"
+            );
+        }
+        self.healthy = false;
+        self.error = Some(why);
+    }
+
+    /// A usable answer of `found` backends or services.
+    fn answered(&mut self, service: &str, found: usize) {
+        if !self.healthy {
+            info!(
+                service,
+                provider = self.provider,
+                found,
+                "discovery healthy"
+            );
+        }
+        self.healthy = true;
+        self.error = None;
+        self.last_success = Some(SystemTime::now());
+    }
+
     fn starting(provider: &'static str) -> Self {
         Self {
             provider,
@@ -128,19 +158,16 @@ pub struct Hub {
     kube_stash: Option<Vec<ServiceSpec>>,
 }
 
-/// The Kubernetes provider and the services it last reported.
+/// The Kubernetes provider and the services it last reported. Its health
+/// is the status named `KUBERNETES`; each of its services' statuses copies it.
 struct KubeState {
     spec: Kubernetes,
     generation: u64,
     handle: AbortHandle,
-    healthy: bool,
-    error: Option<String>,
     /// None until the first complete answer.
     services: Option<Vec<ServiceSpec>>,
     /// The services before the last change, until that change is applied.
     previous: Option<Vec<ServiceSpec>>,
-    failures: u64,
-    updates: u64,
 }
 
 impl Hub {
@@ -235,13 +262,9 @@ impl Hub {
             spec: spec.clone(),
             generation: self.next_generation,
             handle,
-            healthy: false,
-            error: Some("no answer yet".into()),
             // A restarted provider's services keep serving until it answers.
             services: last,
             previous: None,
-            failures: 0,
-            updates: 0,
         });
         // The provider's own health, before any service is known (broken
         // RBAC, no API server): shown in /readyz and the metrics.
@@ -257,33 +280,20 @@ impl Hub {
         if k.generation != report.generation {
             return false;
         }
+        let provider = self
+            .statuses
+            .entry(KUBERNETES.to_string())
+            .or_insert_with(|| Status::starting(KUBERNETES_PROVIDER));
         let changed = match report.outcome {
             Outcome::Failed(why) => {
-                k.failures += 1;
-                if k.healthy || k.error.as_deref() != Some(why.as_str()) {
-                    warn!(
-                        provider = KUBERNETES_PROVIDER,
-                        error = why,
-                        "discovery failing; the last known services keep serving"
-                    );
-                }
-                k.healthy = false;
-                k.error = Some(why);
+                provider.failed(KUBERNETES, why);
                 false
             }
             Outcome::Services(services) => {
-                if !k.healthy {
-                    info!(
-                        provider = KUBERNETES_PROVIDER,
-                        services = services.len(),
-                        "discovery healthy"
-                    );
-                }
-                k.healthy = true;
-                k.error = None;
+                provider.answered(KUBERNETES, services.len());
                 let changed = k.services.as_ref() != Some(&services);
                 if changed {
-                    k.updates += 1;
+                    provider.updates_applied += 1;
                     info!(
                         provider = KUBERNETES_PROVIDER,
                         services = services.len(),
@@ -295,41 +305,32 @@ impl Hub {
             }
             Outcome::Backends(_) => false,
         };
-        // Per-service statuses, as for the other providers.
-        let now = SystemTime::now();
-        let (healthy, error, failures, updates) =
-            (k.healthy, k.error.clone(), k.failures, k.updates);
+        self.copy_kubernetes_statuses();
+        changed
+    }
+
+    /// Each Kubernetes service's status: the provider's, with its backends.
+    fn copy_kubernetes_statuses(&mut self) {
+        let (Some(k), Some(provider)) = (&self.kubernetes, self.statuses.get(KUBERNETES)) else {
+            return;
+        };
+        let provider = provider.clone();
         let services = k.services.clone().unwrap_or_default();
         self.statuses.retain(|name, s| {
             s.provider != KUBERNETES_PROVIDER
                 || name == KUBERNETES
                 || services.iter().any(|x| &x.name == name)
         });
-        if let Some(status) = self.statuses.get_mut(KUBERNETES) {
-            status.healthy = healthy;
-            status.error = error.clone();
-            status.failures = failures;
-            status.updates_applied = updates;
-            if healthy {
-                status.last_success = Some(now);
-            }
-            status.backends = Some(Vec::new());
-        }
         for svc in services {
-            let status = self
-                .statuses
-                .entry(svc.name.clone())
-                .or_insert_with(|| Status::starting(KUBERNETES_PROVIDER));
-            status.healthy = healthy;
-            status.error = error.clone();
-            status.failures = failures;
-            status.updates_applied = updates;
-            if healthy {
-                status.last_success = Some(now);
-            }
-            status.backends = Some(svc.backends);
+            let backends = Some(svc.backends);
+            self.statuses.insert(
+                svc.name,
+                Status {
+                    backends,
+                    ..provider.clone()
+                },
+            );
         }
-        changed
     }
 
     /// Forgets the statuses of services `config` (now applied) doesn't have.
@@ -356,8 +357,11 @@ impl Hub {
                 && let Some(previous) = k.previous.take()
             {
                 k.services = Some(previous);
-                k.healthy = false;
-                k.error = Some(format!("not applied: {why}"));
+                if let Some(provider) = self.statuses.get_mut(KUBERNETES) {
+                    provider.healthy = false;
+                    provider.error = Some(format!("not applied: {why}"));
+                }
+                self.copy_kubernetes_statuses();
             }
             return;
         }
@@ -411,48 +415,19 @@ impl Hub {
         let allow_empty = spec.discovery.as_ref().is_some_and(|d| d.allow_empty);
         let backends = match report.outcome {
             Outcome::Failed(why) => {
-                status.failures += 1;
-                if status.healthy || status.error.as_deref() != Some(why.as_str()) {
-                    warn!(
-                        service = report.service,
-                        provider = status.provider,
-                        error = why,
-                        backends = status.backends.as_ref().map_or(0, Vec::len),
-                        "discovery failing; the last good backends keep serving"
-                    );
-                }
-                status.healthy = false;
-                status.error = Some(why);
+                status.failed(&report.service, why);
                 return false;
             }
             Outcome::Services(_) => return false,
             Outcome::Backends(found) => match check_backends(spec, found) {
                 Ok(backends) => backends,
                 Err(why) => {
-                    status.failures += 1;
-                    warn!(
-                        service = report.service,
-                        provider = status.provider,
-                        error = why,
-                        "discovery answer refused; the last good backends keep serving"
-                    );
-                    status.healthy = false;
-                    status.error = Some(why);
+                    status.failed(&report.service, format!("answer refused: {why}"));
                     return false;
                 }
             },
         };
-        if !status.healthy {
-            info!(
-                service = report.service,
-                provider = status.provider,
-                backends = backends.len(),
-                "discovery healthy"
-            );
-        }
-        status.healthy = true;
-        status.error = None;
-        status.last_success = Some(SystemTime::now());
+        status.answered(&report.service, backends.len());
         let had_backends = status.backends.as_ref().is_some_and(|b| !b.is_empty());
         if backends.is_empty() && had_backends && !allow_empty {
             if !status.held_back {
