@@ -60,6 +60,40 @@ pub fn ensure(need: Need) -> Result<()> {
     }
     if need == Need::Tests {
         ensure_packages(TEST_PACKAGES)?;
+        ensure_disk_space()?;
+    }
+    Ok(())
+}
+
+/// A cold build of the suite (every test binary, three eBPF builds) takes
+/// about 3 GB under target/; a full disk shows up as a linker crash
+/// (SIGBUS) or "No space left on device" in the middle of the build.
+const DISK_NEEDED_BYTES: u64 = 4 << 30;
+
+fn ensure_disk_space() -> Result<()> {
+    let target = crate::workspace_root().join("target");
+    let probe = if target.exists() {
+        target
+    } else {
+        crate::workspace_root()
+    };
+    let path = std::ffi::CString::new(probe.as_os_str().as_encoded_bytes())?;
+    // SAFETY: statvfs writes into the zeroed struct we own; the path is a
+    // valid NUL-terminated string.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+        return Ok(()); // can't tell: let the build speak
+    }
+    let free = st.f_bavail as u64 * st.f_frsize as u64;
+    let built = crate::workspace_root().join("target/debug").exists();
+    if free < DISK_NEEDED_BYTES && !built {
+        bail!(
+            "only {:.1} GiB free under {}; a cold build of the test suite takes about 3 GB \
+             (this check asks for {} GiB): free some space",
+            free as f64 / f64::from(1 << 30),
+            probe.display(),
+            DISK_NEEDED_BYTES >> 30
+        );
     }
     Ok(())
 }
