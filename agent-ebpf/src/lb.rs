@@ -371,23 +371,24 @@ fn client_tcp(s: &mut Scratch, f: &mut Flow, flags: u8) -> Result<(), u32> {
             }
             health::record_failure(&s.key, f.service_id, f.backend_id, Failure::Timeout, now);
             if policy.flags & SERVICE_F_RETRY != 0 {
-                retry(s, f, now)
+                retry(s, f, now, Resend::AfterFailure)
             } else {
                 f.syn_ns = now;
                 Ok(())
             }
         }
-        flow_state::REFUSED => retry(s, f, health::now_ns()),
+        flow_state::REFUSED => retry(s, f, health::now_ns(), Resend::AfterFailure),
         flow_state::CLOSED | flow_state::UNKNOWN => {
             // The 5-tuple is reused by a new connection (or a flow picked up
             // mid-stream starts over): it starts afresh, on the same backend
-            // if that is still healthy and in the service.
+            // if that is still healthy and in the service, else where a new
+            // flow would go. A new connection, not a retry.
             f.state = flow_state::SYN_SENT;
             f.syn_ns = health::now_ns();
-            health::count_connection(f.service_id, f.backend_id);
             if health::is_ejected(f.backend_id) {
-                return retry(s, f, f.syn_ns);
+                retry(s, f, f.syn_ns, Resend::NewConnection)?;
             }
+            health::count_connection(f.service_id, f.backend_id);
             Ok(())
         }
         _ => Ok(()),
@@ -566,11 +567,22 @@ fn icmp_error(ctx: &Ctx, l4: usize, family: u8) -> Action {
     Action::Pass
 }
 
+/// Why a flow's SYN goes to another backend.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Resend {
+    /// Its backend refused or timed out: a retry, counted as one; the
+    /// rehashes go on from the flow's last attempt.
+    AfterFailure,
+    /// A new connection on a reused 5-tuple whose backend may take no new
+    /// connections: the choice a new flow would make (same on every node).
+    NewConnection,
+}
+
 /// Sends the flow (whose SYN is being forwarded now) to another backend:
-/// the next healthy choice after the failed one. If there is none, the SYN
+/// the next healthy choice after the current one. If there is none, the SYN
 /// goes to the same backend again.
 #[inline(always)]
-fn retry(s: &mut Scratch, f: &mut Flow, now: u64) -> Result<(), u32> {
+fn retry(s: &mut Scratch, f: &mut Flow, now: u64, why: Resend) -> Result<(), u32> {
     copy_addr(&mut s.service_key.addr, &s.key.dst);
     s.service_key.port = s.key.dport;
     s.service_key.proto = s.key.proto;
@@ -581,7 +593,10 @@ fn retry(s: &mut Scratch, f: &mut Flow, now: u64) -> Result<(), u32> {
     };
     let key = &s.key;
     let h = hash::flow_hash(&key.src, &key.dst, key.sport, key.dport, key.proto);
-    let first = u32::from(f.attempts) + 1;
+    let first = match why {
+        Resend::AfterFailure => u32::from(f.attempts) + 1,
+        Resend::NewConnection => 0,
+    };
     let Some((backend_id, attempt)) = health::pick(&service, h, f.backend_id, first) else {
         f.syn_ns = now;
         f.state = flow_state::SYN_SENT;
@@ -604,7 +619,9 @@ fn retry(s: &mut Scratch, f: &mut Flow, now: u64) -> Result<(), u32> {
     f.attempts = attempt.min(255) as u8;
     f.state = flow_state::SYN_SENT;
     f.syn_ns = now;
-    health::count_retry(&s.key, service.id, backend_id, now);
+    if why == Resend::AfterFailure {
+        health::count_retry(&s.key, service.id, backend_id, now);
+    }
     Ok(())
 }
 
