@@ -89,6 +89,27 @@ pub struct Kubernetes {
     pub failure: Failure,
     #[serde(default = "default_drain_timeout")]
     pub drain_timeout_seconds: u32,
+    /// This node's name, for Services whose traffic policy is `Local`;
+    /// default: the `NODE_NAME` environment variable (the DaemonSet sets it
+    /// from the downward API).
+    #[serde(default)]
+    pub node_name: Option<String>,
+    /// This node's zone (its `topology.kubernetes.io/zone` label), for
+    /// topology-aware routing by EndpointSlice hints; default: the
+    /// `NODE_ZONE` environment variable. Without it, zone hints are ignored.
+    #[serde(default)]
+    pub zone: Option<String>,
+}
+
+impl Kubernetes {
+    /// Where this node is, from the config or the environment.
+    pub fn locality(&self) -> (Option<String>, Option<String>) {
+        let from_env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        (
+            self.node_name.clone().or_else(|| from_env("NODE_NAME")),
+            self.zone.clone().or_else(|| from_env("NODE_ZONE")),
+        )
+    }
 }
 
 fn default_service_selector() -> String {

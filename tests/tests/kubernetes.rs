@@ -4,6 +4,7 @@
 //! endpoint conditions drive active/draining/removed; weights come from the
 //! annotation; a 410 Gone makes the watcher relist; an API server that
 //! disappears leaves everything serving, and its return is picked up.
+//! Traffic policies and topology hints choose the endpoints a VIP uses.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -254,5 +255,130 @@ fn endpointslices_drive_the_maps_through_watch_expiry_and_an_api_outage() -> Res
         let all = sluice_tests::services_json(&topo.lb, &agent)?;
         Ok(all["services"].as_array().is_none_or(|s| s.is_empty()))
     })?;
+    Ok(())
+}
+
+/// An EndpointSlice of `name` whose endpoints are (backend index, node,
+/// ready, zone hint).
+fn placed_slice(name: &str, endpoints: &[(usize, &str, bool, Option<&str>)]) -> Value {
+    let endpoints: Vec<Value> = endpoints
+        .iter()
+        .map(|&(i, node, ready, zone)| {
+            let mut e = json!({
+                "addresses": [format!("10.1.{i}.2")],
+                "nodeName": node,
+                "conditions": {"ready": ready, "serving": true, "terminating": !ready},
+                "targetRef": {"kind": "Pod", "namespace": "shop", "name": format!("{name}-{i}")}
+            });
+            if let Some(zone) = zone {
+                e["zone"] = json!(zone);
+                e["hints"] = json!({"forZones": [{"name": zone}]});
+            }
+            e
+        })
+        .collect();
+    json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": format!("{name}-abcde"), "namespace": "shop",
+                     "labels": {"kubernetes.io/service-name": name}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "endpoints": endpoints
+    })
+}
+
+/// `internalTrafficPolicy: Local` keeps this node's endpoints (falling back
+/// to its serving terminating ones when none is ready), and zone hints keep
+/// a Cluster Service's traffic in this node's zone: checked by where real
+/// connections land.
+#[test]
+fn traffic_policy_and_topology_hints_choose_the_endpoints() -> Result<()> {
+    let topo = Topology::new("k8sl", 3)?;
+    let _servers = topo.serve(Family::V4, 8080)?;
+    topo.warm_neighbours()?;
+    let api = KubeMock::start(&topo.lb, API.parse()?)?;
+    let mut local = service("local", "10.100.0.2", true, None);
+    local["spec"]["internalTrafficPolicy"] = json!("Local");
+    api.apply(local);
+    api.apply(placed_slice(
+        "local",
+        &[
+            (0, "node-a", true, None),
+            (1, "node-b", true, None),
+            (2, "node-a", true, None),
+        ],
+    ));
+    api.apply(service("zoned", "10.100.0.3", true, None));
+    api.apply(placed_slice(
+        "zoned",
+        &[
+            (0, "node-c", true, Some("zone-b")),
+            (1, "node-b", true, Some("zone-a")),
+            (2, "node-d", true, Some("zone-b")),
+        ],
+    ));
+
+    let dir = TempDir::new("k8sl")?;
+    let mut config = String::from("interfaces:\n  - name: front\n");
+    for i in 0..3 {
+        config += &format!("  - name: back{i}\n");
+    }
+    config +=
+        &format!("kubernetes:\n  api_server: http://{API}\n  node_name: node-a\n  zone: zone-a\n");
+    std::fs::write(dir.path("sluice.yaml"), &config)?;
+    let agent = Agent::start(&topo.lb, &dir.path("sluice.yaml"), dir.path("agent.log"))?;
+    let local_vip = "10.100.0.2:80".parse()?;
+    let zoned_vip = "10.100.0.3:80".parse()?;
+    let wait_reached = |vip, want: &[usize]| {
+        let want = names(want);
+        wait_for(
+            &format!("{vip} reaches {want:?}"),
+            Duration::from_secs(15),
+            || Ok(sluice_tests::backends_reached(&topo, vip, 30).unwrap_or_default() == want),
+        )
+        .with_context(|| agent.log_text())
+    };
+
+    // Local: node-a's endpoints only, never node-b's.
+    wait_reached(local_vip, &[0, 2])?;
+    // Cluster with complete zone hints: the one hinted for zone-a.
+    wait_reached(zoned_vip, &[1])?;
+
+    // node-a's endpoints are terminating (still serving) while node-b's is
+    // ready: they take new connections rather than the Local VIP
+    // dropping them, and node-b's still gets none.
+    api.apply(placed_slice(
+        "local",
+        &[
+            (0, "node-a", false, None),
+            (1, "node-b", true, None),
+            (2, "node-a", false, None),
+        ],
+    ));
+    wait_for(
+        "terminating endpoints serving",
+        Duration::from_secs(15),
+        || {
+            let s = sluice_tests::service_json(&topo.lb, &agent, "shop/local:http")?;
+            Ok(s["backends"].as_array().is_some_and(|b| {
+                b.iter().all(|b| b["state"] == "active" && b["weight"] == 1) && b.len() == 2
+            }))
+        },
+    )?;
+    assert_eq!(
+        sluice_tests::backends_reached(&topo, local_vip, 30)?,
+        names(&[0, 2])
+    );
+
+    // A hint-less endpoint joins the zoned slice: hints no longer apply.
+    api.apply(placed_slice(
+        "zoned",
+        &[
+            (0, "node-c", true, None),
+            (1, "node-b", true, Some("zone-a")),
+            (2, "node-d", true, Some("zone-b")),
+        ],
+    ));
+    wait_reached(zoned_vip, &[0, 1, 2])?;
     Ok(())
 }

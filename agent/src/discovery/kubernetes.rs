@@ -10,6 +10,13 @@
 //!   → removed (and drained by the reconciler).
 //! - Weights: the Service annotation `sluice.io/weights`, a comma-separated
 //!   list of `ADDRESS=WEIGHT` or `POD=WEIGHT` (default 1).
+//! - Which endpoints a VIP uses, as kube-proxy chooses them: a `Local`
+//!   traffic policy (`internalTrafficPolicy` for ClusterIPs,
+//!   `externalTrafficPolicy` for external and LoadBalancer IPs) keeps this
+//!   node's endpoints only; otherwise topology hints (`forNodes`, then
+//!   `forZones`) narrow the set when every ready endpoint carries them and
+//!   some name this node or zone. With no ready endpoint left, the serving
+//!   terminating ones take new connections rather than none.
 //!
 //! The stores are complete only after both initial lists; nothing is sent
 //! before. A watch error (API server gone, 410 Gone, …) is reported and the
@@ -24,11 +31,16 @@ use std::{
 };
 
 use futures_util::StreamExt;
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::Service,
+    discovery::v1::{Endpoint, EndpointSlice},
+};
 use kube::{
     Api, Client,
     runtime::{WatchStreamExt, reflector, watcher},
 };
+
+use tracing::warn;
 
 use super::{Outcome, Reporter};
 use crate::config::{KubeAddress, Kubernetes, MAX_WEIGHT, Protocol, ServiceSpec};
@@ -83,6 +95,17 @@ pub async fn run(spec: Kubernetes, reporter: Reporter) {
     .default_backoff()
     .map(|e| (1usize, e.map(|e| matches!(e, watcher::Event::InitDone))));
     let mut events = std::pin::pin!(futures_util::stream::select(service_events, slice_events));
+    let (node, zone) = spec.locality();
+    if node.is_none() {
+        warn!(
+            "kubernetes: this node's name is unknown (set kubernetes.node_name or NODE_NAME); \
+             Services with a Local traffic policy use every endpoint"
+        );
+    }
+    let here = Locality {
+        node: node.as_deref(),
+        zone: zone.as_deref(),
+    };
     let mut listed = [false, false];
     let mut failing = false;
     loop {
@@ -94,7 +117,7 @@ pub async fn run(spec: Kubernetes, reporter: Reporter) {
                     // (they resume without an event).
                     failing = false;
                     if listed[0] && listed[1] {
-                        let found = desired(&services.state(), &slices.state(), &spec);
+                        let found = desired(&services.state(), &slices.state(), &spec, &here);
                         if !reporter.send(Outcome::Services(found)).await {
                             return;
                         }
@@ -141,7 +164,7 @@ pub async fn run(spec: Kubernetes, reporter: Reporter) {
         if failing {
             continue; // sent once the watchers are quiet again
         }
-        let found = desired(&services.state(), &slices.state(), &spec);
+        let found = desired(&services.state(), &slices.state(), &spec, &here);
         if !reporter.send(Outcome::Services(found)).await {
             return;
         }
@@ -170,11 +193,19 @@ async fn client(spec: &Kubernetes) -> Result<Client, String> {
     }
 }
 
+/// Where this agent runs, for traffic policies and topology hints.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Locality<'a> {
+    pub node: Option<&'a str>,
+    pub zone: Option<&'a str>,
+}
+
 /// Every opted-in Service's Sluice services, from the two stores.
 pub fn desired(
     services: &[Arc<Service>],
     slices: &[Arc<EndpointSlice>],
     spec: &Kubernetes,
+    here: &Locality,
 ) -> Vec<ServiceSpec> {
     let mut by_service: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
     for slice in slices {
@@ -205,12 +236,16 @@ pub fn desired(
             continue;
         };
         let weights = weights(svc);
-        let mut vips: Vec<IpAddr> = Vec::new();
-        let mut add = |text: &str| {
+        let local = |policy: &Option<String>| policy.as_deref() == Some("Local");
+        let internal_local = local(&svc_spec.internal_traffic_policy);
+        let external_local = local(&svc_spec.external_traffic_policy);
+        // Each VIP with whether its traffic policy is Local.
+        let mut vips: Vec<(IpAddr, bool)> = Vec::new();
+        let mut add = |text: &str, local_only: bool| {
             if let Ok(ip) = text.parse::<IpAddr>()
-                && !vips.contains(&ip)
+                && !vips.iter().any(|(v, _)| *v == ip)
             {
-                vips.push(ip);
+                vips.push((ip, local_only));
             }
         };
         if spec.addresses.contains(&KubeAddress::ClusterIp) {
@@ -219,14 +254,15 @@ pub fn desired(
                 .clone()
                 .or_else(|| svc_spec.cluster_ip.clone().map(|ip| vec![ip]))
                 .unwrap_or_default();
-            ips.iter().for_each(|ip| add(ip)); // "None" (headless) doesn't parse
+            // "None" (headless) doesn't parse.
+            ips.iter().for_each(|ip| add(ip, internal_local));
         }
         if spec.addresses.contains(&KubeAddress::ExternalIps) {
             svc_spec
                 .external_ips
                 .iter()
                 .flatten()
-                .for_each(|ip| add(ip));
+                .for_each(|ip| add(ip, external_local));
         }
         if spec.addresses.contains(&KubeAddress::LoadBalancer) {
             svc.status
@@ -236,7 +272,7 @@ pub fn desired(
                 .into_iter()
                 .flatten()
                 .filter_map(|i| i.ip.as_deref())
-                .for_each(&mut add);
+                .for_each(|ip| add(ip, external_local));
         }
         let slices = by_service
             .get(&(ns, name))
@@ -256,7 +292,7 @@ pub fn desired(
                 .clone()
                 .filter(|n| !n.is_empty())
                 .unwrap_or_else(|| port.port.to_string());
-            for (k, vip) in vips.iter().enumerate() {
+            for (k, (vip, local_only)) in vips.iter().enumerate() {
                 let service_name = if k == 0 {
                     format!("{ns}/{name}:{port_label}")
                 } else {
@@ -268,7 +304,16 @@ pub fn desired(
                     port: vip_port,
                     protocol,
                     snat_ip: None,
-                    backends: backends(slices, port.name.as_deref(), vip.is_ipv4(), &weights),
+                    backends: backends(
+                        slices,
+                        port.name.as_deref(),
+                        vip.is_ipv4(),
+                        &weights,
+                        Scope {
+                            here: *here,
+                            local_only: *local_only,
+                        },
+                    ),
                     failure: spec.failure.clone(),
                     discovery: None,
                     drain_timeout: Duration::from_secs(spec.drain_timeout_seconds.into()),
@@ -296,15 +341,33 @@ fn weights(svc: &Service) -> BTreeMap<String, u32> {
         .unwrap_or_default()
 }
 
-/// The endpoints of `slices` for one Service port and address family.
+/// Which endpoints one VIP may send to.
+#[derive(Debug, Clone, Copy)]
+struct Scope<'a> {
+    here: Locality<'a>,
+    /// Its traffic policy is `Local`: this node's endpoints only.
+    local_only: bool,
+}
+
+/// One endpoint of a Service port, before the choice.
+struct Candidate<'a> {
+    addr: SocketAddr,
+    weight: u32,
+    ready: bool,
+    endpoint: &'a Endpoint,
+}
+
+/// The endpoints of `slices` for one Service port and address family, as
+/// `(address, weight)`; weight 0 = draining (established connections only).
 fn backends(
     slices: &[&EndpointSlice],
     port_name: Option<&str>,
     v4: bool,
     weights: &BTreeMap<String, u32>,
+    scope: Scope,
 ) -> Vec<(SocketAddr, u32)> {
     let family = if v4 { "IPv4" } else { "IPv6" };
-    let mut out: Vec<(SocketAddr, u32)> = Vec::new();
+    let mut candidates: Vec<Candidate> = Vec::new();
     for slice in slices.iter().filter(|s| s.address_type == family) {
         let wanted = port_name.unwrap_or("");
         let Some(port) = slice
@@ -323,6 +386,9 @@ fn backends(
             let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
             let serving = conditions.and_then(|c| c.serving).unwrap_or(ready);
             let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
+            if !(ready || serving && terminating) {
+                continue; // not serving: removed
+            }
             // The first address is the endpoint's (the others are legacy).
             let Some(ip) = endpoint
                 .addresses
@@ -331,29 +397,99 @@ fn backends(
             else {
                 continue;
             };
-            let pod = endpoint.target_ref.as_ref().and_then(|r| r.name.clone());
+            if scope.local_only
+                && let Some(node) = scope.here.node
+                && endpoint.node_name.as_deref() != Some(node)
+            {
+                continue; // another node's: not for a Local policy
+            }
+            let pod = endpoint.target_ref.as_ref().and_then(|r| r.name.as_deref());
             let weight = weights
                 .get(&ip.to_string())
-                .or_else(|| pod.as_ref().and_then(|p| weights.get(p)))
+                .or_else(|| pod.and_then(|p| weights.get(p)))
                 .copied()
                 .unwrap_or(1)
-                .min(MAX_WEIGHT);
-            let weight = if ready {
-                weight.max(1)
-            } else if serving && terminating {
-                0 // draining: established connections only
-            } else {
-                continue;
-            };
-            let addr = SocketAddr::new(ip, port);
-            match out.iter_mut().find(|(a, _)| *a == addr) {
-                Some(existing) => existing.1 = existing.1.max(weight),
-                None => out.push((addr, weight)),
-            }
+                .clamp(1, MAX_WEIGHT);
+            candidates.push(Candidate {
+                addr: SocketAddr::new(ip, port),
+                weight,
+                ready,
+                endpoint,
+            });
+        }
+    }
+    let any_ready = candidates.iter().any(|c| c.ready);
+    // Hints don't apply to a Local policy (already this node's endpoints).
+    let hint = if any_ready && !scope.local_only {
+        Hint::applying(&candidates, scope.here)
+    } else {
+        None
+    };
+    let mut out: Vec<(SocketAddr, u32)> = Vec::new();
+    for c in &candidates {
+        let weight = if !any_ready {
+            // Nothing ready: serving terminating endpoints take new
+            // connections rather than none (as kube-proxy does).
+            c.weight
+        } else if !c.ready {
+            0 // serving and terminating: draining
+        } else if hint.is_some_and(|h| !h.keeps(c.endpoint)) {
+            continue; // hinted to other nodes or zones: removed (drained)
+        } else {
+            c.weight
+        };
+        match out.iter_mut().find(|(a, _)| *a == c.addr) {
+            Some(existing) => existing.1 = existing.1.max(weight),
+            None => out.push((c.addr, weight)),
         }
     }
     out.sort();
     out
+}
+
+/// Topology hints that narrow a VIP's ready endpoints to those meant for
+/// this node, or else this zone.
+#[derive(Debug, Clone, Copy)]
+enum Hint<'a> {
+    Node(&'a str),
+    Zone(&'a str),
+}
+
+impl Hint<'_> {
+    fn keeps(self, e: &Endpoint) -> bool {
+        let hints = e.hints.as_ref();
+        match self {
+            Hint::Node(node) => hints
+                .and_then(|h| h.for_nodes.as_ref())
+                .is_some_and(|n| n.iter().any(|n| n.name == node)),
+            Hint::Zone(zone) => hints
+                .and_then(|h| h.for_zones.as_ref())
+                .is_some_and(|z| z.iter().any(|z| z.name == zone)),
+        }
+    }
+
+    /// The hint that applies, if any: every ready endpoint carries zone
+    /// hints (a partly hinted slice is being rewritten: kube-proxy ignores
+    /// its hints too) and some ready endpoint names this node, or else
+    /// this zone.
+    fn applying<'a>(candidates: &[Candidate], here: Locality<'a>) -> Option<Hint<'a>> {
+        let ready = candidates.iter().filter(|c| c.ready).map(|c| c.endpoint);
+        let all_hinted = ready.clone().all(|e| {
+            e.hints
+                .as_ref()
+                .and_then(|h| h.for_zones.as_ref())
+                .is_some_and(|z| !z.is_empty())
+        });
+        if !all_hinted {
+            return None;
+        }
+        let node = here.node.map(Hint::Node);
+        let zone = here.zone.map(Hint::Zone);
+        [node, zone]
+            .into_iter()
+            .flatten()
+            .find(|hint| ready.clone().any(|e| hint.keeps(e)))
+    }
 }
 
 #[cfg(test)]
@@ -399,6 +535,7 @@ mod tests {
             &[Arc::new(svc), Arc::new(headless)],
             &[Arc::new(slice)],
             &spec(),
+            &Locality::default(),
         );
         let names: Vec<&str> = out.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(
@@ -428,5 +565,137 @@ mod tests {
         assert_eq!(out[3].backends[0].0.port(), 5353);
         // The IPv6 VIP has no IPv6 slice: no backends, never IPv4 ones.
         assert!(out[1].backends.is_empty());
+    }
+
+    /// One endpoint: (last octet, node, ready, zone hints, node hints).
+    fn endpoint(
+        i: u8,
+        node: &str,
+        ready: bool,
+        zones: &[&str],
+        nodes: &[&str],
+    ) -> serde_json::Value {
+        let mut e = serde_json::json!({
+            "addresses": [format!("10.1.0.{i}")],
+            "nodeName": node,
+            "conditions": {"ready": ready, "serving": true, "terminating": !ready},
+        });
+        if !zones.is_empty() || !nodes.is_empty() {
+            let zones: Vec<_> = zones
+                .iter()
+                .map(|z| serde_json::json!({"name": z}))
+                .collect();
+            let nodes: Vec<_> = nodes
+                .iter()
+                .map(|n| serde_json::json!({"name": n}))
+                .collect();
+            e["hints"] = serde_json::json!({"forZones": zones, "forNodes": nodes});
+        }
+        e
+    }
+
+    type Backends = Vec<(SocketAddr, u32)>;
+
+    /// The backends of `api`'s ClusterIP and external IP, on node-a in zone-b.
+    fn local_and_external(
+        endpoints: &[serde_json::Value],
+        node: Option<&str>,
+    ) -> (Backends, Backends) {
+        let svc: Service = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "api", "namespace": "shop"},
+            "spec": {"clusterIP": "10.96.0.20", "externalIPs": ["192.0.2.8"],
+                     "internalTrafficPolicy": "Local", "externalTrafficPolicy": "Cluster",
+                     "ports": [{"port": 80}]}
+        }))
+        .unwrap();
+        let slice: EndpointSlice = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "api-1", "namespace": "shop",
+                         "labels": {"kubernetes.io/service-name": "api"}},
+            "addressType": "IPv4",
+            "ports": [{"port": 8080}],
+            "endpoints": endpoints,
+        }))
+        .unwrap();
+        let here = Locality {
+            node,
+            zone: Some("zone-b"),
+        };
+        let out = desired(&[Arc::new(svc)], &[Arc::new(slice)], &spec(), &here);
+        assert_eq!(out.len(), 2);
+        (out[0].backends.clone(), out[1].backends.clone())
+    }
+
+    fn at(pairs: &[(u8, u32)]) -> Backends {
+        pairs
+            .iter()
+            .map(|&(i, w)| (SocketAddr::from(([10, 1, 0, i], 8080)), w))
+            .collect()
+    }
+
+    #[test]
+    fn local_policy_keeps_this_nodes_endpoints() {
+        let endpoints = [
+            endpoint(1, "node-a", true, &["zone-a"], &[]),
+            endpoint(2, "node-b", true, &["zone-b"], &[]),
+            endpoint(3, "node-a", false, &[], &[]),
+        ];
+        let (cluster_ip, external) = local_and_external(&endpoints, Some("node-a"));
+        // Local: node-a's endpoints only, the terminating one draining.
+        assert_eq!(cluster_ip, at(&[(1, 1), (3, 0)]));
+        // Cluster, every ready endpoint hinted: this zone's only.
+        assert_eq!(external, at(&[(2, 1), (3, 0)]));
+        // This node's name unknown: a Local policy can't be honoured, so
+        // every endpoint rather than none.
+        let (cluster_ip, _) = local_and_external(&endpoints, None);
+        assert_eq!(cluster_ip, at(&[(1, 1), (2, 1), (3, 0)]));
+    }
+
+    #[test]
+    fn serving_terminating_endpoints_take_over_when_none_is_ready() {
+        let endpoints = [
+            endpoint(2, "node-b", true, &[], &[]),
+            endpoint(3, "node-a", false, &[], &[]),
+        ];
+        let (cluster_ip, external) = local_and_external(&endpoints, Some("node-a"));
+        // Local: node-a has only a terminating endpoint: it takes new
+        // connections rather than the Service dropping them.
+        assert_eq!(cluster_ip, at(&[(3, 1)]));
+        assert_eq!(external, at(&[(2, 1), (3, 0)]));
+    }
+
+    #[test]
+    fn topology_hints_apply_only_when_complete_and_matching() {
+        // One ready endpoint without hints: the slice is being rewritten,
+        // hints are ignored.
+        let partly = [
+            endpoint(1, "node-a", true, &["zone-a"], &[]),
+            endpoint(2, "node-b", true, &[], &[]),
+        ];
+        assert_eq!(
+            local_and_external(&partly, Some("node-a")).1,
+            at(&[(1, 1), (2, 1)])
+        );
+        // No endpoint hinted for this zone: all of them.
+        let elsewhere = [
+            endpoint(1, "node-a", true, &["zone-a"], &[]),
+            endpoint(2, "node-c", true, &["zone-c"], &[]),
+        ];
+        assert_eq!(
+            local_and_external(&elsewhere, Some("node-a")).1,
+            at(&[(1, 1), (2, 1)])
+        );
+        // Node hints (PreferSameNode) come before zone hints.
+        let same_node = [
+            endpoint(1, "node-a", true, &["zone-a"], &["node-a"]),
+            endpoint(2, "node-b", true, &["zone-b"], &["node-b"]),
+        ];
+        assert_eq!(
+            local_and_external(&same_node, Some("node-a")).1,
+            at(&[(1, 1)])
+        );
+        assert_eq!(
+            local_and_external(&same_node, Some("node-x")).1,
+            at(&[(2, 1)])
+        );
     }
 }
