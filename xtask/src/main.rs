@@ -216,7 +216,8 @@ fn test(extra: &[String]) -> Result<()> {
     cargo(&["build", "--locked", "-p", "sluice"])?;
     let upgrade_object = bare_object()?;
     step("running every test (unit, BPF_PROG_TEST_RUN, network namespaces)");
-    let mut args = vec!["test", "--workspace", "--locked"];
+    // Every test binary runs even when one fails: one run shows all failures.
+    let mut args = vec!["test", "--workspace", "--locked", "--no-fail-fast"];
     args.extend(extra.iter().map(String::as_str));
     // The tests would find the binary next to themselves; this makes it explicit.
     let bin = workspace_root().join("target/debug/sluice");
