@@ -242,6 +242,9 @@ pub fn pick(service: &Service, h: u32, exclude: u32, first_attempt: u32) -> Opti
         }
         attempt += 1;
     }
+    // A second loop rather than one with a branch inside: the verifier
+    // explores the branch in every iteration, and one loop of 40 exceeded
+    // its instruction budget ("Argument list too long").
     let mut step = 1;
     while step <= MAX_WALK {
         match candidate(service, (index + step) % service.table_size, exclude)? {

@@ -249,6 +249,18 @@ impl Drop for Daemon {
     }
 }
 
+/// The `interfaces:` section for the test topology: `front` and
+/// `back0`..`back{backends-1}`, each attached in `attach` mode (or the
+/// agent's default, auto).
+pub fn interfaces_yaml(backends: usize, attach: Option<&str>) -> String {
+    let mode = attach.map_or(String::new(), |m| format!("    attach: {m}\n"));
+    let mut text = format!("interfaces:\n  - name: front\n{mode}");
+    for i in 0..backends {
+        text += &format!("  - name: back{i}\n{mode}");
+    }
+    text
+}
+
 /// Polls `f` every 100 ms until it says true; fails after `limit`.
 pub fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> Result<bool>) -> Result<()> {
     let deadline = Instant::now() + limit;

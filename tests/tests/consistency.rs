@@ -26,10 +26,7 @@ struct Node {
 }
 
 fn config(backends: &[(usize, u32)]) -> String {
-    let mut text = String::from("interfaces:\n  - name: front\n    attach: xdp-native\n");
-    for i in 0..4 {
-        text += &format!("  - name: back{i}\n    attach: xdp-native\n");
-    }
+    let mut text = sluice_tests::interfaces_yaml(4, Some("xdp-native"));
     text += "services:\n";
     for proto in ["tcp", "udp"] {
         text += &format!(

@@ -33,10 +33,7 @@ fn bed(tag: &str, failure: &str) -> Result<Bed> {
     let servers = topo.serve(FAM, PORT)?.into_iter().map(Some).collect();
     topo.warm_neighbours()?;
     let dir = TempDir::new(tag)?;
-    let mut text = String::from("interfaces:\n  - name: front\n");
-    for i in 0..3 {
-        text += &format!("  - name: back{i}\n");
-    }
+    let mut text = sluice_tests::interfaces_yaml(3, None);
     text += "services:\n";
     for proto in ["tcp", "udp"] {
         text += &format!(

@@ -120,10 +120,7 @@ fn endpointslices_drive_the_maps_through_watch_expiry_and_an_api_outage() -> Res
 
     let dir = TempDir::new("k8s")?;
     let bpffs = Bpffs::mount(&dir)?;
-    let mut config = String::from("interfaces:\n  - name: front\n    attach: xdp-native\n");
-    for i in 0..3 {
-        config += &format!("  - name: back{i}\n    attach: xdp-native\n");
-    }
+    let mut config = sluice_tests::interfaces_yaml(3, Some("xdp-native"));
     config += &format!(
         "kubernetes:\n  api_server: http://{API}\n  drain_timeout_seconds: 30\npinning:\n  directory: {}\n",
         bpffs.0.join("k8s").display()
@@ -319,10 +316,7 @@ fn traffic_policy_and_topology_hints_choose_the_endpoints() -> Result<()> {
     ));
 
     let dir = TempDir::new("k8sl")?;
-    let mut config = String::from("interfaces:\n  - name: front\n");
-    for i in 0..3 {
-        config += &format!("  - name: back{i}\n");
-    }
+    let mut config = sluice_tests::interfaces_yaml(3, None);
     config +=
         &format!("kubernetes:\n  api_server: http://{API}\n  node_name: node-a\n  zone: zone-a\n");
     std::fs::write(dir.path("sluice.yaml"), &config)?;

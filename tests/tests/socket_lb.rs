@@ -110,10 +110,7 @@ for i in range(COUNT):
 "#;
 
 fn config(cgroup: &Cgroup, pins: &Bpffs) -> String {
-    let mut text = String::from("interfaces:\n  - name: front\n    attach: xdp-native\n");
-    for i in 0..3 {
-        text += &format!("  - name: back{i}\n    attach: xdp-native\n");
-    }
+    let mut text = sluice_tests::interfaces_yaml(3, Some("xdp-native"));
     text += &format!(
         "socket_lb:\n  cgroup: {}\npinning:\n  directory: {}\nservices:\n",
         cgroup.path.display(),

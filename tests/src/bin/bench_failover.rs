@@ -118,10 +118,7 @@ fn round(args: &Args, round: usize) -> Result<(Outcome, Outcome, f64)> {
     iptables_dnat(&topo)?;
 
     let dir = TempDir::new("bf")?;
-    let mut text = String::from("interfaces:\n  - name: front\n");
-    for i in 0..3 {
-        text += &format!("  - name: back{i}\n");
-    }
+    let mut text = sluice_tests::interfaces_yaml(3, None);
     text += &format!(
         "services:\n  - name: web\n    vip: {SLUICE_VIP}\n    port: 80\n    protocol: tcp\n    failure:\n      consecutive_failures: 3\n      ejection_seconds: 300\n      retry_on_refused: true\n    backends:\n"
     );
