@@ -88,6 +88,10 @@ const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
 
 /// The entry translates backend → client packets (reverse NAT).
 pub const FLOW_F_REVERSE: u32 = 1;
+/// Forward entry of a TCP flow: the client sent a FIN.
+pub const FLOW_F_FIN_CLIENT: u32 = 2;
+/// Forward entry of a TCP flow: the backend sent a FIN.
+pub const FLOW_F_FIN_BACKEND: u32 = 4;
 
 /// The FIB lookup result for a flow's next hop, kept in its conntrack entry:
 /// a FIB lookup costs more than the rest of the fast path together.
@@ -141,10 +145,15 @@ pub struct Flow {
     /// Backends tried after the first (retries).
     pub attempts: u8,
     pub _pad: u16,
+    /// When a packet last used this entry, in whole seconds of the
+    /// monotonic coarse clock (`bpf_ktime_get_coarse_ns`, `CLOCK_MONOTONIC_COARSE`):
+    /// the agent's sweep expires flows idle longer than their state's timeout.
+    pub last_seen: u32,
+    pub _pad2: u32,
     /// When the last SYN was forwarded (bpf_ktime_get_ns).
     pub syn_ns: u64,
 }
-const _: () = assert!(core::mem::size_of::<Flow>() == 80);
+const _: () = assert!(core::mem::size_of::<Flow>() == 88);
 
 /// Per-service counters (a per-CPU array indexed by service id).
 #[repr(C)]
@@ -247,7 +256,7 @@ const _: () = assert!(core::mem::size_of::<SockConnect>() == 40);
 /// Version of the pinned maps' layout and meaning. Bump it with any change
 /// to a type or map that pinned state carries from one build to the next:
 /// an agent never adopts maps of another layout.
-pub const MAP_LAYOUT: u32 = 1;
+pub const MAP_LAYOUT: u32 = 2;
 
 /// `BackendHealth::ejected` of a backend the agent removed.
 pub const BACKEND_REMOVED: u32 = 2;
@@ -341,10 +350,13 @@ pub mod flow_state {
     /// SYN forwarded, no answer yet.
     pub const SYN_SENT: u8 = 1;
     pub const ESTABLISHED: u8 = 2;
-    /// A FIN or RST was seen after establishment (or an unretried refusal).
+    /// Closed: FINs from both sides, a RST, or an unretried refusal. Kept
+    /// for the short TIME_WAIT timeout; its SNAT port may be taken at once.
     pub const CLOSED: u8 = 3;
     /// The backend refused; the client's retransmitted SYN goes elsewhere.
     pub const REFUSED: u8 = 4;
+    /// One side sent a FIN (the connection counts as closed from here).
+    pub const CLOSING: u8 = 5;
 }
 
 impl core::ops::AddAssign<&ServiceStats> for ServiceStats {

@@ -27,6 +27,14 @@ impl Diff {
         Self(self.0 + u64::from(!old) + u64::from(new))
     }
 
+    /// The difference as a 32-bit one's-complement sum, the `__wsum` that
+    /// `bpf_l4_csum_replace` adds when given no old value.
+    #[inline(always)]
+    pub fn wsum(self) -> u32 {
+        let sum = (self.0 & 0xffff_ffff) + (self.0 >> 32);
+        ((sum & 0xffff_ffff) + (sum >> 32)) as u32
+    }
+
     /// The checksum after the changes, given the one before.
     #[inline(always)]
     pub fn apply(self, check: u16) -> u16 {

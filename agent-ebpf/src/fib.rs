@@ -83,7 +83,15 @@ fn lookup(
     params.sport = 0;
     params.dport = 0;
     params.ifindex = ctx.ifindex;
-    params.__bindgen_anon_1.tot_len = (pkt.ip_end - pkt.l3) as u16;
+    // XDP frames are single frames: their length is checked against the
+    // egress MTU. An skb may be a GSO/GRO super-packet, larger than the MTU
+    // and segmented on the way out: with no length the helper asks the
+    // kernel whether the skb itself can be forwarded, which knows that.
+    params.__bindgen_anon_1.tot_len = if ctx.skb {
+        0
+    } else {
+        (pkt.ip_end - pkt.l3) as u16
+    };
     params.__bindgen_anon_2.flowinfo = 0;
     // SAFETY: writing the IPv6 member of the address unions (IPv4 is its
     // first word, so an IPv4 address, zero-padded, is written the same way).

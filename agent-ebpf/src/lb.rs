@@ -10,11 +10,15 @@
 use core::{ffi::c_void, mem};
 
 use agent_common::{
-    Backend, FAMILY_V4, FAMILY_V6, FLOW_F_REVERSE, Flow, FlowKey, NO_BACKEND, PROTO_TCP, PROTO_UDP,
-    SERVICE_F_RETRY, SERVICE_F_SNAT, SNAT_PORT_ATTEMPTS, SNAT_PORT_MAX, SNAT_PORT_MIN, Service,
-    ServiceKey, event_kind, flow_state, hash, prefilter, reason,
+    Backend, FAMILY_V4, FAMILY_V6, FLOW_F_FIN_BACKEND, FLOW_F_FIN_CLIENT, FLOW_F_REVERSE, Flow,
+    FlowKey, NO_BACKEND, PROTO_TCP, PROTO_UDP, SERVICE_F_RETRY, SERVICE_F_SNAT, SNAT_PORT_ATTEMPTS,
+    SNAT_PORT_MAX, SNAT_PORT_MIN, Service, ServiceKey, event_kind, flow_state, hash, prefilter,
+    reason,
 };
-use aya_ebpf::bindings::{BPF_NOEXIST, bpf_fib_lookup};
+use aya_ebpf::{
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST, bpf_fib_lookup},
+    helpers::{bpf_ktime_get_coarse_ns, bpf_l4_csum_replace},
+};
 use network_types::eth::{EthHdr, EtherType};
 
 use crate::{
@@ -54,6 +58,10 @@ pub struct Ctx {
     pub ifindex: u32,
     /// The program's context (`xdp_md` or `__sk_buff`) for helpers.
     pub raw: *mut c_void,
+    /// TC: `raw` is an skb, whose L4 checksum may be partial (local senders,
+    /// veth, containers) and is fixed by the skb checksum helper. A constant
+    /// per entry point, so each program keeps only its own branch.
+    pub skb: bool,
 }
 
 impl aya_ebpf::EbpfContext for Ctx {
@@ -86,6 +94,8 @@ pub struct Scratch {
     pub reverse_key: FlowKey,
     pub forward: Flow,
     pub reverse: Flow,
+    /// The forward key of a flow whose SNAT port may be taken over.
+    pub old_key: FlowKey,
     pub fib: bpf_fib_lookup,
 }
 
@@ -294,10 +304,16 @@ fn transport(ctx: &Ctx, pkt: &Packet, src: &[u32; 4], dst: &[u32; 4]) -> Action 
         if let Err(code) = validate(ctx, pkt) {
             return exception(code);
         }
+        // SAFETY: a live conntrack value, not aliased by the scratch area.
+        let f = unsafe { &mut *flow };
+        let now = now_seconds();
+        // Written only when it changes: a store per packet would bounce the
+        // entry's cache line between CPUs for nothing.
+        if f.last_seen != now {
+            f.last_seen = now;
+        }
         if pkt.proto == PROTO_TCP {
             let flags = tcp_flags(ctx, pkt);
-            // SAFETY: a live conntrack value, not aliased by the scratch area.
-            let f = unsafe { &mut *flow };
             let verdict = if f.flags & FLOW_F_REVERSE == 0 {
                 client_tcp(s, f, flags)
             } else {
@@ -328,8 +344,13 @@ fn transport(ctx: &Ctx, pkt: &Packet, src: &[u32; 4], dst: &[u32; 4]) -> Action 
     // A connection starts with a SYN (or any UDP datagram); a mid-stream
     // packet without an entry (evicted, or from before a restart) is
     // re-pinned by the same Maglev choice but is not a new connection.
-    let syn = pkt.proto == PROTO_TCP && tcp_flags(ctx, pkt) & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    match new_flow(s, &service, syn) {
+    let flags = if pkt.proto == PROTO_TCP {
+        tcp_flags(ctx, pkt)
+    } else {
+        0
+    };
+    let syn = pkt.proto == PROTO_TCP && flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    match new_flow(s, &service, syn, flags) {
         Ok(flow) => {
             if syn || pkt.proto == PROTO_UDP {
                 // SAFETY: the scratch copy of the new entry.
@@ -354,9 +375,8 @@ fn transport(ctx: &Ctx, pkt: &Packet, src: &[u32; 4], dst: &[u32; 4]) -> Action 
 #[inline(always)]
 fn client_tcp(s: &mut Scratch, f: &mut Flow, flags: u8) -> Result<(), u32> {
     if flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
-        if flags & (TCP_FIN | TCP_RST) != 0 && f.state == flow_state::ESTABLISHED {
-            f.state = flow_state::CLOSED;
-            health::count_close(&s.key, f.service_id, f.backend_id, f.syn_ns);
+        if flags & (TCP_FIN | TCP_RST) != 0 {
+            close_seen(&s.key, f, flags, FLOW_F_FIN_CLIENT);
         }
         return Ok(());
     }
@@ -378,12 +398,13 @@ fn client_tcp(s: &mut Scratch, f: &mut Flow, flags: u8) -> Result<(), u32> {
             }
         }
         flow_state::REFUSED => retry(s, f, health::now_ns(), Resend::AfterFailure),
-        flow_state::CLOSED | flow_state::UNKNOWN => {
+        flow_state::CLOSED | flow_state::CLOSING | flow_state::UNKNOWN => {
             // The 5-tuple is reused by a new connection (or a flow picked up
             // mid-stream starts over): it starts afresh, on the same backend
             // if that is still healthy and in the service, else where a new
             // flow would go. A new connection, not a retry.
             f.state = flow_state::SYN_SENT;
+            f.flags &= !(FLOW_F_FIN_CLIENT | FLOW_F_FIN_BACKEND);
             f.syn_ns = health::now_ns();
             if health::is_ejected(f.backend_id) {
                 retry(s, f, f.syn_ns, Resend::NewConnection)?;
@@ -439,11 +460,40 @@ fn backend_tcp(s: &mut Scratch, reply: &Flow, flags: u8) -> Result<(), u32> {
         f.state = flow_state::CLOSED;
         return Ok(());
     }
-    if flags & (TCP_FIN | TCP_RST) != 0 && f.state == flow_state::ESTABLISHED {
-        f.state = flow_state::CLOSED;
-        health::count_close(&s.reverse_key, f.service_id, f.backend_id, f.syn_ns);
+    if flags & (TCP_FIN | TCP_RST) != 0 {
+        close_seen(&s.reverse_key, f, flags, FLOW_F_FIN_BACKEND);
     }
     Ok(())
+}
+
+/// A FIN or RST from one side (`side`: its `FLOW_F_FIN_*` bit) of the flow
+/// whose forward entry is `f`, keyed `key`. The first one ends the
+/// connection for the counters; the flow is closed (TIME_WAIT for the
+/// sweep, its SNAT port free to take) after FINs from both sides or a RST.
+#[inline(always)]
+fn close_seen(key: &FlowKey, f: &mut Flow, flags: u8, side: u32) {
+    let rst = flags & TCP_RST != 0;
+    match f.state {
+        flow_state::ESTABLISHED => {
+            health::count_close(key, f.service_id, f.backend_id, f.syn_ns);
+        }
+        flow_state::CLOSING | flow_state::UNKNOWN => {}
+        _ => return,
+    }
+    f.flags |= side;
+    let both = FLOW_F_FIN_CLIENT | FLOW_F_FIN_BACKEND;
+    f.state = if rst || f.flags & both == both {
+        flow_state::CLOSED
+    } else {
+        flow_state::CLOSING
+    };
+}
+
+/// Seconds of the coarse monotonic clock: cheap enough for every packet.
+#[inline(always)]
+fn now_seconds() -> u32 {
+    // SAFETY: plain helper call.
+    (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32
 }
 
 /// The forward entry of the flow whose reply entry is `reply`. The state
@@ -695,7 +745,7 @@ fn translate(
     if !fib::ttl_allows_forwarding(ctx, pkt) {
         return exception(reason::TTL_EXCEEDED);
     }
-    rewrite(
+    let l4_change = rewrite(
         ctx,
         pkt,
         key,
@@ -717,14 +767,62 @@ fn translate(
         },
         _ => &mut f.fib,
     };
-    forward(ctx, pkt, params, &f.new_src, &f.new_dst, cache)
+    let action = forward(ctx, pkt, params, &f.new_src, &f.new_dst, cache);
+    if ctx.skb {
+        // Last: the helper may move the packet, which ends direct access.
+        skb_l4_checksum(ctx, pkt, l4_change);
+    }
+    action
+}
+
+/// The L4 checksum change of a rewrite that `rewrite` left to the skb
+/// helper (TC): the address part belongs to the pseudo-header, the ports to
+/// the segment itself.
+#[derive(Clone, Copy)]
+struct L4Change {
+    addrs: Diff,
+    ports: Diff,
+}
+
+/// Applies `change` with `bpf_l4_csum_replace`, which knows what the packet
+/// bytes can't say: with `CHECKSUM_PARTIAL` (a local sender's packet, a veth,
+/// a GSO super-packet) the field holds the pseudo-header sum and only the
+/// address change applies; otherwise the whole change does, and a
+/// `CHECKSUM_COMPLETE` sum is kept right.
+#[inline(always)]
+fn skb_l4_checksum(ctx: &Ctx, pkt: &Packet, change: L4Change) {
+    let (offset, mangled_zero) = if pkt.proto == PROTO_TCP {
+        (pkt.l4 + TCP_CHECK_OFFSET, 0)
+    } else {
+        // UDP over IPv4 may carry no checksum (zero): it stays zero, and a
+        // computed zero is sent as all ones (RFC 768).
+        (pkt.l4 + UDP_CHECK_OFFSET, u64::from(BPF_F_MARK_MANGLED_0))
+    };
+    // SAFETY: helper calls on the skb this TC program was given; `from` 0
+    // with no size in the flags means "add this difference".
+    unsafe {
+        bpf_l4_csum_replace(
+            ctx.raw.cast(),
+            offset as u32,
+            0,
+            u64::from(change.addrs.wsum()),
+            u64::from(BPF_F_PSEUDO_HDR) | mangled_zero,
+        );
+        bpf_l4_csum_replace(
+            ctx.raw.cast(),
+            offset as u32,
+            0,
+            u64::from(change.ports.wsum()),
+            mangled_zero,
+        );
+    }
 }
 
 /// Picks the backend by Maglev (skipping ejected ones), records both
 /// directions of the flow, and returns the forward entry (its copy in the
 /// scratch area).
 #[inline(always)]
-fn new_flow(s: &mut Scratch, service: &Service, syn: bool) -> Result<*mut Flow, u32> {
+fn new_flow(s: &mut Scratch, service: &Service, syn: bool, flags: u8) -> Result<*mut Flow, u32> {
     let key = &s.key;
     let h = hash::flow_hash(&key.src, &key.dst, key.sport, key.dport, key.proto);
     let Some((backend_id, attempt)) = health::pick(service, h, NO_BACKEND, 0) else {
@@ -755,6 +853,10 @@ fn new_flow(s: &mut Scratch, service: &Service, syn: bool) -> Result<*mut Flow, 
     } else {
         forward.state = flow_state::UNKNOWN;
         forward.syn_ns = 0;
+        // Picked up mid-stream by a FIN or RST: the close has begun.
+        if flags & (TCP_FIN | TCP_RST) != 0 {
+            close_seen(key, forward, flags, FLOW_F_FIN_CLIENT);
+        }
     }
     if CONNTRACK.insert(&s.key, &s.forward, 0).is_err() {
         let _ = CONNTRACK.remove(&s.reverse_key);
@@ -830,9 +932,44 @@ fn install_reverse(
         {
             return Ok(port);
         }
+        if release_if_closed(s)
+            && CONNTRACK
+                .insert(&s.reverse_key, &s.reverse, u64::from(BPF_NOEXIST))
+                .is_ok()
+        {
+            return Ok(port);
+        }
         attempt += 1;
     }
     Err(reason::SNAT_PORTS_EXHAUSTED)
+}
+
+/// A reply entry left by an orphaned flow is kept this long before its port
+/// may be taken: a new flow inserts its reply entry before its forward one.
+const ORPHAN_GRACE_SECONDS: u32 = 2;
+
+/// The reply tuple in `s.reverse_key` is taken: frees it if the flow that
+/// holds it is closed (its TIME_WAIT needs no reserved port: a SYN on it is a
+/// new connection anyway), or gone. Returns whether it was freed.
+#[inline(always)]
+fn release_if_closed(s: &mut Scratch) -> bool {
+    let Some(old) = CONNTRACK.get_ptr_mut(&s.reverse_key) else {
+        return true; // freed meanwhile
+    };
+    // SAFETY: a live conntrack value.
+    let old = unsafe { &*old };
+    answer_key(&mut s.old_key, old, s.key.proto, s.key.family);
+    let closed = match CONNTRACK.get_ptr_mut(&s.old_key) {
+        // SAFETY: a live conntrack value.
+        Some(forward) => unsafe { (*forward).state == flow_state::CLOSED },
+        None => now_seconds().wrapping_sub(old.last_seen) >= ORPHAN_GRACE_SECONDS,
+    };
+    if !closed {
+        return false;
+    }
+    let _ = CONNTRACK.remove(&s.old_key);
+    let _ = CONNTRACK.remove(&s.reverse_key);
+    true
 }
 
 /// Fills a flow value field by field: a struct literal with zeroed parts
@@ -856,9 +993,13 @@ fn fill(
     f.fib.ifindex = 0;
     f.fib.stamp = 0;
     f._pad = 0;
+    f.last_seen = now_seconds();
+    f._pad2 = 0;
 }
 
-/// Writes the new addresses and ports and fixes the checksums incrementally.
+/// Writes the new addresses and ports and fixes the checksums incrementally:
+/// in the packet (XDP), or, for the L4 checksum of an skb, by returning the
+/// change for `skb_l4_checksum`.
 #[inline(always)]
 fn rewrite(
     ctx: &Ctx,
@@ -868,9 +1009,13 @@ fn rewrite(
     sport: u16,
     dst: &[u32; 4],
     dport: u16,
-) {
+) -> L4Change {
     let addrs = Diff::default().addr(&old.src, src).addr(&old.dst, dst);
+    let ports = Diff::default()
+        .word16(old.sport, sport)
+        .word16(old.dport, dport);
     let l4 = addrs.word16(old.sport, sport).word16(old.dport, dport);
+    let change = L4Change { addrs, ports };
 
     if pkt.family == FAMILY_V4 {
         if let Some(ip) = ptr_at::<Ipv4>(ctx, pkt.l3) {
@@ -895,6 +1040,9 @@ fn rewrite(
             (*ports).dst = dport;
         }
     }
+    if ctx.skb {
+        return change;
+    }
     if pkt.proto == PROTO_TCP {
         if let Some(check) = ptr_at::<u16>(ctx, pkt.l4 + TCP_CHECK_OFFSET) {
             // SAFETY: as above.
@@ -911,6 +1059,7 @@ fn rewrite(
             }
         }
     }
+    change
 }
 
 #[inline(always)]

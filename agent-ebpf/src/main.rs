@@ -36,6 +36,7 @@ pub fn sluice_xdp(ctx: XdpContext) -> u32 {
         len: ctx.data_end() - ctx.data(),
         ifindex: ctx.ingress_ifindex() as u32,
         raw: ctx.ctx.cast(),
+        skb: false,
     };
     match lb::process(&c) {
         Action::Pass => xdp_action::XDP_PASS,
@@ -61,6 +62,7 @@ pub fn sluice_tc(ctx: TcContext) -> i32 {
         len: ctx.len() as usize,
         ifindex,
         raw: ctx.skb.skb.cast(),
+        skb: true,
     };
     match lb::process(&c) {
         Action::Pass => TC_ACT_OK,

@@ -128,8 +128,9 @@ pub async fn run(
     *shared.attachments.lock().unwrap() = datapath.attachments();
     *shared.conntrack_capacity.lock().unwrap() = sizes.conntrack;
     let mut sysctls = Sysctls::default();
-    sysctls.apply(&cfg)?;
-    spawn_conntrack_counter(
+    sysctls.apply(&cfg, &configured_names(&cfg))?;
+    *shared.conntrack_timeouts.lock().unwrap() = cfg.raw.conntrack.timeouts;
+    crate::sweep::spawn(
         datapath.conntrack_handle()?,
         sizes.conntrack,
         shared.clone(),
@@ -227,10 +228,13 @@ pub async fn run(
     shared.reconciler.lock().unwrap().take();
     drop(datapath);
     match &current.raw.pinning {
-        Some(p) => info!(
-            directory = p.directory,
-            "the pinned datapath keeps forwarding; the next agent adopts it (`sluice cleanup` removes it); bye"
-        ),
+        Some(p) => {
+            sysctls.keep();
+            info!(
+                directory = p.directory,
+                "the pinned datapath keeps forwarding; the next agent adopts it (`sluice cleanup` removes it); bye"
+            )
+        }
         None => {
             sysctls.restore();
             info!("detached; bye");
@@ -273,7 +277,8 @@ fn reload(
         }
     }
     *shared.attachments.lock().unwrap() = datapath.attachments();
-    sysctls.apply(&next)?;
+    sysctls.apply(&next, &configured_names(&next))?;
+    *shared.conntrack_timeouts.lock().unwrap() = next.raw.conntrack.timeouts;
 
     shared.discovery.lock().unwrap().sync(&next, report_tx);
     let before_apply = started.elapsed();
@@ -294,6 +299,11 @@ fn reload(
     Ok(Some(next))
 }
 
+/// The interfaces the config names.
+fn configured_names(cfg: &Validated) -> Vec<String> {
+    cfg.raw.interfaces.iter().map(|i| i.name.clone()).collect()
+}
+
 /// The config merged with the discovered backends, into the kernel maps.
 fn apply_desired(shared: &Shared, config: &Validated) -> Result<()> {
     let desired = shared.discovery.lock().unwrap().desired(config);
@@ -302,35 +312,6 @@ fn apply_desired(shared: &Shared, config: &Validated) -> Result<()> {
         .as_mut()
         .ok_or_else(|| anyhow!("datapath not loaded"))?;
     reconciler.apply(&desired)
-}
-
-/// How often the conntrack map's entries are counted (a walk of the map).
-const CONNTRACK_COUNT_EVERY: Duration = Duration::from_secs(5);
-
-/// Counts conntrack entries on a thread of its own: a walk of a large map
-/// takes a while, and must hold up neither scrapes nor reconciliation. The
-/// map changes during the walk (a deleted key restarts it), so the count is
-/// approximate and capped at the capacity.
-fn spawn_conntrack_counter(
-    map: aya::maps::HashMap<aya::maps::MapData, agent_common::FlowKey, agent_common::Flow>,
-    capacity: u32,
-    shared: Arc<Shared>,
-) {
-    std::thread::spawn(move || {
-        while !shared.stopping.load(Ordering::SeqCst) {
-            let entries = map
-                .keys()
-                .take_while(Result::is_ok)
-                .take(capacity as usize)
-                .count() as u64;
-            shared.conntrack_entries.store(entries, Ordering::Relaxed);
-            let mut slept = Duration::ZERO;
-            while slept < CONNTRACK_COUNT_EVERY && !shared.stopping.load(Ordering::SeqCst) {
-                std::thread::sleep(Duration::from_millis(100));
-                slept += Duration::from_millis(100);
-            }
-        }
-    });
 }
 
 /// Forwards aya-log records from the kernel into `log`, which tracing picks up.

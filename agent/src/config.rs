@@ -166,18 +166,55 @@ impl fmt::Display for AttachMode {
     }
 }
 
+/// Longest conntrack idle timeout accepted, in seconds (30 days).
+const MAX_CONNTRACK_TIMEOUT: u32 = 2_592_000;
+
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Conntrack {
     /// Capacity of the conntrack LRU map. Each connection takes two entries
     /// (forward and reply direction).
     pub max_entries: u32,
+    /// How long a flow may stay idle in each state before the agent's sweep
+    /// removes it (both entries; an SNAT flow's port returns to the pool).
+    pub timeouts: ConntrackTimeouts,
 }
 
 impl Default for Conntrack {
     fn default() -> Self {
         Self {
             max_entries: 262_144,
+            timeouts: ConntrackTimeouts::default(),
+        }
+    }
+}
+
+/// Idle timeouts by flow state, in seconds. The defaults follow the
+/// kernel's conntrack and Cilium: long for established TCP, short for a
+/// closed connection (the 5-tuple's TIME_WAIT is the endpoints' business).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConntrackTimeouts {
+    /// A SYN forwarded, no SYN-ACK yet (kernel: 120; Cilium: 60).
+    pub tcp_syn_sent: u32,
+    /// An established connection with no packets (Cilium: 21600, 6 h).
+    pub tcp_established: u32,
+    /// One side sent a FIN, the other not yet (kernel fin_wait/close_wait: 120/60).
+    pub tcp_closing: u32,
+    /// Both sides sent a FIN, or a RST: TIME_WAIT (Cilium: 10).
+    pub tcp_time_wait: u32,
+    /// A UDP flow with no datagrams either way (kernel: 30 unanswered, 120 stream).
+    pub udp: u32,
+}
+
+impl Default for ConntrackTimeouts {
+    fn default() -> Self {
+        Self {
+            tcp_syn_sent: 60,
+            tcp_established: 21_600,
+            tcp_closing: 60,
+            tcp_time_wait: 10,
+            udp: 60,
         }
     }
 }
@@ -539,6 +576,22 @@ fn validate(raw: Config, path: &str) -> Result<Validated, ConfigError> {
             &raw.conntrack.max_entries,
             "must be at least 1024",
         ));
+    }
+    let t = &raw.conntrack.timeouts;
+    for (name, value) in [
+        ("tcp_syn_sent", t.tcp_syn_sent),
+        ("tcp_established", t.tcp_established),
+        ("tcp_closing", t.tcp_closing),
+        ("tcp_time_wait", t.tcp_time_wait),
+        ("udp", t.udp),
+    ] {
+        if !(1..=MAX_CONNTRACK_TIMEOUT).contains(&value) {
+            return Err(invalid(
+                format!("conntrack.timeouts.{name}"),
+                &value,
+                "must be 1 to 2592000 seconds (30 days)",
+            ));
+        }
     }
     let m = raw.maglev.table_size;
     if !(251..=1_000_003).contains(&m) || !is_prime(m) {

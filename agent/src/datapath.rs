@@ -340,9 +340,11 @@ impl Datapath {
             .collect()
     }
 
-    /// Attaches to `interface` in the requested mode (`auto` tries XDP native,
-    /// then XDP generic, then TC) and returns the mode it got. An interface
-    /// already attached in the same requested mode is left as it is.
+    /// Attaches to `interface` in the requested mode and returns the mode it
+    /// got: `auto` tries the modes that forward on that device, best first
+    /// (`netdev::auto_order`); an explicit mode that can't forward there is
+    /// refused with the reason. An interface already attached in the same
+    /// requested mode is left as it is.
     pub fn attach(&mut self, interface: &str, requested: AttachMode) -> Result<AttachMode> {
         if let Some((was, got, _)) = self.links.get(interface) {
             if *was == requested {
@@ -350,19 +352,23 @@ impl Datapath {
             }
             self.detach(interface)?;
         }
+        if let Some(why) = crate::netdev::cannot_forward(interface, requested) {
+            return Err(anyhow!("attaching to interface {interface} refused: {why}"));
+        }
         if let Some(mode) = self.adopt_link(interface, requested)? {
             return Ok(mode);
         }
         let order: &[AttachMode] = match requested {
-            AttachMode::Auto => &[
-                AttachMode::XdpNative,
-                AttachMode::XdpGeneric,
-                AttachMode::Tc,
-            ],
+            AttachMode::Auto => {
+                let (order, why) = crate::netdev::auto_order(interface);
+                info!(interface, modes = ?order, why, "auto attach: modes to try");
+                order
+            }
             AttachMode::XdpNative => &[AttachMode::XdpNative],
             AttachMode::XdpGeneric => &[AttachMode::XdpGeneric],
             AttachMode::Tc => &[AttachMode::Tc],
         };
+
         let mut errors = Vec::new();
         for &mode in order {
             match self
@@ -504,7 +510,11 @@ impl Datapath {
         let fd: aya::programs::links::FdLink = aya::programs::links::PinnedLink::from_pin(&path)
             .with_context(|| format!("opening pinned link {}", path.display()))?
             .into();
-        if requested != AttachMode::Auto && requested != mode {
+        let wanted = match requested {
+            AttachMode::Auto => crate::netdev::auto_order(interface).0.contains(&mode),
+            requested => requested == mode,
+        };
+        if !wanted {
             // Another mode is wanted: the old link goes first (an interface
             // takes one XDP program), so this change has a short gap.
             std::fs::remove_file(&path)

@@ -323,7 +323,7 @@ fn render_datapath(shared: &Shared, out: &mut String) {
         out,
         "sluice_conntrack_entries",
         "gauge",
-        "Entries in the conntrack map (two per connection), counted every few seconds.",
+        "Entries in the conntrack map (two per connection), counted by the sweep every few seconds.",
     );
     sample(
         out,
@@ -331,6 +331,23 @@ fn render_datapath(shared: &Shared, out: &mut String) {
         &[],
         shared.conntrack_entries.load(Ordering::Relaxed),
     );
+    // A family of its own, so that sluice_conntrack_entries stays one
+    // series that divides by the capacity.
+    family(
+        out,
+        "sluice_conntrack_entries_by_state",
+        "gauge",
+        "Conntrack entries by flow state: syn_sent, established, closing (one FIN), time_wait (both FINs or a RST), udp, orphan (a reply entry whose flow was evicted).",
+    );
+    let states = shared.conntrack_states.lock().unwrap().clone();
+    for state in crate::sweep::FlowState::ALL {
+        sample(
+            out,
+            "sluice_conntrack_entries_by_state",
+            &[("state", state.name())],
+            states.get(&state).copied().unwrap_or(0),
+        );
+    }
     family(
         out,
         "sluice_conntrack_capacity",

@@ -205,6 +205,9 @@ pub struct Reconciler {
     /// Backends out of every table whose flows are still to be deleted
     /// before their ids may be reused (see `end_backends`).
     ending: Vec<(String, BackendState)>,
+    /// Backend id → established connections the conntrack sweep expired
+    /// (idle past their timeout, never closed): counted as closed.
+    expired: BTreeMap<u32, u64>,
 }
 
 impl Reconciler {
@@ -222,6 +225,7 @@ impl Reconciler {
             service_filter: Prefilter::default(),
             service_addr_filter: Prefilter::default(),
             ending: Vec::new(),
+            expired: BTreeMap::new(),
         })
     }
 
@@ -808,6 +812,7 @@ impl Reconciler {
             .set(id, zeros, 0)
             .with_context(|| format!("clearing the latency histogram of backend {addr}"))?;
         self.zero_stats(false, id)?;
+        self.expired.remove(&id);
         self.backend_filter
             .set(prefilter_bit(&words, addr.port().to_be(), proto));
         self.backend_addr_filter.set(prefilter_bit(&words, 0, 0));
@@ -830,7 +835,14 @@ impl Reconciler {
             .with_context(|| format!("clearing statistics slot {id}"))
     }
 
-    /// Per-CPU counters summed.
+    /// Established connections of backend `id` that the conntrack sweep
+    /// removed as idle: they count as closed from now on.
+    pub fn count_expired(&mut self, backend_id: u32, connections: u64) {
+        *self.expired.entry(backend_id).or_default() += connections;
+    }
+
+    /// Per-CPU counters summed (a backend's `closed` includes the
+    /// connections that expired).
     pub fn stats(&self, service: bool, id: u32) -> ServiceStats {
         let map = if service {
             &self.maps.service_stats
@@ -842,6 +854,9 @@ impl Reconciler {
             for v in values.iter() {
                 sum += v;
             }
+        }
+        if !service {
+            sum.closed += self.expired.get(&id).copied().unwrap_or(0);
         }
         sum
     }

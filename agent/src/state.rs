@@ -20,8 +20,12 @@ pub struct Shared {
     pub conntrack_capacity: Mutex<u32>,
     /// Every program attached and the maps hold the configured state.
     pub ready: AtomicBool,
-    /// Entries in the conntrack map, counted in the background.
+    /// Entries in the conntrack map, counted by the background sweep.
     pub conntrack_entries: AtomicU64,
+    /// The same, by flow state.
+    pub conntrack_states: Mutex<crate::sweep::StateCounts>,
+    /// Idle timeouts of the current config, for the sweep.
+    pub conntrack_timeouts: Mutex<crate::config::ConntrackTimeouts>,
     /// Set at shutdown: background work stops.
     pub stopping: AtomicBool,
     pub events: crate::events::EventLog,

@@ -114,6 +114,28 @@ impl Drop for Netns {
     }
 }
 
+/// Packets the namespace's stack dropped for a bad TCP or UDP checksum
+/// (`nstat` TcpInCsumErrors, UdpInCsumErrors, Udp6InCsumErrors), since it
+/// was made.
+pub fn checksum_errors(ns: &Netns) -> Result<u64> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns.name, "nstat", "-asz"])
+        .args(["TcpInCsumErrors", "UdpInCsumErrors", "Udp6InCsumErrors"])
+        .output()
+        .context("running nstat (Debian package iproute2)")?;
+    if !out.status.success() {
+        bail!(
+            "nstat in {}: {}",
+            ns.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum())
+}
+
 /// Addresses of a test bed for one address family.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Family {
@@ -210,11 +232,11 @@ impl Topology {
                 addr(lb, &back, fam.backend_gateway(i), fam)?;
             }
         }
+        // Devices exactly as the kernel makes them (GRO off, checksum and
+        // segmentation offloads on), as on a container host or a Kubernetes
+        // node: what the datapath needs of them, the agent sets itself.
         for ns in std::iter::once(&self.client).chain(&self.backends) {
             ns.exec(&["ip", "link", "set", "eth0", "up"])?;
-            // Full checksums on the wire (XDP rewrites them incrementally),
-            // and GRO so the veth accepts frames redirected by XDP.
-            ns.exec(&["ethtool", "-K", "eth0", "tx", "off", "gro", "on"])?;
         }
         for (i, ns) in self.backends.iter().enumerate() {
             route_default(&ns.name, Family::V4.backend_gateway(i))?;
@@ -224,16 +246,6 @@ impl Topology {
         route_default(&self.client.name, Family::V6.client_gateway())?;
         for iface in self.lb_interfaces() {
             self.lb.exec(&["ip", "link", "set", &iface, "up"])?;
-            self.lb
-                .exec(&["ethtool", "-K", &iface, "tx", "off", "gro", "on"])?;
-        }
-        for sysctl in [
-            "net.ipv4.ip_forward=1",
-            "net.ipv6.conf.all.forwarding=1",
-            "net.ipv4.conf.all.rp_filter=0",
-            "net.ipv4.conf.default.rp_filter=0",
-        ] {
-            self.lb.exec(&["sysctl", "-qw", sysctl])?;
         }
         wait_for_dad(&self.client)?;
         for b in &self.backends {
@@ -342,7 +354,10 @@ impl NameServer {
             let udp = UdpSocket::bind(addr).with_context(|| format!("binding udp {addr}"))?;
             Ok((tcp, udp))
         })??;
-        tcp.set_nonblocking(true)?;
+        // Blocking accepts that give up every 100 ms to look at `stop`:
+        // a connection is taken the moment it arrives (polling would add
+        // its interval to every connection).
+        set_receive_timeout(&tcp, Duration::from_millis(100))?;
         udp.set_read_timeout(Some(Duration::from_millis(100)))?;
         let mut threads = Vec::new();
         {
@@ -376,18 +391,41 @@ impl Drop for NameServer {
     }
 }
 
+/// SO_RCVTIMEO on a listener: `accept` returns WouldBlock after `timeout`.
+fn set_receive_timeout(listener: &TcpListener, timeout: Duration) -> Result<()> {
+    let tv = libc::timeval {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_usec: timeout.subsec_micros() as libc::suseconds_t,
+    };
+    // SAFETY: setsockopt reads a timeval of the size given from a live local.
+    let rc = unsafe {
+        libc::setsockopt(
+            listener.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&raw const tv).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        bail!("SO_RCVTIMEO: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 fn serve_tcp(listener: TcpListener, name: &str, stop: &AtomicBool) {
     while !stop.load(Ordering::SeqCst) {
         match listener.accept() {
             Ok((stream, peer)) => {
-                let _ = stream.set_nonblocking(false);
                 let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
                 let name = name.to_string();
                 thread::spawn(move || answer(stream, peer, &name));
             }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                thread::sleep(Duration::from_millis(2));
-            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
             Err(_) => thread::sleep(Duration::from_millis(10)),
         }
     }

@@ -250,13 +250,11 @@ impl Drop for Daemon {
 }
 
 /// The `interfaces:` section for the test topology: `front` and
-/// `back0`..`back{backends-1}`, each attached in `attach` mode (or the
-/// agent's default, auto).
-pub fn interfaces_yaml(backends: usize, attach: Option<&str>) -> String {
-    let mode = attach.map_or(String::new(), |m| format!("    attach: {m}\n"));
-    let mut text = format!("interfaces:\n  - name: front\n{mode}");
+/// `back0`..`back{backends-1}`, in the agent's default attach mode (auto).
+pub fn interfaces_yaml(backends: usize) -> String {
+    let mut text = String::from("interfaces:\n  - name: front\n");
     for i in 0..backends {
-        text += &format!("  - name: back{i}\n{mode}");
+        text += &format!("  - name: back{i}\n");
     }
     text
 }

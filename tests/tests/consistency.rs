@@ -26,7 +26,7 @@ struct Node {
 }
 
 fn config(backends: &[(usize, u32)]) -> String {
-    let mut text = sluice_tests::interfaces_yaml(4, Some("xdp-native"));
+    let mut text = sluice_tests::interfaces_yaml(4);
     text += "services:\n";
     for proto in ["tcp", "udp"] {
         text += &format!(

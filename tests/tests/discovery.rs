@@ -120,7 +120,7 @@ fn dnsmasq(b: &Bed, backends: &[usize]) -> Result<Daemon> {
 fn dns_srv_and_a_records_follow_dnsmasq_and_survive_its_death() -> Result<()> {
     let b = bed("dns", 3)?;
     let mut dns = dnsmasq(&b, &[0, 1])?;
-    let config = sluice_tests::interfaces_yaml(3, Some("xdp-native"))
+    let config = sluice_tests::interfaces_yaml(3)
         + "services:
   - name: web
     vip: 10.100.0.1
@@ -252,7 +252,7 @@ fn etcd_watch_follows_keys_resumes_after_a_restart_and_never_empties() -> Result
     let mut server = etcd(&b)?;
     put(&b, 0, 1)?;
     put(&b, 1, 1)?;
-    let config = sluice_tests::interfaces_yaml(3, Some("xdp-native"))
+    let config = sluice_tests::interfaces_yaml(3)
         + &format!(
             "services:
   - name: web
@@ -352,7 +352,7 @@ fn etcd_watch_follows_keys_resumes_after_a_restart_and_never_empties() -> Result
 fn drain_timeout_closes_the_remaining_connections() -> Result<()> {
     let b = bed("drain", 2)?;
     let config = |backends: &[usize]| {
-        let mut text = sluice_tests::interfaces_yaml(2, Some("xdp-native"))
+        let mut text = sluice_tests::interfaces_yaml(2)
             + "services:
   - name: web
     vip: 10.100.0.1

@@ -33,7 +33,7 @@ fn bed(tag: &str, failure: &str) -> Result<Bed> {
     let servers = topo.serve(FAM, PORT)?.into_iter().map(Some).collect();
     topo.warm_neighbours()?;
     let dir = TempDir::new(tag)?;
-    let mut text = sluice_tests::interfaces_yaml(3, None);
+    let mut text = sluice_tests::interfaces_yaml(3);
     text += "services:\n";
     for proto in ["tcp", "udp"] {
         text += &format!(

@@ -192,7 +192,8 @@ fn run_spread(
         );
         assert_eq!(got, Some(udp[&name] as f64), "udp exchanges of {backend}");
     }
-    let mode = if attach == "tc" { "tc" } else { attach };
+    // On veth, auto picks tc: XDP can't forward what local senders send.
+    let mode = if attach == "auto" { "tc" } else { attach };
     assert_eq!(
         metric(
             &m,
@@ -211,28 +212,23 @@ fn run_spread(
 }
 
 #[test]
-fn ipv4_dnat_xdp_native() -> Result<()> {
-    run_spread("f4n", Family::V4, "xdp-native", false, 600, 300)
+fn ipv4_dnat_auto() -> Result<()> {
+    run_spread("f4n", Family::V4, "auto", false, 600, 300)
 }
 
 #[test]
-fn ipv6_dnat_xdp_native() -> Result<()> {
-    run_spread("f6n", Family::V6, "xdp-native", false, 600, 300)
+fn ipv6_dnat_auto() -> Result<()> {
+    run_spread("f6n", Family::V6, "auto", false, 600, 300)
 }
 
 #[test]
-fn ipv4_snat_xdp_native() -> Result<()> {
-    run_spread("f4s", Family::V4, "xdp-native", true, 600, 300)
+fn ipv4_snat_auto() -> Result<()> {
+    run_spread("f4s", Family::V4, "auto", true, 600, 300)
 }
 
 #[test]
-fn ipv6_snat_xdp_native() -> Result<()> {
-    run_spread("f6s", Family::V6, "xdp-native", true, 600, 300)
-}
-
-#[test]
-fn ipv4_dnat_tc() -> Result<()> {
-    run_spread("f4t", Family::V4, "tc", false, 600, 300)
+fn ipv6_snat_auto() -> Result<()> {
+    run_spread("f6s", Family::V6, "auto", true, 600, 300)
 }
 
 #[test]
@@ -241,17 +237,12 @@ fn ipv6_snat_tc() -> Result<()> {
 }
 
 #[test]
-fn ipv4_dnat_xdp_generic() -> Result<()> {
-    run_spread("f4g", Family::V4, "xdp-generic", false, 600, 300)
-}
-
-#[test]
 fn weights_are_honoured() -> Result<()> {
     let b = bed(
         "fw",
         Setup {
             family: Family::V4,
-            attach: "xdp-native",
+            attach: "auto",
             snat: false,
             cold: false,
             weights: &[1, 2, 3],
@@ -277,7 +268,7 @@ fn weights_are_honoured() -> Result<()> {
 fn removed_backend_keeps_established_connections() -> Result<()> {
     let setup = Setup {
         family: Family::V4,
-        attach: "xdp-native",
+        attach: "auto",
         snat: false,
         cold: false,
         weights: &[1, 1, 1],
@@ -303,7 +294,7 @@ fn removed_backend_keeps_established_connections() -> Result<()> {
     // Rewrite the config without that backend (write to a new file, rename).
     let setup = Setup {
         family: Family::V4,
-        attach: "xdp-native",
+        attach: "auto",
         snat: false,
         cold: false,
         weights: &[1, 1, 1],
@@ -382,7 +373,7 @@ fn run_cold(tag: &str, family: Family, snat: bool) -> Result<()> {
         tag,
         Setup {
             family,
-            attach: "xdp-native",
+            attach: "auto",
             snat,
             weights: &[1, 1, 1],
             cold: true,
@@ -425,7 +416,7 @@ fn ipv6_snat_cold_neighbours() -> Result<()> {
 fn every_connection_completes_while_the_backend_set_changes_100_times() -> Result<()> {
     let setup = Setup {
         family: Family::V4,
-        attach: "xdp-native",
+        attach: "auto",
         snat: false,
         cold: false,
         weights: &[1, 1, 1],

@@ -24,7 +24,7 @@ const VIP: &str = "10.100.0.1:80";
 
 /// `drained`: a backend listed with weight 0 (draining).
 fn config(pin_dir: &Path, conntrack: u32, drained: Option<usize>) -> String {
-    let mut text = sluice_tests::interfaces_yaml(3, Some("xdp-native"));
+    let mut text = sluice_tests::interfaces_yaml(3);
     text += &format!(
         "conntrack:\n  max_entries: {conntrack}\npinning:\n  directory: {}\nservices:\n  - name: web\n    vip: 10.100.0.1\n    port: 80\n    protocol: tcp\n    backends:\n",
         pin_dir.display()

@@ -120,7 +120,7 @@ fn endpointslices_drive_the_maps_through_watch_expiry_and_an_api_outage() -> Res
 
     let dir = TempDir::new("k8s")?;
     let bpffs = Bpffs::mount(&dir)?;
-    let mut config = sluice_tests::interfaces_yaml(3, Some("xdp-native"));
+    let mut config = sluice_tests::interfaces_yaml(3);
     config += &format!(
         "kubernetes:\n  api_server: http://{API}\n  drain_timeout_seconds: 30\npinning:\n  directory: {}\n",
         bpffs.0.join("k8s").display()
@@ -316,7 +316,7 @@ fn traffic_policy_and_topology_hints_choose_the_endpoints() -> Result<()> {
     ));
 
     let dir = TempDir::new("k8sl")?;
-    let mut config = sluice_tests::interfaces_yaml(3, None);
+    let mut config = sluice_tests::interfaces_yaml(3);
     config +=
         &format!("kubernetes:\n  api_server: http://{API}\n  node_name: node-a\n  zone: zone-a\n");
     std::fs::write(dir.path("sluice.yaml"), &config)?;

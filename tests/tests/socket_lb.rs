@@ -110,7 +110,7 @@ for i in range(COUNT):
 "#;
 
 fn config(cgroup: &Cgroup, pins: &Bpffs) -> String {
-    let mut text = sluice_tests::interfaces_yaml(3, Some("xdp-native"));
+    let mut text = sluice_tests::interfaces_yaml(3);
     text += &format!(
         "socket_lb:\n  cgroup: {}\npinning:\n  directory: {}\nservices:\n",
         cgroup.path.display(),

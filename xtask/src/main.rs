@@ -36,7 +36,8 @@ enum Task {
     },
     /// fmt and clippy only.
     Lint,
-    /// Benchmarks (not tests): `datapath`, `failover`, `control-plane`.
+    /// Benchmarks (not tests): `datapath`, `failover`, `control-plane`,
+    /// `bulk` (iperf3 through the VIP in every attach mode against direct routing).
     Bench {
         #[arg(default_value = "datapath")]
         which: String,
@@ -82,8 +83,12 @@ fn main() -> Result<()> {
                     ("bench-failover", true)
                 }
                 "control-plane" => ("bench-control-plane", true),
+                "bulk" => {
+                    prereqs::ensure_packages(&[("iperf3", "iperf3")])?;
+                    ("bench-bulk", true)
+                }
                 other => bail!(
-                    "unknown benchmark {other:?}; available: datapath, failover, control-plane"
+                    "unknown benchmark {other:?}; available: datapath, failover, control-plane, bulk"
                 ),
             };
             if uses_agent {

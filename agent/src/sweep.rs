@@ -1,0 +1,213 @@
+//! The conntrack sweep: flows idle longer than their state's timeout are
+//! removed (both entries, so an SNAT flow's port returns to the pool), and
+//! the entries are counted by state.
+//!
+//! The kernel programs keep each entry's `last_seen` (coarse seconds) and
+//! TCP state; an LRU map alone would keep closed flows, and their SNAT
+//! ports, until it is full.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
+
+use agent_common::{FLOW_F_REVERSE, Flow, FlowKey, PROTO_UDP, flow_state};
+use aya::maps::{HashMap as BpfHashMap, MapData};
+use tracing::{debug, warn};
+
+use crate::{config::ConntrackTimeouts, state::Shared};
+
+/// How often the map is swept: a walk costs two syscalls per entry.
+const SWEEP_EVERY: Duration = Duration::from_secs(2);
+
+/// A flow's state as `sluice_conntrack_entries{state}` names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum FlowState {
+    SynSent,
+    Established,
+    Closing,
+    TimeWait,
+    Udp,
+    /// A reply entry whose forward entry is gone (evicted).
+    Orphan,
+}
+
+impl FlowState {
+    pub const ALL: [FlowState; 6] = [
+        Self::SynSent,
+        Self::Established,
+        Self::Closing,
+        Self::TimeWait,
+        Self::Udp,
+        Self::Orphan,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::SynSent => "syn_sent",
+            Self::Established => "established",
+            Self::Closing => "closing",
+            Self::TimeWait => "time_wait",
+            Self::Udp => "udp",
+            Self::Orphan => "orphan",
+        }
+    }
+
+    /// The state of a forward entry, and its idle timeout in seconds.
+    fn of(key: &FlowKey, flow: &Flow, t: &ConntrackTimeouts) -> (Self, u32) {
+        if key.proto == PROTO_UDP {
+            return (Self::Udp, t.udp);
+        }
+        match flow.state {
+            flow_state::SYN_SENT | flow_state::REFUSED => (Self::SynSent, t.tcp_syn_sent),
+            flow_state::CLOSING => (Self::Closing, t.tcp_closing),
+            flow_state::CLOSED => (Self::TimeWait, t.tcp_time_wait),
+            // ESTABLISHED, or picked up mid-stream (after a restart).
+            _ => (Self::Established, t.tcp_established),
+        }
+    }
+}
+
+/// Entries by state after a sweep.
+pub type StateCounts = BTreeMap<FlowState, u64>;
+
+/// Seconds of `CLOCK_MONOTONIC_COARSE`, the clock of `bpf_ktime_get_coarse_ns`.
+fn now_seconds() -> u32 {
+    // SAFETY: clock_gettime writes into the timespec we own.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u32
+}
+
+/// Seconds since `last_seen` (the kernel's clock wraps like ours).
+fn idle(now: u32, last_seen: u32) -> u32 {
+    now.wrapping_sub(last_seen).min(i32::MAX as u32)
+}
+
+/// The key of the packets that answer what `flow` rewrites to: for a
+/// forward entry, its reply entry's key.
+pub fn answer_key(key: &FlowKey, flow: &Flow) -> FlowKey {
+    FlowKey {
+        src: flow.new_dst,
+        dst: flow.new_src,
+        sport: flow.new_dport,
+        dport: flow.new_sport,
+        proto: key.proto,
+        family: key.family,
+        _pad: 0,
+    }
+}
+
+/// What one sweep did.
+#[derive(Debug, Default)]
+pub struct Swept {
+    pub counts: StateCounts,
+    pub removed_flows: u64,
+    /// Established connections removed as idle, by backend id.
+    pub expired_established: BTreeMap<u32, u64>,
+}
+
+/// Sweeps `map` once: removes the flows idle past their timeout at `now`.
+pub fn sweep(
+    map: &mut BpfHashMap<MapData, FlowKey, Flow>,
+    capacity: u32,
+    timeouts: &ConntrackTimeouts,
+    now: u32,
+) -> Swept {
+    let mut forwards = Vec::new();
+    let mut replies: HashMap<FlowKey, u32> = HashMap::new();
+    // The map changes under the walk (a key deleted by the kernel restarts
+    // it): bounded by the capacity, the counts are approximate.
+    for entry in map.iter().take(capacity as usize) {
+        let Ok((key, flow)) = entry else { break };
+        if flow.flags & FLOW_F_REVERSE != 0 {
+            replies.insert(key, flow.last_seen);
+        } else {
+            forwards.push((key, flow));
+        }
+    }
+    let mut swept = Swept::default();
+    for (key, flow) in forwards {
+        let reply_key = answer_key(&key, &flow);
+        let reply_seen = replies.remove(&reply_key);
+        let entries = 1 + u64::from(reply_seen.is_some());
+        let (state, timeout) = FlowState::of(&key, &flow, timeouts);
+        let last = reply_seen.map_or(flow.last_seen, |r| {
+            // The later of the two, on a wrapping clock.
+            if r.wrapping_sub(flow.last_seen) as i32 > 0 {
+                r
+            } else {
+                flow.last_seen
+            }
+        });
+        // Re-read before deleting: a packet may have come since the walk.
+        let still_idle = idle(now, last) >= timeout
+            && map
+                .get(&key, 0)
+                .is_ok_and(|f| f.last_seen == flow.last_seen && f.state == flow.state);
+        if still_idle {
+            let _ = map.remove(&key);
+            if reply_seen.is_some() {
+                let _ = map.remove(&reply_key);
+            }
+            swept.removed_flows += 1;
+            if flow.state == flow_state::ESTABLISHED {
+                *swept
+                    .expired_established
+                    .entry(flow.backend_id)
+                    .or_default() += 1;
+            }
+        } else {
+            *swept.counts.entry(state).or_default() += entries;
+        }
+    }
+    // Reply entries left without a forward entry serve nothing: a new
+    // packet of the flow makes both anew. Kept briefly, since a new flow's
+    // reply entry is written just before its forward entry.
+    for (key, last_seen) in replies {
+        if idle(now, last_seen) >= timeouts.tcp_time_wait {
+            let _ = map.remove(&key);
+        } else {
+            *swept.counts.entry(FlowState::Orphan).or_default() += 1;
+        }
+    }
+    swept
+}
+
+/// Sweeps the conntrack map on a thread of its own (a walk of a large map
+/// must hold up neither scrapes nor reconciliation), with the timeouts the
+/// current config sets.
+pub fn spawn(map: BpfHashMap<MapData, FlowKey, Flow>, capacity: u32, shared: Arc<Shared>) {
+    let mut map = map;
+    std::thread::spawn(move || {
+        while !shared.stopping.load(Ordering::SeqCst) {
+            let timeouts = *shared.conntrack_timeouts.lock().unwrap();
+            let swept = sweep(&mut map, capacity, &timeouts, now_seconds());
+            if swept.removed_flows > 0 {
+                debug!(
+                    flows = swept.removed_flows,
+                    "conntrack sweep removed idle flows"
+                );
+            }
+            if !swept.expired_established.is_empty() {
+                match shared.reconciler.lock().unwrap().as_mut() {
+                    Some(r) => {
+                        for (backend_id, n) in &swept.expired_established {
+                            r.count_expired(*backend_id, *n);
+                        }
+                    }
+                    None => warn!("conntrack sweep: expired connections not counted (no datapath)"),
+                }
+            }
+            let total = swept.counts.values().sum();
+            shared.conntrack_entries.store(total, Ordering::Relaxed);
+            *shared.conntrack_states.lock().unwrap() = swept.counts;
+            let mut slept = Duration::ZERO;
+            while slept < SWEEP_EVERY && !shared.stopping.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(100));
+                slept += Duration::from_millis(100);
+            }
+        }
+    });
+}
