@@ -255,6 +255,17 @@ impl Topology {
         Ok(())
     }
 
+    /// Makes the LB namespace an ordinary router (IPv4 and IPv6
+    /// forwarding on), for what benchmarks compare Sluice with: direct
+    /// routing, iptables or nftables DNAT, which need the kernel to forward.
+    /// Sluice sets what it needs itself; tests of Sluice don't call this.
+    pub fn route_through_lb(&self) -> Result<()> {
+        for sysctl in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"] {
+            self.lb.exec(&["sysctl", "-qw", sysctl])?;
+        }
+        Ok(())
+    }
+
     /// A `NameServer` named `b{i}` on backend i's `family` address and
     /// `port`, for every backend (index i in the result).
     pub fn serve(&self, family: Family, port: u16) -> Result<Vec<NameServer>> {

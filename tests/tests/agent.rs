@@ -328,3 +328,46 @@ fn kernel_log_records_reach_the_agent_log() -> Result<()> {
     assert!(body.contains("\"draining\""), "{body}");
     Ok(())
 }
+
+/// On a veth, the XDP modes can't forward what local senders send (partial
+/// checksums, GSO super-packets): asked for explicitly, they are refused
+/// with the device and the reason, and nothing stays attached. Auto picks
+/// tc and says why.
+#[test]
+fn xdp_modes_that_cannot_forward_on_veth_are_refused_and_auto_says_why() -> Result<()> {
+    let b = bed("ax")?;
+    for (mode, why) in [
+        ("xdp-native", "partial checksums"),
+        ("xdp-generic", "GSO super-packets"),
+    ] {
+        let path = b.dir.path("refused.yaml");
+        std::fs::write(
+            &path,
+            config(&[0]).replace("attach: tc", &format!("attach: {mode}")),
+        )?;
+        let out = Command::new("ip")
+            .args(["netns", "exec", &b.topo.lb.name])
+            .arg(sluice_bin())
+            .args(["run", "--config"])
+            .arg(&path)
+            .args(["--listen", "127.0.0.1:9464"])
+            .output()?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{mode} on veth was accepted: {stderr}");
+        assert!(
+            stderr.contains("interface front refused") && stderr.contains(why),
+            "{mode}: the refusal names the device and the reason: {stderr}"
+        );
+        assert_eq!(attached(&b.topo.lb), "", "nothing attached after {mode}");
+    }
+    let path = b.dir.path("auto.yaml");
+    std::fs::write(&path, config(&[0]).replace("    attach: tc\n", ""))?;
+    let agent = Agent::start(&b.topo.lb, &path, b.dir.path("agent.log"))?;
+    let log = agent.log_text();
+    assert!(
+        log.contains("auto attach: modes to try") && log.contains("veth: XDP can't complete"),
+        "{log}"
+    );
+    assert_eq!(backends_reached(&b.topo, 10)?, ["b0"]);
+    Ok(())
+}

@@ -101,6 +101,8 @@ fn main() -> Result<()> {
         dir.path("iperf3.log"),
     )?;
     std::thread::sleep(Duration::from_millis(300));
+    // The baseline: the LB namespace routes to the backend by itself.
+    topo.route_through_lb()?;
     topo.warm_neighbours()?;
     let mut rows: Vec<Row> = Vec::new();
     for family in [Family::V4, Family::V6] {

@@ -114,7 +114,9 @@ fn round(args: &Args, round: usize) -> Result<(Outcome, Outcome, f64)> {
         servers.push(pair);
     }
     topo.warm_neighbours()?;
-    // The iptables VIP is routed like Sluice's: via the LB.
+    // The iptables VIP is routed like Sluice's: via the LB, which forwards
+    // by itself for iptables.
+    topo.route_through_lb()?;
     iptables_dnat(&topo)?;
 
     let dir = TempDir::new("bf")?;
