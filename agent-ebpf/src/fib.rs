@@ -33,8 +33,9 @@ pub fn forward(
     dst: &[u32; 4],
     cache: &mut FibCache,
 ) -> Action {
-    // The agent bumps the generation every second and whenever routes or
-    // neighbours change; a cached result of an older generation is stale.
+    // The agent bumps the generation whenever rtnetlink reports a route,
+    // neighbour, address or link change; a result of an older generation
+    // is stale.
     let now = FIB_GENERATION.get(0).copied().unwrap_or(0);
     if cache.ifindex == 0 || cache.stamp != now {
         if let Err(code) = lookup(ctx, pkt, params, src, dst) {

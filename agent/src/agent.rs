@@ -24,10 +24,6 @@ use crate::{
 /// ConfigMap volume does) with no inotify edge cases.
 const RELOAD_POLL: Duration = Duration::from_secs(1);
 
-/// How long the datapath may forward by a cached FIB result (next hop, MAC
-/// addresses) before it looks the route up again.
-const FIB_CACHE_LIFETIME: Duration = Duration::from_secs(1);
-
 /// Why `run` failed: the caller maps these to exit codes.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -38,13 +34,14 @@ pub enum RunError {
 }
 
 /// Interfaces named in the config must exist: refused like any bad value.
+/// Globs and `auto` may match nothing yet: devices that appear later are
+/// attached when they appear.
 pub fn check_interfaces(cfg: &Validated, path: &Path) -> Result<(), ConfigError> {
     for (i, iface) in cfg.raw.interfaces.iter().enumerate() {
-        let Ok(name) = std::ffi::CString::new(iface.name.as_str()) else {
+        if crate::netdev::is_pattern(&iface.name) {
             continue;
-        };
-        // SAFETY: if_nametoindex reads the NUL-terminated string only.
-        if unsafe { libc::if_nametoindex(name.as_ptr()) } == 0 {
+        }
+        if crate::netdev::ifindex(&iface.name) == 0 {
             return Err(ConfigError::Invalid {
                 path: path.display().to_string(),
                 field: format!("interfaces[{i}].name"),
@@ -116,11 +113,11 @@ pub async fn run(
         spawn_kernel_log_reader(logger)?;
     }
     crate::events::spawn_reader(datapath.take_events()?, shared.clone())?;
-    for iface in &cfg.raw.interfaces {
-        datapath.attach(&iface.name, iface.attach)?;
+    let mut devices = crate::netdev::resolve(&cfg.raw.interfaces);
+    for device in &devices {
+        datapath.attach(&device.name, device.attach)?;
     }
-    let configured: Vec<&str> = cfg.raw.interfaces.iter().map(|i| i.name.as_str()).collect();
-    datapath.prune_pinned_links(&configured)?;
+    datapath.prune_pinned_links(&device_names(&devices))?;
     match &cfg.raw.socket_lb {
         Some(s) => datapath.attach_socket_lb(Path::new(&s.cgroup))?,
         None => datapath.remove_pinned_socket_lb()?,
@@ -128,7 +125,9 @@ pub async fn run(
     *shared.attachments.lock().unwrap() = datapath.attachments();
     *shared.conntrack_capacity.lock().unwrap() = sizes.conntrack;
     let mut sysctls = Sysctls::default();
-    sysctls.apply(&cfg, &configured_names(&cfg))?;
+    sysctls.apply(&cfg, &device_names(&devices))?;
+    // Route, neighbour and link changes: FIB caches and devices refreshed.
+    let net_changes = crate::netlink::watch().context("watching rtnetlink")?;
     *shared.conntrack_timeouts.lock().unwrap() = cfg.raw.conntrack.timeouts;
     crate::sweep::spawn(
         datapath.conntrack_handle()?,
@@ -166,17 +165,24 @@ pub async fn run(
     // SIGHUP: read the config now instead of at the next poll.
     let mut sighup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
     let mut ticker = tokio::time::interval(RELOAD_POLL);
-    let mut fib_ticker = tokio::time::interval(FIB_CACHE_LIFETIME);
     let mut health_ticker = tokio::time::interval(crate::readmit::POLL);
     let mut readmitter = crate::readmit::Readmitter::default();
     let mut current = cfg;
     loop {
         tokio::select! {
-            _ = fib_ticker.tick() => {
+            _ = net_changes.notified() => {
                 if let Some(rec) = shared.reconciler.lock().unwrap().as_mut()
                     && let Err(e) = rec.bump_fib_generation()
                 {
                     warn!(error = format!("{e:#}"), "FIB cache generation not bumped");
+                }
+                let next = crate::netdev::resolve(&current.raw.interfaces);
+                if next != devices {
+                    devices = follow_devices(&mut datapath, &devices, next);
+                    if let Err(e) = sysctls.apply(&current, &device_names(&devices)) {
+                        warn!(error = format!("{e:#}"), "kernel settings for new interfaces");
+                    }
+                    *shared.attachments.lock().unwrap() = datapath.attachments();
                 }
             }
             _ = health_ticker.tick() => {
@@ -208,7 +214,7 @@ pub async fn run(
                 if text == last_text {
                     continue;
                 }
-                let result = reload(&config_path, &text, &current, &mut datapath, &mut sysctls, &shared, &report_tx);
+                let result = reload(&config_path, &text, &current, &mut devices, &mut datapath, &mut sysctls, &shared, &report_tx);
                 last_text = text;
                 match result {
                     Ok(Some(next)) => current = next,
@@ -245,10 +251,15 @@ pub async fn run(
 }
 
 /// Applies a changed config file. Returns the new config once applied.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the reload loop's state, passed as it is"
+)]
 fn reload(
     path: &Path,
     text: &[u8],
     current: &Validated,
+    devices: &mut Vec<crate::netdev::Device>,
     datapath: &mut Datapath,
     sysctls: &mut Sysctls,
     shared: &Shared,
@@ -268,16 +279,18 @@ fn reload(
         warn!("pinning or socket_lb changed: it takes effect at the next restart");
     }
     // Interfaces: attach the new ones first, then detach those removed.
-    for iface in &next.raw.interfaces {
-        datapath.attach(&iface.name, iface.attach)?;
+    let next_devices = crate::netdev::resolve(&next.raw.interfaces);
+    for device in &next_devices {
+        datapath.attach(&device.name, device.attach)?;
     }
-    for old in &current.raw.interfaces {
-        if !next.raw.interfaces.iter().any(|i| i.name == old.name) {
+    for old in devices.iter() {
+        if !next_devices.iter().any(|d| d.name == old.name) {
             datapath.detach(&old.name)?;
         }
     }
+    *devices = next_devices;
     *shared.attachments.lock().unwrap() = datapath.attachments();
-    sysctls.apply(&next, &configured_names(&next))?;
+    sysctls.apply(&next, &device_names(devices))?;
     *shared.conntrack_timeouts.lock().unwrap() = next.raw.conntrack.timeouts;
 
     shared.discovery.lock().unwrap().sync(&next, report_tx);
@@ -299,9 +312,46 @@ fn reload(
     Ok(Some(next))
 }
 
-/// The interfaces the config names.
-fn configured_names(cfg: &Validated) -> Vec<String> {
-    cfg.raw.interfaces.iter().map(|i| i.name.clone()).collect()
+fn device_names(devices: &[crate::netdev::Device]) -> Vec<String> {
+    devices.iter().map(|d| d.name.clone()).collect()
+}
+
+/// Devices came, went or were made again (new ifindex): attaches to the new
+/// ones, lets go of those gone. Returns the devices now attached. A device
+/// that can't be attached is logged and left out (it is retried at the next
+/// change); it never stops the agent.
+fn follow_devices(
+    datapath: &mut Datapath,
+    current: &[crate::netdev::Device],
+    next: Vec<crate::netdev::Device>,
+) -> Vec<crate::netdev::Device> {
+    for old in current {
+        if !next.contains(old) {
+            match datapath.detach(&old.name) {
+                Ok(()) => info!(interface = old.name, "interface gone or made again: let go"),
+                Err(e) => warn!(interface = old.name, error = format!("{e:#}"), "detaching"),
+            }
+        }
+    }
+    let mut attached = Vec::new();
+    for device in next {
+        if current.contains(&device) {
+            attached.push(device);
+            continue;
+        }
+        match datapath.attach(&device.name, device.attach) {
+            Ok(mode) => {
+                info!(interface = device.name, mode = %mode, "interface appeared: attached");
+                attached.push(device);
+            }
+            Err(e) => warn!(
+                interface = device.name,
+                error = format!("{e:#}"),
+                "interface appeared but can't be attached"
+            ),
+        }
+    }
+    attached
 }
 
 /// The config merged with the discovered backends, into the kernel maps.

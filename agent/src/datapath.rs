@@ -438,12 +438,12 @@ impl Datapath {
 
     /// With pinning: links an earlier agent pinned on interfaces the config
     /// no longer names are removed (their programs detach).
-    pub fn prune_pinned_links(&mut self, configured: &[&str]) -> Result<()> {
+    pub fn prune_pinned_links(&mut self, configured: &[String]) -> Result<()> {
         let Some(pins) = &self.pins else {
             return Ok(());
         };
         for (interface, path) in pins.pinned_links()? {
-            if !configured.contains(&interface.as_str()) {
+            if !configured.contains(&interface) {
                 std::fs::remove_file(&path)
                     .with_context(|| format!("removing pin {}", path.display()))?;
                 info!(

@@ -10,6 +10,7 @@ pub mod events;
 pub mod maglev;
 pub mod metrics;
 pub mod netdev;
+pub mod netlink;
 pub mod pinning;
 pub mod readmit;
 pub mod reconcile;

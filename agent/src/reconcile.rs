@@ -952,7 +952,7 @@ impl Reconciler {
     }
 
     /// Makes every flow's cached FIB result stale: the next packet of each
-    /// flow does a fresh FIB lookup. Called every second and after changes.
+    /// flow does a fresh FIB lookup. Called on every rtnetlink change.
     pub fn bump_fib_generation(&mut self) -> Result<()> {
         let next = self
             .maps

@@ -224,28 +224,15 @@ impl Topology {
             addr(&self.client.name, "eth0", fam.client(), fam)?;
             addr(lb, "front", fam.client_gateway(), fam)?;
         }
-        for (i, b) in self.backends.iter().enumerate() {
-            let back = format!("back{i}");
-            link_pair(&b.name, "eth0", lb, &back)?;
-            for fam in [Family::V4, Family::V6] {
-                addr(&b.name, "eth0", fam.backend(i), fam)?;
-                addr(lb, &back, fam.backend_gateway(i), fam)?;
-            }
-        }
         // Devices exactly as the kernel makes them (GRO off, checksum and
         // segmentation offloads on), as on a container host or a Kubernetes
         // node: what the datapath needs of them, the agent sets itself.
-        for ns in std::iter::once(&self.client).chain(&self.backends) {
-            ns.exec(&["ip", "link", "set", "eth0", "up"])?;
-        }
-        for (i, ns) in self.backends.iter().enumerate() {
-            route_default(&ns.name, Family::V4.backend_gateway(i))?;
-            route_default(&ns.name, Family::V6.backend_gateway(i))?;
-        }
+        self.client.exec(&["ip", "link", "set", "eth0", "up"])?;
+        self.lb.exec(&["ip", "link", "set", "front", "up"])?;
         route_default(&self.client.name, Family::V4.client_gateway())?;
         route_default(&self.client.name, Family::V6.client_gateway())?;
-        for iface in self.lb_interfaces() {
-            self.lb.exec(&["ip", "link", "set", &iface, "up"])?;
+        for i in 0..self.backends.len() {
+            self.wire_backend(i)?;
         }
         wait_for_dad(&self.client)?;
         for b in &self.backends {
@@ -253,6 +240,34 @@ impl Topology {
         }
         wait_for_dad(&self.lb)?;
         Ok(())
+    }
+
+    /// Backend i's veth pair (`eth0` there, `back{i}` in the LB), its
+    /// addresses and its default route via the LB.
+    fn wire_backend(&self, i: usize) -> Result<()> {
+        let (b, lb) = (&self.backends[i], self.lb.name.as_str());
+        let back = format!("back{i}");
+        link_pair(&b.name, "eth0", lb, &back)?;
+        for fam in [Family::V4, Family::V6] {
+            addr(&b.name, "eth0", fam.backend(i), fam)?;
+            addr(lb, &back, fam.backend_gateway(i), fam)?;
+        }
+        b.exec(&["ip", "link", "set", "eth0", "up"])?;
+        self.lb.exec(&["ip", "link", "set", &back, "up"])?;
+        route_default(&b.name, Family::V4.backend_gateway(i))?;
+        route_default(&b.name, Family::V6.backend_gateway(i))?;
+        Ok(())
+    }
+
+    /// Adds a backend (namespace and veth pair) to a running topology, as a
+    /// new pod's veth appears on a node; returns its index.
+    pub fn add_backend(&mut self) -> Result<usize> {
+        let i = self.backends.len();
+        let name = format!("{}b{i}", self.lb.name.trim_end_matches('l'));
+        self.backends.push(Netns::new(&name)?);
+        self.wire_backend(i)?;
+        wait_for_dad(&self.backends[i])?;
+        Ok(i)
     }
 
     /// Makes the LB namespace an ordinary router (IPv4 and IPv6

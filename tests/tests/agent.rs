@@ -353,7 +353,10 @@ fn xdp_modes_that_cannot_forward_on_veth_are_refused_and_auto_says_why() -> Resu
             .args(["--listen", "127.0.0.1:9464"])
             .output()?;
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{mode} on veth was accepted: {stderr}");
+        assert!(
+            !out.status.success(),
+            "{mode} on veth was accepted: {stderr}"
+        );
         assert!(
             stderr.contains("interface front refused") && stderr.contains(why),
             "{mode}: the refusal names the device and the reason: {stderr}"
