@@ -30,6 +30,7 @@ pub struct Ipv6 {
 
 /// The first four bytes of TCP and UDP.
 #[repr(C)]
+#[derive(Clone, Copy)]
 pub struct Ports {
     pub src: u16,
     pub dst: u16,
@@ -47,6 +48,24 @@ pub const UDP_CHECK_OFFSET: usize = 6;
 
 /// IPv4 "more fragments" flag and fragment offset, in network byte order.
 pub const IPV4_FRAG_MASK_BE: u16 = 0x3fffu16.to_be();
+/// IPv4 fragment offset alone, in network byte order.
+pub const IPV4_OFFSET_MASK_BE: u16 = 0x1fffu16.to_be();
+
+/// IPv6 hop-by-hop, routing and destination options headers: a next header
+/// and a length in 8-byte units (not counting the first 8), then options.
+pub const IPV6_HOP_BY_HOP: u8 = 0;
+pub const IPV6_ROUTING: u8 = 43;
+pub const IPV6_DEST_OPTS: u8 = 60;
+
+/// The IPv6 fragment header.
+#[repr(C)]
+pub struct Ipv6Fragment {
+    pub next_hdr: u8,
+    pub reserved: u8,
+    /// Offset in 8-byte units (13 bits), then 2 reserved bits and M.
+    pub offset_m: u16,
+    pub id: u32,
+}
 
 /// IPv6 next-header values that are extension headers (not parsed here).
 #[inline(always)]

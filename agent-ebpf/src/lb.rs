@@ -27,13 +27,14 @@ use crate::{
     fib::{self, forward},
     headers::{
         ICMP_DEST_UNREACHABLE, ICMP_HDR_LEN, ICMPV6_DEST_UNREACHABLE, IPV4_FRAG_MASK_BE,
-        IPV6_FRAGMENT, Ipv4, Ipv6, PROTO_ICMP, PROTO_ICMPV6, Ports, TCP_ACK, TCP_CHECK_OFFSET,
-        TCP_FIN, TCP_FLAGS_OFFSET, TCP_HDR_LEN, TCP_RST, TCP_SYN, UDP_CHECK_OFFSET, UDP_HDR_LEN,
+        IPV4_OFFSET_MASK_BE, IPV6_DEST_OPTS, IPV6_FRAGMENT, IPV6_HOP_BY_HOP, IPV6_ROUTING, Ipv4,
+        Ipv6, Ipv6Fragment, PROTO_ICMP, PROTO_ICMPV6, Ports, TCP_ACK, TCP_CHECK_OFFSET, TCP_FIN,
+        TCP_FLAGS_OFFSET, TCP_HDR_LEN, TCP_RST, TCP_SYN, UDP_CHECK_OFFSET, UDP_HDR_LEN,
         is_ipv6_extension,
     },
     health::{self, Failure},
     maps::{
-        BACKEND_FIB, BACKEND_STATS, BACKENDS, CONNTRACK, PREFILTER, REASONS, SCRATCH,
+        BACKEND_FIB, BACKEND_STATS, BACKENDS, CONNTRACK, FRAGMENTS, PREFILTER, REASONS, SCRATCH,
         SERVICE_STATS, SERVICES,
     },
 };
@@ -81,6 +82,63 @@ pub struct Packet {
     pub l4: usize,
     /// End of the IP datagram according to its own length field.
     pub ip_end: usize,
+    /// `Fragment::*`: whether the datagram is a fragment, and which.
+    pub fragment: u8,
+    /// The IP identification of a fragment (IPv4's 16 bits, IPv6's 32).
+    pub id: u32,
+}
+
+/// Where a packet stands in its datagram. Only the first fragment carries
+/// the ports; later ones follow it by the ports `FRAGMENTS` remembers for
+/// (source, destination, identification, protocol), as Cilium does.
+pub mod fragment {
+    /// Not a fragment.
+    pub const NONE: u8 = 0;
+    /// Offset 0, more to come: has the L4 header.
+    pub const FIRST: u8 = 1;
+    /// No L4 header: addresses are rewritten, nothing else.
+    pub const LATER: u8 = 2;
+}
+
+/// Key of `FRAGMENTS`.
+#[repr(C)]
+pub struct FragmentKey {
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    pub id: u32,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: u16,
+}
+
+/// Extension headers parsed in front of an IPv6 packet's TCP/UDP header.
+const MAX_IPV6_EXTENSIONS: u32 = 4;
+
+/// The largest L4 offset the pipeline reads at (a mask: see `settle`).
+const MAX_L4_OFFSET: usize = 0x1ff;
+
+/// Passes the parse result (L4 offset, fragment kind, identification)
+/// through the scratch area. Each way through the headers (IPv4 fragment or
+/// not, each number of IPv6 extension headers) leaves different constants in
+/// the verifier's state, and the rest of the pipeline, far larger than the
+/// parsing, would be verified once for each; read back from memory they are
+/// one unknown, so it is verified once.
+#[inline(always)]
+fn settle(l4: usize, fragment: u8, id: u32) -> Option<(usize, u8, u32)> {
+    let s = scratch()?;
+    let p = &raw mut s.parsed;
+    // SAFETY: this CPU's scratch slot (see `Scratch`); volatile, so the
+    // values really go through memory.
+    unsafe {
+        core::ptr::write_volatile(&raw mut (*p)[0], l4 as u32);
+        core::ptr::write_volatile(&raw mut (*p)[1], u32::from(fragment));
+        core::ptr::write_volatile(&raw mut (*p)[2], id);
+        Some((
+            core::ptr::read_volatile(&raw const (*p)[0]) as usize & MAX_L4_OFFSET,
+            (core::ptr::read_volatile(&raw const (*p)[1]) & 3) as u8,
+            core::ptr::read_volatile(&raw const (*p)[2]),
+        ))
+    }
 }
 
 /// Big values the pipeline builds, kept in a per-CPU map: the BPF stack (512
@@ -96,6 +154,9 @@ pub struct Scratch {
     pub reverse: Flow,
     /// The forward key of a flow whose SNAT port may be taken over.
     pub old_key: FlowKey,
+    pub fragment_key: FragmentKey,
+    /// Where parsing left off (see `settle`).
+    pub parsed: [u32; 4],
     pub fib: bpf_fib_lookup,
 }
 
@@ -227,17 +288,27 @@ fn ipv4(ctx: &Ctx) -> Action {
     if ihl < 5 {
         return unhandled(&src, &dst, reason::BAD_LENGTH);
     }
-    if frag_off & IPV4_FRAG_MASK_BE != 0 {
-        return unhandled(&src, &dst, reason::FRAGMENT);
-    }
+    let fragment = if frag_off & IPV4_FRAG_MASK_BE == 0 {
+        fragment::NONE
+    } else if frag_off & IPV4_OFFSET_MASK_BE == 0 {
+        fragment::FIRST
+    } else {
+        fragment::LATER
+    };
     // IPv4 options are skipped, not parsed: forwarding doesn't need them.
-    let l4 = ETH_LEN + ihl * 4;
+    // SAFETY: the fixed IPv4 header is inside the packet (checked above).
+    let id = u32::from(unsafe { (*ip).id });
+    let Some((l4, fragment, id)) = settle(ETH_LEN + ihl * 4, fragment, id) else {
+        return Action::Pass;
+    };
     let pkt = Packet {
         family: FAMILY_V4,
         proto,
         l3: ETH_LEN,
         l4,
         ip_end: ETH_LEN + u16::from_be(tot_len) as usize,
+        fragment,
+        id,
     };
     transport(ctx, &pkt, &src, &dst)
 }
@@ -248,27 +319,67 @@ fn ipv6(ctx: &Ctx) -> Action {
         return exception(reason::SHORT_FRAME);
     };
     // SAFETY: the IPv6 header is inside the packet (checked above).
-    let (next_hdr, src, dst, payload_len) =
+    let (mut next, src, dst, payload_len) =
         unsafe { ((*ip).next_hdr, (*ip).src, (*ip).dst, (*ip).payload_len) };
-    if next_hdr != PROTO_TCP && next_hdr != PROTO_UDP {
-        if next_hdr == IPV6_FRAGMENT {
-            return unhandled(&src, &dst, reason::FRAGMENT);
+    let ip_end = ETH_LEN + mem::size_of::<Ipv6>() + u16::from_be(payload_len) as usize;
+    // Extension headers in front of TCP/UDP: hop-by-hop, routing and
+    // destination options are stepped over; a fragment header says which
+    // part of the datagram this is.
+    let mut l4 = ETH_LEN + mem::size_of::<Ipv6>();
+    let (mut fragment, mut id) = (fragment::NONE, 0);
+    let mut parsed = 0;
+    while parsed < MAX_IPV6_EXTENSIONS {
+        if next == IPV6_HOP_BY_HOP || next == IPV6_ROUTING || next == IPV6_DEST_OPTS {
+            // Next header and length together: see `ptr_at`.
+            let Some(ext) = ptr_at::<[u8; 2]>(ctx, l4) else {
+                return unhandled(&src, &dst, reason::TRUNCATED);
+            };
+            // SAFETY: checked by ptr_at.
+            let (n, len) = unsafe { ((*ext)[0], (*ext)[1]) };
+            next = n;
+            l4 += (usize::from(len) + 1) * 8;
+        } else if next == IPV6_FRAGMENT {
+            let Some(f) = ptr_at::<Ipv6Fragment>(ctx, l4) else {
+                return unhandled(&src, &dst, reason::TRUNCATED);
+            };
+            // SAFETY: checked by ptr_at.
+            let (n, offset_m, fid) = unsafe { ((*f).next_hdr, (*f).offset_m, (*f).id) };
+            next = n;
+            l4 += mem::size_of::<Ipv6Fragment>();
+            id = fid;
+            let offset_m = u16::from_be(offset_m);
+            fragment = if offset_m & 0xfff8 != 0 {
+                fragment::LATER
+            } else if offset_m & 1 != 0 {
+                fragment::FIRST
+            } else {
+                fragment::NONE // an atomic fragment: the whole datagram
+            };
+        } else {
+            break;
         }
-        if is_ipv6_extension(next_hdr) {
+        parsed += 1;
+    }
+    if next != PROTO_TCP && next != PROTO_UDP {
+        if is_ipv6_extension(next) {
             return unhandled(&src, &dst, reason::IPV6_EXTENSION);
         }
-        if next_hdr == PROTO_ICMPV6 {
-            return icmp_error(ctx, ETH_LEN + mem::size_of::<Ipv6>(), FAMILY_V6);
+        if next == PROTO_ICMPV6 && fragment == fragment::NONE {
+            return icmp_error(ctx, l4, FAMILY_V6);
         }
         return Action::Pass;
     }
-    let l4 = ETH_LEN + mem::size_of::<Ipv6>();
+    let Some((l4, fragment, id)) = settle(l4, fragment, id) else {
+        return Action::Pass;
+    };
     let pkt = Packet {
         family: FAMILY_V6,
-        proto: next_hdr,
+        proto: next,
         l3: ETH_LEN,
         l4,
-        ip_end: l4 + u16::from_be(payload_len) as usize,
+        ip_end,
+        fragment,
+        id,
     };
     transport(ctx, &pkt, &src, &dst)
 }
@@ -277,19 +388,38 @@ fn ipv6(ctx: &Ctx) -> Action {
 /// to reverse-NAT, or not ours.
 #[inline(always)]
 fn transport(ctx: &Ctx, pkt: &Packet, src: &[u32; 4], dst: &[u32; 4]) -> Action {
-    let Some(ports) = ptr_at::<Ports>(ctx, pkt.l4) else {
-        return unhandled(src, dst, reason::TRUNCATED);
+    let Some(s) = scratch() else {
+        return Action::Pass;
     };
-    // SAFETY: checked by ptr_at.
-    let (sport, dport) = unsafe { ((*ports).src, (*ports).dst) };
+    let (sport, dport) = if pkt.fragment == fragment::LATER {
+        fragment_key(s, pkt, src, dst);
+        match FRAGMENTS.get_ptr(&s.fragment_key) {
+            // SAFETY: a live map value, copied out at once.
+            Some(ports) => unsafe { ((*ports).src, (*ports).dst) },
+            // Its first fragment wasn't seen (or wasn't ours).
+            None => return unhandled(src, dst, reason::FRAGMENT),
+        }
+    } else {
+        let Some(ports) = ptr_at::<Ports>(ctx, pkt.l4) else {
+            return unhandled(src, dst, reason::TRUNCATED);
+        };
+        // SAFETY: checked by ptr_at.
+        unsafe { ((*ports).src, (*ports).dst) }
+    };
 
     let to_service = prefilter_hit(prefilter::SERVICE, dst, dport, pkt.proto);
     if !to_service && !prefilter_hit(prefilter::BACKEND, src, sport, pkt.proto) {
         return Action::Pass;
     }
-    let Some(s) = scratch() else {
-        return Action::Pass;
-    };
+    if pkt.fragment == fragment::FIRST {
+        // The later fragments will need these ports.
+        fragment_key(s, pkt, src, dst);
+        let ports = Ports {
+            src: sport,
+            dst: dport,
+        };
+        let _ = FRAGMENTS.insert(&s.fragment_key, &ports, 0);
+    }
     s.key = FlowKey {
         src: *src,
         dst: *dst,
@@ -312,7 +442,7 @@ fn transport(ctx: &Ctx, pkt: &Packet, src: &[u32; 4], dst: &[u32; 4]) -> Action 
         if f.last_seen != now {
             f.last_seen = now;
         }
-        if pkt.proto == PROTO_TCP {
+        if pkt.proto == PROTO_TCP && pkt.fragment != fragment::LATER {
             let flags = tcp_flags(ctx, pkt);
             let verdict = if f.flags & FLOW_F_REVERSE == 0 {
                 client_tcp(s, f, flags)
@@ -344,7 +474,7 @@ fn transport(ctx: &Ctx, pkt: &Packet, src: &[u32; 4], dst: &[u32; 4]) -> Action 
     // A connection starts with a SYN (or any UDP datagram); a mid-stream
     // packet without an entry (evicted, or from before a restart) is
     // re-pinned by the same Maglev choice but is not a new connection.
-    let flags = if pkt.proto == PROTO_TCP {
+    let flags = if pkt.proto == PROTO_TCP && pkt.fragment != fragment::LATER {
         tcp_flags(ctx, pkt)
     } else {
         0
@@ -368,6 +498,18 @@ fn transport(ctx: &Ctx, pkt: &Packet, src: &[u32; 4], dst: &[u32; 4]) -> Action 
             exception(code)
         }
     }
+}
+
+/// The `FRAGMENTS` key of the packet's datagram, in the scratch area.
+#[inline(always)]
+fn fragment_key(s: &mut Scratch, pkt: &Packet, src: &[u32; 4], dst: &[u32; 4]) {
+    let k = &mut s.fragment_key;
+    copy_addr(&mut k.src, src);
+    copy_addr(&mut k.dst, dst);
+    k.id = pkt.id;
+    k.proto = pkt.proto;
+    k.family = pkt.family;
+    k._pad = 0;
 }
 
 /// A TCP packet from the client on a known flow: SYN retransmissions
@@ -703,7 +845,9 @@ fn log_refused_flow(ctx: &Ctx, service_id: u32, code: u32) {
 /// Lengths checked only for packets we are about to rewrite.
 #[inline(always)]
 fn validate(ctx: &Ctx, pkt: &Packet) -> Result<(), u32> {
-    let l4_len = if pkt.proto == PROTO_TCP {
+    let l4_len = if pkt.fragment == fragment::LATER {
+        0
+    } else if pkt.proto == PROTO_TCP {
         TCP_HDR_LEN
     } else {
         UDP_HDR_LEN
@@ -768,7 +912,7 @@ fn translate(
         _ => &mut f.fib,
     };
     let action = forward(ctx, pkt, params, &f.new_src, &f.new_dst, cache);
-    if ctx.skb {
+    if ctx.skb && pkt.fragment != fragment::LATER {
         // Last: the helper may move the packet, which ends direct access.
         skb_l4_checksum(ctx, pkt, l4_change);
     }
@@ -1033,14 +1177,19 @@ fn rewrite(
             (*ip).dst = *dst;
         }
     }
-    if let Some(ports) = ptr_at::<Ports>(ctx, pkt.l4) {
+    // A later fragment has no L4 header: its bytes there are payload. (The
+    // first fragment's L4 checksum covers the whole datagram; the change to
+    // it is the same.)
+    if pkt.fragment != fragment::LATER
+        && let Some(ports) = ptr_at::<Ports>(ctx, pkt.l4)
+    {
         // SAFETY: as above.
         unsafe {
             (*ports).src = sport;
             (*ports).dst = dport;
         }
     }
-    if ctx.skb {
+    if ctx.skb || pkt.fragment == fragment::LATER {
         return change;
     }
     if pkt.proto == PROTO_TCP {

@@ -29,6 +29,12 @@ pub static MAGLEV: Array<u32> = Array::with_max_entries(1024, aya_ebpf::bindings
 #[map]
 pub static CONNTRACK: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(262_144, 0);
 
+/// The ports of fragmented datagrams, by their first fragment (see
+/// `lb::Fragments`): later fragments carry no L4 header to route them by.
+#[map]
+pub static FRAGMENTS: LruHashMap<crate::lb::FragmentKey, crate::headers::Ports> =
+    LruHashMap::with_max_entries(8192, 0);
+
 /// Bitmaps that let non-Sluice traffic through without a hash lookup.
 #[map]
 pub static PREFILTER: Array<Prefilter> = Array::with_max_entries(agent_common::prefilter::COUNT, 0);

@@ -116,13 +116,13 @@ pub fn sweep(
     now: u32,
 ) -> Swept {
     let mut forwards = Vec::new();
-    let mut replies: HashMap<FlowKey, u32> = HashMap::new();
+    let mut replies: HashMap<FlowKey, Flow> = HashMap::new();
     // The map changes under the walk (a key deleted by the kernel restarts
     // it): bounded by the capacity, the counts are approximate.
     for entry in map.iter().take(capacity as usize) {
         let Ok((key, flow)) = entry else { break };
         if flow.flags & FLOW_F_REVERSE != 0 {
-            replies.insert(key, flow.last_seen);
+            replies.insert(key, flow);
         } else {
             forwards.push((key, flow));
         }
@@ -130,7 +130,12 @@ pub fn sweep(
     let mut swept = Swept::default();
     for (key, flow) in forwards {
         let reply_key = answer_key(&key, &flow);
-        let reply_seen = replies.remove(&reply_key);
+        // Not in the walk is not gone: the walk misses keys while the map
+        // changes, so a missing reply entry is looked up.
+        let reply_seen = replies
+            .remove(&reply_key)
+            .or_else(|| map.get(&reply_key, 0).ok())
+            .map(|r| r.last_seen);
         let entries = 1 + u64::from(reply_seen.is_some());
         let (state, timeout) = FlowState::of(&key, &flow, timeouts);
         let last = reply_seen.map_or(flow.last_seen, |r| {
@@ -162,11 +167,17 @@ pub fn sweep(
             *swept.counts.entry(state).or_default() += entries;
         }
     }
-    // Reply entries left without a forward entry serve nothing: a new
-    // packet of the flow makes both anew. Kept briefly, since a new flow's
-    // reply entry is written just before its forward entry.
-    for (key, last_seen) in replies {
-        if idle(now, last_seen) >= timeouts.tcp_time_wait {
+    // Reply entries the walk found no forward entry for: the forward entry
+    // may be there all the same (the walk misses keys while the map
+    // changes), so it is looked up before anything goes. One truly alone
+    // serves nothing (a new packet of the flow makes both anew); it is kept
+    // briefly, since a new flow's reply entry is written just before its
+    // forward entry.
+    for (key, reply) in replies {
+        if map.get(&answer_key(&key, &reply), 0).is_ok() {
+            continue; // counted with its flow, or the flow is new
+        }
+        if idle(now, reply.last_seen) >= timeouts.tcp_time_wait {
             let _ = map.remove(&key);
         } else {
             *swept.counts.entry(FlowState::Orphan).or_default() += 1;

@@ -105,7 +105,7 @@ fn idle_flows_expire_and_leave_the_active_gauge() -> Result<()> {
     let b = Bed::new("li", 1)?;
     let agent = start(
         &b,
-        "  timeouts:\n    tcp_established: 3\n    udp: 3\n    tcp_time_wait: 2\n",
+        "  timeouts:\n    tcp_established: 3\n    udp: 3\n    tcp_time_wait: 4\n",
     )?;
     let vip: SocketAddr = VIP.parse()?;
     let (streams, _) = b
