@@ -27,10 +27,14 @@ reasons! {
     TRUNCATED = 2, "truncated", true;
     /// For a VIP or from a backend, with header lengths that contradict the frame. Dropped.
     BAD_LENGTH = 3, "bad_length", true;
-    /// An IP fragment for a VIP or from a backend: no ports to route it by. Dropped.
-    FRAGMENT = 4, "fragment", true;
-    /// IPv6 extension headers before TCP/UDP for a VIP or from a backend. Dropped.
-    IPV6_EXTENSION = 5, "ipv6_extension", true;
+    /// A later IP fragment (no ports) whose first fragment wasn't seen, to a
+    /// VIP's or from a backend's address: nothing proves it is Sluice's, so
+    /// it is passed untouched (the kernel reassembles or drops it).
+    FRAGMENT = 4, "fragment", false;
+    /// IPv6 extension headers Sluice doesn't parse (AH, ESP, mobility, more
+    /// than four) before the transport header, to a VIP's or from a backend's
+    /// address: passed untouched.
+    IPV6_EXTENSION = 5, "ipv6_extension", false;
     /// The service has no backend to choose. Dropped.
     NO_BACKEND = 6, "no_backend", true;
     /// The conntrack map refused a new entry. Dropped.
@@ -51,6 +55,11 @@ reasons! {
     /// dnat: another flow already uses this (backend, client, ports) reply
     /// tuple (same client port towards two VIPs sharing a backend). Dropped.
     REPLY_CONFLICT = 14, "reply_conflict", true;
+    /// Headers that end or contradict themselves before the ports (IPv4
+    /// header length below 5, a cut IPv6 extension header or ports), to a
+    /// VIP's or from a backend's address: with no exact lookup to say the
+    /// packet is Sluice's, it is passed untouched.
+    MALFORMED = 15, "malformed", false;
 }
 
 pub const COUNT: u32 = ALL.len() as u32;

@@ -226,17 +226,18 @@ fn prefilter_hit(slot: u32, addr: &[u32; 4], port: u16, proto: u8) -> bool {
     }
 }
 
-/// A packet Sluice can't handle: ours (to a VIP or from a backend) is dropped
-/// by reason, anything else passes untouched.
+/// A packet Sluice can't parse far enough to look it up exactly. It passes
+/// untouched: a prefilter hit (the address may be a VIP's or a backend's)
+/// only decides whether it is counted, never whether it is dropped. Drops
+/// come after an exact service or conntrack lookup (`validate`).
 #[inline(always)]
 fn unhandled(src: &[u32; 4], dst: &[u32; 4], code: u32) -> Action {
     if prefilter_hit(prefilter::SERVICE_ADDR, dst, 0, 0)
         || prefilter_hit(prefilter::BACKEND_ADDR, src, 0, 0)
     {
-        exception(code)
-    } else {
-        Action::Pass
+        count(code);
     }
+    Action::Pass
 }
 
 #[inline(always)]
@@ -286,7 +287,7 @@ fn ipv4(ctx: &Ctx) -> Action {
     let dst = [dst, 0, 0, 0];
     let ihl = (vihl & 0x0f) as usize;
     if ihl < 5 {
-        return unhandled(&src, &dst, reason::BAD_LENGTH);
+        return unhandled(&src, &dst, reason::MALFORMED);
     }
     let fragment = if frag_off & IPV4_FRAG_MASK_BE == 0 {
         fragment::NONE
@@ -332,7 +333,7 @@ fn ipv6(ctx: &Ctx) -> Action {
         if next == IPV6_HOP_BY_HOP || next == IPV6_ROUTING || next == IPV6_DEST_OPTS {
             // Next header and length together: see `ptr_at`.
             let Some(ext) = ptr_at::<[u8; 2]>(ctx, l4) else {
-                return unhandled(&src, &dst, reason::TRUNCATED);
+                return unhandled(&src, &dst, reason::MALFORMED);
             };
             // SAFETY: checked by ptr_at.
             let (n, len) = unsafe { ((*ext)[0], (*ext)[1]) };
@@ -340,7 +341,7 @@ fn ipv6(ctx: &Ctx) -> Action {
             l4 += (usize::from(len) + 1) * 8;
         } else if next == IPV6_FRAGMENT {
             let Some(f) = ptr_at::<Ipv6Fragment>(ctx, l4) else {
-                return unhandled(&src, &dst, reason::TRUNCATED);
+                return unhandled(&src, &dst, reason::MALFORMED);
             };
             // SAFETY: checked by ptr_at.
             let (n, offset_m, fid) = unsafe { ((*f).next_hdr, (*f).offset_m, (*f).id) };
@@ -401,7 +402,7 @@ fn transport(ctx: &Ctx, pkt: &Packet, src: &[u32; 4], dst: &[u32; 4]) -> Action 
         }
     } else {
         let Some(ports) = ptr_at::<Ports>(ctx, pkt.l4) else {
-            return unhandled(src, dst, reason::TRUNCATED);
+            return unhandled(src, dst, reason::MALFORMED);
         };
         // SAFETY: checked by ptr_at.
         unsafe { ((*ports).src, (*ports).dst) }

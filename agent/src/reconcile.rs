@@ -728,6 +728,29 @@ impl Reconciler {
             info!(service, backend = %b.addr, flows_closed = flows, "backend removed");
             self.backend_ids.give(b.id);
         }
+        if let Err(e) = self.rebuild_backend_filters() {
+            tracing::warn!(error = format!("{e:#}"), "backend prefilter not rebuilt");
+        }
+    }
+
+    /// The backend prefilters as the backends still in a service make them:
+    /// the bits of backends that are gone are cleared, so their address's
+    /// traffic no longer takes the slow path (nor is counted as Sluice's).
+    fn rebuild_backend_filters(&mut self) -> Result<()> {
+        let (mut ports, mut addrs) = (Prefilter::default(), Prefilter::default());
+        for state in self.services.values() {
+            let proto = state.spec.protocol.number();
+            for b in &state.backends {
+                let words = addr_words(b.addr.ip());
+                ports.set(prefilter_bit(&words, b.addr.port().to_be(), proto));
+                addrs.set(prefilter_bit(&words, 0, 0));
+            }
+        }
+        self.write_filter(prefilter::BACKEND, &ports)?;
+        self.write_filter(prefilter::BACKEND_ADDR, &addrs)?;
+        self.backend_filter = ports;
+        self.backend_addr_filter = addrs;
+        Ok(())
     }
 
     /// Ends drains that are over: no connection left, or the drain time

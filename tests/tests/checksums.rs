@@ -165,7 +165,7 @@ fn capture(ns: &Netns, stop: Arc<AtomicBool>) -> Result<Receiver<Result<Seen>>> 
                 msg.msg_controllen = size_of_val(&control);
                 // SAFETY: every buffer msg points to is ours and alive.
                 let n = unsafe { libc::recvmsg(fd.as_raw_fd(), &raw mut msg, 0) };
-                if n <= 0 || from.sll_pkttype == libc::PACKET_OUTGOING as u8 {
+                if n <= 0 || from.sll_pkttype == libc::PACKET_OUTGOING {
                     continue;
                 }
                 let mut status = 0;

@@ -316,13 +316,14 @@ fn what_the_datapath_cannot_handle_is_counted_by_reason() -> Result<()> {
             reason::VLAN_TAGGED,
         ),
         (
-            // A later fragment whose first fragment wasn't seen.
+            // A later fragment whose first fragment wasn't seen: nothing
+            // proves it is Sluice's, so it passes (counted).
             false,
             Pkt {
                 frag: 0x0010,
                 ..v4.clone()
             },
-            XDP_DROP,
+            XDP_PASS,
             reason::FRAGMENT,
         ),
         (
@@ -350,24 +351,36 @@ fn what_the_datapath_cannot_handle_is_counted_by_reason() -> Result<()> {
         assert_eq!(bed.reason(code), before + 1, "{name} counted once");
     }
 
-    // An IPv6 extension header the datapath doesn't parse (AH).
+    // An IPv6 extension header the datapath doesn't parse (AH): passed
+    // untouched, counted.
     let mut ah = v6.bytes();
     ah[20] = 51;
     let before = bed6.reason(reason::IPV6_EXTENSION);
-    assert_eq!(bed6.run(&ah)?.0, XDP_DROP);
+    assert_eq!(bed6.run(&ah)?, (XDP_PASS, ah.clone()));
     assert_eq!(bed6.reason(reason::IPV6_EXTENSION), before + 1);
 
-    // Bad IPv4 lengths: header length below 5 words; total length shorter
-    // than the headers; total length beyond the frame.
-    for (offset, value, code) in [
-        (14usize, vec![0x44u8], reason::BAD_LENGTH),
-        (16, 20u16.to_be_bytes().to_vec(), reason::BAD_LENGTH),
-        (16, 1500u16.to_be_bytes().to_vec(), reason::BAD_LENGTH),
+    // Bad IPv4 lengths: header length below 5 words (no ports to look the
+    // packet up by: passed); total length shorter than the headers, or
+    // beyond the frame (the service lookup says it is Sluice's: dropped).
+    for (offset, value, want_rc, code) in [
+        (14usize, vec![0x44u8], XDP_PASS, reason::MALFORMED),
+        (
+            16,
+            20u16.to_be_bytes().to_vec(),
+            XDP_DROP,
+            reason::BAD_LENGTH,
+        ),
+        (
+            16,
+            1500u16.to_be_bytes().to_vec(),
+            XDP_DROP,
+            reason::BAD_LENGTH,
+        ),
     ] {
         let mut f = v4.bytes();
         f[offset..offset + value.len()].copy_from_slice(&value);
         let before = bed.reason(code);
-        assert_eq!(bed.run(&f)?.0, XDP_DROP, "bad length at {offset}");
+        assert_eq!(bed.run(&f)?.0, want_rc, "bad length at {offset}");
         assert_eq!(bed.reason(code), before + 1);
     }
     Ok(())
@@ -406,7 +419,7 @@ fn fragments_follow_their_first_and_extension_headers_are_parsed() -> Result<()>
     let mut other = later.clone();
     other[18] ^= 0xff; // another datagram's identification
     let before = bed.reason(reason::FRAGMENT);
-    assert_eq!(bed.run(&other)?.0, XDP_DROP);
+    assert_eq!(bed.run(&other)?, (XDP_PASS, other.clone()));
     assert_eq!(bed.reason(reason::FRAGMENT), before + 1);
 
     let mut bed6 = FibBed::new(&services(Family::V6, false, &[0]))?;
@@ -432,8 +445,9 @@ fn ipv4_options_are_forwarded_intact() -> Result<()> {
     Ok(())
 }
 
-/// Every prefix of a frame for the VIP: shorter than the IP addresses → passed
-/// (nothing says it is ours); anything longer but cut → dropped and counted.
+/// Every prefix of a frame for the VIP: shorter than the IP addresses, or
+/// than the ports → passed (nothing exact says it is ours); anything longer
+/// but cut → dropped and counted.
 #[test]
 fn frames_truncated_at_every_length() -> Result<()> {
     for (family, proto) in [
@@ -454,6 +468,9 @@ fn frames_truncated_at_every_length() -> Result<()> {
             let cut = &frame[..len];
             let (code, want_rc) = if len < ip_end {
                 (reason::SHORT_FRAME, XDP_PASS)
+            } else if len < ip_end + 4 {
+                // No ports: no exact lookup says it is Sluice's.
+                (reason::MALFORMED, XDP_PASS)
             } else if len < ip_end + l4_len {
                 (reason::TRUNCATED, XDP_DROP)
             } else {
