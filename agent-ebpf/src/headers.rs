@@ -82,4 +82,9 @@ pub const PROTO_ICMPV6: u8 = 58;
 /// Type, code, checksum and 4 bytes before an ICMP error's quoted packet.
 pub const ICMP_HDR_LEN: usize = 8;
 pub const ICMP_DEST_UNREACHABLE: u8 = 3;
+/// Code of ICMP destination-unreachable: fragmentation needed and DF set.
+pub const ICMP_FRAG_NEEDED: u8 = 4;
 pub const ICMPV6_DEST_UNREACHABLE: u8 = 1;
+pub const ICMPV6_PACKET_TOO_BIG: u8 = 2;
+/// Offset of the checksum in an ICMP or ICMPv6 header.
+pub const ICMP_CHECK_OFFSET: usize = 2;

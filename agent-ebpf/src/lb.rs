@@ -26,11 +26,11 @@ use crate::{
     events,
     fib::{self, forward},
     headers::{
-        ICMP_DEST_UNREACHABLE, ICMP_HDR_LEN, ICMPV6_DEST_UNREACHABLE, IPV4_FRAG_MASK_BE,
-        IPV4_OFFSET_MASK_BE, IPV6_DEST_OPTS, IPV6_FRAGMENT, IPV6_HOP_BY_HOP, IPV6_ROUTING, Ipv4,
-        Ipv6, Ipv6Fragment, PROTO_ICMP, PROTO_ICMPV6, Ports, TCP_ACK, TCP_CHECK_OFFSET, TCP_FIN,
-        TCP_FLAGS_OFFSET, TCP_HDR_LEN, TCP_RST, TCP_SYN, UDP_CHECK_OFFSET, UDP_HDR_LEN,
-        is_ipv6_extension,
+        ICMP_CHECK_OFFSET, ICMP_DEST_UNREACHABLE, ICMP_FRAG_NEEDED, ICMP_HDR_LEN,
+        ICMPV6_DEST_UNREACHABLE, ICMPV6_PACKET_TOO_BIG, IPV4_FRAG_MASK_BE, IPV4_OFFSET_MASK_BE,
+        IPV6_DEST_OPTS, IPV6_FRAGMENT, IPV6_HOP_BY_HOP, IPV6_ROUTING, Ipv4, Ipv6, Ipv6Fragment,
+        PROTO_ICMP, PROTO_ICMPV6, Ports, TCP_ACK, TCP_CHECK_OFFSET, TCP_FIN, TCP_FLAGS_OFFSET,
+        TCP_HDR_LEN, TCP_RST, TCP_SYN, UDP_CHECK_OFFSET, UDP_HDR_LEN, is_ipv6_extension,
     },
     health::{self, Failure},
     maps::{
@@ -661,10 +661,16 @@ fn answer_key(key: &mut FlowKey, flow: &Flow, proto: u8, family: u8) {
     key._pad = 0;
 }
 
-/// An ICMP destination-unreachable about a flow Sluice forwarded (the error
-/// quotes the packet as sent to the backend) counts against that backend; a
-/// TCP connect it fails is retried like a refused one. The message itself
-/// goes on to the kernel.
+/// An ICMP error about a flow Sluice forwarded (it quotes the packet as
+/// sent to the backend):
+/// - "fragmentation needed" / "packet too big" (a link on the way to the
+///   backend is narrower than the packet) is for the client, whose path MTU
+///   it is: it is translated to quote what the client sent (VIP and ports,
+///   checksums fixed; with SNAT also sent to the client) and goes on;
+/// - another destination-unreachable counts against the backend; a TCP
+///   connect it fails is retried like a refused one.
+///
+/// The message itself goes on to the kernel, which forwards or takes it.
 #[inline(always)]
 fn icmp_error(ctx: &Ctx, l4: usize, family: u8) -> Action {
     // Read as type, code and checksum together: see `ptr_at`.
@@ -672,13 +678,20 @@ fn icmp_error(ctx: &Ctx, l4: usize, family: u8) -> Action {
         return Action::Pass;
     };
     // SAFETY: checked by ptr_at.
-    let icmp_type = unsafe { (*icmp)[0] };
-    let unreachable = if family == FAMILY_V4 {
-        icmp_type == ICMP_DEST_UNREACHABLE
+    let (icmp_type, code) = unsafe { ((*icmp)[0], (*icmp)[1]) };
+    let (too_big, unreachable) = if family == FAMILY_V4 {
+        let unreachable = icmp_type == ICMP_DEST_UNREACHABLE;
+        (
+            unreachable && code == ICMP_FRAG_NEEDED,
+            unreachable && code != ICMP_FRAG_NEEDED,
+        )
     } else {
-        icmp_type == ICMPV6_DEST_UNREACHABLE
+        (
+            icmp_type == ICMPV6_PACKET_TOO_BIG,
+            icmp_type == ICMPV6_DEST_UNREACHABLE,
+        )
     };
-    if !unreachable {
+    if !too_big && !unreachable {
         return Action::Pass;
     }
     // The quoted packet: its IP header, then at least 8 bytes of TCP/UDP.
@@ -737,9 +750,24 @@ fn icmp_error(ctx: &Ctx, l4: usize, family: u8) -> Action {
     if reply.flags & FLOW_F_REVERSE == 0 {
         return Action::Pass;
     }
-    let now = health::now_ns();
     // forward_of leaves the flow's client → VIP key in s.reverse_key.
     let forward = forward_of(s, reply);
+    if too_big {
+        if forward.is_some() {
+            quote_as_sent(
+                ctx,
+                icmp,
+                inner,
+                inner_l4,
+                family,
+                proto,
+                &s.key,
+                &s.reverse_key,
+            );
+        }
+        return Action::Pass;
+    }
+    let now = health::now_ns();
     health::record_failure(
         &s.reverse_key,
         reply.service_id,
@@ -758,6 +786,118 @@ fn icmp_error(ctx: &Ctx, l4: usize, family: u8) -> Action {
         }
     }
     Action::Pass
+}
+
+/// Rewrites an ICMP error (`icmp`: its type, code and checksum) whose quoted packet (IP header at
+/// `inner`, TCP/UDP at `inner_l4`) went to a backend, so that it quotes the
+/// packet as the client sent it (`original`: client → VIP) and goes to the
+/// client. `reply` is the reply entry's key (backend → the quoted source).
+/// The quoted IPv4 header checksum, the quoted L4 checksum (when quoted), the
+/// outer destination and the ICMP checksum are all fixed incrementally.
+#[inline(always)]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "offsets found by the caller's parse"
+)]
+fn quote_as_sent(
+    ctx: &Ctx,
+    icmp: *mut [u8; 4],
+    inner: usize,
+    inner_l4: usize,
+    family: u8,
+    proto: u8,
+    reply: &FlowKey,
+    original: &FlowKey,
+) {
+    // As quoted: from the reply entry's destination to its source.
+    let addrs = Diff::default()
+        .addr(&reply.dst, &original.src)
+        .addr(&reply.src, &original.dst);
+    let segment = addrs
+        .word16(reply.dport, original.sport)
+        .word16(reply.sport, original.dport);
+    // What changes inside the ICMP message (its checksum covers it).
+    let mut message = segment;
+    if family == FAMILY_V4 {
+        let Some(ip) = ptr_at::<Ipv4>(ctx, inner) else {
+            return;
+        };
+        // SAFETY: inside the packet (ptr_at).
+        unsafe {
+            let old = (*ip).check;
+            let new = addrs.apply(old);
+            (*ip).src = original.src[0];
+            (*ip).dst = original.dst[0];
+            (*ip).check = new;
+            message = message.word16(old, new);
+        }
+    } else {
+        let Some(ip) = ptr_at::<Ipv6>(ctx, inner) else {
+            return;
+        };
+        // SAFETY: inside the packet (ptr_at).
+        unsafe {
+            copy_addr(&mut (*ip).src, &original.src);
+            copy_addr(&mut (*ip).dst, &original.dst);
+        }
+    }
+    if let Some(ports) = ptr_at::<Ports>(ctx, inner_l4) {
+        // SAFETY: inside the packet (ptr_at).
+        unsafe {
+            (*ports).src = original.sport;
+            (*ports).dst = original.dport;
+        }
+    }
+    let check_at = if proto == PROTO_TCP {
+        inner_l4 + TCP_CHECK_OFFSET
+    } else {
+        inner_l4 + UDP_CHECK_OFFSET
+    };
+    // Quoted only when the error quotes enough of the segment.
+    if let Some(check) = ptr_at::<u16>(ctx, check_at) {
+        // SAFETY: inside the packet (ptr_at).
+        unsafe {
+            let old = *check;
+            if !(proto == PROTO_UDP && family == FAMILY_V4 && old == 0) {
+                let new = segment.apply(old);
+                let new = if proto == PROTO_UDP && new == 0 {
+                    0xffff
+                } else {
+                    new
+                };
+                *check = new;
+                message = message.word16(old, new);
+            }
+        }
+    }
+    // The error was sent to the quoted packet's source: with SNAT that is
+    // this host; now it is the client.
+    if family == FAMILY_V4 {
+        if let Some(ip) = ptr_at::<Ipv4>(ctx, ETH_LEN) {
+            // SAFETY: inside the packet (ptr_at).
+            unsafe {
+                let old = (*ip).dst;
+                (*ip).dst = original.src[0];
+                (*ip).check = Diff::default()
+                    .word32(old, original.src[0])
+                    .apply((*ip).check);
+            }
+        }
+    } else if let Some(ip) = ptr_at::<Ipv6>(ctx, ETH_LEN) {
+        // SAFETY: inside the packet (ptr_at). ICMPv6 sums the pseudo-header.
+        unsafe {
+            message = message.addr(&(*ip).dst, &original.src);
+            copy_addr(&mut (*ip).dst, &original.src);
+        }
+    }
+    // Through the pointer `icmp_error` checked: LLVM drops a second bounds
+    // check it can prove redundant, and the verifier would then see an
+    // unchecked pointer.
+    // SAFETY: the checksum is bytes 2..4 of the 4 bytes checked at `icmp`.
+    unsafe {
+        let check = icmp.cast::<u8>().add(ICMP_CHECK_OFFSET).cast::<u16>();
+        check.write_unaligned(message.apply(check.read_unaligned()));
+    }
 }
 
 /// Why a flow's SYN goes to another backend.

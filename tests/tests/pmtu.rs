@@ -1,0 +1,144 @@
+//! Path MTU through the LB: a router between the LB and the backend has a
+//! narrower link (1,300 bytes) than both ends (1,500: their MSS doesn't
+//! help). Its "fragmentation needed" / "packet too big" quotes the packet as
+//! the LB rewrote it; Sluice translates it to quote what the client sent, or
+//! the client never learns the path MTU and a large upload stalls.
+//!
+//! client ─ lb ─ router (backend 0 of the topology) ─[1300]─ server
+
+use std::{
+    io::{Read, Write},
+    net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream},
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+use sluice_tests::{Agent, TempDir};
+use testbed::{Family, Netns, Topology, run, unique};
+
+const UPLOAD: usize = 2 << 20;
+
+fn server_addr(family: Family) -> IpAddr {
+    match family {
+        Family::V4 => "10.2.0.2".parse().unwrap(),
+        Family::V6 => "fd02::2".parse().unwrap(),
+    }
+}
+
+/// Puts `server` behind the topology's backend 0, which routes to it over a
+/// 1,300-byte link.
+fn wire_server(topo: &Topology, server: &Netns) -> Result<()> {
+    let router = &topo.backends[0];
+    run(&[
+        "ip",
+        "link",
+        "add",
+        "eth1",
+        "netns",
+        &router.name,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        &server.name,
+    ])?;
+    router.exec(&["ip", "addr", "add", "10.2.0.1/24", "dev", "eth1"])?;
+    router.exec(&["ip", "addr", "add", "fd02::1/64", "dev", "eth1", "nodad"])?;
+    router.exec(&["ip", "link", "set", "eth1", "mtu", "1300", "up"])?;
+    // A router forwards: its own setting, nothing Sluice needs.
+    router.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+    router.exec(&["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])?;
+    server.exec(&["ip", "addr", "add", "10.2.0.2/24", "dev", "eth0"])?;
+    server.exec(&["ip", "addr", "add", "fd02::2/64", "dev", "eth0", "nodad"])?;
+    server.exec(&["ip", "link", "set", "eth0", "up"])?;
+    server.exec(&["ip", "route", "add", "default", "via", "10.2.0.1"])?;
+    server.exec(&["ip", "-6", "route", "add", "default", "via", "fd02::1"])?;
+    let lb = &topo.lb;
+    lb.exec(&["ip", "route", "add", "10.2.0.0/24", "via", "10.1.0.2"])?;
+    lb.exec(&["ip", "-6", "route", "add", "fd02::/64", "via", "fd01:0::2"])?;
+    std::thread::sleep(Duration::from_millis(500)); // IPv6 link-local addresses
+    Ok(())
+}
+
+/// Counts what each connection uploads and answers with the count.
+fn serve_count(server: &Netns, addr: SocketAddr) -> Result<()> {
+    let listener = server.enter(|| TcpListener::bind(addr))??;
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+            let mut buf = vec![0u8; 65_536];
+            let mut total = 0usize;
+            while let Ok(n) = stream.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                total += n;
+            }
+            let _ = stream.write_all(format!("{total}\n").as_bytes());
+        }
+    });
+    Ok(())
+}
+
+fn run_upload(family: Family, snat: bool) -> Result<()> {
+    let tag = if snat { "pms" } else { "pmd" };
+    let topo = Topology::new(tag, 1)?;
+    let server = Netns::new(&unique("pmx"))?;
+    wire_server(&topo, &server)?;
+    let backend = SocketAddr::new(server_addr(family), 8080);
+    serve_count(&server, backend)?;
+    topo.warm_neighbours()?;
+    let dir = TempDir::new(tag)?;
+    let mut text = sluice_tests::interfaces_yaml(1);
+    text += &format!(
+        "services:\n  - name: up\n    vip: \"{}\"\n    port: 80\n    protocol: tcp\n",
+        family.vip()
+    );
+    if snat {
+        text += &format!("    forwarding: snat\n    snat_ip: \"{}\"\n", family.snat());
+    }
+    text += &format!("    backends:\n      - address: \"{backend}\"\n");
+    std::fs::write(dir.path("sluice.yaml"), text)?;
+    let agent = Agent::start(&topo.lb, &dir.path("sluice.yaml"), dir.path("agent.log"))?;
+
+    let vip = SocketAddr::new(family.vip(), 80);
+    let answer = topo.client.enter(|| -> Result<String> {
+        let mut s = TcpStream::connect_timeout(&vip, Duration::from_secs(3))?;
+        s.set_write_timeout(Some(Duration::from_secs(20)))?;
+        s.set_read_timeout(Some(Duration::from_secs(20)))?;
+        s.write_all(&vec![b'x'; UPLOAD])
+            .context("uploading (a path MTU black hole stalls here)")?;
+        s.shutdown(Shutdown::Write)?;
+        let mut answer = String::new();
+        s.read_to_string(&mut answer)?;
+        Ok(answer)
+    })?;
+    let answer = match answer {
+        Ok(a) => a,
+        Err(e) => bail!("{e:#}\nagent log:\n{}", agent.log_text()),
+    };
+    assert_eq!(answer.trim(), UPLOAD.to_string(), "the server got it all");
+    Ok(())
+}
+
+#[test]
+fn ipv4_dnat_upload_through_a_narrow_link() -> Result<()> {
+    run_upload(Family::V4, false)
+}
+
+#[test]
+fn ipv4_snat_upload_through_a_narrow_link() -> Result<()> {
+    run_upload(Family::V4, true)
+}
+
+#[test]
+fn ipv6_dnat_upload_through_a_narrow_link() -> Result<()> {
+    run_upload(Family::V6, false)
+}
+
+#[test]
+fn ipv6_snat_upload_through_a_narrow_link() -> Result<()> {
+    run_upload(Family::V6, true)
+}
