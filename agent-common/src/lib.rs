@@ -423,9 +423,13 @@ impl Prefilter {
     }
 }
 
-/// Source ports handed out to SNAT flows.
-pub const SNAT_PORT_MIN: u16 = 32768;
-pub const SNAT_PORT_MAX: u16 = 60999;
+/// Source ports handed out to SNAT flows, in turn (see `lb::snat_seed`): a
+/// port comes round again only after 64,512 new flows, longer at 1,000 new
+/// connections a second than the backend's TIME_WAIT (60 s) for the last
+/// connection on it, which would refuse the new SYN (its timestamps are not
+/// the old connection's) and cost the client a retransmission.
+pub const SNAT_PORT_MIN: u16 = 1024;
+pub const SNAT_PORT_MAX: u16 = 65535;
 /// How many ports the kernel tries before giving up on a new SNAT flow.
 pub const SNAT_PORT_ATTEMPTS: u32 = 16;
 

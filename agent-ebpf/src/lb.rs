@@ -35,7 +35,7 @@ use crate::{
     health::{self, Failure},
     maps::{
         BACKEND_FIB, BACKEND_STATS, BACKENDS, CONNTRACK, FRAGMENTS, PREFILTER, REASONS, SCRATCH,
-        SERVICE_STATS, SERVICES,
+        SERVICE_STATS, SERVICES, SNAT_CURSOR,
     },
 };
 
@@ -1116,7 +1116,12 @@ fn new_flow(s: &mut Scratch, service: &Service, syn: bool, flags: u8) -> Result<
     let Some(backend) = BACKENDS.get(backend_id) else {
         return Err(reason::NO_BACKEND);
     };
-    let new_sport = install_reverse(s, service, backend_id, backend, h)?;
+    let seed = if service.flags & SERVICE_F_SNAT != 0 {
+        snat_seed()
+    } else {
+        0
+    };
+    let new_sport = install_reverse(s, service, backend_id, backend, seed)?;
 
     let (forward, key) = (&mut s.forward, &s.key);
     let snat = service.flags & SERVICE_F_SNAT != 0;
@@ -1227,6 +1232,25 @@ fn install_reverse(
         attempt += 1;
     }
     Err(reason::SNAT_PORTS_EXHAUSTED)
+}
+
+/// Where a new SNAT flow starts looking for a port: the ports are handed out
+/// in turn (one shared counter), so each comes round as late as it can. A
+/// hashed start would reuse a port as soon as chance had it, often while
+/// the backend still holds the last connection on it in TIME_WAIT. Not
+/// atomic (the BPF CPU version built for has no fetch-and-add): two CPUs may
+/// start at the same port, and the `BPF_NOEXIST` claim sends one on.
+#[inline(always)]
+fn snat_seed() -> u32 {
+    match SNAT_CURSOR.get_ptr_mut(0) {
+        // SAFETY: a u32 inside a live map value.
+        Some(cursor) => unsafe {
+            let seed = *cursor;
+            *cursor = seed.wrapping_add(1);
+            seed
+        },
+        None => 0,
+    }
 }
 
 /// A reply entry left by an orphaned flow is kept this long before its port

@@ -35,6 +35,10 @@ pub static CONNTRACK: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(2
 pub static FRAGMENTS: LruHashMap<crate::lb::FragmentKey, crate::headers::Ports> =
     LruHashMap::with_max_entries(8192, 0);
 
+/// Slot 0: the next SNAT port offset to hand out (see `lb::snat_seed`).
+#[map]
+pub static SNAT_CURSOR: Array<u32> = Array::with_max_entries(1, 0);
+
 /// Bitmaps that let non-Sluice traffic through without a hash lookup.
 #[map]
 pub static PREFILTER: Array<Prefilter> = Array::with_max_entries(agent_common::prefilter::COUNT, 0);

@@ -259,6 +259,26 @@ pub fn interfaces_yaml(backends: usize) -> String {
     text
 }
 
+/// A config for the test topology with `lb_interfaces` interfaces and one
+/// TCP service on the family's VIP, port 80, with one backend at `backend`,
+/// dnat or (with `snat`) snat from the family's SNAT address.
+pub fn one_service_yaml(
+    lb_interfaces: usize,
+    family: testbed::Family,
+    snat: bool,
+    backend: SocketAddr,
+) -> String {
+    let mut text = interfaces_yaml(lb_interfaces);
+    text += &format!(
+        "services:\n  - name: web\n    vip: \"{}\"\n    port: 80\n    protocol: tcp\n",
+        family.vip()
+    );
+    if snat {
+        text += &format!("    forwarding: snat\n    snat_ip: \"{}\"\n", family.snat());
+    }
+    text + &format!("    backends:\n      - address: \"{backend}\"\n")
+}
+
 /// Polls `f` every 100 ms until it says true; fails after `limit`.
 pub fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> Result<bool>) -> Result<()> {
     let deadline = Instant::now() + limit;

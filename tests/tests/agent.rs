@@ -56,6 +56,18 @@ fn attached(ns: &Netns) -> String {
     found.join("\n")
 }
 
+/// `sluice run` on `config` in `ns`, for a config it must refuse: its
+/// output once it has exited.
+fn run_to_exit(ns: &Netns, config: &std::path::Path) -> Result<std::process::Output> {
+    Ok(Command::new("ip")
+        .args(["netns", "exec", &ns.name])
+        .arg(sluice_bin())
+        .args(["run", "--config"])
+        .arg(config)
+        .args(["--listen", "127.0.0.1:9464"])
+        .output()?)
+}
+
 fn bed(tag: &str) -> Result<Bed> {
     Bed::new(tag, 2)
 }
@@ -105,13 +117,7 @@ fn bad_config_exits_2_naming_the_field_and_attaches_nothing() -> Result<()> {
     for (text, field, value) in cases {
         let path = b.dir.path("bad.yaml");
         std::fs::write(&path, &text)?;
-        let out = Command::new("ip")
-            .args(["netns", "exec", &b.topo.lb.name])
-            .arg(sluice_bin())
-            .args(["run", "--config"])
-            .arg(&path)
-            .args(["--listen", "127.0.0.1:9464"])
-            .output()?;
+        let out = run_to_exit(&b.topo.lb, &path)?;
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(
             out.status.code(),
@@ -345,13 +351,7 @@ fn xdp_modes_that_cannot_forward_on_veth_are_refused_and_auto_says_why() -> Resu
             &path,
             config(&[0]).replace("attach: tc", &format!("attach: {mode}")),
         )?;
-        let out = Command::new("ip")
-            .args(["netns", "exec", &b.topo.lb.name])
-            .arg(sluice_bin())
-            .args(["run", "--config"])
-            .arg(&path)
-            .args(["--listen", "127.0.0.1:9464"])
-            .output()?;
+        let out = run_to_exit(&b.topo.lb, &path)?;
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(
             !out.status.success(),

@@ -204,18 +204,8 @@ fn run(family: Family, snat: bool) -> Result<()> {
     let _servers = topo.serve(family, 8080)?;
     topo.warm_neighbours()?;
     let dir = TempDir::new(tag)?;
-    let mut text = sluice_tests::interfaces_yaml(1);
-    text += &format!(
-        "services:\n  - name: web\n    vip: \"{}\"\n    port: 80\n    protocol: tcp\n",
-        family.vip()
-    );
-    if snat {
-        text += &format!("    forwarding: snat\n    snat_ip: \"{}\"\n", family.snat());
-    }
-    text += &format!(
-        "    backends:\n      - address: \"{}\"\n",
-        SocketAddr::new(family.backend(0), 8080)
-    );
+    let backend = SocketAddr::new(family.backend(0), 8080);
+    let text = sluice_tests::one_service_yaml(1, family, snat, backend);
     std::fs::write(dir.path("sluice.yaml"), text)?;
     let _agent = Agent::start(&topo.lb, &dir.path("sluice.yaml"), dir.path("agent.log"))?;
 

@@ -36,8 +36,10 @@ fn value(m: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
 }
 
 /// 100,000 short connections in a row through an snat service with one
-/// backend: the SNAT range holds 28,232 ports, so each port serves several
-/// connections; closed flows must give theirs back. None may fail.
+/// backend: the SNAT range holds 64,512 ports, so ports serve several
+/// connections; closed flows must give theirs back, and a port must not come
+/// round while the backend still holds its last connection in TIME_WAIT
+/// (the SYN would be refused and retransmitted). None may fail.
 #[test]
 fn a_hundred_thousand_short_snat_connections_in_a_row() -> Result<()> {
     let b = Bed::new("lc", 1)?;

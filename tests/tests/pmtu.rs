@@ -91,15 +91,7 @@ fn run_upload(family: Family, snat: bool) -> Result<()> {
     serve_count(&server, backend)?;
     topo.warm_neighbours()?;
     let dir = TempDir::new(tag)?;
-    let mut text = sluice_tests::interfaces_yaml(1);
-    text += &format!(
-        "services:\n  - name: up\n    vip: \"{}\"\n    port: 80\n    protocol: tcp\n",
-        family.vip()
-    );
-    if snat {
-        text += &format!("    forwarding: snat\n    snat_ip: \"{}\"\n", family.snat());
-    }
-    text += &format!("    backends:\n      - address: \"{backend}\"\n");
+    let text = sluice_tests::one_service_yaml(1, family, snat, backend);
     std::fs::write(dir.path("sluice.yaml"), text)?;
     let agent = Agent::start(&topo.lb, &dir.path("sluice.yaml"), dir.path("agent.log"))?;
 

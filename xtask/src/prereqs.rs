@@ -15,7 +15,6 @@ const BPF_LINKER: &str = "bpf-linker@0.10.3";
 /// Debian packages the demo needs, and the command each provides.
 const DEMO_PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "ip"),
-    ("ethtool", "ethtool"),
     ("iputils-ping", "ping"),
     ("procps", "sysctl"),
 ];
