@@ -370,6 +370,10 @@ fn ipv6(ctx: &Ctx) -> Action {
         }
         return Action::Pass;
     }
+    if l4 > MAX_L4_OFFSET {
+        // Extension headers this long are no load balancer's traffic.
+        return unhandled(&src, &dst, reason::IPV6_EXTENSION);
+    }
     let Some((l4, fragment, id)) = settle(l4, fragment, id) else {
         return Action::Pass;
     };
