@@ -205,9 +205,10 @@ pub struct Reconciler {
     /// Backends out of every table whose flows are still to be deleted
     /// before their ids may be reused (see `end_backends`).
     ending: Vec<(String, BackendState)>,
-    /// Backend id → established connections the conntrack sweep expired
-    /// (idle past their timeout, never closed): counted as closed.
-    expired: BTreeMap<u32, u64>,
+    /// Backend id → established connections that ended without a FIN or
+    /// RST (expired idle by the conntrack sweep, or evicted from a full
+    /// map): counted as closed.
+    ended_silently: BTreeMap<u32, u64>,
 }
 
 impl Reconciler {
@@ -225,7 +226,7 @@ impl Reconciler {
             service_filter: Prefilter::default(),
             service_addr_filter: Prefilter::default(),
             ending: Vec::new(),
-            expired: BTreeMap::new(),
+            ended_silently: BTreeMap::new(),
         })
     }
 
@@ -835,7 +836,7 @@ impl Reconciler {
             .set(id, zeros, 0)
             .with_context(|| format!("clearing the latency histogram of backend {addr}"))?;
         self.zero_stats(false, id)?;
-        self.expired.remove(&id);
+        self.ended_silently.remove(&id);
         self.backend_filter
             .set(prefilter_bit(&words, addr.port().to_be(), proto));
         self.backend_addr_filter.set(prefilter_bit(&words, 0, 0));
@@ -858,14 +859,23 @@ impl Reconciler {
             .with_context(|| format!("clearing statistics slot {id}"))
     }
 
-    /// Established connections of backend `id` that the conntrack sweep
-    /// removed as idle: they count as closed from now on.
-    pub fn count_expired(&mut self, backend_id: u32, connections: u64) {
-        *self.expired.entry(backend_id).or_default() += connections;
+    /// Established connections of backend `id` that ended without a FIN or
+    /// RST (the sweep expired them, or the full map evicted them): they
+    /// count as closed from now on.
+    pub fn count_ended_silently(&mut self, backend_id: u32, connections: u64) {
+        *self.ended_silently.entry(backend_id).or_default() += connections;
+    }
+
+    /// The ids of every backend of every service (draining ones too).
+    pub fn backend_ids(&self) -> Vec<u32> {
+        self.services
+            .values()
+            .flat_map(|s| s.backends.iter().map(|b| b.id))
+            .collect()
     }
 
     /// Per-CPU counters summed (a backend's `closed` includes the
-    /// connections that expired).
+    /// connections that ended silently).
     pub fn stats(&self, service: bool, id: u32) -> ServiceStats {
         let map = if service {
             &self.maps.service_stats
@@ -879,7 +889,7 @@ impl Reconciler {
             }
         }
         if !service {
-            sum.closed += self.expired.get(&id).copied().unwrap_or(0);
+            sum.closed += self.ended_silently.get(&id).copied().unwrap_or(0);
         }
         sum
     }

@@ -106,6 +106,8 @@ pub struct Swept {
     pub removed_flows: u64,
     /// Established connections removed as idle, by backend id.
     pub expired_established: BTreeMap<u32, u64>,
+    /// Established connections still in the map, by backend id.
+    pub established: BTreeMap<u32, u64>,
 }
 
 /// Sweeps `map` once: removes the flows idle past their timeout at `now`.
@@ -165,6 +167,9 @@ pub fn sweep(
             }
         } else {
             *swept.counts.entry(state).or_default() += entries;
+            if flow.state == flow_state::ESTABLISHED {
+                *swept.established.entry(flow.backend_id).or_default() += 1;
+            }
         }
     }
     // Reply entries the walk found no forward entry for: the forward entry
@@ -186,14 +191,87 @@ pub fn sweep(
     swept
 }
 
+/// Established connections the LRU evicted from a full map: nothing in the
+/// kernel sees them go, so they are found as the difference between the
+/// connections counted open and those the sweep finds: opened before the
+/// walk (one opened during it may be found, never missed) minus closed by
+/// its end (one that closed during it is not found). Only while the map is
+/// nearly full (three quarters: the LRU map evicts before it is quite
+/// full; with room, nothing is evicted), and only a difference seen by two
+/// sweeps in a row.
+#[derive(Default)]
+struct Evictions {
+    /// Backend id → connections opened, read before the walk; empty while
+    /// the map has room.
+    opened_before: BTreeMap<u32, u64>,
+    /// Backend id → the difference the last sweep saw.
+    last: BTreeMap<u32, u64>,
+    /// The last walk found the map at least three quarters full.
+    near_full: bool,
+}
+
+impl Evictions {
+    /// Before a walk: reads the opened counts if the last walk found the
+    /// map nearly full.
+    fn before_walk(&mut self, r: &crate::reconcile::Reconciler) {
+        self.opened_before.clear();
+        if self.last.is_empty() && !self.near_full {
+            return;
+        }
+        for id in r.backend_ids() {
+            self.opened_before.insert(id, r.stats(false, id).opened);
+        }
+    }
+
+    fn follow(
+        &mut self,
+        r: &mut crate::reconcile::Reconciler,
+        swept: &Swept,
+        total: u64,
+        capacity: u32,
+    ) {
+        self.near_full = total * 4 >= u64::from(capacity) * 3;
+        if !self.near_full || self.opened_before.is_empty() {
+            self.last.clear();
+            return;
+        }
+        let mut now = BTreeMap::new();
+        for (&id, &opened) in &self.opened_before {
+            let closed = r.stats(false, id).closed;
+            let open = opened.saturating_sub(closed);
+            let found = swept.established.get(&id).copied().unwrap_or(0);
+            let missing = open.saturating_sub(found);
+            if missing == 0 {
+                continue;
+            }
+            if let Some(before) = self.last.get(&id) {
+                let evicted = missing.min(*before);
+                r.count_ended_silently(id, evicted);
+                debug!(
+                    backend_id = id,
+                    connections = evicted,
+                    "evicted connections counted as closed"
+                );
+            } else {
+                now.insert(id, missing);
+            }
+        }
+        self.last = now;
+    }
+}
+
 /// Sweeps the conntrack map on a thread of its own (a walk of a large map
 /// must hold up neither scrapes nor reconciliation), with the timeouts the
 /// current config sets.
 pub fn spawn(map: BpfHashMap<MapData, FlowKey, Flow>, capacity: u32, shared: Arc<Shared>) {
     let mut map = map;
+    let mut evictions = Evictions::default();
     std::thread::spawn(move || {
         while !shared.stopping.load(Ordering::SeqCst) {
             let timeouts = *shared.conntrack_timeouts.lock().unwrap();
+            if let Some(r) = shared.reconciler.lock().unwrap().as_ref() {
+                evictions.before_walk(r);
+            }
             let swept = sweep(&mut map, capacity, &timeouts, now_seconds());
             if swept.removed_flows > 0 {
                 debug!(
@@ -201,17 +279,16 @@ pub fn spawn(map: BpfHashMap<MapData, FlowKey, Flow>, capacity: u32, shared: Arc
                     "conntrack sweep removed idle flows"
                 );
             }
-            if !swept.expired_established.is_empty() {
-                match shared.reconciler.lock().unwrap().as_mut() {
-                    Some(r) => {
-                        for (backend_id, n) in &swept.expired_established {
-                            r.count_expired(*backend_id, *n);
-                        }
+            let total: u64 = swept.counts.values().sum();
+            match shared.reconciler.lock().unwrap().as_mut() {
+                Some(r) => {
+                    for (backend_id, n) in &swept.expired_established {
+                        r.count_ended_silently(*backend_id, *n);
                     }
-                    None => warn!("conntrack sweep: expired connections not counted (no datapath)"),
+                    evictions.follow(r, &swept, total, capacity);
                 }
+                None => warn!("conntrack sweep: expired connections not counted (no datapath)"),
             }
-            let total = swept.counts.values().sum();
             shared.conntrack_entries.store(total, Ordering::Relaxed);
             *shared.conntrack_states.lock().unwrap() = swept.counts;
             let mut slept = Duration::ZERO;

@@ -164,3 +164,55 @@ fn idle_flows_expire_and_leave_the_active_gauge() -> Result<()> {
     })?;
     Ok(())
 }
+
+/// A full map evicts idle connections without a FIN or RST: they leave the
+/// active-connections gauge all the same (the sweep finds them missing).
+#[test]
+fn evicted_connections_leave_the_active_gauge() -> Result<()> {
+    let b = Bed::new("le", 1)?;
+    let text = format!(
+        "{}conntrack:\n  max_entries: 1024\nservices:\n\
+         \x20 - name: web\n    vip: 10.100.0.1\n    port: 80\n    protocol: tcp\n    backends:\n      - address: 10.1.0.2:8080\n\
+         \x20 - name: dns\n    vip: 10.100.0.1\n    port: 80\n    protocol: udp\n    backends:\n      - address: 10.1.0.2:8080\n",
+        sluice_tests::interfaces_yaml(1)
+    );
+    let path = b.dir.path("sluice.yaml");
+    std::fs::write(&path, text)?;
+    let agent = Agent::start(&b.topo.lb, &path, b.dir.path("agent.log"))?;
+    let vip: SocketAddr = VIP.parse()?;
+    let active = || -> Result<f64> {
+        Ok(value(
+            &metrics(&b, &agent)?,
+            "sluice_backend_active_connections",
+            &[("service", "web")],
+        ))
+    };
+    let streams = b.topo.client.enter(|| -> Result<Vec<TcpStream>> {
+        (0..4)
+            .map(|_| {
+                let mut s = TcpStream::connect_timeout(&vip, TIMEOUT)?;
+                s.set_read_timeout(Some(TIMEOUT))?;
+                s.write_all(b"echo\n")?;
+                let mut first = [0u8; 64];
+                let _ = s.read(&mut first)?;
+                Ok(s)
+            })
+            .collect()
+    })??;
+    assert_eq!(active()?, 4.0);
+    // 4,000 UDP flows (8,000 entries) into a map of 1,024: the idle
+    // connections' entries are evicted.
+    b.topo.client.enter(|| -> Result<()> {
+        for i in 0..4000u16 {
+            udp_ask(vip, 40_000 + i, TIMEOUT)?;
+        }
+        Ok(())
+    })??;
+    wait_for(
+        "evicted connections out of the gauge",
+        Duration::from_secs(20),
+        || Ok(active()? == 0.0),
+    )?;
+    drop(streams);
+    Ok(())
+}
