@@ -27,6 +27,23 @@ fn start(b: &Bed, extra: &str) -> Result<Agent> {
     Agent::start(&b.topo.lb, &path, b.dir.path("agent.log"))
 }
 
+/// `n` established connections from the client that then stay idle (the
+/// backend echoes; nothing more is sent).
+fn idle_connections(b: &Bed, vip: SocketAddr, n: usize) -> Result<Vec<TcpStream>> {
+    b.topo.client.enter(|| {
+        (0..n)
+            .map(|_| {
+                let mut s = TcpStream::connect_timeout(&vip, TIMEOUT)?;
+                s.set_read_timeout(Some(TIMEOUT))?;
+                s.write_all(b"echo\n")?;
+                let mut first = [0u8; 64];
+                let _ = s.read(&mut first)?;
+                Ok(s)
+            })
+            .collect()
+    })?
+}
+
 fn metrics(b: &Bed, agent: &Agent) -> Result<String> {
     Ok(http_get(&b.topo.lb, agent.listen, "/metrics")?.1)
 }
@@ -110,23 +127,8 @@ fn idle_flows_expire_and_leave_the_active_gauge() -> Result<()> {
         "  timeouts:\n    tcp_established: 3\n    udp: 3\n    tcp_time_wait: 4\n",
     )?;
     let vip: SocketAddr = VIP.parse()?;
-    let (streams, _) = b
-        .topo
-        .client
-        .enter(|| -> Result<(Vec<TcpStream>, String)> {
-            let streams = (0..3)
-                .map(|_| {
-                    let mut s = TcpStream::connect_timeout(&vip, TIMEOUT)?;
-                    s.set_read_timeout(Some(TIMEOUT))?;
-                    s.write_all(b"echo\n")?;
-                    let mut first = [0u8; 64];
-                    let _ = s.read(&mut first)?;
-                    Ok(s)
-                })
-                .collect::<Result<Vec<_>>>()?;
-            let udp = udp_ask(vip, 21_000, TIMEOUT)?;
-            Ok((streams, udp))
-        })??;
+    let streams = idle_connections(&b, vip, 3)?;
+    b.topo.client.enter(|| udp_ask(vip, 21_000, TIMEOUT))??;
     let active = || -> Result<f64> {
         Ok(value(
             &metrics(&b, &agent)?,
@@ -187,27 +189,35 @@ fn evicted_connections_leave_the_active_gauge() -> Result<()> {
             &[("service", "web")],
         ))
     };
-    let streams = b.topo.client.enter(|| -> Result<Vec<TcpStream>> {
-        (0..4)
-            .map(|_| {
-                let mut s = TcpStream::connect_timeout(&vip, TIMEOUT)?;
-                s.set_read_timeout(Some(TIMEOUT))?;
-                s.write_all(b"echo\n")?;
-                let mut first = [0u8; 64];
-                let _ = s.read(&mut first)?;
-                Ok(s)
-            })
-            .collect()
-    })??;
+    let streams = idle_connections(&b, vip, 4)?;
     assert_eq!(active()?, 4.0);
-    // 4,000 UDP flows (8,000 entries) into a map of 1,024: the idle
-    // connections' entries are evicted.
-    b.topo.client.enter(|| -> Result<()> {
-        for i in 0..4000u16 {
-            udp_ask(vip, 40_000 + i, TIMEOUT)?;
+    let established_entries = || -> Result<f64> {
+        Ok(value(
+            &metrics(&b, &agent)?,
+            "sluice_conntrack_entries_by_state",
+            &[("state", "established")],
+        ))
+    };
+    // UDP flows, 2,000 at a time (4,000 entries), into a map of 1,024 until
+    // the LRU has evicted the idle connections' entries (which entries go
+    // first is the kernel's choice).
+    for chunk in 0..8u16 {
+        b.topo.client.enter(|| -> Result<()> {
+            for i in 0..2000u16 {
+                udp_ask(vip, 20_000 + chunk * 2000 + i, TIMEOUT)?;
+            }
+            Ok(())
+        })??;
+        std::thread::sleep(Duration::from_millis(2500)); // a sweep
+        if established_entries()? == 0.0 {
+            break;
         }
-        Ok(())
-    })??;
+    }
+    assert_eq!(
+        established_entries()?,
+        0.0,
+        "the idle connections' entries were never evicted"
+    );
     wait_for(
         "evicted connections out of the gauge",
         Duration::from_secs(20),
