@@ -124,7 +124,9 @@ const MAX_L4_OFFSET: usize = 0x1ff;
 /// parsing, would be verified once for each; read back from memory they are
 /// one unknown, so it is verified once.
 #[inline(always)]
-fn settle(l4: usize, fragment: u8, id: u32) -> Option<(usize, u8, u32)> {
+///
+/// Returns the scratch area too: the rest of the pipeline works in it.
+fn settle(l4: usize, fragment: u8, id: u32) -> Option<(&'static mut Scratch, usize, u8, u32)> {
     let s = scratch()?;
     let p = &raw mut s.parsed;
     // SAFETY: this CPU's scratch slot (see `Scratch`); volatile, so the
@@ -133,11 +135,12 @@ fn settle(l4: usize, fragment: u8, id: u32) -> Option<(usize, u8, u32)> {
         core::ptr::write_volatile(&raw mut (*p)[0], l4 as u32);
         core::ptr::write_volatile(&raw mut (*p)[1], u32::from(fragment));
         core::ptr::write_volatile(&raw mut (*p)[2], id);
-        Some((
+        let settled = (
             core::ptr::read_volatile(&raw const (*p)[0]) as usize & MAX_L4_OFFSET,
             (core::ptr::read_volatile(&raw const (*p)[1]) & 3) as u8,
             core::ptr::read_volatile(&raw const (*p)[2]),
-        ))
+        );
+        Some((s, settled.0, settled.1, settled.2))
     }
 }
 
@@ -299,7 +302,7 @@ fn ipv4(ctx: &Ctx) -> Action {
     // IPv4 options are skipped, not parsed: forwarding doesn't need them.
     // SAFETY: the fixed IPv4 header is inside the packet (checked above).
     let id = u32::from(unsafe { (*ip).id });
-    let Some((l4, fragment, id)) = settle(ETH_LEN + ihl * 4, fragment, id) else {
+    let Some((s, l4, fragment, id)) = settle(ETH_LEN + ihl * 4, fragment, id) else {
         return Action::Pass;
     };
     let pkt = Packet {
@@ -311,7 +314,7 @@ fn ipv4(ctx: &Ctx) -> Action {
         fragment,
         id,
     };
-    transport(ctx, &pkt, &src, &dst)
+    transport(ctx, s, &pkt, &src, &dst)
 }
 
 #[inline(always)]
@@ -374,7 +377,7 @@ fn ipv6(ctx: &Ctx) -> Action {
         // Extension headers this long are no load balancer's traffic.
         return unhandled(&src, &dst, reason::IPV6_EXTENSION);
     }
-    let Some((l4, fragment, id)) = settle(l4, fragment, id) else {
+    let Some((s, l4, fragment, id)) = settle(l4, fragment, id) else {
         return Action::Pass;
     };
     let pkt = Packet {
@@ -386,16 +389,13 @@ fn ipv6(ctx: &Ctx) -> Action {
         fragment,
         id,
     };
-    transport(ctx, &pkt, &src, &dst)
+    transport(ctx, s, &pkt, &src, &dst)
 }
 
 /// Reads the ports and decides whether the packet is for a service, a reply
 /// to reverse-NAT, or not ours.
 #[inline(always)]
-fn transport(ctx: &Ctx, pkt: &Packet, src: &[u32; 4], dst: &[u32; 4]) -> Action {
-    let Some(s) = scratch() else {
-        return Action::Pass;
-    };
+fn transport(ctx: &Ctx, s: &mut Scratch, pkt: &Packet, src: &[u32; 4], dst: &[u32; 4]) -> Action {
     let (sport, dport) = if pkt.fragment == fragment::LATER {
         fragment_key(s, pkt, src, dst);
         match FRAGMENTS.get_ptr(&s.fragment_key) {

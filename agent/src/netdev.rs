@@ -87,6 +87,9 @@ pub fn gro(interface: &str) -> io::Result<bool> {
 /// Why `mode` can't forward on `interface`, if it can't. Auto is never
 /// refused here: `auto_order` picks among the modes that can.
 pub fn cannot_forward(interface: &str, mode: AttachMode) -> Option<String> {
+    if matches!(mode, AttachMode::Auto | AttachMode::Tc) {
+        return None; // tc forwards on every device
+    }
     let veth = driver(interface).is_ok_and(|d| d == "veth");
     match mode {
         AttachMode::XdpNative if veth => Some(format!(

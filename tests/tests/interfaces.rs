@@ -8,7 +8,7 @@ use std::{
 };
 
 use anyhow::Result;
-use sluice_tests::{Agent, TempDir, backends_reached, http_get, metric, wait_for};
+use sluice_tests::{Agent, Bed, backends_reached, http_get, metric, wait_for};
 use testbed::{Family, NameServer, Topology, tcp_ask};
 
 const VIP: &str = "10.100.0.1:80";
@@ -36,32 +36,30 @@ fn attached_mode(topo: &Topology, agent: &Agent, iface: &str) -> Result<Option<f
 /// that appears later (as a new pod's veth does): its backend then serves.
 #[test]
 fn a_glob_attaches_interfaces_that_appear_later() -> Result<()> {
-    let mut topo = Topology::new("ig", 2)?;
-    let mut servers = topo.serve(Family::V4, 8080)?;
-    topo.warm_neighbours()?;
-    let dir = TempDir::new("ig")?;
-    let path = dir.path("sluice.yaml");
+    let mut b = Bed::new("ig", 2)?;
+    let path = b.dir.path("sluice.yaml");
     std::fs::write(&path, config(2))?;
-    let agent = Agent::start(&topo.lb, &path, dir.path("agent.log"))?;
+    let agent = Agent::start(&b.topo.lb, &path, b.dir.path("agent.log"))?;
+    let topo = &mut b.topo;
     let vip: SocketAddr = VIP.parse()?;
-    assert_eq!(backends_reached(&topo, vip, 40)?.len(), 2);
-    assert_eq!(attached_mode(&topo, &agent, "back1")?, Some(1.0));
+    assert_eq!(backends_reached(topo, vip, 40)?.len(), 2);
+    assert_eq!(attached_mode(topo, &agent, "back1")?, Some(1.0));
 
     let i = topo.add_backend()?;
-    servers.push(NameServer::start(
+    b.servers.push(NameServer::start(
         &topo.backends[i],
         SocketAddr::new(Family::V4.backend(i), 8080),
         &format!("b{i}"),
     )?);
     wait_for("back2 attached", Duration::from_secs(5), || {
-        Ok(attached_mode(&topo, &agent, "back2")? == Some(1.0))
+        Ok(attached_mode(topo, &agent, "back2")? == Some(1.0))
     })?;
     assert!(agent.log_text().contains("interface appeared: attached"));
     std::fs::write(&path, config(3))?;
     // SAFETY: signalling the agent this test started, by its PID.
     unsafe { libc::kill(agent.pid() as i32, libc::SIGHUP) };
     wait_for("b2 serving", Duration::from_secs(10), || {
-        Ok(backends_reached(&topo, vip, 30)?.contains("b2"))
+        Ok(backends_reached(topo, vip, 30)?.contains("b2"))
     })?;
     Ok(())
 }
@@ -72,13 +70,11 @@ fn a_glob_attaches_interfaces_that_appear_later() -> Result<()> {
 /// only after a second.)
 #[test]
 fn a_neighbour_change_is_followed_at_once() -> Result<()> {
-    let topo = Topology::new("in", 1)?;
-    let _servers = topo.serve(Family::V4, 8080)?;
-    topo.warm_neighbours()?;
-    let dir = TempDir::new("in")?;
-    let path = dir.path("sluice.yaml");
+    let b = Bed::new("in", 1)?;
+    let path = b.dir.path("sluice.yaml");
     std::fs::write(&path, config(1))?;
-    let _agent = Agent::start(&topo.lb, &path, dir.path("agent.log"))?;
+    let _agent = Agent::start(&b.topo.lb, &path, b.dir.path("agent.log"))?;
+    let topo = &b.topo;
     let vip: SocketAddr = VIP.parse()?;
     for round in 0..5u8 {
         topo.client
