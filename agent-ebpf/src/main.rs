@@ -6,14 +6,41 @@
 #![feature(core_intrinsics)]
 #![no_main]
 
-mod bench;
+// The modules in layers, each using only those above it: what every stage
+// builds on, the pipeline's stages in the packet's order, the pipeline that
+// calls them, and beside it socket-level balancing and the benchmark's
+// programs. (One module a group: rustfmt would sort a group by name.)
 mod csum;
-mod events;
-mod fib;
 mod headers;
-mod health;
-mod lb;
+
+mod packet;
+
 mod maps;
+
+mod events;
+mod stats;
+
+mod parse;
+
+mod service;
+
+mod conntrack;
+
+mod select;
+
+mod failure;
+
+mod tcp_state;
+
+mod icmp;
+
+mod nat;
+
+mod forward;
+
+mod pipeline;
+
+mod bench;
 mod sock;
 
 use aya_ebpf::{
@@ -22,7 +49,7 @@ use aya_ebpf::{
     macros::{cgroup_sock, cgroup_sock_addr, classifier, raw_tracepoint, xdp},
     programs::{RawTracePointContext, SockAddrContext, SockContext, TcContext, XdpContext},
 };
-use lb::{Action, Ctx};
+use packet::{Action, Ctx};
 use sock::Hook;
 
 /// Longest header stack the pipeline reads: Ethernet + IPv6 + TCP (with room).
@@ -38,7 +65,7 @@ pub fn sluice_xdp(ctx: XdpContext) -> u32 {
         raw: ctx.ctx.cast(),
         skb: false,
     };
-    match lb::process(&c) {
+    match pipeline::process(&c) {
         Action::Pass => xdp_action::XDP_PASS,
         Action::Drop => xdp_action::XDP_DROP,
         Action::Tx => xdp_action::XDP_TX,
@@ -64,7 +91,7 @@ pub fn sluice_tc(ctx: TcContext) -> i32 {
         raw: ctx.skb.skb.cast(),
         skb: true,
     };
-    match lb::process(&c) {
+    match pipeline::process(&c) {
         Action::Pass => TC_ACT_OK,
         Action::Drop => TC_ACT_SHOT,
         // SAFETY: plain helper call; it returns TC_ACT_REDIRECT or TC_ACT_SHOT.

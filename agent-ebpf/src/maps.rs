@@ -7,6 +7,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 
+use crate::packet::{FragmentKey, Scratch};
+
 /// (VIP, port, protocol) → service.
 #[map]
 pub static SERVICES: HashMap<ServiceKey, Service> = HashMap::with_max_entries(1024, 0);
@@ -15,7 +17,7 @@ pub static SERVICES: HashMap<ServiceKey, Service> = HashMap::with_max_entries(10
 #[map]
 pub static BACKENDS: Array<Backend> = Array::with_max_entries(4096, 0);
 
-/// Backend id → the FIB result towards it (see `lb::translate`).
+/// Backend id → the FIB result towards it (see `pipeline::translate`).
 #[map]
 pub static BACKEND_FIB: Array<agent_common::BackendFib> = Array::with_max_entries(4096, 0);
 
@@ -30,12 +32,12 @@ pub static MAGLEV: Array<u32> = Array::with_max_entries(1024, aya_ebpf::bindings
 pub static CONNTRACK: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(262_144, 0);
 
 /// The ports of fragmented datagrams, by their first fragment (see
-/// `lb::Fragments`): later fragments carry no L4 header to route them by.
+/// `parse`): later fragments carry no L4 header to route them by.
 #[map]
-pub static FRAGMENTS: LruHashMap<crate::lb::FragmentKey, crate::headers::Ports> =
+pub static FRAGMENTS: LruHashMap<FragmentKey, crate::headers::Ports> =
     LruHashMap::with_max_entries(8192, 0);
 
-/// Slot 0: the next SNAT port offset to hand out (see `lb::snat_seed`).
+/// Slot 0: the next SNAT port offset to hand out (see `conntrack::snat_seed`).
 #[map]
 pub static SNAT_CURSOR: Array<u32> = Array::with_max_entries(1, 0);
 
@@ -54,11 +56,11 @@ pub static BACKEND_STATS: PerCpuArray<ServiceStats> = PerCpuArray::with_max_entr
 pub static REASONS: PerCpuArray<u64> =
     PerCpuArray::with_max_entries(agent_common::reason::COUNT, 0);
 
-/// Per-CPU working space of the pipeline (see `lb::Scratch`).
+/// Per-CPU working space of the pipeline (see `packet::Scratch`).
 #[map]
-pub static SCRATCH: PerCpuArray<crate::lb::Scratch> = PerCpuArray::with_max_entries(1, 0);
+pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 
-/// Slot 0: the FIB cache generation (see `fib::forward`), bumped by the agent.
+/// Slot 0: the FIB cache generation (see `forward::to_next_hop`), bumped by the agent.
 #[map]
 pub static FIB_GENERATION: Array<u32> = Array::with_max_entries(1, 0);
 
@@ -100,3 +102,11 @@ pub static SOCK_REVERSE: LruHashMap<u64, agent_common::SockReverse> =
 #[map]
 pub static SOCK_CONNECTS: LruHashMap<u64, agent_common::SockConnect> =
     LruHashMap::with_max_entries(65_536, 0);
+
+/// This CPU's scratch area (see `Scratch`).
+#[inline(always)]
+pub fn scratch() -> Option<&'static mut Scratch> {
+    // SAFETY: this CPU's slot; nothing else runs on this CPU while we do
+    // (see `Scratch`), so the exclusive reference is unique.
+    SCRATCH.get_ptr_mut(0).map(|p| unsafe { &mut *p })
+}

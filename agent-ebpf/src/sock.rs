@@ -17,8 +17,9 @@ use aya_ebpf::{
 };
 
 use crate::{
-    health::{self, Failure},
+    failure::{self, Failure},
     maps::{BACKENDS, SERVICES, SOCK_CONNECTS, SOCK_REVERSE},
+    select,
 };
 
 /// A cgroup sock_addr program's verdict: let the call proceed.
@@ -102,7 +103,7 @@ pub fn translate(ctx: &SockAddrContext, v6: bool, hook: Hook) -> i32 {
     // The same socket always gets the same backend (a UDP socket's
     // datagrams stay together); different sockets spread like flows do.
     let h = agent_common::hash::rehash(cookie as u32 ^ (cookie >> 32) as u32, 1);
-    let Some((backend_id, _)) = health::pick(service, h, NO_BACKEND, 0) else {
+    let Some((backend_id, _)) = select::pick(service, h, NO_BACKEND, 0) else {
         return ALLOW; // no backend: the connect goes to the VIP and fails there
     };
     let Some(backend) = BACKENDS.get(backend_id) else {
@@ -121,7 +122,7 @@ pub fn translate(ctx: &SockAddrContext, v6: bool, hook: Hook) -> i32 {
     let new = unsafe { SOCK_REVERSE.get(cookie) }.is_none_or(|r| r.vip != vip || r.vport != vport);
     let _ = SOCK_REVERSE.insert(cookie, reverse, 0);
     if new || hook == Hook::Connect {
-        health::count_connection(service.id, backend_id);
+        failure::count_connection(service.id, backend_id);
     }
     if hook == Hook::Connect && proto == PROTO_TCP {
         // SAFETY: reading the socket pointer of the context; only its value
@@ -135,7 +136,7 @@ pub fn translate(ctx: &SockAddrContext, v6: bool, hook: Hook) -> i32 {
             service_id: service.id,
             backend_id,
             reset: 0,
-            since_ns: health::now_ns(),
+            since_ns: failure::now_ns(),
         };
         let _ = SOCK_CONNECTS.insert(sk, connect, 0);
     }
@@ -208,7 +209,7 @@ pub fn state_change(ctx: &RawTracePointContext) -> i32 {
         family: c.family,
         _pad: 0,
     };
-    let now = health::now_ns();
+    let now = failure::now_ns();
     let age = now.wrapping_sub(c.since_ns);
     if c.established == 0 && age > CONNECT_STALE_NS {
         let _ = SOCK_CONNECTS.remove(sk);
@@ -216,10 +217,10 @@ pub fn state_change(ctx: &RawTracePointContext) -> i32 {
     }
     if old == TCP_SYN_SENT && new == TCP_ESTABLISHED && c.established == 0 {
         c.established = 1;
-        health::record_success(&key, c.service_id, c.backend_id, age, now);
+        failure::record_success(&key, c.service_id, c.backend_id, age, now);
     } else if new == TCP_CLOSE {
         if old == TCP_SYN_SENT && c.established == 0 {
-            let timeout = health::policy(c.service_id).map_or(u64::MAX, |p| p.connect_timeout_ns);
+            let timeout = failure::policy(c.service_id).map_or(u64::MAX, |p| p.connect_timeout_ns);
             let failure = if c.reset != 0 {
                 Some(Failure::Refused)
             } else if age >= timeout {
@@ -228,10 +229,10 @@ pub fn state_change(ctx: &RawTracePointContext) -> i32 {
                 None
             };
             if let Some(failure) = failure {
-                health::record_failure(&key, c.service_id, c.backend_id, failure, now);
+                failure::record_failure(&key, c.service_id, c.backend_id, failure, now);
             }
         } else if c.established != 0 {
-            health::count_close(&key, c.service_id, c.backend_id, c.since_ns);
+            failure::count_close(&key, c.service_id, c.backend_id, c.since_ns);
         }
         let _ = SOCK_CONNECTS.remove(sk);
     }

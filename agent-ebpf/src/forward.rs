@@ -1,4 +1,4 @@
-//! Forwarding: the next hop from the flow's cached FIB result or a FIB
+//! Stage 7: forwarding. The next hop from the flow's cached FIB result or a FIB
 //! lookup, TTL, MAC addresses, and the egress decision.
 
 use core::mem;
@@ -16,8 +16,9 @@ use network_types::eth::EthHdr;
 use crate::{
     csum::Diff,
     headers::{Ipv4, Ipv6},
-    lb::{Action, Ctx, Packet, copy_addr, exception, ptr_at},
     maps::FIB_GENERATION,
+    packet::{Action, Ctx, Packet, copy_addr, ptr_at},
+    stats::exception,
 };
 
 /// Sends the rewritten packet towards its new destination: by the flow's
@@ -25,7 +26,7 @@ use crate::{
 /// A FIB lookup costs more than the rest of the fast path together, and even
 /// reading the clock costs a fifth of it: freshness is a generation number.
 #[inline(always)]
-pub fn forward(
+pub fn to_next_hop(
     ctx: &Ctx,
     pkt: &Packet,
     params: &mut bpf_fib_lookup,
@@ -132,7 +133,7 @@ pub fn ttl_allows_forwarding(ctx: &Ctx, pkt: &Packet) -> bool {
     }
 }
 
-/// Decrements the TTL (hop limit); `lb::translate` has checked it is above 1.
+/// Decrements the TTL (hop limit); `pipeline::translate` has checked it is above 1.
 #[inline(always)]
 fn decrement_ttl(ctx: &Ctx, pkt: &Packet) {
     if pkt.family == FAMILY_V4 {

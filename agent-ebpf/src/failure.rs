@@ -1,5 +1,6 @@
-//! Failure accounting from real traffic, instant ejection, and the backend
-//! choice that skips ejected backends.
+//! Failure accounting from real traffic: refused, timed-out and unreachable
+//! connects count against the backend and eject it at the service's
+//! threshold; SYN-ACKs reset the streak and time the connect.
 //!
 //! Counters are per-CPU; the failure streak is a shared word counted with an
 //! atomic add. The ejection decision itself is not atomic: two CPUs reaching
@@ -7,24 +8,15 @@
 //! service's ejected count).
 
 use agent_common::{
-    FlowKey, LATENCY_BASE_NS, LATENCY_BUCKETS, NO_BACKEND, Service, ServicePolicy, ServiceStats,
-    event_kind, failure_reason, hash,
+    FlowKey, LATENCY_BASE_NS, LATENCY_BUCKETS, ServicePolicy, event_kind, failure_reason,
 };
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 
 use crate::{
     events::emit,
-    maps::{
-        BACKEND_HEALTH, BACKEND_LATENCY, BACKEND_STATS, MAGLEV, SERVICE_EJECTED, SERVICE_POLICY,
-        SERVICE_STATS,
-    },
+    maps::{BACKEND_HEALTH, BACKEND_LATENCY, SERVICE_EJECTED, SERVICE_POLICY},
+    stats::with_stats,
 };
-
-/// Rehashes a connection tries while its choice is ejected, then slots
-/// walked one by one (see `pick`): with half the backends ejected, all 40
-/// miss a healthy one for about one connection in 10^12.
-const MAX_PICKS: u32 = 8;
-const MAX_WALK: u32 = 32;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Failure {
@@ -42,22 +34,6 @@ pub fn now_ns() -> u64 {
 #[inline(always)]
 pub fn policy(service_id: u32) -> Option<&'static ServicePolicy> {
     SERVICE_POLICY.get(service_id)
-}
-
-#[inline(always)]
-pub fn with_stats(map_is_service: bool, id: u32, f: impl FnOnce(&mut ServiceStats)) {
-    if cfg!(feature = "no-stats") {
-        return;
-    }
-    let slot = if map_is_service {
-        SERVICE_STATS.get_ptr_mut(id)
-    } else {
-        BACKEND_STATS.get_ptr_mut(id)
-    };
-    if let Some(stats) = slot {
-        // SAFETY: this CPU's slot of a per-CPU map; only this CPU writes it.
-        f(unsafe { &mut *stats });
-    }
 }
 
 /// A connect sent again, to `backend_id` now.
@@ -89,13 +65,6 @@ pub fn count_close(key: &FlowKey, service_id: u32, backend_id: u32, since: u64) 
         now.saturating_sub(since),
         now,
     );
-}
-
-#[inline(always)]
-pub fn is_ejected(backend_id: u32) -> bool {
-    BACKEND_HEALTH
-        .get(backend_id)
-        .is_some_and(|health| health.ejected != 0)
 }
 
 /// Counts a failure of a backend and ejects it on the packet that reaches the
@@ -205,77 +174,4 @@ pub fn record_success(key: &FlowKey, service_id: u32, backend_id: u32, latency_n
     if i < LATENCY_BUCKETS {
         hist.buckets[i] += 1;
     }
-}
-
-/// The Maglev choice for a connection: the slot of its hash, and while that
-/// backend is ejected (or is `exclude`, the one that just failed it), the
-/// slot of a rehash. Every node with the same healthy set makes the same
-/// choice, and an ejected backend's share spreads over all the others in
-/// proportion to their weights. Returns the backend id and the attempt that
-/// found it.
-///
-/// Rehashes alone would give up too often: with a third of the slots
-/// ejected, one connection in 6,561 sees eight ejected slots in a row (and
-/// one in 256 with half of them). After `MAX_PICKS` rehashes the walk goes
-/// on slot by slot from the last one (still deterministic); only when
-/// `MAX_WALK` more slots are all ejected does it fall back to the first
-/// ejected choice (fail open).
-#[inline(always)]
-pub fn pick(service: &Service, h: u32, exclude: u32, first_attempt: u32) -> Option<(u32, u32)> {
-    if service.table_size == 0 {
-        return None;
-    }
-    let mut fallback = None;
-    let mut attempt = first_attempt;
-    let mut index = 0;
-    while attempt < first_attempt + MAX_PICKS {
-        let hh = if attempt == 0 {
-            h
-        } else {
-            hash::rehash(h, attempt)
-        };
-        index = hh % service.table_size;
-        match candidate(service, index, exclude)? {
-            Candidate::Healthy(id) => return Some((id, attempt)),
-            Candidate::Ejected(id) if fallback.is_none() => fallback = Some((id, attempt)),
-            _ => {}
-        }
-        attempt += 1;
-    }
-    // A second loop rather than one with a branch inside: the verifier
-    // explores the branch in every iteration, and one loop of 40 exceeded
-    // its instruction budget ("Argument list too long").
-    let mut step = 1;
-    while step <= MAX_WALK {
-        match candidate(service, (index + step) % service.table_size, exclude)? {
-            Candidate::Healthy(id) => return Some((id, attempt)),
-            Candidate::Ejected(id) if fallback.is_none() => fallback = Some((id, attempt)),
-            _ => {}
-        }
-        step += 1;
-    }
-    fallback
-}
-
-enum Candidate {
-    Healthy(u32),
-    Ejected(u32),
-    Excluded,
-}
-
-/// The backend in slot `index` of the service's live table; `None` for an
-/// empty slot (a table being built) or one out of the map.
-#[inline(always)]
-fn candidate(service: &Service, index: u32, exclude: u32) -> Option<Candidate> {
-    let id = *MAGLEV.get(service.table_offset + index)?;
-    if id == NO_BACKEND {
-        return None;
-    }
-    Some(if id == exclude {
-        Candidate::Excluded
-    } else if is_ejected(id) {
-        Candidate::Ejected(id)
-    } else {
-        Candidate::Healthy(id)
-    })
 }

@@ -1,0 +1,131 @@
+//! The packet as the pipeline sees it: the context the entry point hands
+//! over, where its headers are, bounds-checked access to them, and the
+//! per-CPU scratch area the stages work in. The leaf every stage builds on.
+
+use core::{ffi::c_void, mem};
+
+use agent_common::{Flow, FlowKey, ServiceKey};
+use aya_ebpf::bindings::bpf_fib_lookup;
+use network_types::eth::EthHdr;
+
+/// What the entry point should do with the packet.
+pub enum Action {
+    Pass,
+    Drop,
+    /// Send back out of the interface it came in on.
+    Tx,
+    /// Send out of another interface.
+    Redirect(u32),
+}
+
+/// The packet as the entry point hands it over.
+pub struct Ctx {
+    pub data: usize,
+    pub data_end: usize,
+    /// The whole packet's length. For TC only the headers need to be in the
+    /// linear part (`data..data_end`); the rest may be paged.
+    pub len: usize,
+    pub ifindex: u32,
+    /// The program's context (`xdp_md` or `__sk_buff`) for helpers.
+    pub raw: *mut c_void,
+    /// TC: `raw` is an skb, whose L4 checksum may be partial (local senders,
+    /// veth, containers) and is fixed by the skb checksum helper. A constant
+    /// per entry point, so each program keeps only its own branch.
+    pub skb: bool,
+}
+
+impl aya_ebpf::EbpfContext for Ctx {
+    fn as_ptr(&self) -> *mut c_void {
+        self.raw
+    }
+}
+
+/// Where an IP packet carrying TCP or UDP keeps its headers. Its 5-tuple is
+/// in the per-CPU scratch area (`Scratch::key`), not on the stack.
+pub struct Packet {
+    pub family: u8,
+    pub proto: u8,
+    /// Offset of the IP header.
+    pub l3: usize,
+    /// Offset of the TCP/UDP header.
+    pub l4: usize,
+    /// End of the IP datagram according to its own length field.
+    pub ip_end: usize,
+    /// `Fragment::*`: whether the datagram is a fragment, and which.
+    pub fragment: u8,
+    /// The IP identification of a fragment (IPv4's 16 bits, IPv6's 32).
+    pub id: u32,
+}
+
+/// Where a packet stands in its datagram. Only the first fragment carries
+/// the ports; later ones follow it by the ports `FRAGMENTS` remembers for
+/// (source, destination, identification, protocol), as Cilium does.
+pub mod fragment {
+    /// Not a fragment.
+    pub const NONE: u8 = 0;
+    /// Offset 0, more to come: has the L4 header.
+    pub const FIRST: u8 = 1;
+    /// No L4 header: addresses are rewritten, nothing else.
+    pub const LATER: u8 = 2;
+}
+
+/// Key of `FRAGMENTS`.
+#[repr(C)]
+pub struct FragmentKey {
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    pub id: u32,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: u16,
+}
+
+/// Big values the pipeline builds, kept in a per-CPU map: the BPF stack (512
+/// bytes over all frames) can't hold them all. XDP and TC programs run in
+/// softirq context and never nest on one CPU, so one area per CPU suffices.
+#[repr(C)]
+pub struct Scratch {
+    /// The packet's 5-tuple, as it arrived.
+    pub key: FlowKey,
+    pub service_key: ServiceKey,
+    pub reverse_key: FlowKey,
+    pub forward: Flow,
+    pub reverse: Flow,
+    /// The forward key of a flow whose SNAT port may be taken over.
+    pub old_key: FlowKey,
+    pub fragment_key: FragmentKey,
+    /// Where parsing left off (see `parse::settle`).
+    pub parsed: [u32; 4],
+    pub fib: bpf_fib_lookup,
+}
+
+pub const ETH_LEN: usize = mem::size_of::<EthHdr>();
+
+/// Copies an address word by word. A plain array copy between two places
+/// LLVM can't prove apart becomes a memmove call: a byte loop in BPF code.
+#[inline(always)]
+pub fn copy_addr(dst: &mut [u32; 4], src: &[u32; 4]) {
+    let (a, b, c, d) = (src[0], src[1], src[2], src[3]);
+    // SAFETY: writes through a valid &mut; volatile only to keep LLVM from
+    // fusing the four stores back into a memmove.
+    unsafe {
+        core::ptr::write_volatile(&mut dst[0], a);
+        core::ptr::write_volatile(&mut dst[1], b);
+        core::ptr::write_volatile(&mut dst[2], c);
+        core::ptr::write_volatile(&mut dst[3], d);
+    }
+}
+
+/// A pointer to a `T` at `offset` in the packet, if it lies inside.
+///
+/// Don't ask for a single byte at a variable offset: LLVM turns
+/// `start + 1 > end` into `start >= end`, from which the verifier learns
+/// nothing about the byte. Read a wider word instead.
+#[inline(always)]
+pub fn ptr_at<T>(ctx: &Ctx, offset: usize) -> Option<*mut T> {
+    let start = ctx.data + offset;
+    if start + mem::size_of::<T>() > ctx.data_end {
+        return None;
+    }
+    Some(start as *mut T)
+}

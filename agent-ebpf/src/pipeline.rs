@@ -1,0 +1,273 @@
+//! The load-balancing pipeline, shared by the XDP and TC entry points:
+//! parse → service → conntrack (or a new flow: select a backend) → TCP
+//! state and failures → NAT → forward. Each stage is a module; this one
+//! only calls them in order.
+#![expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "map keys and values are passed by reference on purpose: by value they \
+              would be copied onto the 512-byte BPF stack"
+)]
+
+use agent_common::{
+    FLOW_F_FIN_CLIENT, FLOW_F_REVERSE, Flow, FlowKey, NO_BACKEND, PROTO_TCP, PROTO_UDP,
+    SERVICE_F_SNAT, Service, event_kind, flow_state, hash, prefilter, reason,
+};
+use aya_ebpf::bindings::bpf_fib_lookup;
+
+use crate::{
+    conntrack::{self, fill, install_reverse, snat_seed},
+    events, failure,
+    forward::{self, ttl_allows_forwarding},
+    headers::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    icmp,
+    maps::{BACKEND_FIB, BACKENDS, CONNTRACK},
+    nat::{rewrite, skb_l4_checksum},
+    packet::{Action, Ctx, Packet, Scratch, fragment},
+    parse::{self, Next, tcp_flags, validate},
+    select, service,
+    stats::{account, exception},
+    tcp_state::{backend_tcp, client_tcp, close_seen},
+};
+
+/// Runs the pipeline on one packet.
+#[inline(always)]
+pub fn process(ctx: &Ctx) -> Action {
+    parse::parse(ctx, &Stages)
+}
+
+/// The stages after parsing, in the order `parse` hands packets on.
+struct Stages;
+
+impl Next for Stages {
+    #[inline(always)]
+    fn transport(
+        &self,
+        ctx: &Ctx,
+        s: &mut Scratch,
+        pkt: &Packet,
+        src: &[u32; 4],
+        dst: &[u32; 4],
+    ) -> Action {
+        transport(ctx, s, pkt, src, dst)
+    }
+
+    #[inline(always)]
+    fn icmp(&self, ctx: &Ctx, l4: usize, family: u8) -> Action {
+        icmp::error(ctx, l4, family)
+    }
+
+    #[inline(always)]
+    fn unhandled(&self, src: &[u32; 4], dst: &[u32; 4], code: u32) -> Action {
+        service::unhandled(src, dst, code)
+    }
+}
+
+/// Reads the ports and decides whether the packet is for a service, a reply
+/// to reverse-NAT, or not ours.
+#[inline(always)]
+fn transport(ctx: &Ctx, s: &mut Scratch, pkt: &Packet, src: &[u32; 4], dst: &[u32; 4]) -> Action {
+    let (sport, dport) = match parse::ports(ctx, s, pkt, src, dst) {
+        Ok(ports) => ports,
+        Err(code) => return service::unhandled(src, dst, code),
+    };
+
+    let to_service = service::prefilter_hit(prefilter::SERVICE, dst, dport, pkt.proto);
+    if !to_service && !service::prefilter_hit(prefilter::BACKEND, src, sport, pkt.proto) {
+        return Action::Pass;
+    }
+    if pkt.fragment == fragment::FIRST {
+        parse::remember_ports(s, pkt, src, dst, sport, dport);
+    }
+    s.key = FlowKey {
+        src: *src,
+        dst: *dst,
+        sport,
+        dport,
+        proto: pkt.proto,
+        family: pkt.family,
+        _pad: 0,
+    };
+    // An established flow needs only its conntrack entry, in either direction.
+    if let Some(flow) = CONNTRACK.get_ptr_mut(&s.key) {
+        if let Err(code) = validate(ctx, pkt) {
+            return exception(code);
+        }
+        // SAFETY: a live conntrack value, not aliased by the scratch area.
+        let f = unsafe { &mut *flow };
+        conntrack::touch(f);
+        if pkt.proto == PROTO_TCP && pkt.fragment != fragment::LATER {
+            let flags = tcp_flags(ctx, pkt);
+            let verdict = if f.flags & FLOW_F_REVERSE == 0 {
+                client_tcp(s, f, flags)
+            } else {
+                backend_tcp(s, f, flags)
+            };
+            if let Err(code) = verdict {
+                return exception(code);
+            }
+        }
+        return translate(ctx, pkt, &s.key, &mut s.fib, flow);
+    }
+    if !to_service {
+        return Action::Pass;
+    }
+    let Some(service) = service::lookup(&mut s.service_key, dst, dport, pkt.proto, pkt.family)
+    else {
+        return Action::Pass;
+    };
+    if let Err(code) = validate(ctx, pkt) {
+        return exception(code);
+    }
+    // A connection starts with a SYN (or any UDP datagram); a mid-stream
+    // packet without an entry (evicted, or from before a restart) is
+    // re-pinned by the same Maglev choice but is not a new connection.
+    let flags = if pkt.proto == PROTO_TCP && pkt.fragment != fragment::LATER {
+        tcp_flags(ctx, pkt)
+    } else {
+        0
+    };
+    let syn = pkt.proto == PROTO_TCP && flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    match new_flow(s, &service, syn, flags) {
+        Ok(flow) => {
+            if syn || pkt.proto == PROTO_UDP {
+                // SAFETY: the scratch copy of the new entry.
+                let backend_id = unsafe { (*flow).backend_id };
+                failure::count_connection(service.id, backend_id);
+                if pkt.proto == PROTO_UDP {
+                    let now = failure::now_ns();
+                    events::emit(event_kind::OPEN, 0, &s.key, service.id, backend_id, 0, now);
+                }
+            }
+            translate(ctx, pkt, &s.key, &mut s.fib, flow)
+        }
+        Err(code) => {
+            log_refused_flow(ctx, service.id, code);
+            exception(code)
+        }
+    }
+}
+
+/// Picks the backend by Maglev (skipping ejected ones), records both
+/// directions of the flow, and returns the forward entry (its copy in the
+/// scratch area).
+#[inline(always)]
+fn new_flow(s: &mut Scratch, service: &Service, syn: bool, flags: u8) -> Result<*mut Flow, u32> {
+    let key = &s.key;
+    let h = hash::flow_hash(&key.src, &key.dst, key.sport, key.dport, key.proto);
+    let Some((backend_id, attempt)) = select::pick(service, h, NO_BACKEND, 0) else {
+        return Err(reason::NO_BACKEND);
+    };
+    let Some(backend) = BACKENDS.get(backend_id) else {
+        return Err(reason::NO_BACKEND);
+    };
+    let seed = if service.flags & SERVICE_F_SNAT != 0 {
+        snat_seed()
+    } else {
+        0
+    };
+    let new_sport = install_reverse(s, service, backend_id, backend, seed)?;
+
+    let (forward, key) = (&mut s.forward, &s.key);
+    let snat = service.flags & SERVICE_F_SNAT != 0;
+    let new_src = if snat { &service.snat_addr } else { &key.src };
+    fill(
+        forward,
+        new_src,
+        new_sport,
+        &backend.addr,
+        backend.port,
+        backend_id,
+        service.id,
+    );
+    forward.flags = 0;
+    forward.attempts = attempt.min(255) as u8;
+    if syn {
+        forward.state = flow_state::SYN_SENT;
+        forward.syn_ns = failure::now_ns();
+    } else {
+        forward.state = flow_state::UNKNOWN;
+        forward.syn_ns = 0;
+        // Picked up mid-stream by a FIN or RST: the close has begun.
+        if flags & (TCP_FIN | TCP_RST) != 0 {
+            close_seen(key, forward, flags, FLOW_F_FIN_CLIENT);
+        }
+    }
+    if CONNTRACK.insert(&s.key, &s.forward, 0).is_err() {
+        let _ = CONNTRACK.remove(&s.reverse_key);
+        return Err(reason::CONNTRACK_FULL);
+    }
+    Ok(&raw mut s.forward)
+}
+
+/// Rewrites the packet as its flow entry says (either direction), counts it,
+/// and forwards it. `flow` is a conntrack value or the scratch copy of a new
+/// one; `key` and `params` are other parts of the scratch area.
+#[inline(always)]
+fn translate(
+    ctx: &Ctx,
+    pkt: &Packet,
+    key: &FlowKey,
+    params: &mut bpf_fib_lookup,
+    flow: *mut Flow,
+) -> Action {
+    // SAFETY: `flow` is valid and aliases neither `key` nor `params`.
+    let f = unsafe { &mut *flow };
+    // Before any rewrite: the kernel's ICMP time-exceeded must quote the
+    // packet the client sent.
+    if !ttl_allows_forwarding(ctx, pkt) {
+        return exception(reason::TTL_EXCEEDED);
+    }
+    let l4_change = rewrite(
+        ctx,
+        pkt,
+        key,
+        &f.new_src,
+        f.new_sport,
+        &f.new_dst,
+        f.new_dport,
+    );
+    let to_backend = f.flags & FLOW_F_REVERSE == 0;
+    account(f.service_id, f.backend_id, to_backend, ctx);
+    // Towards a backend the next hop depends on the backend alone: one cached
+    // FIB result per backend serves all its flows, new ones included, as long
+    // as the slot is still that backend's (the agent reuses ids). Towards a
+    // client, and for a flow whose backend id was reused, it is the flow's own.
+    let cache = match BACKEND_FIB.get_ptr_mut(f.backend_id) {
+        // SAFETY: an array slot; concurrent writers store the same result.
+        Some(slot) if to_backend && unsafe { (*slot).dst == f.new_dst } => unsafe {
+            &mut (*slot).fib
+        },
+        _ => &mut f.fib,
+    };
+    let action = forward::to_next_hop(ctx, pkt, params, &f.new_src, &f.new_dst, cache);
+    if ctx.skb && pkt.fragment != fragment::LATER {
+        // Last: the helper may move the packet, which ends direct access.
+        skb_l4_checksum(ctx, pkt, l4_change);
+    }
+    action
+}
+
+/// A connection Sluice could not open is worth a log line (via aya-log into
+/// the agent's log); the ring buffer drops records under a flood, the
+/// per-reason counters still count every packet.
+#[inline(always)]
+fn log_refused_flow(ctx: &Ctx, service_id: u32, code: u32) {
+    match code {
+        reason::NO_BACKEND => {
+            aya_log_ebpf::warn!(ctx, "service #{}: new flow dropped: no backend", service_id)
+        }
+        reason::CONNTRACK_FULL => {
+            aya_log_ebpf::warn!(
+                ctx,
+                "service #{}: new flow dropped: conntrack full",
+                service_id
+            )
+        }
+        reason::SNAT_PORTS_EXHAUSTED => aya_log_ebpf::warn!(
+            ctx,
+            "service #{}: new flow dropped: no free SNAT port",
+            service_id
+        ),
+        _ => {}
+    }
+}

@@ -1,0 +1,60 @@
+//! Stage 2: is the packet for a service? The prefilter's bitmaps let other
+//! traffic through without a hash lookup; then the exact (VIP, port,
+//! protocol) lookup.
+#![expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "map keys are passed by reference on purpose: by value they would be \
+              copied onto the 512-byte BPF stack"
+)]
+
+use agent_common::{Service, ServiceKey, hash, prefilter};
+
+use crate::{
+    maps::{PREFILTER, SERVICES},
+    packet::{Action, copy_addr},
+    stats::count,
+};
+
+/// Whether `(addr, port, proto)` may be in the prefilter set `slot`
+/// (`prefilter::*`): false means certainly not.
+
+#[inline(always)]
+pub fn prefilter_hit(slot: u32, addr: &[u32; 4], port: u16, proto: u8) -> bool {
+    let bit = hash::prefilter_bit(addr, port, proto);
+    match PREFILTER.get(slot) {
+        Some(bitmap) => bitmap.words[(bit >> 6) as usize] & (1 << (bit & 63)) != 0,
+        None => false,
+    }
+}
+
+/// A packet Sluice can't parse far enough to look it up exactly. It passes
+/// untouched: a prefilter hit (the address may be a VIP's or a backend's)
+/// only decides whether it is counted, never whether it is dropped. Drops
+/// come after an exact service or conntrack lookup (`validate`).
+#[inline(always)]
+pub fn unhandled(src: &[u32; 4], dst: &[u32; 4], code: u32) -> Action {
+    if prefilter_hit(prefilter::SERVICE_ADDR, dst, 0, 0)
+        || prefilter_hit(prefilter::BACKEND_ADDR, src, 0, 0)
+    {
+        count(code);
+    }
+    Action::Pass
+}
+
+/// The service at `(addr, port, proto)`, found through `key` (part of the
+/// scratch area: the key is too big for the stack).
+#[inline(always)]
+pub fn lookup(
+    key: &mut ServiceKey,
+    addr: &[u32; 4],
+    port: u16,
+    proto: u8,
+    family: u8,
+) -> Option<Service> {
+    copy_addr(&mut key.addr, addr);
+    key.port = port;
+    key.proto = proto;
+    key.family = family;
+    // SAFETY: copied out at once; the agent replaces, never edits, entries.
+    unsafe { SERVICES.get(key) }.copied()
+}

@@ -1,0 +1,196 @@
+//! Stage 5: the TCP state of a tracked flow, from both sides: SYN
+//! retransmissions (timeouts), refusals held back for a retry on another
+//! backend, SYN-ACKs (success), and closes.
+
+use agent_common::{
+    FLOW_F_FIN_BACKEND, FLOW_F_FIN_CLIENT, Flow, FlowKey, SERVICE_F_RETRY, SNAT_PORT_MIN,
+    flow_state, hash, reason,
+};
+
+use crate::{
+    conntrack::{answer_key, forward_of, install_reverse},
+    failure::{self, Failure},
+    headers::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    maps::{BACKENDS, CONNTRACK},
+    packet::{Scratch, copy_addr},
+    select, service,
+};
+
+/// A TCP packet from the client on a known flow: SYN retransmissions
+/// (timeouts, retries after a refusal, a reused 5-tuple) and closes.
+#[inline(always)]
+pub fn client_tcp(s: &mut Scratch, f: &mut Flow, flags: u8) -> Result<(), u32> {
+    if flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+        if flags & (TCP_FIN | TCP_RST) != 0 {
+            close_seen(&s.key, f, flags, FLOW_F_FIN_CLIENT);
+        }
+        return Ok(());
+    }
+    match f.state {
+        flow_state::SYN_SENT => {
+            let now = failure::now_ns();
+            let Some(policy) = failure::policy(f.service_id) else {
+                return Ok(());
+            };
+            if now.wrapping_sub(f.syn_ns) < policy.connect_timeout_ns {
+                return Ok(()); // an early retransmission: same backend
+            }
+            failure::record_failure(&s.key, f.service_id, f.backend_id, Failure::Timeout, now);
+            if policy.flags & SERVICE_F_RETRY != 0 {
+                retry(s, f, now, Resend::AfterFailure)
+            } else {
+                f.syn_ns = now;
+                Ok(())
+            }
+        }
+        flow_state::REFUSED => retry(s, f, failure::now_ns(), Resend::AfterFailure),
+        flow_state::CLOSED | flow_state::CLOSING | flow_state::UNKNOWN => {
+            // The 5-tuple is reused by a new connection (or a flow picked up
+            // mid-stream starts over): it starts afresh, on the same backend
+            // if that is still healthy and in the service, else where a new
+            // flow would go. A new connection, not a retry.
+            f.state = flow_state::SYN_SENT;
+            f.flags &= !(FLOW_F_FIN_CLIENT | FLOW_F_FIN_BACKEND);
+            f.syn_ns = failure::now_ns();
+            if select::is_ejected(f.backend_id) {
+                retry(s, f, f.syn_ns, Resend::NewConnection)?;
+            }
+            failure::count_connection(f.service_id, f.backend_id);
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+/// A TCP packet from the backend: SYN-ACK (success, latency), RST to a SYN
+/// (refused: held back when the service retries), and closes. Returns an
+/// error code when the packet must not be forwarded.
+#[inline(always)]
+pub fn backend_tcp(s: &mut Scratch, reply: &Flow, flags: u8) -> Result<(), u32> {
+    if flags & (TCP_SYN | TCP_RST | TCP_FIN) == 0 {
+        return Ok(()); // data and ACKs: the fast path
+    }
+    let Some(forward) = forward_of(s, reply) else {
+        return Ok(());
+    };
+    // SAFETY: a live conntrack value.
+    let f = unsafe { &mut *forward };
+    if f.backend_id != reply.backend_id {
+        return Ok(()); // a late packet from a backend the flow has left
+    }
+    if flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK {
+        if f.state == flow_state::SYN_SENT {
+            let now = failure::now_ns();
+            let latency = now.wrapping_sub(f.syn_ns);
+            failure::record_success(&s.reverse_key, f.service_id, f.backend_id, latency, now);
+            f.state = flow_state::ESTABLISHED;
+        }
+        return Ok(());
+    }
+    if flags & TCP_RST != 0 && f.state == flow_state::SYN_SENT {
+        let now = failure::now_ns();
+        failure::record_failure(
+            &s.reverse_key,
+            f.service_id,
+            f.backend_id,
+            Failure::Refused,
+            now,
+        );
+        let retries = failure::policy(f.service_id).is_some_and(|p| p.flags & SERVICE_F_RETRY != 0);
+        if retries {
+            // Nothing has flowed yet: the client's retransmitted SYN will go
+            // to another backend, so it must not see this refusal.
+            f.state = flow_state::REFUSED;
+            return Err(reason::RST_HELD_FOR_RETRY);
+        }
+        f.state = flow_state::CLOSED;
+        return Ok(());
+    }
+    if flags & (TCP_FIN | TCP_RST) != 0 {
+        close_seen(&s.reverse_key, f, flags, FLOW_F_FIN_BACKEND);
+    }
+    Ok(())
+}
+
+/// A FIN or RST from one side (`side`: its `FLOW_F_FIN_*` bit) of the flow
+/// whose forward entry is `f`, keyed `key`. The first one ends the
+/// connection for the counters; the flow is closed (TIME_WAIT for the
+/// sweep, its SNAT port free to take) after FINs from both sides or a RST.
+#[inline(always)]
+pub fn close_seen(key: &FlowKey, f: &mut Flow, flags: u8, side: u32) {
+    let rst = flags & TCP_RST != 0;
+    match f.state {
+        flow_state::ESTABLISHED => {
+            failure::count_close(key, f.service_id, f.backend_id, f.syn_ns);
+        }
+        flow_state::CLOSING | flow_state::UNKNOWN => {}
+        _ => return,
+    }
+    f.flags |= side;
+    let both = FLOW_F_FIN_CLIENT | FLOW_F_FIN_BACKEND;
+    f.state = if rst || f.flags & both == both {
+        flow_state::CLOSED
+    } else {
+        flow_state::CLOSING
+    };
+}
+
+/// Why a flow's SYN goes to another backend.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Resend {
+    /// Its backend refused or timed out: a retry, counted as one; the
+    /// rehashes go on from the flow's last attempt.
+    AfterFailure,
+    /// A new connection on a reused 5-tuple whose backend may take no new
+    /// connections: the choice a new flow would make (same on every node).
+    NewConnection,
+}
+
+/// Sends the flow (whose SYN is being forwarded now) to another backend:
+/// the next healthy choice after the current one. If there is none, the SYN
+/// goes to the same backend again.
+#[inline(always)]
+fn retry(s: &mut Scratch, f: &mut Flow, now: u64, why: Resend) -> Result<(), u32> {
+    let key = &s.key;
+    let Some(service) = service::lookup(
+        &mut s.service_key,
+        &key.dst,
+        key.dport,
+        key.proto,
+        key.family,
+    ) else {
+        return Ok(());
+    };
+    let key = &s.key;
+    let h = hash::flow_hash(&key.src, &key.dst, key.sport, key.dport, key.proto);
+    let first = match why {
+        Resend::AfterFailure => u32::from(f.attempts) + 1,
+        Resend::NewConnection => 0,
+    };
+    let Some((backend_id, attempt)) = select::pick(&service, h, f.backend_id, first) else {
+        f.syn_ns = now;
+        f.state = flow_state::SYN_SENT;
+        return Ok(());
+    };
+    let Some(backend) = BACKENDS.get(backend_id) else {
+        return Ok(());
+    };
+    // The old reply entry goes; the new backend's comes (with SNAT it keeps
+    // the flow's port when that is free towards the new backend).
+    answer_key(&mut s.reverse_key, f, s.key.proto, s.key.family);
+    let _ = CONNTRACK.remove(&s.reverse_key);
+    // Seeded with the current port's offset: the same port is tried first.
+    let seed = u32::from(u16::from_be(f.new_sport)).wrapping_sub(u32::from(SNAT_PORT_MIN));
+    let new_sport = install_reverse(s, &service, backend_id, backend, seed)?;
+    copy_addr(&mut f.new_dst, &backend.addr);
+    f.new_dport = backend.port;
+    f.new_sport = new_sport;
+    f.backend_id = backend_id;
+    f.attempts = attempt.min(255) as u8;
+    f.state = flow_state::SYN_SENT;
+    f.syn_ns = now;
+    if why == Resend::AfterFailure {
+        failure::count_retry(&s.key, service.id, backend_id, now);
+    }
+    Ok(())
+}
