@@ -8,6 +8,7 @@
 
 pub mod hash;
 pub mod reason;
+pub mod registry;
 
 /// Address family tags stored in keys (values of `AF_INET` / `AF_INET6`).
 pub const FAMILY_V4: u8 = 2;
@@ -204,9 +205,8 @@ const _: () = assert!(core::mem::size_of::<ServicePolicy>() == 24);
 pub struct BackendHealth {
     /// Failed connects in a row; 64 bits for the kernel's atomic add.
     pub consecutive_failures: u64,
-    /// Not 0 while new connections must skip the backend: 1 ejected by the
-    /// kernel, `BACKEND_REMOVED` gone from the config, `BACKEND_DRAINING`
-    /// finishing its established connections.
+    /// A `BackendState`: not `Active` (0) while new connections must skip
+    /// the backend (see `state`).
     pub ejected: u32,
     /// Times the kernel ejected it.
     pub ejections: u32,
@@ -258,10 +258,44 @@ const _: () = assert!(core::mem::size_of::<SockConnect>() == 40);
 /// an agent never adopts maps of another layout.
 pub const MAP_LAYOUT: u32 = 2;
 
-/// `BackendHealth::ejected` of a backend the agent removed.
-pub const BACKEND_REMOVED: u32 = 2;
-/// `BackendHealth::ejected` of a draining backend (removed, or weight 0).
-pub const BACKEND_DRAINING: u32 = 3;
+/// What `BackendHealth::ejected` says of a backend. Kept as a `u32` in the
+/// shared struct (the kernel writes it; a value outside the enum must not be
+/// undefined behaviour when read): convert with `BackendHealth::state`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendState {
+    /// Takes new connections.
+    Active = 0,
+    /// Ejected by the kernel after failures, until the agent readmits it.
+    Ejected = 1,
+    /// Gone from the config: the agent removed it.
+    Removed = 2,
+    /// Finishing its established connections (removed, or weight 0).
+    Draining = 3,
+}
+
+impl BackendState {
+    /// The state a raw `ejected` word holds (unknown values: ejected, the
+    /// safe reading: no new connections).
+    pub const fn from_word(word: u32) -> Self {
+        match word {
+            0 => Self::Active,
+            2 => Self::Removed,
+            3 => Self::Draining,
+            _ => Self::Ejected,
+        }
+    }
+}
+
+impl BackendHealth {
+    pub const fn state(&self) -> BackendState {
+        BackendState::from_word(self.ejected)
+    }
+
+    pub fn set_state(&mut self, state: BackendState) {
+        self.ejected = state as u32;
+    }
+}
 
 /// Buckets of the connect latency histogram: bucket i counts latencies below
 /// `LATENCY_BASE_NS << i` (8 µs up to about 4.2 s); slower ones count only in
@@ -379,7 +413,6 @@ impl core::ops::AddAssign<&ServiceStats> for ServiceStats {
 
 /// Per-backend counters (a per-CPU array indexed by backend id). Same layout
 /// as the service counters so the kernel updates both with one function.
-pub type BackendStats = ServiceStats;
 
 /// Bits in each prefilter bitmap (a power of two).
 pub const PREFILTER_BITS: u32 = 1 << 16;

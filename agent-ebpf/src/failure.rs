@@ -8,7 +8,7 @@
 //! service's ejected count).
 
 use agent_common::{
-    FlowKey, LATENCY_BASE_NS, LATENCY_BUCKETS, ServicePolicy, event_kind, failure_reason,
+    BackendState, FlowKey, LATENCY_BASE_NS, LATENCY_BUCKETS, ServicePolicy, event_kind, failure_reason,
 };
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 
@@ -108,7 +108,7 @@ pub fn record_failure(key: &FlowKey, service_id: u32, backend_id: u32, failure: 
             1,
         );
     }
-    if health.ejected != 0 || health.consecutive_failures < u64::from(policy.consecutive_failures) {
+    if health.ejected != BackendState::Active as u32 || health.consecutive_failures < u64::from(policy.consecutive_failures) {
         return;
     }
     let Some(ejected) = SERVICE_EJECTED.get_ptr_mut(service_id) else {
@@ -122,7 +122,7 @@ pub fn record_failure(key: &FlowKey, service_id: u32, backend_id: u32, failure: 
         return;
     }
     *ejected += 1;
-    health.ejected = 1;
+    health.ejected = BackendState::Ejected as u32;
     health.ejections += 1;
     health.ejected_ns = now;
     emit(

@@ -1,7 +1,7 @@
 //! Stage 4: the backend for a new flow (or a retry): the Maglev slot of its
 //! hash, skipping ejected backends.
 
-use agent_common::{NO_BACKEND, Service, hash};
+use agent_common::{BackendState, NO_BACKEND, Service, hash};
 
 use crate::maps::{BACKEND_HEALTH, MAGLEV};
 
@@ -16,7 +16,7 @@ const MAX_WALK: u32 = 32;
 pub fn is_ejected(backend_id: u32) -> bool {
     BACKEND_HEALTH
         .get(backend_id)
-        .is_some_and(|health| health.ejected != 0)
+        .is_some_and(|health| health.ejected != BackendState::Active as u32)
 }
 
 /// The Maglev choice for a connection: the slot of its hash, and while that

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 
 use agent_common::{
+    registry::{MAPS, Sizing, map, program},
     Backend, BackendFib, BackendHealth, EventBudget, Flow, FlowKey, LatencyHistogram, Prefilter,
     Service, ServiceKey, ServicePolicy, ServiceStats,
 };
@@ -21,29 +22,15 @@ use tracing::{info, warn};
 
 use crate::{
     config::{AttachMode, Config},
-    pinning::{PINNED_MAPS, PinDir},
+    pinning::{PinDir, pinned_maps},
 };
 
 /// The kernel programs, built by build.rs from agent-ebpf.
 pub static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sluice.bpf.o"));
 
-pub const XDP_PROGRAM: &str = "sluice_xdp";
-pub const TC_PROGRAM: &str = "sluice_tc";
-/// The cgroup sock_addr programs of socket-level balancing.
-pub const SOCKET_PROGRAMS: [&str; 8] = [
-    "sluice_connect4",
-    "sluice_connect6",
-    "sluice_sendmsg4",
-    "sluice_sendmsg6",
-    "sluice_recvmsg4",
-    "sluice_recvmsg6",
-    "sluice_getpeername4",
-    "sluice_getpeername6",
-];
-pub const SOCK_STATE_PROGRAM: &str = "sluice_sock_state";
-pub const TCP_RESET_PROGRAM: &str = "sluice_tcp_reset";
-pub const SOCK_RELEASE_PROGRAM: &str = "sluice_sock_release";
+pub const XDP_PROGRAM: &str = program::XDP;
+pub const TC_PROGRAM: &str = program::TC;
 
 /// Reads the kernel programs' aya-log records into the `log` facade.
 pub type KernelLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
@@ -70,6 +57,24 @@ impl Sizes {
     /// Two table halves per service: one live, one being filled.
     pub fn maglev_slots(&self) -> u32 {
         self.services * 2 * self.table_size
+    }
+
+    /// The capacity `sizing` gives a map; `None`: as the object declares.
+    pub fn capacity(&self, sizing: Sizing) -> Option<u32> {
+        match sizing {
+            Sizing::Fixed => None,
+            Sizing::Conntrack => Some(self.conntrack),
+            Sizing::Services => Some(self.services),
+            Sizing::Backends => Some(self.backends),
+            Sizing::MaglevSlots => Some(self.maglev_slots()),
+        }
+    }
+
+    /// The maps whose capacity the config sets, with that capacity.
+    pub fn capacities(&self) -> Vec<(&'static str, u32)> {
+        MAPS.iter()
+            .filter_map(|m| Some((m.name, self.capacity(m.sizing)?)))
+            .collect()
     }
 }
 
@@ -106,22 +111,22 @@ fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
 impl Maps {
     fn take_all(ebpf: &mut Ebpf) -> Result<Self> {
         Ok(Self {
-            services: take(ebpf, "SERVICES")?,
-            backends: take(ebpf, "BACKENDS")?,
-            backend_fib: take(ebpf, "BACKEND_FIB")?,
+            services: take(ebpf, map::SERVICES)?,
+            backends: take(ebpf, map::BACKENDS)?,
+            backend_fib: take(ebpf, map::BACKEND_FIB)?,
             maglev: MaglevTables::map(ebpf)?,
-            conntrack: take(ebpf, "CONNTRACK")?,
-            prefilter: take(ebpf, "PREFILTER")?,
-            service_stats: take(ebpf, "SERVICE_STATS")?,
-            backend_stats: take(ebpf, "BACKEND_STATS")?,
-            reasons: take(ebpf, "REASONS")?,
-            fib_generation: take(ebpf, "FIB_GENERATION")?,
-            service_policy: take(ebpf, "SERVICE_POLICY")?,
-            service_ejected: take(ebpf, "SERVICE_EJECTED")?,
-            backend_health: take(ebpf, "BACKEND_HEALTH")?,
-            backend_latency: take(ebpf, "BACKEND_LATENCY")?,
-            event_budget: take(ebpf, "EVENT_BUDGET")?,
-            sock_connects: take(ebpf, "SOCK_CONNECTS")?,
+            conntrack: take(ebpf, map::CONNTRACK)?,
+            prefilter: take(ebpf, map::PREFILTER)?,
+            service_stats: take(ebpf, map::SERVICE_STATS)?,
+            backend_stats: take(ebpf, map::BACKEND_STATS)?,
+            reasons: take(ebpf, map::REASONS)?,
+            fib_generation: take(ebpf, map::FIB_GENERATION)?,
+            service_policy: take(ebpf, map::SERVICE_POLICY)?,
+            service_ejected: take(ebpf, map::SERVICE_EJECTED)?,
+            backend_health: take(ebpf, map::BACKEND_HEALTH)?,
+            backend_latency: take(ebpf, map::BACKEND_LATENCY)?,
+            event_budget: take(ebpf, map::EVENT_BUDGET)?,
+            sock_connects: take(ebpf, map::SOCK_CONNECTS)?,
         })
     }
 }
@@ -147,7 +152,7 @@ unsafe impl Send for MaglevTables {}
 
 impl MaglevTables {
     fn map(ebpf: &mut Ebpf) -> Result<Self> {
-        let data = match ebpf.take_map("MAGLEV") {
+        let data = match ebpf.take_map(map::MAGLEV) {
             Some(aya::maps::Map::Array(data)) => data,
             _ => anyhow::bail!("map MAGLEV is missing or not an array"),
         };
@@ -245,39 +250,23 @@ pub struct Datapath {
 }
 
 impl Datapath {
-    /// Loads (and verifies) the programs with maps sized for `sizes`.
-    /// Returns the datapath and its maps, which the caller owns separately.
-    pub fn load(sizes: Sizes) -> Result<(Self, Maps)> {
-        Self::load_object(sizes, EBPF_OBJECT, None)
-    }
-
-    /// As `load`, from another build of the object (benchmarks compare them,
-    /// upgrades bring one), and with the maps pinned in `pins` (adopted when
-    /// an earlier agent pinned them).
+    /// Loads (and verifies) the programs of `object` (`EBPF_OBJECT`, or
+    /// another build: benchmarks compare them, upgrades bring one) with maps
+    /// sized for `sizes`, pinned in `pins` (adopted when an earlier agent
+    /// pinned them). Returns the datapath and its maps, which the caller
+    /// owns separately.
     pub fn load_object(sizes: Sizes, object: &[u8], pins: Option<PinDir>) -> Result<(Self, Maps)> {
-        let capacities = [
-            ("CONNTRACK", sizes.conntrack),
-            ("SERVICES", sizes.services),
-            ("SERVICE_STATS", sizes.services),
-            ("BACKENDS", sizes.backends),
-            ("BACKEND_STATS", sizes.backends),
-            ("BACKEND_FIB", sizes.backends),
-            ("BACKEND_HEALTH", sizes.backends),
-            ("BACKEND_LATENCY", sizes.backends),
-            ("SERVICE_POLICY", sizes.services),
-            ("SERVICE_EJECTED", sizes.services),
-            ("MAGLEV", sizes.maglev_slots()),
-        ];
+        let capacities = sizes.capacities();
         let mut loader = EbpfLoader::new();
         let mut adopted = false;
         if let Some(pins) = &pins {
             adopted = pins.has_maps();
             pins.check_maps(object, &capacities)?;
-            for &name in PINNED_MAPS {
+            for name in pinned_maps() {
                 loader.map_pin_path(name, pins.map_path(name));
             }
         }
-        for (name, capacity) in capacities {
+        for &(name, capacity) in &capacities {
             loader.map_max_entries(name, capacity);
         }
         // SLUICE_VERIFIER_LOG=1: the kernel verifier's full log on a refusal.
@@ -291,7 +280,7 @@ impl Datapath {
         let xdp: &mut Xdp = program(&mut ebpf, XDP_PROGRAM)?;
         xdp.load()
             .with_context(|| format!("loading program {XDP_PROGRAM} (kernel verifier)"))?;
-        let conntrack_id = match ebpf.map("CONNTRACK") {
+        let conntrack_id = match ebpf.map(map::CONNTRACK) {
             Some(aya::maps::Map::LruHashMap(data)) => data.info()?.id(),
             _ => anyhow::bail!("map CONNTRACK is missing or not an LRU hash"),
         };
@@ -311,7 +300,7 @@ impl Datapath {
 
     /// The connection events ring buffer; the caller reads it.
     pub fn take_events(&mut self) -> Result<aya::maps::RingBuf<MapData>> {
-        take(&mut self.ebpf, "EVENTS")
+        take(&mut self.ebpf, map::EVENTS)
     }
 
     /// A second handle on the conntrack map, for counting its entries
@@ -572,7 +561,7 @@ impl Datapath {
         // run, and the second sees a backend, not a VIP).
         let pin = self.pins.is_some();
         let mut links: Vec<(&str, FdLink)> = Vec::new();
-        for name in SOCKET_PROGRAMS {
+        for name in program::SOCKET {
             let p: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;
             p.load()
                 .with_context(|| format!("loading program {name} (kernel verifier)"))?;
@@ -585,24 +574,25 @@ impl Datapath {
                 links.push((name, p.take_link(id)?.try_into()?));
             }
         }
-        let release: &mut CgroupSock = program(&mut self.ebpf, SOCK_RELEASE_PROGRAM)?;
+        let release: &mut CgroupSock = program(&mut self.ebpf, program::SOCK_RELEASE)?;
         release
             .load()
-            .with_context(|| format!("loading program {SOCK_RELEASE_PROGRAM} (kernel verifier)"))?;
+            .with_context(|| format!("loading program {} (kernel verifier)", program::SOCK_RELEASE))?;
         let id = release
             .attach(&dir, CgroupAttachMode::Single)
             .with_context(|| {
                 format!(
-                    "attaching {SOCK_RELEASE_PROGRAM} to cgroup {}",
+                    "attaching {} to cgroup {}",
+                    program::SOCK_RELEASE,
                     cgroup.display()
                 )
             })?;
         if pin {
-            links.push((SOCK_RELEASE_PROGRAM, release.take_link(id)?.try_into()?));
+            links.push((program::SOCK_RELEASE, release.take_link(id)?.try_into()?));
         }
         for (name, tracepoint) in [
-            (SOCK_STATE_PROGRAM, "inet_sock_set_state"),
-            (TCP_RESET_PROGRAM, "tcp_receive_reset"),
+            (program::SOCK_STATE, "inet_sock_set_state"),
+            (program::TCP_RESET, "tcp_receive_reset"),
         ] {
             let tp: &mut RawTracePoint = program(&mut self.ebpf, name)?;
             tp.load()
@@ -637,10 +627,10 @@ impl Datapath {
             return Ok(());
         };
         let mut removed = 0;
-        for name in SOCKET_PROGRAMS.iter().chain(&[
-            SOCK_RELEASE_PROGRAM,
-            SOCK_STATE_PROGRAM,
-            TCP_RESET_PROGRAM,
+        for name in program::SOCKET.iter().chain(&[
+            program::SOCK_RELEASE,
+            program::SOCK_STATE,
+            program::TCP_RESET,
         ]) {
             let path = pins.socket_link_path(name);
             if path.exists() {
@@ -676,4 +666,35 @@ where
     program
         .try_into()
         .with_context(|| format!("program {name} has an unexpected type"))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    /// The registry is the one list of names: it must match the object.
+    #[test]
+    fn the_registry_names_every_map_and_program_of_the_object() {
+        let obj = aya_obj::Object::parse(EBPF_OBJECT).unwrap();
+        let in_object: BTreeSet<&str> = obj
+            .maps
+            .keys()
+            .map(String::as_str)
+            // The benchmark's programs and aya-log's ring are not the agent's.
+            .filter(|n| !n.starts_with("BENCH_") && *n != "AYA_LOGS")
+            .filter(|n| !n.starts_with('.'))
+            .collect();
+        let registered: BTreeSet<&str> = MAPS.iter().map(|m| m.name).collect();
+        assert_eq!(in_object, registered);
+
+        let programs: BTreeSet<&str> = obj.programs.keys().map(String::as_str).collect();
+        let mut named = vec![program::XDP, program::TC, program::SOCK_STATE];
+        named.extend([program::TCP_RESET, program::SOCK_RELEASE]);
+        named.extend(program::SOCKET);
+        for name in named {
+            assert!(programs.contains(name), "program {name} is not in the object");
+        }
+    }
 }

@@ -21,28 +21,14 @@ use tracing::info;
 
 use crate::config::AttachMode;
 
-/// Maps pinned (and adopted by the next agent). Per-CPU scratch space and
-/// the log ring are per program and start fresh.
-pub const PINNED_MAPS: &[&str] = &[
-    "SERVICES",
-    "BACKENDS",
-    "BACKEND_FIB",
-    "MAGLEV",
-    "CONNTRACK",
-    "PREFILTER",
-    "SERVICE_STATS",
-    "BACKEND_STATS",
-    "REASONS",
-    "FIB_GENERATION",
-    "SERVICE_POLICY",
-    "SERVICE_EJECTED",
-    "BACKEND_HEALTH",
-    "BACKEND_LATENCY",
-    "EVENTS",
-    "EVENT_BUDGET",
-    "SOCK_REVERSE",
-    "SOCK_CONNECTS",
-];
+/// Maps pinned (and adopted by the next agent): those the registry marks
+/// `pinned`.
+pub fn pinned_maps() -> impl Iterator<Item = &'static str> {
+    agent_common::registry::MAPS
+        .iter()
+        .filter(|m| m.pinned)
+        .map(|m| m.name)
+}
 
 /// statfs(2) f_type of a bpf filesystem.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -125,14 +111,14 @@ impl PinDir {
 
     /// True when maps of an earlier agent are pinned here.
     pub fn has_maps(&self) -> bool {
-        PINNED_MAPS.iter().any(|m| self.map_path(m).exists())
+        pinned_maps().any(|m| self.map_path(m).exists())
     }
 
     /// Each pinned map must match the object's definition (with the
     /// capacities the config sets): same key and value sizes, same capacity.
     pub fn check_maps(&self, object: &[u8], capacities: &[(&str, u32)]) -> Result<()> {
         let obj = aya_obj::Object::parse(object).context("parsing the eBPF object")?;
-        for &name in PINNED_MAPS {
+        for name in pinned_maps() {
             let path = self.map_path(name);
             if !path.exists() {
                 continue;

@@ -103,7 +103,7 @@ impl Readmitter {
                 seen.insert(key.clone());
                 let health = rec.health(b.id);
                 let entry = self.tracked.entry(key).or_default();
-                if health.ejected != 1 {
+                if health.state() != agent_common::BackendState::Ejected {
                     entry.until = None;
                     continue;
                 }

@@ -14,8 +14,11 @@ use std::{
     time::Instant,
 };
 
+// The kernel's word for a backend's state (`BackendState` here is the
+// reconciler's record of a backend).
+use agent_common::BackendState as Admission;
 use agent_common::{
-    BACKEND_DRAINING, BACKEND_REMOVED, Backend, BackendFib, BackendHealth, FAMILY_V4, FAMILY_V6,
+    Backend, BackendFib, BackendHealth, FAMILY_V4, FAMILY_V6,
     FibCache, FlowKey, LatencyHistogram, NO_BACKEND, Prefilter, SERVICE_F_RETRY, SERVICE_F_SNAT,
     Service, ServiceKey, ServicePolicy, ServiceStats, hash::prefilter_bit, prefilter,
 };
@@ -305,7 +308,7 @@ impl Reconciler {
             let Ok(b) = self.maps.backends.get(&id, 0) else {
                 continue;
             };
-            if b.port == 0 || self.health(id).ejected == BACKEND_REMOVED {
+            if b.port == 0 || self.health(id).state() == Admission::Removed {
                 continue; // never used, or removed
             }
             let v4 = family_of.get(&b.service_id) == Some(&FAMILY_V4);
@@ -314,7 +317,7 @@ impl Reconciler {
                 id,
                 SocketAddr::new(ip, u16::from_be(b.port)),
                 u32::from(b.weight),
-                self.health(id).ejected == BACKEND_DRAINING,
+                self.health(id).state() == Admission::Draining,
             ));
             backend_ids.push(id);
         }
@@ -371,7 +374,7 @@ impl Reconciler {
         for (_, orphans) in by_service {
             for (id, ..) in orphans {
                 let removed = BackendHealth {
-                    ejected: BACKEND_REMOVED,
+                    ejected: Admission::Removed as u32,
                     ..BackendHealth::default()
                 };
                 let _ = self.maps.backend_health.set(id, removed, 0);
@@ -660,17 +663,17 @@ impl Reconciler {
     fn mark_draining(&mut self, b: &BackendState) -> Result<()> {
         let mut health = self.health(b.id);
         let want = if b.draining() {
-            if health.ejected == 1 {
+            if health.state() == Admission::Ejected {
                 return Ok(()); // ejected already: no new connections either
             }
-            BACKEND_DRAINING
-        } else if health.ejected == BACKEND_DRAINING {
-            0
+            Admission::Draining
+        } else if health.state() == Admission::Draining {
+            Admission::Active
         } else {
             return Ok(());
         };
-        if health.ejected != want {
-            health.ejected = want;
+        if health.state() != want {
+            health.set_state(want);
             self.maps
                 .backend_health
                 .set(b.id, health, 0)
@@ -690,7 +693,7 @@ impl Reconciler {
         }
         let ending = std::mem::take(&mut self.ending);
         let removed = BackendHealth {
-            ejected: BACKEND_REMOVED,
+            ejected: Admission::Removed as u32,
             ..BackendHealth::default()
         };
         for (_, b) in &ending {
@@ -906,7 +909,7 @@ impl Reconciler {
     /// failure streak starts over. `ejections` and `ejected_ns` stay.
     pub fn readmit(&mut self, backend_id: u32) -> Result<()> {
         let mut health = self.health(backend_id);
-        if health.ejected != 1 {
+        if health.state() != Admission::Ejected {
             return Ok(()); // drained or removed meanwhile
         }
         // A backend that started draining while ejected stays out.
@@ -915,7 +918,11 @@ impl Reconciler {
             .values()
             .flat_map(|s| &s.backends)
             .any(|b| b.id == backend_id && b.draining());
-        health.ejected = if draining { BACKEND_DRAINING } else { 0 };
+        health.set_state(if draining {
+            Admission::Draining
+        } else {
+            Admission::Active
+        });
         health.consecutive_failures = 0;
         self.maps
             .backend_health
@@ -934,7 +941,7 @@ impl Reconciler {
                 let n = s
                     .backends
                     .iter()
-                    .filter(|b| self.health(b.id).ejected == 1)
+                    .filter(|b| self.health(b.id).state() == Admission::Ejected)
                     .count() as u32;
                 (s.id, n)
             })

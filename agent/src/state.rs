@@ -36,7 +36,7 @@ pub struct Shared {
 /// A backend's state as the API and metrics name it, from the kernel's
 /// health word and the configured weight.
 pub fn backend_state(health: &BackendHealth, draining: bool) -> &'static str {
-    if health.ejected == 1 {
+    if health.state() == agent_common::BackendState::Ejected {
         "ejected"
     } else if draining {
         "draining"
