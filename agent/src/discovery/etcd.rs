@@ -391,4 +391,40 @@ mod tests {
         let compacted = serde_json::json!({"result": {"compact_revision": "20", "canceled": true}});
         assert!(apply_watch_message(&mut snap, &compacted).is_err());
     }
+
+    #[test]
+    fn unusable_values_and_ended_sessions_say_why() {
+        let snap = |value: &str| Snapshot {
+            revision: 1,
+            values: BTreeMap::from([(b"/s/junk".to_vec(), value.as_bytes().to_vec())]),
+        };
+        let e = backends(&snap(r#"{"address":"web:80"}"#)).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            r#"key /s/junk: address "web:80" is not IP:PORT"#
+        );
+        let e = backends(&snap("nope")).unwrap_err().to_string();
+        assert!(
+            e.starts_with(
+                r#"key /s/junk: value "nope" is not {"address": "IP:PORT", "weight": N}: "#
+            ),
+            "{e}"
+        );
+        let mut at_5 = Snapshot {
+            revision: 5,
+            values: BTreeMap::new(),
+        };
+        let compacted = serde_json::json!({"result": {"compact_revision": "20"}});
+        let Err(Compacted(why)) = apply_watch_message(&mut at_5, &compacted) else {
+            panic!("not compacted");
+        };
+        let error = DiscoveryError::Etcd {
+            endpoint: "http://e:2379".into(),
+            source: why,
+        };
+        assert_eq!(
+            error.to_string(),
+            "etcd http://e:2379: revision 6 was compacted (oldest kept 20); listing again"
+        );
+    }
 }

@@ -13,6 +13,8 @@ mod dns;
 mod error;
 mod etcd;
 pub mod kubernetes;
+#[cfg(test)]
+mod tests;
 
 use std::{
     collections::{BTreeMap, HashSet},
