@@ -14,7 +14,7 @@ use hickory_resolver::{
     proto::rr::{RData, RecordType},
 };
 
-use super::{Backends, Outcome, Reporter};
+use super::{Backends, DiscoveryError, DnsError, Outcome, Reporter};
 use crate::config::{DnsRecord, MAX_WEIGHT, Source};
 
 /// One query's limit; a server that doesn't answer in time is a failure.
@@ -40,7 +40,7 @@ pub async fn run(source: Source, v4: bool, reporter: Reporter) {
             // E.g. an unreadable resolv.conf: report, and try again.
             Err(e) => {
                 if !reporter
-                    .send(Outcome::Failed(format!("DNS resolver: {e}")))
+                    .send(Outcome::Failed(DiscoveryError::DnsResolver(e)))
                     .await
                 {
                     return;
@@ -55,7 +55,12 @@ pub async fn run(source: Source, v4: bool, reporter: Reporter) {
                 Outcome::Backends(backends),
                 ttl.clamp(min_interval, max_interval),
             ),
-            Err(e) => (Outcome::Failed(format!("{name}: {e}")), min_interval),
+            Err(source) => {
+                let name = name.clone();
+                let source = Box::new(source);
+                let error = DiscoveryError::Dns { name, source };
+                (Outcome::Failed(error), min_interval)
+            }
         };
         if !reporter.send(outcome).await {
             return;
@@ -96,7 +101,7 @@ async fn resolve(
     record: DnsRecord,
     port: Option<u16>,
     v4: bool,
-) -> Result<(Backends, Duration), String> {
+) -> Result<(Backends, Duration), DnsError> {
     let mut ttl = u32::MAX;
     let mut backends = Vec::new();
     match record {
@@ -106,7 +111,7 @@ async fn resolve(
                 // The name exists no more, or has no such records: DNS says
                 // "no backends" (held back unless allow_empty).
                 Err(e) if e.is_no_records_found() => return Ok((Vec::new(), Duration::ZERO)),
-                Err(e) => return Err(e.to_string()),
+                Err(e) => return Err(DnsError::Lookup(e)),
             };
             let srvs: Vec<_> = lookup
                 .answers()
@@ -125,7 +130,10 @@ async fn resolve(
                 let addrs = resolver
                     .lookup_ip(target.as_str())
                     .await
-                    .map_err(|e| format!("SRV target {target}: {e}"))?;
+                    .map_err(|source| DnsError::SrvTarget {
+                        target: target.clone(),
+                        source,
+                    })?;
                 // SRV weight 0 means "rarely", not "never": it gets the
                 // smallest share Sluice has.
                 let weight = u32::from(srv.weight).clamp(1, MAX_WEIGHT);
@@ -146,7 +154,7 @@ async fn resolve(
             let lookup = match resolver.lookup(name, kind).await {
                 Ok(lookup) => lookup,
                 Err(e) if e.is_no_records_found() => return Ok((Vec::new(), Duration::ZERO)),
-                Err(e) => return Err(e.to_string()),
+                Err(e) => return Err(DnsError::Lookup(e)),
             };
             for r in lookup.answers() {
                 let ip: IpAddr = match &r.data {

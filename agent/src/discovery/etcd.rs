@@ -19,7 +19,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use tracing::info;
 
-use super::{Backends, Outcome, Reporter};
+use super::{Backends, DiscoveryError, EtcdError, Outcome, Reporter};
 use crate::config::Source;
 
 type HttpClient = Client<HttpConnector, Full<Bytes>>;
@@ -68,7 +68,7 @@ pub async fn run(source: Source, reporter: Reporter) {
     let mut wait = RETRY_FIRST;
     for endpoint in endpoints.iter().cycle() {
         let mut progressed = false;
-        let why = session(
+        let source = session(
             &client,
             endpoint,
             &range,
@@ -83,10 +83,9 @@ pub async fn run(source: Source, reporter: Reporter) {
         if progressed {
             wait = RETRY_FIRST;
         }
-        if !reporter
-            .send(Outcome::Failed(format!("etcd {endpoint}: {why}")))
-            .await
-        {
+        let endpoint = endpoint.clone();
+        let error = DiscoveryError::Etcd { endpoint, source };
+        if !reporter.send(Outcome::Failed(error)).await {
             return;
         }
         tokio::time::sleep(wait).await;
@@ -120,7 +119,7 @@ async fn session(
     snapshot: &mut Option<Snapshot>,
     reporter: &Reporter,
     progressed: &mut bool,
-) -> String {
+) -> EtcdError {
     if snapshot.is_none() {
         match list(client, endpoint, range).await {
             Ok(listed) => {
@@ -135,11 +134,11 @@ async fn session(
                 report(&listed, reporter).await;
                 *snapshot = Some(listed);
             }
-            Err(e) => return format!("listing the prefix: {e}"),
+            Err(e) => return EtcdError::List(e),
         }
     }
     let Some(snap) = snapshot.as_mut() else {
-        return "no snapshot".into();
+        return EtcdError::NoSnapshot;
     };
     let body = serde_json::json!({"create_request": {
         "key": range.key,
@@ -150,7 +149,7 @@ async fn session(
     }});
     let response = match post(client, endpoint, "/v3/watch", &body).await {
         Ok(r) => r,
-        Err(e) => return format!("starting the watch: {e}"),
+        Err(e) => return EtcdError::StartWatch(e),
     };
     info!(
         service = reporter.service,
@@ -162,8 +161,8 @@ async fn session(
     let mut buffer: Vec<u8> = Vec::new();
     loop {
         let frame = match body.frame().await {
-            None => return "the watch stream ended".into(),
-            Some(Err(e)) => return format!("the watch stream broke: {e}"),
+            None => return EtcdError::StreamEnded,
+            Some(Err(e)) => return EtcdError::StreamBroke(e),
             Some(Ok(frame)) => frame,
         };
         let Ok(data) = frame.into_data() else {
@@ -182,7 +181,7 @@ async fn session(
                     consumed = stream.byte_offset();
                 }
                 Err(e) if e.is_eof() => break,
-                Err(e) => return format!("the watch sent invalid JSON: {e}"),
+                Err(e) => return EtcdError::InvalidJson(e),
             }
         }
         buffer.drain(..consumed);
@@ -203,28 +202,26 @@ async fn session(
 }
 
 /// The watch can't resume where it was: list again.
-struct Compacted(String);
+struct Compacted(EtcdError);
 
 /// Applies one watch message. Ok(true) when keys changed.
 fn apply_watch_message(snap: &mut Snapshot, message: &Value) -> Result<bool, Compacted> {
     if let Some(error) = message.get("error") {
-        return Err(Compacted(format!("the watch failed: {error}")));
+        return Err(Compacted(EtcdError::WatchFailed(error.clone())));
     }
     let Some(result) = message.get("result") else {
         return Ok(false);
     };
     let compact = int(result.get("compact_revision"));
     if compact > 0 {
-        return Err(Compacted(format!(
-            "revision {} was compacted (oldest kept {compact}); listing again",
-            snap.revision + 1
-        )));
+        return Err(Compacted(EtcdError::Compacted {
+            revision: snap.revision + 1,
+            oldest: compact,
+        }));
     }
     if result.get("canceled").and_then(Value::as_bool) == Some(true) {
-        return Err(Compacted(format!(
-            "the watch was canceled: {}",
-            result.get("cancel_reason").unwrap_or(&Value::Null)
-        )));
+        let reason = result.get("cancel_reason").unwrap_or(&Value::Null);
+        return Err(Compacted(EtcdError::Canceled(reason.clone())));
     }
     let events = result.get("events").and_then(Value::as_array);
     let created = result.get("created").and_then(Value::as_bool) == Some(true);
@@ -322,21 +319,25 @@ async fn report(snap: &Snapshot, reporter: &Reporter) {
     reporter.send(outcome).await;
 }
 
-fn backends(snap: &Snapshot) -> Result<Backends, String> {
+fn backends(snap: &Snapshot) -> Result<Backends, DiscoveryError> {
     snap.values
         .iter()
         .map(|(key, value)| {
-            let key = String::from_utf8_lossy(key);
-            let parsed: BackendValue = serde_json::from_slice(value).map_err(|e| {
-                format!(
-                    "key {key}: value {:?} is not {{\"address\": \"IP:PORT\", \"weight\": N}}: {e}",
-                    String::from_utf8_lossy(value)
-                )
-            })?;
-            let addr: SocketAddr = parsed
-                .address
-                .parse()
-                .map_err(|_| format!("key {key}: address {:?} is not IP:PORT", parsed.address))?;
+            let key = String::from_utf8_lossy(key).into_owned();
+            let parsed: BackendValue =
+                serde_json::from_slice(value).map_err(|source| DiscoveryError::EtcdValue {
+                    key: key.clone(),
+                    value: String::from_utf8_lossy(value).into_owned(),
+                    source,
+                })?;
+            let addr: SocketAddr =
+                parsed
+                    .address
+                    .parse()
+                    .map_err(|_| DiscoveryError::EtcdAddress {
+                        key,
+                        address: parsed.address.clone(),
+                    })?;
             Ok((addr, parsed.weight))
         })
         .collect()
@@ -389,5 +390,41 @@ mod tests {
         assert!(snap.values.is_empty());
         let compacted = serde_json::json!({"result": {"compact_revision": "20", "canceled": true}});
         assert!(apply_watch_message(&mut snap, &compacted).is_err());
+    }
+
+    #[test]
+    fn unusable_values_and_ended_sessions_say_why() {
+        let snap = |value: &str| Snapshot {
+            revision: 1,
+            values: BTreeMap::from([(b"/s/junk".to_vec(), value.as_bytes().to_vec())]),
+        };
+        let e = backends(&snap(r#"{"address":"web:80"}"#)).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            r#"key /s/junk: address "web:80" is not IP:PORT"#
+        );
+        let e = backends(&snap("nope")).unwrap_err().to_string();
+        assert!(
+            e.starts_with(
+                r#"key /s/junk: value "nope" is not {"address": "IP:PORT", "weight": N}: "#
+            ),
+            "{e}"
+        );
+        let mut at_5 = Snapshot {
+            revision: 5,
+            values: BTreeMap::new(),
+        };
+        let compacted = serde_json::json!({"result": {"compact_revision": "20"}});
+        let Err(Compacted(why)) = apply_watch_message(&mut at_5, &compacted) else {
+            panic!("not compacted");
+        };
+        let error = DiscoveryError::Etcd {
+            endpoint: "http://e:2379".into(),
+            source: why,
+        };
+        assert_eq!(
+            error.to_string(),
+            "etcd http://e:2379: revision 6 was compacted (oldest kept 20); listing again"
+        );
     }
 }

@@ -42,7 +42,7 @@ use kube::{
 
 use tracing::warn;
 
-use super::{Outcome, Reporter};
+use super::{DiscoveryError, KubeClientError, Outcome, Reporter};
 use crate::config::{KubeAddress, Kubernetes, MAX_WEIGHT, Protocol, ServiceSpec};
 
 /// The Service annotation with per-endpoint weights.
@@ -61,7 +61,7 @@ pub async fn run(spec: Kubernetes, reporter: Reporter) {
             Ok(c) => break c,
             Err(e) => {
                 if !reporter
-                    .send(Outcome::Failed(format!("Kubernetes client: {e}")))
+                    .send(Outcome::Failed(DiscoveryError::KubeClient(e)))
                     .await
                 {
                     return;
@@ -137,10 +137,8 @@ pub async fn run(spec: Kubernetes, reporter: Reporter) {
                 } else {
                     "endpointslices"
                 };
-                if !reporter
-                    .send(Outcome::Failed(format!("watching {what}: {e}")))
-                    .await
-                {
+                let error = DiscoveryError::KubeWatch { what, source: e };
+                if !reporter.send(Outcome::Failed(error)).await {
                     return;
                 }
                 continue;
@@ -171,12 +169,13 @@ pub async fn run(spec: Kubernetes, reporter: Reporter) {
     }
 }
 
-async fn client(spec: &Kubernetes) -> Result<Client, String> {
+async fn client(spec: &Kubernetes) -> Result<Client, KubeClientError> {
     match &spec.api_server {
         Some(url) => {
-            let uri: hyper::Uri = url
-                .parse()
-                .map_err(|e| format!("api_server {url:?}: {e}"))?;
+            let uri: hyper::Uri = url.parse().map_err(|source| KubeClientError::ApiServer {
+                url: url.clone(),
+                source,
+            })?;
             // Keep the credentials (service account, kubeconfig) and change
             // only where they are presented.
             let config = match kube::Config::infer().await {
@@ -186,10 +185,10 @@ async fn client(spec: &Kubernetes) -> Result<Client, String> {
                 }
                 Err(_) => kube::Config::new(uri),
             };
-            Client::try_from(config).map_err(|e| e.to_string())
+            Client::try_from(config).map_err(KubeClientError::Kube)
         }
         // In a pod: the service account; elsewhere KUBECONFIG / ~/.kube/config.
-        None => Client::try_default().await.map_err(|e| e.to_string()),
+        None => Client::try_default().await.map_err(KubeClientError::Kube),
     }
 }
 

@@ -10,8 +10,11 @@
 //! fits the same shape (one task, reports for every service it watches).
 
 mod dns;
+mod error;
 mod etcd;
 pub mod kubernetes;
+#[cfg(test)]
+mod tests;
 
 use std::{
     collections::{BTreeMap, HashSet},
@@ -22,8 +25,12 @@ use std::{
 use tokio::{sync::mpsc, task::AbortHandle};
 use tracing::{info, warn};
 
+pub use self::error::{DiscoveryError, DnsError, EtcdError, KubeClientError};
 use crate::{
-    config::{DiscoverySpec, Kubernetes, MAX_WEIGHT, ServiceSpec, Source, Validated},
+    config::{
+        DiscoverySpec, Kubernetes, ServiceSpec, Source, Validated,
+        validate::{self, BackendError},
+    },
     reconcile::service_key,
 };
 
@@ -42,7 +49,7 @@ pub enum Outcome {
     /// The complete current set (not a delta).
     Backends(Backends),
     /// The source could not be read, or said something unusable.
-    Failed(String),
+    Failed(DiscoveryError),
     /// Whole services with their backends (Kubernetes): the complete set.
     Services(Vec<ServiceSpec>),
 }
@@ -100,7 +107,8 @@ pub struct Status {
 
 impl Status {
     /// A failed or refused answer: counted, logged when it is news.
-    fn failed(&mut self, service: &str, why: String) {
+    fn failed(&mut self, service: &str, why: DiscoveryError) {
+        let why = why.to_string();
         self.failures += 1;
         if self.healthy || self.error.as_deref() != Some(why.as_str()) {
             warn!(
@@ -421,8 +429,12 @@ impl Hub {
             Outcome::Services(_) => return false,
             Outcome::Backends(found) => match check_backends(spec, found) {
                 Ok(backends) => backends,
-                Err(why) => {
-                    status.failed(&report.service, format!("answer refused: {why}"));
+                Err(source) => {
+                    let why = DiscoveryError::Refused {
+                        service: report.service.clone(),
+                        source,
+                    };
+                    status.failed(&report.service, why);
                     return false;
                 }
             },
@@ -513,28 +525,14 @@ impl Hub {
     }
 }
 
-/// A discovered set must fit its service like a configured one: same family
-/// as the VIP, a real address and port, a weight in range, no duplicates.
-fn check_backends(spec: &ServiceSpec, found: Backends) -> Result<Backends, String> {
+/// A discovered set must fit its service like a configured one (the
+/// config's own backend check: same family as the VIP, a real address and
+/// port, a weight in range); an address found twice counts once.
+fn check_backends(spec: &ServiceSpec, found: Backends) -> Result<Backends, BackendError> {
     let mut seen = HashSet::new();
     let mut backends = Vec::with_capacity(found.len());
     for (addr, weight) in found {
-        if addr.is_ipv4() != spec.vip.is_ipv4() {
-            return Err(format!(
-                "backend {addr}: not of the VIP's address family ({})",
-                spec.vip
-            ));
-        }
-        if addr.port() == 0 || addr.ip().is_unspecified() || addr.ip().is_multicast() {
-            return Err(format!(
-                "backend {addr}: needs a unicast address and a non-zero port"
-            ));
-        }
-        if weight > MAX_WEIGHT {
-            return Err(format!(
-                "backend {addr}: weight {weight} over the maximum {MAX_WEIGHT}"
-            ));
-        }
+        validate::backend(addr, weight, spec.vip)?;
         if seen.insert(addr) {
             backends.push((addr, weight));
         }

@@ -1,0 +1,64 @@
+//! The YAML config file (see README "Configuration").
+//!
+//! Parsing is in two steps: serde reads the raw shape (`schema`: unknown
+//! fields are refused, so a typo never silently means a default), then
+//! `validate` checks what serde can't and resolves addresses (`model`).
+//! Every error names the field and the value.
+
+mod model;
+mod schema;
+pub mod validate;
+
+#[cfg(test)]
+mod tests;
+
+use std::path::Path;
+
+pub use model::{DiscoverySpec, ServiceSpec, Source};
+pub use schema::{
+    AttachMode, BackendSpec, Config, Conntrack, ConntrackTimeouts, Discovery, DnsDiscovery,
+    DnsRecord, EtcdDiscovery, Failure, Forwarding, Interface, KubeAddress, Kubernetes, Limits,
+    Maglev, Pinning, Protocol, Service, SocketLb,
+};
+pub use validate::{MAX_WEIGHT, is_prime};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("config file {path}: {field}: invalid value {value:?}: {why}")]
+    Invalid {
+        path: String,
+        field: String,
+        value: String,
+        why: String,
+    },
+}
+
+/// A config after validation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Validated {
+    pub raw: Config,
+    pub services: Vec<ServiceSpec>,
+}
+
+pub fn load(path: &Path) -> Result<Validated, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    parse(&text, &path.display().to_string())
+}
+
+pub fn parse(text: &str, path: &str) -> Result<Validated, ConfigError> {
+    let raw: Config = serde_yaml::from_str(text).map_err(|e| ConfigError::Parse {
+        path: path.to_string(),
+        message: e.to_string(),
+    })?;
+    validate::validate(raw, path)
+}

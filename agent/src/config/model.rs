@@ -1,0 +1,54 @@
+//! What validation makes of the raw shape: services with their addresses
+//! parsed and their discovery source resolved.
+
+use std::net::{IpAddr, SocketAddr};
+
+use super::{DnsRecord, Failure, Protocol};
+
+/// A service after validation, addresses parsed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServiceSpec {
+    pub name: String,
+    pub vip: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+    pub snat_ip: Option<IpAddr>,
+    pub backends: Vec<(SocketAddr, u32)>,
+    pub failure: Failure,
+    /// None: the backends are the file's.
+    pub discovery: Option<DiscoverySpec>,
+    pub drain_timeout: std::time::Duration,
+}
+
+/// A discovery source after validation.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Source {
+    Dns {
+        name: String,
+        record: DnsRecord,
+        port: Option<u16>,
+        server: Option<SocketAddr>,
+        min_interval: std::time::Duration,
+        max_interval: std::time::Duration,
+    },
+    Etcd {
+        endpoints: Vec<String>,
+        prefix: String,
+    },
+}
+
+impl Source {
+    /// A short name for logs, metrics and the API: `dns` or `etcd`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Dns { .. } => "dns",
+            Self::Etcd { .. } => "etcd",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct DiscoverySpec {
+    pub source: Source,
+    pub allow_empty: bool,
+}

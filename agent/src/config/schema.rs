@@ -1,0 +1,392 @@
+//! The YAML shape serde reads (unknown fields are refused, so a typo never
+//! silently means a default), with its defaults.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Interfaces where VIP traffic or backend replies arrive.
+    pub interfaces: Vec<Interface>,
+    #[serde(default)]
+    pub conntrack: Conntrack,
+    #[serde(default)]
+    pub maglev: Maglev,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub services: Vec<Service>,
+    /// Pin the datapath under bpffs so it outlives the agent (see README
+    /// "Hitless restarts and upgrades"). Absent: everything detaches on exit.
+    #[serde(default)]
+    pub pinning: Option<Pinning>,
+    /// Services and backends from a Kubernetes API server (see README
+    /// "Kubernetes").
+    #[serde(default)]
+    pub kubernetes: Option<Kubernetes>,
+    /// Socket-level balancing for processes on this host (see README
+    /// "Node-local clients").
+    #[serde(default)]
+    pub socket_lb: Option<SocketLb>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SocketLb {
+    /// The cgroup (v2 directory) whose processes' sockets are balanced;
+    /// its whole subtree is covered. The root (/sys/fs/cgroup) covers every
+    /// pod and host process.
+    pub cgroup: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Kubernetes {
+    /// The API server's URL; default: the pod's service account, else
+    /// KUBECONFIG or ~/.kube/config.
+    #[serde(default)]
+    pub api_server: Option<String>,
+    /// Watch one namespace only; default: all.
+    #[serde(default)]
+    pub namespace: Option<String>,
+    /// Label selector of the Services Sluice takes over (the opt-in).
+    #[serde(default = "default_service_selector")]
+    pub service_selector: String,
+    /// Which of a Service's addresses become VIPs.
+    #[serde(default = "default_kube_addresses")]
+    pub addresses: Vec<KubeAddress>,
+    /// Failure handling of the Kubernetes services.
+    #[serde(default)]
+    pub failure: Failure,
+    #[serde(default = "default_drain_timeout")]
+    pub drain_timeout_seconds: u32,
+    /// This node's name, for Services whose traffic policy is `Local`;
+    /// default: the `NODE_NAME` environment variable (the DaemonSet sets it
+    /// from the downward API).
+    #[serde(default)]
+    pub node_name: Option<String>,
+    /// This node's zone (its `topology.kubernetes.io/zone` label), for
+    /// topology-aware routing by EndpointSlice hints; default: the
+    /// `NODE_ZONE` environment variable. Without it, zone hints are ignored.
+    #[serde(default)]
+    pub zone: Option<String>,
+}
+
+impl Kubernetes {
+    /// Where this node is, from the config or the environment.
+    pub fn locality(&self) -> (Option<String>, Option<String>) {
+        let from_env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        (
+            self.node_name.clone().or_else(|| from_env("NODE_NAME")),
+            self.zone.clone().or_else(|| from_env("NODE_ZONE")),
+        )
+    }
+}
+
+fn default_service_selector() -> String {
+    "sluice.io/enabled=true".into()
+}
+
+fn default_kube_addresses() -> Vec<KubeAddress> {
+    vec![KubeAddress::ClusterIp]
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KubeAddress {
+    ClusterIp,
+    ExternalIps,
+    LoadBalancer,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pinning {
+    /// One directory per agent instance, on bpffs
+    /// (e.g. /sys/fs/bpf/sluice/NODE).
+    pub directory: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Interface {
+    pub name: String,
+    #[serde(default)]
+    pub attach: AttachMode,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AttachMode {
+    /// XDP native, then XDP generic, then TC.
+    #[default]
+    Auto,
+    XdpNative,
+    XdpGeneric,
+    Tc,
+}
+
+impl fmt::Display for AttachMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::XdpNative => "xdp-native",
+            Self::XdpGeneric => "xdp-generic",
+            Self::Tc => "tc",
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Conntrack {
+    /// Capacity of the conntrack LRU map. Each connection takes two entries
+    /// (forward and reply direction).
+    pub max_entries: u32,
+    /// How long a flow may stay idle in each state before the agent's sweep
+    /// removes it (both entries; an SNAT flow's port returns to the pool).
+    pub timeouts: ConntrackTimeouts,
+}
+
+impl Default for Conntrack {
+    fn default() -> Self {
+        Self {
+            max_entries: 262_144,
+            timeouts: ConntrackTimeouts::default(),
+        }
+    }
+}
+
+/// Idle timeouts by flow state, in seconds. The defaults follow the
+/// kernel's conntrack and Cilium: long for established TCP, short for a
+/// closed connection (the 5-tuple's TIME_WAIT is the endpoints' business).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConntrackTimeouts {
+    /// A SYN forwarded, no SYN-ACK yet (kernel: 120; Cilium: 60).
+    pub tcp_syn_sent: u32,
+    /// An established connection with no packets (Cilium: 21600, 6 h).
+    pub tcp_established: u32,
+    /// One side sent a FIN, the other not yet (kernel fin_wait/close_wait: 120/60).
+    pub tcp_closing: u32,
+    /// Both sides sent a FIN, or a RST: TIME_WAIT (Cilium: 10).
+    pub tcp_time_wait: u32,
+    /// A UDP flow with no datagrams either way (kernel: 30 unanswered, 120 stream).
+    pub udp: u32,
+}
+
+impl Default for ConntrackTimeouts {
+    fn default() -> Self {
+        Self {
+            tcp_syn_sent: 60,
+            tcp_established: 21_600,
+            tcp_closing: 60,
+            tcp_time_wait: 10,
+            udp: 60,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Maglev {
+    /// Slots per service lookup table; a prime, at least 100× the largest
+    /// backend count for even shares.
+    pub table_size: u32,
+}
+
+impl Default for Maglev {
+    fn default() -> Self {
+        Self { table_size: 16_381 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Service slots the kernel maps are sized for (fixed while running).
+    pub max_services: u32,
+    /// Backend slots, over all services (fixed while running).
+    pub max_backends: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_services: 64,
+            max_backends: 4096,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn number(self) -> u8 {
+        match self {
+            Self::Tcp => agent_common::PROTO_TCP,
+            Self::Udp => agent_common::PROTO_UDP,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Forwarding {
+    /// Destination NAT only: the LB is on the backends' return path.
+    #[default]
+    Dnat,
+    /// Full NAT: backends see `snat_ip` as the source.
+    Snat,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Service {
+    pub name: String,
+    pub vip: String,
+    pub port: u16,
+    pub protocol: Protocol,
+    #[serde(default)]
+    pub forwarding: Forwarding,
+    #[serde(default)]
+    pub snat_ip: Option<String>,
+    #[serde(default)]
+    pub backends: Vec<BackendSpec>,
+    #[serde(default)]
+    pub failure: Failure,
+    /// Where the backends come from when not listed in `backends`.
+    #[serde(default)]
+    pub discovery: Option<Discovery>,
+    /// How long a removed backend keeps its established connections.
+    #[serde(default = "default_drain_timeout")]
+    pub drain_timeout_seconds: u32,
+}
+
+fn default_drain_timeout() -> u32 {
+    60
+}
+
+/// A discovery source for one service's backends (exactly one of them).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Discovery {
+    #[serde(default)]
+    pub dns: Option<DnsDiscovery>,
+    #[serde(default)]
+    pub etcd: Option<EtcdDiscovery>,
+    /// Apply an update that leaves the service with no backend. Off by
+    /// default: such an update is held back and logged, the last set serves.
+    #[serde(default)]
+    pub allow_empty: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DnsRecord {
+    /// SRV records: target, port and weight from DNS.
+    #[default]
+    Srv,
+    /// A records (IPv4 services), with the configured port.
+    A,
+    /// AAAA records (IPv6 services), with the configured port.
+    Aaaa,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsDiscovery {
+    pub name: String,
+    #[serde(default, rename = "type")]
+    pub record: DnsRecord,
+    /// The backends' port with `type: a` or `aaaa`.
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// A name server (`IP` or `IP:PORT`); default: the system's resolv.conf.
+    #[serde(default)]
+    pub server: Option<String>,
+    /// Re-resolved when the answer's TTL expires, but never more often
+    /// than this (nor after a failure)...
+    #[serde(default = "default_dns_min_interval")]
+    pub min_interval_seconds: u32,
+    /// ...and never less often than this.
+    #[serde(default = "default_dns_max_interval")]
+    pub max_interval_seconds: u32,
+}
+
+fn default_dns_min_interval() -> u32 {
+    5
+}
+fn default_dns_max_interval() -> u32 {
+    300
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdDiscovery {
+    /// etcd v3 client URLs (`http://host:2379`), tried in turn.
+    pub endpoints: Vec<String>,
+    /// Every key under this prefix is one backend (value: JSON, see README).
+    pub prefix: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendSpec {
+    pub address: String,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+/// Failure handling: the kernel counts failures from the traffic and ejects;
+/// the agent readmits. See README "Failure handling".
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Failure {
+    /// Ejected after this many failed connects in a row.
+    pub consecutive_failures: u32,
+    /// Base ejection time; doubles on each repeated ejection.
+    pub ejection_seconds: u32,
+    /// Cap of the doubled ejection time.
+    pub max_ejection_seconds: u32,
+    /// Never eject more than this share of a service's backends.
+    pub max_ejected_percent: u32,
+    /// A refused or unanswered SYN is retried on another backend.
+    pub retry_on_refused: bool,
+    /// A client SYN retransmitted this long after the forwarded one, with no
+    /// answer from the backend, is a timeout failure.
+    pub connect_timeout_ms: u32,
+    /// Readmit (TCP) only after a TCP connect to the backend succeeds.
+    pub probe: bool,
+}
+
+impl Default for Failure {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: 3,
+            ejection_seconds: 10,
+            max_ejection_seconds: 300,
+            max_ejected_percent: 50,
+            retry_on_refused: true,
+            connect_timeout_ms: 500,
+            probe: true,
+        }
+    }
+}

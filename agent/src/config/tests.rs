@@ -1,0 +1,460 @@
+use super::*;
+
+const GOOD: &str = r#"
+interfaces:
+  - name: lb0
+services:
+  - name: web
+    vip: 10.0.0.1
+    port: 80
+    protocol: tcp
+    backends:
+      - address: 10.0.1.1:8080
+      - address: 10.0.1.2:8080
+        weight: 3
+"#;
+
+fn error_of(text: &str) -> String {
+    parse(text, "c.yaml").unwrap_err().to_string()
+}
+
+const DISCOVERED: &str = r#"
+interfaces:
+  - name: lb0
+services:
+  - name: web
+    vip: 10.0.0.1
+    port: 80
+    protocol: tcp
+    discovery:
+      dns:
+        name: _http._tcp.web.example
+"#;
+
+#[test]
+fn discovery_parses_with_defaults() {
+    let v = parse(DISCOVERED, "c.yaml").unwrap();
+    let d = v.services[0].discovery.as_ref().unwrap();
+    assert!(!d.allow_empty);
+    match &d.source {
+        Source::Dns {
+            record,
+            port,
+            server,
+            min_interval,
+            max_interval,
+            ..
+        } => {
+            assert_eq!(*record, DnsRecord::Srv);
+            assert_eq!((*port, *server), (None, None));
+            assert_eq!(min_interval.as_secs(), 5);
+            assert_eq!(max_interval.as_secs(), 300);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(v.services[0].drain_timeout.as_secs(), 60);
+}
+
+#[test]
+fn discovery_errors_name_field_and_value() {
+    let cases = [
+        // Both sources, or neither.
+        (
+            "        name: _http._tcp.web.example\n",
+            "        name: _http._tcp.web.example\n      etcd:\n        endpoints: [http://e:2379]\n        prefix: /x/\n",
+            "services[0].discovery",
+        ),
+        // A/AAAA need a port; SRV has its own.
+        (
+            "        name: _http._tcp.web.example\n",
+            "        name: web.example\n        type: a\n",
+            "services[0].discovery.dns.port",
+        ),
+        (
+            "        name: _http._tcp.web.example\n",
+            "        name: web.example\n        type: srv\n        port: 80\n",
+            "services[0].discovery.dns.port",
+        ),
+        // The record type must fit the VIP's family.
+        (
+            "        name: _http._tcp.web.example\n",
+            "        name: web.example\n        type: aaaa\n        port: 80\n",
+            "services[0].discovery.dns.type",
+        ),
+        (
+            "        name: _http._tcp.web.example\n",
+            "        name: x\n        server: nameserver\n",
+            "services[0].discovery.dns.server",
+        ),
+        (
+            "        name: _http._tcp.web.example\n",
+            "        name: x\n        min_interval_seconds: 10\n        max_interval_seconds: 5\n",
+            "services[0].discovery.dns.max_interval_seconds",
+        ),
+    ];
+    for (from, to, field) in cases {
+        let e = error_of(&DISCOVERED.replace(from, to));
+        assert!(e.contains(field), "{field}: {e}");
+    }
+    let e = error_of(&DISCOVERED.replace(
+        "      dns:\n        name: _http._tcp.web.example\n",
+        "      etcd:\n        endpoints: [\"https://e:2379\"]\n        prefix: /x/\n",
+    ));
+    assert!(
+        e.contains("services[0].discovery.etcd.endpoints[0]") && e.contains("https://e:2379"),
+        "{e}"
+    );
+    // Static backends and discovery together.
+    let e = error_of(&DISCOVERED.replace(
+        "    discovery:",
+        "    backends:\n      - address: 10.0.1.1:80\n    discovery:",
+    ));
+    assert!(e.contains("services[0].discovery"), "{e}");
+    let e = error_of(&format!("{GOOD}pinning:\n  directory: relative/dir\n"));
+    assert!(
+        e.contains("pinning.directory") && e.contains("relative/dir"),
+        "{e}"
+    );
+}
+
+#[test]
+fn good_config_parses_with_defaults() {
+    let v = parse(GOOD, "c.yaml").unwrap();
+    assert_eq!(v.services[0].backends[0].1, 1);
+    assert_eq!(v.services[0].backends[1].1, 3);
+    assert_eq!(v.raw.conntrack.max_entries, 262_144);
+    assert_eq!(v.raw.interfaces[0].attach, AttachMode::Auto);
+    assert!(v.services[0].failure.retry_on_refused);
+}
+
+#[test]
+fn errors_name_field_and_value() {
+    let e = error_of(&GOOD.replace("10.0.1.2:8080", "10.0.1.2"));
+    assert!(e.contains("services[0].backends[1].address"), "{e}");
+    assert!(e.contains("\"10.0.1.2\""), "{e}");
+
+    let e = error_of(&GOOD.replace("vip: 10.0.0.1", "vip: nope"));
+    assert!(e.contains("services[0].vip") && e.contains("nope"), "{e}");
+
+    let e = error_of(&GOOD.replace("10.0.1.1:8080", "\"[fd00::1]:80\""));
+    assert!(e.contains("same family"), "{e}");
+
+    let e = error_of(&GOOD.replace("port: 80", "port: 70000"));
+    assert!(e.contains("port") && e.contains("70000"), "{e}");
+
+    let e = error_of(&GOOD.replace("protocol: tcp", "protocol: sctp"));
+    assert!(e.contains("protocol") && e.contains("sctp"), "{e}");
+
+    let e = error_of(&GOOD.replace("protocol: tcp", "protocol: tcp\n    forwarding: snat"));
+    assert!(e.contains("snat_ip"), "{e}");
+
+    let e = error_of(&format!("{GOOD}maglev:\n  table_size: 1000\n"));
+    assert!(e.contains("maglev.table_size") && e.contains("1000"), "{e}");
+
+    let e = error_of(&GOOD.replace("weight: 3", "wieght: 3"));
+    assert!(e.contains("wieght"), "{e}");
+}
+
+#[test]
+fn primes() {
+    assert!(is_prime(16_381) && is_prime(65_537) && is_prime(251));
+    assert!(!is_prime(16_383) && !is_prime(1) && !is_prime(65_536));
+}
+
+/// The field and the whole message of the refusal of `text`.
+#[track_caller]
+fn refusal(text: &str) -> (String, String) {
+    match parse(text, "c.yaml") {
+        Err(e @ ConfigError::Invalid { .. }) => {
+            let ConfigError::Invalid { field, .. } = &e else {
+                unreachable!()
+            };
+            (field.clone(), e.to_string())
+        }
+        other => panic!("not a refusal: {other:?}"),
+    }
+}
+
+/// `(field, message)` as `refusal` returns them.
+fn expected(field: &str, message: &str) -> (String, String) {
+    (field.to_string(), message.to_string())
+}
+
+#[test]
+fn weight_over_the_maximum_is_refused() {
+    assert_eq!(
+        refusal(&GOOD.replace("weight: 3", "weight: 1001")),
+        expected(
+            "services[0].backends[1].weight",
+            "config file c.yaml: services[0].backends[1].weight: invalid value \"1001\": must be 0 (drain) to 1000"
+        )
+    );
+    // The maximum, and 0 (draining), are weights.
+    for weight in ["1000", "0"] {
+        let v = parse(
+            &GOOD.replace("weight: 3", &format!("weight: {weight}")),
+            "c.yaml",
+        );
+        assert_eq!(v.unwrap().services[0].backends[1].1.to_string(), weight);
+    }
+}
+
+#[test]
+fn a_backend_listed_twice_is_refused_before_its_weight() {
+    assert_eq!(
+        refusal(&GOOD.replace(
+            "10.0.1.2:8080\n        weight: 3",
+            "10.0.1.1:8080\n        weight: 5000"
+        )),
+        expected(
+            "services[0].backends[1].address",
+            "config file c.yaml: services[0].backends[1].address: invalid value \"10.0.1.1:8080\": listed twice"
+        )
+    );
+}
+
+#[test]
+fn backend_addresses_must_be_unicast_with_a_port() {
+    for address in ["10.0.1.1:0", "0.0.0.0:80", "224.0.0.1:80"] {
+        assert_eq!(
+            refusal(&GOOD.replace("10.0.1.1:8080", address)),
+            expected(
+                "services[0].backends[0].address",
+                &format!(
+                    "config file c.yaml: services[0].backends[0].address: invalid value \"{address}\": needs a unicast address and a non-zero port"
+                )
+            )
+        );
+    }
+    assert_eq!(
+        refusal(&GOOD.replace("10.0.1.1:8080", "backend-1:80")),
+        expected(
+            "services[0].backends[0].address",
+            "config file c.yaml: services[0].backends[0].address: invalid value \"backend-1:80\": expected IP:PORT, or [IPv6]:PORT"
+        )
+    );
+}
+
+#[test]
+fn backends_and_snat_ip_must_be_of_the_vips_family() {
+    assert_eq!(
+        refusal(&GOOD.replace("10.0.1.1:8080", "\"[fd00::1]:80\"")),
+        expected(
+            "services[0].backends[0].address",
+            "config file c.yaml: services[0].backends[0].address: invalid value \"[fd00::1]:80\": must be of the same family as the service's VIP"
+        )
+    );
+    assert_eq!(
+        refusal(&GOOD.replace(
+            "protocol: tcp",
+            "protocol: tcp\n    forwarding: snat\n    snat_ip: fd00::9"
+        )),
+        expected(
+            "services[0].snat_ip",
+            "config file c.yaml: services[0].snat_ip: invalid value \"fd00::9\": must be of the same family as the VIP"
+        )
+    );
+}
+
+#[test]
+fn two_services_with_one_name_are_refused() {
+    let twice = GOOD.replace(
+        "services:\n",
+        "services:\n  - name: web\n    vip: 10.0.0.2\n    port: 53\n    protocol: udp\n",
+    );
+    assert_eq!(
+        refusal(&twice),
+        expected(
+            "services[1].name",
+            "config file c.yaml: services[1].name: invalid value \"web\": two services have this name"
+        )
+    );
+    let same_frontend = twice.replace(
+        "name: web\n    vip: 10.0.0.2\n    port: 53\n    protocol: udp",
+        "name: api\n    vip: 10.0.0.1\n    port: 80\n    protocol: tcp",
+    );
+    assert_eq!(
+        refusal(&same_frontend),
+        expected(
+            "services[1].vip",
+            "config file c.yaml: services[1].vip: invalid value \"10.0.0.1\": another service has the same VIP, port and protocol"
+        )
+    );
+}
+
+#[test]
+fn an_unknown_attach_mode_is_a_parse_error_naming_the_field() {
+    let text = GOOD.replace("  - name: lb0\n", "  - name: lb0\n    attach: xdp-turbo\n");
+    match parse(&text, "c.yaml") {
+        Err(ConfigError::Parse { path, message }) => {
+            assert_eq!(path, "c.yaml");
+            assert_eq!(
+                message,
+                "interfaces[0].attach: unknown variant `xdp-turbo`, expected one of `auto`, `xdp-native`, `xdp-generic`, `tc` at line 4 column 13"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn interface_names_are_checked() {
+    assert_eq!(
+        refusal(&GOOD.replace("name: lb0", "name: a-very-long-name0")),
+        expected(
+            "interfaces[0].name",
+            "config file c.yaml: interfaces[0].name: invalid value \"a-very-long-name0\": not a Linux interface name (1 to 15 characters, no '/')"
+        )
+    );
+    assert_eq!(
+        refusal(&GOOD.replace("  - name: lb0\n", "  - name: lb0\n  - name: lb0\n")),
+        expected(
+            "interfaces[1].name",
+            "config file c.yaml: interfaces[1].name: invalid value \"lb0\": listed twice"
+        )
+    );
+}
+
+#[test]
+fn maglev_table_size_must_be_a_prime_in_range() {
+    for size in ["16383", "241", "1000033"] {
+        assert_eq!(
+            refusal(&format!("{GOOD}maglev:\n  table_size: {size}\n")),
+            expected(
+                "maglev.table_size",
+                &format!(
+                    "config file c.yaml: maglev.table_size: invalid value \"{size}\": must be a prime between 251 and 1000003 (e.g. 16381 or 65537)"
+                )
+            )
+        );
+    }
+    assert_eq!(
+        refusal(&format!(
+            "{GOOD}maglev:\n  table_size: 65537\nlimits:\n  max_services: 65536\n"
+        )),
+        expected(
+            "limits.max_services",
+            "config file c.yaml: limits.max_services: invalid value \"65536\": times 2 × maglev.table_size exceeds the kernel's array size limit"
+        )
+    );
+}
+
+#[test]
+fn conntrack_and_failure_settings_are_range_checked() {
+    assert_eq!(
+        refusal(&format!("{GOOD}conntrack:\n  timeouts:\n    udp: 0\n")),
+        expected(
+            "conntrack.timeouts.udp",
+            "config file c.yaml: conntrack.timeouts.udp: invalid value \"0\": must be 1 to 2592000 seconds (30 days)"
+        )
+    );
+    assert_eq!(
+        refusal(&format!(
+            "{GOOD}kubernetes:\n  failure:\n    consecutive_failures: 0\n"
+        )),
+        expected(
+            "kubernetes.failure.consecutive_failures",
+            "config file c.yaml: kubernetes.failure.consecutive_failures: invalid value \"0\": must be at least 1"
+        )
+    );
+    assert_eq!(
+        refusal(&GOOD.replace(
+            "protocol: tcp",
+            "protocol: tcp\n    failure:\n      ejection_seconds: 20\n      max_ejection_seconds: 10"
+        )),
+        expected(
+            "services[0].failure.max_ejection_seconds",
+            "config file c.yaml: services[0].failure.max_ejection_seconds: invalid value \"10\": must be at least failure.ejection_seconds"
+        )
+    );
+}
+
+#[test]
+fn discovery_sources_are_checked() {
+    assert_eq!(
+        refusal(&DISCOVERED.replace(
+            "      dns:\n        name: _http._tcp.web.example\n",
+            "      allow_empty: true\n"
+        )),
+        expected(
+            "services[0].discovery",
+            "config file c.yaml: services[0].discovery: invalid value \"{}\": name exactly one source: dns or etcd"
+        )
+    );
+    assert_eq!(
+        refusal(&DISCOVERED.replace(
+            "name: _http._tcp.web.example",
+            "name: web.example\n        type: aaaa\n        port: 80"
+        )),
+        expected(
+            "services[0].discovery.dns.type",
+            "config file c.yaml: services[0].discovery.dns.type: invalid value \"aaaa\": an IPv4 service needs type a"
+        )
+    );
+    assert_eq!(
+        refusal(&DISCOVERED.replace(
+            "      dns:\n        name: _http._tcp.web.example\n",
+            "      etcd:\n        endpoints: [\"http://e:2379\", \"https://e:2379\"]\n        prefix: /x/\n"
+        )),
+        expected(
+            "services[0].discovery.etcd.endpoints[1]",
+            "config file c.yaml: services[0].discovery.etcd.endpoints[1]: invalid value \"https://e:2379\": expected http://HOST:PORT (TLS is not supported yet)"
+        )
+    );
+    assert_eq!(
+        refusal(&DISCOVERED.replace(
+            "    discovery:",
+            "    backends:\n      - address: 10.0.1.1:80\n    discovery:"
+        )),
+        expected(
+            "services[0].discovery",
+            "config file c.yaml: services[0].discovery: invalid value \"dns/etcd\": a service takes its backends from `backends` or from `discovery`, not both"
+        )
+    );
+}
+
+#[test]
+fn too_many_backends_over_all_services_are_refused() {
+    assert_eq!(
+        refusal(&format!("{GOOD}limits:\n  max_backends: 1\n")),
+        expected(
+            "services",
+            "config file c.yaml: services: invalid value \"2 backends\": more than limits.max_backends (1)"
+        )
+    );
+}
+
+#[test]
+fn the_shared_backend_check() {
+    use super::validate::{BackendError, backend};
+    let v4: std::net::IpAddr = "10.0.0.1".parse().unwrap();
+    let at = |s: &str| s.parse::<std::net::SocketAddr>().unwrap();
+    assert_eq!(backend(at("10.0.1.1:80"), 0, v4), Ok(()));
+    assert_eq!(backend(at("10.0.1.1:80"), MAX_WEIGHT, v4), Ok(()));
+    let refused = [
+        (
+            backend(at("[fd00::1]:80"), 1, v4),
+            "backend [fd00::1]:80: not of the VIP's address family (10.0.0.1)",
+        ),
+        (
+            backend(at("10.0.1.1:0"), 1, v4),
+            "backend 10.0.1.1:0: needs a unicast address and a non-zero port",
+        ),
+        (
+            backend(at("0.0.0.0:80"), 1, v4),
+            "backend 0.0.0.0:80: needs a unicast address and a non-zero port",
+        ),
+        (
+            backend(at("10.0.1.1:80"), 1001, v4),
+            "backend 10.0.1.1:80: weight 1001 over the maximum 1000",
+        ),
+    ];
+    for (result, text) in refused {
+        assert_eq!(result.unwrap_err().to_string(), text);
+    }
+    // The family comes first.
+    assert!(matches!(
+        backend(at("[ff02::1]:0"), 5000, v4),
+        Err(BackendError::Family { .. })
+    ));
+}

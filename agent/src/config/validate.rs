@@ -1,0 +1,448 @@
+//! Validation: what serde can't check, section by section. Every refusal
+//! names the field (its path in the file) and the value as written.
+
+use std::{
+    collections::HashSet,
+    fmt,
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
+
+use super::{
+    BackendSpec, Config, ConfigError, Conntrack, Failure, Forwarding, Interface, Kubernetes,
+    Limits, Maglev, Pinning, Protocol, Service, ServiceSpec, Validated,
+};
+
+mod source;
+
+/// Longest conntrack idle timeout accepted, in seconds (30 days).
+const MAX_CONNTRACK_TIMEOUT: u32 = 2_592_000;
+
+/// The largest weight accepted; keeps Maglev's round count bounded.
+pub const MAX_WEIGHT: u32 = 1000;
+
+/// A refused setting: the field, the value as written, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Refusal {
+    field: String,
+    value: String,
+    why: String,
+}
+
+/// The one way a refusal is built.
+fn refuse(field: impl Into<String>, value: impl fmt::Display, why: impl Into<String>) -> Refusal {
+    Refusal {
+        field: field.into(),
+        value: value.to_string(),
+        why: why.into(),
+    }
+}
+
+/// Checks `raw` and resolves its services; the first refusal is the error.
+pub(super) fn validate(raw: Config, path: &str) -> Result<Validated, ConfigError> {
+    match check(&raw) {
+        Ok(services) => Ok(Validated { raw, services }),
+        Err(Refusal { field, value, why }) => Err(ConfigError::Invalid {
+            path: path.to_string(),
+            field,
+            value,
+            why,
+        }),
+    }
+}
+
+/// The sections in the order they are checked (the first refusal wins).
+fn check(raw: &Config) -> Result<Vec<ServiceSpec>, Refusal> {
+    interfaces(&raw.interfaces)?;
+    if let Some(p) = &raw.pinning {
+        pinning(p)?;
+    }
+    if let Some(k) = &raw.kubernetes {
+        kubernetes(k)?;
+    }
+    conntrack(&raw.conntrack)?;
+    maglev_and_limits(&raw.maglev, &raw.limits, raw.services.len())?;
+    services(&raw.services, &raw.limits)
+}
+
+fn interfaces(interfaces: &[Interface]) -> Result<(), Refusal> {
+    if interfaces.is_empty() {
+        return Err(refuse(
+            "interfaces",
+            "[]",
+            "at least one interface is needed",
+        ));
+    }
+    let mut names = HashSet::new();
+    for (i, iface) in interfaces.iter().enumerate() {
+        let field = format!("interfaces[{i}].name");
+        if iface.name.is_empty() || iface.name.len() > 15 || iface.name.contains('/') {
+            return Err(refuse(
+                field,
+                &iface.name,
+                "not a Linux interface name (1 to 15 characters, no '/')",
+            ));
+        }
+        if !names.insert(&iface.name) {
+            return Err(refuse(field, &iface.name, "listed twice"));
+        }
+    }
+    Ok(())
+}
+
+fn pinning(p: &Pinning) -> Result<(), Refusal> {
+    if !p.directory.starts_with('/') || p.directory.len() < 2 {
+        return Err(refuse(
+            "pinning.directory",
+            &p.directory,
+            "must be an absolute path on bpffs (e.g. /sys/fs/bpf/sluice/node-1)",
+        ));
+    }
+    Ok(())
+}
+
+fn kubernetes(k: &Kubernetes) -> Result<(), Refusal> {
+    if let Some(url) = &k.api_server
+        && !(url.starts_with("http://") || url.starts_with("https://"))
+    {
+        return Err(refuse(
+            "kubernetes.api_server",
+            url,
+            "expected an http:// or https:// URL",
+        ));
+    }
+    if k.service_selector.trim().is_empty() {
+        return Err(refuse(
+            "kubernetes.service_selector",
+            "\"\"",
+            "an empty selector would take over every Service: name a label (e.g. sluice.io/enabled=true)",
+        ));
+    }
+    if k.addresses.is_empty() {
+        return Err(refuse(
+            "kubernetes.addresses",
+            "[]",
+            "name at least one of cluster_ip, external_ips, load_balancer",
+        ));
+    }
+    failure(&k.failure, "kubernetes.failure")?;
+    drain_timeout(k.drain_timeout_seconds, "kubernetes.drain_timeout_seconds")?;
+    Ok(())
+}
+
+fn conntrack(c: &Conntrack) -> Result<(), Refusal> {
+    if c.max_entries < 1024 {
+        return Err(refuse(
+            "conntrack.max_entries",
+            c.max_entries,
+            "must be at least 1024",
+        ));
+    }
+    let t = &c.timeouts;
+    for (name, value) in [
+        ("tcp_syn_sent", t.tcp_syn_sent),
+        ("tcp_established", t.tcp_established),
+        ("tcp_closing", t.tcp_closing),
+        ("tcp_time_wait", t.tcp_time_wait),
+        ("udp", t.udp),
+    ] {
+        if !(1..=MAX_CONNTRACK_TIMEOUT).contains(&value) {
+            return Err(refuse(
+                format!("conntrack.timeouts.{name}"),
+                value,
+                "must be 1 to 2592000 seconds (30 days)",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The Maglev table and the maps' capacity, for `services` services.
+fn maglev_and_limits(maglev: &Maglev, limits: &Limits, services: usize) -> Result<(), Refusal> {
+    let m = maglev.table_size;
+    if !(251..=1_000_003).contains(&m) || !is_prime(m) {
+        return Err(refuse(
+            "maglev.table_size",
+            m,
+            "must be a prime between 251 and 1000003 (e.g. 16381 or 65537)",
+        ));
+    }
+    if limits.max_services == 0 || limits.max_services > 65_536 {
+        return Err(refuse(
+            "limits.max_services",
+            limits.max_services,
+            "must be between 1 and 65536",
+        ));
+    }
+    let table_slots = u64::from(limits.max_services) * 2 * u64::from(m);
+    if table_slots > u64::from(u32::MAX / 4) {
+        return Err(refuse(
+            "limits.max_services",
+            limits.max_services,
+            "times 2 × maglev.table_size exceeds the kernel's array size limit",
+        ));
+    }
+    if limits.max_backends == 0 || limits.max_backends > 1 << 20 {
+        return Err(refuse(
+            "limits.max_backends",
+            limits.max_backends,
+            "must be between 1 and 1048576",
+        ));
+    }
+    if services > limits.max_services as usize {
+        return Err(refuse(
+            "services",
+            format!("{services} services"),
+            format!("more than limits.max_services ({})", limits.max_services),
+        ));
+    }
+    Ok(())
+}
+
+/// What the services before the one being checked have taken.
+#[derive(Default)]
+struct Taken {
+    names: HashSet<String>,
+    frontends: HashSet<(IpAddr, u16, Protocol)>,
+}
+
+fn services(list: &[Service], limits: &Limits) -> Result<Vec<ServiceSpec>, Refusal> {
+    let mut taken = Taken::default();
+    let services = list
+        .iter()
+        .enumerate()
+        .map(|(i, s)| service(s, &format!("services[{i}]"), &mut taken))
+        .collect::<Result<Vec<_>, _>>()?;
+    let backend_total: usize = services.iter().map(|s| s.backends.len()).sum();
+    if backend_total > limits.max_backends as usize {
+        return Err(refuse(
+            "services",
+            format!("{backend_total} backends"),
+            format!("more than limits.max_backends ({})", limits.max_backends),
+        ));
+    }
+    Ok(services)
+}
+
+/// One service, whose fields are under `at` (`services[i]`).
+fn service(s: &Service, at: &str, taken: &mut Taken) -> Result<ServiceSpec, Refusal> {
+    let field = |name: &str| format!("{at}.{name}");
+    if s.name.is_empty()
+        || !s
+            .name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        return Err(refuse(
+            field("name"),
+            &s.name,
+            "use letters, digits, '-', '_' and '.'",
+        ));
+    }
+    if !taken.names.insert(s.name.clone()) {
+        return Err(refuse(
+            field("name"),
+            &s.name,
+            "two services have this name",
+        ));
+    }
+    let vip: IpAddr = s
+        .vip
+        .parse()
+        .map_err(|_| refuse(field("vip"), &s.vip, "not an IPv4 or IPv6 address"))?;
+    if vip.is_unspecified() || vip.is_multicast() {
+        return Err(refuse(field("vip"), &s.vip, "must be a unicast address"));
+    }
+    if s.port == 0 {
+        return Err(refuse(field("port"), s.port, "must be 1 to 65535"));
+    }
+    if !taken.frontends.insert((vip, s.port, s.protocol)) {
+        return Err(refuse(
+            field("vip"),
+            &s.vip,
+            "another service has the same VIP, port and protocol",
+        ));
+    }
+    let snat_ip = snat_ip(s, vip, &field("snat_ip"))?;
+    let backends = static_backends(&s.backends, vip, &field("backends"))?;
+    failure(&s.failure, &field("failure"))?;
+    let discovery = match &s.discovery {
+        None => None,
+        Some(d) => Some(source::discovery(
+            d,
+            vip,
+            !s.backends.is_empty(),
+            &field("discovery"),
+        )?),
+    };
+    let drain_timeout = drain_timeout(s.drain_timeout_seconds, field("drain_timeout_seconds"))?;
+    Ok(ServiceSpec {
+        name: s.name.clone(),
+        vip,
+        port: s.port,
+        protocol: s.protocol,
+        snat_ip,
+        backends,
+        failure: s.failure.clone(),
+        discovery,
+        drain_timeout,
+    })
+}
+
+fn snat_ip(s: &Service, vip: IpAddr, field: &str) -> Result<Option<IpAddr>, Refusal> {
+    match (s.forwarding, &s.snat_ip) {
+        (Forwarding::Snat, None) => {
+            Err(refuse(field, "(missing)", "required with forwarding: snat"))
+        }
+        (Forwarding::Snat, Some(text)) => {
+            let ip: IpAddr = text
+                .parse()
+                .map_err(|_| refuse(field, text, "not an IP address"))?;
+            if ip.is_ipv4() != vip.is_ipv4() {
+                return Err(refuse(field, text, "must be of the same family as the VIP"));
+            }
+            Ok(Some(ip))
+        }
+        (Forwarding::Dnat, Some(text)) => {
+            Err(refuse(field, text, "only used with forwarding: snat"))
+        }
+        (Forwarding::Dnat, None) => Ok(None),
+    }
+}
+
+fn drain_timeout(seconds: u32, field: impl Into<String>) -> Result<Duration, Refusal> {
+    if seconds > 86_400 {
+        return Err(refuse(field, seconds, "must be 0 to 86400"));
+    }
+    Ok(Duration::from_secs(seconds.into()))
+}
+
+/// Why an address and weight can't be a backend of a service. The text is
+/// the one discovery shows ("answer refused: …"); the config file refuses
+/// the same things in its own words, naming the field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BackendError {
+    #[error("backend {addr}: not of the VIP's address family ({vip})")]
+    Family { addr: SocketAddr, vip: IpAddr },
+    #[error("backend {addr}: needs a unicast address and a non-zero port")]
+    NotUnicast { addr: SocketAddr },
+    #[error("backend {addr}: weight {weight} over the maximum {max}", max = MAX_WEIGHT)]
+    Weight { addr: SocketAddr, weight: u32 },
+}
+
+/// A backend of a service at `vip`, configured or discovered: of the VIP's
+/// family, a unicast address with a non-zero port, a weight of at most
+/// `MAX_WEIGHT` (0: draining). Checked in that order. An address listed
+/// twice is the caller's business: the file refuses it, discovery merges.
+pub fn backend(addr: SocketAddr, weight: u32, vip: IpAddr) -> Result<(), BackendError> {
+    if addr.is_ipv4() != vip.is_ipv4() {
+        return Err(BackendError::Family { addr, vip });
+    }
+    if addr.port() == 0 || addr.ip().is_unspecified() || addr.ip().is_multicast() {
+        return Err(BackendError::NotUnicast { addr });
+    }
+    if weight > MAX_WEIGHT {
+        return Err(BackendError::Weight { addr, weight });
+    }
+    Ok(())
+}
+
+/// The file's backends of a service at `vip`, under `at` (`services[i].backends`).
+fn static_backends(
+    list: &[BackendSpec],
+    vip: IpAddr,
+    at: &str,
+) -> Result<Vec<(SocketAddr, u32)>, Refusal> {
+    let mut backends = Vec::with_capacity(list.len());
+    let mut seen = HashSet::new();
+    for (j, b) in list.iter().enumerate() {
+        let field = |name: &str| format!("{at}[{j}].{name}");
+        let addr: SocketAddr = b.address.parse().map_err(|_| {
+            refuse(
+                field("address"),
+                &b.address,
+                "expected IP:PORT, or [IPv6]:PORT",
+            )
+        })?;
+        // An address seen before passed the family and unicast checks, so
+        // refusing it first keeps "listed twice" ahead of its weight.
+        if seen.contains(&addr) {
+            return Err(refuse(field("address"), &b.address, "listed twice"));
+        }
+        backend(addr, b.weight, vip).map_err(|e| match e {
+            BackendError::Family { .. } => refuse(
+                field("address"),
+                &b.address,
+                "must be of the same family as the service's VIP",
+            ),
+            BackendError::NotUnicast { .. } => refuse(
+                field("address"),
+                &b.address,
+                "needs a unicast address and a non-zero port",
+            ),
+            BackendError::Weight { weight, .. } => refuse(
+                field("weight"),
+                weight,
+                format!("must be 0 (drain) to {MAX_WEIGHT}"),
+            ),
+        })?;
+        seen.insert(addr);
+        backends.push((addr, b.weight));
+    }
+    Ok(backends)
+}
+
+/// Failure handling, under `at` (`kubernetes.failure`, `services[i].failure`).
+fn failure(f: &Failure, at: &str) -> Result<(), Refusal> {
+    let field = |name: &str| format!("{at}.{name}");
+    if f.consecutive_failures == 0 {
+        return Err(refuse(
+            field("consecutive_failures"),
+            f.consecutive_failures,
+            "must be at least 1",
+        ));
+    }
+    if f.ejection_seconds == 0 {
+        return Err(refuse(
+            field("ejection_seconds"),
+            f.ejection_seconds,
+            "must be at least 1",
+        ));
+    }
+    if f.max_ejection_seconds < f.ejection_seconds {
+        return Err(refuse(
+            field("max_ejection_seconds"),
+            f.max_ejection_seconds,
+            "must be at least failure.ejection_seconds",
+        ));
+    }
+    if !(10..=60_000).contains(&f.connect_timeout_ms) {
+        return Err(refuse(
+            field("connect_timeout_ms"),
+            f.connect_timeout_ms,
+            "must be 10 to 60000",
+        ));
+    }
+    if f.max_ejected_percent > 100 {
+        return Err(refuse(
+            field("max_ejected_percent"),
+            f.max_ejected_percent,
+            "must be 0 to 100",
+        ));
+    }
+    Ok(())
+}
+
+pub fn is_prime(n: u32) -> bool {
+    if n < 2 {
+        return false;
+    }
+    let mut d = 2u32;
+    while d.saturating_mul(d) <= n {
+        if n.is_multiple_of(d) {
+            return false;
+        }
+        d += 1;
+    }
+    true
+}
