@@ -411,9 +411,6 @@ impl core::ops::AddAssign<&ServiceStats> for ServiceStats {
     }
 }
 
-/// Per-backend counters (a per-CPU array indexed by backend id). Same layout
-/// as the service counters so the kernel updates both with one function.
-
 /// Bits in each prefilter bitmap (a power of two).
 pub const PREFILTER_BITS: u32 = 1 << 16;
 /// The prefilter bitmap as stored in one array slot.
