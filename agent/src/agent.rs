@@ -17,6 +17,7 @@ use crate::{
     reconcile::Reconciler,
     state::Shared,
     sysctl::Sysctls,
+    writer::Writer,
 };
 
 /// How often the config file is checked for changes. Polling the content sees
@@ -129,18 +130,23 @@ pub async fn run(
     // Route, neighbour and link changes: FIB caches and devices refreshed.
     let net_changes = crate::netlink::watch().context("watching rtnetlink")?;
     *shared.conntrack_timeouts.lock().unwrap() = cfg.raw.conntrack.timeouts;
+    let reconciler = Reconciler::new(maps, sizes.table_size, sizes.services, sizes.backends)?;
+    // The loop below is the one writer; everything else reads `view`.
+    let mut writer = Writer::new(reconciler)?;
+    let view = writer.view();
+    let _ = shared.view.set(view.clone());
     crate::sweep::spawn(
         datapath.conntrack_handle()?,
         sizes.conntrack,
         shared.clone(),
+        view,
     );
-    let mut reconciler = Reconciler::new(maps, sizes.table_size, sizes.services, sizes.backends)?;
     // Discovery services start with no backends (or what pinned maps hold,
     // once adopted) and fill in as their providers report.
     let (report_tx, mut reports) = tokio::sync::mpsc::channel(256);
     shared.discovery.lock().unwrap().sync(&cfg, &report_tx);
     if datapath.adopted {
-        let adopted = reconciler.adopt(&cfg.services)?;
+        let adopted = writer.adopt(&cfg.services)?;
         let mut hub = shared.discovery.lock().unwrap();
         for (service, backends) in adopted.found {
             hub.seed(&service, &backends);
@@ -149,8 +155,8 @@ pub async fn run(
         // provider's first answer renames them (by frontend) or drops them.
         hub.seed_kubernetes(adopted.orphans);
     }
-    reconciler.apply(&shared.discovery.lock().unwrap().desired(&cfg))?;
-    *shared.reconciler.lock().unwrap() = Some(reconciler);
+    let desired = shared.discovery.lock().unwrap().desired(&cfg);
+    writer.apply(&desired)?;
     shared.ready.store(true, Ordering::SeqCst);
     info!(
         config = %config_path.display(),
@@ -171,9 +177,7 @@ pub async fn run(
     loop {
         tokio::select! {
             _ = net_changes.notified() => {
-                if let Some(rec) = shared.reconciler.lock().unwrap().as_mut()
-                    && let Err(e) = rec.bump_fib_generation()
-                {
+                if let Err(e) = writer.bump_fib_generation() {
                     warn!(error = format!("{e:#}"), "FIB cache generation not bumped");
                 }
                 let next = crate::netdev::resolve(&current.raw.interfaces);
@@ -186,17 +190,15 @@ pub async fn run(
                 }
             }
             _ = health_ticker.tick() => {
-                readmitter.tick(&shared).await;
-                if let Some(rec) = shared.reconciler.lock().unwrap().as_mut()
-                    && let Err(e) = rec.finish_drains(Some(std::time::Instant::now()))
-                {
+                readmitter.tick(&mut writer).await;
+                if let Err(e) = writer.finish_drains(Some(std::time::Instant::now())) {
                     warn!(error = format!("{e:#}"), "ending drains");
                 }
             }
             Some(report) = reports.recv() => {
                 let service = report.service.clone();
                 let changed = shared.discovery.lock().unwrap().accept(report, &current);
-                if changed && let Err(e) = apply_desired(&shared, &current) {
+                if changed && let Err(e) = apply_desired(&mut writer, &shared, &current) {
                     let why = format!("{e:#}");
                     error!(service, error = why, "discovered backends not applied; the last applied set keeps serving");
                     shared.discovery.lock().unwrap().revert(&service, &why);
@@ -214,7 +216,7 @@ pub async fn run(
                 if text == last_text {
                     continue;
                 }
-                let result = reload(&config_path, &text, &current, &mut devices, &mut datapath, &mut sysctls, &shared, &report_tx);
+                let result = reload(&config_path, &text, &current, &mut devices, &mut datapath, &mut sysctls, &mut writer, &shared, &report_tx);
                 last_text = text;
                 match result {
                     Ok(Some(next)) => current = next,
@@ -231,7 +233,7 @@ pub async fn run(
     let _ = stop_http.send(());
     // Dropping the datapath closes every link: the programs detach, unless
     // pinned. A pinned datapath keeps forwarding (and needs its sysctls).
-    shared.reconciler.lock().unwrap().take();
+    drop(writer);
     drop(datapath);
     match &current.raw.pinning {
         Some(p) => {
@@ -262,6 +264,7 @@ fn reload(
     devices: &mut Vec<crate::netdev::Device>,
     datapath: &mut Datapath,
     sysctls: &mut Sysctls,
+    writer: &mut Writer,
     shared: &Shared,
     report_tx: &tokio::sync::mpsc::Sender<crate::discovery::Report>,
 ) -> Result<Option<Validated>> {
@@ -295,7 +298,7 @@ fn reload(
 
     shared.discovery.lock().unwrap().sync(&next, report_tx);
     let before_apply = started.elapsed();
-    if let Err(e) = apply_desired(shared, &next) {
+    if let Err(e) = apply_desired(writer, shared, &next) {
         // Back to the providers of the config that keeps serving.
         shared.discovery.lock().unwrap().sync(current, report_tx);
         return Err(e);
@@ -355,13 +358,9 @@ fn follow_devices(
 }
 
 /// The config merged with the discovered backends, into the kernel maps.
-fn apply_desired(shared: &Shared, config: &Validated) -> Result<()> {
+fn apply_desired(writer: &mut Writer, shared: &Shared, config: &Validated) -> Result<()> {
     let desired = shared.discovery.lock().unwrap().desired(config);
-    let mut guard = shared.reconciler.lock().unwrap();
-    let reconciler = guard
-        .as_mut()
-        .ok_or_else(|| anyhow!("datapath not loaded"))?;
-    reconciler.apply(&desired)
+    writer.apply(&desired)
 }
 
 /// Forwards aya-log records from the kernel into `log`, which tracing picks up.

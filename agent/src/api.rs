@@ -134,13 +134,14 @@ pub struct FailureView {
 }
 
 pub fn services_view(shared: &Shared) -> ServicesResponse {
-    let guard = shared.reconciler.lock().unwrap();
-    let Some(rec) = guard.as_ref() else {
+    let Some(view) = shared.view.get() else {
         return ServicesResponse { services: vec![] };
     };
     let discovery = shared.discovery.lock().unwrap();
     let now = std::time::Instant::now();
-    let services = rec
+    let snapshot = view.snapshot();
+    let rec = &view.counters;
+    let services = snapshot
         .services
         .values()
         .map(|s| {
@@ -285,8 +286,9 @@ fn dashboard_view(shared: &Shared) -> DashboardView {
     let services = services_view(shared).services;
     let mut latency = Vec::new();
     let (mut drops, mut passed) = (Default::default(), Default::default());
-    if let Some(rec) = shared.reconciler.lock().unwrap().as_ref() {
-        for s in rec.services.values() {
+    if let Some(view) = shared.view.get() {
+        let rec = &view.counters;
+        for s in view.snapshot().services.values() {
             if s.spec.protocol != crate::config::Protocol::Tcp {
                 continue;
             }

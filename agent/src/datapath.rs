@@ -4,9 +4,9 @@
 use std::collections::BTreeMap;
 
 use agent_common::{
-    registry::{MAPS, Sizing, map, program},
     Backend, BackendFib, BackendHealth, EventBudget, Flow, FlowKey, LatencyHistogram, Prefilter,
     Service, ServiceKey, ServicePolicy, ServiceStats,
+    registry::{MAPS, Sizing, map, program},
 };
 use anyhow::{Context, Result, anyhow};
 use aya::{
@@ -31,6 +31,29 @@ pub static EBPF_OBJECT: &[u8] =
 
 pub const XDP_PROGRAM: &str = program::XDP;
 pub const TC_PROGRAM: &str = program::TC;
+
+/// What went wrong with the datapath, naming the map or program.
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("map {name}: {source}")]
+    Map {
+        name: String,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("map {name} is missing from the eBPF object")]
+    MissingMap { name: String },
+}
+
+impl DatapathError {
+    /// For `map_err`: an error of the map `name`.
+    pub fn map(name: &str) -> impl FnOnce(aya::maps::MapError) -> Self + '_ {
+        move |source| Self::Map {
+            name: name.to_owned(),
+            source,
+        }
+    }
+}
 
 /// Reads the kernel programs' aya-log records into the `log` facade.
 pub type KernelLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
@@ -101,11 +124,13 @@ pub struct Maps {
 fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
     ebpf: &mut Ebpf,
     name: &str,
-) -> Result<T> {
+) -> Result<T, DatapathError> {
     let map = ebpf
         .take_map(name)
-        .ok_or_else(|| anyhow!("map {name} is missing from the eBPF object"))?;
-    T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
+        .ok_or_else(|| DatapathError::MissingMap {
+            name: name.to_owned(),
+        })?;
+    T::try_from(map).map_err(DatapathError::map(name))
 }
 
 impl Maps {
@@ -300,7 +325,7 @@ impl Datapath {
 
     /// The connection events ring buffer; the caller reads it.
     pub fn take_events(&mut self) -> Result<aya::maps::RingBuf<MapData>> {
-        take(&mut self.ebpf, map::EVENTS)
+        Ok(take(&mut self.ebpf, map::EVENTS)?)
     }
 
     /// A second handle on the conntrack map, for counting its entries
@@ -575,9 +600,12 @@ impl Datapath {
             }
         }
         let release: &mut CgroupSock = program(&mut self.ebpf, program::SOCK_RELEASE)?;
-        release
-            .load()
-            .with_context(|| format!("loading program {} (kernel verifier)", program::SOCK_RELEASE))?;
+        release.load().with_context(|| {
+            format!(
+                "loading program {} (kernel verifier)",
+                program::SOCK_RELEASE
+            )
+        })?;
         let id = release
             .attach(&dir, CgroupAttachMode::Single)
             .with_context(|| {
@@ -694,7 +722,10 @@ mod tests {
         named.extend([program::TCP_RESET, program::SOCK_RELEASE]);
         named.extend(program::SOCKET);
         for name in named {
-            assert!(programs.contains(name), "program {name} is not in the object");
+            assert!(
+                programs.contains(name),
+                "program {name} is not in the object"
+            );
         }
     }
 }

@@ -110,8 +110,8 @@ fn monotonic_to_wall_ns() -> i128 {
 
 fn view(e: &Event, shared: &Shared, offset: i128) -> EventView {
     let (mut service, mut backend) = (format!("#{}", e.service_id), format!("#{}", e.backend_id));
-    if let Some(rec) = shared.reconciler.lock().unwrap().as_ref()
-        && let Some(s) = rec.services.values().find(|s| s.id == e.service_id)
+    if let Some(view) = shared.view.get()
+        && let Some(s) = view.snapshot().service_by_id(e.service_id)
     {
         service = s.spec.name.clone();
         if let Some(b) = s.backends.iter().find(|b| b.id == e.backend_id) {

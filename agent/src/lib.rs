@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod api;
 pub mod config;
+pub mod counters;
 pub mod datapath;
 pub mod discovery;
 pub mod events;
@@ -17,3 +18,5 @@ pub mod reconcile;
 pub mod state;
 pub mod sweep;
 pub mod sysctl;
+pub mod view;
+pub mod writer;

@@ -61,36 +61,36 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str) {
 }
 
 fn render_datapath(shared: &Shared, out: &mut String) {
-    let guard = shared.reconciler.lock().unwrap();
-    let Some(rec) = guard.as_ref() else {
+    let Some(view) = shared.view.get() else {
         return;
     };
+    let snapshot = view.snapshot();
+    let counters = &view.counters;
 
     // One pass over the maps.
     let mut services = Vec::new();
     let mut rows = Vec::new();
-    for service in rec.services.values() {
+    for service in snapshot.services.values() {
         let name = &service.spec.name;
-        services.push((name.clone(), rec.stats(true, service.id)));
+        services.push((name.clone(), counters.stats(true, service.id)));
         for b in &service.backends {
-            let health = rec.health(b.id);
+            let health = counters.health(b.id);
             rows.push(BackendRow {
                 service: name.clone(),
                 backend: b.addr.to_string(),
-                stats: rec.stats(false, b.id),
+                stats: counters.stats(false, b.id),
                 state: crate::state::backend_state(&health, b.draining()),
                 ejections: health.ejections,
-                latency: (service.spec.protocol == Protocol::Tcp).then(|| rec.latency(b.id)),
+                latency: (service.spec.protocol == Protocol::Tcp).then(|| counters.latency(b.id)),
             });
         }
     }
     let reasons: Vec<(&'static str, bool, u64)> = agent_common::reason::ALL
         .iter()
         .enumerate()
-        .map(|(code, r)| (r.name, r.dropped, rec.reason_count(code as u32)))
+        .map(|(code, r)| (r.name, r.dropped, counters.reason_count(code as u32)))
         .collect();
-    let (events_sent, events_dropped) = rec.event_counts();
-    drop(guard);
+    let (events_sent, events_dropped) = counters.event_counts();
 
     // Per service.
     for (name, help, value) in [

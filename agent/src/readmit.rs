@@ -8,13 +8,12 @@
 use std::{
     collections::{HashMap, HashSet},
     net::SocketAddr,
-    sync::Arc,
     time::{Duration, Instant},
 };
 
 use tracing::{info, warn};
 
-use crate::{config::Protocol, state::Shared};
+use crate::{config::Protocol, reconcile::Reconciler, writer::Writer};
 
 /// How often the kernel's health words are read (one map read per backend).
 pub const POLL: Duration = Duration::from_millis(500);
@@ -49,22 +48,18 @@ fn ejection_time(base: u32, cap: u32, streak: u32) -> Duration {
 
 impl Readmitter {
     /// One round: note new ejections, readmit those whose time is up.
-    pub async fn tick(&mut self, shared: &Arc<Shared>) {
+    pub async fn tick(&mut self, writer: &mut Writer) {
         let now = Instant::now();
-        let due = self.scan(shared, now);
+        let due = self.scan(writer.reconciler(), now);
         for d in due {
             let passed = !d.probe || probe(d.addr).await;
-            let mut guard = shared.reconciler.lock().unwrap();
-            let Some(rec) = guard.as_mut() else {
-                return;
-            };
-            let Some(service) = rec.services.get(&d.service) else {
+            let Some(service) = writer.reconciler().services.get(&d.service) else {
                 continue;
             };
             let failure = service.spec.failure.clone();
             let entry = self.tracked.entry((d.service.clone(), d.addr)).or_default();
             if passed {
-                if let Err(e) = rec.readmit(d.backend_id) {
+                if let Err(e) = writer.readmit(d.backend_id) {
                     warn!(service = d.service, backend = %d.addr, error = format!("{e:#}"), "readmission failed");
                     continue;
                 }
@@ -82,18 +77,12 @@ impl Readmitter {
                 warn!(service = d.service, backend = %d.addr, event = "probe_failed", ejected_for_s = wait.as_secs(), "readmission probe failed; still ejected");
             }
         }
-        if let Some(rec) = shared.reconciler.lock().unwrap().as_mut()
-            && let Err(e) = rec.recount_ejected()
-        {
+        if let Err(e) = writer.recount_ejected() {
             warn!(error = format!("{e:#}"), "updating ejected counts");
         }
     }
 
-    fn scan(&mut self, shared: &Arc<Shared>, now: Instant) -> Vec<Due> {
-        let guard = shared.reconciler.lock().unwrap();
-        let Some(rec) = guard.as_ref() else {
-            return Vec::new();
-        };
+    fn scan(&mut self, rec: &Reconciler, now: Instant) -> Vec<Due> {
         let mut due = Vec::new();
         let mut seen = HashSet::new();
         for service in rec.services.values() {

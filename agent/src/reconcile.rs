@@ -18,15 +18,20 @@ use std::{
 // reconciler's record of a backend).
 use agent_common::BackendState as Admission;
 use agent_common::{
-    Backend, BackendFib, BackendHealth, FAMILY_V4, FAMILY_V6,
-    FibCache, FlowKey, LatencyHistogram, NO_BACKEND, Prefilter, SERVICE_F_RETRY, SERVICE_F_SNAT,
-    Service, ServiceKey, ServicePolicy, ServiceStats, hash::prefilter_bit, prefilter,
+    Backend, BackendFib, BackendHealth, FAMILY_V4, FAMILY_V6, FibCache, FlowKey, LatencyHistogram,
+    NO_BACKEND, Prefilter, SERVICE_F_RETRY, SERVICE_F_SNAT, Service, ServiceKey, ServicePolicy,
+    ServiceStats, hash::prefilter_bit, prefilter,
 };
 use anyhow::{Context, Result, anyhow, bail};
 use aya::maps::PerCpuValues;
 use tracing::{info, warn};
 
-use crate::{config::ServiceSpec, datapath::Maps, maglev};
+use crate::{
+    config::ServiceSpec,
+    counters::{Counters, EndedSilently},
+    datapath::Maps,
+    maglev,
+};
 
 /// Address words as the kernel keeps them: network byte order, IPv4 in word 0.
 pub fn addr_words(ip: IpAddr) -> [u32; 4] {
@@ -102,8 +107,9 @@ pub struct ServiceState {
     pub backends: Vec<BackendState>,
     /// Which half of this service's table region is live (0 or 1).
     pub live_half: u32,
-    /// The live table, as backend ids.
-    pub table: Vec<u32>,
+    /// The live table, as backend ids (shared: snapshots of the state
+    /// for the read side copy it often).
+    pub table: std::sync::Arc<Vec<u32>>,
 }
 
 /// The inverse of `addr_words`.
@@ -208,15 +214,15 @@ pub struct Reconciler {
     /// Backends out of every table whose flows are still to be deleted
     /// before their ids may be reused (see `end_backends`).
     ending: Vec<(String, BackendState)>,
-    /// Backend id → established connections that ended without a FIN or
-    /// RST (expired idle by the conntrack sweep, or evicted from a full
-    /// map): counted as closed.
-    ended_silently: BTreeMap<u32, u64>,
+    /// The reconciler's own read handles (drains wait on counters, the
+    /// readmitter on health words).
+    counters: Counters,
 }
 
 impl Reconciler {
     pub fn new(maps: Maps, table_size: u32, max_services: u32, max_backends: u32) -> Result<Self> {
         let nr_cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow!("{what}: {e}"))?;
+        let counters = Counters::open(&maps, EndedSilently::default())?;
         Ok(Self {
             maps,
             table_size,
@@ -229,7 +235,7 @@ impl Reconciler {
             service_filter: Prefilter::default(),
             service_addr_filter: Prefilter::default(),
             ending: Vec::new(),
-            ended_silently: BTreeMap::new(),
+            counters,
         })
     }
 
@@ -365,7 +371,7 @@ impl Reconciler {
                     backends,
                     live_half,
                     // Unknown: the first apply writes the idle half and flips.
-                    table: Vec::new(),
+                    table: Default::default(),
                 },
             );
         }
@@ -518,7 +524,7 @@ impl Reconciler {
             None => {
                 let id = self.service_ids.take()?;
                 self.zero_stats(true, id)?;
-                (id, Vec::new(), 1, Vec::new())
+                (id, Vec::new(), 1, Default::default())
             }
         };
 
@@ -594,7 +600,7 @@ impl Reconciler {
                 }
             })
             .collect();
-        let half = if table != old_table {
+        let half = if table != *old_table {
             let half = 1 - live_half;
             let base = self.table_offset(id, half);
             self.maps
@@ -652,7 +658,7 @@ impl Reconciler {
                 spec: spec.clone(),
                 backends,
                 live_half: half,
-                table,
+                table: std::sync::Arc::new(table),
             },
         );
         Ok(())
@@ -839,7 +845,7 @@ impl Reconciler {
             .set(id, zeros, 0)
             .with_context(|| format!("clearing the latency histogram of backend {addr}"))?;
         self.zero_stats(false, id)?;
-        self.ended_silently.remove(&id);
+        self.counters.ended_silently.forget(id);
         self.backend_filter
             .set(prefilter_bit(&words, addr.port().to_be(), proto));
         self.backend_addr_filter.set(prefilter_bit(&words, 0, 0));
@@ -862,47 +868,23 @@ impl Reconciler {
             .with_context(|| format!("clearing statistics slot {id}"))
     }
 
-    /// Established connections of backend `id` that ended without a FIN or
-    /// RST (the sweep expired them, or the full map evicted them): they
-    /// count as closed from now on.
-    pub fn count_ended_silently(&mut self, backend_id: u32, connections: u64) {
-        *self.ended_silently.entry(backend_id).or_default() += connections;
+    /// Read handles of their own on the counting maps, for the read side
+    /// (sharing the count of connections that ended silently).
+    pub fn read_side(&self) -> Result<Counters> {
+        Ok(Counters::open(
+            &self.maps,
+            self.counters.ended_silently.clone(),
+        )?)
     }
 
-    /// The ids of every backend of every service (draining ones too).
-    pub fn backend_ids(&self) -> Vec<u32> {
-        self.services
-            .values()
-            .flat_map(|s| s.backends.iter().map(|b| b.id))
-            .collect()
-    }
-
-    /// Per-CPU counters summed (a backend's `closed` includes the
-    /// connections that ended silently).
+    /// Per-CPU counters summed (see `Counters::stats`).
     pub fn stats(&self, service: bool, id: u32) -> ServiceStats {
-        let map = if service {
-            &self.maps.service_stats
-        } else {
-            &self.maps.backend_stats
-        };
-        let mut sum = ServiceStats::default();
-        if let Ok(values) = map.get(&id, 0) {
-            for v in values.iter() {
-                sum += v;
-            }
-        }
-        if !service {
-            sum.closed += self.ended_silently.get(&id).copied().unwrap_or(0);
-        }
-        sum
+        self.counters.stats(service, id)
     }
 
     /// The kernel's view of a backend's health.
     pub fn health(&self, backend_id: u32) -> BackendHealth {
-        self.maps
-            .backend_health
-            .get(&backend_id, 0)
-            .unwrap_or_default()
+        self.counters.health(backend_id)
     }
 
     /// Ends an ejection: the backend takes new connections again, its
@@ -957,38 +939,12 @@ impl Reconciler {
 
     /// The connect latency histogram of a backend, summed over CPUs.
     pub fn latency(&self, backend_id: u32) -> LatencyHistogram {
-        let mut sum = LatencyHistogram::default();
-        if let Ok(values) = self.maps.backend_latency.get(&backend_id, 0) {
-            for v in values.iter() {
-                for (s, b) in sum.buckets.iter_mut().zip(&v.buckets) {
-                    *s += b;
-                }
-                sum.count += v.count;
-                sum.sum_ns += v.sum_ns;
-            }
-        }
-        sum
-    }
-
-    /// Connection events (sent, dropped by the rate limit or a full ring).
-    pub fn event_counts(&self) -> (u64, u64) {
-        self.maps
-            .event_budget
-            .get(&0, 0)
-            .map(|v| {
-                v.iter()
-                    .fold((0, 0), |(s, d), b| (s + b.sent, d + b.dropped))
-            })
-            .unwrap_or((0, 0))
+        self.counters.latency(backend_id)
     }
 
     /// Summed per-CPU count of one `agent_common::reason` code.
     pub fn reason_count(&self, code: u32) -> u64 {
-        self.maps
-            .reasons
-            .get(&code, 0)
-            .map(|v| v.iter().sum())
-            .unwrap_or(0)
+        self.counters.reason_count(code)
     }
 
     /// Makes every flow's cached FIB result stale: the next packet of each

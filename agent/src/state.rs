@@ -1,21 +1,23 @@
-//! What the HTTP handlers, the metrics collector and the reconcile loop share.
+//! What the HTTP handlers, the metrics renderer, the background tasks and
+//! the reconcile loop share. The reconciler is not here: the loop owns it
+//! (`writer`), the others read `view`.
 
 use std::{
     collections::BTreeMap,
     sync::{
-        Mutex,
+        Arc, Mutex, OnceLock,
         atomic::{AtomicBool, AtomicU64},
     },
 };
 
 use agent_common::BackendHealth;
 
-use crate::{config::AttachMode, reconcile::Reconciler};
+use crate::{config::AttachMode, view::View};
 
 #[derive(Default)]
 pub struct Shared {
-    /// None until the programs are loaded.
-    pub reconciler: Mutex<Option<Reconciler>>,
+    /// The read side; set once the programs are loaded.
+    pub view: OnceLock<Arc<View>>,
     pub attachments: Mutex<BTreeMap<String, AttachMode>>,
     pub conntrack_capacity: Mutex<u32>,
     /// Every program attached and the maps hold the configured state.

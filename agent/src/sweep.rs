@@ -14,9 +14,9 @@ use std::{
 
 use agent_common::{FLOW_F_REVERSE, Flow, FlowKey, PROTO_UDP, flow_state};
 use aya::maps::{HashMap as BpfHashMap, MapData};
-use tracing::{debug, warn};
+use tracing::debug;
 
-use crate::{config::ConntrackTimeouts, state::Shared};
+use crate::{config::ConntrackTimeouts, counters::Counters, state::Shared, view::View};
 
 /// How often the map is swept: a walk costs two syscalls per entry.
 const SWEEP_EVERY: Duration = Duration::from_secs(2);
@@ -213,23 +213,18 @@ struct Evictions {
 impl Evictions {
     /// Before a walk: reads the opened counts if the last walk found the
     /// map nearly full.
-    fn before_walk(&mut self, r: &crate::reconcile::Reconciler) {
+    fn before_walk(&mut self, view: &View) {
         self.opened_before.clear();
         if self.last.is_empty() && !self.near_full {
             return;
         }
-        for id in r.backend_ids() {
-            self.opened_before.insert(id, r.stats(false, id).opened);
+        for id in view.snapshot().backend_ids() {
+            self.opened_before
+                .insert(id, view.counters.stats(false, id).opened);
         }
     }
 
-    fn follow(
-        &mut self,
-        r: &mut crate::reconcile::Reconciler,
-        swept: &Swept,
-        total: u64,
-        capacity: u32,
-    ) {
+    fn follow(&mut self, r: &Counters, swept: &Swept, total: u64, capacity: u32) {
         self.near_full = total * 4 >= u64::from(capacity) * 3;
         if !self.near_full || self.opened_before.is_empty() {
             self.last.clear();
@@ -246,7 +241,7 @@ impl Evictions {
             }
             if let Some(before) = self.last.get(&id) {
                 let evicted = missing.min(*before);
-                r.count_ended_silently(id, evicted);
+                r.ended_silently.add(id, evicted);
                 debug!(
                     backend_id = id,
                     connections = evicted,
@@ -263,15 +258,18 @@ impl Evictions {
 /// Sweeps the conntrack map on a thread of its own (a walk of a large map
 /// must hold up neither scrapes nor reconciliation), with the timeouts the
 /// current config sets.
-pub fn spawn(map: BpfHashMap<MapData, FlowKey, Flow>, capacity: u32, shared: Arc<Shared>) {
+pub fn spawn(
+    map: BpfHashMap<MapData, FlowKey, Flow>,
+    capacity: u32,
+    shared: Arc<Shared>,
+    view: Arc<View>,
+) {
     let mut map = map;
     let mut evictions = Evictions::default();
     std::thread::spawn(move || {
         while !shared.stopping.load(Ordering::SeqCst) {
             let timeouts = *shared.conntrack_timeouts.lock().unwrap();
-            if let Some(r) = shared.reconciler.lock().unwrap().as_ref() {
-                evictions.before_walk(r);
-            }
+            evictions.before_walk(&view);
             let swept = sweep(&mut map, capacity, &timeouts, now_seconds());
             if swept.removed_flows > 0 {
                 debug!(
@@ -280,15 +278,10 @@ pub fn spawn(map: BpfHashMap<MapData, FlowKey, Flow>, capacity: u32, shared: Arc
                 );
             }
             let total: u64 = swept.counts.values().sum();
-            match shared.reconciler.lock().unwrap().as_mut() {
-                Some(r) => {
-                    for (backend_id, n) in &swept.expired_established {
-                        r.count_ended_silently(*backend_id, *n);
-                    }
-                    evictions.follow(r, &swept, total, capacity);
-                }
-                None => warn!("conntrack sweep: expired connections not counted (no datapath)"),
+            for (backend_id, n) in &swept.expired_established {
+                view.counters.ended_silently.add(*backend_id, *n);
             }
+            evictions.follow(&view.counters, &swept, total, capacity);
             shared.conntrack_entries.store(total, Ordering::Relaxed);
             *shared.conntrack_states.lock().unwrap() = swept.counts;
             let mut slept = Duration::ZERO;
