@@ -6,6 +6,8 @@
 //! the packet: the kernel side then compares and copies without byte swaps.
 #![no_std]
 
+#[cfg(feature = "user")]
+pub mod addr;
 pub mod hash;
 pub mod reason;
 pub mod registry;

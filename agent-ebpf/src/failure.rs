@@ -44,13 +44,14 @@ pub fn count_retry(key: &FlowKey, service_id: u32, backend_id: u32, now: u64) {
     emit(event_kind::RETRY, 0, key, service_id, backend_id, 0, now);
 }
 
-/// An established connection closes; `since` is its SYN's time.
+/// A new connection to `backend_id`.
 #[inline(always)]
 pub fn count_connection(service_id: u32, backend_id: u32) {
     with_stats(true, service_id, |s| s.connections += 1);
     with_stats(false, backend_id, |s| s.connections += 1);
 }
 
+/// An established connection closes; `since` is its SYN's time.
 #[inline(always)]
 pub fn count_close(key: &FlowKey, service_id: u32, backend_id: u32, since: u64) {
     with_stats(true, service_id, |s| s.closed += 1);

@@ -156,14 +156,14 @@ impl Maps {
     }
 }
 
-/// The MAGLEV array mapped into our memory: tables are written with plain
-/// stores, visible to the kernel at once. A service points at a table only
-/// after it is complete (the service entry's update is a syscall, which
-/// orders the stores before it).
 /// The kernel lays array elements out 8 bytes apart: a u32 value, then
 /// padding. In u32 units.
 const ELEMENT_STRIDE: usize = 2;
 
+/// The MAGLEV array mapped into our memory: tables are written with plain
+/// stores, visible to the kernel at once. A service points at a table only
+/// after it is complete (the service entry's update is a syscall, which
+/// orders the stores before it).
 pub struct MaglevTables {
     ptr: std::ptr::NonNull<u32>,
     slots: usize,

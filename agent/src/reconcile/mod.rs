@@ -26,53 +26,23 @@ use anyhow::{Context, Result, anyhow, bail};
 use aya::maps::PerCpuValues;
 use tracing::{info, warn};
 
+mod adopt;
+mod drain;
+mod filters;
+mod ids;
+
+pub use adopt::Adopted;
+/// Address words as the kernel keeps them (kept here for the tests' use).
+pub use agent_common::addr::words as addr_words;
+use agent_common::addr::family;
+use ids::Ids;
+
 use crate::{
     config::ServiceSpec,
     counters::{Counters, EndedSilently},
     datapath::Maps,
     maglev,
 };
-
-/// Address words as the kernel keeps them: network byte order, IPv4 in word 0.
-pub fn addr_words(ip: IpAddr) -> [u32; 4] {
-    match ip {
-        IpAddr::V4(v4) => [u32::from_ne_bytes(v4.octets()), 0, 0, 0],
-        IpAddr::V6(v6) => {
-            let o = v6.octets();
-            let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
-            [w(0), w(4), w(8), w(12)]
-        }
-    }
-}
-
-/// The service bitmaps for `desired`: (VIP, port, protocol) and VIP alone.
-fn service_filters(desired: &[ServiceSpec]) -> (Prefilter, Prefilter) {
-    let (mut frontends, mut addrs) = (Prefilter::default(), Prefilter::default());
-    for spec in desired {
-        let key = service_key(spec);
-        frontends.set(prefilter_bit(&key.addr, key.port, key.proto));
-        addrs.set(prefilter_bit(&key.addr, 0, 0));
-    }
-    (frontends, addrs)
-}
-
-fn union(a: &Prefilter, b: &Prefilter) -> Prefilter {
-    let mut out = *a;
-    for (word, other) in out.words.iter_mut().zip(&b.words) {
-        *word |= other;
-    }
-    out
-}
-
-fn write_filter(maps: &mut Maps, slot: u32, filter: &Prefilter) -> Result<()> {
-    maps.prefilter
-        .set(slot, filter, 0)
-        .with_context(|| format!("writing prefilter slot {slot}"))
-}
-
-pub fn family(ip: IpAddr) -> u8 {
-    if ip.is_ipv4() { FAMILY_V4 } else { FAMILY_V6 }
-}
 
 pub fn service_key(spec: &ServiceSpec) -> ServiceKey {
     ServiceKey {
@@ -110,94 +80,6 @@ pub struct ServiceState {
     /// The live table, as backend ids (shared: snapshots of the state
     /// for the read side copy it often).
     pub table: std::sync::Arc<Vec<u32>>,
-}
-
-/// The inverse of `addr_words`.
-fn words_ip(words: [u32; 4], v4: bool) -> IpAddr {
-    if v4 {
-        return IpAddr::from(words[0].to_ne_bytes());
-    }
-    let mut o = [0u8; 16];
-    for (i, w) in words.iter().enumerate() {
-        o[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
-    }
-    IpAddr::from(o)
-}
-
-/// What a restarted agent found in pinned maps.
-pub struct Adopted {
-    /// Per config service, its backends (address, weight) that take new
-    /// connections: discovery services serve them until their provider
-    /// answers.
-    pub found: BTreeMap<String, Vec<(SocketAddr, u32)>>,
-    /// Services the config file doesn't have, with their backends: removed
-    /// by the next apply, unless a provider (Kubernetes) takes them over
-    /// (they are matched by frontend and renamed).
-    pub orphans: Vec<ServiceSpec>,
-}
-
-const ORPHAN_PREFIX: &str = "(adopted) ";
-
-/// A pinned service the config no longer has, for its removal.
-fn orphan_spec(key: &ServiceKey) -> ServiceSpec {
-    let vip = words_ip(key.addr, key.family == FAMILY_V4);
-    let protocol = if key.proto == agent_common::PROTO_UDP {
-        crate::config::Protocol::Udp
-    } else {
-        crate::config::Protocol::Tcp
-    };
-    let port = u16::from_be(key.port);
-    ServiceSpec {
-        name: format!("{ORPHAN_PREFIX}{vip} {port}/{}", protocol.as_str()),
-        vip,
-        port,
-        protocol,
-        snat_ip: None,
-        backends: Vec::new(),
-        failure: Default::default(),
-        discovery: None,
-        drain_timeout: std::time::Duration::ZERO,
-    }
-}
-
-/// A pool of small integer ids; freed ids are reused last, so stale
-/// conntrack entries rarely point at a reused id.
-struct Ids {
-    next: u32,
-    limit: u32,
-    free: VecDeque<u32>,
-    what: &'static str,
-}
-
-impl Ids {
-    fn new(limit: u32, what: &'static str) -> Self {
-        Self {
-            next: 0,
-            limit,
-            free: VecDeque::new(),
-            what,
-        }
-    }
-    fn take(&mut self) -> Result<u32> {
-        if self.next < self.limit {
-            self.next += 1;
-            return Ok(self.next - 1);
-        }
-        self.free
-            .pop_front()
-            .ok_or_else(|| anyhow!("no free {} slot (limit {})", self.what, self.limit))
-    }
-    /// Marks `used` as taken (adopted from pinned maps).
-    fn adopt(&mut self, used: &[u32]) {
-        self.next = used.iter().map(|&id| id + 1).max().unwrap_or(0);
-        self.free = (0..self.next).filter(|id| !used.contains(id)).collect();
-    }
-    fn give(&mut self, id: u32) {
-        self.free.push_back(id);
-    }
-    fn available(&self) -> u32 {
-        self.limit - self.next + self.free.len() as u32
-    }
 }
 
 pub struct Reconciler {
@@ -296,114 +178,6 @@ impl Reconciler {
     }
 
     /// Backends in `desired` that have no id yet.
-    /// Takes over the state an earlier agent left in pinned maps: services
-    /// (matched to the config by VIP, port and protocol) keep their ids,
-    /// tables and counters, backends keep theirs. Adopted services the config
-    /// no longer has are removed by the next `apply`; adopted backends it no
-    /// longer lists drain. Returns, per config service, the backends found
-    /// (discovery services serve them until their provider answers).
-    pub fn adopt(&mut self, config: &[ServiceSpec]) -> Result<Adopted> {
-        let pinned: Vec<(ServiceKey, Service)> =
-            self.maps.services.iter().filter_map(Result::ok).collect();
-        let family_of: std::collections::HashMap<u32, u8> =
-            pinned.iter().map(|(k, v)| (v.id, k.family)).collect();
-        // Per service id: (backend id, address, weight, draining).
-        let mut by_service: BTreeMap<u32, Vec<(u32, SocketAddr, u32, bool)>> = BTreeMap::new();
-        let mut backend_ids = Vec::new();
-        for id in 0..self.backend_ids.limit {
-            let Ok(b) = self.maps.backends.get(&id, 0) else {
-                continue;
-            };
-            if b.port == 0 || self.health(id).state() == Admission::Removed {
-                continue; // never used, or removed
-            }
-            let v4 = family_of.get(&b.service_id) == Some(&FAMILY_V4);
-            let ip = words_ip(b.addr, v4);
-            by_service.entry(b.service_id).or_default().push((
-                id,
-                SocketAddr::new(ip, u16::from_be(b.port)),
-                u32::from(b.weight),
-                self.health(id).state() == Admission::Draining,
-            ));
-            backend_ids.push(id);
-        }
-        let mut found = BTreeMap::new();
-        let mut orphans = Vec::new();
-        let mut service_ids = Vec::new();
-        for (key, value) in &pinned {
-            service_ids.push(value.id);
-            let spec = match config.iter().find(|s| service_key(s) == *key) {
-                Some(spec) => spec.clone(),
-                None => orphan_spec(key),
-            };
-            let backends: Vec<BackendState> = by_service
-                .remove(&value.id)
-                .unwrap_or_default()
-                .into_iter()
-                // A backend that was draining drains on (its time starts over).
-                .map(|(id, addr, weight, draining)| BackendState {
-                    id,
-                    addr,
-                    weight,
-                    drain_deadline: (draining && weight > 0)
-                        .then(|| Instant::now() + spec.drain_timeout),
-                })
-                .collect();
-            found.insert(
-                spec.name.clone(),
-                backends
-                    .iter()
-                    .filter(|b| !b.draining())
-                    .map(|b| (b.addr, b.weight))
-                    .collect(),
-            );
-            if spec.name.starts_with(ORPHAN_PREFIX) {
-                let mut orphan = spec.clone();
-                orphan.backends = backends.iter().map(|b| (b.addr, b.weight)).collect();
-                orphans.push(orphan);
-            }
-            let live_half = u32::from(value.table_offset != self.table_offset(value.id, 0));
-            self.services.insert(
-                spec.name.clone(),
-                ServiceState {
-                    id: value.id,
-                    spec,
-                    backends,
-                    live_half,
-                    // Unknown: the first apply writes the idle half and flips.
-                    table: Default::default(),
-                },
-            );
-        }
-        // Backends of services that are gone: their ids stay taken until
-        // marked removed here.
-        for (_, orphans) in by_service {
-            for (id, ..) in orphans {
-                let removed = BackendHealth {
-                    ejected: Admission::Removed as u32,
-                    ..BackendHealth::default()
-                };
-                let _ = self.maps.backend_health.set(id, removed, 0);
-                backend_ids.retain(|&x| x != id);
-            }
-        }
-        self.service_ids.adopt(&service_ids);
-        self.backend_ids.adopt(&backend_ids);
-        // The bits already set stay set: replies of adopted flows to any
-        // backend must still be recognised.
-        let read = |slot| self.maps.prefilter.get(&slot, 0).unwrap_or_default();
-        self.backend_filter = read(prefilter::BACKEND);
-        self.backend_addr_filter = read(prefilter::BACKEND_ADDR);
-        self.service_filter = read(prefilter::SERVICE);
-        self.service_addr_filter = read(prefilter::SERVICE_ADDR);
-        info!(
-            services = service_ids.len(),
-            backends = backend_ids.len(),
-            "adopted the pinned datapath"
-        );
-        Ok(Adopted { found, orphans })
-    }
-
     fn new_backend_count(&self, desired: &[ServiceSpec]) -> u32 {
         desired
             .iter()
@@ -492,10 +266,6 @@ impl Reconciler {
         self.service_filter = wanted;
         self.service_addr_filter = wanted_addr;
         Ok(())
-    }
-
-    fn write_filter(&mut self, slot: u32, filter: &Prefilter) -> Result<()> {
-        write_filter(&mut self.maps, slot, filter)
     }
 
     fn remove_service(&mut self, name: &str) -> Result<()> {
@@ -664,137 +434,6 @@ impl Reconciler {
         Ok(())
     }
 
-    /// The kernel's health word says whether new connections may use the
-    /// backend; draining ones must not (a reused 5-tuple re-picks).
-    fn mark_draining(&mut self, b: &BackendState) -> Result<()> {
-        let mut health = self.health(b.id);
-        let want = if b.draining() {
-            if health.state() == Admission::Ejected {
-                return Ok(()); // ejected already: no new connections either
-            }
-            Admission::Draining
-        } else if health.state() == Admission::Draining {
-            Admission::Active
-        } else {
-            return Ok(());
-        };
-        if health.state() != want {
-            health.set_state(want);
-            self.maps
-                .backend_health
-                .set(b.id, health, 0)
-                .with_context(|| format!("writing the health of backend {}", b.addr))?;
-        }
-        Ok(())
-    }
-
-    /// Ends the backends queued in `ending`: marked removed (a reused
-    /// 5-tuple re-picks), their remaining conntrack entries deleted in one
-    /// walk (the next packet of such a connection starts over and is reset
-    /// by whichever backend it reaches), then their ids freed: no flow and
-    /// no table points at a freed id.
-    fn end_backends(&mut self) {
-        if self.ending.is_empty() {
-            return;
-        }
-        let ending = std::mem::take(&mut self.ending);
-        let removed = BackendHealth {
-            ejected: Admission::Removed as u32,
-            ..BackendHealth::default()
-        };
-        for (_, b) in &ending {
-            let _ = self.maps.backend_health.set(b.id, removed, 0);
-        }
-        let ids: std::collections::HashSet<u32> = ending.iter().map(|(_, b)| b.id).collect();
-        let doomed: Vec<(FlowKey, u32)> = self
-            .maps
-            .conntrack
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, flow)| ids.contains(&flow.backend_id))
-            .map(|(key, flow)| (key, flow.backend_id))
-            .collect();
-        let mut closed: BTreeMap<u32, usize> = BTreeMap::new();
-        for (key, id) in &doomed {
-            if self.maps.conntrack.remove(key).is_ok() {
-                *closed.entry(*id).or_default() += 1;
-            }
-        }
-        // Sockets the socket-level balancer sent there stop being followed
-        // (they stay connected to the backend directly; their id is reused).
-        let followed: Vec<u64> = self
-            .maps
-            .sock_connects
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, c)| ids.contains(&c.backend_id))
-            .map(|(sk, _)| sk)
-            .collect();
-        for sk in followed {
-            let _ = self.maps.sock_connects.remove(&sk);
-        }
-        for (service, b) in ending {
-            let flows = closed.get(&b.id).copied().unwrap_or(0);
-            info!(service, backend = %b.addr, flows_closed = flows, "backend removed");
-            self.backend_ids.give(b.id);
-        }
-        if let Err(e) = self.rebuild_backend_filters() {
-            tracing::warn!(error = format!("{e:#}"), "backend prefilter not rebuilt");
-        }
-    }
-
-    /// The backend prefilters as the backends still in a service make them:
-    /// the bits of backends that are gone are cleared, so their address's
-    /// traffic no longer takes the slow path (nor is counted as Sluice's).
-    fn rebuild_backend_filters(&mut self) -> Result<()> {
-        let (mut ports, mut addrs) = (Prefilter::default(), Prefilter::default());
-        for state in self.services.values() {
-            let proto = state.spec.protocol.number();
-            for b in &state.backends {
-                let words = addr_words(b.addr.ip());
-                ports.set(prefilter_bit(&words, b.addr.port().to_be(), proto));
-                addrs.set(prefilter_bit(&words, 0, 0));
-            }
-        }
-        self.write_filter(prefilter::BACKEND, &ports)?;
-        self.write_filter(prefilter::BACKEND_ADDR, &addrs)?;
-        self.backend_filter = ports;
-        self.backend_addr_filter = addrs;
-        Ok(())
-    }
-
-    /// Ends drains that are over: no connection left, or the drain time
-    /// passed (then its remaining flows are closed). `now` None ends every
-    /// drain at once.
-    pub fn finish_drains(&mut self, now: Option<Instant>) -> Result<()> {
-        let mut done = Vec::new();
-        for (name, state) in &self.services {
-            for b in &state.backends {
-                let Some(deadline) = b.drain_deadline else {
-                    continue;
-                };
-                let timed_out = now.is_none_or(|now| now >= deadline);
-                // TCP connections are counted open and closed; UDP flows
-                // have no close, so they drain until the timeout.
-                let idle = state.spec.protocol == crate::config::Protocol::Tcp && {
-                    let st = self.stats(false, b.id);
-                    st.opened <= st.closed
-                };
-                if idle || timed_out {
-                    done.push((name.clone(), b.clone()));
-                }
-            }
-        }
-        for (name, b) in done {
-            if let Some(state) = self.services.get_mut(&name) {
-                state.backends.retain(|x| x.id != b.id);
-            }
-            self.ending.push((name, b));
-        }
-        self.end_backends();
-        Ok(())
-    }
-
     fn write_backend(
         &mut self,
         id: u32,
@@ -885,56 +524,6 @@ impl Reconciler {
     /// The kernel's view of a backend's health.
     pub fn health(&self, backend_id: u32) -> BackendHealth {
         self.counters.health(backend_id)
-    }
-
-    /// Ends an ejection: the backend takes new connections again, its
-    /// failure streak starts over. `ejections` and `ejected_ns` stay.
-    pub fn readmit(&mut self, backend_id: u32) -> Result<()> {
-        let mut health = self.health(backend_id);
-        if health.state() != Admission::Ejected {
-            return Ok(()); // drained or removed meanwhile
-        }
-        // A backend that started draining while ejected stays out.
-        let draining = self
-            .services
-            .values()
-            .flat_map(|s| &s.backends)
-            .any(|b| b.id == backend_id && b.draining());
-        health.set_state(if draining {
-            Admission::Draining
-        } else {
-            Admission::Active
-        });
-        health.consecutive_failures = 0;
-        self.maps
-            .backend_health
-            .set(backend_id, health, 0)
-            .context("writing backend health")
-    }
-
-    /// Writes each service's count of ejected backends, which the kernel's
-    /// ejection cap reads (the kernel adds one per ejection; this corrects
-    /// it after readmissions).
-    pub fn recount_ejected(&mut self) -> Result<()> {
-        let counts: Vec<(u32, u32)> = self
-            .services
-            .values()
-            .map(|s| {
-                let n = s
-                    .backends
-                    .iter()
-                    .filter(|b| self.health(b.id).state() == Admission::Ejected)
-                    .count() as u32;
-                (s.id, n)
-            })
-            .collect();
-        for (id, n) in counts {
-            self.maps
-                .service_ejected
-                .set(id, n, 0)
-                .context("writing the ejected count")?;
-        }
-        Ok(())
     }
 
     /// The connect latency histogram of a backend, summed over CPUs.

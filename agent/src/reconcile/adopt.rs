@@ -1,0 +1,162 @@
+//! Taking over the state an earlier agent left in pinned maps (see
+//! `pinning`): services keep their ids, live tables and counters, backends
+//! theirs; what the config no longer has is removed or drained.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+};
+
+use agent_common::{
+    BackendHealth, BackendState as Admission, FAMILY_V4, Service, ServiceKey, addr::words_ip,
+};
+use anyhow::Result;
+
+use super::{BackendState, Reconciler, ServiceState};
+use crate::config::ServiceSpec;
+
+/// What a restarted agent found in pinned maps.
+pub struct Adopted {
+    /// Per config service, its backends (address, weight) that take new
+    /// connections: discovery services serve them until their provider
+    /// answers.
+    pub found: BTreeMap<String, Vec<(SocketAddr, u32)>>,
+    /// Services the config file doesn't have, with their backends: removed
+    /// by the next apply, unless a provider (Kubernetes) takes them over
+    /// (they are matched by frontend and renamed).
+    pub orphans: Vec<ServiceSpec>,
+}
+
+const ORPHAN_PREFIX: &str = "(adopted) ";
+
+/// A pinned service the config no longer has, for its removal.
+fn orphan_spec(key: &ServiceKey) -> ServiceSpec {
+    let vip = words_ip(key.addr, key.family == FAMILY_V4);
+    let protocol = if key.proto == agent_common::PROTO_UDP {
+        crate::config::Protocol::Udp
+    } else {
+        crate::config::Protocol::Tcp
+    };
+    let port = u16::from_be(key.port);
+    ServiceSpec {
+        name: format!("{ORPHAN_PREFIX}{vip} {port}/{}", protocol.as_str()),
+        vip,
+        port,
+        protocol,
+        snat_ip: None,
+        backends: Vec::new(),
+        failure: Default::default(),
+        discovery: None,
+        drain_timeout: std::time::Duration::ZERO,
+    }
+}
+
+impl Reconciler {
+    /// Takes over the state an earlier agent left in pinned maps: services
+    /// (matched to the config by VIP, port and protocol) keep their ids,
+    /// tables and counters, backends keep theirs. Adopted services the config
+    /// no longer has are removed by the next `apply`; adopted backends it no
+    /// longer lists drain. Returns, per config service, the backends found
+    /// (discovery services serve them until their provider answers).
+    pub fn adopt(&mut self, config: &[ServiceSpec]) -> Result<Adopted> {
+        let pinned: Vec<(ServiceKey, Service)> =
+            self.maps.services.iter().filter_map(Result::ok).collect();
+        let family_of: std::collections::HashMap<u32, u8> =
+            pinned.iter().map(|(k, v)| (v.id, k.family)).collect();
+        // Per service id: (backend id, address, weight, draining).
+        let mut by_service: BTreeMap<u32, Vec<(u32, SocketAddr, u32, bool)>> = BTreeMap::new();
+        let mut backend_ids = Vec::new();
+        for id in 0..self.backend_ids.limit {
+            let Ok(b) = self.maps.backends.get(&id, 0) else {
+                continue;
+            };
+            if b.port == 0 || self.health(id).state() == Admission::Removed {
+                continue; // never used, or removed
+            }
+            let v4 = family_of.get(&b.service_id) == Some(&FAMILY_V4);
+            let ip = words_ip(b.addr, v4);
+            by_service.entry(b.service_id).or_default().push((
+                id,
+                SocketAddr::new(ip, u16::from_be(b.port)),
+                u32::from(b.weight),
+                self.health(id).state() == Admission::Draining,
+            ));
+            backend_ids.push(id);
+        }
+        let mut found = BTreeMap::new();
+        let mut orphans = Vec::new();
+        let mut service_ids = Vec::new();
+        for (key, value) in &pinned {
+            service_ids.push(value.id);
+            let spec = match config.iter().find(|s| service_key(s) == *key) {
+                Some(spec) => spec.clone(),
+                None => orphan_spec(key),
+            };
+            let backends: Vec<BackendState> = by_service
+                .remove(&value.id)
+                .unwrap_or_default()
+                .into_iter()
+                // A backend that was draining drains on (its time starts over).
+                .map(|(id, addr, weight, draining)| BackendState {
+                    id,
+                    addr,
+                    weight,
+                    drain_deadline: (draining && weight > 0)
+                        .then(|| Instant::now() + spec.drain_timeout),
+                })
+                .collect();
+            found.insert(
+                spec.name.clone(),
+                backends
+                    .iter()
+                    .filter(|b| !b.draining())
+                    .map(|b| (b.addr, b.weight))
+                    .collect(),
+            );
+            if spec.name.starts_with(ORPHAN_PREFIX) {
+                let mut orphan = spec.clone();
+                orphan.backends = backends.iter().map(|b| (b.addr, b.weight)).collect();
+                orphans.push(orphan);
+            }
+            let live_half = u32::from(value.table_offset != self.table_offset(value.id, 0));
+            self.services.insert(
+                spec.name.clone(),
+                ServiceState {
+                    id: value.id,
+                    spec,
+                    backends,
+                    live_half,
+                    // Unknown: the first apply writes the idle half and flips.
+                    table: Default::default(),
+                },
+            );
+        }
+        // Backends of services that are gone: their ids stay taken until
+        // marked removed here.
+        for (_, orphans) in by_service {
+            for (id, ..) in orphans {
+                let removed = BackendHealth {
+                    ejected: Admission::Removed as u32,
+                    ..BackendHealth::default()
+                };
+                let _ = self.maps.backend_health.set(id, removed, 0);
+                backend_ids.retain(|&x| x != id);
+            }
+        }
+        self.service_ids.adopt(&service_ids);
+        self.backend_ids.adopt(&backend_ids);
+        // The bits already set stay set: replies of adopted flows to any
+        // backend must still be recognised.
+        let read = |slot| self.maps.prefilter.get(&slot, 0).unwrap_or_default();
+        self.backend_filter = read(prefilter::BACKEND);
+        self.backend_addr_filter = read(prefilter::BACKEND_ADDR);
+        self.service_filter = read(prefilter::SERVICE);
+        self.service_addr_filter = read(prefilter::SERVICE_ADDR);
+        info!(
+            services = service_ids.len(),
+            backends = backend_ids.len(),
+            "adopted the pinned datapath"
+        );
+        Ok(Adopted { found, orphans })
+    }
+}

@@ -1,0 +1,62 @@
+//! The prefilter bitmaps the agent keeps for the kernel (see
+//! `agent_common::prefilter`): service bits set before a service appears and
+//! cleared after it is gone; backend bits never cleared while the agent
+//! runs, so replies of connections to a removed backend are still
+//! reverse-NATed.
+
+use agent_common::{Prefilter, hash::prefilter_bit, prefilter};
+use anyhow::{Context, Result};
+
+use super::{Reconciler, service_key};
+use crate::{config::ServiceSpec, datapath::Maps};
+
+/// The service bitmaps for `desired`: (VIP, port, protocol) and VIP alone.
+fn service_filters(desired: &[ServiceSpec]) -> (Prefilter, Prefilter) {
+    let (mut frontends, mut addrs) = (Prefilter::default(), Prefilter::default());
+    for spec in desired {
+        let key = service_key(spec);
+        frontends.set(prefilter_bit(&key.addr, key.port, key.proto));
+        addrs.set(prefilter_bit(&key.addr, 0, 0));
+    }
+    (frontends, addrs)
+}
+
+fn union(a: &Prefilter, b: &Prefilter) -> Prefilter {
+    let mut out = *a;
+    for (word, other) in out.words.iter_mut().zip(&b.words) {
+        *word |= other;
+    }
+    out
+}
+
+fn write_filter(maps: &mut Maps, slot: u32, filter: &Prefilter) -> Result<()> {
+    maps.prefilter
+        .set(slot, filter, 0)
+        .with_context(|| format!("writing prefilter slot {slot}"))
+}
+
+impl Reconciler {
+    fn write_filter(&mut self, slot: u32, filter: &Prefilter) -> Result<()> {
+        write_filter(&mut self.maps, slot, filter)
+    }
+
+    /// The backend prefilters as the backends still in a service make them:
+    /// the bits of backends that are gone are cleared, so their address's
+    /// traffic no longer takes the slow path (nor is counted as Sluice's).
+    fn rebuild_backend_filters(&mut self) -> Result<()> {
+        let (mut ports, mut addrs) = (Prefilter::default(), Prefilter::default());
+        for state in self.services.values() {
+            let proto = state.spec.protocol.number();
+            for b in &state.backends {
+                let words = addr_words(b.addr.ip());
+                ports.set(prefilter_bit(&words, b.addr.port().to_be(), proto));
+                addrs.set(prefilter_bit(&words, 0, 0));
+            }
+        }
+        self.write_filter(prefilter::BACKEND, &ports)?;
+        self.write_filter(prefilter::BACKEND_ADDR, &addrs)?;
+        self.backend_filter = ports;
+        self.backend_addr_filter = addrs;
+        Ok(())
+    }
+}
