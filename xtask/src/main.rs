@@ -1,6 +1,7 @@
 //! `cargo xtask`: install what is missing, build, run the demo, test, bench.
 
 mod demo;
+mod layers;
 mod prereqs;
 
 use std::process::Command;
@@ -25,16 +26,17 @@ enum Task {
         #[arg(last = true)]
         agent_args: Vec<String>,
     },
-    /// Everything CI checks: formatting, clippy (agent and eBPF), all tests.
+    /// Everything CI checks: the kernel modules' layering, formatting, clippy
+    /// (agent and eBPF), all tests.
     /// Extra arguments go to `cargo test`.
     Test {
         #[arg(last = true)]
         test_args: Vec<String>,
-        /// Skip fmt and clippy.
+        /// Skip the lint steps (layering, fmt and clippy).
         #[arg(long)]
         no_lint: bool,
     },
-    /// fmt and clippy only.
+    /// The kernel modules' layering, fmt and clippy only.
     Lint,
     /// Benchmarks (not tests): `datapath`, `failover`, `control-plane`,
     /// `bulk` (iperf3 through the VIP in every attach mode against direct routing).
@@ -148,6 +150,9 @@ pub fn cargo(args: &[&str]) -> Result<()> {
 }
 
 fn lint() -> Result<()> {
+    // Cheap and first: agent-ebpf/src/main.rs's module order is its layering.
+    let layers = layers::check(&workspace_root().join("agent-ebpf/src"), "agent-ebpf/src")?;
+    step(&layers.to_string());
     step("cargo fmt --check (workspace and eBPF crate)");
     cargo(&["fmt", "--all", "--", "--check"])?;
     let ebpf = workspace_root().join("agent-ebpf");
