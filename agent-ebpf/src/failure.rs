@@ -8,7 +8,8 @@
 //! service's ejected count).
 
 use agent_common::{
-    BackendState, FlowKey, LATENCY_BASE_NS, LATENCY_BUCKETS, ServicePolicy, event_kind, failure_reason,
+    BackendState, FlowKey, LATENCY_BASE_NS, LATENCY_BUCKETS, ServicePolicy, event_kind,
+    failure_reason,
 };
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 
@@ -109,7 +110,9 @@ pub fn record_failure(key: &FlowKey, service_id: u32, backend_id: u32, failure: 
             1,
         );
     }
-    if health.ejected != BackendState::Active as u32 || health.consecutive_failures < u64::from(policy.consecutive_failures) {
+    if health.ejected != BackendState::Active as u32
+        || health.consecutive_failures < u64::from(policy.consecutive_failures)
+    {
         return;
     }
     let Some(ejected) = SERVICE_EJECTED.get_ptr_mut(service_id) else {

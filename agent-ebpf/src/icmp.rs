@@ -1,5 +1,10 @@
 //! ICMP errors about flows Sluice forwarded: path MTU messages are
 //! translated for the client, unreachables count against the backend.
+#![expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "map keys and values are passed by reference on purpose: by value they \
+              would be copied onto the 512-byte BPF stack"
+)]
 
 use core::mem;
 

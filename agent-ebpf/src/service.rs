@@ -1,11 +1,6 @@
 //! Stage 2: is the packet for a service? The prefilter's bitmaps let other
 //! traffic through without a hash lookup; then the exact (VIP, port,
 //! protocol) lookup.
-#![expect(
-    clippy::needless_borrows_for_generic_args,
-    reason = "map keys are passed by reference on purpose: by value they would be \
-              copied onto the 512-byte BPF stack"
-)]
 
 use agent_common::{Service, ServiceKey, hash, prefilter};
 
@@ -17,7 +12,6 @@ use crate::{
 
 /// Whether `(addr, port, proto)` may be in the prefilter set `slot`
 /// (`prefilter::*`): false means certainly not.
-
 #[inline(always)]
 pub fn prefilter_hit(slot: u32, addr: &[u32; 4], port: u16, proto: u8) -> bool {
     let bit = hash::prefilter_bit(addr, port, proto);

@@ -1,6 +1,11 @@
 //! Stage 5: the TCP state of a tracked flow, from both sides: SYN
 //! retransmissions (timeouts), refusals held back for a retry on another
 //! backend, SYN-ACKs (success), and closes.
+#![expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "map keys and values are passed by reference on purpose: by value they \
+              would be copied onto the 512-byte BPF stack"
+)]
 
 use agent_common::{
     FLOW_F_FIN_BACKEND, FLOW_F_FIN_CLIENT, Flow, FlowKey, SERVICE_F_RETRY, SNAT_PORT_MIN,

@@ -2,17 +2,16 @@
 //! `pinning`): services keep their ids, live tables and counters, backends
 //! theirs; what the config no longer has is removed or drained.
 
-use std::{
-    collections::BTreeMap,
-    net::SocketAddr,
-};
+use std::{collections::BTreeMap, net::SocketAddr, time::Instant};
 
 use agent_common::{
     BackendHealth, BackendState as Admission, FAMILY_V4, Service, ServiceKey, addr::words_ip,
+    prefilter,
 };
 use anyhow::Result;
+use tracing::info;
 
-use super::{BackendState, Reconciler, ServiceState};
+use super::{BackendState, Reconciler, ServiceState, service_key};
 use crate::config::ServiceSpec;
 
 /// What a restarted agent found in pinned maps.

@@ -2,17 +2,18 @@
 //! ones finish), ended (flows deleted, ids freed), and the kernel's
 //! ejections ended by the readmitter.
 
-use std::time::Instant;
+use std::{collections::BTreeMap, time::Instant};
 
 use agent_common::{BackendHealth, BackendState as Admission, FlowKey};
 use anyhow::{Context, Result};
+use tracing::info;
 
 use super::{BackendState, Reconciler};
 
 impl Reconciler {
     /// The kernel's health word says whether new connections may use the
     /// backend; draining ones must not (a reused 5-tuple re-picks).
-    fn mark_draining(&mut self, b: &BackendState) -> Result<()> {
+    pub(super) fn mark_draining(&mut self, b: &BackendState) -> Result<()> {
         let mut health = self.health(b.id);
         let want = if b.draining() {
             if health.state() == Admission::Ejected {
@@ -39,7 +40,7 @@ impl Reconciler {
     /// walk (the next packet of such a connection starts over and is reset
     /// by whichever backend it reaches), then their ids freed: no flow and
     /// no table points at a freed id.
-    fn end_backends(&mut self) {
+    pub(super) fn end_backends(&mut self) {
         if self.ending.is_empty() {
             return;
         }

@@ -11,7 +11,7 @@ use super::{Reconciler, service_key};
 use crate::{config::ServiceSpec, datapath::Maps};
 
 /// The service bitmaps for `desired`: (VIP, port, protocol) and VIP alone.
-fn service_filters(desired: &[ServiceSpec]) -> (Prefilter, Prefilter) {
+pub(super) fn service_filters(desired: &[ServiceSpec]) -> (Prefilter, Prefilter) {
     let (mut frontends, mut addrs) = (Prefilter::default(), Prefilter::default());
     for spec in desired {
         let key = service_key(spec);
@@ -21,7 +21,7 @@ fn service_filters(desired: &[ServiceSpec]) -> (Prefilter, Prefilter) {
     (frontends, addrs)
 }
 
-fn union(a: &Prefilter, b: &Prefilter) -> Prefilter {
+pub(super) fn union(a: &Prefilter, b: &Prefilter) -> Prefilter {
     let mut out = *a;
     for (word, other) in out.words.iter_mut().zip(&b.words) {
         *word |= other;
@@ -29,26 +29,26 @@ fn union(a: &Prefilter, b: &Prefilter) -> Prefilter {
     out
 }
 
-fn write_filter(maps: &mut Maps, slot: u32, filter: &Prefilter) -> Result<()> {
+pub(super) fn write_filter(maps: &mut Maps, slot: u32, filter: &Prefilter) -> Result<()> {
     maps.prefilter
         .set(slot, filter, 0)
         .with_context(|| format!("writing prefilter slot {slot}"))
 }
 
 impl Reconciler {
-    fn write_filter(&mut self, slot: u32, filter: &Prefilter) -> Result<()> {
+    pub(super) fn write_filter(&mut self, slot: u32, filter: &Prefilter) -> Result<()> {
         write_filter(&mut self.maps, slot, filter)
     }
 
     /// The backend prefilters as the backends still in a service make them:
     /// the bits of backends that are gone are cleared, so their address's
     /// traffic no longer takes the slow path (nor is counted as Sluice's).
-    fn rebuild_backend_filters(&mut self) -> Result<()> {
+    pub(super) fn rebuild_backend_filters(&mut self) -> Result<()> {
         let (mut ports, mut addrs) = (Prefilter::default(), Prefilter::default());
         for state in self.services.values() {
             let proto = state.spec.protocol.number();
             for b in &state.backends {
-                let words = addr_words(b.addr.ip());
+                let words = agent_common::addr::words(b.addr.ip());
                 ports.set(prefilter_bit(&words, b.addr.port().to_be(), proto));
                 addrs.set(prefilter_bit(&words, 0, 0));
             }

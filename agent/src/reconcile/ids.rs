@@ -7,15 +7,15 @@ use anyhow::{Result, anyhow};
 
 /// A pool of small integer ids; freed ids are reused last, so stale
 /// conntrack entries rarely point at a reused id.
-struct Ids {
+pub(super) struct Ids {
     next: u32,
-    limit: u32,
+    pub(super) limit: u32,
     free: VecDeque<u32>,
     what: &'static str,
 }
 
 impl Ids {
-    fn new(limit: u32, what: &'static str) -> Self {
+    pub(super) fn new(limit: u32, what: &'static str) -> Self {
         Self {
             next: 0,
             limit,
@@ -23,7 +23,7 @@ impl Ids {
             what,
         }
     }
-    fn take(&mut self) -> Result<u32> {
+    pub(super) fn take(&mut self) -> Result<u32> {
         if self.next < self.limit {
             self.next += 1;
             return Ok(self.next - 1);
@@ -33,14 +33,14 @@ impl Ids {
             .ok_or_else(|| anyhow!("no free {} slot (limit {})", self.what, self.limit))
     }
     /// Marks `used` as taken (adopted from pinned maps).
-    fn adopt(&mut self, used: &[u32]) {
+    pub(super) fn adopt(&mut self, used: &[u32]) {
         self.next = used.iter().map(|&id| id + 1).max().unwrap_or(0);
         self.free = (0..self.next).filter(|id| !used.contains(id)).collect();
     }
-    fn give(&mut self, id: u32) {
+    pub(super) fn give(&mut self, id: u32) {
         self.free.push_back(id);
     }
-    fn available(&self) -> u32 {
+    pub(super) fn available(&self) -> u32 {
         self.limit - self.next + self.free.len() as u32
     }
 }

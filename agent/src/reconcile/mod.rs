@@ -8,19 +8,12 @@
 //!    after it is gone; backend bits are never cleared while the agent runs, so
 //!    replies of connections to a removed backend are still reverse-NATed.
 
-use std::{
-    collections::{BTreeMap, VecDeque},
-    net::{IpAddr, SocketAddr},
-    time::Instant,
-};
+use std::{collections::BTreeMap, net::SocketAddr, time::Instant};
 
-// The kernel's word for a backend's state (`BackendState` here is the
-// reconciler's record of a backend).
-use agent_common::BackendState as Admission;
 use agent_common::{
-    Backend, BackendFib, BackendHealth, FAMILY_V4, FAMILY_V6, FibCache, FlowKey, LatencyHistogram,
-    NO_BACKEND, Prefilter, SERVICE_F_RETRY, SERVICE_F_SNAT, Service, ServiceKey, ServicePolicy,
-    ServiceStats, hash::prefilter_bit, prefilter,
+    Backend, BackendFib, BackendHealth, FibCache, LatencyHistogram, NO_BACKEND, Prefilter,
+    SERVICE_F_RETRY, SERVICE_F_SNAT, Service, ServiceKey, ServicePolicy, ServiceStats,
+    hash::prefilter_bit, prefilter,
 };
 use anyhow::{Context, Result, anyhow, bail};
 use aya::maps::PerCpuValues;
@@ -32,9 +25,10 @@ mod filters;
 mod ids;
 
 pub use adopt::Adopted;
+use agent_common::addr::family;
 /// Address words as the kernel keeps them (kept here for the tests' use).
 pub use agent_common::addr::words as addr_words;
-use agent_common::addr::family;
+use filters::{service_filters, union, write_filter};
 use ids::Ids;
 
 use crate::{
