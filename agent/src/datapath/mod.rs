@@ -20,6 +20,13 @@ use aya::{
 };
 use tracing::{info, warn};
 
+mod maglev_tables;
+mod socket_lb;
+#[cfg(test)]
+mod tests;
+
+pub use maglev_tables::MaglevTables;
+
 use crate::{
     config::{AttachMode, Config},
     pinning::{PinDir, pinned_maps},
@@ -153,103 +160,6 @@ impl Maps {
             event_budget: take(ebpf, map::EVENT_BUDGET)?,
             sock_connects: take(ebpf, map::SOCK_CONNECTS)?,
         })
-    }
-}
-
-/// The kernel lays array elements out 8 bytes apart: a u32 value, then
-/// padding. In u32 units.
-const ELEMENT_STRIDE: usize = 2;
-
-/// The MAGLEV array mapped into our memory: tables are written with plain
-/// stores, visible to the kernel at once. A service points at a table only
-/// after it is complete (the service entry's update is a syscall, which
-/// orders the stores before it).
-pub struct MaglevTables {
-    ptr: std::ptr::NonNull<u32>,
-    slots: usize,
-    map_len: usize,
-    _map: MapData,
-}
-
-// SAFETY: the mapping is plain shared memory owned by this struct; access
-// goes through &mut self (writes) or &self (reads).
-unsafe impl Send for MaglevTables {}
-
-impl MaglevTables {
-    fn map(ebpf: &mut Ebpf) -> Result<Self> {
-        let data = match ebpf.take_map(map::MAGLEV) {
-            Some(aya::maps::Map::Array(data)) => data,
-            _ => anyhow::bail!("map MAGLEV is missing or not an array"),
-        };
-        let info = data.info().context("MAGLEV map info")?;
-        if info.value_size() != 4 {
-            anyhow::bail!(
-                "map MAGLEV has {}-byte values, expected 4",
-                info.value_size()
-            );
-        }
-        let slots = info.max_entries() as usize;
-        // SAFETY: sysconf has no preconditions.
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
-        let map_len = (slots * ELEMENT_STRIDE * 4).div_ceil(page) * page;
-        use std::os::fd::{AsFd as _, AsRawFd as _};
-        // SAFETY: mapping an mmapable BPF array by its fd, read-write and
-        // shared, over exactly its page-rounded size; the result is checked.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                map_len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                data.fd().as_fd().as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(anyhow!(
-                "mapping the MAGLEV array into memory: {} (it must be BPF_F_MMAPABLE)",
-                std::io::Error::last_os_error()
-            ));
-        }
-        Ok(Self {
-            ptr: std::ptr::NonNull::new(ptr.cast()).context("mmap returned null")?,
-            slots,
-            map_len,
-            _map: data,
-        })
-    }
-
-    /// Writes `table` at slot `offset`.
-    pub fn write(&mut self, offset: u32, table: &[u32]) -> Result<()> {
-        let start = offset as usize;
-        if start + table.len() > self.slots {
-            anyhow::bail!(
-                "Maglev slots {start}..{} are past the array's {}",
-                start + table.len(),
-                self.slots
-            );
-        }
-        // SAFETY: the range was checked to lie inside the mapping, which
-        // lives as long as self; u32 stores need no other invariant.
-        let slots = unsafe {
-            std::slice::from_raw_parts_mut(
-                self.ptr.as_ptr().add(start * ELEMENT_STRIDE),
-                table.len() * ELEMENT_STRIDE,
-            )
-        };
-        for (slot, &id) in slots.chunks_exact_mut(ELEMENT_STRIDE).zip(table) {
-            // SAFETY: a valid, aligned u32 of the mapping. Volatile: the
-            // kernel reads this memory concurrently.
-            unsafe { std::ptr::write_volatile(&mut slot[0], id) };
-        }
-        Ok(())
-    }
-}
-
-impl Drop for MaglevTables {
-    fn drop(&mut self) {
-        // SAFETY: unmapping exactly the region mmap returned.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.map_len) };
     }
 }
 
@@ -572,107 +482,6 @@ impl Datapath {
         }
     }
 
-    /// Socket-level balancing: the connect/sendmsg/recvmsg/getpeername
-    /// programs on the cgroup at `cgroup`, and the socket state tracepoint
-    /// that counts their connects' failures. Detached when the agent exits.
-    pub fn attach_socket_lb(&mut self, cgroup: &std::path::Path) -> Result<()> {
-        use aya::programs::{
-            CgroupSock, CgroupSockAddr, RawTracePoint, links::CgroupAttachMode, links::FdLink,
-        };
-        let dir = std::fs::File::open(cgroup)
-            .with_context(|| format!("opening cgroup {}", cgroup.display()))?;
-        // With pinning, each new link is pinned in place of the last agent's
-        // (attached first, so the hooks never go missing: for a moment both
-        // run, and the second sees a backend, not a VIP).
-        let pin = self.pins.is_some();
-        let mut links: Vec<(&str, FdLink)> = Vec::new();
-        for name in program::SOCKET {
-            let p: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;
-            p.load()
-                .with_context(|| format!("loading program {name} (kernel verifier)"))?;
-            // A bpf_link attachment coexists with other programs on the cgroup
-            // whatever the mode; the kernel refuses flags with links.
-            let id = p
-                .attach(&dir, CgroupAttachMode::Single)
-                .with_context(|| format!("attaching {name} to cgroup {}", cgroup.display()))?;
-            if pin {
-                links.push((name, p.take_link(id)?.try_into()?));
-            }
-        }
-        let release: &mut CgroupSock = program(&mut self.ebpf, program::SOCK_RELEASE)?;
-        release.load().with_context(|| {
-            format!(
-                "loading program {} (kernel verifier)",
-                program::SOCK_RELEASE
-            )
-        })?;
-        let id = release
-            .attach(&dir, CgroupAttachMode::Single)
-            .with_context(|| {
-                format!(
-                    "attaching {} to cgroup {}",
-                    program::SOCK_RELEASE,
-                    cgroup.display()
-                )
-            })?;
-        if pin {
-            links.push((program::SOCK_RELEASE, release.take_link(id)?.try_into()?));
-        }
-        for (name, tracepoint) in [
-            (program::SOCK_STATE, "inet_sock_set_state"),
-            (program::TCP_RESET, "tcp_receive_reset"),
-        ] {
-            let tp: &mut RawTracePoint = program(&mut self.ebpf, name)?;
-            tp.load()
-                .with_context(|| format!("loading program {name} (kernel verifier)"))?;
-            let id = tp
-                .attach(tracepoint)
-                .with_context(|| format!("attaching to the {tracepoint} tracepoint"))?;
-            if pin {
-                links.push((name, FdLink::from(tp.take_link(id)?)));
-            }
-        }
-        if let Some(pins) = &self.pins {
-            for (name, link) in links {
-                let path = pins.socket_link_path(name);
-                if path.exists() {
-                    std::fs::remove_file(&path)
-                        .with_context(|| format!("removing pin {}", path.display()))?;
-                }
-                // The pin holds the link from now on; our handle may go.
-                link.pin(&path)
-                    .with_context(|| format!("pinning {name} at {}", path.display()))?;
-            }
-        }
-        info!(cgroup = %cgroup.display(), pinned = pin, "socket-level balancing attached");
-        Ok(())
-    }
-
-    /// With pinning and no `socket_lb` in the config: the socket hooks an
-    /// earlier agent pinned are removed.
-    pub fn remove_pinned_socket_lb(&mut self) -> Result<()> {
-        let Some(pins) = &self.pins else {
-            return Ok(());
-        };
-        let mut removed = 0;
-        for name in program::SOCKET.iter().chain(&[
-            program::SOCK_RELEASE,
-            program::SOCK_STATE,
-            program::TCP_RESET,
-        ]) {
-            let path = pins.socket_link_path(name);
-            if path.exists() {
-                std::fs::remove_file(&path)
-                    .with_context(|| format!("removing pin {}", path.display()))?;
-                removed += 1;
-            }
-        }
-        if removed > 0 {
-            info!("pinned socket-level balancing removed: socket_lb is no longer configured");
-        }
-        Ok(())
-    }
-
     /// The program to run with BPF_PROG_TEST_RUN (tests and benchmarks).
     pub fn xdp_program(&mut self) -> Result<&mut Xdp> {
         program(&mut self.ebpf, XDP_PROGRAM)
@@ -694,38 +503,4 @@ where
     program
         .try_into()
         .with_context(|| format!("program {name} has an unexpected type"))
-}
-
-#[cfg(test)]
-mod tests {
-    use std::collections::BTreeSet;
-
-    use super::*;
-
-    /// The registry is the one list of names: it must match the object.
-    #[test]
-    fn the_registry_names_every_map_and_program_of_the_object() {
-        let obj = aya_obj::Object::parse(EBPF_OBJECT).unwrap();
-        let in_object: BTreeSet<&str> = obj
-            .maps
-            .keys()
-            .map(String::as_str)
-            // The benchmark's programs and aya-log's ring are not the agent's.
-            .filter(|n| !n.starts_with("BENCH_") && *n != "AYA_LOGS")
-            .filter(|n| !n.starts_with('.'))
-            .collect();
-        let registered: BTreeSet<&str> = MAPS.iter().map(|m| m.name).collect();
-        assert_eq!(in_object, registered);
-
-        let programs: BTreeSet<&str> = obj.programs.keys().map(String::as_str).collect();
-        let mut named = vec![program::XDP, program::TC, program::SOCK_STATE];
-        named.extend([program::TCP_RESET, program::SOCK_RELEASE]);
-        named.extend(program::SOCKET);
-        for name in named {
-            assert!(
-                programs.contains(name),
-                "program {name} is not in the object"
-            );
-        }
-    }
 }
