@@ -68,8 +68,8 @@ mod tests {
 
     use super::*;
     use crate::{
-        PREFILTER_BITS, PROTO_TCP, PROTO_UDP,
-        testgen::{Gen, Tuple, v4, v4_nth},
+        FlowKey, PREFILTER_BITS, PROTO_TCP, PROTO_UDP,
+        testgen::{Gen, v4, v4_nth},
     };
 
     /// Maglev table sizes the agent accepts (primes): the smallest, the one
@@ -77,13 +77,14 @@ mod tests {
     const TABLES: [u32; 3] = [251, 16381, 65537];
 
     /// A web service's VIP, as a client sees it.
-    fn to_vip(src: [u32; 4], sport: u16) -> Tuple {
-        Tuple {
+    fn to_vip(src: [u32; 4], sport: u16) -> FlowKey {
+        FlowKey {
             src,
             dst: v4(192, 0, 2, 10),
             sport: sport.to_be(),
             dport: 443u16.to_be(),
             proto: PROTO_TCP,
+            ..FlowKey::default()
         }
     }
 
@@ -93,16 +94,17 @@ mod tests {
         // the same hash for a flow, or ECMP and restarts move connections:
         // a change to these values is a change of that contract.
         let v4_flow = to_vip(v4(10, 0, 0, 1), 40000);
-        let v6_flow = Tuple {
+        let v6_flow = FlowKey {
             src: [0x2001_0db8_u32.to_be(), 0, 0, 1u32.to_be()],
             dst: [0x2001_0db8_u32.to_be(), 0, 0, 2u32.to_be()],
             sport: 53000u16.to_be(),
             dport: 53u16.to_be(),
             proto: PROTO_UDP,
+            ..FlowKey::default()
         };
-        assert_eq!(v4_flow.hash(), 0x493c_d9af);
-        assert_eq!(v6_flow.hash(), 0x77d7_1d69);
-        assert_eq!(rehash(v4_flow.hash(), 1), 0x69f0_0d2e);
+        assert_eq!(v4_flow.flow_hash(), 0x493c_d9af);
+        assert_eq!(v6_flow.flow_hash(), 0x77d7_1d69);
+        assert_eq!(rehash(v4_flow.flow_hash(), 1), 0x69f0_0d2e);
         assert_eq!(
             prefilter_bit(&v4_flow.dst, v4_flow.dport, v4_flow.proto),
             0xdd66
@@ -114,7 +116,7 @@ mod tests {
 
     /// `t` with one of its 11 fields (4 + 4 address words, 2 ports, the
     /// protocol) changed by XOR with the non-zero `delta`.
-    fn with_field(t: &Tuple, field: usize, delta: u32) -> Tuple {
+    fn with_field(t: &FlowKey, field: usize, delta: u32) -> FlowKey {
         let mut u = *t;
         match field {
             0..=3 => u.src[field] ^= delta,
@@ -135,7 +137,7 @@ mod tests {
         let mut g = Gen::new(2);
         for _ in 0..1000 {
             let t = g.tuple();
-            assert_eq!(t.hash(), t.hash());
+            assert_eq!(t.flow_hash(), t.flow_hash());
             for (field, bits) in FIELD_BITS.into_iter().enumerate() {
                 // Any non-zero change of the field's width.
                 let delta = match g.u32() & (u32::MAX >> (32 - bits)) {
@@ -143,7 +145,11 @@ mod tests {
                     d => d,
                 };
                 let u = with_field(&t, field, delta);
-                assert_ne!(t.hash(), u.hash(), "field {field} ignored: {t:?} vs {u:?}");
+                assert_ne!(
+                    t.flow_hash(),
+                    u.flow_hash(),
+                    "field {field} ignored: {t:?} vs {u:?}"
+                );
             }
         }
     }
@@ -153,12 +159,14 @@ mod tests {
         // Neighbouring flows (next source port, next client address) must not
         // land in neighbouring or equal slots.
         let mut g = Gen::new(3);
-        let samples: Vec<Tuple> = (0..200).map(|_| g.tuple()).collect();
+        let samples: Vec<FlowKey> = (0..200).map(|_| g.tuple()).collect();
         for (field, bits) in FIELD_BITS.into_iter().enumerate() {
             for bit in 0..bits {
                 let flipped: u32 = samples
                     .iter()
-                    .map(|t| (t.hash() ^ with_field(t, field, 1 << bit).hash()).count_ones())
+                    .map(|t| {
+                        (t.flow_hash() ^ with_field(t, field, 1 << bit).flow_hash()).count_ones()
+                    })
                     .sum();
                 let mean = flipped as f64 / samples.len() as f64;
                 assert!(
@@ -194,7 +202,7 @@ mod tests {
             (
                 "random clients to one VIP:443",
                 (0..FLOWS)
-                    .map(|_| to_vip(g.addr(), g.u16()).hash())
+                    .map(|_| to_vip(g.addr(), g.u16()).flow_hash())
                     .collect(),
             ),
             (
@@ -205,19 +213,19 @@ mod tests {
                             v4(198, 51, 100, 1 + (i / 64512) as u8),
                             1024 + (i % 64512) as u16,
                         )
-                        .hash()
+                        .flow_hash()
                     })
                     .collect(),
             ),
             (
                 "clients 10.0.0.0 upwards, one source port",
                 (0..FLOWS)
-                    .map(|i| to_vip(v4_nth(i), 40000).hash())
+                    .map(|i| to_vip(v4_nth(i), 40000).flow_hash())
                     .collect(),
             ),
             (
                 "any 5-tuples",
-                (0..FLOWS).map(|_| g.tuple().hash()).collect(),
+                (0..FLOWS).map(|_| g.tuple().flow_hash()).collect(),
             ),
         ];
         for (name, hashes) in &populations {
@@ -251,7 +259,7 @@ mod tests {
         let mut repeated_slot = 0;
         const FLOWS: u32 = 10_000;
         for _ in 0..FLOWS {
-            let h = g.tuple().hash();
+            let h = g.tuple().flow_hash();
             // Attempts go on across retries (tcp_state resumes from the last).
             let values: BTreeSet<u32> = core::iter::once(h)
                 .chain((1..=64).map(|a| rehash(h, a)))

@@ -91,6 +91,15 @@ pub struct FlowKey {
 }
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
 
+impl FlowKey {
+    /// The flow's hash (`hash::flow_hash` of its 5-tuple): what Maglev
+    /// picks the backend by.
+    #[inline(always)]
+    pub fn flow_hash(&self) -> u32 {
+        hash::flow_hash(&self.src, &self.dst, self.sport, self.dport, self.proto)
+    }
+}
+
 /// The entry translates backend → client packets (reverse NAT).
 pub const FLOW_F_REVERSE: u32 = 1;
 /// Forward entry of a TCP flow: the client sent a FIN.
@@ -455,9 +464,24 @@ impl Prefilter {
         let bit = bit & (PREFILTER_BITS - 1);
         self.words[(bit / 64) as usize] |= 1 << (bit % 64);
     }
+
+    /// Adds `(addr, port, proto)` (port in network byte order; 0 and 0 for
+    /// the address alone), as the agent builds the bitmaps.
+    pub fn insert(&mut self, addr: &[u32; 4], port: u16, proto: u8) {
+        self.set(hash::prefilter_bit(addr, port, proto));
+    }
+
+    /// Whether `(addr, port, proto)` may have been inserted: false means
+    /// certainly not. The kernel's test.
+    #[inline(always)]
+    pub fn may_contain(&self, addr: &[u32; 4], port: u16, proto: u8) -> bool {
+        // prefilter_bit is below PREFILTER_BITS: no mask needed.
+        let bit = hash::prefilter_bit(addr, port, proto);
+        self.words[(bit >> 6) as usize] & (1 << (bit & 63)) != 0
+    }
 }
 
-/// Source ports handed out to SNAT flows, in turn (see `lb::snat_seed`): a
+/// Source ports handed out to SNAT flows, in turn (see `conntrack::snat_seed` in agent-ebpf): a
 /// port comes round again only after 64,512 new flows, longer at 1,000 new
 /// connections a second than the backend's TIME_WAIT (60 s) for the last
 /// connection on it, which would refuse the new SYN (its timestamps are not
@@ -514,12 +538,6 @@ mod tests {
         testgen::{Gen, v4_nth},
     };
 
-    /// The kernel's test of a bit (`service::prefilter_hit` in agent-ebpf).
-    fn hit(filter: &Prefilter, addr: &[u32; 4], port: u16, proto: u8) -> bool {
-        let bit = prefilter_bit(addr, port, proto);
-        filter.words[(bit >> 6) as usize] & (1 << (bit & 63)) != 0
-    }
-
     fn set_bits(filter: &Prefilter) -> u32 {
         filter.words.iter().map(|w| w.count_ones()).sum()
     }
@@ -559,7 +577,7 @@ mod tests {
     fn build(members: &[([u32; 4], u16, u8)]) -> Prefilter {
         let mut filter = Prefilter::default();
         for (addr, port, proto) in members {
-            filter.set(prefilter_bit(addr, *port, *proto));
+            filter.insert(addr, *port, *proto);
         }
         filter
     }
@@ -568,7 +586,7 @@ mod tests {
     fn false_positives(filter: &Prefilter, probes: &[([u32; 4], u16, u8)]) -> f64 {
         let hits = probes
             .iter()
-            .filter(|(a, p, pr)| hit(filter, a, *p, *pr))
+            .filter(|(a, p, pr)| filter.may_contain(a, *p, *pr))
             .count();
         hits as f64 / probes.len() as f64
     }
@@ -595,8 +613,11 @@ mod tests {
             ),
         );
         for (addr, port, proto) in &services {
-            assert!(hit(&ported, addr, *port, *proto), "{addr:?}:{port}/{proto}");
-            assert!(hit(&addrs, addr, 0, 0), "{addr:?}");
+            assert!(
+                ported.may_contain(addr, *port, *proto),
+                "{addr:?}:{port}/{proto}"
+            );
+            assert!(addrs.may_contain(addr, 0, 0), "{addr:?}");
         }
         // The layout an operator writes: one VIP, many ports; many VIPs in a row.
         let structured = members(2000, || {
@@ -608,7 +629,11 @@ mod tests {
             )
         });
         let filter = build(&structured);
-        assert!(structured.iter().all(|(a, p, pr)| hit(&filter, a, *p, *pr)));
+        assert!(
+            structured
+                .iter()
+                .all(|(a, p, pr)| filter.may_contain(a, *p, *pr))
+        );
     }
 
     #[test]

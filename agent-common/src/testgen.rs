@@ -2,7 +2,7 @@
 //! every run sees the same values and no `rand` dependency is needed) and
 //! 5-tuples laid out as the kernel reads them (network byte order).
 
-use crate::{PROTO_TCP, PROTO_UDP};
+use crate::{FlowKey, PROTO_TCP, PROTO_UDP};
 
 pub struct Gen(u64);
 
@@ -42,29 +42,15 @@ impl Gen {
     }
 
     /// A random 5-tuple: any addresses, any ports, TCP or UDP.
-    pub fn tuple(&mut self) -> Tuple {
-        Tuple {
+    pub fn tuple(&mut self) -> FlowKey {
+        FlowKey {
             src: self.addr(),
             dst: self.addr(),
             sport: self.u16(),
             dport: self.u16(),
             proto: if self.one_in(2) { PROTO_TCP } else { PROTO_UDP },
+            ..FlowKey::default()
         }
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Tuple {
-    pub src: [u32; 4],
-    pub dst: [u32; 4],
-    pub sport: u16,
-    pub dport: u16,
-    pub proto: u8,
-}
-
-impl Tuple {
-    pub fn hash(&self) -> u32 {
-        crate::hash::flow_hash(&self.src, &self.dst, self.sport, self.dport, self.proto)
     }
 }
 

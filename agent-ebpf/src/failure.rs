@@ -8,8 +8,8 @@
 //! service's ejected count).
 
 use agent_common::{
-    BackendState, FlowKey, LATENCY_BASE_NS, LATENCY_BUCKETS, ServicePolicy, event_kind,
-    failure_reason,
+    BackendState, FlowKey, LATENCY_BASE_NS, LATENCY_BUCKETS, SERVICE_F_RETRY, ServicePolicy,
+    event_kind, failure_reason,
 };
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 
@@ -35,6 +35,13 @@ pub fn now_ns() -> u64 {
 #[inline(always)]
 pub fn policy(service_id: u32) -> Option<&'static ServicePolicy> {
     SERVICE_POLICY.get(service_id)
+}
+
+/// Whether the service sends a refused or timed-out connect to another
+/// backend (and so holds the refusal back from the client).
+#[inline(always)]
+pub fn retries(service_id: u32) -> bool {
+    policy(service_id).is_some_and(|p| p.flags & SERVICE_F_RETRY != 0)
 }
 
 /// A connect sent again, to `backend_id` now.

@@ -9,8 +9,7 @@
 use core::mem;
 
 use agent_common::{
-    FAMILY_V4, FLOW_F_REVERSE, FlowKey, PROTO_TCP, PROTO_UDP, SERVICE_F_RETRY, flow_state,
-    prefilter,
+    FAMILY_V4, FLOW_F_REVERSE, FlowKey, PROTO_TCP, PROTO_UDP, flow_state, prefilter,
 };
 
 use crate::{
@@ -146,8 +145,10 @@ pub fn error(ctx: &Ctx, l4: usize, family: u8) -> Action {
     {
         // SAFETY: a live conntrack value.
         let f = unsafe { &mut *forward };
-        let retries = failure::policy(f.service_id).is_some_and(|p| p.flags & SERVICE_F_RETRY != 0);
-        if f.state == flow_state::SYN_SENT && f.backend_id == reply.backend_id && retries {
+        if f.state == flow_state::SYN_SENT
+            && f.backend_id == reply.backend_id
+            && failure::retries(f.service_id)
+        {
             f.state = flow_state::REFUSED;
         }
     }

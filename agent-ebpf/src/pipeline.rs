@@ -10,7 +10,7 @@
 
 use agent_common::{
     FLOW_F_FIN_CLIENT, FLOW_F_REVERSE, Flow, FlowKey, NO_BACKEND, PROTO_TCP, PROTO_UDP,
-    SERVICE_F_SNAT, Service, event_kind, flow_state, hash, prefilter, reason,
+    SERVICE_F_SNAT, Service, event_kind, flow_state, prefilter, reason,
 };
 use aya_ebpf::bindings::bpf_fib_lookup;
 
@@ -152,23 +152,18 @@ fn transport(ctx: &Ctx, s: &mut Scratch, pkt: &Packet, src: &[u32; 4], dst: &[u3
 /// scratch area).
 #[inline(always)]
 fn new_flow(s: &mut Scratch, service: &Service, syn: bool, flags: u8) -> Result<*mut Flow, u32> {
-    let key = &s.key;
-    let h = hash::flow_hash(&key.src, &key.dst, key.sport, key.dport, key.proto);
+    let h = s.key.flow_hash();
     let Some((backend_id, attempt)) = select::pick(service, h, NO_BACKEND, 0) else {
         return Err(reason::NO_BACKEND);
     };
     let Some(backend) = BACKENDS.get(backend_id) else {
         return Err(reason::NO_BACKEND);
     };
-    let seed = if service.flags & SERVICE_F_SNAT != 0 {
-        snat_seed()
-    } else {
-        0
-    };
+    let snat = service.flags & SERVICE_F_SNAT != 0;
+    let seed = if snat { snat_seed() } else { 0 };
     let new_sport = install_reverse(s, service, backend_id, backend, seed)?;
 
     let (forward, key) = (&mut s.forward, &s.key);
-    let snat = service.flags & SERVICE_F_SNAT != 0;
     let new_src = if snat { &service.snat_addr } else { &key.src };
     fill(
         forward,

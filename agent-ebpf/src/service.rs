@@ -2,7 +2,7 @@
 //! traffic through without a hash lookup; then the exact (VIP, port,
 //! protocol) lookup.
 
-use agent_common::{Service, ServiceKey, hash, prefilter};
+use agent_common::{Service, ServiceKey, prefilter};
 
 use crate::{
     maps::{PREFILTER, SERVICES},
@@ -14,11 +14,9 @@ use crate::{
 /// (`prefilter::*`): false means certainly not.
 #[inline(always)]
 pub fn prefilter_hit(slot: u32, addr: &[u32; 4], port: u16, proto: u8) -> bool {
-    let bit = hash::prefilter_bit(addr, port, proto);
-    match PREFILTER.get(slot) {
-        Some(bitmap) => bitmap.words[(bit >> 6) as usize] & (1 << (bit & 63)) != 0,
-        None => false,
-    }
+    PREFILTER
+        .get(slot)
+        .is_some_and(|bitmap| bitmap.may_contain(addr, port, proto))
 }
 
 /// A packet Sluice can't parse far enough to look it up exactly. It passes

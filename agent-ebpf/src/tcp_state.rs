@@ -9,7 +9,7 @@
 
 use agent_common::{
     FLOW_F_FIN_BACKEND, FLOW_F_FIN_CLIENT, Flow, FlowKey, SERVICE_F_RETRY, SNAT_PORT_MIN,
-    flow_state, hash, reason,
+    flow_state, reason,
 };
 
 use crate::{
@@ -101,8 +101,7 @@ pub fn backend_tcp(s: &mut Scratch, reply: &Flow, flags: u8) -> Result<(), u32> 
             Failure::Refused,
             now,
         );
-        let retries = failure::policy(f.service_id).is_some_and(|p| p.flags & SERVICE_F_RETRY != 0);
-        if retries {
+        if failure::retries(f.service_id) {
             // Nothing has flowed yet: the client's retransmitted SYN will go
             // to another backend, so it must not see this refusal.
             f.state = flow_state::REFUSED;
@@ -166,8 +165,7 @@ fn retry(s: &mut Scratch, f: &mut Flow, now: u64, why: Resend) -> Result<(), u32
     ) else {
         return Ok(());
     };
-    let key = &s.key;
-    let h = hash::flow_hash(&key.src, &key.dst, key.sport, key.dport, key.proto);
+    let h = s.key.flow_hash();
     let first = match why {
         Resend::AfterFailure => u32::from(f.attempts) + 1,
         Resend::NewConnection => 0,

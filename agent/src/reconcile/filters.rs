@@ -4,7 +4,7 @@
 //! runs, so replies of connections to a removed backend are still
 //! reverse-NATed.
 
-use agent_common::{Prefilter, hash::prefilter_bit, prefilter};
+use agent_common::{Prefilter, prefilter};
 use anyhow::{Context, Result};
 
 use super::{Reconciler, service_key};
@@ -15,8 +15,8 @@ pub(super) fn service_filters(desired: &[ServiceSpec]) -> (Prefilter, Prefilter)
     let (mut frontends, mut addrs) = (Prefilter::default(), Prefilter::default());
     for spec in desired {
         let key = service_key(spec);
-        frontends.set(prefilter_bit(&key.addr, key.port, key.proto));
-        addrs.set(prefilter_bit(&key.addr, 0, 0));
+        frontends.insert(&key.addr, key.port, key.proto);
+        addrs.insert(&key.addr, 0, 0);
     }
     (frontends, addrs)
 }
@@ -49,8 +49,8 @@ impl Reconciler {
             let proto = state.spec.protocol.number();
             for b in &state.backends {
                 let words = agent_common::addr::words(b.addr.ip());
-                ports.set(prefilter_bit(&words, b.addr.port().to_be(), proto));
-                addrs.set(prefilter_bit(&words, 0, 0));
+                ports.insert(&words, b.addr.port().to_be(), proto);
+                addrs.insert(&words, 0, 0);
             }
         }
         self.write_filter(prefilter::BACKEND, &ports)?;

@@ -12,8 +12,7 @@ use std::{collections::BTreeMap, net::SocketAddr, time::Instant};
 
 use agent_common::{
     Backend, BackendFib, BackendHealth, FibCache, LatencyHistogram, NO_BACKEND, Prefilter,
-    SERVICE_F_RETRY, SERVICE_F_SNAT, Service, ServiceKey, ServicePolicy, ServiceStats,
-    hash::prefilter_bit, prefilter,
+    SERVICE_F_RETRY, SERVICE_F_SNAT, Service, ServiceKey, ServicePolicy, ServiceStats, prefilter,
 };
 use anyhow::{Context, Result, anyhow, bail};
 use aya::maps::PerCpuValues;
@@ -480,8 +479,8 @@ impl Reconciler {
         self.zero_stats(false, id)?;
         self.counters.ended_silently.forget(id);
         self.backend_filter
-            .set(prefilter_bit(&words, addr.port().to_be(), proto));
-        self.backend_addr_filter.set(prefilter_bit(&words, 0, 0));
+            .insert(&words, addr.port().to_be(), proto);
+        self.backend_addr_filter.insert(&words, 0, 0);
         Ok(())
     }
 
