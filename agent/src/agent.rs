@@ -13,7 +13,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     config::{self, ConfigError, Validated},
-    datapath::{Datapath, Sizes},
+    datapath::{Datapath, Sizes, second_handle},
     reconcile::Reconciler,
     state::Shared,
     sysctl::Sysctls,
@@ -130,17 +130,19 @@ pub async fn run(
     // Route, neighbour and link changes: FIB caches and devices refreshed.
     let net_changes = crate::netlink::watch().context("watching rtnetlink")?;
     *shared.conntrack_timeouts.lock().unwrap() = cfg.raw.conntrack.timeouts;
+    // The sweep walks the conntrack map on a handle of its own.
+    let conntrack = second_handle(
+        &maps.conntrack,
+        agent_common::registry::map::CONNTRACK,
+        aya::maps::Map::LruHashMap,
+    )
+    .map_err(anyhow::Error::from)?;
     let reconciler = Reconciler::new(maps, sizes.table_size, sizes.services, sizes.backends)?;
     // The loop below is the one writer; everything else reads `view`.
     let mut writer = Writer::new(reconciler)?;
     let view = writer.view();
     let _ = shared.view.set(view.clone());
-    crate::sweep::spawn(
-        datapath.conntrack_handle()?,
-        sizes.conntrack,
-        shared.clone(),
-        view,
-    );
+    crate::sweep::spawn(conntrack, sizes.conntrack, shared.clone(), view);
     // Discovery services start with no backends (or what pinned maps hold,
     // once adopted) and fill in as their providers report.
     let (report_tx, mut reports) = tokio::sync::mpsc::channel(256);
@@ -174,6 +176,10 @@ pub async fn run(
     let mut health_ticker = tokio::time::interval(crate::readmit::POLL);
     let mut readmitter = crate::readmit::Readmitter::default();
     let mut current = cfg;
+    // What the interfaces resolved to last: a device that could not be
+    // attached is retried when that changes (it appears, is made again, or
+    // the config changes), not at every route or neighbour change.
+    let mut resolved = devices.clone();
     loop {
         tokio::select! {
             _ = net_changes.notified() => {
@@ -181,7 +187,8 @@ pub async fn run(
                     warn!(error = format!("{e:#}"), "FIB cache generation not bumped");
                 }
                 let next = crate::netdev::resolve(&current.raw.interfaces);
-                if next != devices {
+                if next != resolved {
+                    resolved = next.clone();
                     devices = follow_devices(&mut datapath, &devices, next);
                     if let Err(e) = sysctls.apply(&current, &device_names(&devices)) {
                         warn!(error = format!("{e:#}"), "kernel settings for new interfaces");
@@ -191,9 +198,7 @@ pub async fn run(
             }
             _ = health_ticker.tick() => {
                 readmitter.tick(&mut writer).await;
-                if let Err(e) = writer.finish_drains(Some(std::time::Instant::now())) {
-                    warn!(error = format!("{e:#}"), "ending drains");
-                }
+                writer.finish_drains(std::time::Instant::now());
             }
             Some(report) = reports.recv() => {
                 let service = report.service.clone();
@@ -219,7 +224,10 @@ pub async fn run(
                 let result = reload(&config_path, &text, &current, &mut devices, &mut datapath, &mut sysctls, &mut writer, &shared, &report_tx);
                 last_text = text;
                 match result {
-                    Ok(Some(next)) => current = next,
+                    Ok(Some(next)) => {
+                        current = next;
+                        resolved = devices.clone();
+                    }
                     Ok(None) => {}
                     Err(e) => error!(config = %config_path.display(), error = %e, "config change rejected; the last good config keeps serving"),
                 }
@@ -294,8 +302,6 @@ fn reload(
     *devices = next_devices;
     *shared.attachments.lock().unwrap() = datapath.attachments();
     sysctls.apply(&next, &device_names(devices))?;
-    *shared.conntrack_timeouts.lock().unwrap() = next.raw.conntrack.timeouts;
-
     shared.discovery.lock().unwrap().sync(&next, report_tx);
     let before_apply = started.elapsed();
     if let Err(e) = apply_desired(writer, shared, &next) {
@@ -304,6 +310,7 @@ fn reload(
         return Err(e);
     }
     shared.discovery.lock().unwrap().prune(&next);
+    *shared.conntrack_timeouts.lock().unwrap() = next.raw.conntrack.timeouts;
     info!(
         config = %path.display(),
         services = next.services.len(),

@@ -19,7 +19,11 @@ use prometheus::Registry;
 use serde::Serialize;
 use tokio_stream::wrappers::BroadcastStream;
 
-use crate::state::{Shared, backend_state};
+use crate::{
+    counters::Counters,
+    state::{Shared, backend_state},
+    view::Snapshot,
+};
 
 #[derive(Clone)]
 struct AppState {
@@ -134,18 +138,22 @@ pub struct FailureView {
 }
 
 pub fn services_view(shared: &Shared) -> ServicesResponse {
-    let Some(view) = shared.view.get() else {
-        return ServicesResponse { services: vec![] };
+    let services = match shared.view.get() {
+        Some(view) => service_views(shared, &view.counters, &view.snapshot()),
+        None => vec![],
     };
+    ServicesResponse { services }
+}
+
+/// The services of one snapshot, with their counters now.
+fn service_views(shared: &Shared, counters: &Counters, snapshot: &Snapshot) -> Vec<ServiceView> {
     let discovery = shared.discovery.lock().unwrap();
     let now = std::time::Instant::now();
-    let snapshot = view.snapshot();
-    let rec = &view.counters;
-    let services = snapshot
+    snapshot
         .services
         .values()
         .map(|s| {
-            let totals = rec.stats(true, s.id);
+            let totals = counters.stats(true, s.id);
             ServiceView {
                 name: s.spec.name.clone(),
                 vip: s.spec.vip.to_string(),
@@ -163,8 +171,8 @@ pub fn services_view(shared: &Shared) -> ServicesResponse {
                     .backends
                     .iter()
                     .map(|b| {
-                        let st = rec.stats(false, b.id);
-                        let health = rec.health(b.id);
+                        let st = counters.stats(false, b.id);
+                        let health = counters.health(b.id);
                         BackendView {
                             address: b.addr.to_string(),
                             weight: b.weight,
@@ -205,8 +213,7 @@ pub fn services_view(shared: &Shared) -> ServicesResponse {
                 }),
             }
         })
-        .collect();
-    ServicesResponse { services }
+        .collect()
 }
 
 async fn services(State(app): State<AppState>) -> impl IntoResponse {
@@ -283,23 +290,27 @@ struct DashboardView {
 }
 
 fn dashboard_view(shared: &Shared) -> DashboardView {
-    let services = services_view(shared).services;
+    let mut services = Vec::new();
     let mut latency = Vec::new();
     let (mut drops, mut passed) = (Default::default(), Default::default());
     if let Some(view) = shared.view.get() {
-        let rec = &view.counters;
-        for s in view.snapshot().services.values() {
+        // One snapshot for the whole response.
+        let snapshot = view.snapshot();
+        let counters = &view.counters;
+        services = service_views(shared, counters, &snapshot);
+        let bounds_s: Vec<f64> = (0..agent_common::LATENCY_BUCKETS)
+            .map(|i| (agent_common::LATENCY_BASE_NS << i) as f64 / 1e9)
+            .collect();
+        for s in snapshot.services.values() {
             if s.spec.protocol != crate::config::Protocol::Tcp {
                 continue;
             }
             for b in &s.backends {
-                let h = rec.latency(b.id);
+                let h = counters.latency(b.id);
                 latency.push(LatencyView {
                     service: s.spec.name.clone(),
                     backend: b.addr.to_string(),
-                    bounds_s: (0..agent_common::LATENCY_BUCKETS)
-                        .map(|i| (agent_common::LATENCY_BASE_NS << i) as f64 / 1e9)
-                        .collect(),
+                    bounds_s: bounds_s.clone(),
                     counts: h.buckets.to_vec(),
                     count: h.count,
                     sum_s: h.sum_ns as f64 / 1e9,
@@ -311,7 +322,7 @@ fn dashboard_view(shared: &Shared) -> DashboardView {
             &mut std::collections::BTreeMap<_, _>,
         ) = (&mut drops, &mut passed);
         for (code, reason) in agent_common::reason::ALL.iter().enumerate() {
-            let n = rec.reason_count(code as u32);
+            let n = counters.reason_count(code as u32);
             if reason.dropped {
                 d.insert(reason.name, n)
             } else {

@@ -1,17 +1,20 @@
 //! Reading what the kernel counts: per-CPU statistics summed, backend health
-//! words, latency histograms, event and reason counters. Each reader (the
-//! reconcile loop, the read side) holds handles of its own on the same maps,
-//! so reading never waits for a writer.
+//! words, latency histograms, event and reason counters. The reconciler
+//! reads through its own map handles; the read side (`View`) holds
+//! `Counters`, handles of its own on the same maps, so reading never waits
+//! for the writer.
 
 use std::{
     collections::BTreeMap,
     sync::{Arc, Mutex},
 };
 
-use agent_common::{BackendHealth, EventBudget, LatencyHistogram, ServiceStats};
-use aya::maps::{Array, IterableMap, Map, MapData, PerCpuArray};
+use agent_common::{BackendHealth, EventBudget, LatencyHistogram, ServiceStats, registry::map};
+use aya::maps::{Array, Map, MapData, PerCpuArray};
 
-use crate::datapath::{DatapathError, Maps};
+use crate::datapath::{DatapathError, Maps, second_handle};
+
+type StatsMap = PerCpuArray<MapData, ServiceStats>;
 
 /// Backend id → established connections that ended without a FIN or RST
 /// (expired idle by the conntrack sweep, or evicted from a full map): they
@@ -39,10 +42,50 @@ impl EndedSilently {
     }
 }
 
-/// Read-only handles on the counting maps.
+/// A service's (`map` is `SERVICE_STATS`) or backend's counters, summed over
+/// CPUs; a backend's `closed` includes the connections that ended silently.
+pub fn stats(map: &StatsMap, ended: Option<&EndedSilently>, id: u32) -> ServiceStats {
+    let mut sum = ServiceStats::default();
+    if let Ok(values) = map.get(&id, 0) {
+        for v in values.iter() {
+            sum += v;
+        }
+    }
+    if let Some(ended) = ended {
+        sum.closed += ended.get(id);
+    }
+    sum
+}
+
+/// The kernel's view of a backend's health.
+pub fn health(map: &Array<MapData, BackendHealth>, backend_id: u32) -> BackendHealth {
+    map.get(&backend_id, 0).unwrap_or_default()
+}
+
+/// The connect latency histogram of a backend, summed over CPUs.
+pub fn latency(map: &PerCpuArray<MapData, LatencyHistogram>, backend_id: u32) -> LatencyHistogram {
+    let mut sum = LatencyHistogram::default();
+    if let Ok(values) = map.get(&backend_id, 0) {
+        for v in values.iter() {
+            for (s, b) in sum.buckets.iter_mut().zip(&v.buckets) {
+                *s += b;
+            }
+            sum.count += v.count;
+            sum.sum_ns += v.sum_ns;
+        }
+    }
+    sum
+}
+
+/// Summed per-CPU count of one `agent_common::reason` code.
+pub fn reason_count(map: &PerCpuArray<MapData, u64>, code: u32) -> u64 {
+    map.get(&code, 0).map(|v| v.iter().sum()).unwrap_or(0)
+}
+
+/// The read side's handles on the counting maps.
 pub struct Counters {
-    service_stats: PerCpuArray<MapData, ServiceStats>,
-    backend_stats: PerCpuArray<MapData, ServiceStats>,
+    service_stats: StatsMap,
+    backend_stats: StatsMap,
     reasons: PerCpuArray<MapData, u64>,
     backend_health: Array<MapData, BackendHealth>,
     backend_latency: PerCpuArray<MapData, LatencyHistogram>,
@@ -50,76 +93,41 @@ pub struct Counters {
     pub ended_silently: EndedSilently,
 }
 
-/// A second handle on the map behind `map` (a new fd, by the map's id).
-fn reopen<K: aya::Pod, V, T>(
-    map: &impl IterableMap<K, V>,
-    wrap: fn(MapData) -> Map,
-) -> Result<T, DatapathError>
-where
-    T: TryFrom<Map, Error = aya::maps::MapError>,
-{
-    let id = map
-        .map()
-        .info()
-        .map_err(DatapathError::map("(by handle)"))?
-        .id();
-    let data = MapData::from_id(id).map_err(DatapathError::map(&format!("id {id}")))?;
-    T::try_from(wrap(data)).map_err(DatapathError::map(&format!("id {id}")))
-}
-
 impl Counters {
     /// Handles of its own on the maps `maps` holds; `ended_silently` is
-    /// shared with whoever else counts them.
+    /// shared with the reconciler and the sweep.
     pub fn open(maps: &Maps, ended_silently: EndedSilently) -> Result<Self, DatapathError> {
+        use Map::{Array as A, PerCpuArray as P};
         Ok(Self {
-            service_stats: reopen(&maps.service_stats, Map::PerCpuArray)?,
-            backend_stats: reopen(&maps.backend_stats, Map::PerCpuArray)?,
-            reasons: reopen(&maps.reasons, Map::PerCpuArray)?,
-            backend_health: reopen(&maps.backend_health, Map::Array)?,
-            backend_latency: reopen(&maps.backend_latency, Map::PerCpuArray)?,
-            event_budget: reopen(&maps.event_budget, Map::PerCpuArray)?,
+            service_stats: second_handle(&maps.service_stats, map::SERVICE_STATS, P)?,
+            backend_stats: second_handle(&maps.backend_stats, map::BACKEND_STATS, P)?,
+            reasons: second_handle(&maps.reasons, map::REASONS, P)?,
+            backend_health: second_handle(&maps.backend_health, map::BACKEND_HEALTH, A)?,
+            backend_latency: second_handle(&maps.backend_latency, map::BACKEND_LATENCY, P)?,
+            event_budget: second_handle(&maps.event_budget, map::EVENT_BUDGET, P)?,
             ended_silently,
         })
     }
 
-    /// Per-CPU counters summed (a backend's `closed` includes the
-    /// connections that ended silently).
+    /// See `stats`.
     pub fn stats(&self, service: bool, id: u32) -> ServiceStats {
-        let map = if service {
-            &self.service_stats
+        if service {
+            stats(&self.service_stats, None, id)
         } else {
-            &self.backend_stats
-        };
-        let mut sum = ServiceStats::default();
-        if let Ok(values) = map.get(&id, 0) {
-            for v in values.iter() {
-                sum += v;
-            }
+            stats(&self.backend_stats, Some(&self.ended_silently), id)
         }
-        if !service {
-            sum.closed += self.ended_silently.get(id);
-        }
-        sum
     }
 
-    /// The kernel's view of a backend's health.
     pub fn health(&self, backend_id: u32) -> BackendHealth {
-        self.backend_health.get(&backend_id, 0).unwrap_or_default()
+        health(&self.backend_health, backend_id)
     }
 
-    /// The connect latency histogram of a backend, summed over CPUs.
     pub fn latency(&self, backend_id: u32) -> LatencyHistogram {
-        let mut sum = LatencyHistogram::default();
-        if let Ok(values) = self.backend_latency.get(&backend_id, 0) {
-            for v in values.iter() {
-                for (s, b) in sum.buckets.iter_mut().zip(&v.buckets) {
-                    *s += b;
-                }
-                sum.count += v.count;
-                sum.sum_ns += v.sum_ns;
-            }
-        }
-        sum
+        latency(&self.backend_latency, backend_id)
+    }
+
+    pub fn reason_count(&self, code: u32) -> u64 {
+        reason_count(&self.reasons, code)
     }
 
     /// Connection events (sent, dropped by the rate limit or a full ring).
@@ -131,13 +139,5 @@ impl Counters {
                     .fold((0, 0), |(s, d), b| (s + b.sent, d + b.dropped))
             })
             .unwrap_or((0, 0))
-    }
-
-    /// Summed per-CPU count of one `agent_common::reason` code.
-    pub fn reason_count(&self, code: u32) -> u64 {
-        self.reasons
-            .get(&code, 0)
-            .map(|v| v.iter().sum())
-            .unwrap_or(0)
     }
 }

@@ -4,12 +4,12 @@
 
 use std::{
     collections::VecDeque,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::SocketAddr,
     sync::{Arc, Mutex},
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use agent_common::{Event, FAMILY_V4, event_kind, failure_reason};
+use agent_common::{Event, FAMILY_V4, addr::words_ip, event_kind, failure_reason};
 use anyhow::{Result, anyhow};
 use aya::maps::{MapData, RingBuf};
 use serde::Serialize;
@@ -80,16 +80,7 @@ impl EventLog {
 }
 
 fn addr(words: [u32; 4], family: u8, port: u16) -> SocketAddr {
-    let ip: IpAddr = if family == FAMILY_V4 {
-        Ipv4Addr::from(words[0].to_ne_bytes()).into()
-    } else {
-        let mut octets = [0u8; 16];
-        for (i, w) in words.iter().enumerate() {
-            octets[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
-        }
-        Ipv6Addr::from(octets).into()
-    };
-    SocketAddr::new(ip, u16::from_be(port))
+    SocketAddr::new(words_ip(words, family == FAMILY_V4), u16::from_be(port))
 }
 
 /// Nanoseconds to add to a kernel monotonic timestamp to get wall time.

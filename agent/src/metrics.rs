@@ -177,7 +177,7 @@ fn render_datapath(shared: &Shared, out: &mut String) {
         "1 for the backend's current state (active, draining, ejected).",
     );
     for r in &rows {
-        for state in ["active", "draining", "ejected"] {
+        for state in crate::state::BACKEND_STATES {
             let [s, b] = r.labels();
             sample(
                 out,

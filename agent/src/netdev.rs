@@ -65,7 +65,7 @@ fn ethtool<T>(interface: &str, data: &mut T) -> io::Result<()> {
 }
 
 /// The device's driver name ("veth", "virtio_net", "mlx5_core", …).
-pub fn driver(interface: &str) -> io::Result<String> {
+fn driver(interface: &str) -> io::Result<String> {
     // SAFETY: plain data; zeroed is a valid value.
     let mut info: DrvInfo = unsafe { std::mem::zeroed() };
     info.cmd = ETHTOOL_GDRVINFO;
@@ -75,7 +75,7 @@ pub fn driver(interface: &str) -> io::Result<String> {
 }
 
 /// Whether GRO is on for the device.
-pub fn gro(interface: &str) -> io::Result<bool> {
+fn gro(interface: &str) -> io::Result<bool> {
     let mut value = Value {
         cmd: ETHTOOL_GGRO,
         data: 0,
@@ -157,7 +157,7 @@ pub fn ifindex(name: &str) -> u32 {
 /// first entry that names a device gives its attach mode; loopback is
 /// never matched by a pattern.
 pub fn resolve(entries: &[crate::config::Interface]) -> Vec<Device> {
-    let present = device_names();
+    let present = all_device_names();
     let mut out: Vec<Device> = Vec::new();
     let mut add = |name: &str, attach: AttachMode| {
         let index = ifindex(name);
@@ -198,7 +198,7 @@ fn glob_matches(pattern: &str, name: &str) -> bool {
 
 /// The network devices of this network namespace (`if_nameindex`, which
 /// asks the kernel, unlike /sys/class/net that shows the mounter's).
-pub fn device_names() -> Vec<String> {
+fn all_device_names() -> Vec<String> {
     // SAFETY: if_nameindex returns an array ending with a zero entry, or
     // NULL; it is freed below with if_freenameindex.
     let list = unsafe { libc::if_nameindex() };
@@ -224,7 +224,7 @@ pub fn device_names() -> Vec<String> {
 }
 
 /// Devices of this namespace's default routes, IPv4 and IPv6.
-pub fn default_route_devices() -> Vec<String> {
+fn default_route_devices() -> Vec<String> {
     let v4 = std::fs::read_to_string("/proc/net/route").unwrap_or_default();
     let v6 = std::fs::read_to_string("/proc/net/ipv6_route").unwrap_or_default();
     default_devices(&v4, &v6)

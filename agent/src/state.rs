@@ -35,8 +35,11 @@ pub struct Shared {
     pub discovery: Mutex<crate::discovery::Hub>,
 }
 
+/// The states the API and metrics name, in the order metrics list them.
+pub const BACKEND_STATES: [&str; 3] = ["active", "draining", "ejected"];
+
 /// A backend's state as the API and metrics name it, from the kernel's
-/// health word and the configured weight.
+/// health word and whether the backend drains (removed, or weight 0).
 pub fn backend_state(health: &BackendHealth, draining: bool) -> &'static str {
     if health.state() == agent_common::BackendState::Ejected {
         "ejected"

@@ -87,7 +87,7 @@ fn idle(now: u32, last_seen: u32) -> u32 {
 
 /// The key of the packets that answer what `flow` rewrites to: for a
 /// forward entry, its reply entry's key.
-pub fn answer_key(key: &FlowKey, flow: &Flow) -> FlowKey {
+fn answer_key(key: &FlowKey, flow: &Flow) -> FlowKey {
     FlowKey {
         src: flow.new_dst,
         dst: flow.new_src,
@@ -101,7 +101,7 @@ pub fn answer_key(key: &FlowKey, flow: &Flow) -> FlowKey {
 
 /// What one sweep did.
 #[derive(Debug, Default)]
-pub struct Swept {
+struct Swept {
     pub counts: StateCounts,
     pub removed_flows: u64,
     /// Established connections removed as idle, by backend id.
@@ -111,7 +111,7 @@ pub struct Swept {
 }
 
 /// Sweeps `map` once: removes the flows idle past their timeout at `now`.
-pub fn sweep(
+fn sweep(
     map: &mut BpfHashMap<MapData, FlowKey, Flow>,
     capacity: u32,
     timeouts: &ConntrackTimeouts,

@@ -1,6 +1,9 @@
 //! The one writer. The reconcile loop holds the reconciler through this and
 //! nothing else touches it: every change to the kernel maps goes through
-//! here, and each is published to the read side (`View`) once made.
+//! here, and each change to what the snapshot holds (services, backends,
+//! drains) is published to the read side (`View`) once made. Health words
+//! and the FIB generation are read from the kernel, so their writes publish
+//! nothing.
 
 use std::{sync::Arc, time::Instant};
 
@@ -21,9 +24,7 @@ impl Writer {
     /// Takes the reconciler and opens the read side on the same maps.
     pub fn new(reconciler: Reconciler) -> Result<Self> {
         let view = Arc::new(View::new(reconciler.read_side()?));
-        let writer = Self { reconciler, view };
-        writer.publish();
-        Ok(writer)
+        Ok(Self { reconciler, view })
     }
 
     /// The read side, for the tasks that only read.
@@ -52,18 +53,13 @@ impl Writer {
     }
 
     /// Ends the drains that are over (see `Reconciler::finish_drains`).
-    pub fn finish_drains(&mut self, now: Option<Instant>) -> Result<()> {
-        let before = self.backend_count();
-        let finished = self.reconciler.finish_drains(now);
-        // A finished drain takes the backend out of its service.
-        if self.backend_count() != before {
+    pub fn finish_drains(&mut self, now: Instant) {
+        if self.reconciler.finish_drains(Some(now)) {
             self.publish();
         }
-        finished
     }
 
-    /// Ends an ejection (health words are read from the kernel, not from
-    /// the snapshot: nothing to publish).
+    /// Ends an ejection.
     pub fn readmit(&mut self, backend_id: u32) -> Result<()> {
         self.reconciler.readmit(backend_id)
     }
@@ -74,14 +70,6 @@ impl Writer {
 
     pub fn bump_fib_generation(&mut self) -> Result<()> {
         self.reconciler.bump_fib_generation()
-    }
-
-    fn backend_count(&self) -> usize {
-        self.reconciler
-            .services
-            .values()
-            .map(|s| s.backends.len())
-            .sum()
     }
 
     fn publish(&self) {

@@ -11,7 +11,7 @@ use agent_common::{
 use anyhow::{Context, Result, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuArray},
+    maps::{Array, HashMap, IterableMap, MapData, PerCpuArray},
     programs::{
         LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
         tc::{SchedClassifierLinkId, TcAttachOptions},
@@ -90,7 +90,7 @@ impl Sizes {
     }
 
     /// The capacity `sizing` gives a map; `None`: as the object declares.
-    pub fn capacity(&self, sizing: Sizing) -> Option<u32> {
+    fn capacity(&self, sizing: Sizing) -> Option<u32> {
         match sizing {
             Sizing::Fixed => None,
             Sizing::Conntrack => Some(self.conntrack),
@@ -126,6 +126,22 @@ pub struct Maps {
     pub backend_latency: PerCpuArray<MapData, LatencyHistogram>,
     pub event_budget: PerCpuArray<MapData, EventBudget>,
     pub sock_connects: HashMap<MapData, u64, agent_common::SockConnect>,
+}
+
+/// A second handle (a new fd, by the map's id) on the map `name` behind
+/// `map`, for a reader that must not share the writer's: `wrap` is the
+/// map's kind (`Map::PerCpuArray`, ...).
+pub fn second_handle<K: aya::Pod, V, T>(
+    map: &impl IterableMap<K, V>,
+    name: &str,
+    wrap: fn(MapData) -> aya::maps::Map,
+) -> Result<T, DatapathError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let id = map.map().info().map_err(DatapathError::map(name))?.id();
+    let data = MapData::from_id(id).map_err(DatapathError::map(name))?;
+    T::try_from(wrap(data)).map_err(DatapathError::map(name))
 }
 
 fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
@@ -178,7 +194,6 @@ pub struct Datapath {
     ebpf: Ebpf,
     links: BTreeMap<String, (AttachMode, AttachMode, Link)>,
     tc_loaded: bool,
-    conntrack_id: u32,
     pins: Option<PinDir>,
     /// The maps were pinned by an earlier agent and now adopted.
     pub adopted: bool,
@@ -215,17 +230,12 @@ impl Datapath {
         let xdp: &mut Xdp = program(&mut ebpf, XDP_PROGRAM)?;
         xdp.load()
             .with_context(|| format!("loading program {XDP_PROGRAM} (kernel verifier)"))?;
-        let conntrack_id = match ebpf.map(map::CONNTRACK) {
-            Some(aya::maps::Map::LruHashMap(data)) => data.info()?.id(),
-            _ => anyhow::bail!("map CONNTRACK is missing or not an LRU hash"),
-        };
         let maps = Maps::take_all(&mut ebpf)?;
         Ok((
             Self {
                 ebpf,
                 links: BTreeMap::new(),
                 tc_loaded: false,
-                conntrack_id,
                 pins,
                 adopted,
             },
@@ -236,13 +246,6 @@ impl Datapath {
     /// The connection events ring buffer; the caller reads it.
     pub fn take_events(&mut self) -> Result<aya::maps::RingBuf<MapData>> {
         Ok(take(&mut self.ebpf, map::EVENTS)?)
-    }
-
-    /// A second handle on the conntrack map, for counting its entries
-    /// without holding up the reconciler.
-    pub fn conntrack_handle(&self) -> Result<HashMap<MapData, FlowKey, Flow>> {
-        let data = MapData::from_id(self.conntrack_id).context("opening the conntrack map")?;
-        HashMap::try_from(aya::maps::Map::LruHashMap(data)).context("conntrack map type")
     }
 
     /// The aya-log ring buffer, if the programs log; the caller drains it.

@@ -5,8 +5,7 @@
 use std::{collections::BTreeMap, net::SocketAddr, time::Instant};
 
 use agent_common::{
-    BackendHealth, BackendState as Admission, FAMILY_V4, Service, ServiceKey, addr::words_ip,
-    prefilter,
+    BackendState as Admission, FAMILY_V4, Service, ServiceKey, addr::words_ip, prefilter,
 };
 use anyhow::Result;
 use tracing::info;
@@ -72,7 +71,11 @@ impl Reconciler {
             if b.port == 0 || self.health(id).state() == Admission::Removed {
                 continue; // never used, or removed
             }
-            let v4 = family_of.get(&b.service_id) == Some(&FAMILY_V4);
+            // A backend whose service is gone has no family to go by (only
+            // its log line shows the address): IPv4 keeps words 1-3 zero.
+            let v4 = family_of
+                .get(&b.service_id)
+                .map_or(b.addr[1..] == [0; 3], |&f| f == FAMILY_V4);
             let ip = words_ip(b.addr, v4);
             by_service.entry(b.service_id).or_default().push((
                 id,
@@ -130,22 +133,24 @@ impl Reconciler {
                 },
             );
         }
-        // Backends of services that are gone: their ids stay taken until
-        // marked removed here.
-        for (_, orphans) in by_service {
-            for (id, ..) in orphans {
-                let removed = BackendHealth {
-                    ejected: Admission::Removed as u32,
-                    ..BackendHealth::default()
+        // Backends of services that are gone end as removed backends do:
+        // marked removed, their flows deleted, then their ids freed.
+        for (service_id, gone) in by_service {
+            for (id, addr, weight, _) in gone {
+                let name = format!("{ORPHAN_PREFIX}service #{service_id}");
+                let backend = BackendState {
+                    id,
+                    addr,
+                    weight,
+                    drain_deadline: None,
                 };
-                let _ = self.maps.backend_health.set(id, removed, 0);
-                backend_ids.retain(|&x| x != id);
+                self.ending.push((name, backend));
             }
         }
         self.service_ids.adopt(&service_ids);
         self.backend_ids.adopt(&backend_ids);
-        // The bits already set stay set: replies of adopted flows to any
-        // backend must still be recognised.
+        // From the bits the pinned maps hold: replies of adopted flows must
+        // be recognised until their backends' flows are gone.
         let read = |slot| self.maps.prefilter.get(&slot, 0).unwrap_or_default();
         self.backend_filter = read(prefilter::BACKEND);
         self.backend_addr_filter = read(prefilter::BACKEND_ADDR);
@@ -153,9 +158,10 @@ impl Reconciler {
         self.service_addr_filter = read(prefilter::SERVICE_ADDR);
         info!(
             services = service_ids.len(),
-            backends = backend_ids.len(),
+            backends = backend_ids.len() - self.ending.len(),
             "adopted the pinned datapath"
         );
+        self.end_backends();
         Ok(Adopted { found, orphans })
     }
 }

@@ -45,10 +45,8 @@ impl Reconciler {
             return;
         }
         let ending = std::mem::take(&mut self.ending);
-        let removed = BackendHealth {
-            ejected: Admission::Removed as u32,
-            ..BackendHealth::default()
-        };
+        let mut removed = BackendHealth::default();
+        removed.set_state(Admission::Removed);
         for (_, b) in &ending {
             let _ = self.maps.backend_health.set(b.id, removed, 0);
         }
@@ -92,8 +90,8 @@ impl Reconciler {
 
     /// Ends drains that are over: no connection left, or the drain time
     /// passed (then its remaining flows are closed). `now` None ends every
-    /// drain at once.
-    pub fn finish_drains(&mut self, now: Option<Instant>) -> Result<()> {
+    /// drain at once. Returns whether any ended.
+    pub fn finish_drains(&mut self, now: Option<Instant>) -> bool {
         let mut done = Vec::new();
         for (name, state) in &self.services {
             for b in &state.backends {
@@ -112,6 +110,7 @@ impl Reconciler {
                 }
             }
         }
+        let ended = !done.is_empty();
         for (name, b) in done {
             if let Some(state) = self.services.get_mut(&name) {
                 state.backends.retain(|x| x.id != b.id);
@@ -119,7 +118,7 @@ impl Reconciler {
             self.ending.push((name, b));
         }
         self.end_backends();
-        Ok(())
+        ended
     }
 
     /// Ends an ejection: the backend takes new connections again, its

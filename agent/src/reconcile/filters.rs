@@ -1,8 +1,8 @@
 //! The prefilter bitmaps the agent keeps for the kernel (see
 //! `agent_common::prefilter`): service bits set before a service appears and
-//! cleared after it is gone; backend bits never cleared while the agent
-//! runs, so replies of connections to a removed backend are still
-//! reverse-NATed.
+//! cleared after it is gone; a backend's bits cleared only after its flows
+//! are deleted (`end_backends`), so replies of its connections are
+//! reverse-NATed while they are tracked.
 
 use agent_common::{Prefilter, prefilter};
 use anyhow::{Context, Result};

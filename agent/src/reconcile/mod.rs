@@ -5,8 +5,9 @@
 //! 2. a changed Maglev table is written into the service's idle half, then the
 //!    service entry flips to it in one map update;
 //! 3. service prefilter bits are set before a service appears and cleared only
-//!    after it is gone; backend bits are never cleared while the agent runs, so
-//!    replies of connections to a removed backend are still reverse-NATed.
+//!    after it is gone; a backend's bits are cleared only after its flows are
+//!    deleted (`end_backends`), so replies of its connections are
+//!    reverse-NATed as long as they are tracked.
 
 use std::{collections::BTreeMap, net::SocketAddr, time::Instant};
 
@@ -32,7 +33,7 @@ use ids::Ids;
 
 use crate::{
     config::ServiceSpec,
-    counters::{Counters, EndedSilently},
+    counters::{self, Counters, EndedSilently},
     datapath::Maps,
     maglev,
 };
@@ -76,7 +77,7 @@ pub struct ServiceState {
 }
 
 pub struct Reconciler {
-    pub maps: Maps,
+    maps: Maps,
     table_size: u32,
     nr_cpus: usize,
     pub services: BTreeMap<String, ServiceState>,
@@ -89,15 +90,14 @@ pub struct Reconciler {
     /// Backends out of every table whose flows are still to be deleted
     /// before their ids may be reused (see `end_backends`).
     ending: Vec<(String, BackendState)>,
-    /// The reconciler's own read handles (drains wait on counters, the
-    /// readmitter on health words).
-    counters: Counters,
+    /// Connections that ended silently (the sweep counts them; drains and
+    /// the read side read them).
+    ended_silently: EndedSilently,
 }
 
 impl Reconciler {
     pub fn new(maps: Maps, table_size: u32, max_services: u32, max_backends: u32) -> Result<Self> {
         let nr_cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow!("{what}: {e}"))?;
-        let counters = Counters::open(&maps, EndedSilently::default())?;
         Ok(Self {
             maps,
             table_size,
@@ -110,7 +110,7 @@ impl Reconciler {
             service_filter: Prefilter::default(),
             service_addr_filter: Prefilter::default(),
             ending: Vec::new(),
-            counters,
+            ended_silently: EndedSilently::default(),
         })
     }
 
@@ -124,7 +124,7 @@ impl Reconciler {
         let new_backends = self.new_backend_count(desired);
         if new_backends > self.backend_ids.available() {
             // Draining backends hold ids: end their drains first.
-            self.finish_drains(None)?;
+            self.finish_drains(None);
         }
         if new_backends > self.backend_ids.available() {
             let staying: Vec<ServiceSpec> = desired
@@ -477,7 +477,7 @@ impl Reconciler {
             .set(id, zeros, 0)
             .with_context(|| format!("clearing the latency histogram of backend {addr}"))?;
         self.zero_stats(false, id)?;
-        self.counters.ended_silently.forget(id);
+        self.ended_silently.forget(id);
         self.backend_filter
             .insert(&words, addr.port().to_be(), proto);
         self.backend_addr_filter.insert(&words, 0, 0);
@@ -503,30 +503,31 @@ impl Reconciler {
     /// Read handles of their own on the counting maps, for the read side
     /// (sharing the count of connections that ended silently).
     pub fn read_side(&self) -> Result<Counters> {
-        Ok(Counters::open(
-            &self.maps,
-            self.counters.ended_silently.clone(),
-        )?)
+        Ok(Counters::open(&self.maps, self.ended_silently.clone())?)
     }
 
-    /// Per-CPU counters summed (see `Counters::stats`).
+    /// Per-CPU counters summed (see `counters::stats`).
     pub fn stats(&self, service: bool, id: u32) -> ServiceStats {
-        self.counters.stats(service, id)
+        if service {
+            counters::stats(&self.maps.service_stats, None, id)
+        } else {
+            counters::stats(&self.maps.backend_stats, Some(&self.ended_silently), id)
+        }
     }
 
     /// The kernel's view of a backend's health.
     pub fn health(&self, backend_id: u32) -> BackendHealth {
-        self.counters.health(backend_id)
+        counters::health(&self.maps.backend_health, backend_id)
     }
 
     /// The connect latency histogram of a backend, summed over CPUs.
     pub fn latency(&self, backend_id: u32) -> LatencyHistogram {
-        self.counters.latency(backend_id)
+        counters::latency(&self.maps.backend_latency, backend_id)
     }
 
     /// Summed per-CPU count of one `agent_common::reason` code.
     pub fn reason_count(&self, code: u32) -> u64 {
-        self.counters.reason_count(code)
+        counters::reason_count(&self.maps.reasons, code)
     }
 
     /// Makes every flow's cached FIB result stale: the next packet of each
