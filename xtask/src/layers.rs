@@ -4,64 +4,47 @@
 //! only the modules declared above it. This reads that order, then every
 //! module's file, collects the crate modules it names (`crate::x` anywhere in
 //! code, and each top-level name of a `use crate::{...}` group, however
-//! nested), and fails on any that is declared at or after the module itself.
-//! Plain text handling, no Rust parser: comments and string and character
-//! literals are blanked first, so only code is read. (`super::x` is not
-//! followed: in a top-level module it means `crate::x`; the kernel modules
-//! write `crate::`.)
+//! nested; `super::` is read as `crate::`, as it means in a top-level
+//! module), and fails on any that is declared at or after the module itself.
+//! Plain text handling, no Rust parser: `//` comments and `"..."` strings are
+//! blanked first, so only code is read. Fails closed on what it does not
+//! handle: block comments, raw strings, a `'"'` character literal, and
+//! `mod NAME;` files other than main.rs's own.
 
 use std::{collections::BTreeMap, path::Path};
 
 use anyhow::{Context, Result, bail};
 
-/// What a successful check covered.
-#[derive(Debug, PartialEq, Eq)]
-pub struct Summary {
-    /// Modules declared in main.rs.
-    pub modules: usize,
-    /// Distinct (module, module it uses) pairs, all of them downward.
-    pub imports: usize,
-}
-
-impl std::fmt::Display for Summary {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "kernel module layers: {} modules, {} imports of modules above, no upward import",
-            self.modules, self.imports
-        )
-    }
-}
-
 /// Checks the crate whose root is `src/main.rs`; `shown` is how file paths
-/// appear in messages (e.g. `agent-ebpf/src`).
-pub fn check(src: &Path, shown: &str) -> Result<Summary> {
+/// appear in messages (e.g. `agent-ebpf/src`). Returns how many modules
+/// main.rs declares and how many distinct (module, module above it it uses)
+/// pairs there are.
+pub fn check(src: &Path, shown: &str) -> Result<(usize, usize)> {
     let root = src.join("main.rs");
     let main =
         std::fs::read_to_string(&root).with_context(|| format!("reading {}", root.display()))?;
-    check_with(&main, |name| {
-        let flat = src.join(format!("{name}.rs"));
-        let (path, file) = if flat.exists() {
-            (flat, format!("{shown}/{name}.rs"))
+    check_with(&format!("{shown}/main.rs"), &main, |name| {
+        let flat = format!("{name}.rs");
+        let file = if src.join(&flat).exists() {
+            flat
         } else {
-            (
-                src.join(name).join("mod.rs"),
-                format!("{shown}/{name}/mod.rs"),
-            )
+            format!("{name}/mod.rs")
         };
+        let path = src.join(&file);
         let text = std::fs::read_to_string(&path)
             .with_context(|| format!("reading module {name} ({})", path.display()))?;
-        Ok((file, text))
+        Ok((format!("{shown}/{file}"), text))
     })
 }
 
-/// The check itself, over main.rs's text and a reader of each module's file
-/// (returning the path to show and the text).
+/// The check itself, over main.rs's path and text and a reader of each
+/// module's file (returning the path to show and the text).
 pub fn check_with(
+    main_file: &str,
     main: &str,
     mut read_module: impl FnMut(&str) -> Result<(String, String)>,
-) -> Result<Summary> {
-    let order = declared_modules(main);
+) -> Result<(usize, usize)> {
+    let order = declared_modules(main_file, main)?;
     if order.is_empty() {
         bail!("kernel module layers: no `mod NAME;` declaration found in main.rs");
     }
@@ -69,10 +52,12 @@ pub fn check_with(
     let mut imports = 0;
     for (position, name) in order.iter().enumerate() {
         let (file, text) = read_module(name)?;
+        let code = blank_comments_and_strings(&file, &text)?;
+        file_modules(&file, &code, false)?;
         // One entry per module used, at the first line naming it.
         let mut used = BTreeMap::new();
-        for import in crate_imports(&text) {
-            used.entry(import.name).or_insert(import.line);
+        for (imported, line) in crate_imports(&code) {
+            used.entry(imported).or_insert(line);
         }
         for (imported, line) in used {
             match problem(&order, position, &imported) {
@@ -89,14 +74,12 @@ pub fn check_with(
             problems.join("\n  ")
         );
     }
-    Ok(Summary {
-        modules: order.len(),
-        imports,
-    })
+    Ok((order.len(), imports))
 }
 
 /// Why module `order[position]` may not use `imported`, if it may not.
 fn problem(order: &[String], position: usize, imported: &str) -> Option<String> {
+    const RULE: &str = "a stage may only use those above it in main.rs";
     let name = &order[position];
     if imported == "*" {
         return Some(format!(
@@ -107,12 +90,10 @@ fn problem(order: &[String], position: usize, imported: &str) -> Option<String> 
     match order.iter().position(|m| m == imported) {
         Some(p) if p < position => None,
         Some(p) if p == position => Some(format!(
-            "{name} imports itself through crate::{name}: use self:: (a stage may only use \
-             those above it in main.rs)"
+            "{name} imports itself through crate::{name}: use self:: ({RULE})"
         )),
         Some(_) => Some(format!(
-            "{name} imports {imported}, declared after it: a stage may only use those above \
-             it in main.rs"
+            "{name} imports {imported}, declared after it: {RULE}"
         )),
         None => Some(format!(
             "{name} imports crate::{imported}, which is not a module declared in main.rs: \
@@ -123,246 +104,170 @@ fn problem(order: &[String], position: usize, imported: &str) -> Option<String> 
 }
 
 /// The `mod NAME;` declarations of a crate root, in order (top level only:
-/// unindented lines, attributes and visibility allowed before `mod`).
-pub fn declared_modules(main: &str) -> Vec<String> {
-    let code = blank_comments_and_literals(main);
-    let mut modules = Vec::new();
-    for line in code.lines() {
-        if line.starts_with(char::is_whitespace) {
-            continue;
-        }
-        let mut rest = line.trim_end();
-        // `#[cfg(...)] mod x;` on one line.
-        while let Some(after) = rest.strip_prefix("#[") {
-            match after.find(']') {
-                Some(end) => rest = after[end + 1..].trim_start(),
-                None => break,
-            }
-        }
-        if let Some(after) = rest.strip_prefix("pub") {
-            rest = after.trim_start();
-            if let Some(after) = rest.strip_prefix('(') {
-                rest = after.split_once(')').map_or("", |(_, r)| r).trim_start();
-            }
-        }
-        let Some(after) = rest.strip_prefix("mod") else {
-            continue;
-        };
-        if !after.starts_with(char::is_whitespace) {
-            continue;
-        }
-        let Some(name) = after.trim().strip_suffix(';') else {
-            continue; // `mod x { ... }`: inline, not a file of its own
-        };
-        let name = name.trim();
-        if !name.is_empty() && name.bytes().all(is_ident) {
-            modules.push(name.to_string());
-        }
-    }
-    modules
+/// unindented lines).
+pub fn declared_modules(main_file: &str, main: &str) -> Result<Vec<String>> {
+    file_modules(
+        main_file,
+        &blank_comments_and_strings(main_file, main)?,
+        true,
+    )
 }
 
-/// A crate module a file names, and the (1-based) line it is named on.
-#[derive(Debug, PartialEq, Eq)]
-pub struct Import {
-    pub name: String,
-    pub line: usize,
-}
-
-/// Every `crate::NAME` in the code of `source` (NAME being `*` for a glob),
-/// and every top-level NAME of a `crate::{...}` group, in order.
-pub fn crate_imports(source: &str) -> Vec<Import> {
-    let code = blank_comments_and_literals(source);
+/// The `mod NAME;` declarations (modules in files of their own) in `code`,
+/// the blanked text of `file`: with `root`, those on unindented lines, in
+/// order. Any other is a file this lint would not read: an error.
+fn file_modules(file: &str, code: &str, root: bool) -> Result<Vec<String>> {
     let b = code.as_bytes();
-    let line_of = |at: usize| 1 + b[..at].iter().filter(|&&c| c == b'\n').count();
+    let mut modules = Vec::new();
+    for (start, end) in words(b).filter(|&(s, e)| &code[s..e] == "mod") {
+        let name_start = skip_space(b, end);
+        let name_end = ident_end(b, name_start);
+        if name_end == name_start || b.get(skip_space(b, name_end)) != Some(&b';') {
+            continue; // `mod x { ... }`: inline, read with its file
+        }
+        let line_start = code[..start].rfind('\n').map_or(0, |p| p + 1);
+        let name = &code[name_start..name_end];
+        if !root || b[line_start].is_ascii_whitespace() {
+            bail!(
+                "layers: `mod {name};` in {file}:{} is not followed; extend the lint",
+                line_of(b, start)
+            );
+        }
+        modules.push(name.to_string());
+    }
+    Ok(modules)
+}
+
+/// Every `crate::NAME` or `super::NAME` in `code` (blanked; NAME being `*`
+/// for a glob), and every top-level NAME of a `crate::{...}` or
+/// `super::{...}` group, in order, each with its (1-based) line.
+pub fn crate_imports(code: &str) -> Vec<(String, usize)> {
+    let b = code.as_bytes();
+    let name_end = |j: usize| if b[j] == b'*' { j + 1 } else { ident_end(b, j) };
     let mut found = Vec::new();
-    let mut i = 0;
-    while let Some(offset) = code[i..].find("crate") {
-        let start = i + offset;
-        i = start + "crate".len();
-        // A whole word, and not `$crate` (a macro's own crate).
-        if start > 0 && (is_ident(b[start - 1]) || b[start - 1] == b'$') {
+    let mut push = |from: usize, to: usize| {
+        found.push((code[from..to].to_string(), line_of(b, from)));
+    };
+    for (start, end) in words(b) {
+        if !matches!(&code[start..end], "crate" | "super") {
             continue;
         }
-        if i < b.len() && is_ident(b[i]) {
-            continue;
-        }
-        let mut j = skip_space(b, i);
+        let mut j = skip_space(b, end);
         if !code[j..].starts_with("::") {
             continue; // `pub(crate)`, `extern crate`
         }
         j = skip_space(b, j + 2);
-        if b.get(j) == Some(&b'{') {
-            // A group: the first name of each item at depth one.
-            let mut depth = 0;
-            let mut item_start = true;
-            while j < b.len() {
-                match b[j] {
-                    b'{' => {
-                        depth += 1;
-                        j += 1;
-                    }
-                    b'}' => {
-                        depth -= 1;
-                        j += 1;
-                        if depth == 0 {
-                            break;
+        match b.get(j) {
+            Some(b'{') => {
+                // A group: the first name of each item at depth one.
+                let mut depth = 0;
+                let mut item_start = true;
+                while j < b.len() {
+                    match b[j] {
+                        b'{' => depth += 1,
+                        b'}' => {
+                            depth -= 1;
+                            if depth == 0 {
+                                break;
+                            }
                         }
-                    }
-                    b',' if depth == 1 => {
-                        item_start = true;
-                        j += 1;
-                    }
-                    c if depth == 1 && item_start && (is_ident(c) || c == b'*') => {
-                        let end = if c == b'*' { j + 1 } else { ident_end(b, j) };
-                        let name = &code[j..end];
-                        if name != "self" {
-                            found.push(Import {
-                                name: name.to_string(),
-                                line: line_of(j),
-                            });
+                        b',' if depth == 1 => item_start = true,
+                        c if depth == 1 && item_start && (is_ident(c) || c == b'*') => {
+                            let end = name_end(j);
+                            if &code[j..end] != "self" {
+                                push(j, end);
+                            }
+                            item_start = false;
+                            j = end;
+                            continue;
                         }
-                        item_start = false;
-                        j = end;
+                        _ => {}
                     }
-                    _ => j += 1,
+                    j += 1;
                 }
             }
-            i = j;
-        } else if b.get(j) == Some(&b'*') || b.get(j).is_some_and(|&c| is_ident(c)) {
-            let end = if b[j] == b'*' { j + 1 } else { ident_end(b, j) };
-            found.push(Import {
-                name: code[j..end].to_string(),
-                line: line_of(j),
-            });
-            i = end;
+            Some(&c) if c == b'*' || is_ident(c) => push(j, name_end(j)),
+            _ => {}
         }
     }
     found
+}
+
+/// The byte range of each word (identifier, keyword or number) of `b`.
+fn words(b: &[u8]) -> impl Iterator<Item = (usize, usize)> + '_ {
+    let mut i = 0;
+    std::iter::from_fn(move || {
+        i += b[i..].iter().position(|&c| is_ident(c))?;
+        let start = i;
+        i = ident_end(b, i);
+        Some((start, i))
+    })
 }
 
 fn is_ident(c: u8) -> bool {
     c.is_ascii_alphanumeric() || c == b'_'
 }
 
-fn ident_end(b: &[u8], mut j: usize) -> usize {
-    while j < b.len() && is_ident(b[j]) {
-        j += 1;
-    }
-    j
+fn ident_end(b: &[u8], j: usize) -> usize {
+    j + b[j..].iter().take_while(|&&c| is_ident(c)).count()
 }
 
-fn skip_space(b: &[u8], mut j: usize) -> usize {
-    while j < b.len() && b[j].is_ascii_whitespace() {
-        j += 1;
-    }
-    j
+fn skip_space(b: &[u8], j: usize) -> usize {
+    j + b[j..]
+        .iter()
+        .take_while(|c| c.is_ascii_whitespace())
+        .count()
 }
 
-/// `source` with comments and string and character literals replaced by
-/// spaces (newlines kept, so lines and byte offsets stay where they were).
-fn blank_comments_and_literals(source: &str) -> String {
+/// The 1-based line of byte `at`.
+fn line_of(b: &[u8], at: usize) -> usize {
+    1 + b[..at].iter().filter(|&&c| c == b'\n').count()
+}
+
+/// `source` (the text of `file`) with `//` comments and `"..."` string
+/// literals replaced by spaces (newlines kept, so lines and byte offsets stay
+/// where they were). A block comment, a raw string or a `'"'` character
+/// literal (which would be read as a string's start) is an error.
+fn blank_comments_and_strings(file: &str, source: &str) -> Result<String> {
     let mut b = source.as_bytes().to_vec();
-    let blank = |b: &mut [u8], from: usize, to: usize| {
-        for c in &mut b[from..to] {
-            if *c != b'\n' {
-                *c = b' ';
-            }
-        }
-    };
     let n = b.len();
     let mut i = 0;
     while i < n {
-        let next = b.get(i + 1).copied();
-        match b[i] {
-            b'/' if next == Some(b'/') => {
-                let end = b[i..].iter().position(|&c| c == b'\n').map_or(n, |p| i + p);
-                blank(&mut b, i, end);
-                i = end;
-            }
-            b'/' if next == Some(b'*') => {
-                // Block comments nest.
-                let (mut j, mut depth) = (i + 2, 1);
-                while j < n && depth > 0 {
-                    if b[j] == b'/' && b.get(j + 1) == Some(&b'*') {
-                        depth += 1;
-                        j += 2;
-                    } else if b[j] == b'*' && b.get(j + 1) == Some(&b'/') {
-                        depth -= 1;
-                        j += 2;
-                    } else {
-                        j += 1;
-                    }
-                }
-                blank(&mut b, i, j);
-                i = j;
-            }
-            b'r' if raw_string_start(&b, i).is_some() => {
-                let hashes = raw_string_start(&b, i).unwrap_or(0);
-                // Ends at `"` followed by as many `#`.
-                let closes = |j: usize| {
-                    b[j] == b'"' && b[j + 1..].iter().take_while(|&&c| c == b'#').count() >= hashes
-                };
-                let mut j = i + 1 + hashes + 1;
-                while j < n && !closes(j) {
-                    j += 1;
-                }
-                let j = (j + 1 + hashes).min(n);
-                blank(&mut b, i, j);
-                i = j;
-            }
-            b'"' => {
+        let rest = &b[i..];
+        if rest.starts_with(b"/*")
+            || rest.starts_with(b"'\"")
+            || rest.starts_with(b"'\\\"")
+            || (rest[0] == b'r' && rest[1..].iter().find(|&&c| c != b'#') == Some(&b'"'))
+        {
+            bail!(
+                "layers: {file}:{}: block comment / raw string / char literal not supported; \
+                 extend the lint",
+                line_of(&b, i)
+            );
+        }
+        let end = match rest {
+            [b'/', b'/', ..] => rest.iter().position(|&c| c == b'\n').map_or(n, |p| i + p),
+            [b'"', ..] => {
                 let mut j = i + 1;
                 while j < n && b[j] != b'"' {
                     j += if b[j] == b'\\' { 2 } else { 1 };
                 }
-                let j = (j + 1).min(n);
-                blank(&mut b, i, j);
-                i = j;
+                (j + 1).min(n)
             }
-            b'\'' => match char_literal_len(&b, i) {
-                Some(len) => {
-                    blank(&mut b, i, i + len);
-                    i += len;
-                }
-                None => i += 1, // a lifetime or a label
-            },
-            _ => i += 1,
+            _ => {
+                i += 1;
+                continue;
+            }
+        };
+        for c in &mut b[i..end] {
+            if *c != b'\n' {
+                *c = b' ';
+            }
         }
+        i = end;
     }
     // Only whole ASCII-delimited regions were blanked: still UTF-8.
-    String::from_utf8(b).expect("blanking keeps UTF-8")
-}
-
-/// If a raw string (`r"`, `r#"`, `br#"`, ...) starts at the `r` at `i`: its
-/// number of `#`.
-fn raw_string_start(b: &[u8], i: usize) -> Option<usize> {
-    let word_start = |k: usize| k == 0 || !is_ident(b[k - 1]);
-    let prefixed = i > 0 && matches!(b[i - 1], b'b' | b'c') && word_start(i - 1);
-    if !(word_start(i) || prefixed) {
-        return None;
-    }
-    let hashes = b[i + 1..].iter().take_while(|&&c| c == b'#').count();
-    (b.get(i + 1 + hashes) == Some(&b'"')).then_some(hashes)
-}
-
-/// The length of the character literal starting at the `'` at `i`, if it is
-/// one (rather than a lifetime or a label).
-fn char_literal_len(b: &[u8], i: usize) -> Option<usize> {
-    let first = *b.get(i + 1)?;
-    if first == b'\\' {
-        // '\n', '\'', '\\', '\x7f', '\u{1f600}'
-        let close = b[i + 3..].iter().position(|&c| c == b'\'')?;
-        return Some(3 + close + 1);
-    }
-    // One character, maybe several bytes of UTF-8.
-    let width = match first {
-        0x00..=0x7f => 1,
-        0xc0..=0xdf => 2,
-        0xe0..=0xef => 3,
-        _ => 4,
-    };
-    (b.get(i + 1 + width) == Some(&b'\'')).then_some(width + 2)
+    Ok(String::from_utf8(b).expect("blanking keeps UTF-8"))
 }
 
 #[cfg(test)]
@@ -370,10 +275,7 @@ mod tests {
     use super::*;
 
     fn names(source: &str) -> Vec<(String, usize)> {
-        crate_imports(source)
-            .into_iter()
-            .map(|i| (i.name, i.line))
-            .collect()
+        crate_imports(&blank_comments_and_strings("test.rs", source).unwrap())
     }
 
     fn owned(list: &[(&str, usize)]) -> Vec<(String, usize)> {
@@ -432,23 +334,71 @@ use {core::mem, crate::{stats}};
     }
 
     #[test]
+    fn super_paths_are_read_as_crate_paths() {
+        let source = "\
+use super::{maps::A, packet};
+fn f() -> u32 {
+    super :: csum::fold(1) + self::super::parse::g()
+}
+use super::*;
+pub(super) fn g() {}
+";
+        assert_eq!(
+            names(source),
+            owned(&[
+                ("maps", 1),
+                ("packet", 1),
+                ("csum", 3),
+                ("parse", 3),
+                ("*", 5),
+            ])
+        );
+        let stage = "use super::maps::FRAGMENTS;\nfn f() { super::pipeline::process() }\n";
+        assert_eq!(
+            failure(MAIN, &[("parse", stage)]),
+            "kernel module layers: 1 upward import:\n  src/parse.rs:2: parse imports \
+             pipeline, declared after it: a stage may only use those above it in main.rs"
+        );
+    }
+
+    #[test]
     fn comments_literals_and_lookalikes_are_not_imports() {
-        let source = r####"
-// use crate::pipeline;
-/// See [`crate::pipeline::process`].
-/* crate::nat /* nested */ crate::forward */
+        let source = "
+// use crate::pipeline; /* crate::nat
+/// See [`crate::pipeline::process`], r\"crate::bench\".
 pub(crate) fn f<'a>(x: &'a str) -> char {
-    let _ = "crate::icmp \" crate::sock";
-    let _ = r#"crate::bench "still raw" "#;
-    let _ = b"crate::select";
-    let _ = my_crate::thing;
-    macro_rules! m { () => { $crate::x } }
-    let _ = '"'; let _ = crate::csum::Diff; let _ = '\'';
+    let _ = \"crate::icmp \\\" crate::sock // r#\\\" /* '\\\"'\";
+    let _ = b\"crate::select\";
+    let _ = my_crate::thing; let _ = crate_name::x; let _ = for_r;
+    let _ = crate::csum::Diff; let _ = '\\'';
     '{'
 }
 extern crate core;
-"####;
-        assert_eq!(names(source), owned(&[("csum", 11)]));
+";
+        assert_eq!(names(source), owned(&[("csum", 8)]));
+    }
+
+    #[test]
+    fn block_comments_raw_strings_and_quote_chars_are_refused() {
+        for (source, line) in [
+            ("fn f() {}\n/* crate::nat */\n", 2),
+            ("\n\nlet _ = r\"crate::bench\";\n", 3),
+            ("let _ = br#\"crate::bench\"#;\n", 1),
+            ("let _ = '\"'; let _ = crate::csum::Diff;\n", 1),
+            ("// ok\nlet _ = '\\\"';\n", 2),
+        ] {
+            let err = blank_comments_and_strings("src/x.rs", source)
+                .unwrap_err()
+                .to_string();
+            assert_eq!(
+                err,
+                format!(
+                    "layers: src/x.rs:{line}: block comment / raw string / char literal \
+                     not supported; extend the lint"
+                ),
+                "{source}"
+            );
+        }
     }
 
     #[test]
@@ -465,23 +415,27 @@ mod headers;
 pub(crate) mod maps;
 use packet::Ctx;
 mod tests {
-    mod inner;
+    use super::*;
 }
 ";
         assert_eq!(
-            declared_modules(main),
+            declared_modules("src/main.rs", main).unwrap(),
             ["csum", "headers", "packet", "maps"]
         );
     }
 
-    fn run(main: &str, files: &[(&str, &str)]) -> Result<Summary> {
-        check_with(main, |name| {
+    fn run(main: &str, files: &[(&str, &str)]) -> Result<(usize, usize)> {
+        check_with("src/main.rs", main, |name| {
             let text = files
                 .iter()
                 .find(|(n, _)| *n == name)
                 .map_or("", |(_, t)| t);
             Ok((format!("src/{name}.rs"), text.to_string()))
         })
+    }
+
+    fn failure(main: &str, files: &[(&str, &str)]) -> String {
+        run(main, files).unwrap_err().to_string()
     }
 
     const MAIN: &str = "mod packet;\nmod maps;\n\nmod parse;\n\nmod pipeline;\n";
@@ -503,26 +457,18 @@ mod tests {
             ],
         )
         .unwrap();
-        assert_eq!(
-            summary,
-            Summary {
-                modules: 4,
-                imports: 6
-            }
-        );
+        assert_eq!(summary, (4, 6));
     }
 
     #[test]
     fn an_upward_import_is_named_with_file_line_and_reason() {
-        let err = run(
+        let err = failure(
             MAIN,
             &[(
                 "parse",
                 "//! Stage 1.\nuse crate::{\n    maps::FRAGMENTS,\n    pipeline::process,\n};\n",
             )],
-        )
-        .unwrap_err()
-        .to_string();
+        );
         assert!(
             err.contains(
                 "src/parse.rs:4: parse imports pipeline, declared after it: \
@@ -534,17 +480,31 @@ mod tests {
     }
 
     #[test]
+    fn module_files_the_lint_would_not_read_are_refused() {
+        let stage = "use crate::maps::A;\npub mod inline {}\n#[path = \"x.rs\"]\nmod hidden;\n";
+        assert_eq!(
+            failure(MAIN, &[("parse", stage)]),
+            "layers: `mod hidden;` in src/parse.rs:4 is not followed; extend the lint"
+        );
+        let main = "mod csum;\n#[cfg(test)]\nmod tests {\n    mod inner;\n}\n";
+        assert_eq!(
+            declared_modules("src/main.rs", main)
+                .unwrap_err()
+                .to_string(),
+            "layers: `mod inner;` in src/main.rs:4 is not followed; extend the lint"
+        );
+    }
+
+    #[test]
     fn self_root_items_and_globs_are_refused_too() {
-        let err = run(
+        let err = failure(
             MAIN,
             &[
                 ("maps", "static X: u32 = crate::maps::Y;\n"),
                 ("parse", "use crate::TC_HEADER_BYTES;\n"),
                 ("pipeline", "use crate::*;\n"),
             ],
-        )
-        .unwrap_err()
-        .to_string();
+        );
         assert!(err.contains("3 upward imports"), "{err}");
         assert!(err.contains("src/maps.rs:1: maps imports itself"), "{err}");
         assert!(
@@ -562,8 +522,8 @@ mod tests {
     #[test]
     fn the_kernel_programs_are_layered() {
         let src = crate::workspace_root().join("agent-ebpf/src");
-        let summary = check(&src, "agent-ebpf/src").unwrap();
-        assert!(summary.modules > 10, "{summary:?}");
-        eprintln!("{summary}");
+        let (modules, imports) = check(&src, "agent-ebpf/src").unwrap();
+        assert!(modules > 10, "{modules} modules");
+        eprintln!("kernel module layers: {modules} modules, {imports} imports of modules above");
     }
 }

@@ -7,7 +7,7 @@
 
 mod model;
 mod schema;
-pub mod validate;
+mod validate;
 
 #[cfg(test)]
 mod tests;
@@ -20,7 +20,7 @@ pub use schema::{
     DnsRecord, EtcdDiscovery, Failure, Forwarding, Interface, KubeAddress, Kubernetes, Limits,
     Maglev, Pinning, Protocol, Service, SocketLb,
 };
-pub use validate::{MAX_WEIGHT, is_prime};
+pub use validate::{BackendError, MAX_WEIGHT, backend, is_prime};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

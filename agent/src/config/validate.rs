@@ -22,7 +22,6 @@ const MAX_CONNTRACK_TIMEOUT: u32 = 2_592_000;
 pub const MAX_WEIGHT: u32 = 1000;
 
 /// A refused setting: the field, the value as written, and why.
-#[derive(Debug, Clone, PartialEq, Eq)]
 struct Refusal {
     field: String,
     value: String,
@@ -366,7 +365,7 @@ fn static_backends(
         })?;
         // An address seen before passed the family and unicast checks, so
         // refusing it first keeps "listed twice" ahead of its weight.
-        if seen.contains(&addr) {
+        if !seen.insert(addr) {
             return Err(refuse(field("address"), &b.address, "listed twice"));
         }
         backend(addr, b.weight, vip).map_err(|e| match e {
@@ -386,7 +385,6 @@ fn static_backends(
                 format!("must be 0 (drain) to {MAX_WEIGHT}"),
             ),
         })?;
-        seen.insert(addr);
         backends.push((addr, b.weight));
     }
     Ok(backends)
@@ -402,20 +400,12 @@ fn failure(f: &Failure, at: &str) -> Result<(), Refusal> {
             "must be at least 1",
         ));
     }
-    if f.ejection_seconds == 0 {
-        return Err(refuse(
-            field("ejection_seconds"),
-            f.ejection_seconds,
-            "must be at least 1",
-        ));
-    }
-    if f.max_ejection_seconds < f.ejection_seconds {
-        return Err(refuse(
-            field("max_ejection_seconds"),
-            f.max_ejection_seconds,
-            "must be at least failure.ejection_seconds",
-        ));
-    }
+    min_and_max(
+        at,
+        "failure",
+        ("ejection_seconds", f.ejection_seconds),
+        ("max_ejection_seconds", f.max_ejection_seconds),
+    )?;
     if !(10..=60_000).contains(&f.connect_timeout_ms) {
         return Err(refuse(
             field("connect_timeout_ms"),
@@ -428,6 +418,32 @@ fn failure(f: &Failure, at: &str) -> Result<(), Refusal> {
             field("max_ejected_percent"),
             f.max_ejected_percent,
             "must be 0 to 100",
+        ));
+    }
+    Ok(())
+}
+
+/// A minimum and a maximum under `at`, each as (name, value): the minimum
+/// is at least 1, the maximum at least the minimum (which the message names
+/// under `section`, e.g. `failure.ejection_seconds`).
+fn min_and_max(
+    at: &str,
+    section: &str,
+    (min_name, min): (&str, u32),
+    (max_name, max): (&str, u32),
+) -> Result<(), Refusal> {
+    if min == 0 {
+        return Err(refuse(
+            format!("{at}.{min_name}"),
+            min,
+            "must be at least 1",
+        ));
+    }
+    if max < min {
+        return Err(refuse(
+            format!("{at}.{max_name}"),
+            max,
+            format!("must be at least {section}.{min_name}"),
         ));
     }
     Ok(())

@@ -55,10 +55,10 @@ pub async fn run(source: Source, v4: bool, reporter: Reporter) {
                 Outcome::Backends(backends),
                 ttl.clamp(min_interval, max_interval),
             ),
-            Err(source) => {
+            Err(error) => {
                 let name = name.clone();
-                let source = Box::new(source);
-                let error = DiscoveryError::Dns { name, source };
+                let error = Box::new(error);
+                let error = DiscoveryError::Dns { name, error };
                 (Outcome::Failed(error), min_interval)
             }
         };
@@ -127,13 +127,12 @@ async fn resolve(
             for (record_ttl, srv) in srvs.iter().filter(|(_, s)| Some(s.priority) == best) {
                 ttl = ttl.min(*record_ttl);
                 let target = srv.target.to_ascii();
-                let addrs = resolver
-                    .lookup_ip(target.as_str())
-                    .await
-                    .map_err(|source| DnsError::SrvTarget {
+                let addrs = resolver.lookup_ip(target.as_str()).await.map_err(|error| {
+                    DnsError::SrvTarget {
                         target: target.clone(),
-                        source,
-                    })?;
+                        error,
+                    }
+                })?;
                 // SRV weight 0 means "rarely", not "never": it gets the
                 // smallest share Sluice has.
                 let weight = u32::from(srv.weight).clamp(1, MAX_WEIGHT);

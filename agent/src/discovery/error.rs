@@ -1,50 +1,51 @@
 //! Why a provider failed, or why its answer was refused. The text is what
 //! the provider's status (`error`), /readyz and the logs show.
+//!
+//! Each variant's text already includes its cause, so none is marked as an
+//! error `source` (a chain printer would repeat it): the fields holding a
+//! cause are named `error`, not `source`.
 
 use hickory_resolver::net::NetError;
 use serde_json::Value;
 
-use crate::config::validate::BackendError;
+use crate::config::BackendError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DiscoveryError {
     /// The DNS resolver could not be set up (e.g. an unreadable resolv.conf).
     #[error("DNS resolver: {0}")]
-    DnsResolver(#[source] NetError),
+    DnsResolver(NetError),
     /// Resolving the service's DNS name failed.
-    #[error("{name}: {source}")]
-    Dns { name: String, source: Box<DnsError> },
+    #[error("{name}: {error}")]
+    Dns { name: String, error: Box<DnsError> },
     /// A session with an etcd endpoint ended.
-    #[error("etcd {endpoint}: {source}")]
-    Etcd { endpoint: String, source: EtcdError },
+    #[error("etcd {endpoint}: {error}")]
+    Etcd { endpoint: String, error: EtcdError },
     /// An etcd key whose value is not a backend.
     #[error(
-        "key {key}: value {value:?} is not {{\"address\": \"IP:PORT\", \"weight\": N}}: {source}"
+        "key {key}: value {value:?} is not {{\"address\": \"IP:PORT\", \"weight\": N}}: {error}"
     )]
     EtcdValue {
         key: String,
         value: String,
-        source: serde_json::Error,
+        error: serde_json::Error,
     },
     /// An etcd key whose backend address is not one.
     #[error("key {key}: address {address:?} is not IP:PORT")]
     EtcdAddress { key: String, address: String },
     /// The Kubernetes client could not be set up.
     #[error("Kubernetes client: {0}")]
-    KubeClient(#[source] KubeClientError),
+    KubeClient(KubeClientError),
     /// Watching a kind of Kubernetes object (`services`, `endpointslices`)
     /// failed.
-    #[error("watching {what}: {source}")]
+    #[error("watching {what}: {error}")]
     KubeWatch {
         what: &'static str,
-        source: kube::runtime::watcher::Error,
+        error: kube::runtime::watcher::Error,
     },
     /// A provider's answer that doesn't fit its service.
-    #[error("answer refused: {source}")]
-    Refused {
-        service: String,
-        source: BackendError,
-    },
+    #[error("answer refused: {0}")]
+    Refused(BackendError),
 }
 
 /// Why resolving a DNS name failed.
@@ -53,8 +54,8 @@ pub enum DnsError {
     #[error(transparent)]
     Lookup(NetError),
     /// The addresses of an SRV record's target.
-    #[error("SRV target {target}: {source}")]
-    SrvTarget { target: String, source: NetError },
+    #[error("SRV target {target}: {error}")]
+    SrvTarget { target: String, error: NetError },
 }
 
 /// Why a session with an etcd endpoint ended.
@@ -69,9 +70,9 @@ pub enum EtcdError {
     #[error("the watch stream ended")]
     StreamEnded,
     #[error("the watch stream broke: {0}")]
-    StreamBroke(#[source] hyper::Error),
+    StreamBroke(hyper::Error),
     #[error("the watch sent invalid JSON: {0}")]
-    InvalidJson(#[source] serde_json::Error),
+    InvalidJson(serde_json::Error),
     #[error("the watch failed: {0}")]
     WatchFailed(Value),
     /// The watch can't resume from `revision`: the prefix is listed again.
@@ -84,10 +85,10 @@ pub enum EtcdError {
 /// Why the Kubernetes client could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum KubeClientError {
-    #[error("api_server {url:?}: {source}")]
+    #[error("api_server {url:?}: {error}")]
     ApiServer {
         url: String,
-        source: hyper::http::uri::InvalidUri,
+        error: hyper::http::uri::InvalidUri,
     },
     #[error(transparent)]
     Kube(kube::Error),

@@ -68,7 +68,7 @@ pub async fn run(source: Source, reporter: Reporter) {
     let mut wait = RETRY_FIRST;
     for endpoint in endpoints.iter().cycle() {
         let mut progressed = false;
-        let source = session(
+        let error = session(
             &client,
             endpoint,
             &range,
@@ -84,7 +84,7 @@ pub async fn run(source: Source, reporter: Reporter) {
             wait = RETRY_FIRST;
         }
         let endpoint = endpoint.clone();
-        let error = DiscoveryError::Etcd { endpoint, source };
+        let error = DiscoveryError::Etcd { endpoint, error };
         if !reporter.send(Outcome::Failed(error)).await {
             return;
         }
@@ -192,7 +192,7 @@ async fn session(
                     *progressed = true;
                     report(snap, reporter).await;
                 }
-                Err(Compacted(why)) => {
+                Err(why) => {
                     *snapshot = None;
                     return why;
                 }
@@ -201,27 +201,25 @@ async fn session(
     }
 }
 
-/// The watch can't resume where it was: list again.
-struct Compacted(EtcdError);
-
-/// Applies one watch message. Ok(true) when keys changed.
-fn apply_watch_message(snap: &mut Snapshot, message: &Value) -> Result<bool, Compacted> {
+/// Applies one watch message. Ok(true) when keys changed; an error means
+/// the watch can't resume where it was: list again.
+fn apply_watch_message(snap: &mut Snapshot, message: &Value) -> Result<bool, EtcdError> {
     if let Some(error) = message.get("error") {
-        return Err(Compacted(EtcdError::WatchFailed(error.clone())));
+        return Err(EtcdError::WatchFailed(error.clone()));
     }
     let Some(result) = message.get("result") else {
         return Ok(false);
     };
     let compact = int(result.get("compact_revision"));
     if compact > 0 {
-        return Err(Compacted(EtcdError::Compacted {
+        return Err(EtcdError::Compacted {
             revision: snap.revision + 1,
             oldest: compact,
-        }));
+        });
     }
     if result.get("canceled").and_then(Value::as_bool) == Some(true) {
         let reason = result.get("cancel_reason").unwrap_or(&Value::Null);
-        return Err(Compacted(EtcdError::Canceled(reason.clone())));
+        return Err(EtcdError::Canceled(reason.clone()));
     }
     let events = result.get("events").and_then(Value::as_array);
     let created = result.get("created").and_then(Value::as_bool) == Some(true);
@@ -325,10 +323,10 @@ fn backends(snap: &Snapshot) -> Result<Backends, DiscoveryError> {
         .map(|(key, value)| {
             let key = String::from_utf8_lossy(key).into_owned();
             let parsed: BackendValue =
-                serde_json::from_slice(value).map_err(|source| DiscoveryError::EtcdValue {
+                serde_json::from_slice(value).map_err(|error| DiscoveryError::EtcdValue {
                     key: key.clone(),
                     value: String::from_utf8_lossy(value).into_owned(),
-                    source,
+                    error,
                 })?;
             let addr: SocketAddr =
                 parsed
@@ -415,16 +413,19 @@ mod tests {
             values: BTreeMap::new(),
         };
         let compacted = serde_json::json!({"result": {"compact_revision": "20"}});
-        let Err(Compacted(why)) = apply_watch_message(&mut at_5, &compacted) else {
+        let Err(why) = apply_watch_message(&mut at_5, &compacted) else {
             panic!("not compacted");
         };
         let error = DiscoveryError::Etcd {
             endpoint: "http://e:2379".into(),
-            source: why,
+            error: why,
         };
         assert_eq!(
             error.to_string(),
             "etcd http://e:2379: revision 6 was compacted (oldest kept 20); listing again"
         );
+        // The text has the cause already: no source for a chain printer to
+        // repeat.
+        assert!(std::error::Error::source(&error).is_none());
     }
 }

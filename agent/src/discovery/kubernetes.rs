@@ -137,7 +137,7 @@ pub async fn run(spec: Kubernetes, reporter: Reporter) {
                 } else {
                     "endpointslices"
                 };
-                let error = DiscoveryError::KubeWatch { what, source: e };
+                let error = DiscoveryError::KubeWatch { what, error: e };
                 if !reporter.send(Outcome::Failed(error)).await {
                     return;
                 }
@@ -172,9 +172,9 @@ pub async fn run(spec: Kubernetes, reporter: Reporter) {
 async fn client(spec: &Kubernetes) -> Result<Client, KubeClientError> {
     match &spec.api_server {
         Some(url) => {
-            let uri: hyper::Uri = url.parse().map_err(|source| KubeClientError::ApiServer {
+            let uri: hyper::Uri = url.parse().map_err(|error| KubeClientError::ApiServer {
                 url: url.clone(),
-                source,
+                error,
             })?;
             // Keep the credentials (service account, kubeconfig) and change
             // only where they are presented.

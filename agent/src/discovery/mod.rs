@@ -27,10 +27,7 @@ use tracing::{info, warn};
 
 pub use self::error::{DiscoveryError, DnsError, EtcdError, KubeClientError};
 use crate::{
-    config::{
-        DiscoverySpec, Kubernetes, ServiceSpec, Source, Validated,
-        validate::{self, BackendError},
-    },
+    config::{BackendError, DiscoverySpec, Kubernetes, ServiceSpec, Source, Validated, backend},
     reconcile::service_key,
 };
 
@@ -429,12 +426,8 @@ impl Hub {
             Outcome::Services(_) => return false,
             Outcome::Backends(found) => match check_backends(spec, found) {
                 Ok(backends) => backends,
-                Err(source) => {
-                    let why = DiscoveryError::Refused {
-                        service: report.service.clone(),
-                        source,
-                    };
-                    status.failed(&report.service, why);
+                Err(why) => {
+                    status.failed(&report.service, DiscoveryError::Refused(why));
                     return false;
                 }
             },
@@ -532,7 +525,7 @@ fn check_backends(spec: &ServiceSpec, found: Backends) -> Result<Backends, Backe
     let mut seen = HashSet::new();
     let mut backends = Vec::with_capacity(found.len());
     for (addr, weight) in found {
-        validate::backend(addr, weight, spec.vip)?;
+        backend(addr, weight, spec.vip)?;
         if seen.insert(addr) {
             backends.push((addr, weight));
         }

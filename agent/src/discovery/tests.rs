@@ -1,30 +1,37 @@
 use super::*;
 use crate::config::MAX_WEIGHT;
 
-fn spec(vip: &str) -> ServiceSpec {
+fn config(vip: &str) -> Validated {
     let text = format!(
         "interfaces: [{{name: lb0}}]\nservices:\n  - name: web\n    vip: \"{vip}\"\n    port: 80\n    protocol: tcp\n    discovery:\n      dns: {{name: _http._tcp.web.example}}\n"
     );
-    crate::config::parse(&text, "c.yaml")
-        .unwrap()
-        .services
-        .remove(0)
+    crate::config::parse(&text, "c.yaml").unwrap()
+}
+
+fn spec(vip: &str) -> ServiceSpec {
+    config(vip).services.remove(0)
 }
 
 fn at(s: &str) -> SocketAddr {
     s.parse().unwrap()
 }
 
-/// What a refused answer leaves in the provider's status.
+/// What a refused answer leaves in the provider's status, through the hub.
 fn refused(vip: &str, found: Backends) -> String {
-    let source = check_backends(&spec(vip), found).unwrap_err();
-    let why = DiscoveryError::Refused {
+    let mut hub = Hub::default();
+    hub.statuses.insert("web".into(), Status::starting("dns"));
+    let report = Report {
         service: "web".into(),
-        source,
+        generation: 0,
+        outcome: Outcome::Backends(found),
     };
-    let mut status = Status::starting("dns");
-    status.failed("web", why);
-    status.error.unwrap()
+    assert!(
+        !hub.accept(report, &config(vip)),
+        "a refused answer changed the state"
+    );
+    let status = &hub.statuses["web"];
+    assert!(!status.healthy && status.backends.is_none());
+    status.error.clone().unwrap()
 }
 
 #[test]

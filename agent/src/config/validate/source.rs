@@ -6,7 +6,7 @@ use std::{
     time::Duration,
 };
 
-use super::{Refusal, refuse};
+use super::{Refusal, min_and_max, refuse};
 use crate::config::{Discovery, DiscoverySpec, DnsDiscovery, DnsRecord, EtcdDiscovery, Source};
 
 /// A service's discovery source, under `at` (`services[i].discovery`).
@@ -80,20 +80,12 @@ fn dns_source(dns: &DnsDiscovery, vip: IpAddr, at: &str) -> Result<Source, Refus
                 .map_err(|_| refuse(field("server"), text, "expected IP or IP:PORT"))?,
         ),
     };
-    if dns.min_interval_seconds == 0 {
-        return Err(refuse(
-            field("min_interval_seconds"),
-            dns.min_interval_seconds,
-            "must be at least 1",
-        ));
-    }
-    if dns.max_interval_seconds < dns.min_interval_seconds {
-        return Err(refuse(
-            field("max_interval_seconds"),
-            dns.max_interval_seconds,
-            "must be at least dns.min_interval_seconds",
-        ));
-    }
+    min_and_max(
+        at,
+        "dns",
+        ("min_interval_seconds", dns.min_interval_seconds),
+        ("max_interval_seconds", dns.max_interval_seconds),
+    )?;
     Ok(Source::Dns {
         name: dns.name.clone(),
         record: dns.record,
