@@ -3,6 +3,8 @@
 //! the kernel programs (swapped into the links atomically), all while a
 //! long-lived TCP stream and a loop of new connections run. Then the
 //! refusals: another map layout, another capacity; and `sluice cleanup`.
+//! And what a crash in the middle of an apply leaves: backends whose service
+//! entry is gone, ended by the next agent.
 
 use std::{
     io::{BufRead, BufReader, Write},
@@ -16,6 +18,7 @@ use std::{
     time::Duration,
 };
 
+use agent_common::{Service, ServiceKey};
 use anyhow::{Context, Result, bail};
 use sluice_tests::{Agent, Bpffs, TempDir, service_json, sluice_bin, wait_for};
 use testbed::{Family, Topology, tcp_ask};
@@ -322,4 +325,59 @@ fn run_expecting_failure(topo: &Topology, cfg: &Path, dir: &TempDir) -> Result<S
         Ok(_) => bail!("the agent started"),
         Err(e) => Ok(format!("{e:#}")),
     }
+}
+
+/// An agent killed between removing a service's entry and ending its
+/// backends leaves backends that no pinned service owns, and their flows.
+/// The next agent ends them as it ends removed backends: their flows are
+/// deleted before their ids (and prefilter bits) go, and a connection that
+/// goes on is picked up again by the new service's Maglev choice.
+#[test]
+fn backends_left_without_a_service_are_ended_at_adoption() -> Result<()> {
+    let topo = Topology::new("ho", 3)?;
+    let _servers = topo.serve(Family::V4, 8080)?;
+    topo.warm_neighbours()?;
+    let dir = TempDir::new("ho")?;
+    let bpffs = Bpffs::mount(&dir)?;
+    let pin_dir = bpffs.0.join("node-a");
+    let cfg = dir.path("sluice.yaml");
+    std::fs::write(&cfg, config(&pin_dir, 65536, None))?;
+    let mut agent = Agent::start(&topo.lb, &cfg, dir.path("a1.log"))?;
+    let mut stream = Stream::open(&topo)?;
+    stream.check("before the crash")?;
+    agent.kill9()?;
+
+    // The crash: the service's entry is gone, its backends are not.
+    let pinned = pin_dir.join(format!("layout-{}/maps/SERVICES", agent_common::MAP_LAYOUT));
+    let mut services: aya::maps::HashMap<_, ServiceKey, Service> = aya::maps::HashMap::try_from(
+        aya::maps::Map::HashMap(aya::maps::MapData::from_pin(&pinned)?),
+    )?;
+    let keys: Vec<ServiceKey> = services.keys().collect::<Result<_, _>>()?;
+    assert_eq!(keys.len(), 1, "one service pinned");
+    services.remove(&keys[0])?;
+    drop(services);
+
+    let agent = Agent::start(&topo.lb, &cfg, dir.path("a2.log"))?;
+    let log = agent.log_text();
+    let ended: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("backend removed") && l.contains("(adopted) service #"))
+        .collect();
+    assert_eq!(ended.len(), 3, "the three ownerless backends ended:\n{log}");
+    let flows_closed: u64 = ended
+        .iter()
+        .filter_map(|l| l.split("flows_closed=").nth(1))
+        .filter_map(|n| {
+            n.split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum();
+    assert!(
+        flows_closed >= 2,
+        "the stream's two entries were not deleted ({flows_closed}):\n{log}"
+    );
+    stream.check("after its entries were deleted")?;
+    Ok(())
 }
