@@ -197,6 +197,9 @@ pub struct Topology {
     pub client: Netns,
     pub lb: Netns,
     pub backends: Vec<Netns>,
+    /// The unique prefix of every namespace's name (`{base}c`, `{base}l`,
+    /// `{base}b{i}`).
+    base: String,
 }
 
 impl Topology {
@@ -209,6 +212,7 @@ impl Topology {
             client,
             lb,
             backends: Vec::new(),
+            base: base.clone(),
         };
         for i in 0..backends {
             topo.backends.push(Netns::new(&format!("{base}b{i}"))?);
@@ -263,7 +267,7 @@ impl Topology {
     /// new pod's veth appears on a node; returns its index.
     pub fn add_backend(&mut self) -> Result<usize> {
         let i = self.backends.len();
-        let name = format!("{}b{i}", self.lb.name.trim_end_matches('l'));
+        let name = format!("{}b{i}", self.base);
         self.backends.push(Netns::new(&name)?);
         self.wire_backend(i)?;
         wait_for_dad(&self.backends[i])?;
@@ -297,13 +301,6 @@ impl Topology {
             .collect()
     }
 
-    /// Names of the LB's interfaces (`front`, `back0`, …).
-    pub fn lb_interfaces(&self) -> Vec<String> {
-        std::iter::once("front".to_string())
-            .chain((0..self.backends.len()).map(|i| format!("back{i}")))
-            .collect()
-    }
-
     /// Resolves every neighbour the LB forwards to, so the XDP fast path
     /// (not the kernel's slow path) handles the first packets.
     pub fn warm_neighbours(&self) -> Result<()> {
@@ -319,7 +316,8 @@ impl Topology {
     }
 }
 
-fn link_pair(ns_a: &str, a: &str, ns_b: &str, b: &str) -> Result<()> {
+/// A veth pair: `a` in namespace `ns_a`, its peer `b` in `ns_b` (both down).
+pub fn link_pair(ns_a: &str, a: &str, ns_b: &str, b: &str) -> Result<()> {
     run(&[
         "ip", "link", "add", a, "netns", ns_a, "type", "veth", "peer", "name", b, "netns", ns_b,
     ])
@@ -340,8 +338,11 @@ fn route_default(ns: &str, via: IpAddr) -> Result<()> {
     run_in(ns, &["ip", fam, "route", "add", "default", "via", &via])
 }
 
-fn wait_for_dad(ns: &Netns) -> Result<()> {
-    // Addresses are added with nodad; link-local ones may still be tentative.
+/// Waits until no IPv6 address of `ns` is tentative: addresses added with
+/// `nodad` never are, but link-local ones go through duplicate address
+/// detection once their link is up. Gives up quietly after 5 s (what needs
+/// the addresses then fails by itself, saying what).
+pub fn wait_for_dad(ns: &Netns) -> Result<()> {
     for _ in 0..50 {
         let out = Command::new("ip")
             .args([

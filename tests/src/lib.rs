@@ -1,6 +1,7 @@
 //! Helpers for Sluice's integration tests: running the real `sluice` binary in
 //! a namespace, talking HTTP to it, and writing configs.
 
+pub mod bench;
 pub mod fib;
 pub mod helm;
 pub mod kube_mock;
@@ -12,6 +13,10 @@ use std::{
     net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     thread,
     time::{Duration, Instant},
 };
@@ -119,6 +124,18 @@ impl Agent {
 
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// SIGHUP: the agent reads its config file now instead of at its next
+    /// poll.
+    pub fn reload(&self) -> Result<()> {
+        let child = self.child.as_ref().context("sluice was already stopped")?;
+        // SAFETY: signalling the child this struct started (and has not
+        // reaped, so the PID is still its own), by its PID.
+        if unsafe { libc::kill(child.id() as i32, libc::SIGHUP) } != 0 {
+            bail!("SIGHUP to sluice: {}", std::io::Error::last_os_error());
+        }
+        Ok(())
     }
 
     /// SIGKILL, as in a crash: the agent gets no chance to clean up.
@@ -252,9 +269,19 @@ impl Drop for Daemon {
 /// The `interfaces:` section for the test topology: `front` and
 /// `back0`..`back{backends-1}`, in the agent's default attach mode (auto).
 pub fn interfaces_yaml(backends: usize) -> String {
-    let mut text = String::from("interfaces:\n  - name: front\n");
-    for i in 0..backends {
-        text += &format!("  - name: back{i}\n");
+    interfaces_yaml_in(backends, None)
+}
+
+/// As `interfaces_yaml`, each interface in `attach` mode if given.
+pub fn interfaces_yaml_in(backends: usize, attach: Option<&str>) -> String {
+    let mut text = String::from("interfaces:\n");
+    for name in
+        std::iter::once("front".to_string()).chain((0..backends).map(|i| format!("back{i}")))
+    {
+        text += &format!("  - name: {name}\n");
+        if let Some(mode) = attach {
+            text += &format!("    attach: {mode}\n");
+        }
     }
     text
 }
@@ -268,15 +295,87 @@ pub fn one_service_yaml(
     snat: bool,
     backend: SocketAddr,
 ) -> String {
-    let mut text = interfaces_yaml(lb_interfaces);
+    one_service_yaml_with(&OneService {
+        lb_interfaces,
+        family,
+        snat,
+        backend,
+        ..OneService::default()
+    })
+}
+
+/// What `one_service_yaml_with` writes: `one_service_yaml`'s arguments, and
+/// the settings it leaves at their defaults.
+#[derive(Clone, Debug)]
+pub struct OneService<'a> {
+    pub lb_interfaces: usize,
+    pub family: testbed::Family,
+    pub snat: bool,
+    pub backend: SocketAddr,
+    /// Every interface's attach mode (None: the agent's default, auto).
+    pub attach: Option<&'a str>,
+    /// The service's port on the VIP.
+    pub port: u16,
+}
+
+impl Default for OneService<'_> {
+    fn default() -> Self {
+        Self {
+            lb_interfaces: 1,
+            family: testbed::Family::V4,
+            snat: false,
+            backend: SocketAddr::new(testbed::Family::V4.backend(0), 8080),
+            attach: None,
+            port: 80,
+        }
+    }
+}
+
+/// The config `s` describes (see `one_service_yaml`).
+pub fn one_service_yaml_with(s: &OneService) -> String {
+    let (family, snat, backend) = (s.family, s.snat, s.backend);
+    let mut text = interfaces_yaml_in(s.lb_interfaces, s.attach);
     text += &format!(
-        "services:\n  - name: web\n    vip: \"{}\"\n    port: 80\n    protocol: tcp\n",
-        family.vip()
+        "services:\n  - name: web\n    vip: \"{}\"\n    port: {}\n    protocol: tcp\n",
+        family.vip(),
+        s.port
     );
     if snat {
         text += &format!("    forwarding: snat\n    snat_ip: \"{}\"\n", family.snat());
     }
     text + &format!("    backends:\n      - address: \"{backend}\"\n")
+}
+
+/// Sets its flag when dropped: the stop signal of threads a test started,
+/// given on every way out of the test, failures included.
+pub struct StopOnDrop(pub Arc<AtomicBool>);
+
+impl StopOnDrop {
+    pub fn new() -> Self {
+        Self(Arc::new(AtomicBool::new(false)))
+    }
+
+    /// The flag, for a thread to watch.
+    pub fn flag(&self) -> Arc<AtomicBool> {
+        self.0.clone()
+    }
+
+    /// Sets the flag now.
+    pub fn stop(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Default for StopOnDrop {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }
 
 /// Polls `f` every 100 ms until it says true; fails after `limit`.

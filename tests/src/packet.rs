@@ -23,6 +23,8 @@ pub struct Pkt {
     pub payload: Vec<u8>,
     /// IPv4 options (a multiple of 4 bytes).
     pub ip_options: Vec<u8>,
+    /// IPv4 identification (which datagram a fragment belongs to).
+    pub ip_id: u16,
     /// IPv4 flags+fragment offset field (host order).
     pub frag: u16,
     /// Send a UDP-over-IPv4 datagram without checksum (zero).
@@ -46,6 +48,7 @@ impl Pkt {
             ttl: 64,
             payload: b"payload!".to_vec(),
             ip_options: Vec::new(),
+            ip_id: 0x1234,
             frag: 0,
             udp_no_checksum: false,
             ipv6_hop_by_hop: false,
@@ -115,7 +118,7 @@ impl Pkt {
                 let ihl = 5 + self.ip_options.len() / 4;
                 let mut ip = vec![(4 << 4) | ihl as u8, 0];
                 ip.extend_from_slice(&((ihl * 4 + l4.len()) as u16).to_be_bytes());
-                ip.extend_from_slice(&0x1234u16.to_be_bytes());
+                ip.extend_from_slice(&self.ip_id.to_be_bytes());
                 ip.extend_from_slice(&self.frag.to_be_bytes());
                 ip.push(self.ttl);
                 ip.push(self.proto);

@@ -3,12 +3,12 @@
 
 use std::{
     net::SocketAddr,
-    process::Command,
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
-use anyhow::{Result, bail};
-use aya::programs::{SchedClassifier, TcAttachType};
+use anyhow::{Context, Result, bail};
+use aya::programs::{ProgramError, SchedClassifier, TcAttachType};
 use sluice_tests::{Agent, Bed, http_get, sluice_bin};
 use testbed::{Netns, Topology, tcp_ask};
 
@@ -22,13 +22,23 @@ fn config(backends: &[usize]) -> String {
     text
 }
 
+/// The exit code of `sluice run` when it can't start for a reason other
+/// than its config (here: an attach mode refused on the device).
+const EXIT_FAILURE: i32 = 1;
+
 /// Interfaces of `ns` that have an XDP program or a tcx program attached,
 /// one line each ("front: tcx 1", "front: xdp").
-fn attached(ns: &Netns) -> String {
+fn attached(ns: &Netns) -> Result<String> {
     let out = Command::new("ip")
         .args(["netns", "exec", &ns.name, "ip", "-o", "-d", "link", "show"])
-        .output()
-        .unwrap();
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "ip link show in {}: {}",
+            ns.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let mut found = Vec::new();
     for line in text.lines() {
@@ -42,30 +52,71 @@ fn attached(ns: &Netns) -> String {
         if line.contains("prog/xdp") {
             found.push(format!("{name}: xdp"));
         }
-        let tcx = ns
-            .enter(|| {
-                SchedClassifier::query_tcx(name, TcAttachType::Ingress)
-                    .map(|(_, progs)| progs.len())
-                    .unwrap_or(0)
-            })
-            .unwrap();
+        let tcx =
+            ns.enter(
+                || match SchedClassifier::query_tcx(name, TcAttachType::Ingress) {
+                    Ok((_, progs)) => Ok(progs.len()),
+                    // A program detached between the query and the look-up of its id.
+                    Err(ProgramError::SyscallError(e))
+                        if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+                    {
+                        Ok(0)
+                    }
+                    Err(e) => Err(anyhow::Error::new(e).context(format!(
+                        "querying the tcx programs of {name} in {}",
+                        ns.name
+                    ))),
+                },
+            )??;
         if tcx > 0 {
             found.push(format!("{name}: tcx {tcx}"));
         }
     }
-    found.join("\n")
+    Ok(found.join("\n"))
 }
 
 /// `sluice run` on `config` in `ns`, for a config it must refuse: its
-/// output once it has exited.
+/// output once it has exited. One still running after 15 s has accepted
+/// it: it is killed (by its own PID) and that is the error.
 fn run_to_exit(ns: &Netns, config: &std::path::Path) -> Result<std::process::Output> {
-    Ok(Command::new("ip")
+    // Files, not pipes: a running agent that filled a pipe nobody reads
+    // would block instead of saying what it does.
+    let (out_path, err_path) = (
+        config.with_extension("stdout"),
+        config.with_extension("stderr"),
+    );
+    let mut child = Command::new("ip")
         .args(["netns", "exec", &ns.name])
         .arg(sluice_bin())
         .args(["run", "--config"])
         .arg(config)
         .args(["--listen", "127.0.0.1:9464"])
-        .output()?)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out_path)?)
+        .stderr(std::fs::File::create(&err_path)?)
+        .spawn()
+        .context("starting sluice")?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!(
+                "{} accepted: still running after 15 s:\n{}",
+                config.display(),
+                std::fs::read_to_string(&err_path).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    Ok(std::process::Output {
+        status,
+        stdout: std::fs::read(&out_path)?,
+        stderr: std::fs::read(&err_path)?,
+    })
 }
 
 fn bed(tag: &str) -> Result<Bed> {
@@ -131,7 +182,7 @@ fn bad_config_exits_2_naming_the_field_and_attaches_nothing() -> Result<()> {
             "{stderr}"
         );
         assert_eq!(
-            attached(&b.topo.lb),
+            attached(&b.topo.lb)?,
             "",
             "nothing attached after a bad config"
         );
@@ -173,7 +224,7 @@ fn endpoints_and_sigterm() -> Result<()> {
         config(&[0, 1]).replace("  - name: back1\n", "  - name: back1\n  - name: vx0\n"),
     )?;
     let mut agent = Agent::start(&b.topo.lb, &path, b.dir.path("agent.log"))?;
-    assert_ne!(attached(&b.topo.lb), "", "programs attached while running");
+    assert_ne!(attached(&b.topo.lb)?, "", "programs attached while running");
 
     let (status, body) = http_get(&b.topo.lb, agent.listen, "/healthz")?;
     assert_eq!(status, 200, "{body}");
@@ -241,7 +292,7 @@ fn endpoints_and_sigterm() -> Result<()> {
 
     assert_eq!(agent.stop()?, Some(0), "exit status after SIGTERM");
     assert_eq!(
-        attached(&b.topo.lb),
+        attached(&b.topo.lb)?,
         "",
         "everything detached after SIGTERM"
     );
@@ -342,6 +393,29 @@ fn kernel_log_records_reach_the_agent_log() -> Result<()> {
 #[test]
 fn xdp_modes_that_cannot_forward_on_veth_are_refused_and_auto_says_why() -> Result<()> {
     let b = bed("ax")?;
+    // Auto first: it also shows that `attached` sees what the agent
+    // attaches here, so the "nothing attached" checks below mean something.
+    let path = b.dir.path("auto.yaml");
+    std::fs::write(&path, config(&[0]).replace("    attach: tc\n", ""))?;
+    let mut agent = Agent::start(&b.topo.lb, &path, b.dir.path("agent.log"))?;
+    let log = agent.log_text();
+    assert!(
+        log.contains("auto attach: modes to try") && log.contains("veth: XDP can't complete"),
+        "{log}"
+    );
+    assert_eq!(
+        attached(&b.topo.lb)?,
+        "front: tcx 1\nback0: tcx 1\nback1: tcx 1",
+        "auto on veths: tc on every interface"
+    );
+    assert_eq!(backends_reached(&b.topo, 10)?, ["b0"]);
+    assert_eq!(agent.stop()?, Some(0), "exit status after SIGTERM");
+    assert_eq!(
+        attached(&b.topo.lb)?,
+        "",
+        "everything detached after SIGTERM"
+    );
+
     for (mode, why) in [
         ("xdp-native", "partial checksums"),
         ("xdp-generic", "GSO super-packets"),
@@ -353,24 +427,17 @@ fn xdp_modes_that_cannot_forward_on_veth_are_refused_and_auto_says_why() -> Resu
         )?;
         let out = run_to_exit(&b.topo.lb, &path)?;
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            !out.status.success(),
-            "{mode} on veth was accepted: {stderr}"
+        // Refused at start-up, not as a bad config (that would be 2).
+        assert_eq!(
+            out.status.code(),
+            Some(EXIT_FAILURE),
+            "{mode} on veth: exit status: {stderr}"
         );
         assert!(
             stderr.contains("interface front refused") && stderr.contains(why),
             "{mode}: the refusal names the device and the reason: {stderr}"
         );
-        assert_eq!(attached(&b.topo.lb), "", "nothing attached after {mode}");
+        assert_eq!(attached(&b.topo.lb)?, "", "nothing attached after {mode}");
     }
-    let path = b.dir.path("auto.yaml");
-    std::fs::write(&path, config(&[0]).replace("    attach: tc\n", ""))?;
-    let agent = Agent::start(&b.topo.lb, &path, b.dir.path("agent.log"))?;
-    let log = agent.log_text();
-    assert!(
-        log.contains("auto attach: modes to try") && log.contains("veth: XDP can't complete"),
-        "{log}"
-    );
-    assert_eq!(backends_reached(&b.topo, 10)?, ["b0"]);
     Ok(())
 }

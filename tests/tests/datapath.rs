@@ -392,31 +392,85 @@ fn what_the_datapath_cannot_handle_is_counted_by_reason() -> Result<()> {
 /// in front of the transport header are stepped over.
 #[test]
 fn fragments_follow_their_first_and_extension_headers_are_parsed() -> Result<()> {
-    let mut bed = FibBed::new(&services(Family::V4, false, &[0]))?;
-    let udp = to_vip(Family::V4, 17, 0);
-    let first = Pkt {
-        frag: 0x2000,
-        ..udp.clone()
-    };
-    let (rc, out) = bed.run(&first.bytes())?;
-    assert_eq!(rc, XDP_REDIRECT, "first fragment");
-    let backend = Family::V4.backend(0).to_string();
-    let dst = |f: &[u8]| std::net::Ipv4Addr::new(f[30], f[31], f[32], f[33]).to_string();
-    assert_eq!(dst(&out), backend);
-    let later = Pkt {
+    let family = Family::V4;
+    let mut bed = FibBed::new(&services(family, false, &[0, 1, 2]))?;
+    // 30 datagrams from as many source ports, each with its own
+    // identification: all first fragments, then all later ones, so that
+    // each later fragment must find its own first among the 30.
+    let datagrams: Vec<Pkt> = (0..30u16)
+        .map(|k| Pkt {
+            sport: 30_000 + k,
+            ip_id: 0x4000 + k,
+            ..to_vip(family, 17, 0)
+        })
+        .collect();
+    let mut firsts = Vec::new();
+    for udp in &datagrams {
+        let first = Pkt {
+            frag: 0x2000, // more fragments, offset 0
+            ..udp.clone()
+        };
+        let (rc, out) = bed.run(&first.bytes())?;
+        assert_eq!(rc, XDP_REDIRECT, "first fragment of {}", udp.sport);
+        let backend = backend_of(&out);
+        assert_eq!(
+            out,
+            dnatted(&first, family, backend).bytes(),
+            "first fragment of {}: DNAT bytes",
+            udp.sport
+        );
+        firsts.push(backend);
+    }
+    let used: std::collections::BTreeSet<_> = firsts.iter().collect();
+    assert_eq!(
+        used.len(),
+        3,
+        "30 datagrams over 3 backends use all of them"
+    );
+    for (udp, &backend) in datagrams.iter().zip(&firsts) {
+        let later = Pkt {
+            frag: 0x0010, // offset 128 bytes, the last fragment
+            ..udp.clone()
+        };
+        // Where a header would hold ports, a later fragment holds payload:
+        // what is there (here another source port to the service's port)
+        // must not steer it.
+        let mut frame = later.bytes();
+        frame[34..36].copy_from_slice(&(udp.sport ^ 0x5a5a).to_be_bytes());
+        frame[36..38].copy_from_slice(&80u16.to_be_bytes());
+        let (rc, out) = bed.run(&frame)?;
+        assert_eq!(
+            rc, XDP_REDIRECT,
+            "later fragment of {}: forwarded",
+            udp.sport
+        );
+        assert_eq!(
+            backend_of(&out),
+            backend,
+            "later fragment of {}: the first fragment's backend",
+            udp.sport
+        );
+        // Its IP header DNATed like the first's (addresses, TTL, checksum);
+        // its payload, which is not an L4 header, untouched.
+        let expected = dnatted(&later, family, backend).bytes();
+        assert_eq!(
+            out[..34],
+            expected[..34],
+            "later fragment of {}: IP header",
+            udp.sport
+        );
+        assert_eq!(
+            out[34..],
+            frame[34..],
+            "later fragment of {}: payload untouched",
+            udp.sport
+        );
+    }
+    let mut other = Pkt {
         frag: 0x0010,
-        ..udp.clone()
+        ..datagrams[0].clone()
     }
     .bytes();
-    let (rc, out) = bed.run(&later)?;
-    assert_eq!(rc, XDP_REDIRECT, "later fragment of the same datagram");
-    assert_eq!(dst(&out), backend);
-    assert_eq!(
-        out[34..],
-        later[34..],
-        "a later fragment's payload is not an L4 header: untouched"
-    );
-    let mut other = later.clone();
     other[18] ^= 0xff; // another datagram's identification
     let before = bed.reason(reason::FRAGMENT);
     assert_eq!(bed.run(&other)?, (XDP_PASS, other.clone()));
@@ -427,7 +481,13 @@ fn fragments_follow_their_first_and_extension_headers_are_parsed() -> Result<()>
         ipv6_hop_by_hop: true,
         ..to_vip(Family::V6, 17, 0)
     };
-    assert_eq!(bed6.run(&hop_by_hop.bytes())?.0, XDP_REDIRECT);
+    let (rc, out) = bed6.run(&hop_by_hop.bytes())?;
+    assert_eq!(rc, XDP_REDIRECT);
+    assert_eq!(
+        out,
+        dnatted(&hop_by_hop, Family::V6, 0).bytes(),
+        "hop-by-hop: DNAT bytes, the extension header kept"
+    );
     Ok(())
 }
 

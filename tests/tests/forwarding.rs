@@ -213,12 +213,12 @@ fn run_spread(
 
 #[test]
 fn ipv4_dnat_auto() -> Result<()> {
-    run_spread("f4n", Family::V4, "auto", false, 600, 300)
+    run_spread("f4d", Family::V4, "auto", false, 600, 300)
 }
 
 #[test]
 fn ipv6_dnat_auto() -> Result<()> {
-    run_spread("f6n", Family::V6, "auto", false, 600, 300)
+    run_spread("f6d", Family::V6, "auto", false, 600, 300)
 }
 
 #[test]
@@ -229,11 +229,6 @@ fn ipv4_snat_auto() -> Result<()> {
 #[test]
 fn ipv6_snat_auto() -> Result<()> {
     run_spread("f6s", Family::V6, "auto", true, 600, 300)
-}
-
-#[test]
-fn ipv6_snat_tc() -> Result<()> {
-    run_spread("f6t", Family::V6, "tc", true, 600, 300)
 }
 
 #[test]
@@ -450,8 +445,7 @@ fn every_connection_completes_while_the_backend_set_changes_100_times() -> Resul
     for k in 0..100 {
         std::fs::write(&tmp, config_text(&setup, &sets[k % sets.len()]))?;
         std::fs::rename(&tmp, &path)?;
-        // SAFETY: signalling the agent this test started, by its PID.
-        unsafe { libc::kill(b.agent.pid() as i32, libc::SIGHUP) };
+        b.agent.reload()?;
         std::thread::sleep(Duration::from_millis(40));
     }
     std::thread::sleep(Duration::from_millis(300));

@@ -48,8 +48,10 @@ fn metrics(b: &Bed, agent: &Agent) -> Result<String> {
     Ok(http_get(&b.topo.lb, agent.listen, "/metrics")?.1)
 }
 
-fn value(m: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    metric(m, name, labels).unwrap_or(0.0)
+/// A metric's value; an error if the agent doesn't export it (a missing
+/// series must not read as zero).
+fn value(m: &str, name: &str, labels: &[(&str, &str)]) -> Result<f64> {
+    metric(m, name, labels).with_context(|| format!("{name} missing (labels {labels:?})"))
 }
 
 /// 100,000 short connections in a row through an snat service with one
@@ -89,7 +91,7 @@ fn a_hundred_thousand_short_snat_connections_in_a_row() -> Result<()> {
             &m,
             "sluice_drops_total",
             &[("reason", "snat_ports_exhausted")]
-        ),
+        )?,
         0.0
     );
     assert_eq!(
@@ -97,21 +99,21 @@ fn a_hundred_thousand_short_snat_connections_in_a_row() -> Result<()> {
             &m,
             "sluice_backend_connections_total",
             &[("service", "web")]
-        ),
+        )?,
         n as f64,
         "{m}"
     );
     eprintln!(
         "{n} connections in {took:?} ({:.0}/s); conntrack entries at the end: {}",
         n as f64 / took.as_secs_f64(),
-        value(&m, "sluice_conntrack_entries", &[])
+        value(&m, "sluice_conntrack_entries", &[])?
     );
     // Closed flows wait out TIME_WAIT (10 s by default), then the sweep
     // removes both entries of each.
     wait_for(
         "conntrack entries back near zero",
         Duration::from_secs(30),
-        || Ok(value(&metrics(&b, &agent)?, "sluice_conntrack_entries", &[]) <= 4.0),
+        || Ok(value(&metrics(&b, &agent)?, "sluice_conntrack_entries", &[])? <= 4.0),
     )?;
     Ok(())
 }
@@ -130,26 +132,26 @@ fn idle_flows_expire_and_leave_the_active_gauge() -> Result<()> {
     let streams = idle_connections(&b, vip, 3)?;
     b.topo.client.enter(|| udp_ask(vip, 21_000, TIMEOUT))??;
     let active = || -> Result<f64> {
-        Ok(value(
+        value(
             &metrics(&b, &agent)?,
             "sluice_backend_active_connections",
             &[("service", "web")],
-        ))
+        )
     };
     assert_eq!(active()?, 3.0);
     let by_state = |state: &str| -> Result<f64> {
-        Ok(value(
+        value(
             &metrics(&b, &agent)?,
             "sluice_conntrack_entries_by_state",
             &[("state", state)],
-        ))
+        )
     };
     wait_for("established flows counted", Duration::from_secs(5), || {
         Ok(by_state("established")? == 6.0 && by_state("udp")? == 2.0)
     })?;
     // Nothing moves for longer than the timeouts: the sweep removes them.
     wait_for("idle flows expired", Duration::from_secs(10), || {
-        Ok(value(&metrics(&b, &agent)?, "sluice_conntrack_entries", &[]) == 0.0)
+        Ok(value(&metrics(&b, &agent)?, "sluice_conntrack_entries", &[])? == 0.0)
     })?;
     assert_eq!(active()?, 0.0, "expired connections are no longer active");
     drop(streams);
@@ -183,20 +185,20 @@ fn evicted_connections_leave_the_active_gauge() -> Result<()> {
     let agent = Agent::start(&b.topo.lb, &path, b.dir.path("agent.log"))?;
     let vip: SocketAddr = VIP.parse()?;
     let active = || -> Result<f64> {
-        Ok(value(
+        value(
             &metrics(&b, &agent)?,
             "sluice_backend_active_connections",
             &[("service", "web")],
-        ))
+        )
     };
     let streams = idle_connections(&b, vip, 4)?;
     assert_eq!(active()?, 4.0);
     let established_entries = || -> Result<f64> {
-        Ok(value(
+        value(
             &metrics(&b, &agent)?,
             "sluice_conntrack_entries_by_state",
             &[("state", "established")],
-        ))
+        )
     };
     // UDP flows, 2,000 at a time (4,000 entries), into a map of 1,024 until
     // the LRU has evicted the idle connections' entries (which entries go

@@ -7,14 +7,19 @@
 //! client ─ lb ─ router (backend 0 of the topology) ─[1300]─ server
 
 use std::{
-    io::{Read, Write},
+    io::{ErrorKind, Read, Write},
     net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream},
-    time::Duration,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail};
-use sluice_tests::{Agent, TempDir};
-use testbed::{Family, Netns, Topology, run, unique};
+use sluice_tests::{Agent, StopOnDrop, TempDir};
+use testbed::{Family, Netns, Topology, link_pair, unique, wait_for_dad};
 
 const UPLOAD: usize = 2 << 20;
 
@@ -29,21 +34,7 @@ fn server_addr(family: Family) -> IpAddr {
 /// 1,300-byte link.
 fn wire_server(topo: &Topology, server: &Netns) -> Result<()> {
     let router = &topo.backends[0];
-    run(&[
-        "ip",
-        "link",
-        "add",
-        "eth1",
-        "netns",
-        &router.name,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "eth0",
-        "netns",
-        &server.name,
-    ])?;
+    link_pair(&router.name, "eth1", &server.name, "eth0")?;
     router.exec(&["ip", "addr", "add", "10.2.0.1/24", "dev", "eth1"])?;
     router.exec(&["ip", "addr", "add", "fd02::1/64", "dev", "eth1", "nodad"])?;
     router.exec(&["ip", "link", "set", "eth1", "mtu", "1300", "up"])?;
@@ -58,28 +49,81 @@ fn wire_server(topo: &Topology, server: &Netns) -> Result<()> {
     let lb = &topo.lb;
     lb.exec(&["ip", "route", "add", "10.2.0.0/24", "via", "10.1.0.2"])?;
     lb.exec(&["ip", "-6", "route", "add", "fd02::/64", "via", "fd01:0::2"])?;
-    std::thread::sleep(Duration::from_millis(500)); // IPv6 link-local addresses
+    // The new link's IPv6 link-local addresses (neighbour discovery's
+    // source) must be usable.
+    wait_for_dad(router)?;
+    wait_for_dad(server)?;
     Ok(())
 }
 
-/// Counts what each connection uploads and answers with the count.
-fn serve_count(server: &Netns, addr: SocketAddr) -> Result<()> {
-    let listener = server.enter(|| TcpListener::bind(addr))??;
-    std::thread::spawn(move || {
-        for mut stream in listener.incoming().flatten() {
-            let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
-            let mut buf = vec![0u8; 65_536];
-            let mut total = 0usize;
-            while let Ok(n) = stream.read(&mut buf) {
-                if n == 0 {
+/// Counts what each connection uploads and answers with the count, until
+/// dropped (which stops and joins its thread, failures included).
+struct CountServer {
+    stop: StopOnDrop,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// How long the server's blocking calls wait before looking at `stop`.
+const POLL: Duration = Duration::from_millis(100);
+/// A connection idle this long is answered with what it sent so far.
+const IDLE: Duration = Duration::from_secs(30);
+
+impl CountServer {
+    fn start(server: &Netns, addr: SocketAddr) -> Result<Self> {
+        let listener = server.enter(|| TcpListener::bind(addr))??;
+        // Blocking accepts that give up every POLL to look at `stop`.
+        socket2::SockRef::from(&listener).set_read_timeout(Some(POLL))?;
+        let stop = StopOnDrop::new();
+        let flag = stop.flag();
+        let thread = std::thread::spawn(move || {
+            while !flag.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((stream, _)) => count(stream, &flag),
+                    Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                    Err(_) => std::thread::sleep(POLL),
+                }
+            }
+        });
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for CountServer {
+    fn drop(&mut self) {
+        self.stop.stop();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn count(mut stream: TcpStream, stop: &Arc<AtomicBool>) {
+    let _ = stream.set_read_timeout(Some(POLL));
+    let mut buf = vec![0u8; 65_536];
+    let mut total = 0usize;
+    let mut last = Instant::now();
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                total += n;
+                last = Instant::now();
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                if stop.load(Ordering::SeqCst) {
+                    return;
+                }
+                if last.elapsed() > IDLE {
                     break;
                 }
-                total += n;
             }
-            let _ = stream.write_all(format!("{total}\n").as_bytes());
+            Err(_) => break,
         }
-    });
-    Ok(())
+    }
+    let _ = stream.write_all(format!("{total}\n").as_bytes());
 }
 
 fn run_upload(family: Family, snat: bool) -> Result<()> {
@@ -88,7 +132,7 @@ fn run_upload(family: Family, snat: bool) -> Result<()> {
     let server = Netns::new(&unique("pmx"))?;
     wire_server(&topo, &server)?;
     let backend = SocketAddr::new(server_addr(family), 8080);
-    serve_count(&server, backend)?;
+    let _count = CountServer::start(&server, backend)?;
     topo.warm_neighbours()?;
     let dir = TempDir::new(tag)?;
     let text = sluice_tests::one_service_yaml(1, family, snat, backend);

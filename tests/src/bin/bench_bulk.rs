@@ -7,10 +7,18 @@
 //! backend counted (`nstat` TcpInCsumErrors, UdpInCsumErrors). A mode that
 //! can't forward on veth is refused by the agent; its reason is printed.
 
-use std::{net::IpAddr, process::Command, time::Duration};
+use std::{
+    net::{IpAddr, SocketAddr},
+    process::Command,
+    time::Duration,
+};
 
 use anyhow::{Context, Result, bail};
-use sluice_tests::{Agent, Daemon, TempDir};
+use sluice_tests::{
+    Agent, Daemon, OneService, TempDir,
+    bench::{Flags, stats},
+    one_service_yaml_with, wait_for,
+};
 use testbed::{Family, Topology, checksum_errors as csum_errors};
 
 const IPERF_PORT: u16 = 5201;
@@ -22,20 +30,11 @@ struct Args {
 }
 
 fn parse_args() -> Result<Args> {
-    let mut a = Args {
-        rounds: 5,
-        seconds: 3,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(arg) = it.next() {
-        let mut value = || -> Result<usize> { Ok(it.next().context("value")?.parse()?) };
-        match arg.as_str() {
-            "--rounds" => a.rounds = value()?,
-            "--seconds" => a.seconds = value()? as u32,
-            other => bail!("unknown argument {other:?} (--rounds N, --seconds N)"),
-        }
-    }
-    Ok(a)
+    let f = Flags::parse(&[("--rounds", "N"), ("--seconds", "N")])?;
+    Ok(Args {
+        rounds: f.get("--rounds", 5)?,
+        seconds: f.get("--seconds", 3)?,
+    })
 }
 
 /// One iperf3 run from the client to `target`: received bits per second.
@@ -57,17 +56,16 @@ fn iperf(topo: &Topology, target: IpAddr, seconds: u32) -> Result<f64> {
         .context("iperf3 JSON without end.sum_received")
 }
 
+/// The VIP's port is iperf3's too: the same client command for both.
 fn config(family: Family, mode: &str) -> String {
-    let mut text = String::from("interfaces:\n");
-    for iface in ["front", "back0"] {
-        text += &format!("  - name: {iface}\n    attach: {mode}\n");
-    }
-    text += &format!(
-        "services:\n  - name: bulk\n    vip: \"{}\"\n    port: {IPERF_PORT}\n    protocol: tcp\n    backends:\n      - address: \"{}\"\n",
-        family.vip(),
-        std::net::SocketAddr::new(family.backend(0), IPERF_PORT)
-    );
-    text
+    one_service_yaml_with(&OneService {
+        lb_interfaces: 1,
+        family,
+        snat: false,
+        backend: SocketAddr::new(family.backend(0), IPERF_PORT),
+        attach: Some(mode),
+        port: IPERF_PORT,
+    })
 }
 
 struct Row {
@@ -79,15 +77,30 @@ struct Row {
     refused: Option<String>,
 }
 
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    if s.is_empty() { 0.0 } else { s[s.len() / 2] }
+impl Row {
+    fn new(label: String) -> Self {
+        Self {
+            label,
+            rates: vec![],
+            ratios: vec![],
+            csum_errors: 0,
+            refused: None,
+        }
+    }
 }
 
-fn min_max(v: &[f64]) -> (f64, f64) {
-    v.iter()
-        .fold((f64::MAX, f64::MIN), |(lo, hi), x| (lo.min(*x), hi.max(*x)))
+/// Waits until iperf3 listens in the backend's namespace.
+fn wait_listening(topo: &Topology, server: &Daemon) -> Result<()> {
+    let filter = format!("sport = :{IPERF_PORT}");
+    wait_for("iperf3 listening", Duration::from_secs(5), || {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &topo.backends[0].name])
+            .args(["ss", "-Hltn", &filter])
+            .output()
+            .context("running ss (Debian package iproute2)")?;
+        Ok(out.status.success() && !out.stdout.is_empty())
+    })
+    .with_context(|| format!("iperf3 log:\n{}", server.log_text()))
 }
 
 fn main() -> Result<()> {
@@ -100,29 +113,17 @@ fn main() -> Result<()> {
         &["-s".into(), "-p".into(), IPERF_PORT.to_string()],
         dir.path("iperf3.log"),
     )?;
-    std::thread::sleep(Duration::from_millis(300));
+    wait_listening(&topo, &server)?;
     // The baseline: the LB namespace routes to the backend by itself.
     topo.route_through_lb()?;
     topo.warm_neighbours()?;
     let mut rows: Vec<Row> = Vec::new();
     for family in [Family::V4, Family::V6] {
         let fam = if family == Family::V4 { "IPv4" } else { "IPv6" };
-        let mut direct = Row {
-            label: format!("{fam} direct routing"),
-            rates: vec![],
-            ratios: vec![],
-            csum_errors: 0,
-            refused: None,
-        };
+        let mut direct = Row::new(format!("{fam} direct routing"));
         let mut modes: Vec<Row> = MODES
             .iter()
-            .map(|m| Row {
-                label: format!("{fam} Sluice {m}"),
-                rates: vec![],
-                ratios: vec![],
-                csum_errors: 0,
-                refused: None,
-            })
+            .map(|m| Row::new(format!("{fam} Sluice {m}")))
             .collect();
         for round in 0..args.rounds {
             eprintln!("{fam} round {}/{}", round + 1, args.rounds);
@@ -138,13 +139,13 @@ fn main() -> Result<()> {
                 let mut agent = match Agent::start(&topo.lb, &path, log.clone()) {
                     Ok(a) => a,
                     Err(e) => {
+                        // A refusal (the mode can't forward here) is a
+                        // result; any other failure is the benchmark's.
                         let text = std::fs::read_to_string(&log).unwrap_or_default();
-                        let why = text
-                            .lines()
-                            .find(|l| l.contains("refused"))
-                            .map(str::to_string)
-                            .unwrap_or_else(|| format!("{e:#}"));
-                        row.refused = Some(why);
+                        let Some(why) = text.lines().find(|l| l.contains("refused")) else {
+                            return Err(e.context(format!("{fam} Sluice {mode}")));
+                        };
+                        row.refused = Some(why.to_string());
                         continue;
                     }
                 };
@@ -177,13 +178,13 @@ fn main() -> Result<()> {
         let ratio = if row.ratios.is_empty() {
             "1.00 (baseline)".to_string()
         } else {
-            let (lo, hi) = min_max(&row.ratios);
-            format!("{:.2} ({lo:.2}–{hi:.2})", median(&row.ratios))
+            let (median, lo, hi) = stats(&row.ratios);
+            format!("{median:.2} ({lo:.2}–{hi:.2})")
         };
         println!(
             "{:<26} {:>12.2} {:>22} {:>16}",
             row.label,
-            median(&row.rates),
+            stats(&row.rates).0,
             ratio,
             row.csum_errors
         );

@@ -12,7 +12,11 @@ use agent_common::{Service, ServiceKey};
 use aya::maps::{HashMap, Map, MapData};
 
 use anyhow::{Context, Result, bail};
-use sluice_tests::{Agent, TempDir, http_get, metric};
+use sluice_tests::{
+    Agent, TempDir,
+    bench::{Flags, stats},
+    http_get, metric,
+};
 use testbed::{Netns, unique};
 
 struct Args {
@@ -23,26 +27,18 @@ struct Args {
 }
 
 fn parse_args() -> Result<Args> {
-    let mut a = Args {
-        services: 1000,
-        backends: 10,
-        scrapes: 10,
-        churns: 10,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(arg) = it.next() {
-        let mut value = || -> Result<usize> { Ok(it.next().context("value")?.parse()?) };
-        match arg.as_str() {
-            "--services" => a.services = value()?,
-            "--backends" => a.backends = value()?,
-            "--scrapes" => a.scrapes = value()?,
-            "--churns" => a.churns = value()?,
-            other => bail!(
-                "unknown argument {other:?} (--services N --backends N --scrapes N --churns N)"
-            ),
-        }
-    }
-    Ok(a)
+    let f = Flags::parse(&[
+        ("--services", "N"),
+        ("--backends", "N"),
+        ("--scrapes", "N"),
+        ("--churns", "N"),
+    ])?;
+    Ok(Args {
+        services: f.get("--services", 1000)?,
+        backends: f.get("--backends", 10)?,
+        scrapes: f.get("--scrapes", 10)?,
+        churns: f.get("--churns", 10)?,
+    })
 }
 
 /// The services whose first backend churn round `round` replaces: 1% of
@@ -83,11 +79,6 @@ fn config(a: &Args, round: usize) -> String {
         }
     }
     text
-}
-
-fn stats(v: &mut [f64]) -> (f64, f64, f64) {
-    v.sort_by(f64::total_cmp);
-    (v[v.len() / 2], v[0], v[v.len() - 1])
 }
 
 fn main() -> Result<()> {
@@ -138,8 +129,7 @@ fn main() -> Result<()> {
         std::fs::write(&tmp, config(&a, round))?;
         let t = Instant::now();
         std::fs::rename(&tmp, dir.path("sluice.yaml"))?;
-        // SAFETY: signalling the agent this benchmark started, by its PID.
-        unsafe { libc::kill(agent.pid() as i32, libc::SIGHUP) };
+        agent.reload()?;
         while services_map.get(&key, 0)?.table_offset == before {
             if t.elapsed().as_secs() > 30 {
                 bail!("churn round {round} did not reach the kernel in 30 s");
@@ -152,8 +142,8 @@ fn main() -> Result<()> {
     let rss_churn =
         metric(&after_churn, "process_resident_memory_bytes", &[]).unwrap_or(0.0) / 1048576.0;
 
-    let (sm, slo, shi) = stats(&mut scrape);
-    let (am, alo, ahi) = stats(&mut api);
+    let (sm, slo, shi) = stats(&scrape);
+    let (am, alo, ahi) = stats(&api);
     println!(
         "\n{} services × {} backends ({} backends, Maglev tables of 1021 slots), {} scrapes\n",
         a.services,
@@ -166,7 +156,7 @@ fn main() -> Result<()> {
         ready.as_secs_f64()
     );
     if !churn.is_empty() {
-        let (cm, clo, chi) = stats(&mut churn);
+        let (cm, clo, chi) = stats(&churn);
         println!(
             "1% churn update to the kernel ({} backends moved)   median {cm:>7.1} ms   min–max {clo:.1}–{chi:.1} ms   target < 50 ms",
             churned(&a, 1).len()
@@ -203,7 +193,7 @@ fn kernel_services_map() -> Result<HashMap<MapData, ServiceKey, Service>> {
 fn service_key(s: usize) -> Result<ServiceKey> {
     let vip: std::net::Ipv4Addr = format!("10.{}.{}.1", 100 + s / 250, s % 250).parse()?;
     Ok(ServiceKey {
-        addr: sluice::reconcile::addr_words(vip.into()),
+        addr: agent_common::addr::words(vip.into()),
         port: 80u16.to_be(),
         proto: agent_common::PROTO_TCP,
         family: agent_common::FAMILY_V4,
@@ -225,14 +215,14 @@ fn maglev_build_times() {
                     )
                 })
                 .collect();
-            let mut times: Vec<f64> = (0..21)
+            let times: Vec<f64> = (0..21)
                 .map(|_| {
                     let t = Instant::now();
                     std::hint::black_box(sluice::maglev::build(&backends, size));
                     t.elapsed().as_secs_f64() * 1e6
                 })
                 .collect();
-            row.push(stats(&mut times).0);
+            row.push(stats(&times).0);
         }
         println!(
             "  {size:>6}   {:>9.0} µs    {:>10.0} µs    {:>8.1} ns",

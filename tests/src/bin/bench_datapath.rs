@@ -14,14 +14,15 @@
 //! Every case's return code and the datapath's own counters are checked, so
 //! the numbers are known to come from the intended path.
 
+use agent_common::registry::program::XDP as XDP_PROGRAM;
 use agent_common::{BenchFrame, ServiceStats};
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use aya::{
     maps::{Array, ProgramArray},
     programs::{ProgramFd, TestRun, TestRunOptions, Xdp},
 };
-use sluice::datapath::XDP_PROGRAM;
 use sluice_tests::{
+    bench::{self, Flags},
     fib::{FibBed, XDP_PASS, XDP_REDIRECT},
     packet::{Pkt, TCP_ACK, TCP_SYN},
 };
@@ -46,20 +47,12 @@ struct Args {
 }
 
 fn parse_args() -> Result<Args> {
-    let mut args = Args {
-        repeat: 1_000_000,
-        rounds: 5,
-        only: None,
+    let f = Flags::parse(&[("--repeat", "N"), ("--rounds", "N"), ("--only", "CASE")])?;
+    let args = Args {
+        repeat: f.get("--repeat", 1_000_000)?,
+        rounds: f.get("--rounds", 5)?,
+        only: f.text("--only"),
     };
-    let mut it = std::env::args().skip(1);
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--repeat" => args.repeat = it.next().context("--repeat N")?.parse()?,
-            "--rounds" => args.rounds = it.next().context("--rounds N")?.parse()?,
-            "--only" => args.only = Some(it.next().context("--only CASE")?),
-            other => bail!("unknown argument {other:?} (use --repeat N, --rounds N, --only CASE)"),
-        }
-    }
     ensure!(
         args.rounds >= 1 && args.repeat >= 1,
         "rounds and repeat must be positive"
@@ -265,16 +258,6 @@ fn main() -> Result<()> {
         }
     }
 
-    let median = |v: &[f64]| {
-        let mut s = v.to_vec();
-        s.sort_by(f64::total_cmp);
-        s[s.len() / 2]
-    };
-    let range = |v: &[f64]| {
-        let min = v.iter().copied().fold(f64::INFINITY, f64::min);
-        let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        (min, max)
-    };
     println!(
         "\nBPF_PROG_TEST_RUN, {} rounds × {} runs ({} for new flows, into a {}-entry \
          conntrack map that never fills), interleaved; ns/packet (median, min–max)\n",
@@ -282,13 +265,8 @@ fn main() -> Result<()> {
     );
     println!("{:<32} {:>8} {:>17}", "case", "median", "min–max");
     for (i, (_, name)) in CASES.iter().enumerate() {
-        let (lo, hi) = range(&results[i]);
-        println!(
-            "{name:<32} {:>8.1} {:>8.1}–{:<8.1}",
-            median(&results[i]),
-            lo,
-            hi
-        );
+        let (median, lo, hi) = bench::stats(&results[i]);
+        println!("{name:<32} {median:>8.1} {lo:>8.1}–{hi:<8.1}");
     }
     // Per-round differences: the cost Sluice adds over the empty program.
     let diff = |a: usize, b: usize| -> Vec<f64> {
@@ -315,13 +293,12 @@ fn main() -> Result<()> {
         "Sluice over empty", "+ns median", "min–max", "× empty", "target"
     );
     for (k, (name, d, target)) in rows.into_iter().enumerate() {
-        let (lo, hi) = range(&d);
-        let m = median(&d);
+        let (m, lo, hi) = bench::stats(&d);
         // The ratio to the empty program means something for Sluice's own
         // cases, not for a difference between two builds.
         let times = if k < 3 {
             let totals: Vec<f64> = d.iter().zip(base).map(|(d, b)| d + b).collect();
-            format!("{:>9.2}×", median(&ratio(&totals, base)))
+            format!("{:>9.2}×", bench::stats(&ratio(&totals, base)).0)
         } else {
             format!("{:>10}", "—")
         };

@@ -12,8 +12,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, bail};
-use sluice_tests::{Agent, TempDir, http_get, metric};
+use anyhow::{Result, bail};
+use sluice_tests::{Agent, TempDir, bench::Flags, http_get, metric};
 use testbed::{Family, NameServer, Topology, run_in};
 
 const FAM: Family = Family::V4;
@@ -32,22 +32,16 @@ struct Args {
 }
 
 fn parse_args() -> Result<Args> {
-    let mut a = Args {
-        connections: 400,
-        kill_at: 100,
-        rounds: 3,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(arg) = it.next() {
-        let mut value = || -> Result<usize> { Ok(it.next().context("value")?.parse()?) };
-        match arg.as_str() {
-            "--connections" => a.connections = value()?,
-            "--kill-at" => a.kill_at = value()?,
-            "--rounds" => a.rounds = value()?,
-            other => bail!("unknown argument {other:?} (--connections N, --kill-at N, --rounds N)"),
-        }
-    }
-    Ok(a)
+    let f = Flags::parse(&[
+        ("--connections", "N"),
+        ("--kill-at", "N"),
+        ("--rounds", "N"),
+    ])?;
+    Ok(Args {
+        connections: f.get("--connections", 400)?,
+        kill_at: f.get("--kill-at", 100)?,
+        rounds: f.get("--rounds", 3)?,
+    })
 }
 
 #[derive(Default, Clone)]
