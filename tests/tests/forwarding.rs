@@ -231,6 +231,12 @@ fn ipv6_snat_auto() -> Result<()> {
     run_spread("f6s", Family::V6, "auto", true, 600, 300)
 }
 
+/// The mode asked for by name takes the same path `auto` chose above.
+#[test]
+fn ipv6_snat_tc() -> Result<()> {
+    run_spread("f6t", Family::V6, "tc", true, 600, 300)
+}
+
 #[test]
 fn weights_are_honoured() -> Result<()> {
     let b = bed(

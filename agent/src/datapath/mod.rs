@@ -36,9 +36,6 @@ use crate::{
 pub static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sluice.bpf.o"));
 
-pub const XDP_PROGRAM: &str = program::XDP;
-pub const TC_PROGRAM: &str = program::TC;
-
 /// What went wrong with the datapath, naming the map or program.
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
@@ -227,9 +224,9 @@ impl Datapath {
         let mut ebpf = loader
             .load(object)
             .context("loading the eBPF object (maps)")?;
-        let xdp: &mut Xdp = program(&mut ebpf, XDP_PROGRAM)?;
+        let xdp: &mut Xdp = program(&mut ebpf, program::XDP)?;
         xdp.load()
-            .with_context(|| format!("loading program {XDP_PROGRAM} (kernel verifier)"))?;
+            .with_context(|| format!("loading program {} (kernel verifier)", program::XDP))?;
         let maps = Maps::take_all(&mut ebpf)?;
         Ok((
             Self {
@@ -330,7 +327,7 @@ impl Datapath {
                 } else {
                     XdpMode::Skb
                 };
-                let xdp: &mut Xdp = program(&mut self.ebpf, XDP_PROGRAM)?;
+                let xdp: &mut Xdp = program(&mut self.ebpf, program::XDP)?;
                 Ok(Link::Xdp(xdp.attach(interface, xdp_mode)?))
             }
             AttachMode::Tc => {
@@ -351,8 +348,8 @@ impl Datapath {
             return Ok(());
         };
         match link {
-            Link::Xdp(id) => program::<Xdp>(&mut self.ebpf, XDP_PROGRAM)?.detach(id)?,
-            Link::Tc(id) => program::<SchedClassifier>(&mut self.ebpf, TC_PROGRAM)?.detach(id)?,
+            Link::Xdp(id) => program::<Xdp>(&mut self.ebpf, program::XDP)?.detach(id)?,
+            Link::Tc(id) => program::<SchedClassifier>(&mut self.ebpf, program::TC)?.detach(id)?,
             Link::Pinned(fd, path) => {
                 std::fs::remove_file(&path)
                     .with_context(|| format!("removing pin {}", path.display()))?;
@@ -403,11 +400,11 @@ impl Datapath {
     /// (a pin, or our handle, keeps it from then on).
     fn take_fd_link(&mut self, link: Link) -> Result<aya::programs::links::FdLink> {
         Ok(match link {
-            Link::Xdp(id) => program::<Xdp>(&mut self.ebpf, XDP_PROGRAM)?
+            Link::Xdp(id) => program::<Xdp>(&mut self.ebpf, program::XDP)?
                 .take_link(id)?
                 .try_into()
                 .context("an XDP attachment without a bpf_link can't be pinned")?,
-            Link::Tc(id) => program::<SchedClassifier>(&mut self.ebpf, TC_PROGRAM)?
+            Link::Tc(id) => program::<SchedClassifier>(&mut self.ebpf, program::TC)?
                 .take_link(id)?
                 .try_into()
                 .context("a TC attachment without a tcx link can't be pinned")?,
@@ -417,10 +414,10 @@ impl Datapath {
 
     /// The TC program, loaded (verified) on first use.
     fn tc_program(&mut self) -> Result<&mut SchedClassifier> {
-        let tc: &mut SchedClassifier = program(&mut self.ebpf, TC_PROGRAM)?;
+        let tc: &mut SchedClassifier = program(&mut self.ebpf, program::TC)?;
         if !self.tc_loaded {
             tc.load()
-                .with_context(|| format!("loading program {TC_PROGRAM} (kernel verifier)"))?;
+                .with_context(|| format!("loading program {} (kernel verifier)", program::TC))?;
             self.tc_loaded = true;
         }
         Ok(tc)
@@ -457,7 +454,7 @@ impl Datapath {
                     .and_then(|link| Ok(Link::Tc(tc.attach_to_link(link)?)))
             }
             _ => {
-                let xdp: &mut Xdp = program(&mut self.ebpf, XDP_PROGRAM)?;
+                let xdp: &mut Xdp = program(&mut self.ebpf, program::XDP)?;
                 aya::programs::xdp::XdpLink::try_from(fd)
                     .map_err(anyhow::Error::from)
                     .and_then(|link| Ok(Link::Xdp(xdp.attach_to_link(link)?)))
@@ -487,7 +484,7 @@ impl Datapath {
 
     /// The program to run with BPF_PROG_TEST_RUN (tests and benchmarks).
     pub fn xdp_program(&mut self) -> Result<&mut Xdp> {
-        program(&mut self.ebpf, XDP_PROGRAM)
+        program(&mut self.ebpf, program::XDP)
     }
 
     /// Raw access for tests and benchmarks that load extra programs.

@@ -25,9 +25,7 @@ mod filters;
 mod ids;
 
 pub use adopt::Adopted;
-use agent_common::addr::family;
-/// Address words as the kernel keeps them (kept here for the tests' use).
-pub use agent_common::addr::words as addr_words;
+use agent_common::addr::{self, family};
 use filters::{service_filters, union, write_filter};
 use ids::Ids;
 
@@ -40,7 +38,7 @@ use crate::{
 
 pub fn service_key(spec: &ServiceSpec) -> ServiceKey {
     ServiceKey {
-        addr: addr_words(spec.vip),
+        addr: addr::words(spec.vip),
         port: spec.port.to_be(),
         proto: spec.protocol.number(),
         family: family(spec.vip),
@@ -385,7 +383,7 @@ impl Reconciler {
             } else {
                 0
             },
-            snat_addr: spec.snat_ip.map(addr_words).unwrap_or_default(),
+            snat_addr: spec.snat_ip.map(addr::words).unwrap_or_default(),
         };
         self.maps
             .services
@@ -435,7 +433,7 @@ impl Reconciler {
         service_id: u32,
     ) -> Result<()> {
         let backend = Backend {
-            addr: addr_words(addr.ip()),
+            addr: addr::words(addr.ip()),
             port: addr.port().to_be(),
             weight: weight as u16, // ≤ MAX_WEIGHT
             service_id,
@@ -455,7 +453,7 @@ impl Reconciler {
         proto: u8,
         service_id: u32,
     ) -> Result<()> {
-        let words = addr_words(addr.ip());
+        let words = addr::words(addr.ip());
         self.write_backend(id, addr, weight, service_id)?;
         // A reused id must not inherit its last owner's next hop or health.
         let fib = BackendFib {
