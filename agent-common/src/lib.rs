@@ -533,10 +533,7 @@ mod tests {
     use std::{collections::BTreeSet, vec::Vec};
 
     use super::*;
-    use crate::{
-        hash::prefilter_bit,
-        testgen::{Gen, v4_nth},
-    };
+    use crate::testgen::{Gen, v4_nth};
 
     fn set_bits(filter: &Prefilter) -> u32 {
         filter.words.iter().map(|w| w.count_ones()).sum()
