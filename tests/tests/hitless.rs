@@ -197,16 +197,32 @@ fn upgrade_object(dir: &TempDir) -> Result<(PathBuf, bool)> {
     Ok((path, false))
 }
 
-#[test]
-fn kill_restart_and_upgrade_lose_no_connection() -> Result<()> {
-    let topo = Topology::new("hl", 3)?;
-    let _servers = topo.serve(Family::V4, 8080)?;
+/// Three backends serving, a bpffs for the pins, and the config (pinned,
+/// no backend draining) written.
+fn pinned_bed(
+    name: &str,
+) -> Result<(
+    Topology,
+    Vec<testbed::NameServer>,
+    TempDir,
+    Bpffs,
+    PathBuf,
+    PathBuf,
+)> {
+    let topo = Topology::new(name, 3)?;
+    let servers = topo.serve(Family::V4, 8080)?;
     topo.warm_neighbours()?;
-    let dir = TempDir::new("hl")?;
+    let dir = TempDir::new(name)?;
     let bpffs = Bpffs::mount(&dir)?;
     let pin_dir = bpffs.0.join("node-a");
     let cfg = dir.path("sluice.yaml");
     std::fs::write(&cfg, config(&pin_dir, 65536, None))?;
+    Ok((topo, servers, dir, bpffs, pin_dir, cfg))
+}
+
+#[test]
+fn kill_restart_and_upgrade_lose_no_connection() -> Result<()> {
+    let (topo, _servers, dir, _bpffs, pin_dir, cfg) = pinned_bed("hl")?;
 
     let mut agent = Agent::start(&topo.lb, &cfg, dir.path("a1.log"))?;
     let mut stream = Stream::open(&topo)?;
@@ -334,14 +350,7 @@ fn run_expecting_failure(topo: &Topology, cfg: &Path, dir: &TempDir) -> Result<S
 /// goes on is picked up again by the new service's Maglev choice.
 #[test]
 fn backends_left_without_a_service_are_ended_at_adoption() -> Result<()> {
-    let topo = Topology::new("ho", 3)?;
-    let _servers = topo.serve(Family::V4, 8080)?;
-    topo.warm_neighbours()?;
-    let dir = TempDir::new("ho")?;
-    let bpffs = Bpffs::mount(&dir)?;
-    let pin_dir = bpffs.0.join("node-a");
-    let cfg = dir.path("sluice.yaml");
-    std::fs::write(&cfg, config(&pin_dir, 65536, None))?;
+    let (topo, _servers, dir, _bpffs, pin_dir, cfg) = pinned_bed("ho")?;
     let mut agent = Agent::start(&topo.lb, &cfg, dir.path("a1.log"))?;
     let mut stream = Stream::open(&topo)?;
     stream.check("before the crash")?;
