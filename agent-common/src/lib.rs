@@ -106,6 +106,15 @@ pub const FLOW_F_REVERSE: u32 = 1;
 pub const FLOW_F_FIN_CLIENT: u32 = 2;
 /// Forward entry of a TCP flow: the backend sent a FIN.
 pub const FLOW_F_FIN_BACKEND: u32 = 4;
+/// Forward entry of a TCP flow: its SYN was checked whole (TTL, IPv4 header
+/// and TCP checksums) before it was forwarded, so it reached the backend
+/// intact and a retransmission past the connect timeout is the backend's
+/// silence. A SYN too long to check (data in the SYN) leaves it unset: its
+/// timeouts are not counted.
+pub const FLOW_F_VERIFIED: u32 = 8;
+/// Forward entry of a TCP flow: a failure of its current backend has been
+/// counted; one connect attempt counts at most once.
+pub const FLOW_F_FAILURE_COUNTED: u32 = 16;
 
 /// The FIB lookup result for a flow's next hop, kept in its conntrack entry:
 /// a FIB lookup costs more than the rest of the fast path together.
@@ -163,7 +172,9 @@ pub struct Flow {
     /// monotonic coarse clock (`bpf_ktime_get_coarse_ns`, `CLOCK_MONOTONIC_COARSE`):
     /// the agent's sweep expires flows idle longer than their state's timeout.
     pub last_seen: u32,
-    pub _pad2: u32,
+    /// The client's initial sequence number (network byte order), from its
+    /// SYN: a backend's SYN-ACK or RST to that SYN acknowledges it plus one.
+    pub syn_seq: u32,
     /// When the last SYN was forwarded (bpf_ktime_get_ns).
     pub syn_ns: u64,
 }
@@ -207,7 +218,10 @@ pub struct ServicePolicy {
     pub connect_timeout_ns: u64,
     /// `SERVICE_F_*` bits (`SERVICE_F_RETRY`).
     pub flags: u32,
-    pub _pad: u32,
+    /// Distinct client addresses whose connects must have failed in the
+    /// current streak before an ejection (at most `FAILING_CLIENTS`): one
+    /// client, hostile or misconfigured, can't eject a backend alone.
+    pub min_distinct_clients: u32,
 }
 const _: () = assert!(core::mem::size_of::<ServicePolicy>() == 24);
 
@@ -225,8 +239,14 @@ pub struct BackendHealth {
     pub ejections: u32,
     /// When it was last ejected (bpf_ktime_get_ns).
     pub ejected_ns: u64,
+    /// Hashes of the client addresses whose connects failed in the current
+    /// streak (0 = free slot), for `ServicePolicy::min_distinct_clients`.
+    pub failing_clients: [u32; FAILING_CLIENTS],
 }
-const _: () = assert!(core::mem::size_of::<BackendHealth>() == 24);
+const _: () = assert!(core::mem::size_of::<BackendHealth>() == 40);
+
+/// How many distinct failing clients a backend's health remembers.
+pub const FAILING_CLIENTS: usize = 4;
 
 /// Value of `SOCK_REVERSE` (key: a socket's cookie): the backend the
 /// socket-level balancer sent it to, and the VIP the application asked for,
@@ -263,13 +283,17 @@ pub struct SockConnect {
     pub reset: u32,
     /// When the connect was made (bpf_ktime_get_ns).
     pub since_ns: u64,
+    /// Who connects, for `ServicePolicy::min_distinct_clients`: a tag of the
+    /// socket's network namespace (one pod, or the host).
+    pub client: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<SockConnect>() == 40);
+const _: () = assert!(core::mem::size_of::<SockConnect>() == 48);
 
 /// Version of the pinned maps' layout and meaning. Bump it with any change
 /// to a type or map that pinned state carries from one build to the next:
 /// an agent never adopts maps of another layout.
-pub const MAP_LAYOUT: u32 = 2;
+pub const MAP_LAYOUT: u32 = 3;
 
 /// What `BackendHealth::ejected` says of a backend. Kept as a `u32` in the
 /// shared struct (the kernel writes it; a value outside the enum must not be
@@ -307,6 +331,17 @@ impl BackendHealth {
 
     pub fn set_state(&mut self, state: BackendState) {
         self.ejected = state as u32;
+    }
+
+    /// Starts the failure streak over (on readmission).
+    pub fn restart_streak(&mut self) {
+        self.consecutive_failures = 0;
+        self.failing_clients = [0; FAILING_CLIENTS];
+    }
+
+    /// How many distinct clients failed in the current streak.
+    pub fn distinct_failing_clients(&self) -> u32 {
+        self.failing_clients.iter().filter(|&&c| c != 0).count() as u32
     }
 }
 

@@ -60,6 +60,15 @@ reasons! {
     /// VIP's or from a backend's address: with no exact lookup to say the
     /// packet is Sluice's, it is passed untouched.
     MALFORMED = 15, "malformed", false;
+    /// A TCP SYN to a VIP whose IPv4 header or TCP checksum is wrong: the
+    /// backend would drop it, so it creates no state and is dropped here.
+    BAD_CHECKSUM = 16, "bad_checksum", true;
+    /// An ICMP error, RST or SYN-ACK about a flow that is not a trustworthy
+    /// answer to its SYN (from the client's side, a code that doesn't mean
+    /// "down", not acknowledging the SYN, not a connect in progress, or a
+    /// second one for the same attempt): not counted for or against the
+    /// backend; the packet goes on as usual.
+    UNTRUSTED_SIGNAL = 17, "untrusted_signal", false;
 }
 
 pub const COUNT: u32 = ALL.len() as u32;

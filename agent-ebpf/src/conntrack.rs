@@ -206,5 +206,5 @@ pub fn fill(
     f.fib.stamp = 0;
     f._pad = 0;
     f.last_seen = now_seconds();
-    f._pad2 = 0;
+    f.syn_seq = 0;
 }

@@ -8,14 +8,14 @@
 //! service's ejected count).
 
 use agent_common::{
-    BackendState, FlowKey, LATENCY_BASE_NS, LATENCY_BUCKETS, SERVICE_F_RETRY, ServicePolicy,
-    event_kind, failure_reason,
+    BackendHealth, BackendState, FAILING_CLIENTS, FlowKey, LATENCY_BASE_NS, LATENCY_BUCKETS,
+    SERVICE_F_RETRY, ServicePolicy, event_kind, failure_reason,
 };
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 
 use crate::{
     events::emit,
-    maps::{BACKEND_HEALTH, BACKEND_LATENCY, SERVICE_EJECTED, SERVICE_POLICY},
+    maps::{BACKEND_FIB, BACKEND_HEALTH, BACKEND_LATENCY, SERVICE_EJECTED, SERVICE_POLICY},
     stats::with_stats,
 };
 
@@ -42,6 +42,19 @@ pub fn policy(service_id: u32) -> Option<&'static ServicePolicy> {
 #[inline(always)]
 pub fn retries(service_id: u32) -> bool {
     policy(service_id).is_some_and(|p| p.flags & SERVICE_F_RETRY != 0)
+}
+
+/// Whether a packet that arrived on `ifindex` came from the backend's side:
+/// the interface this host sends to the backend `backend_id` (at `addr`)
+/// through, as the FIB cache of its forwarded SYNs says. An answer to a SYN
+/// (RST, ICMP error) comes back that way; one from the clients' side is
+/// forged. With no cached result (the kernel forwarded the SYN itself, no
+/// neighbour yet) nothing came back through here either.
+#[inline(always)]
+pub fn from_backend_side(ifindex: u32, backend_id: u32, addr: &[u32; 4]) -> bool {
+    BACKEND_FIB
+        .get(backend_id)
+        .is_some_and(|slot| slot.dst == *addr && slot.fib.ifindex == ifindex)
 }
 
 /// A connect sent again, to `backend_id` now.
@@ -76,11 +89,12 @@ pub fn count_close(key: &FlowKey, service_id: u32, backend_id: u32, since: u64) 
     );
 }
 
-/// Counts a failure of a backend and ejects it on the packet that reaches the
-/// service's threshold, unless the service's ejection cap is reached (then it
-/// fails open: the backend stays in, and that is counted). The agent logs
-/// both as it reads the health words; logging from here would put aya-log's
-/// record building on this path.
+/// Counts a failure of a backend (of the connect of `key`, client → VIP)
+/// and ejects it on the packet that reaches the service's threshold, once
+/// connects of enough distinct clients have failed, unless the service's
+/// ejection cap is reached (then it fails open: the backend stays in, and
+/// that is counted). The agent logs both as it reads the health words;
+/// logging from here would put aya-log's record building on this path.
 #[inline(always)]
 pub fn record_failure(key: &FlowKey, service_id: u32, backend_id: u32, failure: Failure, now: u64) {
     with_stats(false, backend_id, |s| match failure {
@@ -117,8 +131,10 @@ pub fn record_failure(key: &FlowKey, service_id: u32, backend_id: u32, failure: 
             1,
         );
     }
+    let clients = note_failing_client(health, client_tag(&key.src));
     if health.ejected != BackendState::Active as u32
         || health.consecutive_failures < u64::from(policy.consecutive_failures)
+        || clients < policy.min_distinct_clients.min(FAILING_CLIENTS as u32)
     {
         return;
     }
@@ -147,6 +163,41 @@ pub fn record_failure(key: &FlowKey, service_id: u32, backend_id: u32, failure: 
     );
 }
 
+/// A nonzero tag of a client address (a socket-level connect puts its
+/// network namespace's cookie there): distinct clients get distinct tags
+/// but for rare collisions, which only delay an ejection.
+#[inline(always)]
+fn client_tag(src: &[u32; 4]) -> u32 {
+    let tag = src[0] ^ src[1].rotate_left(8) ^ src[2].rotate_left(16) ^ src[3].rotate_left(24);
+    if tag == 0 { 1 } else { tag }
+}
+
+/// Adds `tag` to the backend's failing clients of the current streak and
+/// returns how many distinct ones it holds. Not atomic: two CPUs adding two
+/// new clients at once may keep one, which delays an ejection by a failure.
+#[inline(always)]
+fn note_failing_client(health: &mut BackendHealth, tag: u32) -> u32 {
+    let (mut distinct, mut seen, mut free) = (0, false, FAILING_CLIENTS);
+    let mut i = 0;
+    while i < FAILING_CLIENTS {
+        let slot = health.failing_clients[i];
+        if slot == 0 {
+            if free == FAILING_CLIENTS {
+                free = i;
+            }
+        } else {
+            distinct += 1;
+            seen |= slot == tag;
+        }
+        i += 1;
+    }
+    if !seen && free < FAILING_CLIENTS {
+        health.failing_clients[free] = tag;
+        distinct += 1;
+    }
+    distinct
+}
+
 /// A SYN-ACK: the backend answers; its consecutive failures start over and
 /// the connect latency goes into its histogram.
 #[inline(always)]
@@ -162,7 +213,17 @@ pub fn record_success(key: &FlowKey, service_id: u32, backend_id: u32, latency_n
     );
     if let Some(health) = BACKEND_HEALTH.get_ptr_mut(backend_id) {
         // SAFETY: a shared array slot; see the module note on races.
-        unsafe { (*health).consecutive_failures = 0 };
+        let health = unsafe { &mut *health };
+        // Written only when set: a store per connect would bounce the slot's
+        // cache line between CPUs for nothing.
+        if health.consecutive_failures != 0 {
+            health.consecutive_failures = 0;
+            let mut i = 0;
+            while i < FAILING_CLIENTS {
+                health.failing_clients[i] = 0;
+                i += 1;
+            }
+        }
     }
     with_stats(true, service_id, |s| s.opened += 1);
     with_stats(false, backend_id, |s| s.opened += 1);

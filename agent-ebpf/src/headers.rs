@@ -37,6 +37,7 @@ pub struct Ports {
 }
 
 pub const TCP_HDR_LEN: usize = 20;
+pub const TCP_SEQ_OFFSET: usize = 4;
 pub const TCP_CHECK_OFFSET: usize = 16;
 pub const TCP_FLAGS_OFFSET: usize = 13;
 pub const TCP_FIN: u8 = 0x01;

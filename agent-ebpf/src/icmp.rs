@@ -9,7 +9,8 @@
 use core::mem;
 
 use agent_common::{
-    FAMILY_V4, FLOW_F_REVERSE, FlowKey, PROTO_TCP, PROTO_UDP, flow_state, prefilter,
+    FAMILY_V4, FLOW_F_FAILURE_COUNTED, FLOW_F_REVERSE, FlowKey, PROTO_TCP, PROTO_UDP, flow_state,
+    prefilter, reason,
 };
 
 use crate::{
@@ -24,7 +25,26 @@ use crate::{
     maps::{CONNTRACK, scratch},
     packet::{Action, Ctx, ETH_LEN, copy_addr, ptr_at},
     service::prefilter_hit,
+    stats::count,
 };
+
+/// ICMP destination-unreachable codes that say the backend (or the way to
+/// it) is down: network, host, protocol or port unreachable, network or
+/// host unknown. Not "fragmentation needed" (a path MTU), and not the
+/// "administratively prohibited" family: a firewall or network policy
+/// between one client and the backend says nothing of the backend.
+#[inline(always)]
+fn means_down_v4(code: u8) -> bool {
+    matches!(code, 0 | 1 | 2 | 3 | 6 | 7)
+}
+
+/// ICMPv6 destination-unreachable codes that say the backend is down: no
+/// route, address unreachable, port unreachable (not "administratively
+/// prohibited", "beyond scope", policy failures or reject routes).
+#[inline(always)]
+fn means_down_v6(code: u8) -> bool {
+    matches!(code, 0 | 3 | 4)
+}
 
 /// An ICMP error about a flow Sluice forwarded (it quotes the packet as
 /// sent to the backend):
@@ -32,7 +52,8 @@ use crate::{
 ///   backend is narrower than the packet) is for the client, whose path MTU
 ///   it is: it is translated to quote what the client sent (VIP and ports,
 ///   checksums fixed; with SNAT also sent to the client) and goes on;
-/// - another destination-unreachable counts against the backend; a TCP
+/// - a destination-unreachable whose code means "down" counts against the
+///   backend, if it is trustworthy (see `counts_against_backend`); a TCP
 ///   connect it fails is retried like a refused one.
 ///
 /// The message itself goes on to the kernel, which forwards or takes it.
@@ -44,16 +65,18 @@ pub fn error(ctx: &Ctx, l4: usize, family: u8) -> Action {
     };
     // SAFETY: checked by ptr_at.
     let (icmp_type, code) = unsafe { ((*icmp)[0], (*icmp)[1]) };
-    let (too_big, unreachable) = if family == FAMILY_V4 {
+    let (too_big, unreachable, down) = if family == FAMILY_V4 {
         let unreachable = icmp_type == ICMP_DEST_UNREACHABLE;
         (
             unreachable && code == ICMP_FRAG_NEEDED,
             unreachable && code != ICMP_FRAG_NEEDED,
+            means_down_v4(code),
         )
     } else {
         (
             icmp_type == ICMPV6_PACKET_TOO_BIG,
             icmp_type == ICMPV6_DEST_UNREACHABLE,
+            means_down_v6(code),
         )
     };
     if !too_big && !unreachable {
@@ -132,27 +155,67 @@ pub fn error(ctx: &Ctx, l4: usize, family: u8) -> Action {
         }
         return Action::Pass;
     }
+    let Some(forward) = forward else {
+        return Action::Pass;
+    };
+    // SAFETY: a live conntrack value.
+    let f = unsafe { &mut *forward };
+    if !down || !counts_against_backend(ctx, family, f, reply.backend_id, proto, &s.reverse_key.src)
+    {
+        count(reason::UNTRUSTED_SIGNAL);
+        return Action::Pass;
+    }
+    f.flags |= FLOW_F_FAILURE_COUNTED;
     let now = failure::now_ns();
     failure::record_failure(
         &s.reverse_key,
-        reply.service_id,
-        reply.backend_id,
+        f.service_id,
+        f.backend_id,
         Failure::Unreachable,
         now,
     );
-    if proto == PROTO_TCP
-        && let Some(forward) = forward
-    {
-        // SAFETY: a live conntrack value.
-        let f = unsafe { &mut *forward };
-        if f.state == flow_state::SYN_SENT
-            && f.backend_id == reply.backend_id
-            && failure::retries(f.service_id)
-        {
-            f.state = flow_state::REFUSED;
-        }
+    if proto == PROTO_TCP && failure::retries(f.service_id) {
+        f.state = flow_state::REFUSED;
     }
     Action::Pass
+}
+
+/// Whether an unreachable about the flow whose forward entry is `f` is the
+/// answer to a connect that really went to the backend `backend_id`: the
+/// flow is still on that backend and, for TCP, still waiting for its SYN to
+/// be answered; no failure was counted for this attempt yet; it arrived on
+/// the backend's side; and it doesn't come from the flow's own client
+/// (`client`), which could otherwise eject any backend it can reach.
+#[inline(always)]
+fn counts_against_backend(
+    ctx: &Ctx,
+    family: u8,
+    f: &agent_common::Flow,
+    backend_id: u32,
+    proto: u8,
+    client: &[u32; 4],
+) -> bool {
+    if f.backend_id != backend_id
+        || f.flags & FLOW_F_FAILURE_COUNTED != 0
+        || (proto == PROTO_TCP && f.state != flow_state::SYN_SENT)
+        || !failure::from_backend_side(ctx.ifindex, backend_id, &f.new_dst)
+    {
+        return false;
+    }
+    let from_client = if family == FAMILY_V4 {
+        match ptr_at::<Ipv4>(ctx, ETH_LEN) {
+            // SAFETY: inside the packet (ptr_at).
+            Some(ip) => (unsafe { (*ip).src }) == client[0],
+            None => true,
+        }
+    } else {
+        match ptr_at::<Ipv6>(ctx, ETH_LEN) {
+            // SAFETY: inside the packet (ptr_at).
+            Some(ip) => (unsafe { (*ip).src }) == *client,
+            None => true,
+        }
+    };
+    !from_client
 }
 
 /// Rewrites an ICMP error (`icmp`: its type, code and checksum) whose quoted packet (IP header at

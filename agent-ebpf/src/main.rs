@@ -22,6 +22,8 @@ mod stats;
 
 mod parse;
 
+mod integrity;
+
 mod service;
 
 mod conntrack;

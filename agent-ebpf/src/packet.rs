@@ -97,7 +97,20 @@ pub struct Scratch {
     /// Where parsing left off (see `parse::settle`).
     pub parsed: [u32; 4],
     pub fib: bpf_fib_lookup,
+    /// Headers copied out to be summed (see `integrity`).
+    pub words: [u32; 32],
+    /// Of the packet being handled, when it is a client's SYN: the reason
+    /// it must not go on (`NO_REFUSAL` if it may), whether it was checked
+    /// whole (1) and its sequence number (network byte order). Kept here,
+    /// not in registers, so that the verifier walks the rest of the
+    /// pipeline once, not once for each outcome of the check.
+    pub syn_refusal: u32,
+    pub syn_verified: u32,
+    pub syn_seq: u32,
 }
+
+/// `Scratch::syn_refusal` of a SYN that may go on.
+pub const NO_REFUSAL: u32 = u32::MAX;
 
 pub const ETH_LEN: usize = mem::size_of::<EthHdr>();
 

@@ -16,7 +16,7 @@ use crate::{
     headers::{
         IPV4_FRAG_MASK_BE, IPV4_OFFSET_MASK_BE, IPV6_DEST_OPTS, IPV6_FRAGMENT, IPV6_HOP_BY_HOP,
         IPV6_ROUTING, Ipv4, Ipv6, Ipv6Fragment, PROTO_ICMP, PROTO_ICMPV6, Ports, TCP_FLAGS_OFFSET,
-        TCP_HDR_LEN, UDP_HDR_LEN, is_ipv6_extension,
+        TCP_HDR_LEN, TCP_SEQ_OFFSET, UDP_HDR_LEN, is_ipv6_extension,
     },
     maps::{FRAGMENTS, scratch},
     packet::{Action, Ctx, ETH_LEN, Packet, Scratch, copy_addr, fragment, ptr_at},
@@ -311,5 +311,24 @@ pub fn tcp_flags(ctx: &Ctx, pkt: &Packet) -> u8 {
         // SAFETY: checked by ptr_at. The flags are the word's second byte.
         Some(word) => (u16::from_be(unsafe { word.read_unaligned() }) & 0xff) as u8,
         None => 0,
+    }
+}
+
+/// The TCP sequence and acknowledgement numbers, network byte order ((0, 0)
+/// if the header is cut short).
+#[inline(always)]
+pub fn tcp_seq_ack(ctx: &Ctx, pkt: &Packet) -> (u32, u32) {
+    // The offset read back through memory: LLVM would otherwise drop this
+    // bounds check as implied by `validate`'s, which the verifier can't
+    // relate to this pointer.
+    // SAFETY: a read of a local.
+    let l4 = unsafe { core::ptr::read_volatile(&pkt.l4) } & MAX_L4_OFFSET;
+    match ptr_at::<[u32; 2]>(ctx, l4 + TCP_SEQ_OFFSET) {
+        // SAFETY: checked by ptr_at.
+        Some(words) => unsafe {
+            let words = words.read_unaligned();
+            (words[0], words[1])
+        },
+        None => (0, 0),
     }
 }

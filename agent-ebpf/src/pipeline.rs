@@ -20,13 +20,14 @@ use crate::{
     forward::{self, ttl_allows_forwarding},
     headers::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     icmp,
+    integrity::{self, check_syn},
     maps::{BACKEND_FIB, BACKENDS, CONNTRACK},
     nat::{rewrite, skb_l4_checksum},
-    packet::{Action, Ctx, Packet, Scratch, fragment},
-    parse::{self, Next, tcp_flags, validate},
+    packet::{Action, Ctx, NO_REFUSAL, Packet, Scratch, fragment},
+    parse::{self, Next, tcp_flags, tcp_seq_ack, validate},
     select, service,
     stats::{account, exception},
-    tcp_state::{backend_tcp, client_tcp, close_seen},
+    tcp_state::{backend_tcp, client_tcp, close_seen, start_attempt, syn_facts},
 };
 
 /// Runs the pipeline on one packet.
@@ -87,6 +88,18 @@ fn transport(ctx: &Ctx, s: &mut Scratch, pkt: &Packet, src: &[u32; 4], dst: &[u3
         family: pkt.family,
         _pad: 0,
     };
+    let flags = if pkt.proto == PROTO_TCP && pkt.fragment != fragment::LATER {
+        tcp_flags(ctx, pkt)
+    } else {
+        0
+    };
+    let syn = pkt.proto == PROTO_TCP && flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    // A client's SYN is checked here, before the ways part (one copy of the
+    // check for the verifier to walk), and the result acted on only once
+    // the packet is known to be Sluice's.
+    if syn {
+        admit_syn(ctx, pkt, src, dst, s);
+    }
     // An established flow needs only its conntrack entry, in either direction.
     if let Some(flow) = CONNTRACK.get_ptr_mut(&s.key) {
         if let Err(code) = validate(ctx, pkt) {
@@ -96,11 +109,20 @@ fn transport(ctx: &Ctx, s: &mut Scratch, pkt: &Packet, src: &[u32; 4], dst: &[u3
         let f = unsafe { &mut *flow };
         conntrack::touch(f);
         if pkt.proto == PROTO_TCP && pkt.fragment != fragment::LATER {
-            let flags = tcp_flags(ctx, pkt);
             let verdict = if f.flags & FLOW_F_REVERSE == 0 {
+                if flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+                    && let Some(code) = syn_refusal(s)
+                {
+                    return exception(code);
+                }
                 client_tcp(s, f, flags)
             } else {
-                backend_tcp(s, f, flags)
+                let ack = if flags & (TCP_SYN | TCP_RST) != 0 {
+                    tcp_seq_ack(ctx, pkt).1
+                } else {
+                    0
+                };
+                backend_tcp(s, f, flags, ack, ctx.ifindex)
             };
             if let Err(code) = verdict {
                 return exception(code);
@@ -121,12 +143,13 @@ fn transport(ctx: &Ctx, s: &mut Scratch, pkt: &Packet, src: &[u32; 4], dst: &[u3
     // A connection starts with a SYN (or any UDP datagram); a mid-stream
     // packet without an entry (evicted, or from before a restart) is
     // re-pinned by the same Maglev choice but is not a new connection.
-    let flags = if pkt.proto == PROTO_TCP && pkt.fragment != fragment::LATER {
-        tcp_flags(ctx, pkt)
-    } else {
-        0
-    };
-    let syn = pkt.proto == PROTO_TCP && flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    // Nothing that can't reach a backend creates state.
+    if syn && let Some(code) = syn_refusal(s) {
+        return exception(code);
+    }
+    if !ttl_allows_forwarding(ctx, pkt) {
+        return exception(reason::TTL_EXCEEDED);
+    }
     match new_flow(s, &service, syn, flags) {
         Ok(flow) => {
             if syn || pkt.proto == PROTO_UDP {
@@ -147,6 +170,39 @@ fn transport(ctx: &Ctx, s: &mut Scratch, pkt: &Packet, src: &[u32; 4], dst: &[u3
     }
 }
 
+/// Checks a client's SYN before it is forwarded or counted: its TTL must
+/// allow forwarding, and its checksums must be right (see `integrity`).
+/// What it found is left in the scratch area (`Scratch::syn_refusal`) for
+/// `syn_refusal` and `tcp_state::syn_facts`.
+#[inline(always)]
+fn admit_syn(ctx: &Ctx, pkt: &Packet, src: &[u32; 4], dst: &[u32; 4], s: &mut Scratch) {
+    let (refusal, verified) = if !ttl_allows_forwarding(ctx, pkt) {
+        (reason::TTL_EXCEEDED, false)
+    } else {
+        match check_syn(ctx, pkt, src, dst, &mut s.words) {
+            Ok(found) => (NO_REFUSAL, found == integrity::Syn::Intact),
+            Err(code) => (code, false),
+        }
+    };
+    let seq = tcp_seq_ack(ctx, pkt).0;
+    // SAFETY: writes to this CPU's scratch area; volatile, so that they are
+    // read back from memory (see `Scratch::syn_refusal`).
+    unsafe {
+        core::ptr::write_volatile(&mut s.syn_refusal, refusal);
+        core::ptr::write_volatile(&mut s.syn_verified, u32::from(verified));
+        core::ptr::write_volatile(&mut s.syn_seq, seq);
+    }
+}
+
+/// Why the client's SYN being handled must not go on, if it must not (see
+/// `admit_syn`).
+#[inline(always)]
+fn syn_refusal(s: &Scratch) -> Option<u32> {
+    // SAFETY: a read of this CPU's scratch area.
+    let code = unsafe { core::ptr::read_volatile(&s.syn_refusal) };
+    (code != NO_REFUSAL).then_some(code)
+}
+
 /// Picks the backend by Maglev (skipping ejected ones), records both
 /// directions of the flow, and returns the forward entry (its copy in the
 /// scratch area).
@@ -163,6 +219,7 @@ fn new_flow(s: &mut Scratch, service: &Service, syn: bool, flags: u8) -> Result<
     let seed = if snat { snat_seed() } else { 0 };
     let new_sport = install_reverse(s, service, backend_id, backend, seed)?;
 
+    let facts = syn_facts(s);
     let (forward, key) = (&mut s.forward, &s.key);
     let new_src = if snat { &service.snat_addr } else { &key.src };
     fill(
@@ -179,6 +236,7 @@ fn new_flow(s: &mut Scratch, service: &Service, syn: bool, flags: u8) -> Result<
     if syn {
         forward.state = flow_state::SYN_SENT;
         forward.syn_ns = failure::now_ns();
+        start_attempt(forward, facts);
     } else {
         forward.state = flow_state::UNKNOWN;
         forward.syn_ns = 0;

@@ -12,7 +12,7 @@ use agent_common::{
 };
 use aya_ebpf::{
     bindings::bpf_sock_addr,
-    helpers::generated::bpf_get_socket_cookie,
+    helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     programs::{RawTracePointContext, SockAddrContext, SockContext},
 };
 
@@ -128,6 +128,8 @@ pub fn translate(ctx: &SockAddrContext, v6: bool, hook: Hook) -> i32 {
         // SAFETY: reading the socket pointer of the context; only its value
         // is used (the key the state tracepoint sees).
         let sk = unsafe { (*sa).__bindgen_anon_1.sk } as u64;
+        // SAFETY: a helper the sock_addr hooks may call with their context.
+        let netns = unsafe { bpf_get_netns_cookie(sa.cast()) };
         let connect = SockConnect {
             vip,
             vport,
@@ -137,6 +139,8 @@ pub fn translate(ctx: &SockAddrContext, v6: bool, hook: Hook) -> i32 {
             backend_id,
             reset: 0,
             since_ns: failure::now_ns(),
+            client: netns as u32 ^ (netns >> 32) as u32,
+            _pad: 0,
         };
         let _ = SOCK_CONNECTS.insert(sk, connect, 0);
     }
@@ -200,8 +204,9 @@ pub fn state_change(ctx: &RawTracePointContext) -> i32 {
     };
     // SAFETY: a live LRU value; only this socket's state changes touch it.
     let c = unsafe { &mut *c };
+    // The connecting pod (network namespace) stands for the client address.
     let key = FlowKey {
-        src: [0; 4],
+        src: [c.client, 0, 0, 0],
         dst: c.vip,
         sport: 0,
         dport: c.vport,

@@ -8,8 +8,8 @@
 )]
 
 use agent_common::{
-    FLOW_F_FIN_BACKEND, FLOW_F_FIN_CLIENT, Flow, FlowKey, SERVICE_F_RETRY, SNAT_PORT_MIN,
-    flow_state, reason,
+    FLOW_F_FAILURE_COUNTED, FLOW_F_FIN_BACKEND, FLOW_F_FIN_CLIENT, FLOW_F_VERIFIED, Flow, FlowKey,
+    SERVICE_F_RETRY, SNAT_PORT_MIN, flow_state, reason,
 };
 
 use crate::{
@@ -19,10 +19,43 @@ use crate::{
     maps::{BACKENDS, CONNTRACK},
     packet::{Scratch, copy_addr},
     select, service,
+    stats::count,
 };
 
+/// Of the client's SYN being handled: whether it was checked whole (see
+/// `integrity`; it reached the backend) and its sequence number.
+#[inline(always)]
+pub fn syn_facts(s: &Scratch) -> (bool, u32) {
+    // SAFETY: reads of this CPU's scratch area (see `Scratch::syn_verified`).
+    unsafe {
+        (
+            core::ptr::read_volatile(&s.syn_verified) != 0,
+            core::ptr::read_volatile(&s.syn_seq),
+        )
+    }
+}
+
+/// Starts a new connect attempt of the flow with the SYN being handled
+/// (`syn_facts`): no failure counted for it yet.
+#[inline(always)]
+pub fn start_attempt(f: &mut Flow, (verified, seq): (bool, u32)) {
+    f.syn_seq = seq;
+    f.flags &= !(FLOW_F_VERIFIED | FLOW_F_FAILURE_COUNTED);
+    if verified {
+        f.flags |= FLOW_F_VERIFIED;
+    }
+}
+
+/// Whether `ack` (network byte order) acknowledges the flow's SYN: only
+/// the backend (or whoever saw the SYN) knows the sequence number.
+#[inline(always)]
+fn acknowledges_syn(f: &Flow, ack: u32) -> bool {
+    u32::from_be(ack) == u32::from_be(f.syn_seq).wrapping_add(1)
+}
+
 /// A TCP packet from the client on a known flow: SYN retransmissions
-/// (timeouts, retries after a refusal, a reused 5-tuple) and closes.
+/// (timeouts, retries after a refusal, a reused 5-tuple) and closes. A SYN
+/// has been checked (`pipeline::admit_syn`).
 #[inline(always)]
 pub fn client_tcp(s: &mut Scratch, f: &mut Flow, flags: u8) -> Result<(), u32> {
     if flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
@@ -40,7 +73,14 @@ pub fn client_tcp(s: &mut Scratch, f: &mut Flow, flags: u8) -> Result<(), u32> {
             if now.wrapping_sub(f.syn_ns) < policy.connect_timeout_ns {
                 return Ok(()); // an early retransmission: same backend
             }
-            failure::record_failure(&s.key, f.service_id, f.backend_id, Failure::Timeout, now);
+            // The backend's silence counts only if the SYN reached it (this
+            // one and the first), and once per attempt.
+            if syn_facts(s).0
+                && f.flags & (FLOW_F_VERIFIED | FLOW_F_FAILURE_COUNTED) == FLOW_F_VERIFIED
+            {
+                failure::record_failure(&s.key, f.service_id, f.backend_id, Failure::Timeout, now);
+                f.flags |= FLOW_F_FAILURE_COUNTED;
+            }
             if policy.flags & SERVICE_F_RETRY != 0 {
                 retry(s, f, now, Resend::AfterFailure)
             } else {
@@ -57,6 +97,7 @@ pub fn client_tcp(s: &mut Scratch, f: &mut Flow, flags: u8) -> Result<(), u32> {
             f.state = flow_state::SYN_SENT;
             f.flags &= !(FLOW_F_FIN_CLIENT | FLOW_F_FIN_BACKEND);
             f.syn_ns = failure::now_ns();
+            start_attempt(f, syn_facts(s));
             if select::is_ejected(f.backend_id) {
                 retry(s, f, f.syn_ns, Resend::NewConnection)?;
             }
@@ -68,10 +109,22 @@ pub fn client_tcp(s: &mut Scratch, f: &mut Flow, flags: u8) -> Result<(), u32> {
 }
 
 /// A TCP packet from the backend: SYN-ACK (success, latency), RST to a SYN
-/// (refused: held back when the service retries), and closes. Returns an
-/// error code when the packet must not be forwarded.
+/// (refused: held back when the service retries), and closes. `ack` is the
+/// packet's acknowledgement number (network byte order), `ifindex` where it
+/// arrived. Returns an error code when the packet must not be forwarded.
+///
+/// A SYN-ACK or RST counts only as the answer to the flow's SYN: it must
+/// acknowledge the SYN, and a RST must also come from the backend's side
+/// (anyone may forge the backend's address). Others are counted as
+/// untrusted and forwarded like any packet of the flow.
 #[inline(always)]
-pub fn backend_tcp(s: &mut Scratch, reply: &Flow, flags: u8) -> Result<(), u32> {
+pub fn backend_tcp(
+    s: &mut Scratch,
+    reply: &Flow,
+    flags: u8,
+    ack: u32,
+    ifindex: u32,
+) -> Result<(), u32> {
     if flags & (TCP_SYN | TCP_RST | TCP_FIN) == 0 {
         return Ok(()); // data and ACKs: the fast path
     }
@@ -85,6 +138,10 @@ pub fn backend_tcp(s: &mut Scratch, reply: &Flow, flags: u8) -> Result<(), u32> 
     }
     if flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK {
         if f.state == flow_state::SYN_SENT {
+            if !acknowledges_syn(f, ack) {
+                count(reason::UNTRUSTED_SIGNAL);
+                return Ok(());
+            }
             let now = failure::now_ns();
             let latency = now.wrapping_sub(f.syn_ns);
             failure::record_success(&s.reverse_key, f.service_id, f.backend_id, latency, now);
@@ -93,6 +150,15 @@ pub fn backend_tcp(s: &mut Scratch, reply: &Flow, flags: u8) -> Result<(), u32> 
         return Ok(());
     }
     if flags & TCP_RST != 0 && f.state == flow_state::SYN_SENT {
+        if flags & TCP_ACK == 0
+            || !acknowledges_syn(f, ack)
+            || f.flags & FLOW_F_FAILURE_COUNTED != 0
+            || !failure::from_backend_side(ifindex, f.backend_id, &f.new_dst)
+        {
+            count(reason::UNTRUSTED_SIGNAL);
+            return Ok(());
+        }
+        f.flags |= FLOW_F_FAILURE_COUNTED;
         let now = failure::now_ns();
         failure::record_failure(
             &s.reverse_key,
@@ -192,6 +258,7 @@ fn retry(s: &mut Scratch, f: &mut Flow, now: u64, why: Resend) -> Result<(), u32
     f.attempts = attempt.min(255) as u8;
     f.state = flow_state::SYN_SENT;
     f.syn_ns = now;
+    start_attempt(f, syn_facts(s));
     if why == Resend::AfterFailure {
         failure::count_retry(&s.key, service.id, backend_id, now);
     }

@@ -142,13 +142,34 @@ impl FibBed {
     }
 
     /// Runs the XDP program once on `frame`: (return code, frame after).
+    /// The frame arrives on the namespace's loopback device: neither the
+    /// clients' side nor the backends'.
     pub fn run(&mut self, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
+        self.run_with(frame, None)
+    }
+
+    /// As `run`, with the frame arriving on `dev` (`t0`: from the backends'
+    /// side, `t1`: from the clients').
+    pub fn run_in(&mut self, dev: &str, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
+        let ifindex = self.ns.enter(|| sluice::netdev::ifindex(dev))?;
+        anyhow::ensure!(ifindex != 0, "no device {dev} in the test namespace");
+        self.run_with(frame, Some(ifindex))
+    }
+
+    fn run_with(&mut self, frame: &[u8], ifindex: Option<u32>) -> Result<(u32, Vec<u8>)> {
         let xdp = self.datapath.xdp_program()?;
         let mut out = vec![0u8; frame.len() + 256];
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex,
+        // rx_queue_index, egress_ifindex.
+        let ctx: Vec<u8> = [0, frame.len() as u32, 0, ifindex.unwrap_or(0), 0, 0]
+            .iter()
+            .flat_map(|w| w.to_ne_bytes())
+            .collect();
         let result = self.ns.enter(|| {
             xdp.test_run(TestRunOptions {
                 data_in: Some(frame),
                 data_out: Some(&mut out),
+                ctx_in: ifindex.map(|_| ctx.as_slice()),
                 ..TestRunOptions::default()
             })
         })?;

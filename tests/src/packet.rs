@@ -8,6 +8,10 @@ pub const TCP_ACK: u8 = 0x10;
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_RST: u8 = 0x04;
 
+/// The sequence number `Pkt::tcp` gives a client's segments: a backend's
+/// SYN-ACK or RST to its SYN acknowledges `CLIENT_SEQ + 1`.
+pub const CLIENT_SEQ: u32 = 0x0102_0304;
+
 #[derive(Clone, Debug)]
 pub struct Pkt {
     pub smac: [u8; 6],
@@ -19,6 +23,8 @@ pub struct Pkt {
     pub sport: u16,
     pub dport: u16,
     pub tcp_flags: u8,
+    pub seq: u32,
+    pub ack: u32,
     pub ttl: u8,
     pub payload: Vec<u8>,
     /// IPv4 options (a multiple of 4 bytes).
@@ -45,6 +51,8 @@ impl Pkt {
             sport,
             dport,
             tcp_flags: flags,
+            seq: CLIENT_SEQ,
+            ack: 0x0506_0708,
             ttl: 64,
             payload: b"payload!".to_vec(),
             ip_options: Vec::new(),
@@ -69,8 +77,8 @@ impl Pkt {
         l4.extend_from_slice(&self.dport.to_be_bytes());
         let check_at;
         if self.proto == 6 {
-            l4.extend_from_slice(&0x0102_0304u32.to_be_bytes()); // seq
-            l4.extend_from_slice(&0x0506_0708u32.to_be_bytes()); // ack
+            l4.extend_from_slice(&self.seq.to_be_bytes());
+            l4.extend_from_slice(&self.ack.to_be_bytes());
             l4.push(5 << 4);
             l4.push(self.tcp_flags);
             l4.extend_from_slice(&65535u16.to_be_bytes());

@@ -10,7 +10,7 @@ use agent_common::reason;
 use anyhow::Result;
 use sluice_tests::{
     fib::{FibBed, T0_MAC, XDP_DROP, XDP_REDIRECT, backend_mac},
-    packet::{Pkt, TCP_ACK, TCP_RST, TCP_SYN},
+    packet::{CLIENT_SEQ, Pkt, TCP_ACK, TCP_RST, TCP_SYN},
 };
 use testbed::Family;
 
@@ -18,7 +18,7 @@ const FAM: Family = Family::V4;
 
 fn services(retry: bool, backends: &[usize], max_ejected_percent: u32) -> String {
     let mut text = format!(
-        "services:\n  - name: web\n    vip: \"{}\"\n    port: 80\n    protocol: tcp\n    failure:\n      consecutive_failures: 3\n      connect_timeout_ms: 20\n      retry_on_refused: {retry}\n      max_ejected_percent: {max_ejected_percent}\n    backends:\n",
+        "services:\n  - name: web\n    vip: \"{}\"\n    port: 80\n    protocol: tcp\n    failure:\n      consecutive_failures: 3\n      connect_timeout_ms: 20\n      retry_on_refused: {retry}\n      max_ejected_percent: {max_ejected_percent}\n      min_distinct_clients: 1\n    backends:\n",
         FAM.vip()
     );
     for &i in backends {
@@ -41,11 +41,13 @@ fn backend_of(out: &[u8]) -> usize {
         .expect("sent to a backend")
 }
 
-/// The backend's answer to the client's SYN on `port`.
+/// The backend's answer to the client's SYN on `port` (it acknowledges
+/// the SYN).
 fn answer(backend: usize, port: u16, flags: u8) -> Pkt {
     Pkt {
         smac: backend_mac(backend),
         dmac: T0_MAC,
+        ack: CLIENT_SEQ.wrapping_add(1),
         ..Pkt::tcp(FAM.backend(backend), 8080, FAM.client(), port, flags)
     }
 }
@@ -75,7 +77,7 @@ fn refused_syn_is_held_back_and_retried_on_another_backend() -> Result<()> {
     let first = backend_of(&out);
 
     // The backend refuses: counted, and the RST is not forwarded.
-    let (rc, _) = bed.run(&answer(first, 41_000, TCP_RST | TCP_ACK).bytes())?;
+    let (rc, _) = bed.run_in("t0", &answer(first, 41_000, TCP_RST | TCP_ACK).bytes())?;
     assert_eq!(rc, XDP_DROP, "the refusal is held back");
     assert_eq!(bed.reason(reason::RST_HELD_FOR_RETRY), 1);
     assert_eq!(backend_stats(&bed, first).failures_refused, 1);
@@ -96,7 +98,7 @@ fn refused_syn_is_held_back_and_retried_on_another_backend() -> Result<()> {
 
     // The new backend's SYN-ACK reaches the client; the old backend's late
     // packets of this flow are not translated any more.
-    let (rc, _) = bed.run(&answer(second, 41_000, TCP_SYN | TCP_ACK).bytes())?;
+    let (rc, _) = bed.run_in("t0", &answer(second, 41_000, TCP_SYN | TCP_ACK).bytes())?;
     assert_eq!(rc, XDP_REDIRECT);
     assert_eq!(backend_stats(&bed, second).opened, 1);
     Ok(())
@@ -107,7 +109,7 @@ fn without_retry_the_refusal_reaches_the_client() -> Result<()> {
     let mut bed = FibBed::new(&services(false, &[0, 1, 2], 50))?;
     let (_, out) = bed.run(&syn(41_001).bytes())?;
     let first = backend_of(&out);
-    let (rc, _) = bed.run(&answer(first, 41_001, TCP_RST | TCP_ACK).bytes())?;
+    let (rc, _) = bed.run_in("t0", &answer(first, 41_001, TCP_RST | TCP_ACK).bytes())?;
     assert_eq!(rc, XDP_REDIRECT, "RST forwarded to the client");
     assert_eq!(backend_stats(&bed, first).failures_refused, 1);
     Ok(())
@@ -137,12 +139,12 @@ fn syn_ack_resets_the_streak_and_records_latency() -> Result<()> {
     let id = backend_id(&bed, 1);
     for (n, port) in (42_000..42_002).enumerate() {
         bed.run(&syn(port).bytes())?;
-        bed.run(&answer(1, port, TCP_RST | TCP_ACK).bytes())?;
+        bed.run_in("t0", &answer(1, port, TCP_RST | TCP_ACK).bytes())?;
         assert_eq!(bed.reconciler.health(id).consecutive_failures, n as u64 + 1);
     }
     bed.run(&syn(42_010).bytes())?;
     std::thread::sleep(Duration::from_millis(2));
-    bed.run(&answer(1, 42_010, TCP_SYN | TCP_ACK).bytes())?;
+    bed.run_in("t0", &answer(1, 42_010, TCP_SYN | TCP_ACK).bytes())?;
     assert_eq!(
         bed.reconciler.health(id).consecutive_failures,
         0,
@@ -153,7 +155,7 @@ fn syn_ack_resets_the_streak_and_records_latency() -> Result<()> {
     assert!(latency.sum_ns >= 2_000_000, "latency {} ns", latency.sum_ns);
     assert_eq!(latency.buckets.iter().sum::<u64>(), 1);
     // A second SYN-ACK (retransmitted) is not a second connection.
-    bed.run(&answer(1, 42_010, TCP_SYN | TCP_ACK).bytes())?;
+    bed.run_in("t0", &answer(1, 42_010, TCP_SYN | TCP_ACK).bytes())?;
     assert_eq!(bed.reconciler.latency(id).count, 1);
     Ok(())
 }
@@ -163,14 +165,14 @@ fn ejected_after_the_threshold_and_new_flows_skip_it() -> Result<()> {
     let mut bed = FibBed::new(&services(false, &[0, 1, 2], 50))?;
     let victim = backend_of(&bed.run(&syn(43_000).bytes())?.1);
     let id = backend_id(&bed, victim);
-    bed.run(&answer(victim, 43_000, TCP_RST | TCP_ACK).bytes())?;
+    bed.run_in("t0", &answer(victim, 43_000, TCP_RST | TCP_ACK).bytes())?;
     // Two more refusals from the same backend, on flows that land there.
     let mut refused = 1;
     let mut port = 43_001;
     while refused < 3 {
         let (_, out) = bed.run(&syn(port).bytes())?;
         if backend_of(&out) == victim {
-            bed.run(&answer(victim, port, TCP_RST | TCP_ACK).bytes())?;
+            bed.run_in("t0", &answer(victim, port, TCP_RST | TCP_ACK).bytes())?;
             refused += 1;
             assert_eq!(bed.reconciler.health(id).ejected, u32::from(refused == 3));
         }
@@ -194,7 +196,7 @@ fn ejections_stop_at_max_ejected_percent() -> Result<()> {
     let mut bed = FibBed::new(&services(false, &[0, 1, 2], 34))?;
     for port in 45_000..45_100 {
         let (_, out) = bed.run(&syn(port).bytes())?;
-        bed.run(&answer(backend_of(&out), port, TCP_RST | TCP_ACK).bytes())?;
+        bed.run_in("t0", &answer(backend_of(&out), port, TCP_RST | TCP_ACK).bytes())?;
     }
     let ejected: Vec<usize> = (0..3)
         .filter(|&i| bed.reconciler.health(backend_id(&bed, i)).ejected == 1)
@@ -223,7 +225,7 @@ fn eject_all_but(bed: &mut FibBed, keep: usize, mut port: u16) -> Result<u16> {
         let (_, out) = bed.run(&syn(port).bytes())?;
         let b = backend_of(&out);
         if b != keep {
-            bed.run(&answer(b, port, TCP_RST | TCP_ACK).bytes())?;
+            bed.run_in("t0", &answer(b, port, TCP_RST | TCP_ACK).bytes())?;
         }
         port += 1;
     }
@@ -261,7 +263,7 @@ fn reused_tuple_of_an_ejected_backend_is_a_new_connection() -> Result<()> {
                 .is_ok_and(|(_, out)| backend_of(&out) == 0)
         })
         .unwrap();
-    bed.run(&answer(0, reused, TCP_SYN | TCP_ACK).bytes())?;
+    bed.run_in("t0", &answer(0, reused, TCP_SYN | TCP_ACK).bytes())?;
     bed.run(&Pkt::tcp(FAM.client(), reused, FAM.vip(), 80, TCP_RST | TCP_ACK).bytes())?;
     eject_all_but(&mut bed, 2, 48_000)?;
     let service_id = bed.reconciler.services["web"].id;

@@ -375,6 +375,10 @@ pub struct Failure {
     pub connect_timeout_ms: u32,
     /// Readmit (TCP) only after a TCP connect to the backend succeeds.
     pub probe: bool,
+    /// Connects from at least this many distinct client addresses (1 to 4)
+    /// must have failed in the streak before an ejection: one client, hostile
+    /// or behind its own firewall, can't eject a backend alone.
+    pub min_distinct_clients: u32,
 }
 
 impl Default for Failure {
@@ -387,6 +391,7 @@ impl Default for Failure {
             retry_on_refused: true,
             connect_timeout_ms: 500,
             probe: true,
+            min_distinct_clients: 2,
         }
     }
 }

@@ -420,6 +420,13 @@ fn failure(f: &Failure, at: &str) -> Result<(), Refusal> {
             "must be 0 to 100",
         ));
     }
+    if !(1..=agent_common::FAILING_CLIENTS as u32).contains(&f.min_distinct_clients) {
+        return Err(refuse(
+            field("min_distinct_clients"),
+            f.min_distinct_clients,
+            format!("must be 1 to {}", agent_common::FAILING_CLIENTS),
+        ));
+    }
     Ok(())
 }
 

@@ -139,7 +139,7 @@ impl Reconciler {
         } else {
             Admission::Active
         });
-        health.consecutive_failures = 0;
+        health.restart_streak();
         self.maps
             .backend_health
             .set(backend_id, health, 0)

@@ -341,7 +341,7 @@ impl Reconciler {
             } else {
                 0
             },
-            _pad: 0,
+            min_distinct_clients: f.min_distinct_clients,
         };
         self.maps
             .service_policy
