@@ -259,19 +259,97 @@ fn loopback_link_local_multicast_and_broadcast_are_refused_everywhere() {
         .replace("10.0.1.1:8080", "\"[fd00:1::1]:8080\"")
         .replace("10.0.1.2:8080", "\"[fd00:1::2]:8080\"");
     for (text, from, to, field, class) in [
-        (GOOD, "vip: 10.0.0.1", "vip: 127.0.0.1", "services[0].vip", "a loopback address can't be a VIP"),
-        (GOOD, "vip: 10.0.0.1", "vip: 169.254.0.7", "services[0].vip", "a link-local address can't be a VIP"),
-        (GOOD, "vip: 10.0.0.1", "vip: 255.255.255.255", "services[0].vip", "the broadcast address can't be a VIP"),
-        (GOOD, "vip: 10.0.0.1", "vip: 239.1.1.1", "services[0].vip", "a multicast address can't be a VIP"),
-        (GOOD, "vip: 10.0.0.1", "vip: 0.0.0.0", "services[0].vip", "an unspecified address (0.0.0.0/8, ::) can't be a VIP"),
-        (&v6, "vip: \"fd00::1\"", "vip: \"::1\"", "services[0].vip", "a loopback address can't be a VIP"),
-        (&v6, "vip: \"fd00::1\"", "vip: \"fe80::1\"", "services[0].vip", "a link-local address can't be a VIP"),
-        (&v6, "\"[fd00:1::2]:8080\"", "\"[::1]:8080\"", "services[0].backends[1].address", "a loopback address can't be a backend"),
-        (&v6, "\"[fd00:1::2]:8080\"", "\"[fe80::2]:8080\"", "services[0].backends[1].address", "a link-local address can't be a backend"),
-        (&v6, "\"[fd00:1::2]:8080\"", "\"[fd00:ec2::254]:80\"", "services[0].backends[1].address", "a cloud metadata address can't be a backend"),
-        (GOOD, "protocol: tcp", "protocol: tcp\n    forwarding: snat\n    snat_ip: 127.0.0.1", "services[0].snat_ip", "a loopback address can't be snat_ip"),
-        (GOOD, "protocol: tcp", "protocol: tcp\n    forwarding: snat\n    snat_ip: 169.254.9.9", "services[0].snat_ip", "a link-local address can't be snat_ip"),
-        (GOOD, "protocol: tcp", "protocol: tcp\n    forwarding: snat\n    snat_ip: 255.255.255.255", "services[0].snat_ip", "the broadcast address can't be snat_ip"),
+        (
+            GOOD,
+            "vip: 10.0.0.1",
+            "vip: 127.0.0.1",
+            "services[0].vip",
+            "a loopback address can't be a VIP",
+        ),
+        (
+            GOOD,
+            "vip: 10.0.0.1",
+            "vip: 169.254.0.7",
+            "services[0].vip",
+            "a link-local address can't be a VIP",
+        ),
+        (
+            GOOD,
+            "vip: 10.0.0.1",
+            "vip: 255.255.255.255",
+            "services[0].vip",
+            "the broadcast address can't be a VIP",
+        ),
+        (
+            GOOD,
+            "vip: 10.0.0.1",
+            "vip: 239.1.1.1",
+            "services[0].vip",
+            "a multicast address can't be a VIP",
+        ),
+        (
+            GOOD,
+            "vip: 10.0.0.1",
+            "vip: 0.0.0.0",
+            "services[0].vip",
+            "an unspecified address (0.0.0.0/8, ::) can't be a VIP",
+        ),
+        (
+            &v6,
+            "vip: \"fd00::1\"",
+            "vip: \"::1\"",
+            "services[0].vip",
+            "a loopback address can't be a VIP",
+        ),
+        (
+            &v6,
+            "vip: \"fd00::1\"",
+            "vip: \"fe80::1\"",
+            "services[0].vip",
+            "a link-local address can't be a VIP",
+        ),
+        (
+            &v6,
+            "\"[fd00:1::2]:8080\"",
+            "\"[::1]:8080\"",
+            "services[0].backends[1].address",
+            "a loopback address can't be a backend",
+        ),
+        (
+            &v6,
+            "\"[fd00:1::2]:8080\"",
+            "\"[fe80::2]:8080\"",
+            "services[0].backends[1].address",
+            "a link-local address can't be a backend",
+        ),
+        (
+            &v6,
+            "\"[fd00:1::2]:8080\"",
+            "\"[fd00:ec2::254]:80\"",
+            "services[0].backends[1].address",
+            "a cloud metadata address can't be a backend",
+        ),
+        (
+            GOOD,
+            "protocol: tcp",
+            "protocol: tcp\n    forwarding: snat\n    snat_ip: 127.0.0.1",
+            "services[0].snat_ip",
+            "a loopback address can't be snat_ip",
+        ),
+        (
+            GOOD,
+            "protocol: tcp",
+            "protocol: tcp\n    forwarding: snat\n    snat_ip: 169.254.9.9",
+            "services[0].snat_ip",
+            "a link-local address can't be snat_ip",
+        ),
+        (
+            GOOD,
+            "protocol: tcp",
+            "protocol: tcp\n    forwarding: snat\n    snat_ip: 255.255.255.255",
+            "services[0].snat_ip",
+            "the broadcast address can't be snat_ip",
+        ),
     ] {
         let value = to.rsplit(": ").next().unwrap().trim_matches('"');
         assert_eq!(
@@ -298,14 +376,38 @@ fn kubernetes_namespaces_and_external_cidrs_are_checked() {
     let kube = v.raw.kubernetes.unwrap();
     assert!(kube.allowed_namespaces().is_none() && kube.external_cidrs.is_none());
     for (settings, want) in [
-        ("  namespaces: []\n", "kubernetes.namespaces: invalid value \"[]\": name at least one namespace, or leave it out for every namespace"),
-        ("  namespaces: [shop, Shop]\n", "kubernetes.namespaces[1]: invalid value \"Shop\": not a namespace name (lowercase letters, digits and '-', at most 63)"),
-        ("  namespaces: [shop, shop]\n", "kubernetes.namespaces[1]: invalid value \"shop\": listed twice"),
-        ("  namespace: shop\n  namespaces: [web]\n", "kubernetes.namespace: invalid value \"shop\": set namespace or namespaces, not both (namespaces: [a, b] lists them all)"),
-        ("  addresses: [external_ips]\n  external_cidrs: [192.0.2.1/24]\n", "kubernetes.external_cidrs[0]: invalid value \"192.0.2.1/24\": host bits are set: the block is 192.0.2.0/24"),
-        ("  addresses: [external_ips]\n  external_cidrs: [10.0.0.0/8, nope]\n", "kubernetes.external_cidrs[1]: invalid value \"nope\": expected ADDRESS/PREFIX (e.g. 192.0.2.0/24)"),
-        ("  addresses: [external_ips]\n  external_cidrs: []\n", "kubernetes.external_cidrs: invalid value \"[]\": allows no address: name a block, or drop external_ips and load_balancer from addresses"),
-        ("  external_cidrs: [192.0.2.0/24]\n", "kubernetes.external_cidrs: invalid value \"192.0.2.0/24\": only used with addresses external_ips or load_balancer"),
+        (
+            "  namespaces: []\n",
+            "kubernetes.namespaces: invalid value \"[]\": name at least one namespace, or leave it out for every namespace",
+        ),
+        (
+            "  namespaces: [shop, Shop]\n",
+            "kubernetes.namespaces[1]: invalid value \"Shop\": not a namespace name (lowercase letters, digits and '-', at most 63)",
+        ),
+        (
+            "  namespaces: [shop, shop]\n",
+            "kubernetes.namespaces[1]: invalid value \"shop\": listed twice",
+        ),
+        (
+            "  namespace: shop\n  namespaces: [web]\n",
+            "kubernetes.namespace: invalid value \"shop\": set namespace or namespaces, not both (namespaces: [a, b] lists them all)",
+        ),
+        (
+            "  addresses: [external_ips]\n  external_cidrs: [192.0.2.1/24]\n",
+            "kubernetes.external_cidrs[0]: invalid value \"192.0.2.1/24\": host bits are set: the block is 192.0.2.0/24",
+        ),
+        (
+            "  addresses: [external_ips]\n  external_cidrs: [10.0.0.0/8, nope]\n",
+            "kubernetes.external_cidrs[1]: invalid value \"nope\": expected ADDRESS/PREFIX (e.g. 192.0.2.0/24)",
+        ),
+        (
+            "  addresses: [external_ips]\n  external_cidrs: []\n",
+            "kubernetes.external_cidrs: invalid value \"[]\": allows no address: name a block, or drop external_ips and load_balancer from addresses",
+        ),
+        (
+            "  external_cidrs: [192.0.2.0/24]\n",
+            "kubernetes.external_cidrs: invalid value \"192.0.2.0/24\": only used with addresses external_ips or load_balancer",
+        ),
     ] {
         assert_eq!(refusal(&k(settings)), format!("config file c.yaml: {want}"));
     }

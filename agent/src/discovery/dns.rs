@@ -67,7 +67,10 @@ pub async fn run(source: Source, vip: IpAddr, reporter: Reporter) {
         let (outcome, wait) = match resolve(&resolver, &name, record, port, vip).await {
             Ok(answer) => {
                 for note in answer.notes.difference(&notes) {
-                    warn!(service = reporter.service, name, note, "DNS answer: partly used");
+                    warn!(
+                        service = reporter.service,
+                        name, note, "DNS answer: partly used"
+                    );
                 }
                 notes = answer.notes;
                 (

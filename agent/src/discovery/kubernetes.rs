@@ -144,10 +144,8 @@ pub async fn run(spec: Kubernetes, reporter: Reporter) {
     // changes.
     let mut compute = |trust: &mut Trust| {
         trust.set_host_addresses(&trust::host_addresses());
-        let services: Vec<Arc<Service>> =
-            service_stores.iter().flat_map(|s| s.state()).collect();
-        let slices: Vec<Arc<EndpointSlice>> =
-            slice_stores.iter().flat_map(|s| s.state()).collect();
+        let services: Vec<Arc<Service>> = service_stores.iter().flat_map(|s| s.state()).collect();
+        let slices: Vec<Arc<EndpointSlice>> = slice_stores.iter().flat_map(|s| s.state()).collect();
         let found = desired(&services, &slices, &spec, &here, trust);
         log_skipped(&skipped, &found.skipped);
         skipped = found.skipped;
@@ -372,7 +370,8 @@ pub fn desired(
                 .clone()
                 .or_else(|| svc_spec.cluster_ip.clone().map(|ip| vec![ip]))
                 .unwrap_or_default();
-            ips.iter().for_each(|ip| add("clusterIP", ip, internal_local));
+            ips.iter()
+                .for_each(|ip| add("clusterIP", ip, internal_local));
         }
         if spec.addresses.contains(&KubeAddress::ExternalIps) {
             svc_spec
@@ -536,7 +535,10 @@ fn backends(
             // Anyone who can write an EndpointSlice names its addresses:
             // they pass the check a configured backend passes.
             if let Err(why) = backend(addr, weight, vip) {
-                skip(format!("endpoint {}", pod.unwrap_or("(no pod)")), why.to_string());
+                skip(
+                    format!("endpoint {}", pod.unwrap_or("(no pod)")),
+                    why.to_string(),
+                );
                 continue;
             }
             candidates.push(Candidate {
@@ -895,7 +897,13 @@ mod tests {
     fn claimed_addresses_are_refused_one_by_one() {
         let (svc, slice) = claimed(
             "shop",
-            &["192.0.2.7", "10.0.1.1", "169.254.169.254", "10.0.0.10", "198.51.100.1"],
+            &[
+                "192.0.2.7",
+                "10.0.1.1",
+                "169.254.169.254",
+                "10.0.0.10",
+                "198.51.100.1",
+            ],
             &["10.1.0.2", "127.0.0.1", "169.254.169.254", "10.1.0.3"],
         );
         let f = found(

@@ -13,10 +13,7 @@ use std::collections::{BTreeMap, HashSet};
 
 use tracing::{info, warn};
 
-use crate::{
-    config::ServiceSpec,
-    reconcile::service_key,
-};
+use crate::{config::ServiceSpec, reconcile::service_key};
 
 /// Service and backend slots of the maps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -157,8 +154,7 @@ pub fn log_changes(before: &BTreeMap<String, String>, now: &BTreeMap<String, Str
     for service in before.keys().filter(|s| !now.contains_key(*s)) {
         info!(
             event = "released",
-            service,
-            "kubernetes Service no longer quarantined"
+            service, "kubernetes Service no longer quarantined"
         );
     }
 }

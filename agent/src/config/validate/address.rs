@@ -116,9 +116,7 @@ impl Cidr {
         let cidr = Self { network, prefix };
         let masked = cidr.masked(network);
         if masked != network {
-            return Err(format!(
-                "host bits are set: the block is {masked}/{prefix}"
-            ));
+            return Err(format!("host bits are set: the block is {masked}/{prefix}"));
         }
         Ok(cidr)
     }
@@ -127,7 +125,9 @@ impl Cidr {
     fn masked(&self, ip: IpAddr) -> IpAddr {
         match ip {
             IpAddr::V4(v4) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
                 IpAddr::V4(Ipv4Addr::from(u32::from(v4) & mask))
             }
             IpAddr::V6(v6) => {
@@ -195,8 +195,15 @@ mod tests {
         let c = Cidr::parse("2001:db8::/32").unwrap();
         assert!(c.contains("2001:db8:1::5".parse().unwrap()));
         assert!(!c.contains("2001:db9::5".parse().unwrap()));
-        assert!(Cidr::parse("0.0.0.0/0").unwrap().contains("8.8.8.8".parse().unwrap()));
-        assert_eq!(Cidr::parse("192.0.2.7").unwrap().to_string(), "192.0.2.7/32");
+        assert!(
+            Cidr::parse("0.0.0.0/0")
+                .unwrap()
+                .contains("8.8.8.8".parse().unwrap())
+        );
+        assert_eq!(
+            Cidr::parse("192.0.2.7").unwrap().to_string(),
+            "192.0.2.7/32"
+        );
         assert_eq!(
             Cidr::parse("192.0.2.7/24").unwrap_err(),
             "host bits are set: the block is 192.0.2.0/24"

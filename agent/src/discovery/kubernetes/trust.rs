@@ -74,7 +74,8 @@ impl Trust {
 
     /// This node's own addresses as (device, address), replacing the last.
     pub fn set_host_addresses(&mut self, addresses: &[(String, IpAddr)]) {
-        self.reserved.retain(|_, whose| !whose.starts_with("this node's"));
+        self.reserved
+            .retain(|_, whose| !whose.starts_with("this node's"));
         for (device, ip) in addresses {
             if device != KUBE_IPVS_DEVICE {
                 self.reserved
@@ -86,7 +87,9 @@ impl Trust {
 
     /// Whether Services of namespace `ns` may opt in.
     pub fn namespace_allowed(&self, ns: &str) -> bool {
-        self.namespaces.as_ref().is_none_or(|list| list.contains(ns))
+        self.namespaces
+            .as_ref()
+            .is_none_or(|list| list.contains(ns))
     }
 
     /// Why `ip` can't be a VIP; None when it can. `external`: an externalIP
