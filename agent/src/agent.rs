@@ -146,7 +146,12 @@ pub async fn run(
     // Discovery services start with no backends (or what pinned maps hold,
     // once adopted) and fill in as their providers report.
     let (report_tx, mut reports) = tokio::sync::mpsc::channel(256);
-    shared.discovery.lock().unwrap().sync(&cfg, &report_tx);
+    {
+        let mut hub = shared.discovery.lock().unwrap();
+        // Kubernetes Services are fitted into what these maps hold.
+        hub.set_capacity(sizes.services, sizes.backends);
+        hub.sync(&cfg, &report_tx);
+    }
     if datapath.adopted {
         let adopted = writer.adopt(&cfg.services)?;
         let mut hub = shared.discovery.lock().unwrap();

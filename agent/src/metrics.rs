@@ -450,6 +450,17 @@ fn render_discovery(shared: &Shared, out: &mut String) {
             }
         }
     }
+    // Named in /readyz and the log; the count is what alerts look at.
+    if let Some(quarantined) = hub.quarantined() {
+        let name = "sluice_discovery_quarantined_services";
+        family(
+            out,
+            name,
+            "gauge",
+            "Kubernetes Services left out (or kept in their last version) because they don't fit the maps' limits.",
+        );
+        sample(out, name, &[("provider", "kubernetes")], quarantined.len());
+    }
 }
 
 /// One sample line: `name{k="v",…} value`. Label values here are service

@@ -79,6 +79,20 @@ fn wait_active(
 /// dnsmasq serving `_web._tcp.sluice.test` (SRV, weight 10 each) and
 /// `web.sluice.test` (A) for the given backends, with a 2 s TTL.
 fn dnsmasq(b: &Bed, backends: &[usize]) -> Result<Daemon> {
+    let mut records = Vec::new();
+    for &i in backends {
+        records.push(format!("--host-record=b{i}.sluice.test,10.1.{i}.2"));
+        records.push(format!(
+            "--srv-host=_web._tcp.sluice.test,b{i}.sluice.test,8080,0,10"
+        ));
+        records.push(format!("--address=/web.sluice.test/10.1.{i}.2"));
+    }
+    dnsmasq_with(b, &records)
+}
+
+/// dnsmasq with these record options, authoritative for `sluice.test`
+/// (a name it doesn't have is NXDOMAIN), with a 2 s TTL.
+fn dnsmasq_with(b: &Bed, records: &[String]) -> Result<Daemon> {
     let mut args: Vec<String> = [
         "--keep-in-foreground",
         "--no-resolv",
@@ -89,19 +103,14 @@ fn dnsmasq(b: &Bed, backends: &[usize]) -> Result<Daemon> {
         "--listen-address=127.0.0.1",
         "--bind-interfaces",
         "--local-ttl=2",
+        "--local=/sluice.test/",
         "--log-facility=-",
         "--pid-file=",
     ]
     .iter()
     .map(|s| s.to_string())
     .collect();
-    for &i in backends {
-        args.push(format!("--host-record=b{i}.sluice.test,10.1.{i}.2"));
-        args.push(format!(
-            "--srv-host=_web._tcp.sluice.test,b{i}.sluice.test,8080,0,10"
-        ));
-        args.push(format!("--address=/web.sluice.test/10.1.{i}.2"));
-    }
+    args.extend(records.iter().cloned());
     let d = Daemon::start(&b.topo.lb, "dnsmasq", &args, b.dir.path("dnsmasq.log"))?;
     // Ready once it answers on its port.
     wait_for("dnsmasq to listen", Duration::from_secs(10), || {
@@ -191,6 +200,80 @@ fn dns_srv_and_a_records_follow_dnsmasq_and_survive_its_death() -> Result<()> {
         healthy(&b, &agent, "web")
     })?;
     assert_eq!(active(&b, &agent, "web")?, set(&[1, 2]));
+    Ok(())
+}
+
+/// One bad SRV target (a name that doesn't exist, or one that resolves
+/// to a loopback address) is skipped on its own, and the answer's other
+/// targets serve; an answer of more than 512 records is capped, the same
+/// first 512 on every node, with a log line.
+#[test]
+fn a_bad_srv_target_skips_only_itself_and_big_answers_are_capped() -> Result<()> {
+    let b = bed("dnsbad", 3)?;
+    let mut records = vec![
+        "--host-record=b0.sluice.test,10.1.0.2".to_string(),
+        "--host-record=b1.sluice.test,10.1.1.2".to_string(),
+        "--host-record=lo.sluice.test,127.0.0.1".to_string(),
+    ];
+    for target in ["b0", "gone", "lo", "b1"] {
+        records.push(format!(
+            "--srv-host=_web._tcp.sluice.test,{target}.sluice.test,8080,0,10"
+        ));
+    }
+    // 600 A records of one name (10.2.0.0 to 10.2.2.87).
+    for i in 0..600u32 {
+        let ip = std::net::Ipv4Addr::from(0x0a02_0000 + i);
+        records.push(format!("--host-record=many.sluice.test,{ip}"));
+    }
+    let _dns = dnsmasq_with(&b, &records)?;
+    let config = sluice_tests::interfaces_yaml(3)
+        + "services:
+  - name: web
+    vip: 10.100.0.1
+    port: 80
+    protocol: tcp
+    discovery:
+      dns:
+        name: _web._tcp.sluice.test
+        server: 127.0.0.1:5353
+        min_interval_seconds: 1
+  - name: many
+    vip: 10.100.0.2
+    port: 80
+    protocol: tcp
+    discovery:
+      dns:
+        name: many.sluice.test
+        type: a
+        port: 8080
+        server: 127.0.0.1:5353
+        min_interval_seconds: 1
+";
+    std::fs::write(b.dir.path("sluice.yaml"), config)?;
+    let agent = Agent::start(&b.topo.lb, &b.dir.path("sluice.yaml"), b.dir.path("a.log"))?;
+    wait_active(&b, &agent, "web", &[0, 1], Duration::from_secs(10))?;
+    assert!(healthy(&b, &agent, "web")?);
+    assert_eq!(reached(&b.topo, 40)?, names(&[0, 1]));
+    let log = agent.log_text();
+    for note in [
+        "note=\"SRV target gone.sluice.test.: ",
+        "note=\"SRV target lo.sluice.test.: backend 127.0.0.1:8080: a loopback address can't be a backend; skipped\"",
+    ] {
+        assert!(log.contains(note), "not logged: {note}\n{log}");
+    }
+
+    wait_for("the capped answer applied", Duration::from_secs(15), || {
+        Ok(backend_states(&b.topo.lb, &agent, "many")?.len() == 512)
+    })
+    .with_context(|| agent.log_text())?;
+    let many = backend_states(&b.topo.lb, &agent, "many")?;
+    assert!(many.contains_key("10.2.0.0:8080") && many.contains_key("10.2.1.255:8080"));
+    assert!(!many.contains_key("10.2.2.0:8080"), "past the first 512");
+    let log = agent.log_text();
+    assert!(
+        log.contains("note=\"600 backends; the first 512 by address are used\""),
+        "{log}"
+    );
     Ok(())
 }
 
@@ -341,6 +424,110 @@ fn etcd_watch_follows_keys_resumes_after_a_restart_and_never_empties() -> Result
         log.matches("etcd watch started").count() >= 2,
         "the watch was not resumed:\n{log}"
     );
+    Ok(())
+}
+
+/// `etcdctl put KEY` with the value on stdin (a command line holds at
+/// most 128 KiB per argument).
+fn put_stdin(b: &Bed, key: &str, value: &[u8]) -> Result<()> {
+    let mut child = std::process::Command::new("ip")
+        .args(["netns", "exec", &b.topo.lb.name, "etcdctl"])
+        .arg(format!("--endpoints={ETCD_URL}"))
+        .args(["--dial-timeout=1s", "--command-timeout=5s", "put", key])
+        .env("ETCDCTL_API", "3")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .context("etcdctl stdin")?
+        .write_all(value)?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "etcdctl put {key}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// A value over the 4 KiB a backend value may take (here 1 MiB of valid
+/// JSON padding around a real backend) is refused with the key and the
+/// limit named, and keys and values over 8 MiB under the prefix are
+/// refused whole: either way the last good set keeps serving, and the
+/// provider recovers once the keys are gone.
+#[test]
+fn oversized_etcd_values_and_prefixes_are_refused_and_the_last_set_serves() -> Result<()> {
+    let b = bed("etcdbig", 3)?;
+    let _server = etcd(&b)?;
+    put(&b, 0, 1)?;
+    put(&b, 1, 1)?;
+    let config = sluice_tests::interfaces_yaml(3)
+        + &format!(
+            "services:
+  - name: web
+    vip: 10.100.0.1
+    port: 80
+    protocol: tcp
+    discovery:
+      etcd:
+        endpoints: [\"{ETCD_URL}\"]
+        prefix: /sluice/web/
+"
+        );
+    std::fs::write(b.dir.path("sluice.yaml"), config)?;
+    let agent = Agent::start(&b.topo.lb, &b.dir.path("sluice.yaml"), b.dir.path("a.log"))?;
+    wait_active(&b, &agent, "web", &[0, 1], Duration::from_secs(10))?;
+
+    // A real backend, padded to 1 MiB.
+    let mut value = format!(r#"{{"address": "{}", "weight": 1"#, backend(2)).into_bytes();
+    value.resize(1 << 20, b' ');
+    value.push(b'}');
+    put_stdin(&b, "/sluice/web/big", &value)?;
+    wait_for("the big value refused", Duration::from_secs(10), || {
+        Ok(!healthy(&b, &agent, "web")?)
+    })?;
+    let error = service_json(&b.topo.lb, &agent, "web")?["discovery"]["error"].clone();
+    assert_eq!(
+        error,
+        "key /sluice/web/big: value of 1048577 bytes, over the 4096-byte limit of a backend value"
+    );
+    assert_eq!(active(&b, &agent, "web")?, set(&[0, 1]));
+    assert_eq!(reached(&b.topo, 30)?, names(&[0, 1]));
+    let log = agent.log_text();
+    assert!(
+        log.contains("over the 4096-byte limit of a backend value"),
+        "{log}"
+    );
+    etcdctl(&b, &["del", "/sluice/web/big"])?;
+    wait_for("healthy again", Duration::from_secs(10), || {
+        healthy(&b, &agent, "web")
+    })?;
+
+    // More than 8 MiB under the prefix: refused as a whole, listed again
+    // (and refused) after a backoff.
+    let filler = vec![b'x'; 1_400_000];
+    for i in 0..7 {
+        put_stdin(&b, &format!("/sluice/web/fill{i}"), &filler)?;
+    }
+    wait_for("the prefix refused", Duration::from_secs(15), || {
+        let s = service_json(&b.topo.lb, &agent, "web")?;
+        Ok(s["discovery"]["error"].as_str().is_some_and(|e| {
+            e.contains("the prefix's keys and values") && e.contains("over the 8388608-byte limit")
+        }))
+    })
+    .with_context(|| agent.log_text())?;
+    assert_eq!(active(&b, &agent, "web")?, set(&[0, 1]));
+    assert_eq!(reached(&b.topo, 30)?, names(&[0, 1]));
+    etcdctl(&b, &["del", "--prefix", "/sluice/web/fill"])?;
+    put(&b, 2, 1)?;
+    wait_active(&b, &agent, "web", &[0, 1, 2], Duration::from_secs(20))?;
+    wait_for("healthy after the cleanup", Duration::from_secs(10), || {
+        healthy(&b, &agent, "web")
+    })?;
     Ok(())
 }
 

@@ -376,3 +376,337 @@ fn traffic_policy_and_topology_hints_choose_the_endpoints() -> Result<()> {
     wait_reached(zoned_vip, &[0, 1, 2])?;
     Ok(())
 }
+
+// ------------------------------------------------------------ trust
+
+/// An opted-in Service `ns/name` at ClusterIP `ip` with these TCP ports
+/// (name, port; the target port is the slice's) and externalIPs.
+fn tenant_service(
+    ns: &str,
+    name: &str,
+    ip: &str,
+    ports: &[(String, u16)],
+    external: &[&str],
+) -> Value {
+    let ports: Vec<Value> = ports
+        .iter()
+        .map(|(n, p)| json!({"name": n, "port": p, "protocol": "TCP", "targetPort": 8080}))
+        .collect();
+    json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": ns,
+                     "labels": {"app": name, "sluice.io/enabled": "true"}},
+        "spec": {"type": "ClusterIP", "clusterIP": ip, "clusterIPs": [ip], "ipFamilies": ["IPv4"],
+                 "externalIPs": external, "ports": ports},
+        "status": {"loadBalancer": {}}
+    })
+}
+
+/// The EndpointSlice of `ns/service`: every port name on 8080, these
+/// endpoint addresses (ready).
+fn tenant_slice(ns: &str, service: &str, ports: &[(String, u16)], addresses: &[&str]) -> Value {
+    let ports: Vec<Value> = ports
+        .iter()
+        .map(|(n, _)| json!({"name": n, "port": 8080, "protocol": "TCP"}))
+        .collect();
+    let endpoints: Vec<Value> = addresses
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            json!({"addresses": [a], "conditions": {"ready": true},
+                   "targetRef": {"kind": "Pod", "namespace": ns, "name": format!("{service}-{i}")}})
+        })
+        .collect();
+    json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": format!("{service}-abcde"), "namespace": ns,
+                     "labels": {"kubernetes.io/service-name": service}},
+        "addressType": "IPv4",
+        "ports": ports,
+        "endpoints": endpoints
+    })
+}
+
+fn http_port() -> Vec<(String, u16)> {
+    vec![("http".to_string(), 80)]
+}
+
+/// The names `/api/v1/services` lists.
+fn listed(topo: &Topology, agent: &Agent) -> Result<BTreeSet<String>> {
+    let all = sluice_tests::services_json(&topo.lb, agent)?;
+    Ok(all["services"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| s["name"].as_str().map(str::to_string))
+        .collect())
+}
+
+fn wait_listed(topo: &Topology, agent: &Agent, want: &[&str]) -> Result<()> {
+    let want: BTreeSet<String> = want.iter().map(|s| s.to_string()).collect();
+    wait_for(
+        &format!("services {want:?}"),
+        Duration::from_secs(20),
+        || Ok(listed(topo, agent).unwrap_or_default() == want),
+    )
+    .with_context(|| {
+        format!(
+            "listed {:?}\n{}",
+            listed(topo, agent).unwrap_or_default(),
+            agent.log_text()
+        )
+    })
+}
+
+/// With `namespaces` set, a Service labelled in any other namespace is
+/// ignored (and logged), however it is labelled; the listed namespaces'
+/// Services (each watched on its own) serve.
+#[test]
+fn services_of_namespaces_not_listed_are_ignored() -> Result<()> {
+    let topo = Topology::new("k8sns", 3)?;
+    let _servers = topo.serve(Family::V4, 8080)?;
+    topo.warm_neighbours()?;
+    let api = KubeMock::start(&topo.lb, API.parse()?)?;
+    api.apply(tenant_service(
+        "shop",
+        "web",
+        "10.100.0.1",
+        &http_port(),
+        &[],
+    ));
+    api.apply(tenant_slice("shop", "web", &http_port(), &["10.1.0.2"]));
+    api.apply(tenant_service(
+        "media",
+        "cdn",
+        "10.100.0.2",
+        &http_port(),
+        &[],
+    ));
+    api.apply(tenant_slice("media", "cdn", &http_port(), &["10.1.1.2"]));
+    // A tenant opts in from a namespace nobody listed.
+    api.apply(tenant_service(
+        "tenant",
+        "grab",
+        "10.100.0.3",
+        &http_port(),
+        &[],
+    ));
+    api.apply(tenant_slice("tenant", "grab", &http_port(), &["10.1.2.2"]));
+
+    let dir = TempDir::new("k8sns")?;
+    let config = sluice_tests::interfaces_yaml(3)
+        + &format!("kubernetes:\n  api_server: http://{API}\n  namespaces: [shop, media]\n");
+    std::fs::write(dir.path("sluice.yaml"), config)?;
+    let agent = Agent::start(&topo.lb, &dir.path("sluice.yaml"), dir.path("agent.log"))?;
+    wait_listed(&topo, &agent, &["shop/web:http", "media/cdn:http"])?;
+    assert_eq!(reached(&topo, 20)?, names(&[0]));
+    assert_eq!(
+        sluice_tests::backends_reached(&topo, "10.100.0.2:80".parse()?, 20)?,
+        names(&[1])
+    );
+    // Only the listed namespaces are even watched: the tenant's Service
+    // never reaches the agent.
+    let log = agent.log_text();
+    assert!(!log.contains("tenant/grab"), "{log}");
+    let grabbed = topo
+        .client
+        .enter(|| testbed::tcp_ask("10.100.0.3:80".parse().unwrap(), Duration::from_secs(1)))?;
+    assert!(
+        grabbed.is_err(),
+        "the tenant's VIP was balanced: {grabbed:?}"
+    );
+
+    // A change in a listed namespace still applies.
+    api.apply(tenant_slice(
+        "shop",
+        "web",
+        &http_port(),
+        &["10.1.0.2", "10.1.2.2"],
+    ));
+    wait_states(&topo, &agent, &[(0, "active"), (2, "active")])?;
+    assert_eq!(listed(&topo, &agent)?.len(), 2);
+    Ok(())
+}
+
+/// A Service with 65 ports needs 65 service slots of the 64 the maps have:
+/// it is quarantined (log, metric, /readyz) while another Service's
+/// endpoint change still applies; once it is gone, so is the quarantine.
+#[test]
+fn a_service_that_does_not_fit_is_quarantined_and_others_keep_updating() -> Result<()> {
+    let topo = Topology::new("k8sq", 3)?;
+    let _servers = topo.serve(Family::V4, 8080)?;
+    topo.warm_neighbours()?;
+    let api = KubeMock::start(&topo.lb, API.parse()?)?;
+    api.apply(tenant_service(
+        "shop",
+        "web",
+        "10.100.0.1",
+        &http_port(),
+        &[],
+    ));
+    api.apply(tenant_slice(
+        "shop",
+        "web",
+        &http_port(),
+        &["10.1.0.2", "10.1.1.2"],
+    ));
+
+    let dir = TempDir::new("k8sq")?;
+    let config =
+        sluice_tests::interfaces_yaml(3) + &format!("kubernetes:\n  api_server: http://{API}\n");
+    std::fs::write(dir.path("sluice.yaml"), config)?;
+    let agent = Agent::start(&topo.lb, &dir.path("sluice.yaml"), dir.path("agent.log"))?;
+    wait_states(&topo, &agent, &[(0, "active"), (1, "active")])?;
+
+    // 65 ports, over limits.max_services (64).
+    let ports: Vec<(String, u16)> = (1..=65).map(|i| (format!("p{i}"), 1000 + i)).collect();
+    api.apply(tenant_service("tenant", "big", "10.100.0.9", &ports, &[]));
+    api.apply(tenant_slice("tenant", "big", &ports, &["10.1.2.2"]));
+    // Another Service's endpoints change (after the big one came): applied,
+    // and traffic follows.
+    api.apply(tenant_slice(
+        "shop",
+        "web",
+        &http_port(),
+        &["10.1.1.2", "10.1.2.2"],
+    ));
+    wait_states(&topo, &agent, &[(1, "active"), (2, "active")]).or_else(|_| {
+        wait_states(
+            &topo,
+            &agent,
+            &[(0, "draining"), (1, "active"), (2, "active")],
+        )
+    })?;
+    assert_eq!(reached(&topo, 60)?, names(&[1, 2]));
+    assert_eq!(
+        listed(&topo, &agent)?.len(),
+        1,
+        "nothing of tenant/big is in the maps"
+    );
+
+    let quarantined = |agent: &Agent| -> Result<Option<f64>> {
+        let (_, metrics) = http_get(&topo.lb, agent.listen, "/metrics")?;
+        Ok(sluice_tests::metric(
+            &metrics,
+            "sluice_discovery_quarantined_services",
+            &[("provider", "kubernetes")],
+        ))
+    };
+    wait_for("quarantined", Duration::from_secs(15), || {
+        Ok(quarantined(&agent)? == Some(1.0))
+    })
+    .with_context(|| agent.log_text())?;
+
+    let (status, body) = http_get(&topo.lb, agent.listen, "/readyz")?;
+    assert_eq!(status, 200);
+    assert!(
+        body.contains("service tenant/big: kubernetes: quarantined: needs 65 service slots"),
+        "/readyz names it: {body}"
+    );
+    let log = agent.log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("event=\"quarantined\"") && l.contains("tenant/big")),
+        "no quarantine event logged:\n{log}"
+    );
+    assert!(!log.contains("discovered backends not applied"), "{log}");
+
+    // The Service goes: released.
+    api.delete("Service", "tenant", "big");
+    wait_for("released", Duration::from_secs(15), || {
+        Ok(quarantined(&agent)? == Some(0.0))
+    })?;
+    let (_, body) = http_get(&topo.lb, agent.listen, "/readyz")?;
+    assert!(!body.contains("tenant/big"), "{body}");
+    Ok(())
+}
+
+/// With `external_ips` on, a Service can't claim this node's addresses or
+/// a metadata address as a VIP, nor name loopback or metadata endpoints;
+/// with `external_cidrs` set, only addresses inside them. The rest of the
+/// Service serves.
+#[test]
+fn claimed_addresses_are_refused_and_the_rest_serves() -> Result<()> {
+    let topo = Topology::new("k8sx", 3)?;
+    let _servers = topo.serve(Family::V4, 8080)?;
+    topo.warm_neighbours()?;
+    let api = KubeMock::start(&topo.lb, API.parse()?)?;
+    // 10.0.1.1 is the LB node's own address (its client-side interface).
+    let external = ["10.100.0.20", "10.0.1.1", "169.254.169.254", "198.51.100.7"];
+    api.apply(tenant_service(
+        "shop",
+        "web",
+        "10.100.0.1",
+        &http_port(),
+        &external,
+    ));
+    api.apply(tenant_slice(
+        "shop",
+        "web",
+        &http_port(),
+        &["10.1.0.2", "127.0.0.1", "169.254.169.254", "10.1.1.2"],
+    ));
+
+    let dir = TempDir::new("k8sx")?;
+    let base = sluice_tests::interfaces_yaml(3)
+        + &format!(
+            "kubernetes:\n  api_server: http://{API}\n  addresses: [cluster_ip, external_ips]\n"
+        );
+    std::fs::write(dir.path("sluice.yaml"), &base)?;
+    let agent = Agent::start(&topo.lb, &dir.path("sluice.yaml"), dir.path("agent.log"))?;
+    // No allow-list: any external address but the never-taken ones.
+    wait_listed(
+        &topo,
+        &agent,
+        &[
+            "shop/web:http",
+            "shop/web:http@10.100.0.20",
+            "shop/web:http@198.51.100.7",
+        ],
+    )?;
+    wait_states(&topo, &agent, &[(0, "active"), (1, "active")])?;
+    assert_eq!(
+        sluice_tests::backends_reached(&topo, "10.100.0.20:80".parse()?, 30)?,
+        names(&[0, 1])
+    );
+    let log = agent.log_text();
+    for refused in [
+        "externalIP 10.0.1.1\" why=\"this node's address (on front) can't be a VIP\"",
+        "externalIP 169.254.169.254\" why=\"a cloud metadata address can't be a VIP\"",
+        "why=\"backend 127.0.0.1:8080: a loopback address can't be a backend\"",
+        "why=\"backend 169.254.169.254:8080: a cloud metadata address can't be a backend\"",
+    ] {
+        assert!(log.contains(refused), "not logged: {refused}\n{log}");
+    }
+    // The node's own address is not hijacked: the LB's kernel answers
+    // (nothing listens on port 80 there), not a backend.
+    let node = topo
+        .client
+        .enter(|| testbed::tcp_ask("10.0.1.1:80".parse().unwrap(), Duration::from_secs(1)))?;
+    assert!(node.is_err(), "the node's address was balanced: {node:?}");
+
+    // An allow-list: only addresses inside it (never the node's, even
+    // inside a listed block).
+    std::fs::write(
+        dir.path("sluice.yaml"),
+        base + "  external_cidrs: [10.0.0.0/8, 169.254.0.0/16]\n",
+    )?;
+    agent.reload()?;
+    wait_listed(
+        &topo,
+        &agent,
+        &["shop/web:http", "shop/web:http@10.100.0.20"],
+    )?;
+    assert!(
+        agent
+            .log_text()
+            .contains("externalIP 198.51.100.7\" why=\"not inside kubernetes.external_cidrs\""),
+        "{}",
+        agent.log_text()
+    );
+    assert_eq!(
+        sluice_tests::backends_reached(&topo, "10.100.0.20:80".parse()?, 30)?,
+        names(&[0, 1])
+    );
+    Ok(())
+}

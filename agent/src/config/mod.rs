@@ -20,7 +20,9 @@ pub use schema::{
     DnsRecord, EtcdDiscovery, Failure, Forwarding, Interface, KubeAddress, Kubernetes, Limits,
     Maglev, Pinning, Protocol, Service, SocketLb,
 };
-pub use validate::{BackendError, MAX_WEIGHT, backend, is_prime};
+pub use validate::{
+    BackendError, Cidr, MAX_WEIGHT, RefusedClass, backend, is_prime, refused_class,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

@@ -48,15 +48,26 @@ pub struct Kubernetes {
     /// KUBECONFIG or ~/.kube/config.
     #[serde(default)]
     pub api_server: Option<String>,
-    /// Watch one namespace only; default: all.
+    /// Watch one namespace only; default: all. (`namespaces` lists more.)
     #[serde(default)]
     pub namespace: Option<String>,
+    /// The namespaces whose Services may opt in; set, only these count (a
+    /// Service labelled in any other namespace is ignored and logged).
+    /// Default: every namespace.
+    #[serde(default)]
+    pub namespaces: Option<Vec<String>>,
     /// Label selector of the Services Sluice takes over (the opt-in).
     #[serde(default = "default_service_selector")]
     pub service_selector: String,
     /// Which of a Service's addresses become VIPs.
     #[serde(default = "default_kube_addresses")]
     pub addresses: Vec<KubeAddress>,
+    /// The blocks an externalIP or load-balancer ingress IP must be in to
+    /// become a VIP (`192.0.2.0/24`, `2001:db8::/64`). Default: no such
+    /// check. Either way this node's own addresses, the API server's, and
+    /// loopback, link-local and metadata addresses are never taken.
+    #[serde(default)]
+    pub external_cidrs: Option<Vec<String>>,
     /// Failure handling of the Kubernetes services.
     #[serde(default)]
     pub failure: Failure,
@@ -75,6 +86,14 @@ pub struct Kubernetes {
 }
 
 impl Kubernetes {
+    /// The namespaces whose Services count (`namespaces`, or the one
+    /// `namespace`); None: every namespace.
+    pub fn allowed_namespaces(&self) -> Option<Vec<String>> {
+        self.namespaces
+            .clone()
+            .or_else(|| self.namespace.clone().map(|ns| vec![ns]))
+    }
+
     /// Where this node is, from the config or the environment.
     pub fn locality(&self) -> (Option<String>, Option<String>) {
         let from_env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());

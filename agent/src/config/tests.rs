@@ -225,11 +225,22 @@ fn a_backend_listed_twice_is_refused_before_its_weight() {
 
 #[test]
 fn backend_addresses_must_be_unicast_with_a_port() {
-    for address in ["10.0.1.1:0", "0.0.0.0:80", "224.0.0.1:80"] {
+    assert_eq!(
+        refusal(&GOOD.replace("10.0.1.1:8080", "10.0.1.1:0")),
+        "config file c.yaml: services[0].backends[0].address: invalid value \"10.0.1.1:0\": needs a non-zero port"
+    );
+    for (address, class) in [
+        ("0.0.0.0:80", "an unspecified address (0.0.0.0/8, ::)"),
+        ("224.0.0.1:80", "a multicast address"),
+        ("127.0.0.1:80", "a loopback address"),
+        ("169.254.1.1:80", "a link-local address"),
+        ("255.255.255.255:80", "the broadcast address"),
+        ("169.254.169.254:80", "a cloud metadata address"),
+    ] {
         assert_eq!(
             refusal(&GOOD.replace("10.0.1.1:8080", address)),
             format!(
-                "config file c.yaml: services[0].backends[0].address: invalid value \"{address}\": needs a unicast address and a non-zero port"
+                "config file c.yaml: services[0].backends[0].address: invalid value \"{address}\": {class} can't be a backend"
             )
         );
     }
@@ -237,6 +248,169 @@ fn backend_addresses_must_be_unicast_with_a_port() {
         refusal(&GOOD.replace("10.0.1.1:8080", "backend-1:80")),
         "config file c.yaml: services[0].backends[0].address: invalid value \"backend-1:80\": expected IP:PORT, or [IPv6]:PORT"
     );
+}
+
+/// A VIP, a backend and an snat_ip of a refused class are refused, naming
+/// the field and the value (IPv4 and IPv6).
+#[test]
+fn loopback_link_local_multicast_and_broadcast_are_refused_everywhere() {
+    let v6 = GOOD
+        .replace("vip: 10.0.0.1", "vip: \"fd00::1\"")
+        .replace("10.0.1.1:8080", "\"[fd00:1::1]:8080\"")
+        .replace("10.0.1.2:8080", "\"[fd00:1::2]:8080\"");
+    for (text, from, to, field, class) in [
+        (
+            GOOD,
+            "vip: 10.0.0.1",
+            "vip: 127.0.0.1",
+            "services[0].vip",
+            "a loopback address can't be a VIP",
+        ),
+        (
+            GOOD,
+            "vip: 10.0.0.1",
+            "vip: 169.254.0.7",
+            "services[0].vip",
+            "a link-local address can't be a VIP",
+        ),
+        (
+            GOOD,
+            "vip: 10.0.0.1",
+            "vip: 255.255.255.255",
+            "services[0].vip",
+            "the broadcast address can't be a VIP",
+        ),
+        (
+            GOOD,
+            "vip: 10.0.0.1",
+            "vip: 239.1.1.1",
+            "services[0].vip",
+            "a multicast address can't be a VIP",
+        ),
+        (
+            GOOD,
+            "vip: 10.0.0.1",
+            "vip: 0.0.0.0",
+            "services[0].vip",
+            "an unspecified address (0.0.0.0/8, ::) can't be a VIP",
+        ),
+        (
+            &v6,
+            "vip: \"fd00::1\"",
+            "vip: \"::1\"",
+            "services[0].vip",
+            "a loopback address can't be a VIP",
+        ),
+        (
+            &v6,
+            "vip: \"fd00::1\"",
+            "vip: \"fe80::1\"",
+            "services[0].vip",
+            "a link-local address can't be a VIP",
+        ),
+        (
+            &v6,
+            "\"[fd00:1::2]:8080\"",
+            "\"[::1]:8080\"",
+            "services[0].backends[1].address",
+            "a loopback address can't be a backend",
+        ),
+        (
+            &v6,
+            "\"[fd00:1::2]:8080\"",
+            "\"[fe80::2]:8080\"",
+            "services[0].backends[1].address",
+            "a link-local address can't be a backend",
+        ),
+        (
+            &v6,
+            "\"[fd00:1::2]:8080\"",
+            "\"[fd00:ec2::254]:80\"",
+            "services[0].backends[1].address",
+            "a cloud metadata address can't be a backend",
+        ),
+        (
+            GOOD,
+            "protocol: tcp",
+            "protocol: tcp\n    forwarding: snat\n    snat_ip: 127.0.0.1",
+            "services[0].snat_ip",
+            "a loopback address can't be snat_ip",
+        ),
+        (
+            GOOD,
+            "protocol: tcp",
+            "protocol: tcp\n    forwarding: snat\n    snat_ip: 169.254.9.9",
+            "services[0].snat_ip",
+            "a link-local address can't be snat_ip",
+        ),
+        (
+            GOOD,
+            "protocol: tcp",
+            "protocol: tcp\n    forwarding: snat\n    snat_ip: 255.255.255.255",
+            "services[0].snat_ip",
+            "the broadcast address can't be snat_ip",
+        ),
+    ] {
+        let value = to.rsplit(": ").next().unwrap().trim_matches('"');
+        assert_eq!(
+            refusal(&text.replace(from, to)),
+            format!("config file c.yaml: {field}: invalid value \"{value}\": {class}"),
+        );
+    }
+    // The IPv6 config itself is fine.
+    parse(&v6, "c.yaml").unwrap();
+}
+
+#[test]
+fn kubernetes_namespaces_and_external_cidrs_are_checked() {
+    let k = |settings: &str| format!("{GOOD}kubernetes:\n{settings}");
+    let v = parse(
+        &k("  namespaces: [shop, web-2]\n  addresses: [cluster_ip, load_balancer]\n  external_cidrs: [192.0.2.0/24, \"2001:db8::/64\"]\n"),
+        "c.yaml",
+    )
+    .unwrap();
+    let kube = v.raw.kubernetes.unwrap();
+    assert_eq!(kube.allowed_namespaces().unwrap(), ["shop", "web-2"]);
+    // Left out: every namespace, no CIDR check (existing configs work on).
+    let v = parse(&k("  addresses: [external_ips]\n"), "c.yaml").unwrap();
+    let kube = v.raw.kubernetes.unwrap();
+    assert!(kube.allowed_namespaces().is_none() && kube.external_cidrs.is_none());
+    for (settings, want) in [
+        (
+            "  namespaces: []\n",
+            "kubernetes.namespaces: invalid value \"[]\": name at least one namespace, or leave it out for every namespace",
+        ),
+        (
+            "  namespaces: [shop, Shop]\n",
+            "kubernetes.namespaces[1]: invalid value \"Shop\": not a namespace name (lowercase letters, digits and '-', at most 63)",
+        ),
+        (
+            "  namespaces: [shop, shop]\n",
+            "kubernetes.namespaces[1]: invalid value \"shop\": listed twice",
+        ),
+        (
+            "  namespace: shop\n  namespaces: [web]\n",
+            "kubernetes.namespace: invalid value \"shop\": set namespace or namespaces, not both (namespaces: [a, b] lists them all)",
+        ),
+        (
+            "  addresses: [external_ips]\n  external_cidrs: [192.0.2.1/24]\n",
+            "kubernetes.external_cidrs[0]: invalid value \"192.0.2.1/24\": host bits are set: the block is 192.0.2.0/24",
+        ),
+        (
+            "  addresses: [external_ips]\n  external_cidrs: [10.0.0.0/8, nope]\n",
+            "kubernetes.external_cidrs[1]: invalid value \"nope\": expected ADDRESS/PREFIX (e.g. 192.0.2.0/24)",
+        ),
+        (
+            "  addresses: [external_ips]\n  external_cidrs: []\n",
+            "kubernetes.external_cidrs: invalid value \"[]\": allows no address: name a block, or drop external_ips and load_balancer from addresses",
+        ),
+        (
+            "  external_cidrs: [192.0.2.0/24]\n",
+            "kubernetes.external_cidrs: invalid value \"192.0.2.0/24\": only used with addresses external_ips or load_balancer",
+        ),
+    ] {
+        assert_eq!(refusal(&k(settings)), format!("config file c.yaml: {want}"));
+    }
 }
 
 #[test]
@@ -394,11 +568,15 @@ fn the_shared_backend_check() {
         ),
         (
             backend(at("10.0.1.1:0"), 1, v4),
-            "backend 10.0.1.1:0: needs a unicast address and a non-zero port",
+            "backend 10.0.1.1:0: needs a non-zero port",
         ),
         (
             backend(at("0.0.0.0:80"), 1, v4),
-            "backend 0.0.0.0:80: needs a unicast address and a non-zero port",
+            "backend 0.0.0.0:80: an unspecified address (0.0.0.0/8, ::) can't be a backend",
+        ),
+        (
+            backend(at("127.0.0.1:80"), 1, v4),
+            "backend 127.0.0.1:80: a loopback address can't be a backend",
         ),
         (
             backend(at("10.0.1.1:80"), 1001, v4),

@@ -9,11 +9,14 @@ use std::{
 };
 
 use super::{
-    BackendSpec, Config, ConfigError, Conntrack, Failure, Forwarding, Interface, Kubernetes,
-    Limits, Maglev, Pinning, Protocol, Service, ServiceSpec, Validated,
+    BackendSpec, Config, ConfigError, Conntrack, Failure, Forwarding, Interface, KubeAddress,
+    Kubernetes, Limits, Maglev, Pinning, Protocol, Service, ServiceSpec, Validated,
 };
 
+mod address;
 mod source;
+
+pub use address::{Cidr, RefusedClass, refused_class};
 
 /// Longest conntrack idle timeout accepted, in seconds (30 days).
 const MAX_CONNTRACK_TIMEOUT: u32 = 2_592_000;
@@ -124,8 +127,75 @@ fn kubernetes(k: &Kubernetes) -> Result<(), Refusal> {
             "name at least one of cluster_ip, external_ips, load_balancer",
         ));
     }
+    if let Some(ns) = &k.namespace {
+        namespace_name(ns, "kubernetes.namespace")?;
+        if k.namespaces.is_some() {
+            return Err(refuse(
+                "kubernetes.namespace",
+                ns,
+                "set namespace or namespaces, not both (namespaces: [a, b] lists them all)",
+            ));
+        }
+    }
+    if let Some(list) = &k.namespaces {
+        if list.is_empty() {
+            return Err(refuse(
+                "kubernetes.namespaces",
+                "[]",
+                "name at least one namespace, or leave it out for every namespace",
+            ));
+        }
+        let mut seen = HashSet::new();
+        for (i, ns) in list.iter().enumerate() {
+            let field = format!("kubernetes.namespaces[{i}]");
+            namespace_name(ns, &field)?;
+            if !seen.insert(ns) {
+                return Err(refuse(field, ns, "listed twice"));
+            }
+        }
+    }
+    if let Some(cidrs) = &k.external_cidrs {
+        let external = k.addresses.iter().any(|a| *a != KubeAddress::ClusterIp);
+        if !external {
+            return Err(refuse(
+                "kubernetes.external_cidrs",
+                cidrs.join(", "),
+                "only used with addresses external_ips or load_balancer",
+            ));
+        }
+        if cidrs.is_empty() {
+            return Err(refuse(
+                "kubernetes.external_cidrs",
+                "[]",
+                "allows no address: name a block, or drop external_ips and load_balancer from addresses",
+            ));
+        }
+        for (i, text) in cidrs.iter().enumerate() {
+            Cidr::parse(text)
+                .map_err(|why| refuse(format!("kubernetes.external_cidrs[{i}]"), text, why))?;
+        }
+    }
     failure(&k.failure, "kubernetes.failure")?;
     drain_timeout(k.drain_timeout_seconds, "kubernetes.drain_timeout_seconds")?;
+    Ok(())
+}
+
+/// A Kubernetes namespace name: a DNS label (RFC 1123).
+fn namespace_name(ns: &str, field: &str) -> Result<(), Refusal> {
+    let label = !ns.is_empty()
+        && ns.len() <= 63
+        && ns
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !ns.starts_with('-')
+        && !ns.ends_with('-');
+    if !label {
+        return Err(refuse(
+            field,
+            ns,
+            "not a namespace name (lowercase letters, digits and '-', at most 63)",
+        ));
+    }
     Ok(())
 }
 
@@ -249,8 +319,12 @@ fn service(s: &Service, at: &str, taken: &mut Taken) -> Result<ServiceSpec, Refu
         .vip
         .parse()
         .map_err(|_| refuse(field("vip"), &s.vip, "not an IPv4 or IPv6 address"))?;
-    if vip.is_unspecified() || vip.is_multicast() {
-        return Err(refuse(field("vip"), &s.vip, "must be a unicast address"));
+    if let Some(class) = refused_class(vip) {
+        return Err(refuse(
+            field("vip"),
+            &s.vip,
+            format!("{class} can't be a VIP"),
+        ));
     }
     if s.port == 0 {
         return Err(refuse(field("port"), s.port, "must be 1 to 65535"));
@@ -300,6 +374,9 @@ fn snat_ip(s: &Service, vip: IpAddr, field: &str) -> Result<Option<IpAddr>, Refu
             if ip.is_ipv4() != vip.is_ipv4() {
                 return Err(refuse(field, text, "must be of the same family as the VIP"));
             }
+            if let Some(class) = refused_class(ip) {
+                return Err(refuse(field, text, format!("{class} can't be snat_ip")));
+            }
             Ok(Some(ip))
         }
         (Forwarding::Dnat, Some(text)) => {
@@ -323,22 +400,32 @@ fn drain_timeout(seconds: u32, field: impl Into<String>) -> Result<Duration, Ref
 pub enum BackendError {
     #[error("backend {addr}: not of the VIP's address family ({vip})")]
     Family { addr: SocketAddr, vip: IpAddr },
-    #[error("backend {addr}: needs a unicast address and a non-zero port")]
-    NotUnicast { addr: SocketAddr },
+    #[error("backend {addr}: needs a non-zero port")]
+    Port { addr: SocketAddr },
+    /// Loopback, link-local, multicast, … (see `refused_class`).
+    #[error("backend {addr}: {class} can't be a backend")]
+    Class {
+        addr: SocketAddr,
+        class: RefusedClass,
+    },
     #[error("backend {addr}: weight {weight} over the maximum {max}", max = MAX_WEIGHT)]
     Weight { addr: SocketAddr, weight: u32 },
 }
 
 /// A backend of a service at `vip`, configured or discovered: of the VIP's
-/// family, a unicast address with a non-zero port, a weight of at most
+/// family, an address of no refused class (`refused_class`: not loopback,
+/// link-local, multicast, …), a non-zero port, a weight of at most
 /// `MAX_WEIGHT` (0: draining). Checked in that order. An address listed
 /// twice is the caller's business: the file refuses it, discovery merges.
 pub fn backend(addr: SocketAddr, weight: u32, vip: IpAddr) -> Result<(), BackendError> {
     if addr.is_ipv4() != vip.is_ipv4() {
         return Err(BackendError::Family { addr, vip });
     }
-    if addr.port() == 0 || addr.ip().is_unspecified() || addr.ip().is_multicast() {
-        return Err(BackendError::NotUnicast { addr });
+    if let Some(class) = refused_class(addr.ip()) {
+        return Err(BackendError::Class { addr, class });
+    }
+    if addr.port() == 0 {
+        return Err(BackendError::Port { addr });
     }
     if weight > MAX_WEIGHT {
         return Err(BackendError::Weight { addr, weight });
@@ -363,7 +450,7 @@ fn static_backends(
                 "expected IP:PORT, or [IPv6]:PORT",
             )
         })?;
-        // An address seen before passed the family and unicast checks, so
+        // An address seen before passed the family and class checks, so
         // refusing it first keeps "listed twice" ahead of its weight.
         if !seen.insert(addr) {
             return Err(refuse(field("address"), &b.address, "listed twice"));
@@ -374,11 +461,14 @@ fn static_backends(
                 &b.address,
                 "must be of the same family as the service's VIP",
             ),
-            BackendError::NotUnicast { .. } => refuse(
+            BackendError::Class { class, .. } => refuse(
                 field("address"),
                 &b.address,
-                "needs a unicast address and a non-zero port",
+                format!("{class} can't be a backend"),
             ),
+            BackendError::Port { .. } => {
+                refuse(field("address"), &b.address, "needs a non-zero port")
+            }
             BackendError::Weight { weight, .. } => refuse(
                 field("weight"),
                 weight,

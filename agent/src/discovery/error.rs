@@ -30,6 +30,13 @@ pub enum DiscoveryError {
         value: String,
         error: serde_json::Error,
     },
+    /// An etcd key whose value is larger than any backend's.
+    #[error("key {key}: value of {bytes} bytes, over the {limit}-byte limit of a backend value")]
+    EtcdValueTooLarge {
+        key: String,
+        bytes: usize,
+        limit: usize,
+    },
     /// An etcd key whose backend address is not one.
     #[error("key {key}: address {address:?} is not IP:PORT")]
     EtcdAddress { key: String, address: String },
@@ -80,6 +87,9 @@ pub enum EtcdError {
     Compacted { revision: i64, oldest: i64 },
     #[error("the watch was canceled: {0}")]
     Canceled(Value),
+    /// More than a cap allows (see etcd.rs): listed again after a backoff.
+    #[error("{what} is over the {limit}-byte limit")]
+    TooLarge { what: String, limit: usize },
 }
 
 /// Why the Kubernetes client could not be set up.

@@ -5,6 +5,12 @@
 //! The prefix is listed once, then watched from the list's revision. After a
 //! disconnect the watch resumes from the last revision seen, so no change is
 //! missed; only when etcd has compacted that revision away does it list again.
+//!
+//! What etcd sends is bounded: a list response or one watch message of at
+//! most `MAX_MESSAGE_BYTES`, at most `MAX_PREFIX_BYTES` of keys and values
+//! under the prefix, and a backend value of at most `MAX_VALUE_BYTES`. Over
+//! a cap the answer is refused with a message naming it, and the last good
+//! set keeps serving.
 
 use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 
@@ -26,6 +32,13 @@ type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
 /// A list request's limit.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// The largest list response or watch message read (etcd's own request
+/// limit is 1.5 MiB per value; base64 and JSON add a third).
+const MAX_MESSAGE_BYTES: usize = 16 << 20;
+/// The most bytes of keys and values kept for one prefix.
+const MAX_PREFIX_BYTES: usize = 8 << 20;
+/// The largest backend value (`{"address": …, "weight": …}` takes < 100).
+const MAX_VALUE_BYTES: usize = 4096;
 /// Waits between attempts after a failure: doubling from the first to the last.
 const RETRY_FIRST: Duration = Duration::from_millis(250);
 const RETRY_LAST: Duration = Duration::from_secs(5);
@@ -48,6 +61,20 @@ fn one() -> u32 {
 struct Snapshot {
     revision: i64,
     values: BTreeMap<Vec<u8>, Vec<u8>>,
+}
+
+impl Snapshot {
+    /// Keys and values held, refused over `MAX_PREFIX_BYTES`.
+    fn check_size(&self) -> Result<(), EtcdError> {
+        let bytes: usize = self.values.iter().map(|(k, v)| k.len() + v.len()).sum();
+        if bytes > MAX_PREFIX_BYTES {
+            return Err(EtcdError::TooLarge {
+                what: format!("the prefix's keys and values ({bytes} bytes)"),
+                limit: MAX_PREFIX_BYTES,
+            });
+        }
+        Ok(())
+    }
 }
 
 pub async fn run(source: Source, reporter: Reporter) {
@@ -134,7 +161,7 @@ async fn session(
                 report(&listed, reporter).await;
                 *snapshot = Some(listed);
             }
-            Err(e) => return EtcdError::List(e),
+            Err(e) => return e,
         }
     }
     let Some(snap) = snapshot.as_mut() else {
@@ -169,6 +196,14 @@ async fn session(
             continue;
         };
         buffer.extend_from_slice(&data);
+        if buffer.len() > MAX_MESSAGE_BYTES {
+            // Resuming would bring the same message: list again.
+            *snapshot = None;
+            return EtcdError::TooLarge {
+                what: "a watch message".into(),
+                limit: MAX_MESSAGE_BYTES,
+            };
+        }
         // The gateway streams one JSON object per message; a message may
         // arrive in pieces.
         let mut stream = serde_json::Deserializer::from_slice(&buffer).into_iter::<Value>();
@@ -186,7 +221,10 @@ async fn session(
         }
         buffer.drain(..consumed);
         for message in messages {
-            match apply_watch_message(snap, &message) {
+            match apply_watch_message(snap, &message).and_then(|changed| {
+                snap.check_size()?;
+                Ok(changed)
+            }) {
                 Ok(false) => {}
                 Ok(true) => {
                     *progressed = true;
@@ -249,23 +287,37 @@ fn apply_watch_message(snap: &mut Snapshot, message: &Value) -> Result<bool, Etc
     Ok(changed)
 }
 
-async fn list(client: &HttpClient, endpoint: &str, range: &Range) -> Result<Snapshot, String> {
+async fn list(client: &HttpClient, endpoint: &str, range: &Range) -> Result<Snapshot, EtcdError> {
     let body = serde_json::json!({"key": range.key, "range_end": range.range_end});
+    let timed_out = || EtcdError::List(format!("no answer in {REQUEST_TIMEOUT:?}"));
     let response = tokio::time::timeout(
         REQUEST_TIMEOUT,
         post(client, endpoint, "/v3/kv/range", &body),
     )
     .await
-    .map_err(|_| format!("no answer in {REQUEST_TIMEOUT:?}"))??;
-    let bytes = tokio::time::timeout(REQUEST_TIMEOUT, response.into_body().collect())
+    .map_err(|_| timed_out())?
+    .map_err(EtcdError::List)?;
+    let limited = http_body_util::Limited::new(response.into_body(), MAX_MESSAGE_BYTES);
+    let bytes = tokio::time::timeout(REQUEST_TIMEOUT, limited.collect())
         .await
-        .map_err(|_| format!("no answer in {REQUEST_TIMEOUT:?}"))?
-        .map_err(|e| e.to_string())?
+        .map_err(|_| timed_out())?
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                EtcdError::TooLarge {
+                    what: "the list response".into(),
+                    limit: MAX_MESSAGE_BYTES,
+                }
+            } else {
+                EtcdError::List(e.to_string())
+            }
+        })?
         .to_bytes();
-    let value: Value = serde_json::from_slice(&bytes).map_err(|e| format!("invalid JSON: {e}"))?;
-    let header = value
-        .get("header")
-        .ok_or_else(|| format!("no header in {}", String::from_utf8_lossy(&bytes)))?;
+    let value: Value = serde_json::from_slice(&bytes)
+        .map_err(|e| EtcdError::List(format!("invalid JSON: {e}")))?;
+    let header = value.get("header").ok_or_else(|| {
+        let start = &bytes[..bytes.len().min(200)];
+        EtcdError::List(format!("no header in {}", String::from_utf8_lossy(start)))
+    })?;
     let mut values = BTreeMap::new();
     for kv in value
         .get("kvs")
@@ -275,10 +327,12 @@ async fn list(client: &HttpClient, endpoint: &str, range: &Range) -> Result<Snap
     {
         values.insert(decode(kv.get("key")), decode(kv.get("value")));
     }
-    Ok(Snapshot {
+    let snapshot = Snapshot {
         revision: int(header.get("revision")),
         values,
-    })
+    };
+    snapshot.check_size()?;
+    Ok(snapshot)
 }
 
 async fn post(
@@ -322,6 +376,13 @@ fn backends(snap: &Snapshot) -> Result<Backends, DiscoveryError> {
         .iter()
         .map(|(key, value)| {
             let key = String::from_utf8_lossy(key).into_owned();
+            if value.len() > MAX_VALUE_BYTES {
+                return Err(DiscoveryError::EtcdValueTooLarge {
+                    key,
+                    bytes: value.len(),
+                    limit: MAX_VALUE_BYTES,
+                });
+            }
             let parsed: BackendValue =
                 serde_json::from_slice(value).map_err(|error| DiscoveryError::EtcdValue {
                     key: key.clone(),
@@ -388,6 +449,31 @@ mod tests {
         assert!(snap.values.is_empty());
         let compacted = serde_json::json!({"result": {"compact_revision": "20", "canceled": true}});
         assert!(apply_watch_message(&mut snap, &compacted).is_err());
+    }
+
+    #[test]
+    fn oversized_values_and_prefixes_are_refused_by_name() {
+        let big = vec![b' '; MAX_VALUE_BYTES + 1];
+        let snap = Snapshot {
+            revision: 1,
+            values: BTreeMap::from([(b"/s/big".to_vec(), big)]),
+        };
+        assert_eq!(
+            backends(&snap).unwrap_err().to_string(),
+            "key /s/big: value of 4097 bytes, over the 4096-byte limit of a backend value"
+        );
+        assert!(snap.check_size().is_ok());
+        let mut snap = Snapshot {
+            revision: 1,
+            values: BTreeMap::new(),
+        };
+        for i in 0..9u8 {
+            snap.values.insert(vec![i], vec![0; 1 << 20]);
+        }
+        assert_eq!(
+            snap.check_size().unwrap_err().to_string(),
+            "the prefix's keys and values (9437193 bytes) is over the 8388608-byte limit"
+        );
     }
 
     #[test]

@@ -18,13 +18,20 @@
 //!   some name this node or zone. With no ready endpoint left, the serving
 //!   terminating ones take new connections rather than none.
 //!
-//! The stores are complete only after both initial lists; nothing is sent
+//! - Trust (`trust`): Services of other namespaces than
+//!   `kubernetes.namespaces`, VIPs a Service may not claim and endpoints that
+//!   fail the config's backend check are skipped, each on its own, and
+//!   logged once.
+//!
+//! The stores are complete only after every initial list; nothing is sent
 //! before. A watch error (API server gone, 410 Gone, …) is reported and the
 //! last sent set keeps serving; the watchers relist with backoff by
 //! themselves.
 
+mod trust;
+
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::{IpAddr, SocketAddr},
     sync::Arc,
     time::Duration,
@@ -37,13 +44,13 @@ use k8s_openapi::api::{
 };
 use kube::{
     Api, Client,
-    runtime::{WatchStreamExt, reflector, watcher},
+    runtime::{WatchStreamExt, reflector, reflector::Store, watcher},
 };
+use tracing::{info, warn};
 
-use tracing::warn;
-
+pub use self::trust::{Skipped, Trust};
 use super::{DiscoveryError, KubeClientError, Outcome, Reporter};
-use crate::config::{KubeAddress, Kubernetes, MAX_WEIGHT, Protocol, ServiceSpec};
+use crate::config::{KubeAddress, Kubernetes, MAX_WEIGHT, Protocol, ServiceSpec, backend};
 
 /// The Service annotation with per-endpoint weights.
 pub const WEIGHTS_ANNOTATION: &str = "sluice.io/weights";
@@ -55,8 +62,13 @@ const SETTLE_MAX: Duration = Duration::from_millis(500);
 /// watchers are back (they resume silently): the set is sent again.
 const RECOVERED_AFTER: Duration = Duration::from_secs(10);
 
+/// A watched kind of object: one list and watch per namespace in
+/// `kubernetes.namespaces` (or one for all namespaces), each into a store
+/// of its own.
+type Watched<K> = Vec<Store<K>>;
+
 pub async fn run(spec: Kubernetes, reporter: Reporter) {
-    let client = loop {
+    let (client, url) = loop {
         match client(&spec).await {
             Ok(c) => break c,
             Err(e) => {
@@ -70,31 +82,51 @@ pub async fn run(spec: Kubernetes, reporter: Reporter) {
             }
         }
     };
-    let (services_api, slices_api): (Api<Service>, Api<EndpointSlice>) = match &spec.namespace {
-        Some(ns) => (
-            Api::namespaced(client.clone(), ns),
-            Api::namespaced(client, ns),
-        ),
-        None => (Api::all(client.clone()), Api::all(client)),
+    let mut trust = Trust::new(&spec, &trust::api_server_addresses(&url).await);
+    warn_about_open_settings(&spec);
+    // One list and watch per allowed namespace (RBAC may grant no more),
+    // or one over every namespace.
+    let scopes: Vec<Option<String>> = match spec.allowed_namespaces() {
+        Some(list) => list.into_iter().map(Some).collect(),
+        None => vec![None],
     };
-    let (services, services_writer) = reflector::store();
-    let (slices, slices_writer) = reflector::store();
-    let service_events = reflector(
-        services_writer,
-        watcher(
-            services_api,
-            watcher::Config::default().labels(&spec.service_selector),
-        ),
-    )
-    .default_backoff()
-    .map(|e| (0usize, e.map(|e| matches!(e, watcher::Event::InitDone))));
-    let slice_events = reflector(
-        slices_writer,
-        watcher(slices_api, watcher::Config::default()),
-    )
-    .default_backoff()
-    .map(|e| (1usize, e.map(|e| matches!(e, watcher::Event::InitDone))));
-    let mut events = std::pin::pin!(futures_util::stream::select(service_events, slice_events));
+    let mut service_stores: Watched<Service> = Vec::new();
+    let mut slice_stores: Watched<EndpointSlice> = Vec::new();
+    let mut streams = Vec::new();
+    for ns in &scopes {
+        let (services_api, slices_api): (Api<Service>, Api<EndpointSlice>) = match ns {
+            Some(ns) => (
+                Api::namespaced(client.clone(), ns),
+                Api::namespaced(client.clone(), ns),
+            ),
+            None => (Api::all(client.clone()), Api::all(client.clone())),
+        };
+        let (services, services_writer) = reflector::store();
+        let (slices, slices_writer) = reflector::store();
+        let n = streams.len();
+        let service_events = reflector(
+            services_writer,
+            watcher(
+                services_api,
+                watcher::Config::default().labels(&spec.service_selector),
+            ),
+        )
+        .default_backoff()
+        .map(move |e| (n, e.map(|e| matches!(e, watcher::Event::InitDone))))
+        .boxed();
+        let slice_events = reflector(
+            slices_writer,
+            watcher(slices_api, watcher::Config::default()),
+        )
+        .default_backoff()
+        .map(move |e| (n + 1, e.map(|e| matches!(e, watcher::Event::InitDone))))
+        .boxed();
+        streams.push(service_events);
+        streams.push(slice_events);
+        service_stores.push(services);
+        slice_stores.push(slices);
+    }
+    let mut events = futures_util::stream::select_all(streams);
     let (node, zone) = spec.locality();
     if node.is_none() {
         warn!(
@@ -106,7 +138,19 @@ pub async fn run(spec: Kubernetes, reporter: Reporter) {
         node: node.as_deref(),
         zone: zone.as_deref(),
     };
-    let mut listed = [false, false];
+    let mut listed = vec![false; 2 * scopes.len()];
+    let mut skipped = BTreeSet::new();
+    // Everything in the stores, by the rules: logged when what is skipped
+    // changes.
+    let mut compute = |trust: &mut Trust| {
+        trust.set_host_addresses(&trust::host_addresses());
+        let services: Vec<Arc<Service>> = service_stores.iter().flat_map(|s| s.state()).collect();
+        let slices: Vec<Arc<EndpointSlice>> = slice_stores.iter().flat_map(|s| s.state()).collect();
+        let found = desired(&services, &slices, &spec, &here, trust);
+        log_skipped(&skipped, &found.skipped);
+        skipped = found.skipped;
+        found.services
+    };
     let mut failing = false;
     loop {
         let next = if failing {
@@ -116,8 +160,8 @@ pub async fn run(spec: Kubernetes, reporter: Reporter) {
                     // Quiet since the last error: the watches are up again
                     // (they resume without an event).
                     failing = false;
-                    if listed[0] && listed[1] {
-                        let found = desired(&services.state(), &slices.state(), &spec, &here);
+                    if listed.iter().all(|l| *l) {
+                        let found = compute(&mut trust);
                         if !reporter.send(Outcome::Services(found)).await {
                             return;
                         }
@@ -132,7 +176,7 @@ pub async fn run(spec: Kubernetes, reporter: Reporter) {
         match event {
             Err(e) => {
                 failing = true;
-                let what = if which == 0 {
+                let what = if which % 2 == 0 {
                     "services"
                 } else {
                     "endpointslices"
@@ -145,7 +189,7 @@ pub async fn run(spec: Kubernetes, reporter: Reporter) {
             }
             Ok(init_done) => listed[which] |= init_done,
         }
-        if !(listed[0] && listed[1]) {
+        if !listed.iter().all(|l| *l) {
             continue;
         }
         // Let a burst of events land before computing the whole set once,
@@ -162,15 +206,55 @@ pub async fn run(spec: Kubernetes, reporter: Reporter) {
         if failing {
             continue; // sent once the watchers are quiet again
         }
-        let found = desired(&services.state(), &slices.state(), &spec, &here);
+        let found = compute(&mut trust);
         if !reporter.send(Outcome::Services(found)).await {
             return;
         }
     }
 }
 
-async fn client(spec: &Kubernetes) -> Result<Client, KubeClientError> {
-    match &spec.api_server {
+/// Settings that leave the door open, said once at start.
+fn warn_about_open_settings(spec: &Kubernetes) {
+    if spec.allowed_namespaces().is_none() {
+        warn!(
+            selector = spec.service_selector,
+            "kubernetes: a Service in any namespace can opt in with the selector's label; \
+             kubernetes.namespaces limits it to the namespaces listed"
+        );
+    }
+    let external = spec.addresses.iter().any(|a| *a != KubeAddress::ClusterIp);
+    if external && spec.external_cidrs.is_none() {
+        warn!(
+            "kubernetes: any externalIP or load-balancer IP a Service names becomes a VIP \
+             (never this node's, the API server's, loopback, link-local or metadata addresses); \
+             kubernetes.external_cidrs limits them to the blocks listed"
+        );
+    }
+}
+
+/// Logs what is newly skipped, and what no longer is.
+fn log_skipped(before: &BTreeSet<Skipped>, now: &BTreeSet<Skipped>) {
+    for s in now.difference(before) {
+        warn!(
+            event = "skipped",
+            service = s.service,
+            what = s.what,
+            why = s.why,
+            "kubernetes: not taken"
+        );
+    }
+    for s in before.difference(now) {
+        info!(
+            service = s.service,
+            what = s.what,
+            "kubernetes: no longer skipped"
+        );
+    }
+}
+
+/// The client, and the API server's URL it talks to.
+async fn client(spec: &Kubernetes) -> Result<(Client, hyper::Uri), KubeClientError> {
+    let config = match &spec.api_server {
         Some(url) => {
             let uri: hyper::Uri = url.parse().map_err(|error| KubeClientError::ApiServer {
                 url: url.clone(),
@@ -178,18 +262,22 @@ async fn client(spec: &Kubernetes) -> Result<Client, KubeClientError> {
             })?;
             // Keep the credentials (service account, kubeconfig) and change
             // only where they are presented.
-            let config = match kube::Config::infer().await {
+            match kube::Config::infer().await {
                 Ok(mut c) => {
                     c.cluster_url = uri;
                     c
                 }
                 Err(_) => kube::Config::new(uri),
-            };
-            Client::try_from(config).map_err(KubeClientError::Kube)
+            }
         }
         // In a pod: the service account; elsewhere KUBECONFIG / ~/.kube/config.
-        None => Client::try_default().await.map_err(KubeClientError::Kube),
-    }
+        None => kube::Config::infer()
+            .await
+            .map_err(|e| KubeClientError::Kube(kube::Error::InferConfig(e)))?,
+    };
+    let url = config.cluster_url.clone();
+    let client = Client::try_from(config).map_err(KubeClientError::Kube)?;
+    Ok((client, url))
 }
 
 /// Where this agent runs, for traffic policies and topology hints.
@@ -199,13 +287,22 @@ pub struct Locality<'a> {
     pub zone: Option<&'a str>,
 }
 
-/// Every opted-in Service's Sluice services, from the two stores.
+/// What the stores make: the Sluice services, and what was not taken.
+#[derive(Debug, Default)]
+pub struct Found {
+    pub services: Vec<ServiceSpec>,
+    pub skipped: BTreeSet<Skipped>,
+}
+
+/// Every opted-in Service's Sluice services, from the two stores, by the
+/// rules of `trust`.
 pub fn desired(
     services: &[Arc<Service>],
     slices: &[Arc<EndpointSlice>],
     spec: &Kubernetes,
     here: &Locality,
-) -> Vec<ServiceSpec> {
+    trust: &Trust,
+) -> Found {
     let mut by_service: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
     for slice in slices {
         let (Some(ns), Some(owner)) = (
@@ -223,7 +320,7 @@ pub fn desired(
             .or_default()
             .push(slice);
     }
-    let mut out = Vec::new();
+    let mut found = Found::default();
     let mut sorted: Vec<&Arc<Service>> = services.iter().collect();
     sorted.sort_by_key(|s| (s.metadata.namespace.clone(), s.metadata.name.clone()));
     for svc in sorted {
@@ -234,17 +331,37 @@ pub fn desired(
         ) else {
             continue;
         };
+        let owner = format!("{ns}/{name}");
+        let mut skip = |what: String, why: String| {
+            found.skipped.insert(Skipped {
+                service: owner.clone(),
+                what,
+                why,
+            });
+        };
+        if !trust.namespace_allowed(ns) {
+            skip(
+                "Service".into(),
+                format!("namespace {ns} is not in kubernetes.namespaces"),
+            );
+            continue;
+        }
         let weights = weights(svc);
         let local = |policy: &Option<String>| policy.as_deref() == Some("Local");
         let internal_local = local(&svc_spec.internal_traffic_policy);
         let external_local = local(&svc_spec.external_traffic_policy);
         // Each VIP with whether its traffic policy is Local.
         let mut vips: Vec<(IpAddr, bool)> = Vec::new();
-        let mut add = |text: &str, local_only: bool| {
-            if let Ok(ip) = text.parse::<IpAddr>()
-                && !vips.iter().any(|(v, _)| *v == ip)
-            {
-                vips.push((ip, local_only));
+        let mut add = |kind: &str, text: &str, local_only: bool| {
+            let Ok(ip) = text.parse::<IpAddr>() else {
+                return; // "None" (headless), or not an address
+            };
+            if vips.iter().any(|(v, _)| *v == ip) {
+                return;
+            }
+            match trust.refuse_vip(ip, kind != "clusterIP") {
+                Some(why) => skip(format!("{kind} {ip}"), why),
+                None => vips.push((ip, local_only)),
             }
         };
         if spec.addresses.contains(&KubeAddress::ClusterIp) {
@@ -253,15 +370,15 @@ pub fn desired(
                 .clone()
                 .or_else(|| svc_spec.cluster_ip.clone().map(|ip| vec![ip]))
                 .unwrap_or_default();
-            // "None" (headless) doesn't parse.
-            ips.iter().for_each(|ip| add(ip, internal_local));
+            ips.iter()
+                .for_each(|ip| add("clusterIP", ip, internal_local));
         }
         if spec.addresses.contains(&KubeAddress::ExternalIps) {
             svc_spec
                 .external_ips
                 .iter()
                 .flatten()
-                .for_each(|ip| add(ip, external_local));
+                .for_each(|ip| add("externalIP", ip, external_local));
         }
         if spec.addresses.contains(&KubeAddress::LoadBalancer) {
             svc.status
@@ -271,7 +388,7 @@ pub fn desired(
                 .into_iter()
                 .flatten()
                 .filter_map(|i| i.ip.as_deref())
-                .for_each(|ip| add(ip, external_local));
+                .for_each(|ip| add("load-balancer IP", ip, external_local));
         }
         let slices = by_service
             .get(&(ns, name))
@@ -293,26 +410,28 @@ pub fn desired(
                 .unwrap_or_else(|| port.port.to_string());
             for (k, (vip, local_only)) in vips.iter().enumerate() {
                 let service_name = if k == 0 {
-                    format!("{ns}/{name}:{port_label}")
+                    format!("{owner}:{port_label}")
                 } else {
-                    format!("{ns}/{name}:{port_label}@{vip}")
+                    format!("{owner}:{port_label}@{vip}")
                 };
-                out.push(ServiceSpec {
+                let backends = backends(
+                    slices,
+                    port.name.as_deref(),
+                    *vip,
+                    &weights,
+                    Scope {
+                        here: *here,
+                        local_only: *local_only,
+                    },
+                    &mut skip,
+                );
+                found.services.push(ServiceSpec {
                     name: service_name,
                     vip: *vip,
                     port: vip_port,
                     protocol,
                     snat_ip: None,
-                    backends: backends(
-                        slices,
-                        port.name.as_deref(),
-                        vip.is_ipv4(),
-                        &weights,
-                        Scope {
-                            here: *here,
-                            local_only: *local_only,
-                        },
-                    ),
+                    backends,
                     failure: spec.failure.clone(),
                     discovery: None,
                     drain_timeout: Duration::from_secs(spec.drain_timeout_seconds.into()),
@@ -320,7 +439,7 @@ pub fn desired(
             }
         }
     }
-    out
+    found
 }
 
 /// `sluice.io/weights: "10.1.0.2=3, web-7d9f-abcde=2"`.
@@ -356,16 +475,19 @@ struct Candidate<'a> {
     endpoint: &'a Endpoint,
 }
 
-/// The endpoints of `slices` for one Service port and address family, as
-/// `(address, weight)`; weight 0 = draining (established connections only).
+/// The endpoints of `slices` for one Service port at `vip` (of its address
+/// family), as `(address, weight)`; weight 0 = draining (established
+/// connections only). An endpoint that fails the config's backend check is
+/// left out and told to `skip` (what, why).
 fn backends(
     slices: &[&EndpointSlice],
     port_name: Option<&str>,
-    v4: bool,
+    vip: IpAddr,
     weights: &BTreeMap<String, u32>,
     scope: Scope,
+    skip: &mut impl FnMut(String, String),
 ) -> Vec<(SocketAddr, u32)> {
-    let family = if v4 { "IPv4" } else { "IPv6" };
+    let family = if vip.is_ipv4() { "IPv4" } else { "IPv6" };
     let mut candidates: Vec<Candidate> = Vec::new();
     for slice in slices.iter().filter(|s| s.address_type == family) {
         let wanted = port_name.unwrap_or("");
@@ -409,8 +531,18 @@ fn backends(
                 .copied()
                 .unwrap_or(1)
                 .clamp(1, MAX_WEIGHT);
+            let addr = SocketAddr::new(ip, port);
+            // Anyone who can write an EndpointSlice names its addresses:
+            // they pass the check a configured backend passes.
+            if let Err(why) = backend(addr, weight, vip) {
+                skip(
+                    format!("endpoint {}", pod.unwrap_or("(no pod)")),
+                    why.to_string(),
+                );
+                continue;
+            }
             candidates.push(Candidate {
-                addr: SocketAddr::new(ip, port),
+                addr,
                 weight,
                 ready,
                 endpoint,
@@ -535,7 +667,9 @@ mod tests {
             &[Arc::new(slice)],
             &spec(),
             &Locality::default(),
-        );
+            &Trust::default(),
+        )
+        .services;
         let names: Vec<&str> = out.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(
             names,
@@ -619,7 +753,14 @@ mod tests {
             node,
             zone: Some("zone-b"),
         };
-        let out = desired(&[Arc::new(svc)], &[Arc::new(slice)], &spec(), &here);
+        let out = desired(
+            &[Arc::new(svc)],
+            &[Arc::new(slice)],
+            &spec(),
+            &here,
+            &Trust::default(),
+        )
+        .services;
         assert_eq!(out.len(), 2);
         (out[0].backends.clone(), out[1].backends.clone())
     }
@@ -695,6 +836,97 @@ mod tests {
         assert_eq!(
             local_and_external(&same_node, Some("node-x")).1,
             at(&[(2, 1)])
+        );
+    }
+
+    /// A Service in `ns` with these externalIPs and endpoint addresses.
+    fn claimed(ns: &str, external: &[&str], endpoints: &[&str]) -> (Service, EndpointSlice) {
+        let svc = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web", "namespace": ns},
+            "spec": {"clusterIP": "10.96.0.10", "externalIPs": external,
+                     "ports": [{"port": 80}]}
+        }))
+        .unwrap();
+        let endpoints: Vec<_> = endpoints
+            .iter()
+            .enumerate()
+            .map(|(i, a)| serde_json::json!({"addresses": [a], "targetRef": {"name": format!("web-{i}")}}))
+            .collect();
+        let slice = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web-1", "namespace": ns,
+                         "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4",
+            "ports": [{"port": 8080}],
+            "endpoints": endpoints,
+        }))
+        .unwrap();
+        (svc, slice)
+    }
+
+    fn found(yaml: &str, svc: Service, slice: EndpointSlice) -> Found {
+        let spec: Kubernetes = serde_yaml::from_str(yaml).unwrap();
+        let mut trust = Trust::new(&spec, &["10.0.0.10".parse().unwrap()]);
+        trust.set_host_addresses(&[("eth0".into(), "10.0.1.1".parse().unwrap())]);
+        desired(
+            &[Arc::new(svc)],
+            &[Arc::new(slice)],
+            &spec,
+            &Locality::default(),
+            &trust,
+        )
+    }
+
+    fn skipped(found: &Found) -> Vec<String> {
+        found.skipped.iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn services_of_other_namespaces_are_skipped() {
+        let (svc, slice) = claimed("tenant", &[], &["10.1.0.2"]);
+        let f = found("namespaces: [shop]", svc.clone(), slice.clone());
+        assert!(f.services.is_empty());
+        assert_eq!(
+            skipped(&f),
+            ["tenant/web: Service: namespace tenant is not in kubernetes.namespaces"]
+        );
+        // Unset: every namespace.
+        assert_eq!(found("{}", svc, slice).services.len(), 1);
+    }
+
+    #[test]
+    fn claimed_addresses_are_refused_one_by_one() {
+        let (svc, slice) = claimed(
+            "shop",
+            &[
+                "192.0.2.7",
+                "10.0.1.1",
+                "169.254.169.254",
+                "10.0.0.10",
+                "198.51.100.1",
+            ],
+            &["10.1.0.2", "127.0.0.1", "169.254.169.254", "10.1.0.3"],
+        );
+        let f = found(
+            "addresses: [cluster_ip, external_ips]\nexternal_cidrs: [192.0.2.0/24, 10.0.0.0/8, 169.254.0.0/16]",
+            svc,
+            slice,
+        );
+        let vips: Vec<String> = f.services.iter().map(|s| s.vip.to_string()).collect();
+        assert_eq!(vips, ["10.96.0.10", "192.0.2.7"]);
+        let b = |a: &str| (a.parse::<SocketAddr>().unwrap(), 1);
+        for s in &f.services {
+            assert_eq!(s.backends, vec![b("10.1.0.2:8080"), b("10.1.0.3:8080")]);
+        }
+        assert_eq!(
+            skipped(&f),
+            [
+                "shop/web: endpoint web-1: backend 127.0.0.1:8080: a loopback address can't be a backend",
+                "shop/web: endpoint web-2: backend 169.254.169.254:8080: a cloud metadata address can't be a backend",
+                "shop/web: externalIP 10.0.0.10: the API server's address can't be a VIP",
+                "shop/web: externalIP 10.0.1.1: this node's address (on eth0) can't be a VIP",
+                "shop/web: externalIP 169.254.169.254: a cloud metadata address can't be a VIP",
+                "shop/web: externalIP 198.51.100.1: not inside kubernetes.external_cidrs",
+            ]
         );
     }
 }

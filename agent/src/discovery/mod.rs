@@ -8,11 +8,16 @@
 //! A provider that fails, or sends what can't be used, never changes the
 //! desired state: its service keeps the last good set. A Kubernetes provider
 //! fits the same shape (one task, reports for every service it watches).
+//!
+//! Kubernetes Services come from anyone who may create one, so one that
+//! doesn't fit the running maps is quarantined (`quarantine`) instead of
+//! making every later change fail to apply.
 
 mod dns;
 mod error;
 mod etcd;
 pub mod kubernetes;
+mod quarantine;
 #[cfg(test)]
 mod tests;
 
@@ -26,9 +31,9 @@ use tokio::{sync::mpsc, task::AbortHandle};
 use tracing::{info, warn};
 
 pub use self::error::{DiscoveryError, DnsError, EtcdError, KubeClientError};
-use crate::{
-    config::{BackendError, DiscoverySpec, Kubernetes, ServiceSpec, Source, Validated, backend},
-    reconcile::service_key,
+use self::quarantine::{Capacity, fit};
+use crate::config::{
+    BackendError, DiscoverySpec, Kubernetes, ServiceSpec, Source, Validated, backend,
 };
 
 /// The `Report::service` of the Kubernetes provider, which reports whole
@@ -161,6 +166,9 @@ pub struct Hub {
     /// The Kubernetes services while a config without Kubernetes is not
     /// yet applied.
     kube_stash: Option<Vec<ServiceSpec>>,
+    /// What the running maps hold (set at start); None: the config's
+    /// `limits`.
+    capacity: Option<Capacity>,
 }
 
 /// The Kubernetes provider and the services it last reported. Its health
@@ -173,9 +181,20 @@ struct KubeState {
     services: Option<Vec<ServiceSpec>>,
     /// The services before the last change, until that change is applied.
     previous: Option<Vec<ServiceSpec>>,
+    /// Each Kubernetes Service (`NAMESPACE/NAME`) as last taken into the
+    /// desired state: it goes first at the next fitting, and serves on in
+    /// this version while a newer one doesn't fit.
+    admitted: BTreeMap<String, Vec<ServiceSpec>>,
+    /// Kubernetes Services that don't fit the maps, with why.
+    quarantined: BTreeMap<String, String>,
 }
 
 impl Hub {
+    /// The running maps' capacity: Kubernetes Services are fitted into it.
+    pub fn set_capacity(&mut self, services: u32, backends: u32) {
+        self.capacity = Some(Capacity { services, backends });
+    }
+
     /// Starts, restarts (when their source changed) and stops providers so
     /// that exactly the config's discovery services have one. A restarted
     /// provider's service keeps its last good set until the new one reports.
@@ -188,12 +207,12 @@ impl Hub {
             .iter()
             .filter_map(|s| s.discovery.as_ref().map(|d| (s.name.as_str(), d)))
             .collect();
-        let v4 = |name: &str| {
+        let vip = |name: &str| {
             config
                 .services
                 .iter()
                 .find(|s| s.name == name)
-                .is_none_or(|s| s.vip.is_ipv4())
+                .map(|s| s.vip)
         };
         self.running.retain(|name, (spec, handle)| {
             let keep = wanted.get(name.as_str()) == Some(&&*spec);
@@ -210,7 +229,8 @@ impl Hub {
             let reporter = self.reporter(name, tx);
             let handle = match &spec.source {
                 Source::Dns { .. } => {
-                    tokio::spawn(dns::run(spec.source.clone(), v4(name), reporter))
+                    let Some(vip) = vip(name) else { continue };
+                    tokio::spawn(dns::run(spec.source.clone(), vip, reporter))
                 }
                 Source::Etcd { .. } => tokio::spawn(etcd::run(spec.source.clone(), reporter)),
             }
@@ -270,6 +290,8 @@ impl Hub {
             // A restarted provider's services keep serving until it answers.
             services: last,
             previous: None,
+            admitted: BTreeMap::new(),
+            quarantined: BTreeMap::new(),
         });
         // The provider's own health, before any service is known (broken
         // RBAC, no API server): shown in /readyz and the metrics.
@@ -314,13 +336,18 @@ impl Hub {
         changed
     }
 
-    /// Each Kubernetes service's status: the provider's, with its backends.
+    /// Each Kubernetes service's status: the provider's, with its backends
+    /// (as taken into the desired state, once fitted).
     fn copy_kubernetes_statuses(&mut self) {
         let (Some(k), Some(provider)) = (&self.kubernetes, self.statuses.get(KUBERNETES)) else {
             return;
         };
         let provider = provider.clone();
-        let services = k.services.clone().unwrap_or_default();
+        let services: Vec<ServiceSpec> = if k.admitted.is_empty() && k.quarantined.is_empty() {
+            k.services.clone().unwrap_or_default()
+        } else {
+            k.admitted.values().flatten().cloned().collect()
+        };
         self.statuses.retain(|name, s| {
             s.provider != KUBERNETES_PROVIDER
                 || name == KUBERNETES
@@ -462,9 +489,10 @@ impl Hub {
     }
 
     /// The config's services, each discovery service with its last good
-    /// set, then the Kubernetes services (a frontend the file already has
-    /// stays the file's).
-    pub fn desired(&self, config: &Validated) -> Vec<ServiceSpec> {
+    /// set, then the Kubernetes services that fit the maps (a frontend the
+    /// file already has stays the file's; a Kubernetes Service that doesn't
+    /// fit is quarantined, see `quarantine`).
+    pub fn desired(&mut self, config: &Validated) -> Vec<ServiceSpec> {
         let mut out: Vec<ServiceSpec> = config
             .services
             .iter()
@@ -480,21 +508,35 @@ impl Hub {
                 spec
             })
             .collect();
-        if let Some(services) = self.kubernetes.as_ref().and_then(|k| k.services.as_ref()) {
-            for svc in services {
-                let clash = out
-                    .iter()
-                    .any(|s| service_key(s) == service_key(svc) || s.name == svc.name);
-                if !clash {
-                    out.push(svc.clone());
-                }
-            }
-        }
+        let capacity = self.capacity.unwrap_or(Capacity {
+            services: config.raw.limits.max_services,
+            backends: config.raw.limits.max_backends,
+        });
+        let Some(k) = self.kubernetes.as_mut() else {
+            return out;
+        };
+        let Some(services) = k.services.as_ref() else {
+            return out;
+        };
+        let fitted = fit(&out, services, &k.admitted, capacity);
+        quarantine::log_changes(&k.quarantined, &fitted.quarantined);
+        k.admitted = fitted.admitted;
+        k.quarantined = fitted.quarantined;
+        out.extend(fitted.services);
+        self.copy_kubernetes_statuses();
         out
     }
 
-    /// Services whose provider is unhealthy, with the reason.
+    /// Kubernetes Services (`NAMESPACE/NAME`) quarantined, with why; None
+    /// without Kubernetes.
+    pub fn quarantined(&self) -> Option<&BTreeMap<String, String>> {
+        self.kubernetes.as_ref().map(|k| &k.quarantined)
+    }
+
+    /// Services whose provider is unhealthy, with the reason, and the
+    /// quarantined Kubernetes Services.
     pub fn unhealthy(&self) -> Vec<(String, &'static str, String)> {
+        let quarantined = self.quarantined().into_iter().flatten();
         self.statuses
             .iter()
             .filter(|(_, s)| !s.healthy)
@@ -505,6 +547,13 @@ impl Hub {
                     s.error.clone().unwrap_or_default(),
                 )
             })
+            .chain(quarantined.map(|(name, why)| {
+                (
+                    name.clone(),
+                    KUBERNETES_PROVIDER,
+                    format!("quarantined: {why}"),
+                )
+            }))
             .collect()
     }
 
