@@ -322,11 +322,16 @@ fn daemonset_capabilities() -> Result<Vec<String>> {
 /// A wrapper (see `agent_command`) that runs the agent as a container
 /// runtime does the DaemonSet's: root's uid holding `caps` and nothing
 /// else (bounding set, so also after exec), no_new_privs, the root
-/// filesystem and /proc/sys read-only. The mounts are made in a mount
-/// namespace of the agent's own, never the host's.
-fn pod_sandbox(caps: &[String]) -> Vec<String> {
-    let script = format!(
-        "mount --bind -o ro /proc/sys /proc/sys && mount -o remount,bind,ro / && \
+/// filesystem, /proc/sys and `read_only` (the DaemonSet's read-only
+/// volumes) read-only. The mounts are made in a mount namespace of the
+/// agent's own, never the host's.
+fn pod_sandbox(caps: &[String], read_only: &[&Path]) -> Vec<String> {
+    let mut script = String::from("mount --bind -o ro /proc/sys /proc/sys && ");
+    for path in read_only {
+        script += &format!("mount --bind -o ro '{0}' '{0}' && ", path.display());
+    }
+    script += &format!(
+        "mount -o remount,bind,ro / && \
          exec setpriv --bounding-set=-all,{} --inh-caps=-all --no-new-privs -- \"$@\"",
         caps.join(",")
     );
@@ -376,7 +381,8 @@ fn the_daemonsets_capabilities_alone_run_the_datapath() -> Result<()> {
         + &format!("socket_lb:\n  cgroup: {}\n", cgroup.path.display());
     let cfg = write_config(&bed, &text)?;
 
-    let sandbox = pod_sandbox(&caps);
+    // The host's cgroup root is a read-only volume in the DaemonSet.
+    let sandbox = pod_sandbox(&caps, &[&cgroup.mount]);
     let wrapper: Vec<&str> = sandbox.iter().map(String::as_str).collect();
     let mut agent =
         Agent::start_wrapped(&bed.topo.lb, &wrapper, &cfg, bed.dir.path("agent.log"), &[])?;
@@ -428,7 +434,7 @@ fn the_daemonsets_capabilities_alone_run_the_datapath() -> Result<()> {
     // None of them is spare: without any one, the agent can't start.
     for missing in &caps {
         let fewer: Vec<String> = caps.iter().filter(|c| *c != missing).cloned().collect();
-        let sandbox = pod_sandbox(&fewer);
+        let sandbox = pod_sandbox(&fewer, &[&cgroup.mount]);
         let wrapper: Vec<&str> = sandbox.iter().map(String::as_str).collect();
         let what = format!("without-{}", missing.trim_start_matches('+'));
         let (code, output) = run_to_exit(&bed, &wrapper, &cfg, &format!("{what}.log"))?;
@@ -447,7 +453,7 @@ fn the_daemonsets_capabilities_alone_run_the_datapath() -> Result<()> {
 #[test]
 fn read_only_proc_sys_refuses_a_setting_it_lacks_and_names_it() -> Result<()> {
     let caps = daemonset_capabilities()?;
-    let sandbox = pod_sandbox(&caps);
+    let sandbox = pod_sandbox(&caps, &[]);
     let wrapper: Vec<&str> = sandbox.iter().map(String::as_str).collect();
     let bed = Bed::new("ps", 1)?;
     let lb = &bed.topo.lb;
