@@ -24,7 +24,9 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use sluice_tests::{Agent, Bed, Bpffs, Cgroup, agent_command, http_get, metric, one_service_yaml};
+use sluice_tests::{
+    Agent, Bed, Bpffs, Cgroup, agent_command, http_get, metric, one_service_yaml, wait_for,
+};
 use testbed::{Family, Topology};
 
 /// Where the agent listens in the LB namespace (as `Agent` starts it).
@@ -496,11 +498,29 @@ fn read_only_proc_sys_refuses_a_setting_it_lacks_and_names_it() -> Result<()> {
     );
     assert!(!log.contains("kernel setting changed"), "{log}");
     forwards(&bed.topo)?;
+
+    // A change to snat needs accept_local, which the node lacks: rejected
+    // with the same words, and the dnat config keeps serving.
+    let cfg = write_config(&bed, &config(None, true))?;
+    agent.reload()?;
+    wait_for("the snat change rejected", Duration::from_secs(10), || {
+        Ok(agent.log_text().contains("config change rejected"))
+    })?;
+    let log = agent.log_text();
+    let rejected = log
+        .lines()
+        .find(|l| l.contains("config change rejected"))
+        .unwrap_or("");
+    assert!(
+        rejected.contains("net.ipv4.conf.front.accept_local is 0")
+            && rejected.contains("net.ipv4.conf.all.accept_local=1"),
+        "{rejected}"
+    );
+    forwards(&bed.topo)?;
     assert_eq!(agent.stop()?, Some(0));
 
-    // snat needs accept_local: refused, then started once the node has it
-    // (for all interfaces, which the kernel ORs with each one's).
-    let cfg = write_config(&bed, &config(None, true))?;
+    // snat needs accept_local: refused at start, then started once the
+    // node has it (for all interfaces, which the kernel ORs with each one's).
     let line = expect_refused(
         &bed,
         &wrapper,
