@@ -1,8 +1,16 @@
 # Multi-stage build of the agent image: `docker build -t sluice .`
 #
 # Stage 1 builds the eBPF object (nightly, rust-src, bpf-linker) and the
-# agent; stage 2 is a small Debian with the binary and the tools the
-# DaemonSet's init step uses (mountpoint, mount).
+# agent; stage 2 is a small Debian with the binary and CA certificates
+# (for the Kubernetes API) only. It writes nothing to its root filesystem
+# and needs no capability but CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON:
+#
+#   docker run --network host --cap-drop ALL \
+#     --cap-add BPF --cap-add NET_ADMIN --cap-add PERFMON \
+#     --security-opt no-new-privileges --read-only \
+#     -v /sys/fs/bpf:/sys/fs/bpf -v /etc/sluice:/etc/sluice:ro sluice
+#
+# The DaemonSet mounts bpffs with a busybox init container, not this image.
 
 FROM rust:1.95-bookworm AS build
 # A dated nightly: bpf-linker 0.10.3 links LLVM 22, as this nightly does.
@@ -17,7 +25,7 @@ RUN cargo build --release --locked -p sluice \
 
 FROM debian:bookworm-slim
 RUN apt-get update \
- && apt-get install -y --no-install-recommends ca-certificates util-linux mount \
+ && apt-get install -y --no-install-recommends ca-certificates \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /usr/local/bin/sluice /usr/local/bin/sluice
 EXPOSE 9464

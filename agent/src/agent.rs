@@ -15,6 +15,7 @@ use crate::{
     config::{self, ConfigError, Validated},
     datapath::{Datapath, Sizes, second_handle},
     reconcile::Reconciler,
+    refusal::Refusal,
     state::Shared,
     sysctl::Sysctls,
     writer::Writer,
@@ -30,8 +31,22 @@ const RELOAD_POLL: Duration = Duration::from_secs(1);
 pub enum RunError {
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// The host is not set up as the agent needs (pin directory ownership,
+    /// a kernel setting it can't change): refused like a bad config.
+    #[error(transparent)]
+    Refused(#[from] Refusal),
     #[error("{0:#}")]
-    Other(#[from] anyhow::Error),
+    Other(anyhow::Error),
+}
+
+impl From<anyhow::Error> for RunError {
+    /// A refusal keeps its kind through `anyhow` (and `?`).
+    fn from(e: anyhow::Error) -> Self {
+        match e.downcast::<Refusal>() {
+            Ok(refusal) => Self::Refused(refusal),
+            Err(other) => Self::Other(other),
+        }
+    }
 }
 
 /// Interfaces named in the config must exist: refused like any bad value.
@@ -95,6 +110,11 @@ pub async fn run(
         Some(p) => Some(crate::pinning::PinDir::prepare(Path::new(&p.directory))?),
         None => None,
     };
+    // Kernel settings before anything is loaded: one that can't be had
+    // refuses start-up with nothing attached or pinned.
+    let mut devices = crate::netdev::resolve(&cfg.raw.interfaces);
+    let mut sysctls = Sysctls::default();
+    sysctls.apply(&cfg, &device_names(&devices))?;
     let object_bytes = match &object {
         Some(path) => Some(
             std::fs::read(path)
@@ -114,7 +134,6 @@ pub async fn run(
         spawn_kernel_log_reader(logger)?;
     }
     crate::events::spawn_reader(datapath.take_events()?, shared.clone())?;
-    let mut devices = crate::netdev::resolve(&cfg.raw.interfaces);
     for device in &devices {
         datapath.attach(&device.name, device.attach)?;
     }
@@ -125,8 +144,6 @@ pub async fn run(
     }
     *shared.attachments.lock().unwrap() = datapath.attachments();
     *shared.conntrack_capacity.lock().unwrap() = sizes.conntrack;
-    let mut sysctls = Sysctls::default();
-    sysctls.apply(&cfg, &device_names(&devices))?;
     // Route, neighbour and link changes: FIB caches and devices refreshed.
     let net_changes = crate::netlink::watch().context("watching rtnetlink")?;
     *shared.conntrack_timeouts.lock().unwrap() = cfg.raw.conntrack.timeouts;
@@ -294,8 +311,11 @@ fn reload(
     if next.raw.pinning != current.raw.pinning || next.raw.socket_lb != current.raw.socket_lb {
         warn!("pinning or socket_lb changed: it takes effect at the next restart");
     }
-    // Interfaces: attach the new ones first, then detach those removed.
+    // Interfaces: kernel settings first (a change that needs one that
+    // can't be had is rejected with nothing changed), then attach the new
+    // ones, then detach those removed.
     let next_devices = crate::netdev::resolve(&next.raw.interfaces);
+    sysctls.apply(&next, &device_names(&next_devices))?;
     for device in &next_devices {
         datapath.attach(&device.name, device.attach)?;
     }
@@ -306,7 +326,6 @@ fn reload(
     }
     *devices = next_devices;
     *shared.attachments.lock().unwrap() = datapath.attachments();
-    sysctls.apply(&next, &device_names(devices))?;
     shared.discovery.lock().unwrap().sync(&next, report_tx);
     let before_apply = started.elapsed();
     if let Err(e) = apply_desired(writer, shared, &next) {

@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod bpffs;
 pub mod config;
 pub mod counters;
 pub mod datapath;
@@ -15,6 +16,7 @@ pub mod netlink;
 pub mod pinning;
 pub mod readmit;
 pub mod reconcile;
+pub mod refusal;
 pub mod state;
 pub mod sweep;
 pub mod sysctl;

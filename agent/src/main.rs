@@ -51,7 +51,9 @@ enum Command {
     },
 }
 
-/// Exit status for a config that can't be parsed or validated (the contract's).
+/// Exit status for a config that can't be parsed or validated (the
+/// contract's), and for a host that must be changed before the agent can
+/// start (a pin directory others can write, a kernel setting it can't set).
 const EXIT_BAD_CONFIG: u8 = 2;
 
 fn main() -> ExitCode {
@@ -123,6 +125,12 @@ fn main() -> ExitCode {
             match runtime.block_on(agent::run(config, listen, ebpf_object)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(RunError::Config(e)) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(EXIT_BAD_CONFIG)
+                }
+                // The host needs changing first: the same status, so a
+                // supervisor sees the same kind of failure.
+                Err(RunError::Refused(e)) => {
                     eprintln!("error: {e}");
                     ExitCode::from(EXIT_BAD_CONFIG)
                 }

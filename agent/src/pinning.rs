@@ -17,7 +17,6 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail};
-use tracing::info;
 
 use crate::config::AttachMode;
 
@@ -30,9 +29,6 @@ pub fn pinned_maps() -> impl Iterator<Item = &'static str> {
         .map(|m| m.name)
 }
 
-/// statfs(2) f_type of a bpf filesystem.
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-
 #[derive(Debug, Clone)]
 pub struct PinDir {
     /// DIR/layout-N
@@ -40,12 +36,17 @@ pub struct PinDir {
 }
 
 impl PinDir {
-    /// Checks that `dir` is on bpffs (mounting /sys/fs/bpf if that is where
-    /// it is and nothing is mounted there) and holds no other layout.
+    /// Checks that `dir` is on bpffs (mounting /sys/fs/bpf, mode 0700, if
+    /// that is where it is and nothing is mounted there), private to root
+    /// (it and its parents up to the mount: see `bpffs::check_private`),
+    /// and holds no other layout. The pins go under its canonical path, the
+    /// one checked.
     pub fn prepare(dir: &Path) -> Result<Self> {
-        ensure_bpffs(dir)?;
+        crate::bpffs::ensure_mounted(dir)?;
+        let configured = dir;
+        let dir = crate::bpffs::make_private_dir(dir, configured)?;
         let layout = format!("layout-{}", agent_common::MAP_LAYOUT);
-        if let Ok(entries) = std::fs::read_dir(dir) {
+        if let Ok(entries) = std::fs::read_dir(&dir) {
             for entry in entries.flatten() {
                 let name = entry.file_name().to_string_lossy().into_owned();
                 if name.starts_with("layout-") && name != layout && has_pins(&entry.path()) {
@@ -61,8 +62,8 @@ impl PinDir {
         }
         let root = dir.join(layout);
         for sub in ["maps", "links", "sock"] {
-            std::fs::create_dir_all(root.join(sub))
-                .with_context(|| format!("creating {}", root.join(sub).display()))?;
+            // Made 0700 if new; one left by an earlier run is checked too.
+            crate::bpffs::make_private_dir(&root.join(sub), configured)?;
         }
         Ok(Self { root })
     }
@@ -163,53 +164,6 @@ fn has_pins(dir: &Path) -> bool {
     ["maps", "links", "sock"].iter().any(|sub| {
         std::fs::read_dir(dir.join(sub)).is_ok_and(|mut entries| entries.next().is_some())
     })
-}
-
-fn statfs_type(path: &Path) -> Option<i64> {
-    use std::os::unix::ffi::OsStrExt as _;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
-    // SAFETY: statfs writes into the zeroed struct we own; the path is a
-    // NUL-terminated string that outlives the call.
-    unsafe {
-        let mut st: libc::statfs = std::mem::zeroed();
-        (libc::statfs(c.as_ptr(), &mut st) == 0).then_some(st.f_type as i64)
-    }
-}
-
-fn ensure_bpffs(dir: &Path) -> Result<()> {
-    let existing = dir
-        .ancestors()
-        .find(|p| p.exists())
-        .unwrap_or(Path::new("/"));
-    if statfs_type(existing) == Some(BPF_FS_MAGIC) {
-        return Ok(());
-    }
-    let default = Path::new("/sys/fs/bpf");
-    if dir.starts_with(default) && default.is_dir() {
-        info!("mounting bpffs at /sys/fs/bpf");
-        // SAFETY: mount(2) with constant NUL-terminated strings and no data.
-        let rc = unsafe {
-            libc::mount(
-                c"bpf".as_ptr(),
-                c"/sys/fs/bpf".as_ptr(),
-                c"bpf".as_ptr(),
-                0,
-                std::ptr::null(),
-            )
-        };
-        if rc == 0 {
-            return Ok(());
-        }
-        bail!(
-            "mounting bpffs at /sys/fs/bpf for pinning.directory {}: {}",
-            dir.display(),
-            std::io::Error::last_os_error()
-        );
-    }
-    bail!(
-        "pinning.directory {} is not on a bpf filesystem (mount one: mount -t bpf bpf /sys/fs/bpf)",
-        dir.display()
-    )
 }
 
 /// `sluice cleanup`: removes every pin under `dir` (all layouts). The

@@ -1,10 +1,18 @@
 //! Kernel settings the datapath relies on, set while the agent runs and put
 //! back as they were when it stops.
+//!
+//! Where /proc/sys is read-only (a Kubernetes pod, even on the host
+//! network), a setting that already has the value needed is fine; one that
+//! doesn't, and that a configured service needs, refuses start-up (or the
+//! config change) naming the setting, its value, the value needed and how
+//! to set it on the node. One no configured service needs yet (IPv6
+//! forwarding with IPv4 services only; Kubernetes services, which are found
+//! later) is a warning.
 
 use anyhow::{Context, Result};
-use tracing::info;
+use tracing::{info, warn};
 
-use crate::config::Validated;
+use crate::{config::Validated, refusal::Refusal};
 
 #[derive(Default)]
 pub struct Sysctls {
@@ -12,6 +20,22 @@ pub struct Sysctls {
     /// changed: restored in reverse, since `ipv6/conf/all` writes through to
     /// every interface.
     saved: Vec<(String, String)>,
+}
+
+/// One setting the datapath wants.
+struct Want<'a> {
+    /// Under /proc/sys.
+    path: String,
+    value: &'a str,
+    why: &'a str,
+    /// A configured service needs it: refuse when it can't be had.
+    needed: bool,
+    /// Another setting that, at `value`, has the same effect (the kernel
+    /// ORs `conf/all` and the interface's for some settings).
+    or_path: Option<&'a str>,
+    /// The setting to tell an operator to set: one that covers every
+    /// interface, present and future.
+    advice: &'a str,
 }
 
 impl Sysctls {
@@ -24,6 +48,8 @@ impl Sysctls {
     ///   already rewritten, has this host's SNAT address as its source, which
     ///   IPv4 drops as a martian unless it is set. (IPv6 has no such check.)
     pub fn apply(&mut self, cfg: &Validated, interfaces: &[String]) -> Result<()> {
+        let v4 = cfg.services.iter().any(|s| s.vip.is_ipv4());
+        let v6 = cfg.services.iter().any(|s| s.vip.is_ipv6());
         let snat_v4 = cfg
             .services
             .iter()
@@ -31,21 +57,40 @@ impl Sysctls {
         if !interfaces.is_empty() {
             // IPv6 forwards a packet the kernel is handed only when forwarding
             // is on for all interfaces, not just for the one it arrived on.
-            let path = "/proc/sys/net/ipv6/conf/all/forwarding";
-            self.set(
-                path,
-                "1",
-                "the kernel forwards IPv6 packets the datapath hands it",
-            )?;
+            self.set(Want {
+                path: "/proc/sys/net/ipv6/conf/all/forwarding".into(),
+                value: "1",
+                why: "the kernel forwards IPv6 packets the datapath hands it",
+                needed: v6,
+                or_path: None,
+                advice: "net.ipv6.conf.all.forwarding",
+            })?;
         }
         for iface in interfaces {
-            for family in ["ipv4", "ipv6"] {
-                let path = format!("/proc/sys/net/{family}/conf/{iface}/forwarding");
-                self.set(&path, "1", "the datapath forwards on this interface")?;
+            // ip_forward and ipv6 `all` write through to every interface.
+            for (family, needed, advice) in [
+                ("ipv4", v4, "net.ipv4.ip_forward"),
+                ("ipv6", v6, "net.ipv6.conf.all.forwarding"),
+            ] {
+                self.set(Want {
+                    path: format!("/proc/sys/net/{family}/conf/{iface}/forwarding"),
+                    value: "1",
+                    why: "the datapath forwards on this interface",
+                    needed,
+                    or_path: None,
+                    advice,
+                })?;
             }
             if snat_v4 {
-                let path = format!("/proc/sys/net/ipv4/conf/{iface}/accept_local");
-                self.set(&path, "1", "the snat slow path")?;
+                // The kernel checks accept_local of `all` OR the interface's.
+                self.set(Want {
+                    path: format!("/proc/sys/net/ipv4/conf/{iface}/accept_local"),
+                    value: "1",
+                    why: "the snat slow path",
+                    needed: true,
+                    or_path: Some("/proc/sys/net/ipv4/conf/all/accept_local"),
+                    advice: "net.ipv4.conf.all.accept_local",
+                })?;
             }
         }
         Ok(())
@@ -57,14 +102,45 @@ impl Sysctls {
         self.saved.clear();
     }
 
-    fn set(&mut self, path: &str, value: &str, why: &str) -> Result<()> {
-        let old = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
-        let old = old.trim().to_string();
-        if old == value {
+    fn set(&mut self, want: Want) -> Result<()> {
+        let path = want.path.as_str();
+        let old = read(path)?;
+        if old == want.value {
             return Ok(());
         }
-        std::fs::write(path, value).with_context(|| format!("writing {value} to {path}"))?;
-        info!(path, old = %old, new = value, why, "kernel setting changed");
+        if let Some(or_path) = want.or_path
+            && read(or_path)? == want.value
+        {
+            return Ok(());
+        }
+        if let Err(e) = std::fs::write(path, want.value) {
+            let name = want.advice;
+            let how = format!(
+                "set {name}={} on the node (sysctl -w {name}={}, and in /etc/sysctl.d/ to keep \
+                 it), or from a privileged init container",
+                want.value, want.value
+            );
+            if want.needed {
+                return Err(Refusal(format!(
+                    "kernel setting {} is {old}, Sluice needs {} ({}), and can't set it: \
+                     writing {path}: {e}; {how}",
+                    sysctl_name(path),
+                    want.value,
+                    want.why
+                ))
+                .into());
+            }
+            warn!(
+                setting = sysctl_name(path),
+                value = old,
+                needed = want.value,
+                error = %e,
+                "kernel setting can't be set; no configured service needs it yet, but services \
+                 of its family found later won't forward until it is: {how}"
+            );
+            return Ok(());
+        }
+        info!(path, old = %old, new = want.value, why = want.why, "kernel setting changed");
         if !self.saved.iter().any(|(p, _)| p == path) {
             self.saved.push((path.to_string(), old));
         }
@@ -81,8 +157,43 @@ impl Sysctls {
     }
 }
 
+fn read(path: &str) -> Result<String> {
+    Ok(std::fs::read_to_string(path)
+        .with_context(|| format!("reading {path}"))?
+        .trim()
+        .to_string())
+}
+
+/// The sysctl(8) name of a /proc/sys path: `/` between the parts becomes
+/// `.`, and a `.` inside a part (an interface name such as `eth0.100`)
+/// becomes `/`.
+fn sysctl_name(path: &str) -> String {
+    path.trim_start_matches("/proc/sys/")
+        .split('/')
+        .map(|part| part.replace('.', "/"))
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
 impl Drop for Sysctls {
     fn drop(&mut self) {
         self.restore();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sysctl_name;
+
+    #[test]
+    fn sysctl_names_are_those_sysctl_takes() {
+        assert_eq!(
+            sysctl_name("/proc/sys/net/ipv4/conf/all/accept_local"),
+            "net.ipv4.conf.all.accept_local"
+        );
+        assert_eq!(
+            sysctl_name("/proc/sys/net/ipv4/conf/eth0.100/forwarding"),
+            "net.ipv4.conf.eth0/100.forwarding"
+        );
     }
 }

@@ -76,17 +76,21 @@ impl Agent {
 
     /// As `start`, with more arguments for `sluice run`.
     pub fn start_with(ns: &Netns, config: &Path, log: PathBuf, extra: &[&str]) -> Result<Self> {
+        Self::start_wrapped(ns, &[], config, log, extra)
+    }
+
+    /// As `start_with`, the agent run through `wrapper` inside the
+    /// namespace (see `agent_command`).
+    pub fn start_wrapped(
+        ns: &Netns,
+        wrapper: &[&str],
+        config: &Path,
+        log: PathBuf,
+        extra: &[&str],
+    ) -> Result<Self> {
         let listen: SocketAddr = "127.0.0.1:9464".parse()?;
         let log_file = std::fs::File::create(&log)?;
-        let child = Command::new("ip")
-            .args(["netns", "exec", &ns.name])
-            .arg(sluice_bin())
-            .args(["run", "--config"])
-            .arg(config)
-            .args(["--listen", &listen.to_string()])
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
+        let child = agent_command(ns, wrapper, config, listen, extra)
             .stdout(log_file.try_clone()?)
             .stderr(log_file)
             .spawn()
@@ -165,6 +169,30 @@ impl Agent {
         let _ = child.wait();
         bail!("sluice did not exit within 5 s of SIGTERM")
     }
+}
+
+/// `sluice run --config CONFIG --listen LISTEN EXTRA…` inside `ns`, through
+/// `wrapper` if not empty: a command that ends by running its arguments
+/// (e.g. `setpriv … --`), for running the agent restricted.
+pub fn agent_command(
+    ns: &Netns,
+    wrapper: &[&str],
+    config: &Path,
+    listen: SocketAddr,
+    extra: &[&str],
+) -> Command {
+    let mut command = Command::new("ip");
+    command
+        .args(["netns", "exec", &ns.name])
+        .args(wrapper)
+        .arg(sluice_bin())
+        .args(["run", "--config"])
+        .arg(config)
+        .args(["--listen", &listen.to_string()])
+        .args(extra)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null());
+    command
 }
 
 impl Drop for Agent {
@@ -438,15 +466,24 @@ pub fn backend_states(
 pub struct Bpffs(pub PathBuf);
 
 impl Bpffs {
+    /// A bpffs of the test's own, mounted without options: its root is
+    /// writable by every user, with the sticky bit (the kernel's default).
     pub fn mount(dir: &TempDir) -> Result<Self> {
+        Self::mount_with(dir, &[])
+    }
+
+    /// As `mount`, with `mount -o` options (e.g. `mode=0700`).
+    pub fn mount_with(dir: &TempDir, options: &[&str]) -> Result<Self> {
         let path = dir.path("bpffs");
         std::fs::create_dir_all(&path)?;
-        let status = Command::new("mount")
-            .args(["-t", "bpf", "bpf"])
-            .arg(&path)
-            .status()?;
+        let mut mount = Command::new("mount");
+        mount.args(["-t", "bpf"]);
+        if !options.is_empty() {
+            mount.args(["-o", &options.join(",")]);
+        }
+        let status = mount.arg("bpf").arg(&path).status()?;
         if !status.success() {
-            bail!("mount -t bpf bpf {} failed", path.display());
+            bail!("mount -t bpf {options:?} bpf {} failed", path.display());
         }
         Ok(Self(path))
     }
@@ -455,6 +492,39 @@ impl Bpffs {
 impl Drop for Bpffs {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// A cgroup v2 made for one test, on a cgroup2 mount of its own outside
+/// /sys (which `ip netns exec` remounts). Removed on drop.
+pub struct Cgroup {
+    pub mount: PathBuf,
+    pub path: PathBuf,
+}
+
+impl Cgroup {
+    pub fn new(dir: &TempDir, name: &str) -> Result<Self> {
+        let mount = dir.path("cgroup2");
+        std::fs::create_dir_all(&mount)?;
+        let ok = Command::new("mount")
+            .args(["-t", "cgroup2", "none"])
+            .arg(&mount)
+            .status()?
+            .success();
+        if !ok {
+            bail!("mount -t cgroup2 failed");
+        }
+        let path = mount.join(testbed::unique(name));
+        std::fs::create_dir(&path)?;
+        Ok(Self { mount, path })
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        // The test's client processes have exited: the cgroup is empty.
+        let _ = std::fs::remove_dir(&self.path);
+        let _ = Command::new("umount").arg("-l").arg(&self.mount).status();
     }
 }
 

@@ -152,6 +152,7 @@ fn manifests_parse_as_kubernetes_types_and_match_the_agent() -> Result<()> {
 
     // The DaemonSet.
     let ds: DaemonSet = typed(find(&docs, "DaemonSet")?)?;
+    assert_least_privilege(&ds)?;
     let spec = ds.spec.context("spec")?;
     let strategy = spec.update_strategy.context("updateStrategy")?;
     assert_eq!(strategy.type_.as_deref(), Some("RollingUpdate"));
@@ -169,13 +170,6 @@ fn manifests_parse_as_kubernetes_types_and_match_the_agent() -> Result<()> {
         .iter()
         .find(|c| c.name == "sluice")
         .context("sluice container")?;
-    let caps = c
-        .security_context
-        .as_ref()
-        .and_then(|s| s.capabilities.as_ref())
-        .and_then(|c| c.add.clone())
-        .unwrap_or_default();
-    assert_eq!(caps, ["BPF", "NET_ADMIN", "PERFMON"]);
     assert!(
         c.resources
             .as_ref()
@@ -308,6 +302,87 @@ fn manifests_parse_as_kubernetes_types_and_match_the_agent() -> Result<()> {
     Ok(())
 }
 
+/// The least privilege the DaemonSet (plain or rendered) runs with: the
+/// agent as root's uid with every capability dropped but exactly CAP_BPF,
+/// CAP_NET_ADMIN and CAP_PERFMON (tests/tests/privilege.rs shows it runs
+/// with these and not without any one of them), no privilege escalation, a
+/// read-only root filesystem, the runtime's default seccomp profile; the
+/// init container a busybox that only mounts bpffs, mode 0700.
+fn assert_least_privilege(ds: &DaemonSet) -> Result<()> {
+    let pod = ds
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .context("pod spec")?;
+    let agent = pod
+        .containers
+        .iter()
+        .find(|c| c.name == "sluice")
+        .context("sluice container")?;
+    let sc = agent
+        .security_context
+        .as_ref()
+        .context("the agent has no securityContext")?;
+    let caps = sc.capabilities.as_ref().context("capabilities")?;
+    assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_string()][..]));
+    assert_eq!(
+        caps.add.as_deref(),
+        Some(&["BPF".to_string(), "NET_ADMIN".into(), "PERFMON".into()][..])
+    );
+    assert_eq!(sc.privileged, None, "the agent is not privileged");
+    assert_eq!(sc.allow_privilege_escalation, Some(false));
+    assert_eq!(sc.read_only_root_filesystem, Some(true));
+    assert_eq!(sc.run_as_user, Some(0), "root's uid: the pins are root's");
+    assert_eq!(
+        sc.seccomp_profile.as_ref().map(|p| p.type_.as_str()),
+        Some("RuntimeDefault")
+    );
+    // No pod-level setting undoes the container's.
+    if let Some(psc) = &pod.security_context {
+        assert!(
+            psc.seccomp_profile
+                .as_ref()
+                .is_none_or(|p| p.type_ == "RuntimeDefault"),
+            "pod seccompProfile {:?}",
+            psc.seccomp_profile
+        );
+    }
+
+    let inits = pod.init_containers.as_deref().unwrap_or_default();
+    assert_eq!(inits.len(), 1, "one init container: the bpffs mount");
+    let init = &inits[0];
+    let image = init.image.as_deref().unwrap_or("");
+    assert!(
+        image.starts_with("busybox:"),
+        "the init container is a busybox, not the agent's image: {image}"
+    );
+    let command = init.command.clone().unwrap_or_default().join(" ");
+    assert!(
+        command.contains("mount -t bpf -o mode=0700,nosuid,nodev,noexec bpf /sys/fs/bpf"),
+        "the init container mounts bpffs mode 0700: {command}"
+    );
+    assert!(init.args.is_none(), "the init container does nothing else");
+    let mounts: Vec<_> = init
+        .volume_mounts
+        .iter()
+        .flatten()
+        .map(|m| (m.name.as_str(), m.mount_propagation.as_deref()))
+        .collect();
+    assert_eq!(
+        mounts,
+        [("bpffs", Some("Bidirectional"))],
+        "the init container sees bpffs alone"
+    );
+    let isc = init
+        .security_context
+        .as_ref()
+        .context("init securityContext")?;
+    // Bidirectional propagation is allowed privileged containers only.
+    assert_eq!(isc.privileged, Some(true));
+    assert_eq!(isc.read_only_root_filesystem, Some(true));
+    Ok(())
+}
+
 /// ConfigMap data holding YAML or JSON compares by content, not layout.
 fn normalise(mut doc: Value) -> Result<Value> {
     if doc["kind"] == "ConfigMap"
@@ -360,6 +435,9 @@ fn helm_chart_defaults_render_to_the_plain_manifests() -> Result<()> {
             key(p)
         );
     }
+    // The rendered chart runs with least privilege by default.
+    let ds: DaemonSet = typed(find(&from_chart, "DaemonSet")?)?;
+    assert_least_privilege(&ds)?;
     // The chart's own copy of the dashboard is the file.
     assert_eq!(
         std::fs::read_to_string(chart.join("dashboards/sluice-dashboard.json"))?,
@@ -404,6 +482,9 @@ fn helm_chart_defaults_render_to_the_plain_manifests() -> Result<()> {
     let sc = c.security_context.as_ref().context("securityContext")?;
     assert_eq!(sc.privileged, Some(true));
     assert!(sc.capabilities.is_none());
+    // Kubernetes refuses privileged with allowPrivilegeEscalation false.
+    assert_eq!(sc.allow_privilege_escalation, None);
+    assert_eq!(sc.read_only_root_filesystem, Some(true));
     Ok(())
 }
 

@@ -7,48 +7,14 @@
 
 use std::{
     collections::BTreeMap,
-    path::PathBuf,
     process::{Command, Stdio},
     time::Duration,
 };
 
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
-use sluice_tests::{Agent, Bpffs, TempDir, backend_states, http_get, metric, wait_for};
+use sluice_tests::{Agent, Bpffs, Cgroup, TempDir, backend_states, http_get, metric, wait_for};
 use testbed::{Family, Topology};
-
-/// A cgroup v2 made for one test, on a cgroup2 mount of its own outside
-/// /sys (which `ip netns exec` remounts). Removed on drop.
-struct Cgroup {
-    mount: PathBuf,
-    path: PathBuf,
-}
-
-impl Cgroup {
-    fn new(dir: &TempDir, name: &str) -> Result<Self> {
-        let mount = dir.path("cgroup2");
-        std::fs::create_dir_all(&mount)?;
-        let ok = Command::new("mount")
-            .args(["-t", "cgroup2", "none"])
-            .arg(&mount)
-            .status()?
-            .success();
-        if !ok {
-            bail!("mount -t cgroup2 failed");
-        }
-        let path = mount.join(testbed::unique(name));
-        std::fs::create_dir(&path)?;
-        Ok(Self { mount, path })
-    }
-}
-
-impl Drop for Cgroup {
-    fn drop(&mut self) {
-        // The test's client processes have exited: the cgroup is empty.
-        let _ = std::fs::remove_dir(&self.path);
-        let _ = Command::new("umount").arg("-l").arg(&self.mount).status();
-    }
-}
 
 /// Runs a Python client in the client namespace, inside `cgroup`, and
 /// returns one JSON object per line it prints.

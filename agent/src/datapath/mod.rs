@@ -125,9 +125,10 @@ pub struct Maps {
     pub sock_connects: HashMap<MapData, u64, agent_common::SockConnect>,
 }
 
-/// A second handle (a new fd, by the map's id) on the map `name` behind
-/// `map`, for a reader that must not share the writer's: `wrap` is the
-/// map's kind (`Map::PerCpuArray`, ...).
+/// A second handle (a duplicate of its fd) on the map `name` behind `map`,
+/// for a reader that must not share the writer's: `wrap` is the map's kind
+/// (`Map::PerCpuArray`, ...). A duplicate, not a new fd by the map's id:
+/// opening by id needs CAP_SYS_ADMIN, which the agent does without.
 pub fn second_handle<K: aya::Pod, V, T>(
     map: &impl IterableMap<K, V>,
     name: &str,
@@ -136,8 +137,19 @@ pub fn second_handle<K: aya::Pod, V, T>(
 where
     T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
 {
-    let id = map.map().info().map_err(DatapathError::map(name))?.id();
-    let data = MapData::from_id(id).map_err(DatapathError::map(name))?;
+    use std::os::fd::AsFd as _;
+    let fd = map
+        .map()
+        .fd()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|io_error| aya::sys::SyscallError {
+            call: "dup",
+            io_error,
+        })
+        .map_err(aya::maps::MapError::from)
+        .map_err(DatapathError::map(name))?;
+    let data = MapData::from_fd(fd).map_err(DatapathError::map(name))?;
     T::try_from(wrap(data)).map_err(DatapathError::map(name))
 }
 
