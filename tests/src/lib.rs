@@ -76,7 +76,18 @@ impl Agent {
 
     /// As `start`, with more arguments for `sluice run`.
     pub fn start_with(ns: &Netns, config: &Path, log: PathBuf, extra: &[&str]) -> Result<Self> {
-        let listen: SocketAddr = "127.0.0.1:9464".parse()?;
+        Self::start_on(ns, config, log, "127.0.0.1:9464".parse()?, extra)
+    }
+
+    /// As `start_with`, with `--listen` at `listen` (where /readyz is
+    /// polled).
+    pub fn start_on(
+        ns: &Netns,
+        config: &Path,
+        log: PathBuf,
+        listen: SocketAddr,
+        extra: &[&str],
+    ) -> Result<Self> {
         let log_file = std::fs::File::create(&log)?;
         let child = Command::new("ip")
             .args(["netns", "exec", &ns.name])
