@@ -55,19 +55,20 @@ enum Command {
 struct HttpArgs {
     /// Address for /metrics, /healthz and /readyz: loopback, or a node or
     /// pod address (they carry no client address). A loopback address (the
-    /// default) serves the API too.
+    /// default) serves the API too. IP:PORT, or [IP]:PORT for either family.
     #[arg(
         long,
         env = "SLUICE_LISTEN",
         value_name = "ADDR",
-        default_value = "127.0.0.1:9464"
+        default_value = "127.0.0.1:9464",
+        value_parser = http::parse_listen_addr
     )]
     listen: SocketAddr,
     /// Address for the API (/api/v1/*, the event stream, the dashboard
     /// at /) [default: loopback, on the --listen port]. Connections over
     /// loopback need no token; a non-loopback address exposes the API and
     /// needs --api-token-file.
-    #[arg(long, env = "SLUICE_API_LISTEN", value_name = "ADDR")]
+    #[arg(long, env = "SLUICE_API_LISTEN", value_name = "ADDR", value_parser = http::parse_listen_addr)]
     api_listen: Option<SocketAddr>,
     /// File holding the bearer token an exposed API requires
     /// (`Authorization: Bearer TOKEN`). Read again when it changes.

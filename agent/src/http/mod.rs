@@ -146,6 +146,19 @@ impl Options {
     }
 }
 
+/// A listen address: `IP:PORT`, `[IPv6]:PORT`, or also `[IPv4]:PORT`, so
+/// that a manifest can write `[$(POD_IP)]:9464` for a pod of either family.
+pub fn parse_listen_addr(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = text.parse() {
+        return Ok(addr);
+    }
+    let bracketed = text
+        .strip_prefix('[')
+        .and_then(|rest| rest.split_once("]:"))
+        .and_then(|(ip, port)| Some(SocketAddr::new(ip.parse().ok()?, port.parse().ok()?)));
+    bracketed.ok_or_else(|| format!("{text:?} is not IP:PORT, [IPv6]:PORT or [IPv4]:PORT"))
+}
+
 fn default_api_listen(listen: SocketAddr) -> SocketAddr {
     if is_loopback(listen.ip()) {
         return listen;
@@ -285,6 +298,27 @@ mod tests {
                 "{listen} {api:?}: {err}"
             );
             assert!(err.to_string().contains("--api-token-file"), "{err}");
+        }
+    }
+
+    #[test]
+    fn listen_addresses_may_bracket_either_family() {
+        for (text, want) in [
+            ("10.1.2.3:9464", "10.1.2.3:9464"),
+            ("[10.1.2.3]:9464", "10.1.2.3:9464"),
+            ("[fd00::3]:9464", "[fd00::3]:9464"),
+        ] {
+            assert_eq!(parse_listen_addr(text), Ok(addr(want)), "{text}");
+        }
+        for bad in [
+            "10.1.2.3",
+            "fd00::3:9464",
+            "[10.1.2.3]",
+            "[10.1.2.3]:x",
+            "[$(POD_IP)]:9464",
+        ] {
+            let err = parse_listen_addr(bad).unwrap_err();
+            assert!(err.contains(bad), "{err}");
         }
     }
 
