@@ -30,4 +30,7 @@ RUN apt-get update \
 COPY --from=build /usr/local/bin/sluice /usr/local/bin/sluice
 EXPOSE 9464
 ENTRYPOINT ["/usr/local/bin/sluice"]
+# A wildcard so a published port reaches /metrics, /healthz and /readyz; the
+# API answers loopback connections only (see the README's "Exposure"). The
+# Kubernetes manifests bind the pod address instead.
 CMD ["run", "--config", "/etc/sluice/sluice.yaml", "--listen", "0.0.0.0:9464"]

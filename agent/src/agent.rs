@@ -1,7 +1,6 @@
 //! `sluice run`: start-up, the reload loop and shutdown.
 
 use std::{
-    net::SocketAddr,
     path::{Path, PathBuf},
     sync::{Arc, atomic::Ordering},
     time::Duration,
@@ -69,11 +68,12 @@ pub fn check_interfaces(cfg: &Validated, path: &Path) -> Result<(), ConfigError>
     Ok(())
 }
 
-/// `object`: a build of the kernel programs to run instead of the one built
-/// in (a datapath upgrade on its own; tests use it).
+/// `http`: the listeners and their limits. `object`: a build of the kernel
+/// programs to run instead of the one built in (a datapath upgrade on its
+/// own; tests use it).
 pub async fn run(
     config_path: PathBuf,
-    listen: SocketAddr,
+    http: crate::http::Options,
     object: Option<PathBuf>,
 ) -> Result<(), RunError> {
     // One read: what is parsed is what later reads are compared with, so an
@@ -88,22 +88,13 @@ pub async fn run(
     )?;
     check_interfaces(&cfg, &config_path)?;
 
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("listening on {listen}"))?;
-
-    let shared = Arc::new(Shared::default());
+    let shared = Arc::new(Shared {
+        http: Arc::new(crate::http::Load::new(http.max_event_streams.get())),
+        ..Shared::default()
+    });
     let registry = crate::metrics::registry().context("registering metrics")?;
     let router = crate::api::router(shared.clone(), registry);
-    let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(async move {
-        axum::serve(listener, router)
-            .with_graceful_shutdown(async {
-                let _ = http_stopped.await;
-            })
-            .await
-    });
-    info!(%listen, "serving /metrics, /healthz, /readyz, /api/v1/services");
+    let server = crate::http::Server::start(&http, router, shared.http.clone()).await?;
 
     let sizes = Sizes::from_config(&cfg.raw);
     let pins = match &cfg.raw.pinning {
@@ -143,7 +134,9 @@ pub async fn run(
         None => datapath.remove_pinned_socket_lb()?,
     }
     *shared.attachments.lock().unwrap() = datapath.attachments();
-    *shared.conntrack_capacity.lock().unwrap() = sizes.conntrack;
+    shared
+        .conntrack_capacity
+        .store(sizes.conntrack, Ordering::Relaxed);
     // Route, neighbour and link changes: FIB caches and devices refreshed.
     let net_changes = crate::netlink::watch().context("watching rtnetlink")?;
     *shared.conntrack_timeouts.lock().unwrap() = cfg.raw.conntrack.timeouts;
@@ -260,7 +253,7 @@ pub async fn run(
     shared.ready.store(false, Ordering::SeqCst);
     shared.stopping.store(true, Ordering::SeqCst);
     shared.discovery.lock().unwrap().stop();
-    let _ = stop_http.send(());
+    server.stop();
     // Dropping the datapath closes every link: the programs detach, unless
     // pinned. A pinned datapath keeps forwarding (and needs its sysctls).
     drop(writer);
@@ -278,7 +271,7 @@ pub async fn run(
             info!("detached; bye");
         }
     }
-    let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
+    server.stopped().await;
     Ok(())
 }
 

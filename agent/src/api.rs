@@ -1,4 +1,6 @@
 //! The HTTP endpoints: health, readiness, metrics and the services API.
+//! Handlers read the published snapshots (`view`, `discovery.view()`) and
+//! the kernel's counters: none takes a lock the reconcile loop holds.
 
 use std::sync::{Arc, atomic::Ordering};
 
@@ -8,8 +10,9 @@ use axum::{
     Json, Router,
     extract::{Query, State},
     http::{StatusCode, header},
+    middleware,
     response::{
-        Html, IntoResponse,
+        Html, IntoResponse, Response,
         sse::{Event as SseEvent, KeepAlive, Sse},
     },
     routing::get,
@@ -31,16 +34,21 @@ struct AppState {
     registry: Registry,
 }
 
+/// Every endpoint. The API's (everything but metrics and health: they show
+/// backend addresses and clients' addresses) pass `http::access::api_gate`.
 pub fn router(shared: Arc<Shared>, registry: Registry) -> Router {
-    Router::new()
+    let api = Router::new()
         .route("/", get(index))
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
         .route("/api/v1/services", get(services))
         .route("/api/v1/events", get(events_stream))
         .route("/api/v1/events/recent", get(events_recent))
         .route("/api/v1/dashboard", get(dashboard_data))
+        .route_layer(middleware::from_fn(crate::http::access::api_gate));
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .merge(api)
         .with_state(AppState { shared, registry })
 }
 
@@ -55,7 +63,7 @@ async fn readyz(State(app): State<AppState>) -> impl IntoResponse {
         );
     }
     let mut body = "ready\n".to_string();
-    for (service, provider, error) in app.shared.discovery.lock().unwrap().unhealthy() {
+    for (service, provider, error) in app.shared.discovery.view().unhealthy() {
         body += &format!(
             "discovery unhealthy: service {service}: {provider}: {error} (the last good backends keep serving)\n"
         );
@@ -147,7 +155,7 @@ pub fn services_view(shared: &Shared) -> ServicesResponse {
 
 /// The services of one snapshot, with their counters now.
 fn service_views(shared: &Shared, counters: &Counters, snapshot: &Snapshot) -> Vec<ServiceView> {
-    let discovery = shared.discovery.lock().unwrap();
+    let discovery = shared.discovery.view();
     let now = std::time::Instant::now();
     snapshot
         .services
@@ -225,17 +233,34 @@ async fn services(State(app): State<AppState>) -> impl IntoResponse {
 }
 
 /// Live connection events as Server-Sent Events, one JSON object per event.
-async fn events_stream(
-    State(app): State<AppState>,
-) -> Sse<impl futures_util::Stream<Item = Result<SseEvent, Infallible>>> {
-    let stream =
-        BroadcastStream::new(app.shared.events.subscribe()).filter_map(|event| async move {
+/// At most `--max-event-streams` at a time: 503 beyond.
+async fn events_stream(State(app): State<AppState>) -> Response {
+    let Some(place) = app.shared.http.open_event_stream() else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, "10")],
+            format!(
+                "too many event streams open (at most {}); try again later\n",
+                app.shared.http.max_event_streams
+            ),
+        )
+            .into_response();
+    };
+    let stream = BroadcastStream::new(app.shared.events.subscribe()).filter_map(move |event| {
+        // Held for as long as the stream lasts: the client's place.
+        let _place = &place;
+        async move {
             // A subscriber too slow for the feed skips what it missed.
             let event = event.ok()?;
             let json = serde_json::to_string(&*event).ok()?;
-            Some(Ok(SseEvent::default().event(event.kind).data(json)))
-        });
-    Sse::new(stream).keep_alive(KeepAlive::default())
+            Some(Ok::<_, Infallible>(
+                SseEvent::default().event(event.kind).data(json),
+            ))
+        }
+    });
+    Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response()
 }
 
 #[derive(serde::Deserialize)]
@@ -336,7 +361,7 @@ fn dashboard_view(shared: &Shared) -> DashboardView {
         services,
         latency,
         conntrack_entries: shared.conntrack_entries.load(Ordering::Relaxed),
-        conntrack_capacity: *shared.conntrack_capacity.lock().unwrap(),
+        conntrack_capacity: shared.conntrack_capacity.load(Ordering::Relaxed),
         drops,
         passed,
         attached: shared

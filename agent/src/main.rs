@@ -1,11 +1,11 @@
 //! `sluice`: the agent's command line.
 
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
+use std::{net::SocketAddr, num::NonZeroUsize, path::PathBuf, process::ExitCode};
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use sluice::{
     agent::{self, RunError},
-    config,
+    config, http,
 };
 
 /// Sluice: an eBPF L4 load balancer that learns from real traffic.
@@ -21,14 +21,13 @@ enum Command {
     /// Run the agent in the foreground: attach the datapath, apply the config
     /// (and every later change to it), serve metrics and the API.
     ///
-    /// Example: sluice run --config /etc/sluice/sluice.yaml --listen 0.0.0.0:9464
+    /// Example: sluice run --config /etc/sluice/sluice.yaml --listen 10.0.0.5:9464
     Run {
         /// The YAML config file; changes to it are applied live.
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
-        /// Address of the HTTP server (/metrics, /healthz, /readyz, /api/v1/services).
-        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9464")]
-        listen: SocketAddr,
+        #[command(flatten)]
+        http: HttpArgs,
         /// Run this build of the kernel programs instead of the built-in one
         /// (with pinning: swapped into the running links atomically).
         #[arg(long, value_name = "FILE")]
@@ -51,9 +50,55 @@ enum Command {
     },
 }
 
+/// Where the agent serves HTTP, to whom, and its limits.
+#[derive(Args)]
+struct HttpArgs {
+    /// Address for /metrics, /healthz and /readyz: loopback, or a node or
+    /// pod address (they carry no client address). A loopback address (the
+    /// default) serves the API too. IP:PORT, or [IP]:PORT for either family.
+    #[arg(
+        long,
+        env = "SLUICE_LISTEN",
+        value_name = "ADDR",
+        default_value = "127.0.0.1:9464",
+        value_parser = http::parse_listen_addr
+    )]
+    listen: SocketAddr,
+    /// Address for the API (/api/v1/*, the event stream, the dashboard
+    /// at /) [default: loopback, on the --listen port]. Connections over
+    /// loopback need no token; a non-loopback address exposes the API and
+    /// needs --api-token-file.
+    #[arg(long, env = "SLUICE_API_LISTEN", value_name = "ADDR", value_parser = http::parse_listen_addr)]
+    api_listen: Option<SocketAddr>,
+    /// File holding the bearer token an exposed API requires
+    /// (`Authorization: Bearer TOKEN`). Read again when it changes.
+    #[arg(long, env = "SLUICE_API_TOKEN_FILE", value_name = "FILE")]
+    api_token_file: Option<PathBuf>,
+    /// Open HTTP connections per listener. At the cap, a new connection
+    /// takes the slot of the oldest idle one; if none is idle, it is closed.
+    #[arg(long, env = "SLUICE_MAX_CONNECTIONS", value_name = "N", default_value_t = NonZeroUsize::new(http::MAX_CONNECTIONS).unwrap())]
+    max_connections: NonZeroUsize,
+    /// Open event streams (/api/v1/events); more are answered 503.
+    #[arg(long, env = "SLUICE_MAX_EVENT_STREAMS", value_name = "N", default_value_t = NonZeroUsize::new(http::MAX_EVENT_STREAMS).unwrap())]
+    max_event_streams: NonZeroUsize,
+}
+
+impl HttpArgs {
+    fn options(&self) -> Result<http::Options, http::ExposureError> {
+        http::Options::new(
+            self.listen,
+            self.api_listen,
+            self.api_token_file.as_deref(),
+            self.max_connections,
+            self.max_event_streams,
+        )
+    }
+}
+
 /// Exit status for a config that can't be parsed or validated (the
-/// contract's), and for a host that must be changed before the agent can
-/// start (a pin directory others can write, a kernel setting it can't set).
+/// contract's), for HTTP flags that would expose the API unprotected, and
+/// for a host that must be changed before the agent can start (a pin
+/// directory others can write, a kernel setting it can't set).
 const EXIT_BAD_CONFIG: u8 = 2;
 
 fn main() -> ExitCode {
@@ -112,9 +157,16 @@ fn main() -> ExitCode {
         }
         Command::Run {
             config,
-            listen,
+            http,
             ebpf_object,
         } => {
+            let http = match http.options() {
+                Ok(o) => o,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(EXIT_BAD_CONFIG);
+                }
+            };
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(r) => r,
                 Err(e) => {
@@ -122,7 +174,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(agent::run(config, listen, ebpf_object)) {
+            match runtime.block_on(agent::run(config, http, ebpf_object)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(RunError::Config(e)) => {
                     eprintln!("error: {e}");

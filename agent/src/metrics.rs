@@ -358,7 +358,7 @@ fn render_datapath(shared: &Shared, out: &mut String) {
         out,
         "sluice_conntrack_capacity",
         &[],
-        *shared.conntrack_capacity.lock().unwrap(),
+        shared.conntrack_capacity.load(Ordering::Relaxed),
     );
     family(
         out,
@@ -388,10 +388,69 @@ fn render_datapath(shared: &Shared, out: &mut String) {
         u8::from(shared.ready.load(Ordering::SeqCst)),
     );
     render_discovery(shared, out);
+    render_http(&shared.http, out);
+}
+
+/// The HTTP server's own load: what a flood of connections shows as.
+fn render_http(load: &crate::http::Load, out: &mut String) {
+    family(
+        out,
+        "sluice_http_connections",
+        "gauge",
+        "Open HTTP connections, all listeners.",
+    );
+    sample(
+        out,
+        "sluice_http_connections",
+        &[],
+        load.open_connections.load(Ordering::Relaxed),
+    );
+    family(
+        out,
+        "sluice_http_connections_dropped_total",
+        "counter",
+        "HTTP connections the agent closed: header_timeout (no complete request head in time, or idle that long), evicted (an idle connection's slot given to a new one at the cap), refused (at the cap with every connection busy).",
+    );
+    for (reason, n) in [
+        ("header_timeout", &load.header_timeouts),
+        ("evicted", &load.evicted),
+        ("refused", &load.refused),
+    ] {
+        sample(
+            out,
+            "sluice_http_connections_dropped_total",
+            &[("reason", reason)],
+            n.load(Ordering::Relaxed),
+        );
+    }
+    family(
+        out,
+        "sluice_http_event_streams",
+        "gauge",
+        "Open event streams (/api/v1/events).",
+    );
+    sample(
+        out,
+        "sluice_http_event_streams",
+        &[],
+        load.event_streams_open(),
+    );
+    family(
+        out,
+        "sluice_http_event_streams_refused_total",
+        "counter",
+        "Event stream requests answered 503: the cap was reached.",
+    );
+    sample(
+        out,
+        "sluice_http_event_streams_refused_total",
+        &[],
+        load.event_streams_refused.load(Ordering::Relaxed),
+    );
 }
 
 fn render_discovery(shared: &Shared, out: &mut String) {
-    let hub = shared.discovery.lock().unwrap();
+    let statuses = shared.discovery.view();
     let families: [(&str, &str, &str); 5] = [
         (
             "sluice_discovery_healthy",
@@ -421,7 +480,7 @@ fn render_discovery(shared: &Shared, out: &mut String) {
     ];
     for (name, kind, help) in families {
         family(out, name, kind, help);
-        for (service, st) in &hub.statuses {
+        for (service, st) in statuses.statuses.iter() {
             let labels = [("service", service.as_str()), ("provider", st.provider)];
             match name {
                 "sluice_discovery_healthy" => sample(out, name, &labels, u8::from(st.healthy)),
@@ -451,7 +510,7 @@ fn render_discovery(shared: &Shared, out: &mut String) {
         }
     }
     // Named in /readyz and the log; the count is what alerts look at.
-    if let Some(quarantined) = hub.quarantined() {
+    if let Some(quarantined) = &statuses.quarantined {
         let name = "sluice_discovery_quarantined_services";
         family(
             out,

@@ -6,20 +6,25 @@ use std::{
     collections::BTreeMap,
     sync::{
         Arc, Mutex, OnceLock,
-        atomic::{AtomicBool, AtomicU64},
+        atomic::{AtomicBool, AtomicU32, AtomicU64},
     },
 };
 
 use agent_common::BackendHealth;
 
-use crate::{config::AttachMode, view::View};
+use crate::{
+    config::AttachMode,
+    discovery::Hub,
+    published::{Publish, Published},
+    view::View,
+};
 
 #[derive(Default)]
 pub struct Shared {
     /// The read side; set once the programs are loaded.
     pub view: OnceLock<Arc<View>>,
     pub attachments: Mutex<BTreeMap<String, AttachMode>>,
-    pub conntrack_capacity: Mutex<u32>,
+    pub conntrack_capacity: AtomicU32,
     /// Every program attached and the maps hold the configured state.
     pub ready: AtomicBool,
     /// Entries in the conntrack map, counted by the background sweep.
@@ -31,8 +36,19 @@ pub struct Shared {
     /// Set at shutdown: background work stops.
     pub stopping: AtomicBool,
     pub events: crate::events::EventLog,
-    /// Discovery providers' health and last good sets.
-    pub discovery: Mutex<crate::discovery::Hub>,
+    /// Discovery providers' health and last good sets. The reconcile loop
+    /// locks it; readers (metrics, API, /readyz) see `discovery.view()`.
+    pub discovery: Published<Hub>,
+    /// The HTTP server's connections and event streams.
+    pub http: Arc<crate::http::Load>,
+}
+
+/// What the readers of the hub need: the statuses, by service.
+impl Publish for Hub {
+    type View = crate::discovery::HubView;
+    fn view(&self) -> Self::View {
+        Hub::view(self)
+    }
 }
 
 /// The states the API and metrics name, in the order metrics list them.

@@ -76,7 +76,19 @@ impl Agent {
 
     /// As `start`, with more arguments for `sluice run`.
     pub fn start_with(ns: &Netns, config: &Path, log: PathBuf, extra: &[&str]) -> Result<Self> {
-        Self::start_wrapped(ns, &[], config, log, extra)
+        Self::start_on(ns, config, log, "127.0.0.1:9464".parse()?, extra)
+    }
+
+    /// As `start_with`, with `--listen` at `listen` (where /readyz is
+    /// polled).
+    pub fn start_on(
+        ns: &Netns,
+        config: &Path,
+        log: PathBuf,
+        listen: SocketAddr,
+        extra: &[&str],
+    ) -> Result<Self> {
+        Self::start_wrapped_on(ns, &[], config, log, listen, extra)
     }
 
     /// As `start_with`, the agent run through `wrapper` inside the
@@ -88,7 +100,17 @@ impl Agent {
         log: PathBuf,
         extra: &[&str],
     ) -> Result<Self> {
-        let listen: SocketAddr = "127.0.0.1:9464".parse()?;
+        Self::start_wrapped_on(ns, wrapper, config, log, "127.0.0.1:9464".parse()?, extra)
+    }
+
+    fn start_wrapped_on(
+        ns: &Netns,
+        wrapper: &[&str],
+        config: &Path,
+        log: PathBuf,
+        listen: SocketAddr,
+        extra: &[&str],
+    ) -> Result<Self> {
         let log_file = std::fs::File::create(&log)?;
         let child = agent_command(ns, wrapper, config, listen, extra)
             .stdout(log_file.try_clone()?)

@@ -209,6 +209,42 @@ fn manifests_parse_as_kubernetes_types_and_match_the_agent() -> Result<()> {
         Ok(args[i + 1].clone())
     };
     let listen_port: i32 = arg("--listen")?.rsplit(':').next().unwrap_or("").parse()?;
+
+    // Exposure: metrics and probes on the pod address (the node's, with
+    // hostNetwork), not a wildcard; the API is left on loopback.
+    assert_eq!(arg("--listen")?, format!("[$(POD_IP)]:{listen_port}"));
+    let env_pod_ip = c
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "POD_IP")
+        .and_then(|e| e.value_from.as_ref())
+        .and_then(|v| v.field_ref.as_ref())
+        .map(|f| f.field_path.clone());
+    assert_eq!(env_pod_ip.as_deref(), Some("status.podIP"));
+    assert!(
+        !args.iter().any(|a| a.starts_with("--api-listen")),
+        "the API stays on loopback: {args:?}"
+    );
+    // The agent takes the address as the kubelet expands it, for a pod of
+    // either family (it then stops at the missing config file).
+    for pod_ip in ["10.0.0.5", "fd00::5"] {
+        let listen = format!("[{pod_ip}]:{listen_port}");
+        let out = Command::new(sluice_bin())
+            .args([
+                "run",
+                "--config",
+                "/nonexistent/sluice.yaml",
+                "--listen",
+                &listen,
+            ])
+            .output()?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("/nonexistent/sluice.yaml") && !stderr.contains("--listen"),
+            "--listen {listen}: {stderr}"
+        );
+    }
     let config_path = arg("--config")?;
 
     // The config it mounts validates (`sluice check`, the real parser).

@@ -196,7 +196,10 @@ fn ejections_stop_at_max_ejected_percent() -> Result<()> {
     let mut bed = FibBed::new(&services(false, &[0, 1, 2], 34))?;
     for port in 45_000..45_100 {
         let (_, out) = bed.run(&syn(port).bytes())?;
-        bed.run_in("t0", &answer(backend_of(&out), port, TCP_RST | TCP_ACK).bytes())?;
+        bed.run_in(
+            "t0",
+            &answer(backend_of(&out), port, TCP_RST | TCP_ACK).bytes(),
+        )?;
     }
     let ejected: Vec<usize> = (0..3)
         .filter(|&i| bed.reconciler.health(backend_id(&bed, i)).ejected == 1)

@@ -533,28 +533,12 @@ impl Hub {
         self.kubernetes.as_ref().map(|k| &k.quarantined)
     }
 
-    /// Services whose provider is unhealthy, with the reason, and the
-    /// quarantined Kubernetes Services.
-    pub fn unhealthy(&self) -> Vec<(String, &'static str, String)> {
-        let quarantined = self.quarantined().into_iter().flatten();
-        self.statuses
-            .iter()
-            .filter(|(_, s)| !s.healthy)
-            .map(|(name, s)| {
-                (
-                    name.clone(),
-                    s.provider,
-                    s.error.clone().unwrap_or_default(),
-                )
-            })
-            .chain(quarantined.map(|(name, why)| {
-                (
-                    name.clone(),
-                    KUBERNETES_PROVIDER,
-                    format!("quarantined: {why}"),
-                )
-            }))
-            .collect()
+    /// What readers (metrics, API, /readyz) see of the hub.
+    pub fn view(&self) -> HubView {
+        HubView {
+            statuses: self.statuses.clone(),
+            quarantined: self.quarantined().cloned(),
+        }
     }
 
     pub fn stop(&mut self) {
@@ -582,4 +566,40 @@ fn check_backends(spec: &ServiceSpec, found: Backends) -> Result<Backends, Backe
     // A stable order: the same set never looks like a change.
     backends.sort();
     Ok(backends)
+}
+
+/// A copy of the hub's statuses and quarantine, published for readers.
+#[derive(Debug, Clone, Default)]
+pub struct HubView {
+    /// By service name.
+    pub statuses: BTreeMap<String, Status>,
+    /// Kubernetes Services (`NAMESPACE/NAME`) quarantined, with why; None
+    /// without Kubernetes.
+    pub quarantined: Option<BTreeMap<String, String>>,
+}
+
+impl HubView {
+    /// Services whose provider is unhealthy, with the reason, and the
+    /// quarantined Kubernetes Services.
+    pub fn unhealthy(&self) -> Vec<(String, &'static str, String)> {
+        let quarantined = self.quarantined.iter().flatten();
+        self.statuses
+            .iter()
+            .filter(|(_, s)| !s.healthy)
+            .map(|(name, s)| {
+                (
+                    name.clone(),
+                    s.provider,
+                    s.error.clone().unwrap_or_default(),
+                )
+            })
+            .chain(quarantined.map(|(name, why)| {
+                (
+                    name.clone(),
+                    KUBERNETES_PROVIDER,
+                    format!("quarantined: {why}"),
+                )
+            }))
+            .collect()
+    }
 }
