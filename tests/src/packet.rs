@@ -177,3 +177,61 @@ pub fn checksum(data: &[u8]) -> u16 {
     }
     !(sum as u16)
 }
+
+/// An ICMP (IPv4) or ICMPv6 destination-unreachable frame from `src` to
+/// `dst` with `code`, quoting the first 28 (IPv4) or 48 (IPv6) bytes of the
+/// IP packet in `quoted` (a frame as built by `Pkt::bytes`), as a router or
+/// host sends it. Checksums computed here.
+pub fn icmp_unreachable(
+    smac: [u8; 6],
+    dmac: [u8; 6],
+    src: IpAddr,
+    dst: IpAddr,
+    code: u8,
+    quoted: &[u8],
+) -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend_from_slice(&dmac);
+    f.extend_from_slice(&smac);
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            let inner = &quoted[14..(14 + 28).min(quoted.len())];
+            let mut icmp = vec![3, code, 0, 0, 0, 0, 0, 0];
+            icmp.extend_from_slice(inner);
+            let c = checksum(&icmp);
+            icmp[2..4].copy_from_slice(&c.to_be_bytes());
+            f.extend_from_slice(&0x0800u16.to_be_bytes());
+            let mut ip = vec![0x45, 0];
+            ip.extend_from_slice(&((20 + icmp.len()) as u16).to_be_bytes());
+            ip.extend_from_slice(&[0, 0, 0, 0, 64, 1, 0, 0]);
+            ip.extend_from_slice(&s.octets());
+            ip.extend_from_slice(&d.octets());
+            let c = checksum(&ip);
+            ip[10..12].copy_from_slice(&c.to_be_bytes());
+            f.extend_from_slice(&ip);
+            f.extend_from_slice(&icmp);
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            let inner = &quoted[14..(14 + 48).min(quoted.len())];
+            let mut icmp = vec![1, code, 0, 0, 0, 0, 0, 0];
+            icmp.extend_from_slice(inner);
+            let mut pseudo = Vec::new();
+            pseudo.extend_from_slice(&s.octets());
+            pseudo.extend_from_slice(&d.octets());
+            pseudo.extend_from_slice(&(icmp.len() as u32).to_be_bytes());
+            pseudo.extend_from_slice(&[0, 0, 0, 58]);
+            pseudo.extend_from_slice(&icmp);
+            let c = checksum(&pseudo);
+            icmp[2..4].copy_from_slice(&c.to_be_bytes());
+            f.extend_from_slice(&0x86ddu16.to_be_bytes());
+            f.extend_from_slice(&[0x60, 0, 0, 0]);
+            f.extend_from_slice(&(icmp.len() as u16).to_be_bytes());
+            f.extend_from_slice(&[58, 64]);
+            f.extend_from_slice(&s.octets());
+            f.extend_from_slice(&d.octets());
+            f.extend_from_slice(&icmp);
+        }
+        _ => panic!("mixed address families"),
+    }
+    f
+}
