@@ -27,7 +27,7 @@ fn dashboard_renders_live_data_in_chromium() -> Result<()> {
     topo.warm_neighbours()?;
     let dir = TempDir::new("db")?;
     let mut text = String::from(
-        "interfaces:\n  - name: front\n  - name: back0\n  - name: back1\n  - name: back2\nservices:\n  - name: web\n    vip: 10.100.0.1\n    port: 80\n    protocol: tcp\n    failure:\n      ejection_seconds: 300\n    backends:\n",
+        "interfaces:\n  - name: front\n  - name: back0\n  - name: back1\n  - name: back2\nservices:\n  - name: web\n    vip: 10.100.0.1\n    port: 80\n    protocol: tcp\n    failure:\n      ejection_seconds: 300\n      min_distinct_clients: 1\n    backends:\n",
     );
     for i in 0..3 {
         text += &format!("      - address: 10.1.{i}.2:8080\n");

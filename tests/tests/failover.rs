@@ -1,24 +1,36 @@
 //! Failure handling end to end: real backends that stop, refuse, go silent or
-//! answer UDP with ICMP; the real agent; real client connections.
+//! answer UDP with ICMP; the real agent; real client connections, from two
+//! client addresses in turn (an ejection needs failures seen by two distinct
+//! clients by default: `min_distinct_clients`).
 
 use std::{
+    cell::Cell,
     collections::BTreeMap,
     io::{Read, Write},
-    net::{SocketAddr, TcpStream, UdpSocket},
+    net::{IpAddr, SocketAddr, TcpStream, UdpSocket},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail};
 use sluice_tests::{Agent, TempDir, http_get, metric};
-use testbed::{Family, NameServer, Topology, tcp_ask};
+use testbed::{Family, NameServer, Topology};
 
 const FAM: Family = Family::V4;
 const PORT: u16 = 8080;
 /// Long enough for one SYN retransmission (1 s) and a reply.
 const CONNECT: Duration = Duration::from_secs(4);
 
+/// The second client's address, beside `FAM.client()` on the client's link.
+const SECOND_CLIENT: &str = "10.0.1.3";
+
+fn clients() -> [IpAddr; 2] {
+    [FAM.client(), SECOND_CLIENT.parse().unwrap()]
+}
+
 struct Bed {
     topo: Topology,
+    /// Which client connects next.
+    turn: Cell<usize>,
     servers: Vec<Option<NameServer>>,
     _dir: TempDir,
     agent: Agent,
@@ -30,6 +42,14 @@ fn backend(i: usize) -> SocketAddr {
 
 fn bed(tag: &str, failure: &str) -> Result<Bed> {
     let topo = Topology::new(tag, 3)?;
+    topo.client.exec(&[
+        "ip",
+        "addr",
+        "add",
+        &format!("{SECOND_CLIENT}/24"),
+        "dev",
+        "eth0",
+    ])?;
     let servers = topo.serve(FAM, PORT)?.into_iter().map(Some).collect();
     topo.warm_neighbours()?;
     let dir = TempDir::new(tag)?;
@@ -48,6 +68,7 @@ fn bed(tag: &str, failure: &str) -> Result<Bed> {
     let agent = Agent::start(&topo.lb, &dir.path("sluice.yaml"), dir.path("agent.log"))?;
     Ok(Bed {
         topo,
+        turn: Cell::new(0),
         servers,
         _dir: dir,
         agent,
@@ -74,12 +95,20 @@ impl Bed {
         Ok(())
     }
 
-    /// One TCP connection through the VIP: the name of the backend that
-    /// answered, or the error.
+    /// The client address whose turn it is now.
+    fn next_client(&self) -> IpAddr {
+        let turn = self.turn.get();
+        self.turn.set(turn + 1);
+        clients()[turn % 2]
+    }
+
+    /// One TCP connection through the VIP from the next client: the name of
+    /// the backend that answered, or the error.
     fn connect(&self) -> Result<String> {
         let vip = self.vip();
+        let from = self.next_client();
         self.topo.client.enter(|| -> Result<String> {
-            let reply = tcp_ask(vip, CONNECT)?;
+            let reply = tcp_ask_from(from, vip, CONNECT)?;
             Ok(reply.split_whitespace().next().unwrap_or("").to_string())
         })?
     }
@@ -126,6 +155,26 @@ impl Bed {
     }
 }
 
+/// `tcp_ask` from the address `from`.
+fn tcp_ask_from(from: IpAddr, target: SocketAddr, timeout: Duration) -> Result<String> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(target),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    socket.bind(&SocketAddr::new(from, 0).into())?;
+    socket
+        .connect_timeout(&target.into(), timeout)
+        .with_context(|| format!("connecting to {target} from {from}"))?;
+    let mut s: TcpStream = socket.into();
+    s.set_read_timeout(Some(timeout))?;
+    s.write_all(b"hello\n")?;
+    let mut reply = String::new();
+    s.read_to_string(&mut reply)
+        .with_context(|| format!("reading from {target}"))?;
+    Ok(reply)
+}
+
 fn failures(bed: &Bed, service: &str, i: usize, reason: &str) -> Result<f64> {
     let b = backend(i).to_string();
     bed.value(
@@ -169,8 +218,43 @@ fn run_loop(
     Ok((counts, failed, order))
 }
 
-const RETRY: &str =
-    "      consecutive_failures: 3\n      ejection_seconds: 60\n      retry_on_refused: true\n";
+/// These tests count exactly `consecutive_failures` failed connects to an
+/// ejection, whichever client they come from; distinct clients have a test
+/// of their own.
+const RETRY: &str = "      consecutive_failures: 3\n      ejection_seconds: 60\n      retry_on_refused: true\n      min_distinct_clients: 1\n";
+
+/// With the default `min_distinct_clients: 2`, a stopped backend is ejected
+/// at the first refusal that is both the third in a row and makes two
+/// distinct clients (never by one client alone), and no later.
+#[test]
+fn refusals_from_two_clients_eject_with_the_defaults() -> Result<()> {
+    let mut b = bed(
+        "x2",
+        "      consecutive_failures: 3\n      ejection_seconds: 60\n      retry_on_refused: false\n",
+    )?;
+    b.stop(1);
+    let mut refused_by = Vec::new();
+    while b.state("web-tcp", 1)? != "ejected" {
+        anyhow::ensure!(refused_by.len() < 20, "not ejected: {refused_by:?}");
+        let client = clients()[b.turn.get() % 2];
+        if let Err(e) = b.connect() {
+            let refused = e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
+            });
+            anyhow::ensure!(refused, "a connect failed otherwise: {e:#}");
+            refused_by.push(client);
+        }
+    }
+    // Where the ejection must have come: the first refusal with at least
+    // three in a row and two clients among them.
+    let expected = (1..=refused_by.len())
+        .find(|&n| n >= 3 && refused_by[..n].iter().any(|c| *c != refused_by[0]))
+        .context("two clients never refused")?;
+    assert_eq!(refused_by.len(), expected, "refused by {refused_by:?}");
+    assert_eq!(failures(&b, "web-tcp", 1, "refused")?, expected as f64);
+    Ok(())
+}
 
 /// A backend stops mid-run. With retry, no client connection fails, and the
 /// backend is ejected after exactly `consecutive_failures` refusals.
@@ -218,7 +302,7 @@ fn refused_with_retry_loses_no_connection() -> Result<()> {
 fn refused_without_retry_fails_at_most_the_threshold() -> Result<()> {
     let mut b = bed(
         "xn",
-        "      consecutive_failures: 3\n      ejection_seconds: 60\n      retry_on_refused: false\n",
+        "      consecutive_failures: 3\n      ejection_seconds: 60\n      retry_on_refused: false\n      min_distinct_clients: 1\n",
     )?;
     let (counts, failed, order) = run_loop(&mut b, 300, 50, |b| b.stop(1))?;
     // Refusals reach the client until the ejection; a loaded machine may
@@ -284,7 +368,8 @@ fn icmp_unreachable_is_counted_for_udp() -> Result<()> {
     let answered = b.topo.client.enter(|| -> Result<usize> {
         let mut answered = 0;
         for port in 0..60u16 {
-            let s = UdpSocket::bind(("0.0.0.0", 21_000 + port))?;
+            let from = clients()[usize::from(port) % 2];
+            let s = UdpSocket::bind((from, 21_000 + port))?;
             s.set_read_timeout(Some(Duration::from_secs(1)))?;
             s.send_to(b"hello", vip)?;
             let mut buf = [0u8; 256];

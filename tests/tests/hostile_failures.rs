@@ -109,7 +109,10 @@ fn forged_icmp_and_rsts_never_count_against_a_healthy_backend() -> Result<()> {
             &icmp(FAM.backend(b), HOST_UNREACHABLE, CLIENT_MAC, T1_MAC),
         )?;
         // From the backends' side, but from the client's own address.
-        bed.run_in("t0", &icmp(client, HOST_UNREACHABLE, backend_mac(b), T0_MAC))?;
+        bed.run_in(
+            "t0",
+            &icmp(client, HOST_UNREACHABLE, backend_mac(b), T0_MAC),
+        )?;
         // From the backend, with codes that don't say it is down: a path
         // MTU (translated for the client) and a firewall's refusal.
         bed.run_in(

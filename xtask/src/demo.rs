@@ -38,7 +38,7 @@ fn config() -> String {
         ("echo-udp", Family::V4, "udp"),
     ] {
         text += &format!(
-            "  - name: {name}\n    vip: \"{}\"\n    port: 80\n    protocol: {proto}\n    backends:\n",
+            "  - name: {name}\n    vip: \"{}\"\n    port: 80\n    protocol: {proto}\n    failure:\n      min_distinct_clients: 1  # the demo has one client\n    backends:\n",
             fam.vip()
         );
         for i in 0..BACKENDS {

@@ -116,7 +116,7 @@ fn round(args: &Args, round: usize) -> Result<(Outcome, Outcome, f64)> {
     let dir = TempDir::new("bf")?;
     let mut text = sluice_tests::interfaces_yaml(3);
     text += &format!(
-        "services:\n  - name: web\n    vip: {SLUICE_VIP}\n    port: 80\n    protocol: tcp\n    failure:\n      consecutive_failures: 3\n      ejection_seconds: 300\n      retry_on_refused: true\n    backends:\n"
+        "services:\n  - name: web\n    vip: {SLUICE_VIP}\n    port: 80\n    protocol: tcp\n    failure:\n      consecutive_failures: 3\n      ejection_seconds: 300\n      retry_on_refused: true\n      min_distinct_clients: 1\n    backends:\n"
     );
     for i in 0..3 {
         text += &format!("      - address: {}:{PORT}\n", FAM.backend(i));
