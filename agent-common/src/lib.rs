@@ -203,8 +203,10 @@ pub struct ServiceStats {
     pub closed: u64,
     /// Failures that would have ejected a backend but for max_ejected_percent.
     pub fail_open: u64,
+    /// New flows dropped over the service's per-CPU budget (services only).
+    pub over_budget: u64,
 }
-const _: () = assert!(core::mem::size_of::<ServiceStats>() == 96);
+const _: () = assert!(core::mem::size_of::<ServiceStats>() == 104);
 
 /// Failure policy of a service (array by service id), written by the agent.
 #[repr(C)]
@@ -222,8 +224,24 @@ pub struct ServicePolicy {
     /// current streak before an ejection (at most `FAILING_CLIENTS`): one
     /// client, hostile or misconfigured, can't eject a backend alone.
     pub min_distinct_clients: u32,
+    /// New flows each CPU may create per second for the service (0: no
+    /// limit); more are dropped (Katran's LRU-miss limit, per service).
+    pub new_flows_per_second: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<ServicePolicy>() == 24);
+const _: () = assert!(core::mem::size_of::<ServicePolicy>() == 32);
+
+/// Value of `FLOW_BUDGET` (per CPU, by service id): new flows created in
+/// the current one-second window.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowBudget {
+    /// Start of the window (bpf_ktime_get_coarse_ns).
+    pub window_ns: u64,
+    pub used: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<FlowBudget>() == 16);
 
 /// Health of a backend (array by backend id). The kernel counts failures and
 /// ejects; the agent readmits.

@@ -69,6 +69,14 @@ reasons! {
     /// second one for the same attempt): not counted for or against the
     /// backend; the packet goes on as usual.
     UNTRUSTED_SIGNAL = 17, "untrusted_signal", false;
+    /// A new flow over its service's per-CPU budget of new flows per second
+    /// (`new_flows_per_second`): a flood must not exhaust the flow tables
+    /// or the CPU. Dropped.
+    NEW_FLOW_BUDGET = 18, "new_flow_budget", true;
+    /// A TCP RST of no tracked flow to an SNAT service: which port its flow
+    /// had is gone, so it is passed untouched. (With DNAT it goes to the
+    /// Maglev choice, untracked: a RST creates no state.)
+    UNTRACKED_RST = 19, "untracked_rst", false;
 }
 
 pub const COUNT: u32 = ALL.len() as u32;

@@ -10,6 +10,8 @@ pub enum Sizing {
     Fixed,
     /// `conntrack.max_entries`.
     Conntrack,
+    /// `conntrack.half_open_max_entries`.
+    HalfOpen,
     /// `limits.max_services`: one slot per service id.
     Services,
     /// `limits.max_backends`: one slot per backend id.
@@ -37,6 +39,9 @@ pub mod map {
     pub const BACKEND_FIB: &str = "BACKEND_FIB";
     pub const MAGLEV: &str = "MAGLEV";
     pub const CONNTRACK: &str = "CONNTRACK";
+    pub const HALF_OPEN: &str = "HALF_OPEN";
+    pub const FLOW_BUDGET: &str = "FLOW_BUDGET";
+    pub const LOG_BUDGET: &str = "LOG_BUDGET";
     pub const FRAGMENTS: &str = "FRAGMENTS";
     pub const SNAT_CURSOR: &str = "SNAT_CURSOR";
     pub const PREFILTER: &str = "PREFILTER";
@@ -70,6 +75,9 @@ pub const MAPS: &[MapDef] = &[
     def(map::BACKEND_FIB, true, Sizing::Backends),
     def(map::MAGLEV, true, Sizing::MaglevSlots),
     def(map::CONNTRACK, true, Sizing::Conntrack),
+    def(map::HALF_OPEN, true, Sizing::HalfOpen),
+    def(map::FLOW_BUDGET, false, Sizing::Services),
+    def(map::LOG_BUDGET, false, Sizing::Fixed),
     def(map::FRAGMENTS, false, Sizing::Fixed),
     def(map::SNAT_CURSOR, false, Sizing::Fixed),
     def(map::PREFILTER, true, Sizing::Fixed),

@@ -1,7 +1,8 @@
 //! Stage 3: connection tracking. Every flow has two entries: the forward one
 //! (client → VIP, which holds the connection's state) and the reply one
 //! (backend → client or SNAT address). With SNAT the reply entry is also the
-//! port reservation.
+//! port reservation. Both live in one table: `HALF_OPEN` while a TCP
+//! connect is being made, `CONNTRACK` once established (see `Table`).
 #![expect(
     clippy::needless_borrows_for_generic_args,
     reason = "map keys and values are passed by reference on purpose: by value they \
@@ -12,12 +13,33 @@ use agent_common::{
     Backend, FLOW_F_REVERSE, Flow, FlowKey, SERVICE_F_SNAT, SNAT_PORT_ATTEMPTS, SNAT_PORT_MAX,
     SNAT_PORT_MIN, Service, flow_state, reason,
 };
-use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_coarse_ns};
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_coarse_ns, maps::LruHashMap};
 
 use crate::{
-    maps::{CONNTRACK, SNAT_CURSOR},
+    maps::{CONNTRACK, HALF_OPEN, SNAT_CURSOR},
     packet::{Scratch, copy_addr},
 };
+
+/// Which map holds a flow's two entries.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Table {
+    /// `CONNTRACK`: established TCP connections, UDP flows, and TCP flows
+    /// picked up mid-stream.
+    Established,
+    /// `HALF_OPEN`: a TCP connect, from the client's SYN until the client
+    /// acknowledges the backend's SYN-ACK (then it moves, see `promote`).
+    HalfOpen,
+}
+
+impl Table {
+    #[inline(always)]
+    pub fn map(self) -> &'static LruHashMap<FlowKey, Flow> {
+        match self {
+            Table::Established => &CONNTRACK,
+            Table::HalfOpen => &HALF_OPEN,
+        }
+    }
+}
 
 /// Seconds of the coarse monotonic clock: cheap enough for every packet.
 #[inline(always)]
@@ -36,12 +58,73 @@ pub fn touch(f: &mut Flow) {
     }
 }
 
-/// The forward entry of the flow whose reply entry is `reply`. The state
-/// lives there; its key is the reply's rewrite turned around (client → VIP).
+/// The forward entry of the flow whose reply entry is `reply` (in
+/// `table`). The state lives there; its key is the reply's rewrite turned
+/// around (client → VIP).
 #[inline(always)]
-pub fn forward_of(s: &mut Scratch, reply: &Flow) -> Option<*mut Flow> {
+pub fn forward_of(s: &mut Scratch, reply: &Flow, table: Table) -> Option<*mut Flow> {
     answer_key(&mut s.reverse_key, reply, s.key.proto, s.key.family);
-    CONNTRACK.get_ptr_mut(&s.reverse_key)
+    table.map().get_ptr_mut(&s.reverse_key)
+}
+
+/// Moves the flow whose forward entry (key `s.key`) is copied in
+/// `s.forward` from `HALF_OPEN` to `CONNTRACK`: the client has acknowledged
+/// the backend's SYN-ACK, so the connection is real. Reply entry first, as
+/// for a new flow. If `CONNTRACK` refuses, the flow stays half-open.
+#[inline(always)]
+pub fn promote(s: &mut Scratch) {
+    answer_key(&mut s.reverse_key, &s.forward, s.key.proto, s.key.family);
+    let Some(reply) = HALF_OPEN.get_ptr_mut(&s.reverse_key) else {
+        return;
+    };
+    // SAFETY: a live map value, copied before it is deleted.
+    if CONNTRACK
+        .insert(&s.reverse_key, unsafe { &*reply }, 0)
+        .is_err()
+    {
+        return;
+    }
+    if CONNTRACK.insert(&s.key, &s.forward, 0).is_err() {
+        let _ = CONNTRACK.remove(&s.reverse_key);
+        return;
+    }
+    let _ = HALF_OPEN.remove(&s.key);
+    let _ = HALF_OPEN.remove(&s.reverse_key);
+}
+
+/// Deletes both entries of the established flow whose forward entry (key
+/// `s.key`) is `f`: a new connection takes its 5-tuple.
+#[inline(always)]
+pub fn forget(s: &mut Scratch, f: &Flow) {
+    answer_key(&mut s.reverse_key, f, s.key.proto, s.key.family);
+    let _ = CONNTRACK.remove(&s.reverse_key);
+    let _ = CONNTRACK.remove(&s.key);
+}
+
+/// Copies a flow value field by field into `to` (a struct copy becomes a
+/// memcpy call in BPF code).
+#[inline(always)]
+pub fn copy_flow(to: &mut Flow, from: &Flow) {
+    fill(
+        to,
+        &from.new_src,
+        from.new_sport,
+        &from.new_dst,
+        from.new_dport,
+        from.backend_id,
+        from.service_id,
+    );
+    to.flags = from.flags;
+    to.fib.ifindex = from.fib.ifindex;
+    to.fib.stamp = from.fib.stamp;
+    to.fib.macs[0] = from.fib.macs[0];
+    to.fib.macs[1] = from.fib.macs[1];
+    to.fib.macs[2] = from.fib.macs[2];
+    to.state = from.state;
+    to.attempts = from.attempts;
+    to.last_seen = from.last_seen;
+    to.syn_seq = from.syn_seq;
+    to.syn_ns = from.syn_ns;
 }
 
 /// The 5-tuple of the packets that answer those `flow` rewrites: its new
@@ -59,10 +142,13 @@ pub fn answer_key(key: &mut FlowKey, flow: &Flow, proto: u8, family: u8) {
 }
 
 /// Records the reply direction of the flow in `s.key` towards `backend`
-/// and returns the source port its forward packets must carry. With SNAT
-/// the reply entry is the port reservation: `BPF_NOEXIST` claims a
-/// (backend, SNAT address, port) atomically across CPUs, starting at
-/// `port_seed` within the SNAT range.
+/// in `table` and returns the source port its forward packets must carry.
+/// With SNAT the reply entry is the port reservation: `BPF_NOEXIST` claims
+/// a (backend, SNAT address, port) atomically across CPUs, starting at
+/// `port_seed` within the SNAT range. A reply tuple must be free in both
+/// tables; one held by an established flow is checked first (a connect
+/// made at that moment could slip past, which the port cursor makes as
+/// rare as a wrap of the whole range).
 #[inline(always)]
 pub fn install_reverse(
     s: &mut Scratch,
@@ -70,7 +156,9 @@ pub fn install_reverse(
     backend_id: u32,
     backend: &Backend,
     port_seed: u32,
+    table: Table,
 ) -> Result<u16, u32> {
+    let map = table.map();
     let snat = service.flags & SERVICE_F_SNAT != 0;
     let key = &s.key;
     let reverse_key = &mut s.reverse_key;
@@ -93,22 +181,27 @@ pub fn install_reverse(
     reverse.attempts = 0;
     reverse.syn_ns = 0;
     if !snat {
-        if CONNTRACK
+        // Taken: by an earlier life of this same flow (overwrite it), or by
+        // another flow whose replies would then be mistranslated (refuse).
+        let same_flow = |m: &LruHashMap<FlowKey, Flow>, reverse_key: &FlowKey| {
+            m.get_ptr_mut(reverse_key).is_none_or(|other| {
+                // SAFETY: a live conntrack value, read field by field.
+                unsafe { (*other).new_src == key.dst && (*other).new_sport == key.dport }
+            })
+        };
+        if table == Table::HalfOpen && !same_flow(&CONNTRACK, &s.reverse_key) {
+            return Err(reason::REPLY_CONFLICT);
+        }
+        if map
             .insert(&s.reverse_key, &s.reverse, u64::from(BPF_NOEXIST))
             .is_ok()
         {
             return Ok(key.sport);
         }
-        // Taken: by an earlier life of this same flow (overwrite it), or by
-        // another flow whose replies would then be mistranslated (refuse).
-        let same_flow = CONNTRACK.get_ptr_mut(&s.reverse_key).is_some_and(|other| {
-            // SAFETY: a live conntrack value, read field by field.
-            unsafe { (*other).new_src == key.dst && (*other).new_sport == key.dport }
-        });
-        if !same_flow {
+        if !same_flow(map, &s.reverse_key) {
             return Err(reason::REPLY_CONFLICT);
         }
-        return if CONNTRACK.insert(&s.reverse_key, &s.reverse, 0).is_ok() {
+        return if map.insert(&s.reverse_key, &s.reverse, 0).is_ok() {
             Ok(key.sport)
         } else {
             Err(reason::CONNTRACK_FULL)
@@ -119,16 +212,18 @@ pub fn install_reverse(
     while attempt < SNAT_PORT_ATTEMPTS {
         let port = (SNAT_PORT_MIN + (port_seed.wrapping_add(attempt) % range) as u16).to_be();
         s.reverse_key.dport = port;
-        if CONNTRACK
-            .insert(&s.reverse_key, &s.reverse, u64::from(BPF_NOEXIST))
-            .is_ok()
-        {
-            return Ok(port);
-        }
-        if release_if_closed(s)
-            && CONNTRACK
+        // Held by an established flow (even a closed one, whose TIME_WAIT
+        // the sweep ends): the next port.
+        let free_there =
+            table == Table::Established || CONNTRACK.get_ptr_mut(&s.reverse_key).is_none();
+        if free_there
+            && (map
                 .insert(&s.reverse_key, &s.reverse, u64::from(BPF_NOEXIST))
                 .is_ok()
+                || release_if_closed(s, table)
+                    && map
+                        .insert(&s.reverse_key, &s.reverse, u64::from(BPF_NOEXIST))
+                        .is_ok())
         {
             return Ok(port);
         }
@@ -160,18 +255,19 @@ pub fn snat_seed() -> u32 {
 /// may be taken: a new flow inserts its reply entry before its forward one.
 const ORPHAN_GRACE_SECONDS: u32 = 2;
 
-/// The reply tuple in `s.reverse_key` is taken: frees it if the flow that
-/// holds it is closed (its TIME_WAIT needs no reserved port: a SYN on it is a
-/// new connection anyway), or gone. Returns whether it was freed.
+/// The reply tuple in `s.reverse_key` is taken in `table`: frees it if the
+/// flow that holds it is closed (its TIME_WAIT needs no reserved port: a SYN
+/// on it is a new connection anyway), or gone. Returns whether it was freed.
 #[inline(always)]
-fn release_if_closed(s: &mut Scratch) -> bool {
-    let Some(old) = CONNTRACK.get_ptr_mut(&s.reverse_key) else {
+fn release_if_closed(s: &mut Scratch, table: Table) -> bool {
+    let map = table.map();
+    let Some(old) = map.get_ptr_mut(&s.reverse_key) else {
         return true; // freed meanwhile
     };
     // SAFETY: a live conntrack value.
     let old = unsafe { &*old };
     answer_key(&mut s.old_key, old, s.key.proto, s.key.family);
-    let closed = match CONNTRACK.get_ptr_mut(&s.old_key) {
+    let closed = match map.get_ptr_mut(&s.old_key) {
         // SAFETY: a live conntrack value.
         Some(forward) => unsafe { (*forward).state == flow_state::CLOSED },
         None => now_seconds().wrapping_sub(old.last_seen) >= ORPHAN_GRACE_SECONDS,
@@ -179,8 +275,8 @@ fn release_if_closed(s: &mut Scratch) -> bool {
     if !closed {
         return false;
     }
-    let _ = CONNTRACK.remove(&s.old_key);
-    let _ = CONNTRACK.remove(&s.reverse_key);
+    let _ = map.remove(&s.old_key);
+    let _ = map.remove(&s.reverse_key);
     true
 }
 

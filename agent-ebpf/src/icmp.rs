@@ -14,7 +14,7 @@ use agent_common::{
 };
 
 use crate::{
-    conntrack::forward_of,
+    conntrack::{Table, forward_of},
     csum::Diff,
     failure::{self, Failure},
     headers::{
@@ -22,7 +22,7 @@ use crate::{
         ICMPV6_DEST_UNREACHABLE, ICMPV6_PACKET_TOO_BIG, Ipv4, Ipv6, Ports, TCP_CHECK_OFFSET,
         UDP_CHECK_OFFSET,
     },
-    maps::{CONNTRACK, scratch},
+    maps::{CONNTRACK, HALF_OPEN, scratch},
     packet::{Action, Ctx, ETH_LEN, copy_addr, ptr_at},
     service::prefilter_hit,
     stats::count,
@@ -130,7 +130,12 @@ pub fn error(ctx: &Ctx, l4: usize, family: u8) -> Action {
         family,
         _pad: 0,
     };
-    let Some(reply) = CONNTRACK.get_ptr_mut(&s.key) else {
+    // A connect being made is half-open; a flow may be established.
+    let (reply, table) = if let Some(reply) = HALF_OPEN.get_ptr_mut(&s.key) {
+        (reply, Table::HalfOpen)
+    } else if let Some(reply) = CONNTRACK.get_ptr_mut(&s.key) {
+        (reply, Table::Established)
+    } else {
         return Action::Pass;
     };
     // SAFETY: a live conntrack value.
@@ -139,7 +144,7 @@ pub fn error(ctx: &Ctx, l4: usize, family: u8) -> Action {
         return Action::Pass;
     }
     // forward_of leaves the flow's client → VIP key in s.reverse_key.
-    let forward = forward_of(s, reply);
+    let forward = forward_of(s, reply, table);
     if too_big {
         if forward.is_some() {
             quote_as_sent(

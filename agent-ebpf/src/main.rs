@@ -32,6 +32,8 @@ mod select;
 
 mod failure;
 
+mod budget;
+
 mod tcp_state;
 
 mod icmp;

@@ -27,15 +27,32 @@ pub static BACKEND_FIB: Array<agent_common::BackendFib> = Array::with_max_entrie
 #[map]
 pub static MAGLEV: Array<u32> = Array::with_max_entries(1024, aya_ebpf::bindings::BPF_F_MMAPABLE);
 
-/// Connection tracking: forward and reverse entries of every flow.
+/// Connection tracking: forward and reverse entries of every flow, once
+/// its connection is established (TCP), and of UDP flows.
 #[map]
 pub static CONNTRACK: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(262_144, 0);
+
+/// TCP connects until the client acknowledges the backend's SYN-ACK, both
+/// entries: a SYN flood (spoofed sources never complete the handshake)
+/// fills and churns this table, never `CONNTRACK`'s established flows.
+#[map]
+pub static HALF_OPEN: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(65_536, 0);
 
 /// The ports of fragmented datagrams, by their first fragment (see
 /// `parse`): later fragments carry no L4 header to route them by.
 #[map]
 pub static FRAGMENTS: LruHashMap<FragmentKey, crate::headers::Ports> =
     LruHashMap::with_max_entries(8192, 0);
+
+/// Service id → this CPU's new flows in the current second (see `budget`).
+#[map]
+pub static FLOW_BUDGET: PerCpuArray<agent_common::FlowBudget> =
+    PerCpuArray::with_max_entries(1024, 0);
+
+/// Slot 0: this CPU's log records in the current second (window start,
+/// count; see `budget`).
+#[map]
+pub static LOG_BUDGET: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
 
 /// Slot 0: the next SNAT port offset to hand out (see `conntrack::snat_seed`).
 #[map]

@@ -57,21 +57,35 @@ pub fn parse(ctx: &Ctx, stages: &impl Next) -> Action {
     };
     // SAFETY: ptr_at checked the header lies inside the packet.
     let ether_type = unsafe { (*eth).ether_type };
-    if ether_type == EtherType::Ipv4 as u16 {
+    let parsed = if ether_type == EtherType::Ipv4 as u16 {
         ipv4(ctx, stages)
     } else if ether_type == EtherType::Ipv6 as u16 {
         ipv6(ctx, stages)
     } else if ether_type == EtherType::Ieee8021q as u16
         || ether_type == EtherType::Ieee8021ad as u16
     {
-        exception(reason::VLAN_TAGGED)
+        return exception(reason::VLAN_TAGGED);
     } else {
-        Action::Pass
+        return Action::Pass;
+    };
+    // One call for both families (their parse results settled, see
+    // `settle`): the verifier walks the rest of the pipeline once.
+    match parsed {
+        Ok(p) => stages.transport(ctx, p.s, &p.pkt, &p.src, &p.dst),
+        Err(action) => action,
     }
 }
 
-/// Passes the parse result (L4 offset, fragment kind, identification)
-/// through the scratch area. Each way through the headers (IPv4 fragment or
+/// TCP or UDP over IP, parsed: what `Next::transport` works on.
+struct Parsed {
+    s: &'static mut Scratch,
+    pkt: Packet,
+    src: [u32; 4],
+    dst: [u32; 4],
+}
+
+/// Passes the parse result (L4 offset, fragment kind, identification,
+/// family) through the scratch area. Each way through the headers (IPv4 fragment or
 /// not, each number of IPv6 extension headers) leaves different constants in
 /// the verifier's state, and the rest of the pipeline, far larger than the
 /// parsing, would be verified once for each; read back from memory they are
@@ -79,7 +93,12 @@ pub fn parse(ctx: &Ctx, stages: &impl Next) -> Action {
 ///
 /// Returns the scratch area too: the rest of the pipeline works in it.
 #[inline(always)]
-fn settle(l4: usize, fragment: u8, id: u32) -> Option<(&'static mut Scratch, usize, u8, u32)> {
+fn settle(
+    l4: usize,
+    fragment: u8,
+    id: u32,
+    family: u8,
+) -> Option<(&'static mut Scratch, usize, u8, u32, u8)> {
     let s = scratch()?;
     let p = &raw mut s.parsed;
     // SAFETY: this CPU's scratch slot (see `Scratch`); volatile, so the
@@ -88,19 +107,21 @@ fn settle(l4: usize, fragment: u8, id: u32) -> Option<(&'static mut Scratch, usi
         core::ptr::write_volatile(&raw mut (*p)[0], l4 as u32);
         core::ptr::write_volatile(&raw mut (*p)[1], u32::from(fragment));
         core::ptr::write_volatile(&raw mut (*p)[2], id);
+        core::ptr::write_volatile(&raw mut (*p)[3], u32::from(family));
         let settled = (
             core::ptr::read_volatile(&raw const (*p)[0]) as usize & MAX_L4_OFFSET,
             (core::ptr::read_volatile(&raw const (*p)[1]) & 3) as u8,
             core::ptr::read_volatile(&raw const (*p)[2]),
+            core::ptr::read_volatile(&raw const (*p)[3]) as u8,
         );
-        Some((s, settled.0, settled.1, settled.2))
+        Some((s, settled.0, settled.1, settled.2, settled.3))
     }
 }
 
 #[inline(always)]
-fn ipv4(ctx: &Ctx, stages: &impl Next) -> Action {
+fn ipv4(ctx: &Ctx, stages: &impl Next) -> Result<Parsed, Action> {
     let Some(ip) = ptr_at::<Ipv4>(ctx, ETH_LEN) else {
-        return exception(reason::SHORT_FRAME);
+        return Err(exception(reason::SHORT_FRAME));
     };
     // SAFETY: the fixed IPv4 header is inside the packet (checked above).
     let (vihl, frag_off, ttl_proto, src, dst, tot_len) = unsafe {
@@ -116,15 +137,15 @@ fn ipv4(ctx: &Ctx, stages: &impl Next) -> Action {
     let proto = (ttl_proto >> 8) as u8;
     if proto != PROTO_TCP && proto != PROTO_UDP {
         if proto == PROTO_ICMP && frag_off & IPV4_FRAG_MASK_BE == 0 {
-            return stages.icmp(ctx, ETH_LEN + (vihl & 0x0f) as usize * 4, FAMILY_V4);
+            return Err(stages.icmp(ctx, ETH_LEN + (vihl & 0x0f) as usize * 4, FAMILY_V4));
         }
-        return Action::Pass;
+        return Err(Action::Pass);
     }
     let src = [src, 0, 0, 0];
     let dst = [dst, 0, 0, 0];
     let ihl = (vihl & 0x0f) as usize;
     if ihl < 5 {
-        return stages.unhandled(&src, &dst, reason::MALFORMED);
+        return Err(stages.unhandled(&src, &dst, reason::MALFORMED));
     }
     let fragment = if frag_off & IPV4_FRAG_MASK_BE == 0 {
         fragment::NONE
@@ -136,11 +157,12 @@ fn ipv4(ctx: &Ctx, stages: &impl Next) -> Action {
     // IPv4 options are skipped, not parsed: forwarding doesn't need them.
     // SAFETY: the fixed IPv4 header is inside the packet (checked above).
     let id = u32::from(unsafe { (*ip).id });
-    let Some((s, l4, fragment, id)) = settle(ETH_LEN + ihl * 4, fragment, id) else {
-        return Action::Pass;
+    let Some((s, l4, fragment, id, family)) = settle(ETH_LEN + ihl * 4, fragment, id, FAMILY_V4)
+    else {
+        return Err(Action::Pass);
     };
     let pkt = Packet {
-        family: FAMILY_V4,
+        family,
         proto,
         l3: ETH_LEN,
         l4,
@@ -148,13 +170,13 @@ fn ipv4(ctx: &Ctx, stages: &impl Next) -> Action {
         fragment,
         id,
     };
-    stages.transport(ctx, s, &pkt, &src, &dst)
+    Ok(Parsed { s, pkt, src, dst })
 }
 
 #[inline(always)]
-fn ipv6(ctx: &Ctx, stages: &impl Next) -> Action {
+fn ipv6(ctx: &Ctx, stages: &impl Next) -> Result<Parsed, Action> {
     let Some(ip) = ptr_at::<Ipv6>(ctx, ETH_LEN) else {
-        return exception(reason::SHORT_FRAME);
+        return Err(exception(reason::SHORT_FRAME));
     };
     // SAFETY: the IPv6 header is inside the packet (checked above).
     let (mut next, src, dst, payload_len) =
@@ -170,7 +192,7 @@ fn ipv6(ctx: &Ctx, stages: &impl Next) -> Action {
         if next == IPV6_HOP_BY_HOP || next == IPV6_ROUTING || next == IPV6_DEST_OPTS {
             // Next header and length together: see `ptr_at`.
             let Some(ext) = ptr_at::<[u8; 2]>(ctx, l4) else {
-                return stages.unhandled(&src, &dst, reason::MALFORMED);
+                return Err(stages.unhandled(&src, &dst, reason::MALFORMED));
             };
             // SAFETY: checked by ptr_at.
             let (n, len) = unsafe { ((*ext)[0], (*ext)[1]) };
@@ -178,7 +200,7 @@ fn ipv6(ctx: &Ctx, stages: &impl Next) -> Action {
             l4 += (usize::from(len) + 1) * 8;
         } else if next == IPV6_FRAGMENT {
             let Some(f) = ptr_at::<Ipv6Fragment>(ctx, l4) else {
-                return stages.unhandled(&src, &dst, reason::MALFORMED);
+                return Err(stages.unhandled(&src, &dst, reason::MALFORMED));
             };
             // SAFETY: checked by ptr_at.
             let (n, offset_m, fid) = unsafe { ((*f).next_hdr, (*f).offset_m, (*f).id) };
@@ -200,22 +222,22 @@ fn ipv6(ctx: &Ctx, stages: &impl Next) -> Action {
     }
     if next != PROTO_TCP && next != PROTO_UDP {
         if is_ipv6_extension(next) {
-            return stages.unhandled(&src, &dst, reason::IPV6_EXTENSION);
+            return Err(stages.unhandled(&src, &dst, reason::IPV6_EXTENSION));
         }
         if next == PROTO_ICMPV6 && fragment == fragment::NONE {
-            return stages.icmp(ctx, l4, FAMILY_V6);
+            return Err(stages.icmp(ctx, l4, FAMILY_V6));
         }
-        return Action::Pass;
+        return Err(Action::Pass);
     }
     if l4 > MAX_L4_OFFSET {
         // Extension headers this long are no load balancer's traffic.
-        return stages.unhandled(&src, &dst, reason::IPV6_EXTENSION);
+        return Err(stages.unhandled(&src, &dst, reason::IPV6_EXTENSION));
     }
-    let Some((s, l4, fragment, id)) = settle(l4, fragment, id) else {
-        return Action::Pass;
+    let Some((s, l4, fragment, id, family)) = settle(l4, fragment, id, FAMILY_V6) else {
+        return Err(Action::Pass);
     };
     let pkt = Packet {
-        family: FAMILY_V6,
+        family,
         proto: next,
         l3: ETH_LEN,
         l4,
@@ -223,7 +245,7 @@ fn ipv6(ctx: &Ctx, stages: &impl Next) -> Action {
         fragment,
         id,
     };
-    stages.transport(ctx, s, &pkt, &src, &dst)
+    Ok(Parsed { s, pkt, src, dst })
 }
 
 /// The packet's ports: from its TCP/UDP header, or for a later fragment

@@ -15,19 +15,20 @@ use agent_common::{
 use aya_ebpf::bindings::bpf_fib_lookup;
 
 use crate::{
-    conntrack::{self, fill, install_reverse, snat_seed},
+    budget,
+    conntrack::{self, Table, copy_flow, fill, install_reverse, snat_seed},
     events, failure,
     forward::{self, ttl_allows_forwarding},
     headers::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     icmp,
     integrity::{self, check_syn},
-    maps::{BACKEND_FIB, BACKENDS, CONNTRACK},
+    maps::{BACKEND_FIB, BACKENDS, CONNTRACK, HALF_OPEN},
     nat::{rewrite, skb_l4_checksum},
     packet::{Action, Ctx, NO_REFUSAL, Packet, Scratch, fragment},
     parse::{self, Next, tcp_flags, tcp_seq_ack, validate},
     select, service,
-    stats::{account, exception},
-    tcp_state::{backend_tcp, client_tcp, close_seen, start_attempt, syn_facts},
+    stats::{account, exception, with_stats},
+    tcp_state::{backend_tcp, client_tcp, close_seen, established_tcp, start_attempt, syn_facts},
 };
 
 /// Runs the pipeline on one packet.
@@ -100,7 +101,8 @@ fn transport(ctx: &Ctx, s: &mut Scratch, pkt: &Packet, src: &[u32; 4], dst: &[u3
     if syn {
         admit_syn(ctx, pkt, src, dst, s);
     }
-    // An established flow needs only its conntrack entry, in either direction.
+    // An established flow needs only its conntrack entry, in either
+    // direction. A client's SYN on a closed one starts a new connection.
     if let Some(flow) = CONNTRACK.get_ptr_mut(&s.key) {
         if let Err(code) = validate(ctx, pkt) {
             return exception(code);
@@ -108,66 +110,125 @@ fn transport(ctx: &Ctx, s: &mut Scratch, pkt: &Packet, src: &[u32; 4], dst: &[u3
         // SAFETY: a live conntrack value, not aliased by the scratch area.
         let f = unsafe { &mut *flow };
         conntrack::touch(f);
+        let mut restarts = false;
         if pkt.proto == PROTO_TCP && pkt.fragment != fragment::LATER {
-            let verdict = if f.flags & FLOW_F_REVERSE == 0 {
-                if flags & (TCP_SYN | TCP_ACK) == TCP_SYN
-                    && let Some(code) = syn_refusal(s)
-                {
-                    return exception(code);
+            if syn && let Some(code) = syn_refusal(s) {
+                return exception(code);
+            }
+            restarts = established_tcp(s, f, flags);
+        }
+        if !restarts {
+            return translate(ctx, pkt, &s.key, &mut s.fib, flow);
+        }
+        conntrack::forget(s, f);
+    }
+    // A connect being made: its entries are half-open until the client
+    // acknowledges the SYN-ACK. Translated from a scratch copy, which the
+    // new flows below share (one more translation for the verifier to walk
+    // would not fit); a half-open flow's packets are few.
+    let half_open_entry = HALF_OPEN.get_ptr_mut(&s.key);
+    let flow = if let Some(entry) = half_open_entry {
+        match half_open(ctx, s, pkt, flags, entry) {
+            Ok(flow) => flow,
+            Err(code) => return exception(code),
+        }
+    } else {
+        if !to_service {
+            return Action::Pass;
+        }
+        let Some(service) = service::lookup(&mut s.service_key, dst, dport, pkt.proto, pkt.family)
+        else {
+            return Action::Pass;
+        };
+        if let Err(code) = validate(ctx, pkt) {
+            return exception(code);
+        }
+        // A connection starts with a SYN (or any UDP datagram); a mid-stream
+        // packet without an entry (evicted, or from before a restart) is
+        // re-pinned by the same Maglev choice but is not a new connection.
+        // Nothing that can't reach a backend creates state.
+        if syn && let Some(code) = syn_refusal(s) {
+            return exception(code);
+        }
+        if !ttl_allows_forwarding(ctx, pkt) {
+            return exception(reason::TTL_EXCEEDED);
+        }
+        match new_flow(s, &service, syn, flags) {
+            Ok(flow) => {
+                if syn || pkt.proto == PROTO_UDP {
+                    // SAFETY: the scratch copy of the new entry.
+                    let backend_id = unsafe { (*flow).backend_id };
+                    failure::count_connection(service.id, backend_id);
+                    if pkt.proto == PROTO_UDP {
+                        let now = failure::now_ns();
+                        events::emit(event_kind::OPEN, 0, &s.key, service.id, backend_id, 0, now);
+                    }
                 }
-                client_tcp(s, f, flags)
-            } else {
-                let ack = if flags & (TCP_SYN | TCP_RST) != 0 {
-                    tcp_seq_ack(ctx, pkt).1
-                } else {
-                    0
-                };
-                backend_tcp(s, f, flags, ack, ctx.ifindex)
-            };
-            if let Err(code) = verdict {
+                flow
+            }
+            Err(code) => {
+                log_refused_flow(ctx, service.id, code);
                 return exception(code);
             }
         }
-        return translate(ctx, pkt, &s.key, &mut s.fib, flow);
-    }
-    if !to_service {
-        return Action::Pass;
-    }
-    let Some(service) = service::lookup(&mut s.service_key, dst, dport, pkt.proto, pkt.family)
-    else {
-        return Action::Pass;
     };
-    if let Err(code) = validate(ctx, pkt) {
-        return exception(code);
-    }
-    // A connection starts with a SYN (or any UDP datagram); a mid-stream
-    // packet without an entry (evicted, or from before a restart) is
-    // re-pinned by the same Maglev choice but is not a new connection.
-    // Nothing that can't reach a backend creates state.
-    if syn && let Some(code) = syn_refusal(s) {
-        return exception(code);
-    }
-    if !ttl_allows_forwarding(ctx, pkt) {
-        return exception(reason::TTL_EXCEEDED);
-    }
-    match new_flow(s, &service, syn, flags) {
-        Ok(flow) => {
-            if syn || pkt.proto == PROTO_UDP {
-                // SAFETY: the scratch copy of the new entry.
-                let backend_id = unsafe { (*flow).backend_id };
-                failure::count_connection(service.id, backend_id);
-                if pkt.proto == PROTO_UDP {
-                    let now = failure::now_ns();
-                    events::emit(event_kind::OPEN, 0, &s.key, service.id, backend_id, 0, now);
-                }
-            }
-            translate(ctx, pkt, &s.key, &mut s.fib, flow)
+    translate(ctx, pkt, &s.key, &mut s.fib, flow)
+}
+
+/// The TCP state of a half-open flow (`f`), from whichever side the
+/// packet comes: the connect, its success or failure.
+#[inline(always)]
+fn connect_state(
+    ctx: &Ctx,
+    s: &mut Scratch,
+    pkt: &Packet,
+    f: &mut Flow,
+    flags: u8,
+) -> Result<(), u32> {
+    if f.flags & FLOW_F_REVERSE == 0 {
+        if flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+            && let Some(code) = syn_refusal(s)
+        {
+            return Err(code);
         }
-        Err(code) => {
-            log_refused_flow(ctx, service.id, code);
-            exception(code)
-        }
+        client_tcp(s, f, flags, Table::HalfOpen)
+    } else {
+        let ack = if flags & (TCP_SYN | TCP_RST) != 0 {
+            tcp_seq_ack(ctx, pkt).1
+        } else {
+            0
+        };
+        backend_tcp(s, f, flags, ack, ctx.ifindex, Table::HalfOpen)
     }
+}
+
+/// A packet of a half-open flow (`entry`, in `HALF_OPEN`): its TCP state,
+/// then a copy of the entry in the scratch area to translate by. The
+/// client's first packet after the backend's SYN-ACK completes the
+/// handshake: the flow moves to `CONNTRACK`.
+#[inline(always)]
+fn half_open(
+    ctx: &Ctx,
+    s: &mut Scratch,
+    pkt: &Packet,
+    flags: u8,
+    entry: *mut Flow,
+) -> Result<*mut Flow, u32> {
+    validate(ctx, pkt)?;
+    // SAFETY: a live map value, not aliased by the scratch area.
+    let f = unsafe { &mut *entry };
+    conntrack::touch(f);
+    if pkt.fragment != fragment::LATER {
+        connect_state(ctx, s, pkt, f, flags)?;
+    }
+    copy_flow(&mut s.forward, f);
+    if f.flags & FLOW_F_REVERSE == 0
+        && f.state == flow_state::ESTABLISHED
+        && flags & (TCP_ACK | TCP_SYN | TCP_RST) == TCP_ACK
+    {
+        conntrack::promote(s);
+    }
+    Ok(&raw mut s.forward)
 }
 
 /// Checks a client's SYN before it is forwarded or counted: its TTL must
@@ -204,10 +265,26 @@ fn syn_refusal(s: &Scratch) -> Option<u32> {
 }
 
 /// Picks the backend by Maglev (skipping ejected ones), records both
-/// directions of the flow, and returns the forward entry (its copy in the
-/// scratch area).
+/// directions of the flow (a SYN's in `HALF_OPEN`, others' in `CONNTRACK`),
+/// and returns the forward entry (its copy in the scratch area). A RST
+/// creates nothing: with DNAT it goes to the Maglev choice untracked.
 #[inline(always)]
 fn new_flow(s: &mut Scratch, service: &Service, syn: bool, flags: u8) -> Result<*mut Flow, u32> {
+    let snat = service.flags & SERVICE_F_SNAT != 0;
+    let untracked = !syn && flags & TCP_RST != 0;
+    if untracked && snat {
+        // Which SNAT port the flow had is gone with its entry.
+        return Err(reason::UNTRACKED_RST);
+    }
+    if !untracked && !budget::take(service.id) {
+        with_stats(true, service.id, |st| st.over_budget += 1);
+        return Err(reason::NEW_FLOW_BUDGET);
+    }
+    let table = if syn {
+        Table::HalfOpen
+    } else {
+        Table::Established
+    };
     let h = s.key.flow_hash();
     let Some((backend_id, attempt)) = select::pick(service, h, NO_BACKEND, 0) else {
         return Err(reason::NO_BACKEND);
@@ -215,9 +292,12 @@ fn new_flow(s: &mut Scratch, service: &Service, syn: bool, flags: u8) -> Result<
     let Some(backend) = BACKENDS.get(backend_id) else {
         return Err(reason::NO_BACKEND);
     };
-    let snat = service.flags & SERVICE_F_SNAT != 0;
     let seed = if snat { snat_seed() } else { 0 };
-    let new_sport = install_reverse(s, service, backend_id, backend, seed)?;
+    let new_sport = if untracked {
+        s.key.sport
+    } else {
+        install_reverse(s, service, backend_id, backend, seed, table)?
+    };
 
     let facts = syn_facts(s);
     let (forward, key) = (&mut s.forward, &s.key);
@@ -245,8 +325,12 @@ fn new_flow(s: &mut Scratch, service: &Service, syn: bool, flags: u8) -> Result<
             close_seen(key, forward, flags, FLOW_F_FIN_CLIENT);
         }
     }
-    if CONNTRACK.insert(&s.key, &s.forward, 0).is_err() {
-        let _ = CONNTRACK.remove(&s.reverse_key);
+    if untracked {
+        return Ok(&raw mut s.forward);
+    }
+    let map = table.map();
+    if map.insert(&s.key, &s.forward, 0).is_err() {
+        let _ = map.remove(&s.reverse_key);
         return Err(reason::CONNTRACK_FULL);
     }
     Ok(&raw mut s.forward)
@@ -301,10 +385,17 @@ fn translate(
 }
 
 /// A connection Sluice could not open is worth a log line (via aya-log into
-/// the agent's log); the ring buffer drops records under a flood, the
-/// per-reason counters still count every packet.
+/// the agent's log), a few a second at most (see `budget`): the
+/// per-reason counters count every packet.
 #[inline(always)]
 fn log_refused_flow(ctx: &Ctx, service_id: u32, code: u32) {
+    if !matches!(
+        code,
+        reason::NO_BACKEND | reason::CONNTRACK_FULL | reason::SNAT_PORTS_EXHAUSTED
+    ) || !budget::may_log()
+    {
+        return;
+    }
     match code {
         reason::NO_BACKEND => {
             aya_log_ebpf::warn!(ctx, "service #{}: new flow dropped: no backend", service_id)

@@ -13,10 +13,10 @@ use agent_common::{
 };
 
 use crate::{
-    conntrack::{answer_key, forward_of, install_reverse},
+    conntrack::{Table, answer_key, forward_of, install_reverse},
     failure::{self, Failure},
     headers::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
-    maps::{BACKENDS, CONNTRACK},
+    maps::BACKENDS,
     packet::{Scratch, copy_addr},
     select, service,
     stats::count,
@@ -57,16 +57,19 @@ fn acknowledges_syn(f: &Flow, ack: u32) -> bool {
 /// (timeouts, retries after a refusal, a reused 5-tuple) and closes. A SYN
 /// has been checked (`pipeline::admit_syn`).
 #[inline(always)]
-pub fn client_tcp(s: &mut Scratch, f: &mut Flow, flags: u8) -> Result<(), u32> {
+pub fn client_tcp(s: &mut Scratch, f: &mut Flow, flags: u8, table: Table) -> Result<(), u32> {
     if flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
         if flags & (TCP_FIN | TCP_RST) != 0 {
             close_seen(&s.key, f, flags, FLOW_F_FIN_CLIENT);
         }
         return Ok(());
     }
-    match f.state {
+    let now = failure::now_ns();
+    // One call of `retry` below, however the SYN got there: each call is
+    // a copy for the verifier to walk.
+    let mut new_connection = false;
+    let resend = match f.state {
         flow_state::SYN_SENT => {
-            let now = failure::now_ns();
             let Some(policy) = failure::policy(f.service_id) else {
                 return Ok(());
             };
@@ -81,14 +84,13 @@ pub fn client_tcp(s: &mut Scratch, f: &mut Flow, flags: u8) -> Result<(), u32> {
                 failure::record_failure(&s.key, f.service_id, f.backend_id, Failure::Timeout, now);
                 f.flags |= FLOW_F_FAILURE_COUNTED;
             }
-            if policy.flags & SERVICE_F_RETRY != 0 {
-                retry(s, f, now, Resend::AfterFailure)
-            } else {
+            if policy.flags & SERVICE_F_RETRY == 0 {
                 f.syn_ns = now;
-                Ok(())
+                return Ok(());
             }
+            Resend::AfterFailure
         }
-        flow_state::REFUSED => retry(s, f, failure::now_ns(), Resend::AfterFailure),
+        flow_state::REFUSED => Resend::AfterFailure,
         flow_state::CLOSED | flow_state::CLOSING | flow_state::UNKNOWN => {
             // The 5-tuple is reused by a new connection (or a flow picked up
             // mid-stream starts over): it starts afresh, on the same backend
@@ -96,16 +98,22 @@ pub fn client_tcp(s: &mut Scratch, f: &mut Flow, flags: u8) -> Result<(), u32> {
             // flow would go. A new connection, not a retry.
             f.state = flow_state::SYN_SENT;
             f.flags &= !(FLOW_F_FIN_CLIENT | FLOW_F_FIN_BACKEND);
-            f.syn_ns = failure::now_ns();
+            f.syn_ns = now;
             start_attempt(f, syn_facts(s));
-            if select::is_ejected(f.backend_id) {
-                retry(s, f, f.syn_ns, Resend::NewConnection)?;
+            new_connection = true;
+            if !select::is_ejected(f.backend_id) {
+                failure::count_connection(f.service_id, f.backend_id);
+                return Ok(());
             }
-            failure::count_connection(f.service_id, f.backend_id);
-            Ok(())
+            Resend::NewConnection
         }
-        _ => Ok(()),
+        _ => return Ok(()),
+    };
+    retry(s, f, now, resend, table)?;
+    if new_connection {
+        failure::count_connection(f.service_id, f.backend_id);
     }
+    Ok(())
 }
 
 /// A TCP packet from the backend: SYN-ACK (success, latency), RST to a SYN
@@ -124,11 +132,12 @@ pub fn backend_tcp(
     flags: u8,
     ack: u32,
     ifindex: u32,
+    table: Table,
 ) -> Result<(), u32> {
     if flags & (TCP_SYN | TCP_RST | TCP_FIN) == 0 {
         return Ok(()); // data and ACKs: the fast path
     }
-    let Some(forward) = forward_of(s, reply) else {
+    let Some(forward) = forward_of(s, reply, table) else {
         return Ok(());
     };
     // SAFETY: a live conntrack value.
@@ -182,6 +191,37 @@ pub fn backend_tcp(
     Ok(())
 }
 
+/// A TCP packet of an established flow (`f`, a `CONNTRACK` entry, either
+/// direction): FINs and RSTs close it. Connects and their failures are the
+/// half-open table's (see `client_tcp`, `backend_tcp`). Returns true when
+/// the packet is a client's SYN that starts a new connection on the flow's
+/// 5-tuple (the old one is closed, or was picked up mid-stream): the caller
+/// makes it a new flow.
+#[inline(always)]
+pub fn established_tcp(s: &mut Scratch, f: &mut Flow, flags: u8) -> bool {
+    let from_client = f.flags & agent_common::FLOW_F_REVERSE == 0;
+    if flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+        return from_client
+            && matches!(
+                f.state,
+                flow_state::CLOSED | flow_state::CLOSING | flow_state::UNKNOWN
+            );
+    }
+    if flags & (TCP_FIN | TCP_RST) == 0 {
+        return false;
+    }
+    if from_client {
+        close_seen(&s.key, f, flags, FLOW_F_FIN_CLIENT);
+    } else if let Some(forward) = forward_of(s, f, Table::Established) {
+        // SAFETY: a live conntrack value.
+        let forward = unsafe { &mut *forward };
+        if forward.backend_id == f.backend_id {
+            close_seen(&s.reverse_key, forward, flags, FLOW_F_FIN_BACKEND);
+        }
+    }
+    false
+}
+
 /// A FIN or RST from one side (`side`: its `FLOW_F_FIN_*` bit) of the flow
 /// whose forward entry is `f`, keyed `key`. The first one ends the
 /// connection for the counters; the flow is closed (TIME_WAIT for the
@@ -220,7 +260,7 @@ enum Resend {
 /// the next healthy choice after the current one. If there is none, the SYN
 /// goes to the same backend again.
 #[inline(always)]
-fn retry(s: &mut Scratch, f: &mut Flow, now: u64, why: Resend) -> Result<(), u32> {
+fn retry(s: &mut Scratch, f: &mut Flow, now: u64, why: Resend, table: Table) -> Result<(), u32> {
     let key = &s.key;
     let Some(service) = service::lookup(
         &mut s.service_key,
@@ -247,10 +287,10 @@ fn retry(s: &mut Scratch, f: &mut Flow, now: u64, why: Resend) -> Result<(), u32
     // The old reply entry goes; the new backend's comes (with SNAT it keeps
     // the flow's port when that is free towards the new backend).
     answer_key(&mut s.reverse_key, f, s.key.proto, s.key.family);
-    let _ = CONNTRACK.remove(&s.reverse_key);
+    let _ = table.map().remove(&s.reverse_key);
     // Seeded with the current port's offset: the same port is tried first.
     let seed = u32::from(u16::from_be(f.new_sport)).wrapping_sub(u32::from(SNAT_PORT_MIN));
-    let new_sport = install_reverse(s, &service, backend_id, backend, seed)?;
+    let new_sport = install_reverse(s, &service, backend_id, backend, seed, table)?;
     copy_addr(&mut f.new_dst, &backend.addr);
     f.new_dport = backend.port;
     f.new_sport = new_sport;

@@ -147,7 +147,8 @@ pub async fn run(
         aya::maps::Map::LruHashMap,
     )
     .map_err(anyhow::Error::from)?;
-    let reconciler = Reconciler::new(maps, sizes.table_size, sizes.services, sizes.backends)?;
+    let mut reconciler = Reconciler::new(maps, sizes.table_size, sizes.services, sizes.backends)?;
+    reconciler.set_new_flows_per_second(cfg.raw.limits.new_flows_per_second);
     // The loop below is the one writer; everything else reads `view`.
     let mut writer = Writer::new(reconciler)?;
     let view = writer.view();
@@ -298,7 +299,9 @@ fn reload(
         return Ok(None);
     }
     let parsed = started.elapsed();
-    if Sizes::from_config(&next.raw) != Sizes::from_config(&current.raw) {
+    if Sizes::from_config(&next.raw) != Sizes::from_config(&current.raw)
+        || next.raw.limits != current.raw.limits
+    {
         warn!("conntrack, maglev or limits settings changed: they take effect at the next restart");
     }
     if next.raw.pinning != current.raw.pinning || next.raw.socket_lb != current.raw.socket_lb {

@@ -119,6 +119,7 @@ impl FibBed {
         let cfg = config::parse(&text, "test.yaml")?;
         let sizes = Sizes {
             conntrack,
+            half_open: 16_384,
             services: 8,
             backends: 64,
             table_size: 251,

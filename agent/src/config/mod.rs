@@ -15,6 +15,7 @@ mod tests;
 use std::path::Path;
 
 pub use model::{DiscoverySpec, ServiceSpec, Source};
+pub use schema::DEFAULT_NEW_FLOWS_PER_SECOND;
 pub use schema::{
     AttachMode, BackendSpec, Config, Conntrack, ConntrackTimeouts, Discovery, DnsDiscovery,
     DnsRecord, EtcdDiscovery, Failure, Forwarding, Interface, KubeAddress, Kubernetes, Limits,

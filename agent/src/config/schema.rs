@@ -164,6 +164,10 @@ pub struct Conntrack {
     /// Capacity of the conntrack LRU map. Each connection takes two entries
     /// (forward and reply direction).
     pub max_entries: u32,
+    /// Capacity of the half-open table: TCP connects between the client's
+    /// SYN and its acknowledgement of the SYN-ACK (two entries each). A SYN
+    /// flood churns this table, never the established flows'.
+    pub half_open_max_entries: u32,
     /// How long a flow may stay idle in each state before the agent's sweep
     /// removes it (both entries; an SNAT flow's port returns to the pool).
     pub timeouts: ConntrackTimeouts,
@@ -173,6 +177,7 @@ impl Default for Conntrack {
     fn default() -> Self {
         Self {
             max_entries: 262_144,
+            half_open_max_entries: 65_536,
             timeouts: ConntrackTimeouts::default(),
         }
     }
@@ -229,13 +234,23 @@ pub struct Limits {
     pub max_services: u32,
     /// Backend slots, over all services (fixed while running).
     pub max_backends: u32,
+    /// New flows each CPU may create per second for each service (0: no
+    /// limit). More are dropped and counted (`new_flow_budget`): a flood
+    /// can't take all of the CPU or the flow tables. Katran's LRU-miss
+    /// limit is of this kind (125,000 per CPU).
+    pub new_flows_per_second: u32,
 }
+
+/// Default `limits.new_flows_per_second`: far above what a CPU creates for
+/// real clients, a bound on what a flood costs.
+pub const DEFAULT_NEW_FLOWS_PER_SECOND: u32 = 200_000;
 
 impl Default for Limits {
     fn default() -> Self {
         Self {
             max_services: 64,
             max_backends: 4096,
+            new_flows_per_second: DEFAULT_NEW_FLOWS_PER_SECOND,
         }
     }
 }

@@ -207,6 +207,13 @@ fn conntrack(c: &Conntrack) -> Result<(), Refusal> {
             "must be at least 1024",
         ));
     }
+    if c.half_open_max_entries < 1024 {
+        return Err(refuse(
+            "conntrack.half_open_max_entries",
+            c.half_open_max_entries,
+            "must be at least 1024",
+        ));
+    }
     let t = &c.timeouts;
     for (name, value) in [
         ("tcp_syn_sent", t.tcp_syn_sent),

@@ -66,6 +66,7 @@ pub type KernelLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Sizes {
     pub conntrack: u32,
+    pub half_open: u32,
     pub services: u32,
     pub backends: u32,
     pub table_size: u32,
@@ -75,6 +76,7 @@ impl Sizes {
     pub fn from_config(config: &Config) -> Self {
         Self {
             conntrack: config.conntrack.max_entries,
+            half_open: config.conntrack.half_open_max_entries,
             services: config.limits.max_services,
             backends: config.limits.max_backends,
             table_size: config.maglev.table_size,
@@ -91,6 +93,7 @@ impl Sizes {
         match sizing {
             Sizing::Fixed => None,
             Sizing::Conntrack => Some(self.conntrack),
+            Sizing::HalfOpen => Some(self.half_open),
             Sizing::Services => Some(self.services),
             Sizing::Backends => Some(self.backends),
             Sizing::MaglevSlots => Some(self.maglev_slots()),
@@ -497,6 +500,17 @@ impl Datapath {
     /// The program to run with BPF_PROG_TEST_RUN (tests and benchmarks).
     pub fn xdp_program(&mut self) -> Result<&mut Xdp> {
         program(&mut self.ebpf, program::XDP)
+    }
+
+    /// Instructions the kernel's verifier processed for the XDP and the TC
+    /// program (the TC program is loaded for it): its limit is 1,000,000,
+    /// and a program near it fails to load after a small change.
+    pub fn verified_instructions(&mut self) -> Result<(u32, u32)> {
+        let count =
+            |info: aya::programs::ProgramInfo| info.verified_instruction_count().unwrap_or(0);
+        let xdp = count(self.xdp_program()?.info()?);
+        let tc = count(self.tc_program()?.info()?);
+        Ok((xdp, tc))
     }
 
     /// Raw access for tests and benchmarks that load extra programs.

@@ -91,9 +91,16 @@ pub struct Reconciler {
     /// Connections that ended silently (the sweep counts them; drains and
     /// the read side read them).
     ended_silently: EndedSilently,
+    /// `limits.new_flows_per_second`, written into every service's policy.
+    new_flows_per_second: u32,
 }
 
 impl Reconciler {
+    /// Sets `limits.new_flows_per_second`; the next `apply` writes it.
+    pub fn set_new_flows_per_second(&mut self, n: u32) {
+        self.new_flows_per_second = n;
+    }
+
     pub fn new(maps: Maps, table_size: u32, max_services: u32, max_backends: u32) -> Result<Self> {
         let nr_cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow!("{what}: {e}"))?;
         Ok(Self {
@@ -105,6 +112,7 @@ impl Reconciler {
             backend_ids: Ids::new(max_backends, "backend"),
             backend_filter: Prefilter::default(),
             backend_addr_filter: Prefilter::default(),
+            new_flows_per_second: crate::config::DEFAULT_NEW_FLOWS_PER_SECOND,
             service_filter: Prefilter::default(),
             service_addr_filter: Prefilter::default(),
             ending: Vec::new(),
@@ -342,6 +350,8 @@ impl Reconciler {
                 0
             },
             min_distinct_clients: f.min_distinct_clients,
+            new_flows_per_second: self.new_flows_per_second,
+            _pad: 0,
         };
         self.maps
             .service_policy
