@@ -140,20 +140,38 @@ pub async fn run(
     // Route, neighbour and link changes: FIB caches and devices refreshed.
     let net_changes = crate::netlink::watch().context("watching rtnetlink")?;
     *shared.conntrack_timeouts.lock().unwrap() = cfg.raw.conntrack.timeouts;
-    // The sweep walks the conntrack map on a handle of its own.
+    // The sweep walks the conntrack maps on handles of its own.
     let conntrack = second_handle(
         &maps.conntrack,
         agent_common::registry::map::CONNTRACK,
         aya::maps::Map::LruHashMap,
     )
     .map_err(anyhow::Error::from)?;
+    let half_open = second_handle(
+        &maps.half_open,
+        agent_common::registry::map::HALF_OPEN,
+        aya::maps::Map::LruHashMap,
+    )
+    .map_err(anyhow::Error::from)?;
+    shared
+        .half_open_capacity
+        .store(sizes.half_open, Ordering::Relaxed);
     let mut reconciler = Reconciler::new(maps, sizes.table_size, sizes.services, sizes.backends)?;
     reconciler.set_new_flows_per_second(cfg.raw.limits.new_flows_per_second);
     // The loop below is the one writer; everything else reads `view`.
     let mut writer = Writer::new(reconciler)?;
     let view = writer.view();
     let _ = shared.view.set(view.clone());
-    crate::sweep::spawn(conntrack, sizes.conntrack, shared.clone(), view);
+    crate::sweep::spawn(
+        crate::sweep::Tables {
+            conntrack,
+            conntrack_capacity: sizes.conntrack,
+            half_open,
+            half_open_capacity: sizes.half_open,
+        },
+        shared.clone(),
+        view,
+    );
     // Discovery services start with no backends (or what pinned maps hold,
     // once adopted) and fill in as their providers report.
     let (report_tx, mut reports) = tokio::sync::mpsc::channel(256);

@@ -109,6 +109,11 @@ fn render_datapath(shared: &Shared, out: &mut String) {
             "Failures that would have ejected a backend but for max_ejected_percent: the service fails open.",
             |s| s.fail_open,
         ),
+        (
+            "sluice_service_new_flows_over_budget_total",
+            "New flows dropped because the service's per-CPU budget of new flows per second (limits.new_flows_per_second) was spent.",
+            |s| s.over_budget,
+        ),
     ] {
         family(out, name, "counter", help);
         for (s, st) in &services {
@@ -360,6 +365,21 @@ fn render_datapath(shared: &Shared, out: &mut String) {
         &[],
         shared.conntrack_capacity.load(Ordering::Relaxed),
     );
+    for (name, help, value) in [
+        (
+            "sluice_conntrack_half_open_entries",
+            "Entries in the half-open table: TCP connects from the client's SYN until it acknowledges the SYN-ACK (two per connect). A SYN flood fills this table, not the conntrack map.",
+            shared.half_open_entries.load(Ordering::Relaxed),
+        ),
+        (
+            "sluice_conntrack_half_open_capacity",
+            "Capacity of the half-open table (conntrack.half_open_max_entries).",
+            u64::from(shared.half_open_capacity.load(Ordering::Relaxed)),
+        ),
+    ] {
+        family(out, name, "gauge", help);
+        sample(out, name, &[], value);
+    }
     family(
         out,
         "sluice_interface_attached",

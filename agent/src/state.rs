@@ -29,6 +29,9 @@ pub struct Shared {
     pub ready: AtomicBool,
     /// Entries in the conntrack map, counted by the background sweep.
     pub conntrack_entries: AtomicU64,
+    /// Entries in the half-open table (connects being made), and its capacity.
+    pub half_open_entries: AtomicU64,
+    pub half_open_capacity: AtomicU32,
     /// The same, by flow state.
     pub conntrack_states: Mutex<crate::sweep::StateCounts>,
     /// Idle timeouts of the current config, for the sweep.

@@ -255,22 +255,40 @@ impl Evictions {
     }
 }
 
-/// Sweeps the conntrack map on a thread of its own (a walk of a large map
+/// The maps the sweep walks, on handles of its own.
+pub struct Tables {
+    pub conntrack: BpfHashMap<MapData, FlowKey, Flow>,
+    pub conntrack_capacity: u32,
+    pub half_open: BpfHashMap<MapData, FlowKey, Flow>,
+    pub half_open_capacity: u32,
+}
+
+/// Sweeps the conntrack maps on a thread of its own (a walk of a large map
 /// must hold up neither scrapes nor reconciliation), with the timeouts the
 /// current config sets.
-pub fn spawn(
-    map: BpfHashMap<MapData, FlowKey, Flow>,
-    capacity: u32,
-    shared: Arc<Shared>,
-    view: Arc<View>,
-) {
-    let mut map = map;
+pub fn spawn(tables: Tables, shared: Arc<Shared>, view: Arc<View>) {
+    let Tables {
+        conntrack: mut map,
+        conntrack_capacity: capacity,
+        mut half_open,
+        half_open_capacity,
+    } = tables;
     let mut evictions = Evictions::default();
     std::thread::spawn(move || {
         while !shared.stopping.load(Ordering::SeqCst) {
             let timeouts = *shared.conntrack_timeouts.lock().unwrap();
+            // A connect whose SYN-ACK came but whose client never
+            // acknowledged it is half-open still: the SYN_SENT timeout.
+            let connecting = ConntrackTimeouts {
+                tcp_established: timeouts.tcp_syn_sent,
+                ..timeouts
+            };
+            let opening = sweep(&mut half_open, half_open_capacity, &connecting, now_seconds());
+            for (backend_id, n) in &opening.expired_established {
+                view.counters.ended_silently.add(*backend_id, *n);
+            }
             evictions.before_walk(&view);
-            let swept = sweep(&mut map, capacity, &timeouts, now_seconds());
+            let mut swept = sweep(&mut map, capacity, &timeouts, now_seconds());
             if swept.removed_flows > 0 {
                 debug!(
                     flows = swept.removed_flows,
@@ -281,8 +299,20 @@ pub fn spawn(
             for (backend_id, n) in &swept.expired_established {
                 view.counters.ended_silently.add(*backend_id, *n);
             }
+            // Connections the SYN-ACK opened are established for the
+            // eviction count wherever they are.
+            for (backend_id, n) in &opening.established {
+                *swept.established.entry(*backend_id).or_default() += n;
+            }
             evictions.follow(&view.counters, &swept, total, capacity);
             shared.conntrack_entries.store(total, Ordering::Relaxed);
+            let opening_total: u64 = opening.counts.values().sum();
+            shared
+                .half_open_entries
+                .store(opening_total, Ordering::Relaxed);
+            for (state, n) in opening.counts {
+                *swept.counts.entry(state).or_default() += n;
+            }
             *shared.conntrack_states.lock().unwrap() = swept.counts;
             let mut slept = Duration::ZERO;
             while slept < SWEEP_EVERY && !shared.stopping.load(Ordering::SeqCst) {

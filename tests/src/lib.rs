@@ -6,6 +6,7 @@ pub mod fib;
 pub mod helm;
 pub mod kube_mock;
 pub mod packet;
+pub mod raw;
 pub mod webdriver;
 
 use std::{

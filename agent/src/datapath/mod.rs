@@ -115,6 +115,8 @@ pub struct Maps {
     pub backend_fib: Array<MapData, BackendFib>,
     pub maglev: MaglevTables,
     pub conntrack: HashMap<MapData, FlowKey, Flow>,
+    /// TCP connects until the handshake completes (see the kernel's `HALF_OPEN`).
+    pub half_open: HashMap<MapData, FlowKey, Flow>,
     pub prefilter: Array<MapData, Prefilter>,
     pub service_stats: PerCpuArray<MapData, ServiceStats>,
     pub backend_stats: PerCpuArray<MapData, ServiceStats>,
@@ -176,6 +178,7 @@ impl Maps {
             backend_fib: take(ebpf, map::BACKEND_FIB)?,
             maglev: MaglevTables::map(ebpf)?,
             conntrack: take(ebpf, map::CONNTRACK)?,
+            half_open: take(ebpf, map::HALF_OPEN)?,
             prefilter: take(ebpf, map::PREFILTER)?,
             service_stats: take(ebpf, map::SERVICE_STATS)?,
             backend_stats: take(ebpf, map::BACKEND_STATS)?,

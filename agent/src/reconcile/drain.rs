@@ -51,19 +51,22 @@ impl Reconciler {
             let _ = self.maps.backend_health.set(b.id, removed, 0);
         }
         let ids: std::collections::HashSet<u32> = ending.iter().map(|(_, b)| b.id).collect();
-        let doomed: Vec<(FlowKey, u32)> = self
-            .maps
-            .conntrack
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, flow)| ids.contains(&flow.backend_id))
-            .map(|(key, flow)| (key, flow.backend_id))
-            .collect();
+        let doomed = |map: &aya::maps::HashMap<aya::maps::MapData, FlowKey, agent_common::Flow>| {
+            map.iter()
+                .filter_map(Result::ok)
+                .filter(|(_, flow)| ids.contains(&flow.backend_id))
+                .map(|(key, flow)| (key, flow.backend_id))
+                .collect::<Vec<_>>()
+        };
         let mut closed: BTreeMap<u32, usize> = BTreeMap::new();
-        for (key, id) in &doomed {
-            if self.maps.conntrack.remove(key).is_ok() {
-                *closed.entry(*id).or_default() += 1;
+        for (key, id) in doomed(&self.maps.conntrack) {
+            if self.maps.conntrack.remove(&key).is_ok() {
+                *closed.entry(id).or_default() += 1;
             }
+        }
+        // Connects being made to them start over too.
+        for (key, _) in doomed(&self.maps.half_open) {
+            let _ = self.maps.half_open.remove(&key);
         }
         // Sockets the socket-level balancer sent there stop being followed
         // (they stay connected to the backend directly; their id is reused).
