@@ -44,7 +44,10 @@ fn fuzz_with(seed: u64) -> Result<()> {
         );
     }
     assert!(
-        report.classes.keys().any(|c| c.starts_with("passed, ICMP error translated")),
+        report
+            .classes
+            .keys()
+            .any(|c| c.starts_with("passed, ICMP error translated")),
         "seed {seed}: no ICMP error was translated"
     );
     assert!(report.verified > 0, "seed {seed}: no checksum verified");
@@ -61,6 +64,8 @@ fn fresh_seed() -> Result<()> {
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_nanos() as u64;
-    println!("fuzzing with seed {seed} (replay: cargo xtask fuzz datapath --seed {seed} --count {PACKETS})");
+    println!(
+        "fuzzing with seed {seed} (replay: cargo xtask fuzz datapath --seed {seed} --count {PACKETS})"
+    );
     fuzz_with(seed)
 }

@@ -116,9 +116,7 @@ pub fn tcp(src: IpAddr, dst: IpAddr, h: &Tcp, payload: &[u8]) -> Vec<u8> {
     t.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent pointer
     t.extend_from_slice(&options);
     t.extend_from_slice(payload);
-    let c = wire::checksum_of(
-        wire::pseudo_sum(src, dst, 6, t.len() as u32) + wire::sum(&t),
-    );
+    let c = wire::checksum_of(wire::pseudo_sum(src, dst, 6, t.len() as u32) + wire::sum(&t));
     t[16..18].copy_from_slice(&c.to_be_bytes());
     t
 }
@@ -131,9 +129,7 @@ pub fn udp(src: IpAddr, dst: IpAddr, sport: u16, dport: u16, payload: &[u8]) -> 
     u.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
     u.extend_from_slice(&[0, 0]);
     u.extend_from_slice(payload);
-    let mut c = wire::checksum_of(
-        wire::pseudo_sum(src, dst, 17, u.len() as u32) + wire::sum(&u),
-    );
+    let mut c = wire::checksum_of(wire::pseudo_sum(src, dst, 17, u.len() as u32) + wire::sum(&u));
     if c == 0 {
         c = 0xffff;
     }

@@ -83,6 +83,9 @@ pub struct Flow {
 
 /// How the packets are made.
 pub struct Generator {
+    seed: u64,
+    /// Packets generated so far (queued ones not counted).
+    made: u64,
     rng: Rng,
     world: World,
     /// Flows recently seen forwarded (replies and ICMP errors quote them).
@@ -106,6 +109,8 @@ const TCP_URG: u8 = 0x20;
 impl Generator {
     pub fn new(seed: u64, tc_percent: u32) -> Self {
         Self {
+            seed,
+            made: 0,
             rng: Rng::new(seed),
             world: World::standard(),
             flows: VecDeque::new(),
@@ -122,10 +127,17 @@ impl Generator {
         self.flows.push_back(flow);
     }
 
-    pub fn next(&mut self) -> Input {
+    pub fn packet(&mut self) -> Input {
         if let Some(queued) = self.queue.pop_front() {
             return queued;
         }
+        // Each packet draws from its own generator, seeded by the run's seed
+        // and its number: where the datapath's answers differ between runs
+        // (a backend chosen after a time-based ejection, say), only packets
+        // that answer those flows differ, not everything after them.
+        self.rng = Rng::new(self.seed ^ self.made.wrapping_mul(0xd6e8_feb8_6659_fd93));
+        self.rng.u64();
+        self.made += 1;
         let program = if self.rng.percent(self.tc_percent) {
             Program::Tc
         } else {
@@ -133,13 +145,13 @@ impl Generator {
         };
         let roll = self.rng.below(100);
         let mut input = match roll {
-            0..35 => self.to_service(program),
+            0..35 => self.for_a_service(program),
             35..55 => self.reply(program),
             55..65 => self.icmp_error(program),
             65..73 => self.other_protocol(program),
             73..80 => self.fragments(program),
             80..84 => self.noise(program),
-            _ => self.to_service(program),
+            _ => self.for_a_service(program),
         };
         // Truncation at every offset, now and then for a whole packet (one
         // in 500: about a fifth of all packets are such prefixes).
@@ -286,7 +298,11 @@ impl Generator {
             ip
         } else {
             let h = V4 {
-                tos: if self.rng.percent(5) { self.rng.u8() } else { 0 },
+                tos: if self.rng.percent(5) {
+                    self.rng.u8()
+                } else {
+                    0
+                },
                 id: self.rng.u16(),
                 frag: if self.rng.percent(50) { 0x4000 } else { 0 },
                 ttl,
@@ -394,7 +410,7 @@ impl Generator {
 
     /// From a client to a service, or close by (another port, protocol or
     /// VIP of the same family).
-    fn to_service(&mut self, program: Program) -> Input {
+    fn for_a_service(&mut self, program: Program) -> Input {
         let svc = self.rng.pick(&self.world.services).clone();
         let v6 = svc.vip.is_ipv6();
         let (mut vip, mut port, mut proto) = (svc.vip, svc.port, svc.proto);
@@ -554,7 +570,11 @@ impl Generator {
             [0; 4]
         };
         let (sender, ingress, kind) = match self.rng.below(10) {
-            0..6 => (flow.backend.ip(), Side::Backends, "ICMP error from the backend"),
+            0..6 => (
+                flow.backend.ip(),
+                Side::Backends,
+                "ICMP error from the backend",
+            ),
             6..8 => {
                 let router = self.world.routers[usize::from(v6)];
                 (router, Side::Backends, "ICMP error from a router")
@@ -590,9 +610,17 @@ impl Generator {
         };
         let (proto, l4, kind) = match self.rng.below(4) {
             0 => {
-                let (t, p) = if v6 { (128, PROTO_ICMPV6) } else { (8, PROTO_ICMP) };
+                let (t, p) = if v6 {
+                    (128, PROTO_ICMPV6)
+                } else {
+                    (8, PROTO_ICMP)
+                };
                 let body = self.payload();
-                (p, build::icmp(src, dst, t, 0, [0, 1, 0, 1], &body), "ICMP echo")
+                (
+                    p,
+                    build::icmp(src, dst, t, 0, [0, 1, 0, 1], &body),
+                    "ICMP echo",
+                )
             }
             _ => {
                 // GRE, ESP, SCTP, IP-in-IP, no next header, 0 and 255.
@@ -695,7 +723,7 @@ impl Generator {
                 build::ethernet(dmac, smac, 0x0806, &body)
             }
             1 | 2 => {
-                let inner = self.to_service(program).bytes;
+                let inner = self.for_a_service(program).bytes;
                 let tpid = if self.rng.percent(50) { 0x8100 } else { 0x88a8 };
                 let mut f = inner[..12].to_vec();
                 f.extend_from_slice(&u16::to_be_bytes(tpid));
@@ -704,7 +732,7 @@ impl Generator {
                 f
             }
             3 => {
-                let mut f = self.to_service(program).bytes;
+                let mut f = self.for_a_service(program).bytes;
                 if f.len() > 14 {
                     f[14] = (self.rng.u8() & 0xf0) | (f[14] & 0x0f);
                 }

@@ -113,10 +113,7 @@ impl Failure {
 
 impl fmt::Display for Failure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let finding = self
-            .finding
-            .map(|f| format!("[{f}] "))
-            .unwrap_or_default();
+        let finding = self.finding.map(|f| format!("[{f}] ")).unwrap_or_default();
         writeln!(
             f,
             "{finding}seed {} packet #{} ({}, through {}, arriving on the {} side): {:?}: {}",
@@ -266,7 +263,7 @@ fn run_inside(bed: &mut Bed, opts: &Options) -> Result<Report> {
     };
     let started = Instant::now();
     for index in 0..opts.count {
-        let mut input = generator.next();
+        let mut input = generator.packet();
         if input.program == Program::Tc && !tc_runner_takes(&input.bytes) {
             input.program = Program::Xdp;
         }

@@ -247,9 +247,9 @@ impl World {
         port: Option<u16>,
         proto: u8,
     ) -> impl Iterator<Item = &Service> {
-        self.services.iter().filter(move |s| {
-            s.vip == vip && s.proto == proto && port.is_none_or(|p| p == s.port)
-        })
+        self.services
+            .iter()
+            .filter(move |s| s.vip == vip && s.proto == proto && port.is_none_or(|p| p == s.port))
     }
 
     /// Services that have `backend` (`port` None: any of its ports).
