@@ -84,13 +84,69 @@ socket_lb:
 
 /// Words that mean something to the parser, and values of every kind.
 const WORDS: &[&str] = &[
-    "interfaces", "services", "name", "vip", "port", "protocol", "backends", "address",
-    "weight", "forwarding", "snat_ip", "failure", "discovery", "dns", "etcd", "conntrack",
-    "maglev", "limits", "pinning", "kubernetes", "socket_lb", "attach", "max_entries",
-    "table_size", "endpoints", "prefix", "record", "tcp", "udp", "snat", "dnat", "auto",
-    "10.0.0.1", "fd00::1", "\"[fd00::1]:80\"", "10.0.1.1:8080", "0", "-1", "65536",
-    "4294967296", "1e9", "0x10", "~", "null", "true", "yes", "\"\"", "[]", "{}", "- ",
-    ": ", "&a", "*a", "!!str", "|", ">", "#", "'", "\"", "\t", "\u{0}", "é", "🦀",
+    "interfaces",
+    "services",
+    "name",
+    "vip",
+    "port",
+    "protocol",
+    "backends",
+    "address",
+    "weight",
+    "forwarding",
+    "snat_ip",
+    "failure",
+    "discovery",
+    "dns",
+    "etcd",
+    "conntrack",
+    "maglev",
+    "limits",
+    "pinning",
+    "kubernetes",
+    "socket_lb",
+    "attach",
+    "max_entries",
+    "table_size",
+    "endpoints",
+    "prefix",
+    "record",
+    "tcp",
+    "udp",
+    "snat",
+    "dnat",
+    "auto",
+    "10.0.0.1",
+    "fd00::1",
+    "\"[fd00::1]:80\"",
+    "10.0.1.1:8080",
+    "0",
+    "-1",
+    "65536",
+    "4294967296",
+    "1e9",
+    "0x10",
+    "~",
+    "null",
+    "true",
+    "yes",
+    "\"\"",
+    "[]",
+    "{}",
+    "- ",
+    ": ",
+    "&a",
+    "*a",
+    "!!str",
+    "|",
+    ">",
+    "#",
+    "'",
+    "\"",
+    "\t",
+    "\u{0}",
+    "é",
+    "🦀",
 ];
 
 fn token_soup() -> impl Strategy<Value = String> {
@@ -231,11 +287,20 @@ fn refusals_found_by_fuzzing_say_where() {
          settings (interfaces:, services:, ...) at line 1 column 1"
     );
     let e = error("interfaces:\n  - name: a\nlimits: {}\nlimits: {}\n");
-    assert!(e.contains("duplicate field `limits`") && e.contains("lines 3, 4"), "{e}");
+    assert!(
+        e.contains("duplicate field `limits`") && e.contains("lines 3, 4"),
+        "{e}"
+    );
     let e = error("interfaces:\n  - name: a\x0e\n");
-    assert!(e.contains("control characters") && e.contains("line 2 column 12"), "{e}");
+    assert!(
+        e.contains("control characters") && e.contains("line 2 column 12"),
+        "{e}"
+    );
     let e = error(" interfaces:\n  - name: a\nservices: []\n");
-    assert!(e.contains("line 1 is indented by 1") && e.contains("line 3"), "{e}");
+    assert!(
+        e.contains("line 1 is indented by 1") && e.contains("line 3"),
+        "{e}"
+    );
     let e = error("interfaces: []\n---\nservices: []\n");
     assert!(e.contains("document markers on lines 2"), "{e}");
 }

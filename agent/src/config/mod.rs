@@ -71,14 +71,12 @@ pub fn parse(text: &str, path: &str) -> Result<Validated, ConfigError> {
 /// some of its errors (a key given twice, a character YAML refuses, a file
 /// that isn't a mapping) come without a line.
 fn located(e: &serde_yaml::Error, text: &str) -> String {
-    let message = e
-        .to_string()
-        .replace("expected struct Config", "expected the config's settings (interfaces:, services:, ...)");
+    let message = e.to_string().replace(
+        "expected struct Config",
+        "expected the config's settings (interfaces:, services:, ...)",
+    );
     if message.contains(" line ") {
         return message;
-    }
-    if let Some(at) = e.location() {
-        return format!("{message} at line {} column {}", at.line(), at.column());
     }
     // "control characters are not allowed at position N" (a byte offset).
     if let Some(offset) = message
@@ -102,7 +100,8 @@ fn located(e: &serde_yaml::Error, text: &str) -> String {
             .enumerate()
             .filter(|(_, l)| {
                 let l = l.trim_start().trim_start_matches("- ");
-                l.strip_prefix(key).is_some_and(|rest| rest.trim_start().starts_with(':'))
+                l.strip_prefix(key)
+                    .is_some_and(|rest| rest.trim_start().starts_with(':'))
             })
             .map(|(i, _)| (i + 1).to_string())
             .take(5)
@@ -121,7 +120,10 @@ fn located(e: &serde_yaml::Error, text: &str) -> String {
         .collect();
     if message.contains("more than one document") {
         if !separators.is_empty() {
-            return format!("{message} (document markers on lines {})", separators.join(", "));
+            return format!(
+                "{message} (document markers on lines {})",
+                separators.join(", ")
+            );
         }
         // An indented first line makes YAML end the document at the first
         // line that is less indented.
@@ -144,6 +146,11 @@ fn located(e: &serde_yaml::Error, text: &str) -> String {
                  which is indented less)"
             );
         }
+    }
+    // Else serde_yaml's own position (for a key given twice it is the
+    // start of the mapping, hence last).
+    if let Some(at) = e.location() {
+        return format!("{message} at line {} column {}", at.line(), at.column());
     }
     message
 }
