@@ -245,7 +245,9 @@ fn check(text: &str) -> Result<(), TestCaseError> {
             prop_assert!(text.starts_with("config file c.yaml: "), "{text}");
             // It says where: a line (serde_yaml's, or `located`'s), or the
             // field for a whole-file problem.
-            let located = text.contains(" line ") || text.contains(" lines ");
+            let located = [" line ", "(line ", " lines "]
+                .iter()
+                .any(|w| text.contains(w));
             prop_assert!(located, "a parse error that doesn't say where: {text}");
         }
         Err(e @ ConfigError::Read { .. }) => prop_assert!(false, "read error from text: {e}"),
