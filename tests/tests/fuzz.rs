@@ -35,21 +35,16 @@ fn fuzz_with(seed: u64) -> Result<()> {
         "forwarded to a backend (snat)",
         "forwarded reply to a client (dnat)",
         "forwarded reply to a client (snat)",
+        "forwarded (XDP_TX)",
         "passed untouched",
         "dropped: truncated",
+        "passed, ICMP error translated",
     ] {
         assert!(
-            report.classes.get(class).copied().unwrap_or(0) > 0,
+            report.classes.keys().any(|c| c.starts_with(class)),
             "seed {seed}: no output of class {class:?}"
         );
     }
-    assert!(
-        report
-            .classes
-            .keys()
-            .any(|c| c.starts_with("passed, ICMP error translated")),
-        "seed {seed}: no ICMP error was translated"
-    );
     assert!(report.verified > 0, "seed {seed}: no checksum verified");
     Ok(())
 }

@@ -256,7 +256,7 @@ impl Oracle {
                     ));
                 };
                 let mut j = self.rewrite(input, out, None, ingress, program)?;
-                j.class = format!("passed rewritten ({}), counted: {}", j.class, name(code));
+                j.class = format!("passed {}, counted: {}", j.class, name(code));
                 Ok(j)
             }
             Verdict::Tx | Verdict::Redirect => {
@@ -407,24 +407,22 @@ impl Oracle {
         if let Some(verdict) = verdict {
             next_hop(&self.world, out, vout.dst, verdict, ingress, program)?;
         }
-        let mut j = Judgement::class(format!(
-            "{} {} ({})",
-            if verdict.is_some() {
-                "forwarded"
-            } else {
-                "rewritten"
-            },
-            if to_backend {
-                "to a backend"
-            } else {
-                "reply to a client"
-            },
-            if service.snat.is_some() {
-                "snat"
-            } else {
-                "dnat"
-            },
-        ));
+        let how = match verdict {
+            Some(Verdict::Tx) => "forwarded (XDP_TX)",
+            Some(_) => "forwarded",
+            None => "rewritten",
+        };
+        let way = if to_backend {
+            "to a backend"
+        } else {
+            "reply to a client"
+        };
+        let mode = if service.snat.is_some() {
+            "snat"
+        } else {
+            "dnat"
+        };
+        let mut j = Judgement::class(format!("{how} {way} ({mode})"));
         checksums(input, out, &vin, &vout, &mut j)?;
         if to_backend
             && let (Some(client), Some(from), Some(backend)) = (src_in, src_out, dst_out)
