@@ -240,9 +240,20 @@ impl Oracle {
                     ));
                 }
                 if out == input {
-                    return Ok(Judgement::class(match reason {
-                        None => "passed untouched".to_string(),
-                        Some(code) => format!("passed untouched, counted: {}", name(code)),
+                    // Said apart: TCP/UDP addressed to a service's VIP and
+                    // port that the datapath left to the kernel uncounted.
+                    let to_service = parse(input).is_some_and(|v| {
+                        v.ports(input).is_some_and(|(_, dport)| {
+                            self.world
+                                .services_at(v.dst, Some(dport), v.proto)
+                                .next()
+                                .is_some()
+                        })
+                    });
+                    return Ok(Judgement::class(match (reason, to_service) {
+                        (None, false) => "passed untouched".to_string(),
+                        (None, true) => "passed untouched, to a service".to_string(),
+                        (Some(code), _) => format!("passed untouched, counted: {}", name(code)),
                     }));
                 }
                 let v = parse(input).ok_or("passed changed, and it isn't IP")?;
