@@ -940,6 +940,13 @@ mod tests {
         let p = to_vip();
         assert_eq!(
             judge(&o, &p, Verdict::Pass, &p, None).unwrap().class,
+            "passed untouched, to a service"
+        );
+        let other = tcp_frame(sa(CLIENT), sa("10.100.0.9:80"), 64, T1_MAC, CLIENT_MAC);
+        assert_eq!(
+            judge(&o, &other, Verdict::Pass, &other, None)
+                .unwrap()
+                .class,
             "passed untouched"
         );
         assert!(
