@@ -15,6 +15,7 @@ const KNOWN: &[&str] = &[
     finding::IP_VERSION,
     finding::IPV6_FRAGMENT_HEADERS,
     finding::PAST_IP_END,
+    finding::SEVERAL_REASONS,
 ];
 
 fn fuzz_with(seed: u64) -> Result<()> {

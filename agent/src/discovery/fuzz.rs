@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use super::{
     DiscoveryError,
     etcd::{Snapshot, apply_watch_message, backends},
-    kubernetes::{Locality, desired},
+    kubernetes::{Locality, Trust, desired},
 };
 use crate::config::MAX_WEIGHT;
 
@@ -216,7 +216,9 @@ fn check_kubernetes(svc: Value, slice: Value) -> Result<(), TestCaseError> {
         node: Some("node-1"),
         zone: Some("zone-a"),
     };
-    for service in desired(&[Arc::new(svc)], &[Arc::new(slice)], &spec, &here) {
+    let trust = Trust::new(&spec, &[]);
+    let found = desired(&[Arc::new(svc)], &[Arc::new(slice)], &spec, &here, &trust);
+    for service in found.services {
         for (addr, weight) in &service.backends {
             prop_assert_eq!(
                 addr.is_ipv4(),
@@ -246,8 +248,9 @@ fn the_kubernetes_pair_gives_backends() {
         &[Arc::new(slice)],
         &spec,
         &Locality::default(),
+        &Trust::new(&spec, &[]),
     );
-    assert_eq!(found[0].backends.len(), 2, "{found:?}");
+    assert_eq!(found.services[0].backends.len(), 2, "{:?}", found.services);
 }
 
 proptest! {

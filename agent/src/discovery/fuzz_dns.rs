@@ -172,7 +172,15 @@ fn resolve(record: DnsRecord, v4: bool, srv: Answer, addrs: Answer) -> Result<Ou
             min_interval: Duration::from_secs(1),
             max_interval: Duration::from_secs(10),
         };
-        let provider = tokio::spawn(dns::run(source, v4, reporter));
+        let vip: IpAddr = if v4 {
+            Ipv4Addr::new(10, 0, 0, 1).into()
+        } else {
+            "fd00::1"
+                .parse::<Ipv6Addr>()
+                .expect("an IPv6 literal")
+                .into()
+        };
+        let provider = tokio::spawn(dns::run(source, vip, reporter));
         let first = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await;
         provider.abort();
         server.abort();

@@ -42,7 +42,16 @@ pub mod finding {
     /// Bytes past the IP packet's own end (Ethernet padding) rewritten, as
     /// the quoted checksum of a translated ICMP error.
     pub const PAST_IP_END: &str = "past-ip-end";
-    pub const ALL: &[&str] = &[IP_VERSION, IPV6_FRAGMENT_HEADERS, PAST_IP_END];
+    /// One packet counted under more than one reason (everything else
+    /// about it right): the per-reason totals no longer add up to packets,
+    /// and a packet dropped or forwarded shows in a total of passes.
+    pub const SEVERAL_REASONS: &str = "several-reasons";
+    pub const ALL: &[&str] = &[
+        IP_VERSION,
+        IPV6_FRAGMENT_HEADERS,
+        PAST_IP_END,
+        SEVERAL_REASONS,
+    ];
 }
 
 /// Why an output was refused, and the named defect it shows, if known.
@@ -66,6 +75,17 @@ fn diagnose(input: &[u8], out: &[u8]) -> Option<&'static str> {
         return Some(finding::PAST_IP_END);
     }
     None
+}
+
+fn reason_name(code: usize) -> &'static str {
+    reason::ALL
+        .get(code)
+        .map(|r| r.name)
+        .unwrap_or("(unknown code)")
+}
+
+fn dropping(code: usize) -> bool {
+    reason::ALL.get(code).is_some_and(|r| r.dropped)
 }
 
 /// What the program returned, in XDP's terms (TC's mapped onto them).
@@ -179,6 +199,37 @@ impl Oracle {
         out: &[u8],
         counted: &[u64],
     ) -> Result<Judgement, Refusal> {
+        let grown: Vec<(usize, u64)> = counted
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| **n > 0)
+            .map(|(i, n)| (i, *n))
+            .collect();
+        if grown.len() > 1 || grown.iter().any(|(_, n)| *n > 1) {
+            // Refused, but judged for everything else too, as if only the
+            // reason that fits the verdict (the one that drops, for a drop)
+            // were counted: the run tells this defect from any other.
+            let list: Vec<String> = grown
+                .iter()
+                .map(|(c, n)| format!("{} +{n}", reason_name(*c)))
+                .collect();
+            let list = list.join(", ");
+            let fits = |code: usize| dropping(code) == (verdict == Verdict::Drop);
+            let mut one = vec![0; counted.len()];
+            if let Some((code, _)) = grown.iter().find(|(c, _)| fits(*c)).or(grown.first()) {
+                one[*code] = 1;
+            }
+            return match self.judge_bytes(input, ingress, program, verdict, out, &one) {
+                Ok(_) => Err(Refusal {
+                    why: format!("more than one count for one packet: {list}"),
+                    finding: Some(finding::SEVERAL_REASONS),
+                }),
+                Err(why) => Err(Refusal {
+                    why: format!("{why} (counted: {list})"),
+                    finding: diagnose(input, out),
+                }),
+            };
+        }
         self.judge_bytes(input, ingress, program, verdict, out, counted)
             .map_err(|why| Refusal {
                 finding: diagnose(input, out),
@@ -195,30 +246,10 @@ impl Oracle {
         out: &[u8],
         counted: &[u64],
     ) -> Result<Judgement, String> {
-        let grown: Vec<(usize, u64)> = counted
-            .iter()
-            .enumerate()
-            .filter(|(_, n)| **n > 0)
-            .map(|(i, n)| (i, *n))
-            .collect();
-        let name = |code: usize| {
-            reason::ALL
-                .get(code)
-                .map(|r| r.name)
-                .unwrap_or("(unknown code)")
-        };
-        if grown.len() > 1 || grown.iter().any(|(_, n)| *n > 1) {
-            let list: Vec<String> = grown
-                .iter()
-                .map(|(c, n)| format!("{} +{n}", name(*c)))
-                .collect();
-            return Err(format!(
-                "more than one count for one packet: {}",
-                list.join(", ")
-            ));
-        }
-        let reason = grown.first().map(|(c, _)| *c);
-        let drops = |code: usize| reason::ALL.get(code).is_some_and(|r| r.dropped);
+        let grown: Vec<usize> = (0..counted.len()).filter(|&c| counted[c] > 0).collect();
+        let name = reason_name;
+        let drops = dropping;
+        let reason = grown.first().copied();
         match verdict {
             Verdict::Aborted => Err("aborted (XDP_ABORTED)".into()),
             Verdict::Other(rc) => Err(format!("unexpected return code {rc}")),
@@ -927,10 +958,17 @@ mod tests {
         assert!(judge(&o, &p, Verdict::Drop, &p, Some(reason::SHORT_FRAME)).is_err());
         let mut two = counted(Some(reason::TRUNCATED));
         two[reason::BAD_LENGTH as usize] = 1;
-        assert!(
-            o.judge(&p, Side::Clients, Program::Xdp, Verdict::Drop, &p, &two)
-                .is_err()
-        );
+        let refusal = o
+            .judge(&p, Side::Clients, Program::Xdp, Verdict::Drop, &p, &two)
+            .unwrap_err();
+        assert_eq!(refusal.finding, Some(finding::SEVERAL_REASONS));
+        // A drop counted under its reason and one that passes (a note).
+        let mut noted = counted(Some(reason::TRUNCATED));
+        noted[reason::MALFORMED as usize] = 1;
+        let refusal = o
+            .judge(&p, Side::Clients, Program::Xdp, Verdict::Drop, &p, &noted)
+            .unwrap_err();
+        assert_eq!(refusal.finding, Some(finding::SEVERAL_REASONS));
         assert!(judge(&o, &p, Verdict::Aborted, &p, None).is_err());
     }
 
