@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod fib;
+pub mod fuzz;
 pub mod helm;
 pub mod kube_mock;
 pub mod packet;

@@ -46,6 +46,19 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Fuzzers (docs/fuzzing.md). `datapath`: generated and mutated packets
+    /// through the kernel programs, judged by an independent oracle
+    /// (`--count N`, `--seed S`, `--known FINDING,…`, `--replay HEX
+    /// --program xdp|tc --ingress clients|backends`). `config`: the config
+    /// parser and discovery decoders under proptest (`--cases N`).
+    ///
+    /// Examples: `cargo xtask fuzz datapath --count 1000000 --seed 7`,
+    /// `cargo xtask fuzz config --cases 20000`
+    Fuzz {
+        which: String,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Install what the build and the tests need, and nothing else.
     Setup,
 }
@@ -76,6 +89,7 @@ fn main() -> Result<()> {
             }
             test(&test_args)
         }
+        Task::Fuzz { which, args } => fuzz(&which, &args),
         Task::Bench { which, args } => {
             prereqs::ensure(prereqs::Need::Tests)?;
             let (bin, uses_agent) = match which.as_str() {
@@ -124,6 +138,55 @@ fn main() -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// `cargo xtask fuzz datapath|config ARGS`.
+fn fuzz(which: &str, args: &[String]) -> Result<()> {
+    let mut a: Vec<String> = Vec::new();
+    let mut envs: Vec<(&str, String)> = Vec::new();
+    match which {
+        "datapath" => {
+            prereqs::ensure(prereqs::Need::Tests)?;
+            step("building and running the datapath fuzzer (release)");
+            a.extend(
+                [
+                    "run",
+                    "--release",
+                    "--locked",
+                    "-p",
+                    "sluice-tests",
+                    "--bin",
+                    "fuzz-datapath",
+                    "--",
+                ]
+                .map(String::from),
+            );
+            a.extend(args.iter().cloned());
+        }
+        "config" => {
+            prereqs::ensure(prereqs::Need::Build)?;
+            let cases = match args {
+                [] => "5000".to_string(),
+                [flag, n] if flag == "--cases" => n.clone(),
+                _ => bail!("cargo xtask fuzz config [--cases N]"),
+            };
+            step(&format!(
+                "fuzzing the config parser and discovery decoders ({cases} cases each)"
+            ));
+            envs.push(("PROPTEST_CASES", cases));
+            a.extend(["test", "--locked", "-p", "sluice", "--lib", "fuzz"].map(String::from));
+        }
+        other => bail!("unknown fuzzer {other:?}; available: datapath, config"),
+    }
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(&a)
+        .envs(envs)
+        .current_dir(workspace_root())
+        .status()?;
+    if !status.success() {
+        bail!("fuzzer {which} failed");
+    }
+    Ok(())
 }
 
 pub fn step(what: &str) {

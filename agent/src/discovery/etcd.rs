@@ -58,9 +58,9 @@ fn one() -> u32 {
 
 /// What the watch has seen: every key's raw value, and the revision the
 /// next watch starts after.
-struct Snapshot {
-    revision: i64,
-    values: BTreeMap<Vec<u8>, Vec<u8>>,
+pub(super) struct Snapshot {
+    pub(super) revision: i64,
+    pub(super) values: BTreeMap<Vec<u8>, Vec<u8>>,
 }
 
 impl Snapshot {
@@ -241,7 +241,7 @@ async fn session(
 
 /// Applies one watch message. Ok(true) when keys changed; an error means
 /// the watch can't resume where it was: list again.
-fn apply_watch_message(snap: &mut Snapshot, message: &Value) -> Result<bool, EtcdError> {
+pub(super) fn apply_watch_message(snap: &mut Snapshot, message: &Value) -> Result<bool, EtcdError> {
     if let Some(error) = message.get("error") {
         return Err(EtcdError::WatchFailed(error.clone()));
     }
@@ -371,7 +371,7 @@ async fn report(snap: &Snapshot, reporter: &Reporter) {
     reporter.send(outcome).await;
 }
 
-fn backends(snap: &Snapshot) -> Result<Backends, DiscoveryError> {
+pub(super) fn backends(snap: &Snapshot) -> Result<Backends, DiscoveryError> {
     snap.values
         .iter()
         .map(|(key, value)| {

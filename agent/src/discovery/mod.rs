@@ -16,6 +16,10 @@
 mod dns;
 mod error;
 mod etcd;
+#[cfg(test)]
+mod fuzz;
+#[cfg(test)]
+mod fuzz_dns;
 pub mod kubernetes;
 mod quarantine;
 #[cfg(test)]
