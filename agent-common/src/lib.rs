@@ -205,8 +205,14 @@ pub struct ServiceStats {
     pub fail_open: u64,
     /// New flows dropped over the service's per-CPU budget (services only).
     pub over_budget: u64,
+    /// ICMP errors, RSTs or SYN-ACKs about the service's flows that are no
+    /// trustworthy answer to a SYN (from the client's side, a code that
+    /// doesn't mean "down", not acknowledging the SYN, not a connect in
+    /// progress, or a second one for the same attempt): counted neither for
+    /// nor against a backend (services only).
+    pub untrusted_signals: u64,
 }
-const _: () = assert!(core::mem::size_of::<ServiceStats>() == 104);
+const _: () = assert!(core::mem::size_of::<ServiceStats>() == 112);
 
 /// Failure policy of a service (array by service id), written by the agent.
 #[repr(C)]

@@ -63,20 +63,14 @@ reasons! {
     /// A TCP SYN to a VIP whose IPv4 header or TCP checksum is wrong: the
     /// backend would drop it, so it creates no state and is dropped here.
     BAD_CHECKSUM = 16, "bad_checksum", true;
-    /// An ICMP error, RST or SYN-ACK about a flow that is not a trustworthy
-    /// answer to its SYN (from the client's side, a code that doesn't mean
-    /// "down", not acknowledging the SYN, not a connect in progress, or a
-    /// second one for the same attempt): not counted for or against the
-    /// backend; the packet goes on as usual.
-    UNTRUSTED_SIGNAL = 17, "untrusted_signal", false;
     /// A new flow over its service's per-CPU budget of new flows per second
     /// (`new_flows_per_second`): a flood must not exhaust the flow tables
     /// or the CPU. Dropped.
-    NEW_FLOW_BUDGET = 18, "new_flow_budget", true;
+    NEW_FLOW_BUDGET = 17, "new_flow_budget", true;
     /// A TCP RST of no tracked flow to an SNAT service: which port its flow
     /// had is gone, so it is passed untouched. (With DNAT it goes to the
     /// Maglev choice, untracked: a RST creates no state.)
-    UNTRACKED_RST = 19, "untracked_rst", false;
+    UNTRACKED_RST = 18, "untracked_rst", false;
 }
 
 pub const COUNT: u32 = ALL.len() as u32;

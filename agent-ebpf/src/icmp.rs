@@ -10,7 +10,7 @@ use core::mem;
 
 use agent_common::{
     FAMILY_V4, FLOW_F_FAILURE_COUNTED, FLOW_F_REVERSE, FlowKey, PROTO_TCP, PROTO_UDP, flow_state,
-    prefilter, reason,
+    prefilter,
 };
 
 use crate::{
@@ -25,7 +25,7 @@ use crate::{
     maps::{CONNTRACK, HALF_OPEN, scratch},
     packet::{Action, Ctx, ETH_LEN, copy_addr, ptr_at},
     service::prefilter_hit,
-    stats::count,
+    stats::with_stats,
 };
 
 /// ICMP destination-unreachable codes that say the backend (or the way to
@@ -82,6 +82,25 @@ pub fn error(ctx: &Ctx, l4: usize, family: u8) -> Action {
     if !too_big && !unreachable {
         return Action::Pass;
     }
+    // Where the message ends: a frame may carry padding after it, which is
+    // no part of what the message quotes (or of its checksum).
+    let msg_end = if family == FAMILY_V4 {
+        match ptr_at::<Ipv4>(ctx, ETH_LEN) {
+            // SAFETY: checked by ptr_at.
+            Some(ip) => ETH_LEN + usize::from(u16::from_be(unsafe { (*ip).tot_len })),
+            None => return Action::Pass,
+        }
+    } else {
+        match ptr_at::<Ipv6>(ctx, ETH_LEN) {
+            // SAFETY: checked by ptr_at.
+            Some(ip) => {
+                ETH_LEN
+                    + mem::size_of::<Ipv6>()
+                    + usize::from(u16::from_be(unsafe { (*ip).payload_len }))
+            }
+            None => return Action::Pass,
+        }
+    };
     // The quoted packet: its IP header, then at least 8 bytes of TCP/UDP.
     let inner = l4 + ICMP_HDR_LEN;
     let (proto, src, dst, inner_l4) = if family == FAMILY_V4 {
@@ -107,6 +126,10 @@ pub fn error(ctx: &Ctx, l4: usize, family: u8) -> Action {
         (next, src, dst, inner + mem::size_of::<Ipv6>())
     };
     if proto != PROTO_TCP && proto != PROTO_UDP {
+        return Action::Pass;
+    }
+    // The ports must be inside the message, not in padding after it.
+    if inner_l4 + mem::size_of::<Ports>() > msg_end {
         return Action::Pass;
     }
     let Some(ports) = ptr_at::<Ports>(ctx, inner_l4) else {
@@ -150,8 +173,7 @@ pub fn error(ctx: &Ctx, l4: usize, family: u8) -> Action {
             quote_as_sent(
                 ctx,
                 icmp,
-                inner,
-                inner_l4,
+                (inner, inner_l4, msg_end),
                 family,
                 proto,
                 &s.key,
@@ -167,7 +189,7 @@ pub fn error(ctx: &Ctx, l4: usize, family: u8) -> Action {
     let f = unsafe { &mut *forward };
     if !down || !counts_against_backend(ctx, family, f, reply.backend_id, proto, &s.reverse_key.src)
     {
-        count(reason::UNTRUSTED_SIGNAL);
+        with_stats(true, f.service_id, |st| st.untrusted_signals += 1);
         return Action::Pass;
     }
     f.flags |= FLOW_F_FAILURE_COUNTED;
@@ -223,22 +245,18 @@ fn counts_against_backend(
     !from_client
 }
 
-/// Rewrites an ICMP error (`icmp`: its type, code and checksum) whose quoted packet (IP header at
-/// `inner`, TCP/UDP at `inner_l4`) went to a backend, so that it quotes the
+/// Rewrites an ICMP error (`icmp`: its type, code and checksum) whose quoted
+/// packet (offsets: IP header, TCP/UDP header, the message's end) went to a
+/// backend, so that it quotes the
 /// packet as the client sent it (`original`: client → VIP) and goes to the
 /// client. `reply` is the reply entry's key (backend → the quoted source).
 /// The quoted IPv4 header checksum, the quoted L4 checksum (when quoted), the
 /// outer destination and the ICMP checksum are all fixed incrementally.
 #[inline(always)]
-#[expect(
-    clippy::too_many_arguments,
-    reason = "offsets found by the caller's parse"
-)]
 fn quote_as_sent(
     ctx: &Ctx,
     icmp: *mut [u8; 4],
-    inner: usize,
-    inner_l4: usize,
+    (inner, inner_l4, msg_end): (usize, usize, usize),
     family: u8,
     proto: u8,
     reply: &FlowKey,
@@ -252,7 +270,7 @@ fn quote_as_sent(
         .word16(reply.dport, original.sport)
         .word16(reply.sport, original.dport);
     // What changes inside the ICMP message (its checksum covers it).
-    let mut message = segment;
+    let mut message = addrs;
     if family == FAMILY_V4 {
         let Some(ip) = ptr_at::<Ipv4>(ctx, inner) else {
             return;
@@ -276,12 +294,18 @@ fn quote_as_sent(
             copy_addr(&mut (*ip).dst, &original.dst);
         }
     }
-    if let Some(ports) = ptr_at::<Ports>(ctx, inner_l4) {
+    // The ports, if the message quotes them.
+    if inner_l4 + mem::size_of::<Ports>() <= msg_end
+        && let Some(ports) = ptr_at::<Ports>(ctx, inner_l4)
+    {
         // SAFETY: inside the packet (ptr_at).
         unsafe {
             (*ports).src = original.sport;
             (*ports).dst = original.dport;
         }
+        message = message
+            .word16(reply.dport, original.sport)
+            .word16(reply.sport, original.dport);
     }
     let check_at = if proto == PROTO_TCP {
         inner_l4 + TCP_CHECK_OFFSET
@@ -289,7 +313,9 @@ fn quote_as_sent(
         inner_l4 + UDP_CHECK_OFFSET
     };
     // Quoted only when the error quotes enough of the segment.
-    if let Some(check) = ptr_at::<u16>(ctx, check_at) {
+    if check_at + 2 <= msg_end
+        && let Some(check) = ptr_at::<u16>(ctx, check_at)
+    {
         // SAFETY: inside the packet (ptr_at).
         unsafe {
             let old = *check;

@@ -135,6 +135,11 @@ fn ipv4(ctx: &Ctx, stages: &impl Next) -> Result<Parsed, Action> {
         )
     };
     let proto = (ttl_proto >> 8) as u8;
+    // A version that contradicts the Ethernet type: nothing here can be
+    // trusted to be what it seems.
+    if vihl >> 4 != 4 {
+        return Err(stages.unhandled(&[src, 0, 0, 0], &[dst, 0, 0, 0], reason::MALFORMED));
+    }
     if proto != PROTO_TCP && proto != PROTO_UDP {
         if proto == PROTO_ICMP && frag_off & IPV4_FRAG_MASK_BE == 0 {
             return Err(stages.icmp(ctx, ETH_LEN + (vihl & 0x0f) as usize * 4, FAMILY_V4));
@@ -179,14 +184,25 @@ fn ipv6(ctx: &Ctx, stages: &impl Next) -> Result<Parsed, Action> {
         return Err(exception(reason::SHORT_FRAME));
     };
     // SAFETY: the IPv6 header is inside the packet (checked above).
-    let (mut next, src, dst, payload_len) =
-        unsafe { ((*ip).next_hdr, (*ip).src, (*ip).dst, (*ip).payload_len) };
+    let (mut next, src, dst, payload_len, version) = unsafe {
+        (
+            (*ip).next_hdr,
+            (*ip).src,
+            (*ip).dst,
+            (*ip).payload_len,
+            (*ip).vtc_flow.to_ne_bytes()[0] >> 4,
+        )
+    };
+    if version != 6 {
+        return Err(stages.unhandled(&src, &dst, reason::MALFORMED));
+    }
     let ip_end = ETH_LEN + mem::size_of::<Ipv6>() + u16::from_be(payload_len) as usize;
     // Extension headers in front of TCP/UDP: hop-by-hop, routing and
     // destination options are stepped over; a fragment header says which
     // part of the datagram this is.
     let mut l4 = ETH_LEN + mem::size_of::<Ipv6>();
     let (mut fragment, mut id) = (fragment::NONE, 0);
+    let mut seen_fragment_header = false;
     let mut parsed = 0;
     while parsed < MAX_IPV6_EXTENSIONS {
         if next == IPV6_HOP_BY_HOP || next == IPV6_ROUTING || next == IPV6_DEST_OPTS {
@@ -199,6 +215,12 @@ fn ipv6(ctx: &Ctx, stages: &impl Next) -> Result<Parsed, Action> {
             next = n;
             l4 += (usize::from(len) + 1) * 8;
         } else if next == IPV6_FRAGMENT {
+            // One datagram has one fragment header (RFC 8200 4.5): a second
+            // would make the first's payload bytes look like ports.
+            if seen_fragment_header {
+                return Err(stages.unhandled(&src, &dst, reason::MALFORMED));
+            }
+            seen_fragment_header = true;
             let Some(f) = ptr_at::<Ipv6Fragment>(ctx, l4) else {
                 return Err(stages.unhandled(&src, &dst, reason::MALFORMED));
             };

@@ -19,7 +19,7 @@ use crate::{
     maps::BACKENDS,
     packet::{Scratch, copy_addr},
     select, service,
-    stats::count,
+    stats::with_stats,
 };
 
 /// Of the client's SYN being handled: whether it was checked whole (see
@@ -44,6 +44,13 @@ pub fn start_attempt(f: &mut Flow, (verified, seq): (bool, u32)) {
     if verified {
         f.flags |= FLOW_F_VERIFIED;
     }
+}
+
+/// A signal about a flow of `service_id` that is no trustworthy answer to
+/// its SYN: counted, and otherwise ignored.
+#[inline(always)]
+fn untrusted(service_id: u32) {
+    with_stats(true, service_id, |st| st.untrusted_signals += 1);
 }
 
 /// Whether `ack` (network byte order) acknowledges the flow's SYN: only
@@ -148,7 +155,7 @@ pub fn backend_tcp(
     if flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK {
         if f.state == flow_state::SYN_SENT {
             if !acknowledges_syn(f, ack) {
-                count(reason::UNTRUSTED_SIGNAL);
+                untrusted(f.service_id);
                 return Ok(());
             }
             let now = failure::now_ns();
@@ -164,7 +171,7 @@ pub fn backend_tcp(
             || f.flags & FLOW_F_FAILURE_COUNTED != 0
             || !failure::from_backend_side(ifindex, f.backend_id, &f.new_dst)
         {
-            count(reason::UNTRUSTED_SIGNAL);
+            untrusted(f.service_id);
             return Ok(());
         }
         f.flags |= FLOW_F_FAILURE_COUNTED;

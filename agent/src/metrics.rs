@@ -114,6 +114,11 @@ fn render_datapath(shared: &Shared, out: &mut String) {
             "New flows dropped because the service's per-CPU budget of new flows per second (limits.new_flows_per_second) was spent.",
             |s| s.over_budget,
         ),
+        (
+            "sluice_service_untrusted_signals_total",
+            "ICMP errors, RSTs and SYN-ACKs about the service's flows that were not trusted as a backend's answer to a SYN (forged, from the clients' side, not acknowledging the SYN, a code that doesn't mean down): counted neither for nor against a backend.",
+            |s| s.untrusted_signals,
+        ),
     ] {
         family(out, name, "counter", help);
         for (s, st) in &services {

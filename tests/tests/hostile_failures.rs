@@ -152,8 +152,9 @@ fn forged_icmp_and_rsts_never_count_against_a_healthy_backend() -> Result<()> {
     assert_eq!(failures(&bed), 0);
     assert!(ejected(&bed).is_empty());
     // Each forgery but the path MTU message is counted as untrusted.
+    let service_id = bed.reconciler.services["web"].id;
     assert_eq!(
-        bed.reason(reason::UNTRUSTED_SIGNAL),
+        bed.reconciler.stats(true, service_id).untrusted_signals,
         6 * u64::from(rounds),
         "untrusted signals"
     );
