@@ -480,6 +480,8 @@ impl core::ops::AddAssign<&ServiceStats> for ServiceStats {
         self.opened += o.opened;
         self.closed += o.closed;
         self.fail_open += o.fail_open;
+        self.over_budget += o.over_budget;
+        self.untrusted_signals += o.untrusted_signals;
     }
 }
 
