@@ -8,7 +8,7 @@
 //! flood churns that one only.
 
 use std::{
-    io::{BufRead, BufReader, Write},
+    io::{BufRead, BufReader, Read, Write},
     net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
     sync::{
         Arc,
@@ -102,18 +102,18 @@ impl Idle {
                 ensure!(line == "still there?\n", "echoed {line:?}");
             }
             Idle::Push(r) => {
-                // What came during the flood, then a push from after it.
-                let deadline = Instant::now() + Duration::from_secs(3);
-                loop {
-                    line.clear();
-                    r.read_line(&mut line)?;
-                    ensure!(line == "push\n", "pushed {line:?}");
-                    if Instant::now() > deadline
-                        || r.buffer().is_empty() && deadline - Instant::now() < Duration::from_secs(2)
-                    {
-                        break;
-                    }
+                // What came during the flood is drained; then a push must
+                // come from after it.
+                let stream = r.get_mut();
+                stream.set_nonblocking(true)?;
+                let mut drained = [0u8; 4096];
+                while let Ok(n) = stream.read(&mut drained) {
+                    ensure!(n > 0, "the server closed the connection");
                 }
+                stream.set_nonblocking(false)?;
+                let mut fresh = [0u8; 5];
+                stream.read_exact(&mut fresh)?;
+                ensure!(fresh.contains(&b'\n'), "pushed {fresh:?}");
             }
         }
         Ok(())
@@ -156,7 +156,13 @@ fn flood(sender: RawSender, lb_mac: [u8; 6], stop: Arc<AtomicBool>) -> u64 {
         let src = Ipv4Addr::new(10, 77, (r >> 8) as u8, r as u8);
         let syn = Pkt {
             dmac: lb_mac,
-            ..Pkt::tcp(src.into(), 1024 + (r >> 16) as u16 % 60_000, FAM.vip(), 80, TCP_SYN)
+            ..Pkt::tcp(
+                src.into(),
+                1024 + (r >> 16) as u16 % 60_000,
+                FAM.vip(),
+                80,
+                TCP_SYN,
+            )
         };
         let frame = syn.bytes();
         // A batch per frame built: building costs more than sending.
@@ -181,8 +187,14 @@ fn established_connections_survive_a_syn_flood_and_new_ones_complete() -> Result
     // The flood's sources belong to the client's side: the LB routes them
     // there, and the client's kernel takes them as its own (and resets the
     // SYN-ACKs it never asked for).
-    topo.lb
-        .exec(&["ip", "route", "add", "10.77.0.0/16", "via", &FAM.client().to_string()])?;
+    topo.lb.exec(&[
+        "ip",
+        "route",
+        "add",
+        "10.77.0.0/16",
+        "via",
+        &FAM.client().to_string(),
+    ])?;
     topo.client
         .exec(&["ip", "route", "add", "local", "10.77.0.0/16", "dev", "lo"])?;
 
