@@ -84,7 +84,7 @@ fn config(cgroup: &Cgroup, pins: &Bpffs) -> String {
     );
     for proto in ["tcp", "udp"] {
         text += &format!(
-            "  - name: web-{proto}\n    vip: 10.100.0.1\n    port: 80\n    protocol: {proto}\n    failure:\n      ejection_seconds: 300\n    backends:\n"
+            "  - name: web-{proto}\n    vip: 10.100.0.1\n    port: 80\n    protocol: {proto}\n    failure:\n      ejection_seconds: 300\n      min_distinct_clients: 1\n    backends:\n"
         );
         for i in 0..3 {
             text += &format!("      - address: 10.1.{i}.2:8080\n");

@@ -70,7 +70,7 @@ fn main() -> Result<()> {
         Task::Run { agent_args } => {
             prereqs::ensure(prereqs::Need::Demo)?;
             cargo(&["build", "--release", "--locked", "-p", "sluice"])?;
-            let bin = workspace_root().join("target/release/sluice");
+            let bin = target_dir().join("release/sluice");
             if agent_args.is_empty() {
                 demo::run(&bin)
             } else {
@@ -244,6 +244,14 @@ fn lint() -> Result<()> {
 }
 
 /// `cargo SUBCOMMAND` on the eBPF crate: nightly, `bpfel-unknown-none`,
+/// Where cargo puts this workspace's builds: `CARGO_TARGET_DIR` when set
+/// (several checkouts sharing one cache), else `target/`.
+fn target_dir() -> std::path::PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
+}
+
 /// `-Z build-std=core`, release profile, into `target_dir`.
 fn ebpf_cargo(subcommand: &str, target_dir: &std::path::Path, extra: &[&str]) -> Result<()> {
     let target_dir = target_dir.to_str().context("target directory path")?;
@@ -297,7 +305,7 @@ fn test(extra: &[String]) -> Result<()> {
     let mut args = vec!["test", "--workspace", "--locked", "--no-fail-fast"];
     args.extend(extra.iter().map(String::as_str));
     // The tests would find the binary next to themselves; this makes it explicit.
-    let bin = workspace_root().join("target/debug/sluice");
+    let bin = target_dir().join("debug/sluice");
     let mut child = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .args(&args)
         .env("SLUICE_BIN", &bin)

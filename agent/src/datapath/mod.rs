@@ -243,7 +243,7 @@ impl Datapath {
             .load(object)
             .context("loading the eBPF object (maps)")?;
         let xdp: &mut Xdp = program(&mut ebpf, program::XDP)?;
-        xdp.load()
+        verify(|| xdp.load())
             .with_context(|| format!("loading program {} (kernel verifier)", program::XDP))?;
         let maps = Maps::take_all(&mut ebpf)?;
         Ok((
@@ -434,7 +434,7 @@ impl Datapath {
     fn tc_program(&mut self) -> Result<&mut SchedClassifier> {
         let tc: &mut SchedClassifier = program(&mut self.ebpf, program::TC)?;
         if !self.tc_loaded {
-            tc.load()
+            verify(|| tc.load())
                 .with_context(|| format!("loading program {} (kernel verifier)", program::TC))?;
             self.tc_loaded = true;
         }
@@ -519,6 +519,25 @@ impl Datapath {
     /// Raw access for tests and benchmarks that load extra programs.
     pub fn ebpf_mut(&mut self) -> &mut Ebpf {
         &mut self.ebpf
+    }
+}
+
+/// Loads a program, again if the kernel's verifier was interrupted: it
+/// gives up with EAGAIN when a signal arrives while it works (a child
+/// process of this one ending, say), which says nothing of the program.
+pub(crate) fn verify(
+    mut load: impl FnMut() -> Result<(), aya::programs::ProgramError>,
+) -> Result<(), aya::programs::ProgramError> {
+    let mut attempts = 0;
+    loop {
+        match load() {
+            Err(aya::programs::ProgramError::LoadError { io_error, .. })
+                if io_error.raw_os_error() == Some(libc::EAGAIN) && attempts < 5 =>
+            {
+                attempts += 1;
+            }
+            result => return result,
+        }
     }
 }
 

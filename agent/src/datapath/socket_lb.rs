@@ -24,7 +24,7 @@ impl Datapath {
         let mut links: Vec<(&str, FdLink)> = Vec::new();
         for name in names::SOCKET {
             let p: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;
-            p.load()
+            super::verify(|| p.load())
                 .with_context(|| format!("loading program {name} (kernel verifier)"))?;
             // A bpf_link attachment coexists with other programs on the cgroup
             // whatever the mode; the kernel refuses flags with links.
@@ -36,7 +36,7 @@ impl Datapath {
             }
         }
         let release: &mut CgroupSock = program(&mut self.ebpf, names::SOCK_RELEASE)?;
-        release.load().with_context(|| {
+        super::verify(|| release.load()).with_context(|| {
             format!("loading program {} (kernel verifier)", names::SOCK_RELEASE)
         })?;
         let id = release
@@ -56,7 +56,7 @@ impl Datapath {
             (names::TCP_RESET, "tcp_receive_reset"),
         ] {
             let tp: &mut RawTracePoint = program(&mut self.ebpf, name)?;
-            tp.load()
+            super::verify(|| tp.load())
                 .with_context(|| format!("loading program {name} (kernel verifier)"))?;
             let id = tp
                 .attach(tracepoint)
