@@ -13,6 +13,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 
+use crate::csum::Diff;
+
 /// The headers to restore (slot 0).
 #[map]
 pub static BENCH_FRAME: Array<BenchFrame> = Array::with_max_entries(1, 0);
@@ -54,13 +56,26 @@ pub fn bench_restore(ctx: XdpContext) -> u32 {
         let Some(counter) = BENCH_COUNTER.get_ptr_mut(0) else {
             return xdp_action::XDP_ABORTED;
         };
-        // SAFETY: a map value; both packet writes lie in the first 64 bytes.
-        // IPv4 frames: 28..30 is the low half of the source address, 34..36
-        // the source port; together 2^32 distinct flows.
+        // SAFETY: a map value; every packet access lies in the first 64
+        // bytes. IPv4 frames: 28..30 is the low half of the source address,
+        // 34..36 the source port (together 2^32 distinct flows); the IPv4
+        // header checksum (24..26) and the TCP checksum (50..52) are fixed
+        // for them, as the datapath checks a SYN whole.
         unsafe {
             *counter = (*counter).wrapping_add(1);
-            ((data + 34) as *mut u16).write_unaligned(*counter as u16);
-            ((data + 28) as *mut u16).write_unaligned((*counter >> 16) as u16);
+            let (port_at, addr_at) = ((data + 34) as *mut u16, (data + 28) as *mut u16);
+            let (old_port, old_addr) = (port_at.read_unaligned(), addr_at.read_unaligned());
+            let (new_port, new_addr) = (*counter as u16, (*counter >> 16) as u16);
+            port_at.write_unaligned(new_port);
+            addr_at.write_unaligned(new_addr);
+            let addr = Diff::default().word16(old_addr, new_addr);
+            let ip_check = (data + 24) as *mut u16;
+            ip_check.write_unaligned(addr.apply(ip_check.read_unaligned()));
+            let tcp_check = (data + 50) as *mut u16;
+            tcp_check.write_unaligned(
+                addr.word16(old_port, new_port)
+                    .apply(tcp_check.read_unaligned()),
+            );
         }
     }
     // SAFETY: a tail call replaces this program; on failure it returns.

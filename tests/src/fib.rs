@@ -127,6 +127,7 @@ impl FibBed {
         let (datapath, maps) = Datapath::load_object(sizes, object, None)?;
         let mut reconciler =
             Reconciler::new(maps, sizes.table_size, sizes.services, sizes.backends)?;
+        reconciler.set_new_flows_per_second(cfg.raw.limits.new_flows_per_second);
         reconciler.apply(&cfg.services)?;
         Ok(Self {
             ns,
