@@ -189,8 +189,14 @@ pub fn install_reverse(
                 unsafe { (*other).new_src == key.dst && (*other).new_sport == key.dport }
             })
         };
-        if table == Table::HalfOpen && !same_flow(&CONNTRACK, &s.reverse_key) {
-            return Err(reason::REPLY_CONFLICT);
+        if table == Table::HalfOpen {
+            if !same_flow(&CONNTRACK, &s.reverse_key) {
+                return Err(reason::REPLY_CONFLICT);
+            }
+            // An established entry of this flow's earlier life (its forward
+            // entry evicted) would shadow the new one: looked up first, it
+            // would take the SYN-ACK the connect waits for.
+            let _ = CONNTRACK.remove(&s.reverse_key);
         }
         if map
             .insert(&s.reverse_key, &s.reverse, u64::from(BPF_NOEXIST))
