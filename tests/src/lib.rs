@@ -3,11 +3,13 @@
 
 pub mod bench;
 pub mod fib;
+pub mod flood;
 pub mod fuzz;
 pub mod helm;
 pub mod kube_mock;
 pub mod packet;
 pub mod raw;
+pub mod soak;
 pub mod webdriver;
 
 use std::{
@@ -273,6 +275,37 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     found
 }
 
+/// A server-first server in `ns` on `addr`: on each connection it sends
+/// "push" every `period`, on its own, until the connection or `stop` ends
+/// (the client never speaks). Its threads end with `stop`.
+pub fn start_push_server(
+    ns: &Netns,
+    addr: SocketAddr,
+    period: Duration,
+    stop: Arc<AtomicBool>,
+) -> Result<()> {
+    let listener = ns
+        .enter(move || std::net::TcpListener::bind(addr))?
+        .with_context(|| format!("binding tcp {addr}"))?;
+    listener.set_nonblocking(true)?;
+    thread::spawn(move || {
+        while !stop.load(Ordering::SeqCst) {
+            match listener.accept() {
+                Ok((mut stream, _)) => {
+                    let stop = stop.clone();
+                    thread::spawn(move || {
+                        while !stop.load(Ordering::SeqCst) && stream.write_all(b"push\n").is_ok() {
+                            thread::sleep(period);
+                        }
+                    });
+                }
+                Err(_) => thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    });
+    Ok(())
+}
+
 /// A server process (dnsmasq, etcd…) started by a test inside a namespace.
 /// Dropping it kills that process, by its PID, and nothing else.
 pub struct Daemon {
@@ -297,6 +330,25 @@ impl Daemon {
             what: program.to_string(),
             log,
         })
+    }
+
+    /// Sends `signal` (e.g. SIGHUP: dnsmasq reloads its hosts files) to the
+    /// process this started, by its PID.
+    pub fn signal(&self, signal: i32) -> Result<()> {
+        let child = self
+            .child
+            .as_ref()
+            .with_context(|| format!("{} was already stopped", self.what))?;
+        // SAFETY: signalling the child this struct started (and has not
+        // reaped, so the PID is still its own), by its PID.
+        if unsafe { libc::kill(child.id() as i32, signal) } != 0 {
+            bail!(
+                "signal {signal} to {}: {}",
+                self.what,
+                std::io::Error::last_os_error()
+            );
+        }
+        Ok(())
     }
 
     /// SIGKILL: the server dies without a goodbye, as in a crash.

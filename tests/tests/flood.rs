@@ -9,7 +9,7 @@
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
-    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -20,8 +20,7 @@ use std::{
 
 use anyhow::{Result, bail, ensure};
 use sluice_tests::{
-    Agent, StopOnDrop, TempDir, http_get, metric,
-    packet::{Pkt, TCP_SYN},
+    Agent, StopOnDrop, TempDir, flood, http_get, metric,
     raw::{RawSender, mac_of},
 };
 use testbed::{Family, Netns, Topology};
@@ -59,29 +58,6 @@ fn config(backends: usize) -> String {
         }
     }
     text
-}
-
-/// A server in `ns` on `PUSH_PORT` that sends "push" on each connection
-/// every second, on its own, until the connection or `stop` ends.
-fn start_push_server(ns: &Netns, addr: SocketAddr, stop: Arc<AtomicBool>) -> Result<()> {
-    let listener = ns.enter(move || TcpListener::bind(addr))??;
-    listener.set_nonblocking(true)?;
-    thread::spawn(move || {
-        while !stop.load(Ordering::SeqCst) {
-            match listener.accept() {
-                Ok((mut stream, _)) => {
-                    let stop = stop.clone();
-                    thread::spawn(move || {
-                        while !stop.load(Ordering::SeqCst) && stream.write_all(b"push\n").is_ok() {
-                            thread::sleep(Duration::from_secs(1));
-                        }
-                    });
-                }
-                Err(_) => thread::sleep(Duration::from_millis(20)),
-            }
-        }
-    });
-    Ok(())
 }
 
 /// An idle connection and how to tell it still works.
@@ -139,64 +115,24 @@ fn open_idle(client: &Netns, target: SocketAddr, push: bool) -> Result<Idle> {
     })?
 }
 
-/// SYNs from random sources in 10.77.0.0/16 and random ports to the VIP, as
-/// fast as one thread sends them, until `stop`. Returns the count sent.
-fn flood(sender: RawSender, lb_mac: [u8; 6], stop: Arc<AtomicBool>) -> u64 {
-    let mut sent = 0u64;
-    let mut x: u32 = 0x9e37_79b9;
-    let mut next = || {
-        // xorshift: cheap randomness for addresses and ports.
-        x ^= x << 13;
-        x ^= x >> 17;
-        x ^= x << 5;
-        x
-    };
-    while !stop.load(Ordering::Relaxed) {
-        let r = next();
-        let src = Ipv4Addr::new(10, 77, (r >> 8) as u8, r as u8);
-        let syn = Pkt {
-            dmac: lb_mac,
-            ..Pkt::tcp(
-                src.into(),
-                1024 + (r >> 16) as u16 % 60_000,
-                FAM.vip(),
-                80,
-                TCP_SYN,
-            )
-        };
-        let frame = syn.bytes();
-        // A batch per frame built: building costs more than sending.
-        for _ in 0..8 {
-            if sender.send(&frame) {
-                sent += 1;
-            }
-        }
-    }
-    sent
-}
-
 #[test]
 fn established_connections_survive_a_syn_flood_and_new_ones_complete() -> Result<()> {
     let topo = Topology::new("fl", 3)?;
     let _servers = topo.serve(FAM, ECHO_PORT)?;
     let guard = StopOnDrop::new();
     for (i, ns) in topo.backends.iter().enumerate() {
-        start_push_server(ns, SocketAddr::new(FAM.backend(i), PUSH_PORT), guard.flag())?;
+        sluice_tests::start_push_server(
+            ns,
+            SocketAddr::new(FAM.backend(i), PUSH_PORT),
+            Duration::from_secs(1),
+            guard.flag(),
+        )?;
     }
     topo.warm_neighbours()?;
     // The flood's sources belong to the client's side: the LB routes them
     // there, and the client's kernel takes them as its own (and resets the
     // SYN-ACKs it never asked for).
-    topo.lb.exec(&[
-        "ip",
-        "route",
-        "add",
-        "10.77.0.0/16",
-        "via",
-        &FAM.client().to_string(),
-    ])?;
-    topo.client
-        .exec(&["ip", "route", "add", "local", "10.77.0.0/16", "dev", "lo"])?;
+    flood::route_sources(&topo)?;
 
     let dir = TempDir::new("fl")?;
     std::fs::write(dir.path("sluice.yaml"), config(3))?;
@@ -219,7 +155,11 @@ fn established_connections_survive_a_syn_flood_and_new_ones_complete() -> Result
     let sent = thread::scope(|scope| -> Result<u64> {
         let flooder = {
             let stop = flooding.clone();
-            scope.spawn(move || flood(sender, lb_mac, stop))
+            let IpAddr::V4(vip) = FAM.vip() else {
+                unreachable!("FAM is IPv4")
+            };
+            let target = SocketAddrV4::new(vip, 80);
+            scope.spawn(move || flood::syn_flood(&sender, lb_mac, target, 0x9e37_79b9, &stop))
         };
         // New connections all through the flood, one at a time.
         let started = Instant::now();

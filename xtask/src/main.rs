@@ -59,6 +59,20 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// The soak (docs/benchmarks.md): the real agent (release) under mixed
+    /// TCP and UDP traffic, config and DNS churn, `kill -9` restarts every
+    /// 2–3 minutes and a SYN flood in the middle; reports failed
+    /// connections and the agent's memory and table occupancy over time.
+    /// Extra options: `--seed S`, `--flood-seconds S`, `--out DIR`
+    /// (default target/soak).
+    ///
+    /// Example: `cargo xtask soak --minutes 10`
+    Soak {
+        #[arg(long, default_value_t = 10.0)]
+        minutes: f64,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Install what the build and the tests need, and nothing else.
     Setup,
 }
@@ -90,6 +104,7 @@ fn main() -> Result<()> {
             test(&test_args)
         }
         Task::Fuzz { which, args } => fuzz(&which, &args),
+        Task::Soak { minutes, args } => soak(minutes, &args),
         Task::Bench { which, args } => {
             prereqs::ensure(prereqs::Need::Tests)?;
             let (bin, uses_agent) = match which.as_str() {
@@ -138,6 +153,39 @@ fn main() -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// `cargo xtask soak --minutes N ARGS`: the agent and the soak binary, both
+/// release builds.
+fn soak(minutes: f64, args: &[String]) -> Result<()> {
+    prereqs::ensure(prereqs::Need::Tests)?;
+    step("building the agent (release)");
+    cargo(&["build", "--release", "--locked", "-p", "sluice"])?;
+    step(&format!(
+        "building and running the soak for {minutes} minutes (release)"
+    ));
+    let minutes = minutes.to_string();
+    let mut a = vec![
+        "run",
+        "--release",
+        "--locked",
+        "-p",
+        "sluice-tests",
+        "--bin",
+        "soak",
+        "--",
+        "--minutes",
+        &minutes,
+    ];
+    a.extend(args.iter().map(String::as_str));
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(&a)
+        .current_dir(workspace_root())
+        .status()?;
+    if !status.success() {
+        bail!("the soak failed (see its summary above)");
+    }
+    Ok(())
 }
 
 /// `cargo xtask fuzz datapath|config ARGS`.
