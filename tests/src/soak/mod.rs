@@ -333,7 +333,9 @@ pub fn run(opts: &Options) -> Result<Observed> {
         }
         if now >= dns_at {
             let before = dns_set.clone();
-            while dns_set == before {
+            // Never empty: the agent would hold the last answer back (and
+            // say so), and the soak's `dns` clients would have no backend.
+            while dns_set == before || dns_set.is_empty() {
                 dns_set = (0..BACKENDS).filter(|_| rng.below(2) == 1).collect();
             }
             let what = format!("{before:?} → {dns_set:?}");

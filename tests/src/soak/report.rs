@@ -94,6 +94,25 @@ const MINUTE: f64 = 60.0;
 /// Flat: the end's median is at most this times the start's median…
 const GROWTH_FACTOR: f64 = 1.2;
 
+/// A stretch of the soak over which a series is judged: its first minute
+/// against its last.
+#[derive(Clone, Debug)]
+pub struct Segment {
+    pub label: &'static str,
+    pub from: f64,
+    pub to: f64,
+    /// The median of the segment's first minute.
+    pub start_median: Option<f64>,
+    /// The median of its last minute.
+    pub end_median: Option<f64>,
+    /// The most the end's median may be: `GROWTH_FACTOR` × the start's, plus
+    /// the series' slack (a count this small is noise, not growth).
+    pub limit: Option<f64>,
+    /// None: too short to judge (its first and last minutes overlap, or
+    /// have no sample).
+    pub flat: Option<bool>,
+}
+
 /// One series' summary over the soak, and whether it stayed flat.
 #[derive(Clone, Debug)]
 pub struct Series {
@@ -103,15 +122,13 @@ pub struct Series {
     pub last: f64,
     pub min: f64,
     pub max: f64,
-    /// The median of the first minute after warm-up.
-    pub start_median: Option<f64>,
-    /// The median of the last minute.
-    pub end_median: Option<f64>,
-    /// The most the end's median may be: `GROWTH_FACTOR` × the start's, plus
-    /// `slack` (a count this small is noise, not growth).
-    pub limit: Option<f64>,
-    /// None: the run was too short to judge (no clean sample in one of the
-    /// two minutes).
+    /// After warm-up until the flood, and from the end of its aftermath to
+    /// the end (or, without a flood, the whole run after warm-up).
+    pub segments: Vec<Segment>,
+    /// The flood's step: the first minute after its aftermath against the
+    /// last minute before it (what the flood left behind, shown).
+    pub flood_step: Option<f64>,
+    /// Every judged segment flat; None: none could be judged.
     pub flat: Option<bool>,
     /// Judged (a series shown for information only is not).
     pub judged: bool,
@@ -132,6 +149,22 @@ impl Observed {
             .is_some_and(|f| at >= f.from && at <= f.to + FLOOD_AFTERMATH)
     }
 
+    /// The stretches growth is judged over: a flood fills the half-open
+    /// table and the agent that sweeps it keeps the memory it took (its
+    /// high-water mark, bounded by the table's size), so the flood is a
+    /// step to show, not growth; what comes before it and after its
+    /// aftermath must each be flat.
+    fn segments(&self) -> Vec<(&'static str, f64, f64)> {
+        let end = self.samples.last().map_or(0.0, |s| s.at);
+        match &self.flood {
+            Some(f) => vec![
+                ("before the flood", self.warm_up, f.from),
+                ("after the flood", f.to + FLOOD_AFTERMATH, end),
+            ],
+            None => vec![("whole run", self.warm_up, end)],
+        }
+    }
+
     fn series(
         &self,
         name: &'static str,
@@ -144,23 +177,46 @@ impl Observed {
         let clean = |from: f64, to: f64| -> Vec<f64> {
             self.samples
                 .iter()
-                .filter(|s| s.at >= from && s.at < to && !self.in_flood_aftermath(s.at))
+                .filter(|s| s.at >= from && s.at <= to && !self.in_flood_aftermath(s.at))
                 .map(&value)
                 .collect()
         };
-        let end = self.samples.last().map_or(0.0, |s| s.at);
-        let start_median = median(clean(self.warm_up, self.warm_up + MINUTE));
-        // The last minute, if it begins after the first one ends.
-        let end_median = if end - MINUTE >= self.warm_up + MINUTE {
-            median(clean(end - MINUTE, f64::INFINITY))
-        } else {
-            None
-        };
-        let limit = start_median.map(|m| m * GROWTH_FACTOR + slack);
-        let flat = match (end_median, limit) {
-            (Some(e), Some(l)) => Some(e <= l),
+        let segments: Vec<Segment> = self
+            .segments()
+            .into_iter()
+            .map(|(label, from, to)| {
+                let start_median = median(clean(from, from + MINUTE));
+                // Its last minute, if that begins after the first one ends.
+                let end_median = if to - MINUTE >= from + MINUTE {
+                    median(clean(to - MINUTE, to))
+                } else {
+                    None
+                };
+                let limit = start_median.map(|m| m * GROWTH_FACTOR + slack);
+                let flat = match (end_median, limit) {
+                    (Some(e), Some(l)) => Some(e <= l),
+                    _ => None,
+                };
+                Segment {
+                    label,
+                    from,
+                    to,
+                    start_median,
+                    end_median,
+                    limit,
+                    flat,
+                }
+            })
+            .collect();
+        let flood_step = match (segments.first(), segments.get(1)) {
+            (Some(before), Some(after)) if self.flood.is_some() => {
+                let before = median(clean(before.to - MINUTE, before.to));
+                let after = median(clean(after.from, after.from + MINUTE));
+                before.zip(after).map(|(b, a)| a - b)
+            }
             _ => None,
         };
+        let verdicts: Vec<bool> = segments.iter().filter_map(|s| s.flat).collect();
         Series {
             name,
             unit,
@@ -168,10 +224,9 @@ impl Observed {
             last: all.last().copied().unwrap_or(0.0),
             min: all.iter().copied().fold(f64::INFINITY, f64::min),
             max: all.iter().copied().fold(f64::NEG_INFINITY, f64::max),
-            start_median,
-            end_median,
-            limit,
-            flat,
+            segments,
+            flood_step,
+            flat: (!verdicts.is_empty()).then(|| verdicts.iter().all(|&f| f)),
             judged,
         }
     }
@@ -237,14 +292,15 @@ impl Observed {
                 "{outside} failed connections outside the flood and restart windows"
             ));
         }
-        for s in self.all_series() {
-            if s.judged && s.flat == Some(false) {
+        for s in self.all_series().iter().filter(|s| s.judged) {
+            for g in s.segments.iter().filter(|g| g.flat == Some(false)) {
                 why.push(format!(
-                    "{} grew: last minute's median {:.0} > {:.0} (1.2 × the first minute's {:.0}, plus slack)",
+                    "{} grew {}: the last minute's median {:.0} > {:.0} (1.2 × the first minute's {:.0}, plus slack)",
                     s.name,
-                    s.end_median.unwrap_or(0.0),
-                    s.limit.unwrap_or(0.0),
-                    s.start_median.unwrap_or(0.0)
+                    g.label,
+                    g.end_median.unwrap_or(0.0),
+                    g.limit.unwrap_or(0.0),
+                    g.start_median.unwrap_or(0.0)
                 ));
             }
         }
@@ -336,23 +392,31 @@ impl Observed {
         }
         let _ = writeln!(
             o,
-            "\n{} samples (every ~{:.0} s); first minute after warm-up ({:.0} s) against the last minute; \
-             the flood and the {FLOOD_AFTERMATH:.0} s after it left out",
+            "\n{} samples (every ~{:.0} s) after a {:.0} s warm-up. Flat: each stretch's last minute \
+             within 1.2 × its first (plus slack); the stretches are before the flood and from \
+             {FLOOD_AFTERMATH:.0} s after it (its half-open entries time out) to the end.",
             self.samples.len(),
             self.sample_interval(),
             self.warm_up
         );
+        let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0}"));
         let _ = writeln!(
             o,
-            "{:<36} {:>8} {:>8} {:>8} {:>8} {:>10} {:>10}  flat",
-            "series", "first", "last", "min", "max", "start med", "end med"
+            "{:<36} {:>8} {:>8} {:>8} {:>8} {:>21} {:>21} {:>10}  flat",
+            "series",
+            "first",
+            "last",
+            "min",
+            "max",
+            "before flood: 1st→last",
+            "after flood: 1st→last",
+            "flood step"
         );
         for s in self.all_series() {
-            let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0}"));
             let flat = match (s.judged, s.flat) {
                 (false, _) => "(shown only)".to_string(),
-                (true, Some(true)) => format!("yes (≤ {:.0})", s.limit.unwrap_or(0.0)),
-                (true, Some(false)) => format!("NO (> {:.0})", s.limit.unwrap_or(0.0)),
+                (true, Some(true)) => "yes".to_string(),
+                (true, Some(false)) => "NO".to_string(),
                 (true, None) => "not judged (run too short)".to_string(),
             };
             let name = if s.unit.is_empty() {
@@ -360,15 +424,21 @@ impl Observed {
             } else {
                 format!("{} ({})", s.name, s.unit)
             };
+            let stretch = |i: usize| {
+                s.segments.get(i).map_or("-".to_string(), |g| {
+                    format!("{}→{}", opt(g.start_median), opt(g.end_median))
+                })
+            };
             let _ = writeln!(
                 o,
-                "{name:<36} {:>8.0} {:>8.0} {:>8.0} {:>8.0} {:>10} {:>10}  {flat}",
+                "{name:<36} {:>8.0} {:>8.0} {:>8.0} {:>8.0} {:>21} {:>21} {:>10}  {flat}",
                 s.first,
                 s.last,
                 s.min,
                 s.max,
-                opt(s.start_median),
-                opt(s.end_median)
+                stretch(0),
+                stretch(1),
+                s.flood_step.map_or("-".to_string(), |v| format!("{v:+.0}"))
             );
         }
         let why = self.verdict();
@@ -436,8 +506,13 @@ impl Observed {
             })),
             "series": self.all_series().iter().map(|s| json!({
                 "name": s.name, "unit": s.unit, "first": s.first, "last": s.last,
-                "min": s.min, "max": s.max, "start_median": s.start_median,
-                "end_median": s.end_median, "limit": s.limit, "flat": s.flat, "judged": s.judged,
+                "min": s.min, "max": s.max, "flood_step": s.flood_step,
+                "flat": s.flat, "judged": s.judged,
+                "segments": s.segments.iter().map(|g| json!({
+                    "label": g.label, "from": g.from, "to": g.to,
+                    "start_median": g.start_median, "end_median": g.end_median,
+                    "limit": g.limit, "flat": g.flat,
+                })).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
             "samples": self.samples.iter().map(|s| json!({
                 "at": s.at, "agent": s.life, "rss_kib": s.rss_kib, "fds": s.fds,
@@ -532,5 +607,51 @@ mod tests {
             ..Observed::default()
         };
         assert_eq!(o.all_series()[0].flat, None);
+    }
+
+    #[test]
+    fn a_flood_is_a_step_shown_apart_and_each_side_must_be_flat() {
+        let flood = Some(Flood {
+            from: 300.0,
+            to: 310.0,
+            ..Flood::default()
+        });
+        // The agent that swept the flooded table keeps 15 MiB more.
+        let step = |at: f64| if at < 300.0 { 35_000 } else { 50_000 };
+        let o = Observed {
+            warm_up: 30.0,
+            samples: (0..60)
+                .map(|i| sample(i as f64 * 10.0, step(i as f64 * 10.0)))
+                .collect(),
+            flood: flood.clone(),
+            ..Observed::default()
+        };
+        let rss = &o.all_series()[0];
+        assert_eq!(rss.flat, Some(true));
+        assert_eq!(rss.flood_step, Some(15_000.0));
+        assert_eq!(rss.segments.len(), 2);
+        // Still growing after the flood: growth.
+        let growing = |at: f64| {
+            step(at)
+                + if at > 375.0 {
+                    ((at - 375.0) * 100.0) as u64
+                } else {
+                    0
+                }
+        };
+        let o = Observed {
+            warm_up: 30.0,
+            samples: (0..60)
+                .map(|i| sample(i as f64 * 10.0, growing(i as f64 * 10.0)))
+                .collect(),
+            flood,
+            ..Observed::default()
+        };
+        assert_eq!(o.all_series()[0].flat, Some(false));
+        assert!(
+            o.verdict()[0].contains("after the flood"),
+            "{:?}",
+            o.verdict()
+        );
     }
 }
