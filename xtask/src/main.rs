@@ -63,8 +63,8 @@ enum Task {
     /// TCP and UDP traffic, config and DNS churn, `kill -9` restarts every
     /// 2–3 minutes and a SYN flood in the middle; reports failed
     /// connections and the agent's memory and table occupancy over time.
-    /// Extra options: `--seed S`, `--flood-seconds S`, `--out DIR`
-    /// (default target/soak).
+    /// Extra options: `--seed S`, `--flood-seconds S`, `--restarts off`
+    /// (one agent throughout), `--out DIR` (default target/soak).
     ///
     /// Example: `cargo xtask soak --minutes 10`
     Soak {

@@ -29,6 +29,7 @@ fn main() -> Result<()> {
         ("--minutes", "N"),
         ("--seed", "S"),
         ("--flood-seconds", "S"),
+        ("--restarts", "on|off"),
         ("--out", "DIR"),
     ])?;
     let minutes: f64 = f.get("--minutes", 10.0)?;
@@ -38,6 +39,12 @@ fn main() -> Result<()> {
     let mut opts = Options::for_minutes(minutes);
     opts.seed = f.get("--seed", 1u64)?;
     opts.flood_for = Duration::from_secs(f.get("--flood-seconds", 10u64)?);
+    match f.text("--restarts").as_deref() {
+        None | Some("on") => {}
+        // One agent for the whole run: its memory over all of it.
+        Some("off") => opts.restart_every = None,
+        Some(other) => bail!("--restarts {other:?}: on or off"),
+    }
     let out: PathBuf = f
         .text("--out")
         .map(PathBuf::from)
