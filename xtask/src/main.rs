@@ -388,3 +388,20 @@ fn test(extra: &[String]) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn soak_takes_minutes_and_passes_the_rest_on() {
+        let cli = Cli::try_parse_from(["xtask", "soak", "--minutes", "3", "--seed", "7"]).unwrap();
+        let Task::Soak { minutes, args } = cli.task else {
+            panic!("not the soak");
+        };
+        assert_eq!(minutes, 3.0);
+        assert_eq!(args, ["--seed", "7"]);
+        let cli = Cli::try_parse_from(["xtask", "soak"]).unwrap();
+        assert!(matches!(cli.task, Task::Soak { minutes, .. } if minutes == 10.0));
+    }
+}
