@@ -283,7 +283,12 @@ pub fn spawn(tables: Tables, shared: Arc<Shared>, view: Arc<View>) {
                 tcp_established: timeouts.tcp_syn_sent,
                 ..timeouts
             };
-            let opening = sweep(&mut half_open, half_open_capacity, &connecting, now_seconds());
+            let opening = sweep(
+                &mut half_open,
+                half_open_capacity,
+                &connecting,
+                now_seconds(),
+            );
             for (backend_id, n) in &opening.expired_established {
                 view.counters.ended_silently.add(*backend_id, *n);
             }

@@ -59,7 +59,9 @@ impl RawSender {
 /// The MAC address of `dev` in `ns`.
 pub fn mac_of(ns: &Netns, dev: &str) -> Result<[u8; 6]> {
     let out = std::process::Command::new("ip")
-        .args(["netns", "exec", &ns.name, "ip", "-br", "link", "show", "dev", dev])
+        .args([
+            "netns", "exec", &ns.name, "ip", "-br", "link", "show", "dev", dev,
+        ])
         .output()?;
     let text = String::from_utf8_lossy(&out.stdout);
     // "front@if2  UP  02:11:22:33:44:55 <BROADCAST,...>"
