@@ -5,7 +5,7 @@
 
 use std::{
     collections::BTreeMap,
-    io::{BufRead, BufReader, Write},
+    io::{BufRead, BufReader, Read, Write},
     net::{SocketAddr, TcpStream},
     sync::{
         Arc, Mutex,
@@ -201,17 +201,30 @@ impl Conn {
                 ensure!(line == ask, "echoed {line:?}, not {ask:?}");
             }
             Conn::Push(r) => {
-                // What came since the last check (one read takes all of it
-                // into the buffer), then one push more: the server still
-                // reaches the client now.
-                r.read_line(&mut line)?;
-                ensure!(line == "push\n", "pushed {line:?}");
-                while r.buffer().contains(&b'\n') {
-                    line.clear();
-                    r.read_line(&mut line)?;
-                    ensure!(line == "push\n", "pushed {line:?}");
-                }
-                line.clear();
+                // What came since the last check is drained (each a whole
+                // push); then a push must come from after the check began:
+                // the server still reaches the client now.
+                let mut old = std::mem::take(&mut line);
+                let buffered = r.buffer().len();
+                old.push_str(&String::from_utf8_lossy(r.buffer()));
+                r.consume(buffered);
+                let stream = r.get_mut();
+                stream.set_nonblocking(true)?;
+                let mut chunk = [0u8; 4096];
+                let drained = loop {
+                    match stream.read(&mut chunk) {
+                        Ok(0) => break Err(anyhow::anyhow!("the server closed the connection")),
+                        Ok(n) => old.push_str(&String::from_utf8_lossy(&chunk[..n])),
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break Ok(()),
+                        Err(e) => break Err(e.into()),
+                    }
+                };
+                stream.set_nonblocking(false)?;
+                drained?;
+                ensure!(
+                    old.split_inclusive('\n').all(|l| l == "push\n"),
+                    "pushed {old:?}"
+                );
                 r.read_line(&mut line)?;
                 ensure!(line == "push\n", "pushed {line:?}");
             }
