@@ -45,10 +45,11 @@ fn main() -> Result<()> {
         Some("off") => opts.restart_every = None,
         Some(other) => bail!("--restarts {other:?}: on or off"),
     }
-    let out: PathBuf = f
-        .text("--out")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/soak"));
+    // By default the workspace's target/soak (this crate is tests/).
+    let out: PathBuf = f.text("--out").map(PathBuf::from).unwrap_or_else(|| {
+        let tests = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        tests.parent().unwrap_or(tests).join("target/soak")
+    });
     opts.keep_logs = Some(out.join("logs"));
     for signal in [libc::SIGINT, libc::SIGTERM] {
         // SAFETY: the handler only stores to an atomic (async-signal-safe).
