@@ -292,18 +292,24 @@ pub fn start_idle(
             }
             n += 1;
             for c in &mut idle {
-                check_one(c, n, &recorder);
+                check_one(c, n, &recorder, &stop);
             }
         }
     })
 }
 
-fn check_one(c: &mut Idle, n: u64, recorder: &Recorder) {
+fn check_one(c: &mut Idle, n: u64, recorder: &Recorder, stop: &AtomicBool) {
     let started = Instant::now();
     let outcome = match c.conn.as_mut() {
         Some(conn) => conn.still_works(n),
         None => Err(anyhow::anyhow!("not open")),
     };
+    // A round of checks can outlast the soak (each push check waits for a
+    // fresh push): once the end is called, the servers stop and what fails
+    // is the teardown, not the datapath.
+    if stop.load(Ordering::SeqCst) {
+        return;
+    }
     match outcome {
         Ok(()) => {
             recorder.record(c.kind, started, Ok(()));
