@@ -31,6 +31,13 @@ fn mac_text(m: [u8; 6]) -> String {
         .join(":")
 }
 
+/// Which backend (0..3) a forwarded frame went to, by its destination MAC.
+pub fn backend_of(frame: &[u8]) -> usize {
+    (0..3)
+        .find(|&i| frame[..6] == backend_mac(i))
+        .expect("sent to a backend")
+}
+
 pub const XDP_ABORTED: u32 = 0;
 pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
@@ -178,6 +185,16 @@ impl FibBed {
         let result = result.context("BPF_PROG_TEST_RUN")?;
         out.truncate(result.data_size_out as usize);
         Ok((result.return_value, out))
+    }
+
+    /// The id the agent gave the backend at `addr` of `service`.
+    pub fn backend_id(&self, service: &str, addr: std::net::SocketAddr) -> u32 {
+        self.reconciler.services[service]
+            .backends
+            .iter()
+            .find(|b| b.addr == addr)
+            .unwrap_or_else(|| panic!("{addr} is no backend of {service}"))
+            .id
     }
 
     pub fn reason(&self, code: u32) -> u64 {

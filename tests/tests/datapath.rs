@@ -8,7 +8,7 @@ use anyhow::Result;
 use sluice_tests::{
     fib::{
         CLIENT_MAC, FibBed, T0_MAC, T1_MAC, XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_REDIRECT,
-        backend_mac,
+        backend_mac, backend_of,
     },
     packet::{Pkt, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
@@ -204,12 +204,6 @@ fn snat_ipv6_udp() -> Result<()> {
 }
 
 /// Which backend the output frame was sent to (by destination MAC).
-fn backend_of(out: &[u8]) -> usize {
-    (0..3)
-        .find(|&i| out[..6] == backend_mac(i))
-        .expect("sent to a backend")
-}
-
 #[test]
 fn flows_stick_to_their_backend_when_the_set_changes() -> Result<()> {
     let family = Family::V4;

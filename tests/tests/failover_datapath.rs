@@ -9,7 +9,7 @@ use std::{net::SocketAddr, time::Duration};
 use agent_common::reason;
 use anyhow::Result;
 use sluice_tests::{
-    fib::{FibBed, T0_MAC, XDP_DROP, XDP_REDIRECT, backend_mac},
+    fib::{FibBed, T0_MAC, XDP_DROP, XDP_REDIRECT, backend_mac, backend_of},
     packet::{CLIENT_SEQ, Pkt, TCP_ACK, TCP_RST, TCP_SYN},
 };
 use testbed::Family;
@@ -35,12 +35,6 @@ fn syn(port: u16) -> Pkt {
 }
 
 /// Which backend a forwarded frame went to.
-fn backend_of(out: &[u8]) -> usize {
-    (0..3)
-        .find(|&i| out[..6] == backend_mac(i))
-        .expect("sent to a backend")
-}
-
 /// The backend's answer to the client's SYN on `port` (it acknowledges
 /// the SYN).
 fn answer(backend: usize, port: u16, flags: u8) -> Pkt {
@@ -53,20 +47,11 @@ fn answer(backend: usize, port: u16, flags: u8) -> Pkt {
 }
 
 fn backend_stats(bed: &FibBed, i: usize) -> agent_common::ServiceStats {
-    let addr = SocketAddr::new(FAM.backend(i), 8080);
-    let service = &bed.reconciler.services["web"];
-    let b = service.backends.iter().find(|b| b.addr == addr).unwrap();
-    bed.reconciler.stats(false, b.id)
+    bed.reconciler.stats(false, backend_id(bed, i))
 }
 
 fn backend_id(bed: &FibBed, i: usize) -> u32 {
-    let addr = SocketAddr::new(FAM.backend(i), 8080);
-    bed.reconciler.services["web"]
-        .backends
-        .iter()
-        .find(|b| b.addr == addr)
-        .unwrap()
-        .id
+    bed.backend_id("web", SocketAddr::new(FAM.backend(i), 8080))
 }
 
 #[test]

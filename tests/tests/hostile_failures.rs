@@ -12,7 +12,10 @@ use std::{net::IpAddr, time::Duration};
 use agent_common::reason;
 use anyhow::Result;
 use sluice_tests::{
-    fib::{CLIENT_MAC, FibBed, T0_MAC, T1_MAC, XDP_DROP, XDP_PASS, XDP_REDIRECT, backend_mac},
+    fib::{
+        CLIENT_MAC, FibBed, T0_MAC, T1_MAC, XDP_DROP, XDP_PASS, XDP_REDIRECT, backend_mac,
+        backend_of,
+    },
     packet::{CLIENT_SEQ, Pkt, TCP_ACK, TCP_RST, TCP_SYN, checksum, icmp_unreachable},
 };
 use testbed::Family;
@@ -48,12 +51,6 @@ fn syn_from(client: IpAddr, port: u16) -> Pkt {
     }
 }
 
-fn backend_of(out: &[u8]) -> usize {
-    (0..3)
-        .find(|&i| out[..6] == backend_mac(i))
-        .expect("sent to a backend")
-}
-
 /// A TCP segment from backend `b` to `client`'s `port`, acknowledging `ack`.
 fn from_backend(b: usize, client: IpAddr, port: u16, flags: u8, ack: u32) -> Pkt {
     Pkt {
@@ -65,13 +62,7 @@ fn from_backend(b: usize, client: IpAddr, port: u16, flags: u8, ack: u32) -> Pkt
 }
 
 fn id_of(bed: &FibBed, b: usize) -> u32 {
-    let addr: std::net::SocketAddr = sockaddr(FAM.backend(b)).parse().unwrap();
-    bed.reconciler.services["web"]
-        .backends
-        .iter()
-        .find(|x| x.addr == addr)
-        .unwrap()
-        .id
+    bed.backend_id("web", std::net::SocketAddr::new(FAM.backend(b), 8080))
 }
 
 /// Failures counted against any backend, of every kind.
