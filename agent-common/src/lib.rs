@@ -60,6 +60,12 @@ pub struct Service {
 }
 const _: () = assert!(core::mem::size_of::<Service>() == 32);
 
+/// How far a new flow's Maglev choice looks past ejected backends: this
+/// many rehashes of its hash, then this many slots walked one by one (the
+/// kernel's `select::pick`; `sluice explain` retraces it).
+pub const MAGLEV_MAX_PICKS: u32 = 8;
+pub const MAGLEV_MAX_WALK: u32 = 32;
+
 /// Value of the `BACKENDS` array, indexed by backend id.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

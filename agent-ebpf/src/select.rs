@@ -1,16 +1,17 @@
 //! Stage 4: the backend for a new flow (or a retry): the Maglev slot of its
 //! hash, skipping ejected backends.
 
-use agent_common::{BackendState, NO_BACKEND, Service, hash};
+use agent_common::{
+    BackendState, MAGLEV_MAX_PICKS as MAX_PICKS, MAGLEV_MAX_WALK as MAX_WALK, NO_BACKEND, Service,
+    hash,
+};
 
 use crate::maps::{BACKEND_HEALTH, MAGLEV};
 
-/// Rehashes a connection tries while its choice is ejected, then slots
-/// walked one by one (see `pick`): with half the backends ejected, all 40
-/// miss a healthy one for about one connection in 10^12.
-const MAX_PICKS: u32 = 8;
-
-const MAX_WALK: u32 = 32;
+// MAX_PICKS: rehashes a connection tries while its choice is ejected,
+// then MAX_WALK slots walked one by one (see `pick`): with half the
+// backends ejected, all 40 miss a healthy one for about one connection in
+// 10^12.
 
 #[inline(always)]
 pub fn is_ejected(backend_id: u32) -> bool {

@@ -75,6 +75,7 @@ pub async fn run(
     config_path: PathBuf,
     http: crate::http::Options,
     object: Option<PathBuf>,
+    control_paths: crate::control::PathFlags,
 ) -> Result<(), RunError> {
     // One read: what is parsed is what later reads are compared with, so an
     // edit made during start-up is not missed.
@@ -88,13 +89,25 @@ pub async fn run(
     )?;
     check_interfaces(&cfg, &config_path)?;
 
+    // Overrides first: an agent that can't read them must not start and
+    // send traffic to backends an operator drained.
+    let overrides =
+        crate::control::overrides::Overrides::load(&control_paths.state_directory(&cfg.raw.control))?;
     let shared = Arc::new(Shared {
         http: Arc::new(crate::http::Load::new(http.max_event_streams.get())),
+        overrides: std::sync::Mutex::new(overrides),
+        pin_directory: cfg.raw.pinning.as_ref().map(|p| p.directory.clone()),
         ..Shared::default()
     });
     let registry = crate::metrics::registry().context("registering metrics")?;
-    let router = crate::api::router(shared.clone(), registry);
+    let router = crate::api::router(shared.clone(), registry.clone());
     let server = crate::http::Server::start(&http, router, shared.http.clone()).await?;
+    let (control_tx, mut control_requests) = tokio::sync::mpsc::channel(16);
+    let control = crate::control::socket::ControlSocket::start(
+        &control_paths.socket(&cfg.raw.control),
+        crate::api::control_router(shared.clone(), registry, control_tx),
+    )
+    .await?;
 
     let sizes = Sizes::from_config(&cfg.raw);
     let pins = match &cfg.raw.pinning {
@@ -191,8 +204,7 @@ pub async fn run(
         // provider's first answer renames them (by frontend) or drops them.
         hub.seed_kubernetes(adopted.orphans);
     }
-    let desired = shared.discovery.lock().unwrap().desired(&cfg);
-    writer.apply(&desired)?;
+    writer.apply(&desired_state(&shared, &cfg))?;
     shared.ready.store(true, Ordering::SeqCst);
     info!(
         config = %config_path.display(),
@@ -243,6 +255,10 @@ pub async fn run(
                     shared.discovery.lock().unwrap().revert(&service, &why);
                 }
             }
+            Some(request) = control_requests.recv() => {
+                let answer = change_override(&mut writer, &shared, &current, &request.change);
+                let _ = request.reply.send(answer.map_err(|e| format!("{e:#}")));
+            }
             _ = sigint.recv() => { info!("SIGINT: shutting down"); break; }
             _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break; }
             _ = async {
@@ -273,6 +289,7 @@ pub async fn run(
     shared.stopping.store(true, Ordering::SeqCst);
     shared.discovery.lock().unwrap().stop();
     server.stop();
+    control.stop();
     // Dropping the datapath closes every link: the programs detach, unless
     // pinned. A pinned datapath keeps forwarding (and needs its sysctls).
     drop(writer);
@@ -322,8 +339,11 @@ fn reload(
     {
         warn!("conntrack, maglev or limits settings changed: they take effect at the next restart");
     }
-    if next.raw.pinning != current.raw.pinning || next.raw.socket_lb != current.raw.socket_lb {
-        warn!("pinning or socket_lb changed: it takes effect at the next restart");
+    if next.raw.pinning != current.raw.pinning
+        || next.raw.socket_lb != current.raw.socket_lb
+        || next.raw.control != current.raw.control
+    {
+        warn!("pinning, socket_lb or control changed: it takes effect at the next restart");
     }
     // Interfaces: kernel settings first (a change that needs one that
     // can't be had is rejected with nothing changed), then attach the new
@@ -404,8 +424,45 @@ fn follow_devices(
 
 /// The config merged with the discovered backends, into the kernel maps.
 fn apply_desired(writer: &mut Writer, shared: &Shared, config: &Validated) -> Result<()> {
+    writer.apply(&desired_state(shared, config))
+}
+
+/// What the maps must hold: the config's services with the discovered
+/// backends, and the operators' overrides on top.
+fn desired_state(shared: &Shared, config: &Validated) -> Vec<config::ServiceSpec> {
+    let mut desired = shared.discovery.lock().unwrap().desired(config);
+    shared.overrides.lock().unwrap().apply(&mut desired);
+    desired
+}
+
+/// `sluice drain|undrain|weight`: checked against the services as they are
+/// now, kept, then applied. An apply that fails puts the overrides back.
+fn change_override(
+    writer: &mut Writer,
+    shared: &Shared,
+    config: &Validated,
+    change: &crate::control::overrides::Change,
+) -> Result<crate::control::overrides::Entry> {
     let desired = shared.discovery.lock().unwrap().desired(config);
-    writer.apply(&desired)
+    let before = shared.overrides.lock().unwrap().clone();
+    let value = shared.overrides.lock().unwrap().change(change, &desired)?;
+    if let Err(e) = apply_desired(writer, shared, config) {
+        let mut overrides = shared.overrides.lock().unwrap();
+        *overrides = before;
+        overrides.save_quietly();
+        return Err(e.context("override not applied; the last applied state keeps serving"));
+    }
+    info!(
+        service = change.service,
+        backend = %change.backend,
+        action = ?change.action,
+        "override changed"
+    );
+    Ok(crate::control::overrides::Entry {
+        service: change.service.clone(),
+        backend: change.backend,
+        value,
+    })
 }
 
 /// Forwards aya-log records from the kernel into `log`, which tracing picks up.

@@ -19,7 +19,8 @@ use axum::{
 };
 use futures_util::StreamExt;
 use prometheus::Registry;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::BroadcastStream;
 
 use crate::{
@@ -32,24 +33,65 @@ use crate::{
 struct AppState {
     shared: Arc<Shared>,
     registry: Registry,
+    /// Where override changes go (the reconcile loop); only the control
+    /// socket's router has it.
+    control: Option<mpsc::Sender<crate::control::Request>>,
 }
 
-/// Every endpoint. The API's (everything but metrics and health: they show
-/// backend addresses and clients' addresses) pass `http::access::api_gate`.
-pub fn router(shared: Arc<Shared>, registry: Registry) -> Router {
-    let api = Router::new()
+/// The read endpoints of the API, served over HTTP (behind the gate) and
+/// on the control socket.
+fn api_routes() -> Router<AppState> {
+    Router::new()
         .route("/", get(index))
+        .route("/api/v1/status", get(status))
         .route("/api/v1/services", get(services))
+        .route("/api/v1/conntrack", get(conntrack))
+        .route("/api/v1/explain", get(explain))
         .route("/api/v1/events", get(events_stream))
         .route("/api/v1/events/recent", get(events_recent))
         .route("/api/v1/dashboard", get(dashboard_data))
-        .route_layer(middleware::from_fn(crate::http::access::api_gate));
+}
+
+fn health_routes() -> Router<AppState> {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .merge(api)
-        .with_state(AppState { shared, registry })
+}
+
+/// Every HTTP endpoint. The API's (everything but metrics and health: they
+/// show backend addresses and clients' addresses) pass
+/// `http::access::api_gate`. Overrides are read-only here: they change only
+/// through the root-only control socket.
+pub fn router(shared: Arc<Shared>, registry: Registry) -> Router {
+    let api = api_routes()
+        .route("/api/v1/overrides", get(list_overrides))
+        .route_layer(middleware::from_fn(crate::http::access::api_gate));
+    health_routes().merge(api).with_state(AppState {
+        shared,
+        registry,
+        control: None,
+    })
+}
+
+/// The control socket's endpoints: the API, and override changes. Only
+/// root (or the agent's own user) can connect, so no gate.
+pub fn control_router(
+    shared: Arc<Shared>,
+    registry: Registry,
+    control: mpsc::Sender<crate::control::Request>,
+) -> Router {
+    health_routes()
+        .merge(api_routes())
+        .route(
+            "/api/v1/overrides",
+            get(list_overrides).post(change_override),
+        )
+        .with_state(AppState {
+            shared,
+            registry,
+            control: Some(control),
+        })
 }
 
 /// 200 once attached and written. A failing discovery provider doesn't
@@ -86,18 +128,18 @@ async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
     )
 }
 
-#[derive(Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct ServicesResponse {
     pub services: Vec<ServiceView>,
 }
 
-#[derive(Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct ServiceView {
     pub name: String,
     pub vip: String,
     pub port: u16,
-    pub protocol: &'static str,
-    pub forwarding: &'static str,
+    pub protocol: String,
+    pub forwarding: String,
     pub connections_total: u64,
     pub retries_total: u64,
     pub fail_open_total: u64,
@@ -107,9 +149,9 @@ pub struct ServiceView {
     pub discovery: Option<DiscoveryView>,
 }
 
-#[derive(Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct DiscoveryView {
-    pub provider: &'static str,
+    pub provider: String,
     pub healthy: bool,
     pub error: Option<String>,
     /// An update that would have emptied the service is held back.
@@ -119,11 +161,12 @@ pub struct DiscoveryView {
     pub failures: u64,
 }
 
-#[derive(Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct BackendView {
     pub address: String,
+    /// The weight in force (an override's, if any).
     pub weight: u32,
-    pub state: &'static str,
+    pub state: String,
     pub connections_total: u64,
     pub failures_total: u64,
     pub failures: FailureView,
@@ -134,11 +177,20 @@ pub struct BackendView {
     pub bytes_to_backend: u64,
     pub bytes_to_client: u64,
     /// Seconds until a draining backend's remaining connections are closed.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drain_remaining_seconds: Option<u64>,
+    /// Connect latency quantiles measured in the kernel (TCP, once a
+    /// connect was seen), in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_p50_ms: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_p99_ms: Option<f64>,
+    /// A runtime override (`sluice drain` / `sluice weight`) in force.
+    #[serde(default, rename = "override", skip_serializing_if = "Option::is_none")]
+    pub override_: Option<crate::control::overrides::Override>,
 }
 
-#[derive(Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct FailureView {
     pub refused: u64,
     pub timeout: u64,
@@ -147,31 +199,43 @@ pub struct FailureView {
 
 pub fn services_view(shared: &Shared) -> ServicesResponse {
     let services = match shared.view.get() {
-        Some(view) => service_views(shared, &view.counters, &view.snapshot()),
+        Some(view) => service_views(
+            Some(&shared.discovery.view()),
+            Some(&shared.overrides.lock().unwrap().clone()),
+            &view.counters,
+            &view.snapshot(),
+        ),
         None => vec![],
     };
     ServicesResponse { services }
 }
 
-/// The services of one snapshot, with their counters now.
-fn service_views(shared: &Shared, counters: &Counters, snapshot: &Snapshot) -> Vec<ServiceView> {
-    let discovery = shared.discovery.view();
+/// The services of one snapshot, with their counters now. `discovery` and
+/// `overrides` are the agent's (None when read from pinned maps).
+pub fn service_views(
+    discovery: Option<&crate::discovery::HubView>,
+    overrides: Option<&crate::control::overrides::Overrides>,
+    counters: &Counters,
+    snapshot: &Snapshot,
+) -> Vec<ServiceView> {
     let now = std::time::Instant::now();
     snapshot
         .services
         .values()
         .map(|s| {
             let totals = counters.stats(true, s.id);
+            let tcp = s.spec.protocol == crate::config::Protocol::Tcp;
             ServiceView {
                 name: s.spec.name.clone(),
                 vip: s.spec.vip.to_string(),
                 port: s.spec.port,
-                protocol: s.spec.protocol.as_str(),
+                protocol: s.spec.protocol.as_str().to_string(),
                 forwarding: if s.spec.snat_ip.is_some() {
                     "snat"
                 } else {
                     "dnat"
-                },
+                }
+                .to_string(),
                 connections_total: totals.connections,
                 retries_total: totals.retries,
                 fail_open_total: totals.fail_open,
@@ -181,10 +245,17 @@ fn service_views(shared: &Shared, counters: &Counters, snapshot: &Snapshot) -> V
                     .map(|b| {
                         let st = counters.stats(false, b.id);
                         let health = counters.health(b.id);
+                        let latency = tcp.then(|| counters.latency(b.id));
+                        let quantile = |q| {
+                            latency
+                                .as_ref()
+                                .and_then(|h| crate::counters::latency_quantile(h, q))
+                                .map(|s| (s * 1e6).round() / 1e3)
+                        };
                         BackendView {
                             address: b.addr.to_string(),
                             weight: b.weight,
-                            state: backend_state(&health, b.draining()),
+                            state: backend_state(&health, b.draining()).to_string(),
                             connections_total: st.connections,
                             failures_total: st.failures_refused
                                 + st.failures_timeout
@@ -202,23 +273,29 @@ fn service_views(shared: &Shared, counters: &Counters, snapshot: &Snapshot) -> V
                             bytes_to_client: st.bytes_to_client,
                             drain_remaining_seconds: b
                                 .drain_deadline
+                                .filter(|_| discovery.is_some())
                                 .map(|d| d.saturating_duration_since(now).as_secs()),
+                            latency_p50_ms: quantile(0.5),
+                            latency_p99_ms: quantile(0.99),
+                            override_: overrides.and_then(|o| o.get(&s.spec.name, &b.addr)),
                         }
                     })
                     .collect(),
-                discovery: discovery.statuses.get(&s.spec.name).map(|d| DiscoveryView {
-                    provider: d.provider,
-                    healthy: d.healthy,
-                    error: d.error.clone(),
-                    held_back: d.held_back,
-                    last_success_unix_seconds: d.last_success.and_then(|t| {
-                        t.duration_since(std::time::UNIX_EPOCH)
-                            .ok()
-                            .map(|d| d.as_secs())
+                discovery: discovery
+                    .and_then(|d| d.statuses.get(&s.spec.name))
+                    .map(|d| DiscoveryView {
+                        provider: d.provider.to_string(),
+                        healthy: d.healthy,
+                        error: d.error.clone(),
+                        held_back: d.held_back,
+                        last_success_unix_seconds: d.last_success.and_then(|t| {
+                            t.duration_since(std::time::UNIX_EPOCH)
+                                .ok()
+                                .map(|d| d.as_secs())
+                        }),
+                        updates_applied: d.updates_applied,
+                        failures: d.failures,
                     }),
-                    updates_applied: d.updates_applied,
-                    failures: d.failures,
-                }),
             }
         })
         .collect()
@@ -234,7 +311,21 @@ async fn services(State(app): State<AppState>) -> impl IntoResponse {
 
 /// Live connection events as Server-Sent Events, one JSON object per event.
 /// At most `--max-event-streams` at a time: 503 beyond.
-async fn events_stream(State(app): State<AppState>) -> Response {
+/// Which events a stream carries (`sluice events --service S --kind K`).
+#[derive(Debug, Default, Deserialize)]
+pub struct EventFilter {
+    pub service: Option<String>,
+    pub kind: Option<String>,
+}
+
+impl EventFilter {
+    fn admits(&self, event: &crate::events::EventView) -> bool {
+        self.service.as_ref().is_none_or(|s| *s == event.service)
+            && self.kind.as_ref().is_none_or(|k| k == event.kind)
+    }
+}
+
+async fn events_stream(State(app): State<AppState>, Query(filter): Query<EventFilter>) -> Response {
     let Some(place) = app.shared.http.open_event_stream() else {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -249,9 +340,10 @@ async fn events_stream(State(app): State<AppState>) -> Response {
     let stream = BroadcastStream::new(app.shared.events.subscribe()).filter_map(move |event| {
         // Held for as long as the stream lasts: the client's place.
         let _place = &place;
+        let admitted = event.as_ref().is_ok_and(|e| filter.admits(e));
         async move {
             // A subscriber too slow for the feed skips what it missed.
-            let event = event.ok()?;
+            let event = event.ok().filter(|_| admitted)?;
             let json = serde_json::to_string(&*event).ok()?;
             Some(Ok::<_, Infallible>(
                 SseEvent::default().event(event.kind).data(json),
@@ -322,7 +414,12 @@ fn dashboard_view(shared: &Shared) -> DashboardView {
         // One snapshot for the whole response.
         let snapshot = view.snapshot();
         let counters = &view.counters;
-        services = service_views(shared, counters, &snapshot);
+        services = service_views(
+            Some(&shared.discovery.view()),
+            Some(&shared.overrides.lock().unwrap().clone()),
+            counters,
+            &snapshot,
+        );
         let bounds_s: Vec<f64> = (0..agent_common::LATENCY_BUCKETS)
             .map(|i| (agent_common::LATENCY_BASE_NS << i) as f64 / 1e9)
             .collect();
@@ -380,5 +477,174 @@ async fn dashboard_data(State(app): State<AppState>) -> impl IntoResponse {
     match tokio::task::spawn_blocking(move || dashboard_view(&shared)).await {
         Ok(view) => Json(view).into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+/// `sluice status`.
+pub fn status_view(shared: &Shared) -> crate::inspect::status::StatusView {
+    use crate::inspect::status::{Attachment, ConntrackStatus, DiscoveryStatus, base};
+    let Some(view) = shared.view.get() else {
+        // Not loaded yet: only what the process knows.
+        let mut s = base_unloaded();
+        s.ready = Some(false);
+        return s;
+    };
+    let mut status = base(&view.counters, &view.snapshot(), "agent");
+    status.ready = Some(shared.ready.load(Ordering::SeqCst));
+    status.pid = Some(std::process::id());
+    status.uptime_seconds = Some(shared.started.elapsed().as_secs());
+    status.pin_directory = shared.pin_directory.clone();
+    status.attachments = shared
+        .attachments
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(interface, mode)| Attachment {
+            interface: interface.clone(),
+            mode: mode.to_string(),
+        })
+        .collect();
+    status.overrides = shared.overrides.lock().unwrap().len();
+    status.discovery = shared
+        .discovery
+        .view()
+        .statuses
+        .iter()
+        .map(|(service, d)| DiscoveryStatus {
+            service: service.clone(),
+            provider: d.provider.to_string(),
+            healthy: d.healthy,
+            held_back: d.held_back,
+            error: d.error.clone(),
+        })
+        .collect();
+    status.conntrack = ConntrackStatus {
+        entries: shared.conntrack_entries.load(Ordering::Relaxed),
+        capacity: shared.conntrack_capacity.load(Ordering::Relaxed),
+        half_open_entries: shared.half_open_entries.load(Ordering::Relaxed),
+        half_open_capacity: shared.half_open_capacity.load(Ordering::Relaxed),
+    };
+    status
+}
+
+fn base_unloaded() -> crate::inspect::status::StatusView {
+    crate::inspect::status::StatusView {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        commit: crate::BUILD_COMMIT.to_string(),
+        map_layout: agent_common::MAP_LAYOUT,
+        source: "agent".to_string(),
+        ready: None,
+        pid: Some(std::process::id()),
+        uptime_seconds: None,
+        pin_directory: None,
+        attachments: Vec::new(),
+        services: 0,
+        backends: 0,
+        ejected_backends: 0,
+        draining_backends: 0,
+        overrides: 0,
+        discovery: Vec::new(),
+        conntrack: Default::default(),
+        drops: Default::default(),
+        passed: Default::default(),
+        events: Default::default(),
+    }
+}
+
+async fn status(State(app): State<AppState>) -> impl IntoResponse {
+    let shared = app.shared.clone();
+    match tokio::task::spawn_blocking(move || status_view(&shared)).await {
+        Ok(view) => Json(view).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+/// `sluice conntrack`'s answer.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct FlowsResponse {
+    pub flows: Vec<crate::inspect::flows::FlowView>,
+    /// Flows that answered the filter, listed or not (`limit`).
+    pub matched: u64,
+}
+
+async fn conntrack(
+    State(app): State<AppState>,
+    Query(filter): Query<crate::inspect::flows::FlowFilter>,
+) -> Response {
+    let Some(view) = app.shared.view.get().cloned() else {
+        return not_loaded();
+    };
+    let answer = tokio::task::spawn_blocking(move || {
+        let (flows, matched) = crate::inspect::flows::list(&view.tables, &view.snapshot(), &filter);
+        FlowsResponse { flows, matched }
+    })
+    .await;
+    match answer {
+        Ok(a) => Json(a).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct ExplainQuery {
+    /// CLIENT_IP:PORT
+    client: String,
+    /// VIP:PORT/PROTO
+    frontend: String,
+}
+
+async fn explain(State(app): State<AppState>, Query(q): Query<ExplainQuery>) -> Response {
+    use crate::inspect::explain::{explain, parse_client, parse_frontend};
+    let (client, (vip, protocol)) = match (parse_client(&q.client), parse_frontend(&q.frontend)) {
+        (Ok(c), Ok(f)) => (c, f),
+        (Err(e), _) | (_, Err(e)) => return (StatusCode::BAD_REQUEST, e).into_response(),
+    };
+    let Some(view) = app.shared.view.get().cloned() else {
+        return not_loaded();
+    };
+    match tokio::task::spawn_blocking(move || {
+        explain(&view.tables, &view.snapshot(), client, vip, protocol)
+    })
+    .await
+    {
+        Ok(a) => Json(a).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+fn not_loaded() -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the datapath is not loaded yet\n".to_string(),
+    )
+        .into_response()
+}
+
+async fn list_overrides(State(app): State<AppState>) -> impl IntoResponse {
+    Json(app.shared.overrides.lock().unwrap().entries())
+}
+
+/// Hands the change to the reconcile loop (the one writer) and waits for
+/// its answer: applied to the maps and kept, or refused with the reason.
+async fn change_override(
+    State(app): State<AppState>,
+    Json(change): Json<crate::control::overrides::Change>,
+) -> Response {
+    let Some(control) = app.control else {
+        return (StatusCode::FORBIDDEN, "overrides change only over the control socket\n")
+            .into_response();
+    };
+    let (reply, answer) = oneshot::channel();
+    if control
+        .send(crate::control::Request { change, reply })
+        .await
+        .is_err()
+    {
+        return (StatusCode::SERVICE_UNAVAILABLE, "the agent is stopping\n").into_response();
+    }
+    match answer.await {
+        Ok(Ok(entry)) => Json(entry).into_response(),
+        Ok(Err(why)) => (StatusCode::UNPROCESSABLE_ENTITY, format!("{why}\n")).into_response(),
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "the agent is stopping\n").into_response(),
     }
 }

@@ -109,6 +109,23 @@ impl Counters {
         })
     }
 
+    /// Handles on the maps pinned in `maps_dir`, for the operator commands
+    /// while the agent is down (connections that ended silently are the
+    /// agent's count: none are known then).
+    pub fn open_pinned(maps_dir: &std::path::Path) -> anyhow::Result<Self> {
+        use crate::inspect::open_pinned as open;
+        use Map::{Array as A, PerCpuArray as P};
+        Ok(Self {
+            service_stats: open(maps_dir, map::SERVICE_STATS, P)?,
+            backend_stats: open(maps_dir, map::BACKEND_STATS, P)?,
+            reasons: open(maps_dir, map::REASONS, P)?,
+            backend_health: open(maps_dir, map::BACKEND_HEALTH, A)?,
+            backend_latency: open(maps_dir, map::BACKEND_LATENCY, P)?,
+            event_budget: open(maps_dir, map::EVENT_BUDGET, P)?,
+            ended_silently: EndedSilently::default(),
+        })
+    }
+
     /// See `stats`.
     pub fn stats(&self, service: bool, id: u32) -> ServiceStats {
         if service {
@@ -139,5 +156,47 @@ impl Counters {
                     .fold((0, 0), |(s, d), b| (s + b.sent, d + b.dropped))
             })
             .unwrap_or((0, 0))
+    }
+}
+
+/// The `q` quantile of a connect latency histogram, in seconds, as
+/// Prometheus' `histogram_quantile` estimates it (linear within the bucket
+/// it falls in); None before any connect. Connects slower than the last
+/// bucket count at its bound.
+pub fn latency_quantile(h: &LatencyHistogram, q: f64) -> Option<f64> {
+    if h.count == 0 {
+        return None;
+    }
+    let rank = q * h.count as f64;
+    let mut below = 0u64;
+    let mut lower = 0.0;
+    for (i, &n) in h.buckets.iter().enumerate() {
+        let upper = (agent_common::LATENCY_BASE_NS << i) as f64 / 1e9;
+        if n > 0 && (below + n) as f64 >= rank {
+            let into = (rank - below as f64) / n as f64;
+            return Some(lower + (upper - lower) * into.clamp(0.0, 1.0));
+        }
+        below += n;
+        lower = upper;
+    }
+    Some(lower)
+}
+
+#[cfg(test)]
+mod quantile_tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_interpolate_within_the_bucket() {
+        let mut h = LatencyHistogram::default();
+        assert_eq!(latency_quantile(&h, 0.5), None);
+        // 10 connects in the first bucket (0 .. 8 µs), 10 in the third (16 .. 32 µs).
+        h.buckets[0] = 10;
+        h.buckets[2] = 10;
+        h.count = 20;
+        let p50 = latency_quantile(&h, 0.5).unwrap();
+        assert!((p50 - 8e-6).abs() < 1e-12, "{p50}");
+        let p99 = latency_quantile(&h, 0.99).unwrap();
+        assert!(p99 > 16e-6 && p99 <= 32e-6, "{p99}");
     }
 }

@@ -4,12 +4,15 @@
 pub mod agent;
 pub mod api;
 pub mod bpffs;
+pub mod cli;
 pub mod config;
+pub mod control;
 pub mod counters;
 pub mod datapath;
 pub mod discovery;
 pub mod events;
 pub mod http;
+pub mod inspect;
 pub mod maglev;
 pub mod metrics;
 pub mod netdev;
@@ -24,3 +27,10 @@ pub mod sweep;
 pub mod sysctl;
 pub mod view;
 pub mod writer;
+
+/// The commit this binary was built from (`git describe`), or "unknown"
+/// when built outside a git checkout.
+pub const BUILD_COMMIT: &str = match option_env!("SLUICE_BUILD_COMMIT") {
+    Some(c) => c,
+    None => "unknown",
+};

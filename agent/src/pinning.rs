@@ -68,6 +68,24 @@ impl PinDir {
         Ok(Self { root })
     }
 
+    /// The datapath pinned under `dir` by this build's map layout, for
+    /// reading only (the operator commands): nothing is made or checked.
+    pub fn existing(dir: &Path) -> Result<Self> {
+        let root = dir.join(format!("layout-{}", agent_common::MAP_LAYOUT));
+        if !root.join("maps").is_dir() {
+            bail!(
+                "no datapath of map layout {} is pinned under {}",
+                agent_common::MAP_LAYOUT,
+                dir.display()
+            );
+        }
+        Ok(Self { root })
+    }
+
+    pub fn maps_dir(&self) -> PathBuf {
+        self.root.join("maps")
+    }
+
     pub fn map_path(&self, name: &str) -> PathBuf {
         self.root.join("maps").join(name)
     }

@@ -44,6 +44,27 @@ pub struct Shared {
     pub discovery: Published<Hub>,
     /// The HTTP server's connections and event streams.
     pub http: Arc<crate::http::Load>,
+    /// Runtime overrides (`sluice drain`, `sluice weight`); the reconcile
+    /// loop changes them, the API and metrics show them.
+    pub overrides: Mutex<crate::control::overrides::Overrides>,
+    pub started: Started,
+    /// The config's `pinning.directory`, for `sluice status`.
+    pub pin_directory: Option<String>,
+}
+
+/// When the agent started.
+pub struct Started(pub std::time::Instant);
+
+impl Default for Started {
+    fn default() -> Self {
+        Self(std::time::Instant::now())
+    }
+}
+
+impl Started {
+    pub fn elapsed(&self) -> std::time::Duration {
+        self.0.elapsed()
+    }
 }
 
 /// What the readers of the hub need: the statuses, by service.

@@ -55,7 +55,7 @@ impl FlowState {
     }
 
     /// The state of a forward entry, and its idle timeout in seconds.
-    fn of(key: &FlowKey, flow: &Flow, t: &ConntrackTimeouts) -> (Self, u32) {
+    pub(crate) fn of(key: &FlowKey, flow: &Flow, t: &ConntrackTimeouts) -> (Self, u32) {
         if key.proto == PROTO_UDP {
             return (Self::Udp, t.udp);
         }
@@ -73,7 +73,7 @@ impl FlowState {
 pub type StateCounts = BTreeMap<FlowState, u64>;
 
 /// Seconds of `CLOCK_MONOTONIC_COARSE`, the clock of `bpf_ktime_get_coarse_ns`.
-fn now_seconds() -> u32 {
+pub(crate) fn now_seconds() -> u32 {
     // SAFETY: clock_gettime writes into the timespec we own.
     let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
@@ -81,7 +81,7 @@ fn now_seconds() -> u32 {
 }
 
 /// Seconds since `last_seen` (the kernel's clock wraps like ours).
-fn idle(now: u32, last_seen: u32) -> u32 {
+pub(crate) fn idle(now: u32, last_seen: u32) -> u32 {
     now.wrapping_sub(last_seen).min(i32::MAX as u32)
 }
 

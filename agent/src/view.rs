@@ -9,7 +9,7 @@ use std::{collections::BTreeMap, sync::Arc};
 
 use arc_swap::ArcSwap;
 
-use crate::{counters::Counters, reconcile::ServiceState};
+use crate::{counters::Counters, inspect::Tables, reconcile::ServiceState};
 
 /// What the reconcile loop last applied: services by name, their ids,
 /// backends, addresses and drain states.
@@ -36,13 +36,16 @@ impl Snapshot {
 pub struct View {
     snapshot: ArcSwap<Snapshot>,
     pub counters: Counters,
+    /// Where flows go (`sluice conntrack`, `sluice explain`).
+    pub tables: Tables,
 }
 
 impl View {
-    pub fn new(counters: Counters) -> Self {
+    pub fn new(counters: Counters, tables: Tables) -> Self {
         Self {
             snapshot: ArcSwap::from_pointee(Snapshot::default()),
             counters,
+            tables,
         }
     }
 

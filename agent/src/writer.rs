@@ -23,7 +23,10 @@ pub struct Writer {
 impl Writer {
     /// Takes the reconciler and opens the read side on the same maps.
     pub fn new(reconciler: Reconciler) -> Result<Self> {
-        let view = Arc::new(View::new(reconciler.read_side()?));
+        let view = Arc::new(View::new(
+            reconciler.read_side()?,
+            reconciler.read_tables()?,
+        ));
         Ok(Self { reconciler, view })
     }
 

@@ -218,6 +218,12 @@ pub fn agent_command(
         .args(extra)
         .env("RUST_LOG", "info")
         .stdin(Stdio::null());
+    // The control socket and the overrides beside the test's config (its
+    // own directory), not the host's /run/sluice and /var/lib/sluice.
+    let own_dir = config.parent().unwrap_or(Path::new("/tmp"));
+    command
+        .env("SLUICE_CONTROL_SOCKET", own_dir.join("control.sock"))
+        .env("SLUICE_STATE_DIR", own_dir.join("state"));
     command
 }
 

@@ -91,6 +91,8 @@ fn run_to_exit(ns: &Netns, config: &std::path::Path) -> Result<std::process::Out
         .args(["run", "--config"])
         .arg(config)
         .args(["--listen", "127.0.0.1:9464"])
+        .env("SLUICE_CONTROL_SOCKET", config.with_extension("sock"))
+        .env("SLUICE_STATE_DIR", config.with_extension("state"))
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(&out_path)?)
         .stderr(std::fs::File::create(&err_path)?)

@@ -17,9 +17,9 @@ mod tests;
 use std::path::Path;
 
 pub use model::{DiscoverySpec, ServiceSpec, Source};
-pub use schema::DEFAULT_NEW_FLOWS_PER_SECOND;
+pub use schema::{DEFAULT_CONTROL_SOCKET, DEFAULT_NEW_FLOWS_PER_SECOND, DEFAULT_STATE_DIRECTORY};
 pub use schema::{
-    AttachMode, BackendSpec, Config, Conntrack, ConntrackTimeouts, Discovery, DnsDiscovery,
+    AttachMode, BackendSpec, Config, Conntrack, ConntrackTimeouts, Control, Discovery, DnsDiscovery,
     DnsRecord, EtcdDiscovery, Failure, Forwarding, Interface, KubeAddress, Kubernetes, Limits,
     Maglev, Pinning, Protocol, Service, SocketLb,
 };

@@ -30,6 +30,34 @@ pub struct Config {
     /// "Node-local clients").
     #[serde(default)]
     pub socket_lb: Option<SocketLb>,
+    /// Where the operator commands reach the agent, and where its runtime
+    /// overrides are kept (see README "Operating").
+    #[serde(default)]
+    pub control: Control,
+}
+
+/// The operator interface on this host (restart-time settings).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Control {
+    /// The Unix socket `sluice status`, `services`, `drain` ... talk to;
+    /// made mode 0600, root's (and the agent's user's) only.
+    pub socket: String,
+    /// Where runtime overrides (`sluice drain`, `sluice weight`) are kept
+    /// so that they survive restarts: a directory of the host's, not tmpfs.
+    pub state_directory: String,
+}
+
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/sluice/sluice.sock";
+pub const DEFAULT_STATE_DIRECTORY: &str = "/var/lib/sluice";
+
+impl Default for Control {
+    fn default() -> Self {
+        Self {
+            socket: DEFAULT_CONTROL_SOCKET.to_string(),
+            state_directory: DEFAULT_STATE_DIRECTORY.to_string(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]

@@ -9,7 +9,7 @@ use std::{
 };
 
 use super::{
-    BackendSpec, Config, ConfigError, Conntrack, Failure, Forwarding, Interface, KubeAddress,
+    BackendSpec, Config, ConfigError, Conntrack, Control, Failure, Forwarding, Interface, KubeAddress,
     Kubernetes, Limits, Maglev, Pinning, Protocol, Service, ServiceSpec, Validated,
 };
 
@@ -62,6 +62,7 @@ fn check(raw: &Config) -> Result<Vec<ServiceSpec>, Refusal> {
     if let Some(k) = &raw.kubernetes {
         kubernetes(k)?;
     }
+    control(&raw.control)?;
     conntrack(&raw.conntrack)?;
     maglev_and_limits(&raw.maglev, &raw.limits, raw.services.len())?;
     services(&raw.services, &raw.limits)
@@ -98,6 +99,26 @@ fn pinning(p: &Pinning) -> Result<(), Refusal> {
             "pinning.directory",
             &p.directory,
             "must be an absolute path on bpffs (e.g. /sys/fs/bpf/sluice/node-1)",
+        ));
+    }
+    Ok(())
+}
+
+fn control(c: &Control) -> Result<(), Refusal> {
+    for (field, path) in [
+        ("control.socket", &c.socket),
+        ("control.state_directory", &c.state_directory),
+    ] {
+        if !path.starts_with('/') || path.len() < 2 {
+            return Err(refuse(field, path, "must be an absolute path"));
+        }
+    }
+    // sun_path holds 108 bytes with the terminating NUL.
+    if c.socket.len() > 107 {
+        return Err(refuse(
+            "control.socket",
+            &c.socket,
+            "longer than a Unix socket path may be (107 bytes)",
         ));
     }
     Ok(())

@@ -68,6 +68,20 @@ impl MaglevTables {
         })
     }
 
+    /// A read handle of its own on the array (a duplicate of its fd), for
+    /// the read side (`sluice explain`): slot lookups by syscall.
+    pub fn reader(&self) -> Result<aya::maps::Array<MapData, u32>> {
+        use std::os::fd::AsFd as _;
+        let fd = self
+            ._map
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .context("duplicating the MAGLEV map's fd")?;
+        let data = MapData::from_fd(fd).context("MAGLEV map from its fd")?;
+        aya::maps::Array::try_from(aya::maps::Map::Array(data)).context("MAGLEV as an array")
+    }
+
     /// Writes `table` at slot `offset`.
     pub fn write(&mut self, offset: u32, table: &[u32]) -> Result<()> {
         let start = offset as usize;

@@ -27,8 +27,43 @@ pub struct Adopted {
 
 const ORPHAN_PREFIX: &str = "(adopted) ";
 
+/// A pinned backend: (backend id, address, weight, draining).
+pub type PinnedBackend = (u32, SocketAddr, u32, bool);
+
+/// The backends pinned maps hold, by service id: those ever written and
+/// not removed. `family_of` gives each service id's address family.
+pub fn pinned_backends(
+    backends: &aya::maps::Array<aya::maps::MapData, agent_common::Backend>,
+    health: impl Fn(u32) -> agent_common::BackendHealth,
+    family_of: &std::collections::HashMap<u32, u8>,
+    limit: u32,
+) -> BTreeMap<u32, Vec<PinnedBackend>> {
+    let mut by_service: BTreeMap<u32, Vec<PinnedBackend>> = BTreeMap::new();
+    for id in 0..limit {
+        let Ok(b) = backends.get(&id, 0) else {
+            continue;
+        };
+        if b.port == 0 || health(id).state() == Admission::Removed {
+            continue; // never used, or removed
+        }
+        // A backend whose service is gone has no family to go by (only
+        // its log line shows the address): IPv4 keeps words 1-3 zero.
+        let v4 = family_of
+            .get(&b.service_id)
+            .map_or(b.addr[1..] == [0; 3], |&f| f == FAMILY_V4);
+        let ip = words_ip(b.addr, v4);
+        by_service.entry(b.service_id).or_default().push((
+            id,
+            SocketAddr::new(ip, u16::from_be(b.port)),
+            u32::from(b.weight),
+            health(id).state() == Admission::Draining,
+        ));
+    }
+    by_service
+}
+
 /// A pinned service the config no longer has, for its removal.
-fn orphan_spec(key: &ServiceKey) -> ServiceSpec {
+pub fn orphan_spec(key: &ServiceKey) -> ServiceSpec {
     let vip = words_ip(key.addr, key.family == FAMILY_V4);
     let protocol = if key.proto == agent_common::PROTO_UDP {
         crate::config::Protocol::Udp
@@ -61,30 +96,13 @@ impl Reconciler {
             self.maps.services.iter().filter_map(Result::ok).collect();
         let family_of: std::collections::HashMap<u32, u8> =
             pinned.iter().map(|(k, v)| (v.id, k.family)).collect();
-        // Per service id: (backend id, address, weight, draining).
-        let mut by_service: BTreeMap<u32, Vec<(u32, SocketAddr, u32, bool)>> = BTreeMap::new();
-        let mut backend_ids = Vec::new();
-        for id in 0..self.backend_ids.limit {
-            let Ok(b) = self.maps.backends.get(&id, 0) else {
-                continue;
-            };
-            if b.port == 0 || self.health(id).state() == Admission::Removed {
-                continue; // never used, or removed
-            }
-            // A backend whose service is gone has no family to go by (only
-            // its log line shows the address): IPv4 keeps words 1-3 zero.
-            let v4 = family_of
-                .get(&b.service_id)
-                .map_or(b.addr[1..] == [0; 3], |&f| f == FAMILY_V4);
-            let ip = words_ip(b.addr, v4);
-            by_service.entry(b.service_id).or_default().push((
-                id,
-                SocketAddr::new(ip, u16::from_be(b.port)),
-                u32::from(b.weight),
-                self.health(id).state() == Admission::Draining,
-            ));
-            backend_ids.push(id);
-        }
+        let mut by_service = pinned_backends(
+            &self.maps.backends,
+            |id| self.health(id),
+            &family_of,
+            self.backend_ids.limit,
+        );
+        let backend_ids: Vec<u32> = by_service.values().flatten().map(|b| b.0).collect();
         let mut found = BTreeMap::new();
         let mut orphans = Vec::new();
         let mut service_ids = Vec::new();

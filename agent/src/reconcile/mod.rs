@@ -24,24 +24,29 @@ mod drain;
 mod filters;
 mod ids;
 
-pub use adopt::Adopted;
+pub use adopt::{Adopted, PinnedBackend, orphan_spec, pinned_backends};
 use agent_common::addr::{self, family};
 use filters::{service_filters, union, write_filter};
 use ids::Ids;
 
 use crate::{
-    config::ServiceSpec,
+    config::{Protocol, ServiceSpec},
     counters::{self, Counters, EndedSilently},
     datapath::Maps,
     maglev,
 };
 
 pub fn service_key(spec: &ServiceSpec) -> ServiceKey {
+    service_key_of(spec.vip, spec.port, spec.protocol)
+}
+
+/// The `SERVICES` key of a frontend.
+pub fn service_key_of(vip: std::net::IpAddr, port: u16, protocol: Protocol) -> ServiceKey {
     ServiceKey {
-        addr: addr::words(spec.vip),
-        port: spec.port.to_be(),
-        proto: spec.protocol.number(),
-        family: family(spec.vip),
+        addr: addr::words(vip),
+        port: port.to_be(),
+        proto: protocol.number(),
+        family: family(vip),
     }
 }
 
@@ -512,6 +517,11 @@ impl Reconciler {
     /// (sharing the count of connections that ended silently).
     pub fn read_side(&self) -> Result<Counters> {
         Ok(Counters::open(&self.maps, self.ended_silently.clone())?)
+    }
+
+    /// Read handles of their own on the service, table and flow maps.
+    pub fn read_tables(&self) -> Result<crate::inspect::Tables> {
+        crate::inspect::Tables::open(&self.maps)
     }
 
     /// Per-CPU counters summed (see `counters::stats`).

@@ -1,0 +1,68 @@
+//! Read handles on the maps that say where a flow goes: the services, their
+//! Maglev tables, the backends' addresses and health, and both flow tables.
+//! The running agent opens them on its own maps; the operator commands open
+//! them on the pinned maps when the agent is down (as bpftool does).
+
+use std::path::Path;
+
+use agent_common::{
+    Backend, BackendHealth, Flow, FlowKey, Service, ServiceKey,
+    registry::map,
+};
+use anyhow::{Context, Result};
+use aya::maps::{Array, HashMap, Map, MapData};
+
+use crate::datapath::{Maps, second_handle};
+
+pub struct Tables {
+    pub services: HashMap<MapData, ServiceKey, Service>,
+    pub backends: Array<MapData, Backend>,
+    pub maglev: Array<MapData, u32>,
+    pub health: Array<MapData, BackendHealth>,
+    /// Established flows.
+    pub conntrack: HashMap<MapData, FlowKey, Flow>,
+    /// TCP connects until the client acknowledges the SYN-ACK.
+    pub half_open: HashMap<MapData, FlowKey, Flow>,
+}
+
+impl Tables {
+    /// Handles of their own on the agent's maps.
+    pub fn open(maps: &Maps) -> Result<Self> {
+        Ok(Self {
+            services: second_handle(&maps.services, map::SERVICES, Map::HashMap)?,
+            backends: second_handle(&maps.backends, map::BACKENDS, Map::Array)?,
+            maglev: maps.maglev.reader()?,
+            health: second_handle(&maps.backend_health, map::BACKEND_HEALTH, Map::Array)?,
+            conntrack: second_handle(&maps.conntrack, map::CONNTRACK, Map::LruHashMap)?,
+            half_open: second_handle(&maps.half_open, map::HALF_OPEN, Map::LruHashMap)?,
+        })
+    }
+
+    /// Handles on the maps pinned in `maps_dir` (a pin directory's
+    /// `layout-N/maps`).
+    pub fn open_pinned(maps_dir: &Path) -> Result<Self> {
+        Ok(Self {
+            services: open_pinned(maps_dir, map::SERVICES, Map::HashMap)?,
+            backends: open_pinned(maps_dir, map::BACKENDS, Map::Array)?,
+            maglev: open_pinned(maps_dir, map::MAGLEV, Map::Array)?,
+            health: open_pinned(maps_dir, map::BACKEND_HEALTH, Map::Array)?,
+            conntrack: open_pinned(maps_dir, map::CONNTRACK, Map::LruHashMap)?,
+            half_open: open_pinned(maps_dir, map::HALF_OPEN, Map::LruHashMap)?,
+        })
+    }
+
+    pub fn health(&self, backend_id: u32) -> BackendHealth {
+        self.health.get(&backend_id, 0).unwrap_or_default()
+    }
+}
+
+/// The map pinned at `dir/name`, as `T` (`wrap` is its kind).
+pub fn open_pinned<T>(dir: &Path, name: &str, wrap: fn(MapData) -> Map) -> Result<T>
+where
+    T: TryFrom<Map, Error = aya::maps::MapError>,
+{
+    let path = dir.join(name);
+    let data = MapData::from_pin(&path)
+        .with_context(|| format!("opening the pinned map {}", path.display()))?;
+    T::try_from(wrap(data)).with_context(|| format!("pinned map {}", path.display()))
+}
