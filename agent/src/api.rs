@@ -358,21 +358,26 @@ async fn events_stream(State(app): State<AppState>, Query(filter): Query<EventFi
 #[derive(serde::Deserialize)]
 struct RecentQuery {
     limit: Option<usize>,
+    #[serde(flatten)]
+    filter: EventFilter,
 }
 
-/// The newest kept events (default 200, at most all kept), oldest first.
+/// The newest kept events that pass the filter (default 200, at most all
+/// kept), oldest first.
 async fn events_recent(
     State(app): State<AppState>,
     Query(q): Query<RecentQuery>,
 ) -> impl IntoResponse {
     let n = q.limit.unwrap_or(200).min(crate::events::KEEP);
-    let events: Vec<crate::events::EventView> = app
+    let mut events: Vec<crate::events::EventView> = app
         .shared
         .events
-        .recent(n)
+        .recent(crate::events::KEEP)
         .iter()
+        .filter(|e| q.filter.admits(e))
         .map(|e| (**e).clone())
         .collect();
+    events.drain(..events.len().saturating_sub(n));
     Json(events)
 }
 

@@ -248,25 +248,22 @@ fn offline_services(p: &Pinned, _: &Path) -> Result<ServicesResponse> {
 }
 
 async fn events(at: &Agent, follow: bool, service: Option<String>, kind: Option<String>) -> Result<()> {
-    let admits = |e: &serde_json::Value| {
-        service.as_ref().is_none_or(|s| e["service"] == **s)
-            && kind.as_ref().is_none_or(|k| e["kind"] == **k)
-    };
     let show = |e: &serde_json::Value| match at.output {
         Output::Json => println!("{e}"),
         Output::Table => println!("{}", render::event(e)),
     };
-    let recent: Vec<serde_json::Value> = at.client.get("/api/v1/events/recent?limit=50").await?;
-    for e in recent.iter().filter(|e| admits(e)) {
+    let filter = query(&[("service", service.as_deref()), ("kind", kind.as_deref())]);
+    let recent: Vec<serde_json::Value> = at
+        .client
+        .get(&format!("/api/v1/events/recent?limit=50&{filter}"))
+        .await?;
+    for e in &recent {
         show(e);
     }
     if !follow {
         return Ok(());
     }
-    let path = format!(
-        "/api/v1/events?{}",
-        query(&[("service", service.as_deref()), ("kind", kind.as_deref())])
-    );
+    let path = format!("/api/v1/events?{filter}");
     at.client
         .follow(&path, |data| {
             if let Ok(e) = serde_json::from_str::<serde_json::Value>(data) {
