@@ -59,8 +59,12 @@ fn call(request: Value) -> Result<Value> {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let answer: Value = serde_json::from_slice(&out.stdout)
-        .with_context(|| format!("helm_sdk.py answered {:?}", String::from_utf8_lossy(&out.stdout)))?;
+    let answer: Value = serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "helm_sdk.py answered {:?}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })?;
     if let Some(e) = answer.get("error") {
         bail!("helm: {}", e.as_str().unwrap_or_default());
     }

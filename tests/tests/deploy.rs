@@ -529,10 +529,7 @@ fn manifests_apply_in_file_order_on_a_fresh_cluster() -> Result<()> {
             }
             if d["kind"] == "DaemonSet" {
                 let ds: DaemonSet = typed(&d)?;
-                let pod = ds
-                    .spec
-                    .and_then(|s| s.template.spec)
-                    .context("pod spec")?;
+                let pod = ds.spec.and_then(|s| s.template.spec).context("pod spec")?;
                 let sa = pod.service_account_name.context("serviceAccountName")?;
                 assert!(
                     applied.contains(&format!("ServiceAccount/{sa}")),
@@ -650,7 +647,12 @@ fn helm_chart_defaults_render_to_the_plain_manifests() -> Result<()> {
         plain.iter().map(key).collect::<Vec<_>>()
     );
     for (c, p) in from_chart.iter().zip(&plain) {
-        assert_eq!(c, p, "{} differs between the chart and the manifests", key(p));
+        assert_eq!(
+            c,
+            p,
+            "{} differs between the chart and the manifests",
+            key(p)
+        );
     }
     // The rendered chart runs with least privilege by default, and carries
     // the standard labels.
@@ -717,7 +719,10 @@ fn helm_lint_strict_is_clean() -> Result<()> {
         let findings = helm::lint(&chart, "sluice-system", &values)?;
         // Severity 1 is information ("icon is recommended"): no icon exists.
         let serious: Vec<_> = findings.iter().filter(|f| f.severity >= 2).collect();
-        assert!(serious.is_empty(), "helm lint --strict {values}: {serious:#?}");
+        assert!(
+            serious.is_empty(),
+            "helm lint --strict {values}: {serious:#?}"
+        );
     }
     // Lint runs the schema too: a bad value is an error.
     let findings = helm::lint(&chart, "sluice-system", &json!({"port": "http"}))?;
@@ -756,7 +761,10 @@ fn two_releases_share_no_object_or_selector() -> Result<()> {
         let own_pods = &ds["spec"]["template"]["metadata"]["labels"];
         let their_pods = &find(theirs, "DaemonSet")?["spec"]["template"]["metadata"]["labels"];
         assert!(selects(selector, own_pods), "{selector} picks its pods");
-        assert!(!selects(selector, their_pods), "{selector} picks the other release's pods");
+        assert!(
+            !selects(selector, their_pods),
+            "{selector} picks the other release's pods"
+        );
         let svc = find(mine, "Service")?;
         assert!(selects(&svc["spec"]["selector"], own_pods));
         assert!(!selects(&svc["spec"]["selector"], their_pods));
@@ -768,7 +776,10 @@ fn two_releases_share_no_object_or_selector() -> Result<()> {
         // Each binding grants its own ServiceAccount its own role; each pod
         // mounts its own config.
         let crb = find(mine, "ClusterRoleBinding")?;
-        assert_eq!(crb["roleRef"]["name"], find(mine, "ClusterRole")?["metadata"]["name"]);
+        assert_eq!(
+            crb["roleRef"]["name"],
+            find(mine, "ClusterRole")?["metadata"]["name"]
+        );
         assert_eq!(
             crb["subjects"][0]["name"],
             find(mine, "ServiceAccount")?["metadata"]["name"]
@@ -833,16 +844,26 @@ fn chart_values_show_up_in_the_daemonset() -> Result<()> {
     );
     assert_eq!(serde_json::to_value(&pod.affinity)?, zone_affinity);
     let tolerations = pod.tolerations.as_deref().unwrap_or_default();
-    assert_eq!(tolerations.len(), 1, "the given tolerations replace the default");
+    assert_eq!(
+        tolerations.len(),
+        1,
+        "the given tolerations replace the default"
+    );
     assert_eq!(tolerations[0].key.as_deref(), Some("dedicated"));
     assert_eq!(pod.priority_class_name.as_deref(), Some("lb-critical"));
     let meta = spec.template.metadata.as_ref().context("pod metadata")?;
     assert_eq!(
-        meta.annotations.as_ref().and_then(|a| a.get("example.com/team")).map(String::as_str),
+        meta.annotations
+            .as_ref()
+            .and_then(|a| a.get("example.com/team"))
+            .map(String::as_str),
         Some("net")
     );
     let pod_labels = meta.labels.clone().unwrap_or_default();
-    assert_eq!(pod_labels.get("example.com/tier").map(String::as_str), Some("edge"));
+    assert_eq!(
+        pod_labels.get("example.com/tier").map(String::as_str),
+        Some("edge")
+    );
     // Extra pod labels don't reach the selector (it can't change later).
     let selector = spec.selector.match_labels.clone().unwrap_or_default();
     assert!(!selector.contains_key("example.com/tier"));
@@ -852,12 +873,20 @@ fn chart_values_show_up_in_the_daemonset() -> Result<()> {
         .flatten()
         .map(|e| (e.name.clone(), e.value.clone()))
         .collect();
-    assert!(env.contains(&("NODE_ZONE".into(), Some("eu-west-1a".into()))), "{env:?}");
-    assert!(env.iter().any(|(n, _)| n == "POD_IP"), "extraEnv adds, not replaces");
+    assert!(
+        env.contains(&("NODE_ZONE".into(), Some("eu-west-1a".into()))),
+        "{env:?}"
+    );
+    assert!(
+        env.iter().any(|(n, _)| n == "POD_IP"),
+        "extraEnv adds, not replaces"
+    );
     let args = c.args.clone().unwrap_or_default();
     assert_eq!(&args[args.len() - 2..], ["--max-connections", "512"]);
     // The real CLI takes them: every flag is one `sluice run` has.
-    let help = Command::new(sluice_bin()).args(["run", "--help"]).output()?;
+    let help = Command::new(sluice_bin())
+        .args(["run", "--help"])
+        .output()?;
     let help = String::from_utf8_lossy(&help.stdout);
     for flag in args.iter().filter(|a| a.starts_with("--")) {
         assert!(help.contains(flag.as_str()), "`sluice run` has no {flag}");
@@ -876,13 +905,20 @@ fn chart_values_show_up_in_the_daemonset() -> Result<()> {
     assert_eq!(sm["spec"]["endpoints"][0]["interval"], "30s");
     let rule = find(&docs, "PrometheusRule")?;
     assert_eq!(rule["metadata"]["labels"]["release"], "kps");
-    for r in rule["spec"]["groups"][0]["rules"].as_array().context("rules")? {
+    for r in rule["spec"]["groups"][0]["rules"]
+        .as_array()
+        .context("rules")?
+    {
         let url = r["annotations"]["runbook_url"].as_str().unwrap_or("");
         let anchor = r["alert"].as_str().unwrap_or("").to_lowercase();
-        assert_eq!(url, format!("https://wiki.example.com/sluice/runbooks.md#{anchor}"));
+        assert_eq!(
+            url,
+            format!("https://wiki.example.com/sluice/runbooks.md#{anchor}")
+        );
     }
     assert!(
-        docs.iter().all(|d| d["metadata"]["name"] != "sluice-grafana-dashboard"),
+        docs.iter()
+            .all(|d| d["metadata"]["name"] != "sluice-grafana-dashboard"),
         "grafanaDashboard.enabled=false leaves the dashboard out"
     );
 
@@ -894,7 +930,10 @@ fn chart_values_show_up_in_the_daemonset() -> Result<()> {
         namespace: "sluice-system",
     };
     let notes = helm::notes(&chart, &release, &json!({}))?;
-    assert!(notes.contains("daemonset/sluice -n sluice-system"), "{notes}");
+    assert!(
+        notes.contains("daemonset/sluice -n sluice-system"),
+        "{notes}"
+    );
     assert!(notes.contains("nobody publishes"), "{notes}");
     let notes = helm::notes(
         &chart,
@@ -911,24 +950,39 @@ fn chart_schema_refuses_bad_values_naming_them() -> Result<()> {
         (json!({"port": "http"}), "/port"),
         (json!({"port": 70000}), "/port"),
         (json!({"image": {"digest": "latest"}}), "/image/digest"),
-        (json!({"image": {"pullPolicy": "Sometimes"}}), "/image/pullPolicy"),
+        (
+            json!({"image": {"pullPolicy": "Sometimes"}}),
+            "/image/pullPolicy",
+        ),
         (json!({"nodeSelecter": {"zone": "a"}}), "nodeSelecter"),
         (json!({"nodeSelector": {"zone": 1}}), "/nodeSelector/zone"),
         (json!({"extraEnv": [{"value": "x"}]}), "/extraEnv/0"),
         (json!({"extraArgs": "--max-connections 512"}), "/extraArgs"),
-        (json!({"serviceMonitor": {"enabled": "yes"}}), "/serviceMonitor/enabled"),
-        (json!({"serviceMonitor": {"interval": "15 seconds"}}), "/serviceMonitor/interval"),
+        (
+            json!({"serviceMonitor": {"enabled": "yes"}}),
+            "/serviceMonitor/enabled",
+        ),
+        (
+            json!({"serviceMonitor": {"interval": "15 seconds"}}),
+            "/serviceMonitor/interval",
+        ),
         (
             json!({"prometheusRule": {"runbookBaseURL": "https://wiki.example.com/\"x"}}),
             "/prometheusRule/runbookBaseURL",
         ),
-        (json!({"updateStrategy": {"type": "Recreate"}}), "/updateStrategy/type"),
+        (
+            json!({"updateStrategy": {"type": "Recreate"}}),
+            "/updateStrategy/type",
+        ),
     ] {
         match render("sluice", values.clone()) {
             Ok(_) => bail!("values {values} rendered"),
             Err(e) => {
                 let e = format!("{e:#}");
-                assert!(e.contains(named), "values {values}: the error names {named}: {e}");
+                assert!(
+                    e.contains(named),
+                    "values {values}: the error names {named}: {e}"
+                );
             }
         }
     }
@@ -952,8 +1006,7 @@ fn alert_rules_fire_once_per_problem_with_runbooks() -> Result<()> {
     );
 
     let rules: Value = serde_saphyr::from_str(&read("deploy/prometheus/sluice-alerts.yaml")?)?;
-    let tests: Value =
-        serde_saphyr::from_str(&read("deploy/prometheus/sluice-alerts.test.yaml")?)?;
+    let tests: Value = serde_saphyr::from_str(&read("deploy/prometheus/sluice-alerts.test.yaml")?)?;
     let tested: BTreeSet<&str> = tests["tests"]
         .as_array()
         .context("tests")?
@@ -967,10 +1020,16 @@ fn alert_rules_fire_once_per_problem_with_runbooks() -> Result<()> {
     for rule in rules["groups"][0]["rules"].as_array().context("rules")? {
         let name = rule["alert"].as_str().context("alert name")?;
         names.push(name);
-        assert!(tested.contains(name), "{name}: no promtool test makes it fire");
+        assert!(
+            tested.contains(name),
+            "{name}: no promtool test makes it fire"
+        );
         assert!(rule["for"].is_string(), "{name} has no `for`");
         assert!(
-            matches!(rule["labels"]["severity"].as_str(), Some("critical" | "warning" | "info")),
+            matches!(
+                rule["labels"]["severity"].as_str(),
+                Some("critical" | "warning" | "info")
+            ),
             "{name}: severity"
         );
         let url = rule["annotations"]["runbook_url"].as_str().unwrap_or("");
@@ -988,7 +1047,10 @@ fn alert_rules_fire_once_per_problem_with_runbooks() -> Result<()> {
         for part in ["**Meaning.**", "**Confirm.**", "**Act"] {
             assert!(section.contains(part), "runbook {name} lacks {part}");
         }
-        assert!(section.contains("sluice "), "runbook {name} names no operator command");
+        assert!(
+            section.contains("sluice "),
+            "runbook {name} names no operator command"
+        );
     }
     for name in [
         "SluiceAgentDown",
@@ -1003,9 +1065,14 @@ fn alert_rules_fire_once_per_problem_with_runbooks() -> Result<()> {
 
 /// Metrics whose series carry a `service` label.
 fn per_service(expr: &str) -> bool {
-    ["sluice_service_", "sluice_backend_", "sluice_connection_retries", "sluice_discovery_"]
-        .iter()
-        .any(|m| expr.contains(m))
+    [
+        "sluice_service_",
+        "sluice_backend_",
+        "sluice_connection_retries",
+        "sluice_discovery_",
+    ]
+    .iter()
+    .any(|m| expr.contains(m))
 }
 
 #[test]
@@ -1020,13 +1087,16 @@ fn dashboard_filters_by_job_and_service_with_units() -> Result<()> {
     assert_eq!(vars, ["datasource", "job", "instance", "service"]);
     for panel in dash["panels"].as_array().context("panels")? {
         let title = panel["title"].as_str().unwrap_or("");
-        let unit = panel["fieldConfig"]["defaults"]["unit"].as_str().unwrap_or("");
+        let unit = panel["fieldConfig"]["defaults"]["unit"]
+            .as_str()
+            .unwrap_or("");
         for target in panel["targets"].as_array().context("targets")? {
             let expr = target["expr"].as_str().context("expr")?;
             // Every selector, process_* included, is this job's and agent's.
             let selectors = expr.matches('{').count();
             assert_eq!(
-                expr.matches(r#"job=~"$job", instance=~"$instance""#).count(),
+                expr.matches(r#"job=~"$job", instance=~"$instance""#)
+                    .count(),
                 selectors,
                 "{title}: {expr}"
             );
@@ -1092,7 +1162,12 @@ fn systemd_unit_verifies_and_runs_the_real_cli() -> Result<()> {
     let argv: Vec<&str> = exec[0].split_whitespace().collect();
     assert_eq!(
         argv,
-        ["/usr/local/bin/sluice", "run", "--config", "/etc/sluice/sluice.yaml"]
+        [
+            "/usr/local/bin/sluice",
+            "run",
+            "--config",
+            "/etc/sluice/sluice.yaml"
+        ]
     );
 
     // systemd's own check, with the binary where ExecStart says (the one
@@ -1113,7 +1188,10 @@ fn systemd_unit_verifies_and_runs_the_real_cli() -> Result<()> {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(out.status.success() && said.trim().is_empty(), "systemd-analyze verify: {said}");
+    assert!(
+        out.status.success() && said.trim().is_empty(),
+        "systemd-analyze verify: {said}"
+    );
 
     // The real binary takes the arguments: it stops at the config file, not
     // at an argument.
@@ -1136,7 +1214,11 @@ fn systemd_unit_verifies_and_runs_the_real_cli() -> Result<()> {
         .args(["check", "--config"])
         .arg(&missing)
         .output()?;
-    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
 
     // Privileges: exactly the DaemonSet's capabilities (tests/tests/privilege.rs
     // runs the agent with those and shows each is needed), pins writable.
@@ -1164,7 +1246,11 @@ fn systemd_unit_verifies_and_runs_the_real_cli() -> Result<()> {
     assert_eq!(get("ProtectSystem"), ["strict"]);
     assert!(get("ReadWritePaths").contains(&"/sys/fs/bpf"), "pins");
     assert_eq!(get("Restart"), ["on-failure"]);
-    assert_eq!(get("RestartPreventExitStatus"), ["2"], "a refusal is not retried");
+    assert_eq!(
+        get("RestartPreventExitStatus"),
+        ["2"],
+        "a refusal is not retried"
+    );
     Ok(())
 }
 

@@ -254,7 +254,12 @@ fn ensure_helm_sdk() -> Result<()> {
         bail!("`python3 -m venv {}` failed", venv.display());
     }
     let status = Command::new(venv.join("bin/pip"))
-        .args(["install", "--quiet", "--disable-pip-version-check", HELM_SDK])
+        .args([
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            HELM_SDK,
+        ])
         .status()
         .context("running pip")?;
     if !status.success() {
