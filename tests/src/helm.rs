@@ -1,160 +1,162 @@
-//! Renders Sluice's Helm chart for the tests (no `helm` binary here). It
-//! supports exactly the template subset the chart uses, and fails on
-//! anything else, so the chart can't drift into what this can't check:
-//!
-//! - `{{ .Values.a.b }}`, `{{ .Release.Name }}`, `{{ .Release.Namespace }}`
-//! - `{{ toYaml .Values.x | nindent N }}`, `{{ .Files.Get "f" | nindent N }}`
-//! - `{{ if .Values.x }}`, `{{ else }}`, `{{ end }}`
-//! - `{{-` / `-}}` whitespace trimming
+//! Renders and lints Sluice's Helm chart with real Helm: Helm v4's Go SDK,
+//! as the `helm-python-sdk` wheel ships it (`cargo xtask test` installs it
+//! in a virtualenv; no helm binary can be fetched here). `helm_sdk.py`
+//! beside this file is the bridge: what `helm template` and `helm lint`
+//! do, values.schema.json validation included.
 
-use std::path::Path;
+use std::{
+    io::Write as _,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
 
 use anyhow::{Context, Result, bail};
-use serde_yaml::Value;
+use serde_json::{Value, json};
 
 pub struct Release<'a> {
     pub name: &'a str,
     pub namespace: &'a str,
 }
 
-/// Every template of the chart at `chart`, rendered with its values.yaml,
-/// as one multi-document YAML text.
-pub fn render(chart: &Path, release: &Release) -> Result<String> {
-    let values: Value = serde_yaml::from_str(&std::fs::read_to_string(chart.join("values.yaml"))?)?;
-    let mut templates: Vec<_> = std::fs::read_dir(chart.join("templates"))?
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
-        .collect();
-    templates.sort();
-    let mut out = String::new();
-    for t in templates {
-        let text = std::fs::read_to_string(&t)?;
-        let rendered = render_one(&text, &values, release, chart)
-            .with_context(|| format!("rendering {}", t.display()))?;
-        out += "---\n";
-        out += &rendered;
-        out += "\n";
+/// The virtualenv's Python: SLUICE_HELM_PYTHON (set by `cargo xtask
+/// test`), else where xtask puts it (xtask/src/prereqs.rs).
+fn python() -> PathBuf {
+    if let Some(p) = std::env::var_os("SLUICE_HELM_PYTHON") {
+        return p.into();
     }
-    Ok(out)
+    let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
+    Path::new(&home).join(".cache/sluice/helm-python-sdk-0.2.2/bin/python")
 }
 
-fn lookup<'v>(values: &'v Value, path: &str) -> Result<&'v Value> {
-    let mut v = values;
-    for part in path.split('.').filter(|p| !p.is_empty()) {
-        v = v
-            .get(part)
-            .with_context(|| format!("values have no {path}"))?;
+/// One request to the bridge; an `{"error": …}` answer is an Err.
+fn call(request: Value) -> Result<Value> {
+    let python = python();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/helm_sdk.py");
+    let mut child = Command::new(&python)
+        .arg(&script)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| {
+            format!(
+                "real Helm (helm-python-sdk) is not installed: no {} \
+                 (`cargo xtask setup` installs it)",
+                python.display()
+            )
+        })?;
+    child
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(request.to_string().as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "{} {}: {}",
+            python.display(),
+            script.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
-    Ok(v)
+    let answer: Value = serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "helm_sdk.py answered {:?}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })?;
+    if let Some(e) = answer.get("error") {
+        bail!("helm: {}", e.as_str().unwrap_or_default());
+    }
+    Ok(answer)
 }
 
-fn scalar(v: &Value) -> Result<String> {
-    Ok(match v {
-        Value::String(s) => s.clone(),
-        Value::Number(n) => n.to_string(),
-        Value::Bool(b) => b.to_string(),
-        other => bail!("not a scalar: {other:?}"),
-    })
+/// The Helm version that renders (e.g. "v4.2.3").
+pub fn version() -> Result<String> {
+    Ok(call(json!({"op": "version"}))?["helm"]
+        .as_str()
+        .context("version")?
+        .to_string())
 }
 
-fn truthy(v: &Value) -> bool {
-    !matches!(v, Value::Null | Value::Bool(false))
-        && v.as_str() != Some("")
-        && v.as_sequence().is_none_or(|s| !s.is_empty())
-        && v.as_mapping().is_none_or(|m| !m.is_empty())
+/// `helm template`: every rendered object of the chart at `chart` with
+/// `values` over its values.yaml (refused as Helm refuses values that break
+/// values.schema.json), as JSON, each with the template it came from.
+pub fn template(chart: &Path, release: &Release, values: &Value) -> Result<Vec<(String, Value)>> {
+    let answer = call(json!({
+        "op": "template",
+        "chart": chart,
+        "name": release.name,
+        "namespace": release.namespace,
+        "values": values,
+    }))?;
+    let manifests = answer["manifests"].as_object().context("manifests")?;
+    let mut objects = Vec::new();
+    for (template, text) in manifests {
+        if template.ends_with("NOTES.txt") {
+            continue;
+        }
+        let text = text.as_str().context("manifest text")?;
+        let docs: Vec<Value> = serde_saphyr::from_multiple(text)
+            .with_context(|| format!("{template} rendered to invalid YAML:\n{text}"))?;
+        objects.extend(docs.into_iter().map(|d| (template.clone(), d)));
+    }
+    Ok(objects)
 }
 
-fn nindent(text: &str, n: usize) -> String {
-    let pad = " ".repeat(n);
-    let body: Vec<String> = text
-        .trim_end_matches('\n')
-        .split('\n')
-        .map(|l| {
-            if l.is_empty() {
-                String::new()
-            } else {
-                format!("{pad}{l}")
-            }
+/// The rendered NOTES.txt.
+pub fn notes(chart: &Path, release: &Release, values: &Value) -> Result<String> {
+    let answer = call(json!({
+        "op": "template",
+        "chart": chart,
+        "name": release.name,
+        "namespace": release.namespace,
+        "values": values,
+    }))?;
+    Ok(answer["manifests"]
+        .as_object()
+        .context("manifests")?
+        .iter()
+        .find(|(k, _)| k.ends_with("NOTES.txt"))
+        .and_then(|(_, v)| v.as_str())
+        .context("no NOTES.txt rendered")?
+        .to_string())
+}
+
+/// A `helm lint --strict` finding.
+#[derive(Debug)]
+pub struct Finding {
+    /// 1 info, 2 warning, 3 error.
+    pub severity: u64,
+    pub path: String,
+    pub message: String,
+}
+
+/// `helm lint --strict` with `values`.
+pub fn lint(chart: &Path, namespace: &str, values: &Value) -> Result<Vec<Finding>> {
+    let answer = call(json!({
+        "op": "lint",
+        "chart": chart,
+        "namespace": namespace,
+        "values": values,
+    }))?;
+    let report = &answer["report"];
+    let mut findings: Vec<Finding> = report["messages"]
+        .as_array()
+        .context("lint messages")?
+        .iter()
+        .map(|m| Finding {
+            severity: m["severity"].as_u64().unwrap_or(3),
+            path: m["path"].as_str().unwrap_or_default().to_string(),
+            message: m["error"].as_str().unwrap_or_default().to_string(),
         })
         .collect();
-    format!("\n{}", body.join("\n"))
-}
-
-/// One `{{ … }}` action's output.
-fn action(expr: &str, values: &Value, release: &Release, chart: &Path) -> Result<String> {
-    let (head, pipe) = match expr.split_once('|') {
-        Some((h, p)) => (h.trim(), Some(p.trim())),
-        None => (expr, None),
-    };
-    let text = if let Some(path) = head.strip_prefix("toYaml .Values") {
-        serde_yaml::to_string(lookup(values, path)?)?
-    } else if let Some(file) = head.strip_prefix(".Files.Get ") {
-        let file = file.trim().trim_matches('"');
-        std::fs::read_to_string(chart.join(file)).with_context(|| format!("file {file}"))?
-    } else if let Some(path) = head.strip_prefix(".Values") {
-        scalar(lookup(values, path)?)?
-    } else if head == ".Release.Name" {
-        release.name.to_string()
-    } else if head == ".Release.Namespace" {
-        release.namespace.to_string()
-    } else {
-        bail!("unsupported template action {{{{ {expr} }}}}");
-    };
-    match pipe {
-        None => Ok(text),
-        Some(p) => match p.strip_prefix("nindent ") {
-            Some(n) => Ok(nindent(&text, n.trim().parse()?)),
-            None => bail!("unsupported pipeline | {p}"),
-        },
+    for e in report["errors"].as_array().into_iter().flatten() {
+        findings.push(Finding {
+            severity: 3,
+            path: String::new(),
+            message: e.as_str().unwrap_or_default().to_string(),
+        });
     }
-}
-
-fn render_one(text: &str, values: &Value, release: &Release, chart: &Path) -> Result<String> {
-    // (emitting, any branch taken) per open `if`.
-    let mut stack: Vec<(bool, bool)> = Vec::new();
-    let mut out = String::new();
-    let mut rest = text;
-    let emitting = |stack: &Vec<(bool, bool)>| stack.iter().all(|(e, _)| *e);
-    while let Some(start) = rest.find("{{") {
-        let literal = &rest[..start];
-        if emitting(&stack) {
-            out += literal;
-        }
-        let end = rest[start..].find("}}").context("unclosed {{")? + start;
-        let mut inner = &rest[start + 2..end];
-        if let Some(i) = inner.strip_prefix('-') {
-            inner = i;
-            let trimmed = out.trim_end_matches([' ', '\t', '\n']).len();
-            out.truncate(trimmed);
-        }
-        let trim_after = inner.ends_with('-');
-        let inner = inner.trim_end_matches('-').trim();
-        rest = &rest[end + 2..];
-        if trim_after {
-            rest = rest.trim_start_matches([' ', '\t', '\n']);
-        }
-        if let Some(cond) = inner.strip_prefix("if ") {
-            let path = cond
-                .trim()
-                .strip_prefix(".Values")
-                .with_context(|| format!("unsupported condition {cond}"))?;
-            let yes = truthy(lookup(values, path)?);
-            stack.push((yes, yes));
-        } else if inner == "else" {
-            let top = stack.last_mut().context("else without if")?;
-            *top = (!top.1, true);
-        } else if inner == "end" {
-            stack.pop().context("end without if")?;
-        } else if emitting(&stack) {
-            out += &action(inner, values, release, chart)?;
-        }
-    }
-    if emitting(&stack) {
-        out += rest;
-    }
-    if !stack.is_empty() {
-        bail!("if without end");
-    }
-    Ok(out)
+    Ok(findings)
 }

@@ -116,7 +116,9 @@ fn dashboard_exprs() -> Result<Vec<(String, String)>> {
             let expr = target["expr"].as_str().context("expr")?;
             let expr = expr
                 .replace("$__rate_interval", "1m")
-                .replace("$instance", ".*");
+                .replace("$job", ".*")
+                .replace("$instance", ".*")
+                .replace("$service", ".*");
             exprs.push((panel["title"].as_str().unwrap_or("").to_string(), expr));
         }
     }
@@ -155,10 +157,16 @@ fn alert_exprs() -> Result<Vec<(String, String)>> {
                 .filter_map(|op| expr.rfind(&format!(" {op} ")))
                 .max()
                 .map_or(expr.as_str(), |i| &expr[..i]);
+            // absent(X) fires when X has no data: X is what must exist.
+            let lhs = lhs
+                .trim()
+                .strip_prefix("absent(")
+                .and_then(|x| x.strip_suffix(')'))
+                .unwrap_or(lhs);
             exprs.push((name.clone(), lhs.trim().to_string()));
         }
     }
-    assert_eq!(exprs.len(), 6, "{exprs:?}");
+    assert_eq!(exprs.len(), 11, "{exprs:?}");
     Ok(exprs)
 }
 

