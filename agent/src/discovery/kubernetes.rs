@@ -628,7 +628,7 @@ mod tests {
     use super::*;
 
     fn spec() -> Kubernetes {
-        serde_yaml::from_str("addresses: [cluster_ip, external_ips]").unwrap()
+        serde_saphyr::from_str("addresses: [cluster_ip, external_ips]").unwrap()
     }
 
     #[test]
@@ -864,7 +864,7 @@ mod tests {
     }
 
     fn found(yaml: &str, svc: Service, slice: EndpointSlice) -> Found {
-        let spec: Kubernetes = serde_yaml::from_str(yaml).unwrap();
+        let spec: Kubernetes = serde_saphyr::from_str(yaml).unwrap();
         let mut trust = Trust::new(&spec, &["10.0.0.10".parse().unwrap()]);
         trust.set_host_addresses(&[("eth0".into(), "10.0.1.1".parse().unwrap())]);
         desired(
