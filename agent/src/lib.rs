@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod api;
 pub mod bpffs;
+pub mod build_info;
 pub mod config;
 pub mod counters;
 pub mod datapath;

@@ -10,7 +10,7 @@ use sluice::{
 
 /// Sluice: an eBPF L4 load balancer that learns from real traffic.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(version = sluice::build_info::long_version(), about)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -23,10 +23,14 @@ pub fn registry() -> prometheus::Result<Registry> {
             "sluice_build_info",
             "Always 1; labels say which build runs.",
         ),
-        &["version"],
+        &["version", "commit", "map_layout"],
     )?;
     build_info
-        .with_label_values(&[env!("CARGO_PKG_VERSION")])
+        .with_label_values(&[
+            crate::build_info::VERSION,
+            crate::build_info::COMMIT,
+            &crate::build_info::MAP_LAYOUT.to_string(),
+        ])
         .set(1);
     registry.register(Box::new(build_info))?;
     registry.register(Box::new(
