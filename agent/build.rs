@@ -106,7 +106,10 @@ fn record_commit(root: &Path) {
         .filter(|c| !c.trim().is_empty())
         .or_else(|| git(&["rev-parse", "--short=12", "HEAD"]))
         // A label value and a version line: nothing that needs escaping.
-        .filter(|c| c.chars().all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch)))
+        .filter(|c| {
+            c.chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch))
+        })
         .unwrap_or_else(|| "unknown".into());
     println!("cargo:rustc-env=SLUICE_COMMIT={commit}");
     // Built again when HEAD moves: HEAD itself (a checkout), the branch it

@@ -136,6 +136,11 @@ pub struct BackendView {
     /// Seconds until a draining backend's remaining connections are closed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub drain_remaining_seconds: Option<u64>,
+    /// A Kubernetes backend's pod: its namespace and name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -203,6 +208,8 @@ fn service_views(shared: &Shared, counters: &Counters, snapshot: &Snapshot) -> V
                             drain_remaining_seconds: b
                                 .drain_deadline
                                 .map(|d| d.saturating_duration_since(now).as_secs()),
+                            namespace: b.pod.as_ref().map(|p| p.namespace.clone()),
+                            pod: b.pod.as_ref().map(|p| p.name.clone()),
                         }
                     })
                     .collect(),

@@ -26,6 +26,8 @@ maglev:
 limits:
   max_services: 16
   max_backends: 256
+metrics:
+  backend_latency_histogram: false
 services:
   - name: web
     vip: 10.0.0.1
@@ -44,6 +46,8 @@ services:
       connect_timeout_ms: 500
       probe: true
     drain_timeout_seconds: 60
+    metrics:
+      backend_latency_histogram: true
   - name: dns6
     vip: "fd00::1"
     port: 53

@@ -17,12 +17,12 @@ mod tests;
 
 use std::path::Path;
 
-pub use model::{DiscoverySpec, ServiceSpec, Source};
+pub use model::{DiscoverySpec, PodRef, ServiceSpec, Source};
 pub use schema::DEFAULT_NEW_FLOWS_PER_SECOND;
 pub use schema::{
     AttachMode, BackendSpec, Config, Conntrack, ConntrackTimeouts, Discovery, DnsDiscovery,
     DnsRecord, EtcdDiscovery, Failure, Forwarding, Interface, KubeAddress, Kubernetes, Limits,
-    Maglev, Pinning, Protocol, Service, SocketLb,
+    Maglev, Metrics, Pinning, Protocol, Service, ServiceMetrics, SocketLb,
 };
 pub use validate::{
     BackendError, Cidr, MAX_WEIGHT, RefusedClass, backend, is_prime, refused_class,

@@ -631,7 +631,7 @@ fn parse_errors_name_field_path_and_value() {
         (
             format!("{GOOD}metrcs: {{}}\n"),
             "metrcs: unknown field `metrcs`, expected one of interfaces, conntrack, maglev, limits, \
-             services, pinning, kubernetes, socket_lb at line 13 column 1",
+             services, pinning, kubernetes, socket_lb, metrics at line 13 column 1",
         ),
         (
             GOOD.replace("weight: 3", "wieght: 3"),
@@ -662,5 +662,38 @@ fn parse_errors_name_field_path_and_value() {
         error_of(&GOOD.replace("10.0.1.2:8080", "10.0.1.2:http")),
         "config file c.yaml: services[0].backends[1].address: invalid value \"10.0.1.2:http\": \
          expected IP:PORT, or [IPv6]:PORT"
+    );
+}
+
+#[test]
+fn the_latency_histogram_is_on_unless_turned_off_globally_or_per_service() {
+    let v = parse(GOOD, "c.yaml").unwrap();
+    assert!(v.raw.metrics.backend_latency_histogram);
+    assert_eq!(v.services[0].backend_latency_histogram, None);
+
+    let text = format!("{GOOD}metrics:\n  backend_latency_histogram: false\n").replace(
+        "protocol: tcp",
+        "protocol: tcp\n    metrics:\n      backend_latency_histogram: true",
+    );
+    let v = parse(&text, "c.yaml").unwrap();
+    assert!(!v.raw.metrics.backend_latency_histogram);
+    assert_eq!(v.services[0].backend_latency_histogram, Some(true));
+
+    // Wrong values and typos name the field and the value.
+    let e = error_of(&format!(
+        "{GOOD}metrics:\n  backend_latency_histogram: off\n"
+    ));
+    assert_eq!(
+        e,
+        "config file c.yaml: metrics.backend_latency_histogram: invalid value \"off\": \
+         invalid boolean (strict mode expects true/false) at line 14 column 30"
+    );
+    let e = error_of(&GOOD.replace(
+        "protocol: tcp",
+        "protocol: tcp\n    metrics: {latency_histogram: false}",
+    ));
+    assert!(
+        e.contains("services[0].metrics.latency_histogram: unknown field `latency_histogram`"),
+        "{e}"
     );
 }
