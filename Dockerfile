@@ -20,6 +20,9 @@ RUN rustup toolchain install nightly-2026-05-19 --profile minimal --component ru
  && cargo install bpf-linker@0.10.3 --locked
 WORKDIR /src
 COPY . .
+# .git is not copied: the commit that --version and sluice_build_info name
+# comes in as --build-arg SLUICE_COMMIT=$(git rev-parse --short=12 HEAD).
+ARG SLUICE_COMMIT=unknown
 RUN cargo build --release --locked -p sluice \
  && install -m 0755 target/release/sluice /usr/local/bin/sluice
 

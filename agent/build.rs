@@ -2,6 +2,9 @@
 //! `cargo build` of the agent embeds a fresh object. The eBPF crate needs the
 //! nightly toolchain (for `-Z build-std=core`) with rust-src, and bpf-linker;
 //! `cargo xtask` installs both.
+//!
+//! It also records the git commit being built (`SLUICE_COMMIT`, for
+//! `--version` and `sluice_build_info`).
 
 use std::{
     env,
@@ -21,6 +24,7 @@ fn main() {
         println!("cargo:rerun-if-changed={}", root.join(watched).display());
     }
     println!("cargo:rerun-if-env-changed=SLUICE_EBPF_OBJECT");
+    record_commit(root);
 
     let out_dir = PathBuf::from(env::var("OUT_DIR").unwrap());
     let object = out_dir.join("sluice.bpf.o");
@@ -79,5 +83,47 @@ fn build_ebpf(ebpf_dir: &Path, target_dir: &Path) {
             "building the eBPF programs (agent-ebpf) failed: see the compiler output above; \
              `rustup component add rust-src --toolchain nightly` if core is missing"
         );
+    }
+}
+
+/// The commit as `git rev-parse --short` names it: from `SLUICE_COMMIT` when
+/// set (a container build copies no .git: `--build-arg SLUICE_COMMIT=...`),
+/// else from git, else "unknown" (a source tarball, no git installed). Never
+/// fails the build.
+fn record_commit(root: &Path) {
+    println!("cargo:rerun-if-env-changed=SLUICE_COMMIT");
+    let git = |args: &[&str]| -> Option<String> {
+        let out = Command::new("git")
+            .current_dir(root)
+            .args(args)
+            .output()
+            .ok()?;
+        let text = String::from_utf8(out.stdout).ok()?.trim().to_string();
+        (out.status.success() && !text.is_empty()).then_some(text)
+    };
+    let commit = env::var("SLUICE_COMMIT")
+        .ok()
+        .filter(|c| !c.trim().is_empty())
+        .or_else(|| git(&["rev-parse", "--short=12", "HEAD"]))
+        // A label value and a version line: nothing that needs escaping.
+        .filter(|c| {
+            c.chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch))
+        })
+        .unwrap_or_else(|| "unknown".into());
+    println!("cargo:rustc-env=SLUICE_COMMIT={commit}");
+    // Built again when HEAD moves: HEAD itself (a checkout), the branch it
+    // names (a commit) and packed refs. Only files that exist: cargo reruns
+    // every time for one that doesn't.
+    let mut watched = vec!["HEAD".to_string(), "packed-refs".to_string()];
+    if let Some(branch) = git(&["symbolic-ref", "-q", "HEAD"]) {
+        watched.push(branch);
+    }
+    for name in watched {
+        if let Some(path) = git(&["rev-parse", "--path-format=absolute", "--git-path", &name])
+            && Path::new(&path).exists()
+        {
+            println!("cargo:rerun-if-changed={path}");
+        }
     }
 }

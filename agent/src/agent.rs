@@ -153,6 +153,7 @@ pub async fn run(
     // Route, neighbour and link changes: FIB caches and devices refreshed.
     let net_changes = crate::netlink::watch().context("watching rtnetlink")?;
     *shared.conntrack_timeouts.lock().unwrap() = cfg.raw.conntrack.timeouts;
+    *shared.metrics.lock().unwrap() = cfg.raw.metrics.clone();
     // The sweep walks the conntrack maps on handles of its own.
     let conntrack = second_handle(
         &maps.conntrack,
@@ -369,6 +370,7 @@ fn reload(
     }
     shared.discovery.lock().unwrap().prune(&next);
     *shared.conntrack_timeouts.lock().unwrap() = next.raw.conntrack.timeouts;
+    *shared.metrics.lock().unwrap() = next.raw.metrics.clone();
     info!(
         config = %path.display(),
         services = next.services.len(),

@@ -188,6 +188,11 @@ pub struct BackendView {
     /// A runtime override (`sluice drain` / `sluice weight`) in force.
     #[serde(default, rename = "override", skip_serializing_if = "Option::is_none")]
     pub override_: Option<crate::control::overrides::Override>,
+    /// A Kubernetes backend's pod: its namespace and name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -278,6 +283,8 @@ pub fn service_views(
                             latency_p50_ms: quantile(0.5),
                             latency_p99_ms: quantile(0.99),
                             override_: overrides.and_then(|o| o.get(&s.spec.name, &b.addr)),
+                            namespace: b.pod.as_ref().map(|p| p.namespace.clone()),
+                            pod: b.pod.as_ref().map(|p| p.name.clone()),
                         }
                     })
                     .collect(),
@@ -535,7 +542,7 @@ pub fn status_view(shared: &Shared) -> crate::inspect::status::StatusView {
 fn base_unloaded() -> crate::inspect::status::StatusView {
     crate::inspect::status::StatusView {
         version: env!("CARGO_PKG_VERSION").to_string(),
-        commit: crate::BUILD_COMMIT.to_string(),
+        commit: crate::build_info::COMMIT.to_string(),
         map_layout: agent_common::MAP_LAYOUT,
         source: "agent".to_string(),
         ready: None,

@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod api;
 pub mod bpffs;
+pub mod build_info;
 pub mod cli;
 pub mod config;
 pub mod control;
@@ -28,9 +29,3 @@ pub mod sysctl;
 pub mod view;
 pub mod writer;
 
-/// The commit this binary was built from (`git describe`), or "unknown"
-/// when built outside a git checkout.
-pub const BUILD_COMMIT: &str = match option_env!("SLUICE_BUILD_COMMIT") {
-    Some(c) => c,
-    None => "unknown",
-};

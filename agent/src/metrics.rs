@@ -13,7 +13,10 @@ use std::{fmt::Write, sync::atomic::Ordering};
 use agent_common::{LATENCY_BASE_NS, LatencyHistogram, ServiceStats};
 use prometheus::{IntGaugeVec, Opts, Registry};
 
-use crate::{config::Protocol, state::Shared};
+use crate::{
+    config::{PodRef, Protocol},
+    state::Shared,
+};
 
 /// The agent's own metrics.
 pub fn registry() -> prometheus::Result<Registry> {
@@ -23,10 +26,14 @@ pub fn registry() -> prometheus::Result<Registry> {
             "sluice_build_info",
             "Always 1; labels say which build runs.",
         ),
-        &["version"],
+        &["version", "commit", "map_layout"],
     )?;
     build_info
-        .with_label_values(&[env!("CARGO_PKG_VERSION")])
+        .with_label_values(&[
+            crate::build_info::VERSION,
+            crate::build_info::COMMIT,
+            &crate::build_info::MAP_LAYOUT.to_string(),
+        ])
         .set(1);
     registry.register(Box::new(build_info))?;
     registry.register(Box::new(
@@ -48,11 +55,13 @@ pub fn render(registry: &Registry, shared: &Shared) -> String {
 
 /// One backend's numbers, read once per scrape.
 struct BackendRow {
-    service: String,
-    backend: String,
+    /// `service="…",backend="…"` and, for a Kubernetes backend,
+    /// `,namespace="…",pod="…"`: written once, used by every series.
+    labels: String,
     stats: ServiceStats,
     state: &'static str,
     ejections: u32,
+    /// None: a UDP backend, or its service's histogram is turned off.
     latency: Option<LatencyHistogram>,
 }
 
@@ -66,6 +75,7 @@ fn render_datapath(shared: &Shared, out: &mut String) {
     };
     let snapshot = view.snapshot();
     let counters = &view.counters;
+    let histograms = shared.metrics.lock().unwrap().backend_latency_histogram;
 
     // One pass over the maps.
     let mut services = Vec::new();
@@ -73,15 +83,17 @@ fn render_datapath(shared: &Shared, out: &mut String) {
     for service in snapshot.services.values() {
         let name = &service.spec.name;
         services.push((name.clone(), counters.stats(true, service.id)));
+        // Only TCP has a connect to time.
+        let histogram = service.spec.protocol == Protocol::Tcp
+            && service.spec.backend_latency_histogram.unwrap_or(histograms);
         for b in &service.backends {
             let health = counters.health(b.id);
             rows.push(BackendRow {
-                service: name.clone(),
-                backend: b.addr.to_string(),
+                labels: backend_labels(name, &b.addr.to_string(), b.pod.as_ref()),
                 stats: counters.stats(false, b.id),
                 state: crate::state::backend_state(&health, b.draining()),
                 ejections: health.ejections,
-                latency: (service.spec.protocol == Protocol::Tcp).then(|| counters.latency(b.id)),
+                latency: histogram.then(|| counters.latency(b.id)),
             });
         }
     }
@@ -153,10 +165,10 @@ fn render_datapath(shared: &Shared, out: &mut String) {
         "New connections sent to a backend.",
     );
     for r in &rows {
-        sample(
+        r.sample(
             out,
             "sluice_backend_connections_total",
-            &r.labels(),
+            None,
             r.stats.connections,
         );
     }
@@ -175,8 +187,7 @@ fn render_datapath(shared: &Shared, out: &mut String) {
         family(out, name, "counter", help);
         for r in &rows {
             for (direction, n) in directions(&r.stats, packets) {
-                let [s, b] = r.labels();
-                sample(out, name, &[s, b, ("direction", direction)], n);
+                r.sample(out, name, Some(("direction", direction)), n);
             }
         }
     }
@@ -188,11 +199,10 @@ fn render_datapath(shared: &Shared, out: &mut String) {
     );
     for r in &rows {
         for state in crate::state::BACKEND_STATES {
-            let [s, b] = r.labels();
-            sample(
+            r.sample(
                 out,
                 "sluice_backend_state",
-                &[s, b, ("state", state)],
+                Some(("state", state)),
                 u8::from(state == r.state),
             );
         }
@@ -209,11 +219,10 @@ fn render_datapath(shared: &Shared, out: &mut String) {
             ("timeout", r.stats.failures_timeout),
             ("unreachable", r.stats.failures_unreachable),
         ] {
-            let [s, b] = r.labels();
-            sample(
+            r.sample(
                 out,
                 "sluice_backend_failures_total",
-                &[s, b, ("reason", reason)],
+                Some(("reason", reason)),
                 n,
             );
         }
@@ -225,12 +234,7 @@ fn render_datapath(shared: &Shared, out: &mut String) {
         "Times the datapath ejected the backend after consecutive failures.",
     );
     for r in &rows {
-        sample(
-            out,
-            "sluice_backend_ejections_total",
-            &r.labels(),
-            r.ejections,
-        );
+        r.sample(out, "sluice_backend_ejections_total", None, r.ejections);
     }
     family(
         out,
@@ -240,58 +244,9 @@ fn render_datapath(shared: &Shared, out: &mut String) {
     );
     for r in &rows {
         let active = r.stats.opened.saturating_sub(r.stats.closed);
-        sample(
-            out,
-            "sluice_backend_active_connections",
-            &r.labels(),
-            active,
-        );
+        r.sample(out, "sluice_backend_active_connections", None, active);
     }
-    const LATENCY: &str = "sluice_backend_connect_latency_seconds";
-    family(
-        out,
-        LATENCY,
-        "histogram",
-        "Time from the forwarded SYN to the backend's SYN-ACK, measured in the kernel.",
-    );
-    // Formatted once: formatting floats for every bucket line of every
-    // backend was a large part of a scrape.
-    let bounds: Vec<String> = (0..agent_common::LATENCY_BUCKETS)
-        .map(|i| ((LATENCY_BASE_NS << i) as f64 / 1e9).to_string())
-        .collect();
-    for r in &rows {
-        let Some(h) = &r.latency else { continue };
-        let [s, b] = r.labels();
-        // The kernel's log-scale buckets (each 2× the last, from 8 µs), cumulative.
-        let mut cumulative = 0;
-        for (le, n) in bounds.iter().zip(&h.buckets) {
-            cumulative += n;
-            sample(
-                out,
-                "sluice_backend_connect_latency_seconds_bucket",
-                &[s, b, ("le", le)],
-                cumulative,
-            );
-        }
-        sample(
-            out,
-            "sluice_backend_connect_latency_seconds_bucket",
-            &[s, b, ("le", "+Inf")],
-            h.count,
-        );
-        sample(
-            out,
-            "sluice_backend_connect_latency_seconds_sum",
-            &[s, b],
-            h.sum_ns as f64 / 1e9,
-        );
-        sample(
-            out,
-            "sluice_backend_connect_latency_seconds_count",
-            &[s, b],
-            h.count,
-        );
-    }
+    render_latency(&rows, out);
 
     // Datapath-wide.
     for (name, help, dropped) in [
@@ -414,6 +369,49 @@ fn render_datapath(shared: &Shared, out: &mut String) {
     );
     render_discovery(shared, out);
     render_http(&shared.http, out);
+}
+
+/// The connect latency histograms of the backends that export one (the
+/// family is left out when none does).
+fn render_latency(rows: &[BackendRow], out: &mut String) {
+    const LATENCY: &str = "sluice_backend_connect_latency_seconds";
+    if rows.iter().all(|r| r.latency.is_none()) {
+        return;
+    }
+    family(
+        out,
+        LATENCY,
+        "histogram",
+        "Time from the forwarded SYN to the backend's SYN-ACK, measured in the kernel.",
+    );
+    // Formatted once: formatting floats for every bucket line of every
+    // backend was a large part of a scrape.
+    let bounds: Vec<String> = (0..agent_common::LATENCY_BUCKETS)
+        .map(|i| ((LATENCY_BASE_NS << i) as f64 / 1e9).to_string())
+        .collect();
+    let bucket = "sluice_backend_connect_latency_seconds_bucket";
+    for r in rows {
+        let Some(h) = &r.latency else { continue };
+        // The kernel's log-scale buckets (each 2× the last, from 8 µs), cumulative.
+        let mut cumulative = 0;
+        for (le, n) in bounds.iter().zip(&h.buckets) {
+            cumulative += n;
+            r.sample(out, bucket, Some(("le", le)), cumulative);
+        }
+        r.sample(out, bucket, Some(("le", "+Inf")), h.count);
+        r.sample(
+            out,
+            "sluice_backend_connect_latency_seconds_sum",
+            None,
+            h.sum_ns as f64 / 1e9,
+        );
+        r.sample(
+            out,
+            "sluice_backend_connect_latency_seconds_count",
+            None,
+            h.count,
+        );
+    }
 }
 
 /// The HTTP server's own load: what a flood of connections shows as.
@@ -580,7 +578,48 @@ fn directions(s: &ServiceStats, packets: bool) -> [(&'static str, u64); 2] {
 }
 
 impl BackendRow {
-    fn labels(&self) -> [(&'static str, &str); 2] {
-        [("service", &self.service), ("backend", &self.backend)]
+    /// One of the backend's sample lines, with its labels and `extra`.
+    fn sample(
+        &self,
+        out: &mut String,
+        name: &str,
+        extra: Option<(&str, &str)>,
+        value: impl std::fmt::Display,
+    ) {
+        let _ = write!(out, "{name}{{{}", self.labels);
+        if let Some((k, v)) = extra {
+            let _ = write!(out, ",{k}=\"{v}\"");
+        }
+        let _ = writeln!(out, "}} {value}");
+    }
+}
+
+/// A backend's labels: `service` and `backend`, and a Kubernetes backend's
+/// `namespace` and `pod` (absent, which Prometheus reads as empty, for
+/// others: their series are as they were).
+fn backend_labels(service: &str, backend: &str, pod: Option<&PodRef>) -> String {
+    let mut labels = format!("service=\"{service}\",backend=\"{backend}\"");
+    if let Some(pod) = pod {
+        let _ = write!(
+            labels,
+            ",namespace=\"{}\",pod=\"{}\"",
+            escaped(&pod.namespace),
+            escaped(&pod.name)
+        );
+    }
+    labels
+}
+
+/// A label value as the text format needs it. Names the API server sends
+/// are DNS labels, but the labels must stay well-formed whatever it sends.
+fn escaped(value: &str) -> std::borrow::Cow<'_, str> {
+    if value.contains(['\\', '"', '\n']) {
+        value
+            .replace('\\', "\\\\")
+            .replace('"', "\\\"")
+            .replace('\n', "\\n")
+            .into()
+    } else {
+        value.into()
     }
 }

@@ -36,6 +36,8 @@ pub struct Shared {
     pub conntrack_states: Mutex<crate::sweep::StateCounts>,
     /// Idle timeouts of the current config, for the sweep.
     pub conntrack_timeouts: Mutex<crate::config::ConntrackTimeouts>,
+    /// The current config's `metrics` settings, for the metrics renderer.
+    pub metrics: Mutex<crate::config::Metrics>,
     /// Set at shutdown: background work stops.
     pub stopping: AtomicBool,
     pub events: crate::events::EventLog,

@@ -161,6 +161,11 @@ fn bad_config_exits_2_naming_the_field_and_attaches_nothing() -> Result<()> {
             "nosuchif0",
         ),
         (
+            config(&[0]).replace("port: 80", "port: eighty"),
+            "services[0].port",
+            "\"eighty\"",
+        ),
+        (
             config(&[0]).replace("protocol: tcp", "protocol: icmp"),
             "protocol",
             "icmp",

@@ -710,3 +710,123 @@ fn claimed_addresses_are_refused_and_the_rest_serves() -> Result<()> {
     );
     Ok(())
 }
+
+/// The per-backend series of `backend`: (metric name, labels text).
+fn backend_series(scrape: &str, backend: &str) -> Vec<(String, String)> {
+    scrape
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (name, rest) = l.split_once('{')?;
+            let (labels, _) = rest.split_once('}')?;
+            labels
+                .contains(&format!("backend=\"{backend}\""))
+                .then(|| (name.to_string(), labels.to_string()))
+        })
+        .collect()
+}
+
+#[test]
+fn kubernetes_backends_carry_their_pods_namespace_and_name() -> Result<()> {
+    let topo = Topology::new("k8sp", 2)?;
+    let _servers = topo.serve(Family::V4, 8080)?;
+    topo.warm_neighbours()?;
+    let api = KubeMock::start(&topo.lb, API.parse()?)?;
+    api.apply(service("web", "10.100.0.1", true, None));
+    api.apply(slice(&[(0, true, true, false), (1, true, true, false)]));
+
+    let dir = TempDir::new("k8sp")?;
+    // A backend from the file next to the Kubernetes ones.
+    let config = sluice_tests::interfaces_yaml(2)
+        + &format!("kubernetes:\n  api_server: http://{API}\n")
+        + "services:\n  - name: static\n    vip: 10.100.0.5\n    port: 80\n    protocol: tcp\n    backends:\n      - address: 10.1.1.2:9090\n";
+    std::fs::write(dir.path("sluice.yaml"), config)?;
+    let agent = Agent::start(&topo.lb, &dir.path("sluice.yaml"), dir.path("agent.log"))?;
+    wait_states(&topo, &agent, &[(0, "active"), (1, "active")])?;
+    assert_eq!(reached(&topo, 40)?, names(&[0, 1]));
+
+    // Every series of a Kubernetes backend names its pod; with traffic.
+    let scrape = http_get(&topo.lb, agent.listen, "/metrics")?.1;
+    let pod_labels = ",namespace=\"shop\",pod=\"web-0\"";
+    let series = backend_series(&scrape, "10.1.0.2:8080");
+    assert_eq!(series.len(), 36, "{series:#?}");
+    for (name, labels) in &series {
+        assert!(
+            labels.starts_with(&format!(
+                "service=\"{SERVICE}\",backend=\"10.1.0.2:8080\"{pod_labels}"
+            )),
+            "{name}{{{labels}}}"
+        );
+    }
+    let connections = sluice_tests::metric(
+        &scrape,
+        "sluice_backend_connections_total",
+        &[("namespace", "shop"), ("pod", "web-0")],
+    );
+    assert!(connections.is_some_and(|n| n > 0.0), "{connections:?}");
+    // A file backend: no pod labels, as before.
+    let file = backend_series(&scrape, "10.1.1.2:9090");
+    assert_eq!(file.len(), 36);
+    assert!(
+        file.iter()
+            .all(|(_, l)| !l.contains("namespace=") && !l.contains("pod=")),
+        "{file:#?}"
+    );
+    // And the API says the same.
+    let web = sluice_tests::service_json(&topo.lb, &agent, SERVICE)?;
+    let pods: BTreeMap<String, (String, String)> = web["backends"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|b| {
+            let text = |k: &str| b[k].as_str().unwrap_or("").to_string();
+            (text("address"), (text("namespace"), text("pod")))
+        })
+        .collect();
+    let pod = |name: &str| ("shop".to_string(), name.to_string());
+    assert_eq!(
+        pods,
+        BTreeMap::from([
+            ("10.1.0.2:8080".to_string(), pod("web-0")),
+            ("10.1.1.2:8080".to_string(), pod("web-1")),
+        ])
+    );
+    let file = sluice_tests::service_json(&topo.lb, &agent, "static")?;
+    let file_backend = &file["backends"][0];
+    assert!(file_backend.get("pod").is_none() && file_backend.get("namespace").is_none());
+
+    // A terminating pod drains under its name.
+    api.apply(slice(&[(0, false, true, true), (1, true, true, false)]));
+    wait_states(&topo, &agent, &[(0, "draining"), (1, "active")])?;
+    let scrape = http_get(&topo.lb, agent.listen, "/metrics")?.1;
+    assert_eq!(
+        sluice_tests::metric(
+            &scrape,
+            "sluice_backend_state",
+            &[("pod", "web-0"), ("state", "draining")]
+        ),
+        Some(1.0)
+    );
+
+    // The Service's annotation turns its latency histogram off, live; the
+    // file service keeps its own.
+    let mut annotated = service("web", "10.100.0.1", true, None);
+    annotated["metadata"]["annotations"]["sluice.io/backend-latency-histogram"] = json!("false");
+    api.apply(annotated);
+    wait_for(
+        "the histogram off by annotation",
+        Duration::from_secs(15),
+        || {
+            let scrape = http_get(&topo.lb, agent.listen, "/metrics")?.1;
+            Ok(backend_series(&scrape, "10.1.0.2:8080").len() == 13)
+        },
+    )?;
+    let scrape = http_get(&topo.lb, agent.listen, "/metrics")?.1;
+    assert!(
+        backend_series(&scrape, "10.1.0.2:8080")
+            .iter()
+            .all(|(name, _)| !name.starts_with("sluice_backend_connect_latency")),
+    );
+    assert_eq!(backend_series(&scrape, "10.1.1.2:9090").len(), 36);
+    Ok(())
+}

@@ -287,3 +287,238 @@ fn dashboard_and_alert_queries_return_data_from_a_live_agent() -> Result<()> {
     );
     Ok(())
 }
+
+/// Sample lines of a scrape whose labels include all of `labels` and none
+/// of the label names in `without`.
+fn series_count(scrape: &str, labels: &[(&str, &str)], without: &[&str]) -> usize {
+    scrape
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter(|l| {
+            let labels_text = l.split_once('{').map_or("", |(_, rest)| rest);
+            labels
+                .iter()
+                .all(|(k, v)| labels_text.contains(&format!("{k}=\"{v}\"")))
+                && without
+                    .iter()
+                    .all(|k| !labels_text.contains(&format!("{k}=\"")))
+        })
+        .count()
+}
+
+/// The series budget docs/metrics.md states: `| ROW | ON | OFF |`.
+fn documented_budget(row: &str) -> Result<(usize, usize)> {
+    let doc = std::fs::read_to_string(repo_file("docs/metrics.md"))?;
+    let line = doc
+        .lines()
+        .find(|l| l.starts_with(&format!("| {row} |")))
+        .with_context(|| format!("docs/metrics.md has no budget row {row:?}"))?;
+    let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+    Ok((cells[2].parse()?, cells[3].parse()?))
+}
+
+/// What each setting of the latency histogram switch costs per backend,
+/// counted on live scrapes (and checked against docs/metrics.md), and the
+/// switch applied live: globally, and per service both ways.
+#[test]
+fn the_latency_histogram_switch_applies_live_and_the_documented_budget_holds() -> Result<()> {
+    let topo = Topology::new("obh", 2)?;
+    let dir = TempDir::new("obh")?;
+    let path = dir.path("sluice.yaml");
+    // metrics: the global setting; tcp_override: services[0]'s.
+    let config = |global: Option<bool>, tcp_override: Option<bool>| {
+        let mut text = String::from(
+            "interfaces:\n  - name: front\n  - name: back0\n  - name: back1\nservices:\n",
+        );
+        for proto in ["tcp", "udp"] {
+            text += &format!(
+                "  - name: web-{proto}\n    vip: 10.100.0.1\n    port: 80\n    protocol: {proto}\n    backends:\n      - address: 10.1.0.2:8080\n      - address: 10.1.1.2:8080\n"
+            );
+            if let (Some(on), "tcp") = (tcp_override, proto) {
+                text += &format!("    metrics:\n      backend_latency_histogram: {on}\n");
+            }
+        }
+        // Another TCP service, never overridden.
+        text += "  - name: api-tcp\n    vip: 10.100.0.3\n    port: 80\n    protocol: tcp\n    backends:\n      - address: 10.1.0.2:8080\n";
+        // A discovery service: its provider's series count too.
+        text += "  - name: web-dns\n    vip: 10.100.0.2\n    port: 80\n    protocol: tcp\n    discovery:\n      dns:\n        name: _web._tcp.sluice.test\n        server: 127.0.0.1:9\n";
+        if let Some(on) = global {
+            text += &format!("metrics:\n  backend_latency_histogram: {on}\n");
+        }
+        text
+    };
+    std::fs::write(&path, config(None, None))?;
+    let agent = Agent::start(&topo.lb, &path, dir.path("agent.log"))?;
+    let scrape = || -> Result<String> { Ok(http_get(&topo.lb, agent.listen, "/metrics")?.1) };
+    let backend = |scrape: &str, service: &str| {
+        series_count(
+            scrape,
+            &[("service", service), ("backend", "10.1.0.2:8080")],
+            &[],
+        )
+    };
+    let histogram = |scrape: &str, service: &str| {
+        series_count(
+            scrape,
+            &[
+                ("service", service),
+                ("backend", "10.1.0.2:8080"),
+                ("le", "+Inf"),
+            ],
+            &[],
+        ) > 0
+    };
+    // Waits for a reload to show: the histogram of web-tcp on or off.
+    let reload_to = |text: String, tcp_histogram: bool| -> Result<String> {
+        std::fs::write(&path, text)?;
+        agent.reload()?;
+        let mut last = String::new();
+        sluice_tests::wait_for(
+            "the reloaded metrics settings",
+            Duration::from_secs(10),
+            || {
+                last = scrape()?;
+                Ok(histogram(&last, "web-tcp") == tcp_histogram)
+            },
+        )?;
+        Ok(last)
+    };
+
+    // The default: on.
+    let on = scrape()?;
+    assert!(histogram(&on, "web-tcp") && !histogram(&on, "web-udp"));
+    // The agent's own series, and the datapath's that are per node.
+    let fixed = |s: &str| series_count(s, &[], &["service", "interface"]);
+    let measured_on = [
+        backend(&on, "web-tcp"),
+        backend(&on, "web-udp"),
+        series_count(&on, &[("service", "web-tcp")], &["backend"]),
+        series_count(&on, &[("service", "web-dns")], &["backend"]),
+        fixed(&on),
+    ];
+
+    // Off globally, live: every backend's histogram series go.
+    let off = reload_to(config(Some(false), None), false)?;
+    assert!(
+        !off.contains("sluice_backend_connect_latency_seconds"),
+        "no series and no family left: {off}"
+    );
+    let measured_off = [
+        backend(&off, "web-tcp"),
+        backend(&off, "web-udp"),
+        series_count(&off, &[("service", "web-tcp")], &["backend"]),
+        series_count(&off, &[("service", "web-dns")], &["backend"]),
+        fixed(&off),
+    ];
+    eprintln!(
+        "series (on, off): TCP backend {:?}, UDP backend {:?}, service {:?}, \
+         service with discovery {:?}, per agent {:?}",
+        (measured_on[0], measured_off[0]),
+        (measured_on[1], measured_off[1]),
+        (measured_on[2], measured_off[2]),
+        (measured_on[3], measured_off[3]),
+        (measured_on[4], measured_off[4]),
+    );
+    for (i, row) in [
+        "TCP backend",
+        "UDP backend",
+        "service",
+        "service with discovery",
+        "per agent",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        assert_eq!(
+            documented_budget(row)?,
+            (measured_on[i], measured_off[i]),
+            "docs/metrics.md's budget for {row} (on, off) against a live scrape"
+        );
+    }
+
+    // Off globally, on for web-tcp: its backends only.
+    let one = reload_to(config(Some(false), Some(true)), true)?;
+    assert_eq!(backend(&one, "web-tcp"), measured_on[0]);
+    assert!(!histogram(&one, "api-tcp") && !histogram(&one, "web-udp"));
+    // A scrape with some histograms on and some off is valid exposition.
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    promtool.stdin.take().unwrap().write_all(one.as_bytes())?;
+    let out = promtool.wait_with_output()?;
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // On globally, off for web-tcp: every backend but its.
+    let other = reload_to(config(Some(true), Some(false)), false)?;
+    assert_eq!(backend(&other, "web-tcp"), measured_off[0]);
+    assert!(histogram(&other, "api-tcp"));
+    assert_eq!(backend(&other, "api-tcp"), measured_on[0]);
+    Ok(())
+}
+
+/// `sluice_build_info` and `sluice --version` name the same build: the
+/// version, a commit of this repository (or "unknown" outside a checkout)
+/// and the map layout.
+#[test]
+fn build_info_and_version_name_the_commit_and_the_map_layout() -> Result<()> {
+    let out = Command::new(sluice_tests::sluice_bin())
+        .arg("--version")
+        .output()?;
+    assert!(out.status.success());
+    let version_line = String::from_utf8(out.stdout)?;
+    let commit = version_line
+        .split_once("(commit ")
+        .and_then(|(_, rest)| rest.split_once(','))
+        .map(|(commit, _)| commit.to_string())
+        .with_context(|| format!("no commit in {version_line:?}"))?;
+    let layout = agent_common::MAP_LAYOUT;
+    assert_eq!(
+        version_line.trim(),
+        format!(
+            "sluice {} (commit {commit}, map layout {layout})",
+            env!("CARGO_PKG_VERSION")
+        )
+    );
+    // A commit git knows here, when this is a git checkout.
+    let in_git = Command::new("git")
+        .args(["-C", env!("CARGO_MANIFEST_DIR"), "rev-parse", "--git-dir"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if in_git && commit != "unknown" {
+        let known = Command::new("git")
+            .args(["-C", env!("CARGO_MANIFEST_DIR"), "cat-file", "-e"])
+            .arg(format!("{commit}^{{commit}}"))
+            .status()?;
+        assert!(known.success(), "commit {commit} is not in this repository");
+    } else {
+        assert_eq!(commit, "unknown");
+    }
+
+    let topo = Topology::new("obb", 1)?;
+    let dir = TempDir::new("obb")?;
+    std::fs::write(
+        dir.path("sluice.yaml"),
+        "interfaces:\n  - name: front\n  - name: back0\n",
+    )?;
+    let agent = Agent::start(&topo.lb, &dir.path("sluice.yaml"), dir.path("agent.log"))?;
+    let (_, scrape) = http_get(&topo.lb, agent.listen, "/metrics")?;
+    let labels = [
+        ("version", env!("CARGO_PKG_VERSION")),
+        ("commit", commit.as_str()),
+        ("map_layout", &layout.to_string()),
+    ];
+    assert_eq!(
+        sluice_tests::metric(&scrape, "sluice_build_info", &labels),
+        Some(1.0),
+        "{labels:?} not in the scrape:\n{scrape}"
+    );
+    Ok(())
+}

@@ -24,6 +24,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
+use k8s_openapi::api::apps::v1::DaemonSet;
 use sluice_tests::{
     Agent, Bed, Bpffs, Cgroup, agent_command, http_get, metric, one_service_yaml, wait_for,
 };
@@ -299,26 +300,26 @@ fn the_agent_mounts_bpffs_private_to_root() -> Result<()> {
 /// (after dropping ALL), as `setpriv` names them: "+bpf", ...
 fn daemonset_capabilities() -> Result<Vec<String>> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes/daemonset.yaml");
-    let ds: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(&path)?)?;
-    let agent = ds["spec"]["template"]["spec"]["containers"]
-        .as_sequence()
+    let ds: DaemonSet = serde_saphyr::from_str(&std::fs::read_to_string(&path)?)?;
+    let agent = ds
+        .spec
+        .and_then(|s| s.template.spec)
+        .context("the DaemonSet's pod spec")?
+        .containers
         .into_iter()
-        .flatten()
-        .find(|c| c["name"].as_str() == Some("sluice"))
+        .find(|c| c.name == "sluice")
         .context("the sluice container")?;
-    let caps = &agent["securityContext"]["capabilities"];
-    assert_eq!(caps["drop"][0].as_str(), Some("ALL"), "{caps:?}");
-    caps["add"]
-        .as_sequence()
+    let caps = agent
+        .security_context
+        .and_then(|s| s.capabilities)
+        .context("the sluice container's capabilities")?;
+    assert_eq!(caps.drop, Some(vec!["ALL".to_string()]), "{caps:?}");
+    Ok(caps
+        .add
         .context("capabilities.add")?
         .iter()
-        .map(|c| {
-            Ok(format!(
-                "+{}",
-                c.as_str().context("a capability name")?.to_lowercase()
-            ))
-        })
-        .collect()
+        .map(|c| format!("+{}", c.to_lowercase()))
+        .collect())
 }
 
 /// A wrapper (see `agent_command`) that runs the agent as a container

@@ -13,7 +13,7 @@ use crate::http;
 /// node, as root: they talk to the running agent over its control socket,
 /// and read the pinned maps when it is down.
 #[derive(Parser)]
-#[command(version = crate::cli::version(), about, long_about)]
+#[command(version = crate::build_info::long_version(), about, long_about)]
 pub struct Cli {
     /// Log lines as text (for people) or JSON (for log collectors).
     #[arg(long, global = true, env = "SLUICE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]

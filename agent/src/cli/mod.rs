@@ -7,7 +7,7 @@ pub mod args;
 mod render;
 mod table;
 
-use std::{path::Path, process::ExitCode, sync::OnceLock};
+use std::{path::Path, process::ExitCode};
 
 use anyhow::{Context, Result, anyhow, bail};
 use serde::{Serialize, de::DeserializeOwned};
@@ -22,20 +22,6 @@ use crate::{
     inspect::{explain::Explanation, pinned::Pinned, status::StatusView},
 };
 use args::{Command, Output, Target};
-
-/// `sluice --version`: the version, the commit and the map layout (which
-/// builds can adopt each other's pinned datapath).
-pub fn version() -> &'static str {
-    static VERSION: OnceLock<String> = OnceLock::new();
-    VERSION.get_or_init(|| {
-        format!(
-            "{} (commit {}, map layout {})",
-            env!("CARGO_PKG_VERSION"),
-            crate::BUILD_COMMIT,
-            agent_common::MAP_LAYOUT
-        )
-    })
-}
 
 /// Runs one operator command; errors are printed, the status says how it went.
 pub fn operate(command: Command) -> ExitCode {

@@ -1,7 +1,10 @@
 //! What validation makes of the raw shape: services with their addresses
 //! parsed and their discovery source resolved.
 
-use std::net::{IpAddr, SocketAddr};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+};
 
 use super::{DnsRecord, Failure, Protocol};
 
@@ -18,6 +21,19 @@ pub struct ServiceSpec {
     /// None: the backends are the file's.
     pub discovery: Option<DiscoverySpec>,
     pub drain_timeout: std::time::Duration,
+    /// The per-backend latency histogram is exported; None: as the global
+    /// `metrics.backend_latency_histogram` says.
+    pub backend_latency_histogram: Option<bool>,
+    /// The pod behind each backend that has one (Kubernetes endpoints), for
+    /// the metrics' and the API's `namespace` and `pod`.
+    pub pods: BTreeMap<SocketAddr, PodRef>,
+}
+
+/// A Kubernetes pod, as an EndpointSlice endpoint's targetRef names it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PodRef {
+    pub namespace: String,
+    pub name: String,
 }
 
 /// A discovery source after validation.

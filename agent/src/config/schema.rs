@@ -34,6 +34,9 @@ pub struct Config {
     /// overrides are kept (see README "Operating").
     #[serde(default)]
     pub control: Control,
+    /// What the agent exports to Prometheus (docs/metrics.md). Applies live.
+    #[serde(default)]
+    pub metrics: Metrics,
 }
 
 /// The operator interface on this host (restart-time settings).
@@ -58,6 +61,35 @@ impl Default for Control {
             state_directory: DEFAULT_STATE_DIRECTORY.to_string(),
         }
     }
+}
+
+/// The series the agent exports, where they can be turned down (each
+/// setting's cost per backend is in docs/metrics.md).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Metrics {
+    /// `sluice_backend_connect_latency_seconds` for every TCP backend: 23 of
+    /// the 36 series a TCP backend costs. Services may override it
+    /// (`services[].metrics`, the Kubernetes annotation
+    /// `sluice.io/backend-latency-histogram`). Off, the kernel still measures
+    /// (the API and the CLI's p50/p99 keep working): only the export stops.
+    pub backend_latency_histogram: bool,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            backend_latency_histogram: true,
+        }
+    }
+}
+
+/// One service's metrics settings; unset: the global `metrics` setting.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceMetrics {
+    #[serde(default)]
+    pub backend_latency_histogram: Option<bool>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -336,6 +368,9 @@ pub struct Service {
     /// How long a removed backend keeps its established connections.
     #[serde(default = "default_drain_timeout")]
     pub drain_timeout_seconds: u32,
+    /// Overrides of the global `metrics` settings for this service.
+    #[serde(default)]
+    pub metrics: ServiceMetrics,
 }
 
 fn default_drain_timeout() -> u32 {

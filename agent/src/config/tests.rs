@@ -456,7 +456,7 @@ fn an_unknown_attach_mode_is_a_parse_error_naming_the_field() {
             assert_eq!(path, "c.yaml");
             assert_eq!(
                 message,
-                "interfaces[0].attach: unknown variant `xdp-turbo`, expected one of `auto`, `xdp-native`, `xdp-generic`, `tc` at line 4 column 13"
+                "interfaces[0].attach: unknown variant `xdp-turbo`, expected one of auto, xdp-native, xdp-generic, tc at line 4 column 13"
             );
         }
         other => panic!("{other:?}"),
@@ -591,4 +591,109 @@ fn the_shared_backend_check() {
         backend(at("[ff02::1]:0"), 5000, v4),
         Err(BackendError::Family { .. })
     ));
+}
+
+/// What the YAML reader refuses (before validation) names the field's path
+/// and the value as written, and says where.
+#[test]
+fn parse_errors_name_field_path_and_value() {
+    let cases = [
+        // A wrong type.
+        (
+            GOOD.replace("port: 80", "port: eighty"),
+            "services[0].port: invalid value \"eighty\": invalid u16 at line 7 column 11",
+        ),
+        (
+            GOOD.replace("weight: 3", "weight: heavy"),
+            "services[0].backends[1].weight: invalid value \"heavy\": invalid u32 at line 12 column 17",
+        ),
+        (
+            format!("{GOOD}conntrack:\n  max_entries: -1\n"),
+            "conntrack.max_entries: invalid value \"-1\": invalid u32 at line 14 column 16",
+        ),
+        (
+            GOOD.replace("protocol: tcp", "protocol: tcp\n    failure: 3"),
+            "services[0].failure: invalid value \"3\": expected a mapping (key: value) at line 9 column 14",
+        ),
+        (
+            "interfaces: {}\n".into(),
+            "interfaces: expected a list at line 1 column 13",
+        ),
+        // YAML 1.1 booleans are refused, not guessed.
+        (
+            GOOD.replace(
+                "protocol: tcp",
+                "protocol: tcp\n    failure:\n      probe: no",
+            ),
+            "services[0].failure.probe: invalid value \"no\": invalid boolean (strict mode expects true/false) at line 10 column 14",
+        ),
+        // An unknown field, at the top and deeper.
+        (
+            format!("{GOOD}metrcs: {{}}\n"),
+            "metrcs: unknown field `metrcs`, expected one of interfaces, conntrack, maglev, limits, \
+             services, pinning, kubernetes, socket_lb, control, metrics at line 13 column 1",
+        ),
+        (
+            GOOD.replace("weight: 3", "wieght: 3"),
+            "services[0].backends[1].wieght: unknown field `wieght`, expected one of address, weight at line 12 column 9",
+        ),
+        // A bad enum value.
+        (
+            GOOD.replace("protocol: tcp", "protocol: sctp"),
+            "services[0].protocol: unknown variant `sctp`, expected one of tcp, udp at line 8 column 15",
+        ),
+        (
+            GOOD.replace("    port: 80\n", ""),
+            "services[0]: missing field `port` at line 8 column 5",
+        ),
+        (
+            String::new(),
+            "the file is empty: expected the config's settings (interfaces:, services:, ...) at line 1 column 1",
+        ),
+    ];
+    for (text, want) in cases {
+        match parse(&text, "c.yaml") {
+            Err(ConfigError::Parse { message, .. }) => assert_eq!(message, want),
+            other => panic!("{want}: {other:?}"),
+        }
+    }
+    // A bad address is validation's (it names the field and value too).
+    assert_eq!(
+        error_of(&GOOD.replace("10.0.1.2:8080", "10.0.1.2:http")),
+        "config file c.yaml: services[0].backends[1].address: invalid value \"10.0.1.2:http\": \
+         expected IP:PORT, or [IPv6]:PORT"
+    );
+}
+
+#[test]
+fn the_latency_histogram_is_on_unless_turned_off_globally_or_per_service() {
+    let v = parse(GOOD, "c.yaml").unwrap();
+    assert!(v.raw.metrics.backend_latency_histogram);
+    assert_eq!(v.services[0].backend_latency_histogram, None);
+
+    let text = format!("{GOOD}metrics:\n  backend_latency_histogram: false\n").replace(
+        "protocol: tcp",
+        "protocol: tcp\n    metrics:\n      backend_latency_histogram: true",
+    );
+    let v = parse(&text, "c.yaml").unwrap();
+    assert!(!v.raw.metrics.backend_latency_histogram);
+    assert_eq!(v.services[0].backend_latency_histogram, Some(true));
+
+    // Wrong values and typos name the field and the value.
+    let e = error_of(&format!(
+        "{GOOD}metrics:\n  backend_latency_histogram: off\n"
+    ));
+    assert_eq!(
+        e,
+        "config file c.yaml: metrics.backend_latency_histogram: invalid value \"off\": \
+         invalid boolean (strict mode expects true/false) at line 14 column 30"
+    );
+    let e = error_of(&GOOD.replace(
+        "protocol: tcp",
+        "protocol: tcp\n    metrics: {latency_histogram: false}",
+    ));
+    assert!(
+        e.contains("services[0].metrics.latency_histogram: unknown field `latency_histogram`"),
+        "{e}"
+    );
 }

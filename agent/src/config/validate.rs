@@ -387,6 +387,8 @@ fn service(s: &Service, at: &str, taken: &mut Taken) -> Result<ServiceSpec, Refu
         failure: s.failure.clone(),
         discovery,
         drain_timeout,
+        backend_latency_histogram: s.metrics.backend_latency_histogram,
+        pods: Default::default(),
     })
 }
 

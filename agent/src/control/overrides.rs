@@ -260,6 +260,8 @@ mod tests {
             failure: Default::default(),
             discovery: None,
             drain_timeout: std::time::Duration::ZERO,
+            backend_latency_histogram: None,
+            pods: Default::default(),
         }
     }
 

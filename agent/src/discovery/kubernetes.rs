@@ -10,6 +10,10 @@
 //!   → removed (and drained by the reconciler).
 //! - Weights: the Service annotation `sluice.io/weights`, a comma-separated
 //!   list of `ADDRESS=WEIGHT` or `POD=WEIGHT` (default 1).
+//! - Metrics: each backend's pod (the endpoint's targetRef) becomes its
+//!   series' `namespace` and `pod` labels; the Service annotation
+//!   `sluice.io/backend-latency-histogram: "true"|"false"` overrides the
+//!   global `metrics.backend_latency_histogram`.
 //! - Which endpoints a VIP uses, as kube-proxy chooses them: a `Local`
 //!   traffic policy (`internalTrafficPolicy` for ClusterIPs,
 //!   `externalTrafficPolicy` for external and LoadBalancer IPs) keeps this
@@ -50,10 +54,12 @@ use tracing::{info, warn};
 
 pub use self::trust::{Skipped, Trust};
 use super::{DiscoveryError, KubeClientError, Outcome, Reporter};
-use crate::config::{KubeAddress, Kubernetes, MAX_WEIGHT, Protocol, ServiceSpec, backend};
+use crate::config::{KubeAddress, Kubernetes, MAX_WEIGHT, PodRef, Protocol, ServiceSpec, backend};
 
 /// The Service annotation with per-endpoint weights.
 pub const WEIGHTS_ANNOTATION: &str = "sluice.io/weights";
+/// The Service annotation that turns its backends' latency histogram on or off.
+pub const LATENCY_HISTOGRAM_ANNOTATION: &str = "sluice.io/backend-latency-histogram";
 /// Events that arrive within this much of each other are applied together…
 const SETTLE: Duration = Duration::from_millis(50);
 /// …but a steady stream of events is applied at least this often.
@@ -347,6 +353,20 @@ pub fn desired(
             continue;
         }
         let weights = weights(svc);
+        let histogram = match annotation(svc, LATENCY_HISTOGRAM_ANNOTATION) {
+            None => None,
+            Some("true") => Some(true),
+            Some("false") => Some(false),
+            Some(other) => {
+                skip(
+                    format!("annotation {LATENCY_HISTOGRAM_ANNOTATION}"),
+                    format!(
+                        "{other:?}: expected \"true\" or \"false\" (the global metrics setting applies)"
+                    ),
+                );
+                None
+            }
+        };
         let local = |policy: &Option<String>| policy.as_deref() == Some("Local");
         let internal_local = local(&svc_spec.internal_traffic_policy);
         let external_local = local(&svc_spec.external_traffic_policy);
@@ -414,7 +434,7 @@ pub fn desired(
                 } else {
                     format!("{owner}:{port_label}@{vip}")
                 };
-                let backends = backends(
+                let (backends, pods) = backends(
                     slices,
                     port.name.as_deref(),
                     *vip,
@@ -435,6 +455,8 @@ pub fn desired(
                     failure: spec.failure.clone(),
                     discovery: None,
                     drain_timeout: Duration::from_secs(spec.drain_timeout_seconds.into()),
+                    backend_latency_histogram: histogram,
+                    pods,
                 });
             }
         }
@@ -442,12 +464,17 @@ pub fn desired(
     found
 }
 
-/// `sluice.io/weights: "10.1.0.2=3, web-7d9f-abcde=2"`.
-fn weights(svc: &Service) -> BTreeMap<String, u32> {
+fn annotation<'a>(svc: &'a Service, name: &str) -> Option<&'a str> {
     svc.metadata
         .annotations
         .as_ref()
-        .and_then(|a| a.get(WEIGHTS_ANNOTATION))
+        .and_then(|a| a.get(name))
+        .map(|v| v.trim())
+}
+
+/// `sluice.io/weights: "10.1.0.2=3, web-7d9f-abcde=2"`.
+fn weights(svc: &Service) -> BTreeMap<String, u32> {
+    annotation(svc, WEIGHTS_ANNOTATION)
         .map(|text| {
             text.split(',')
                 .filter_map(|pair| {
@@ -473,12 +500,13 @@ struct Candidate<'a> {
     weight: u32,
     ready: bool,
     endpoint: &'a Endpoint,
+    pod: Option<PodRef>,
 }
 
 /// The endpoints of `slices` for one Service port at `vip` (of its address
 /// family), as `(address, weight)`; weight 0 = draining (established
-/// connections only). An endpoint that fails the config's backend check is
-/// left out and told to `skip` (what, why).
+/// connections only); and the pods behind them. An endpoint that fails the
+/// config's backend check is left out and told to `skip` (what, why).
 fn backends(
     slices: &[&EndpointSlice],
     port_name: Option<&str>,
@@ -486,7 +514,7 @@ fn backends(
     weights: &BTreeMap<String, u32>,
     scope: Scope,
     skip: &mut impl FnMut(String, String),
-) -> Vec<(SocketAddr, u32)> {
+) -> (Vec<(SocketAddr, u32)>, BTreeMap<SocketAddr, PodRef>) {
     let family = if vip.is_ipv4() { "IPv4" } else { "IPv6" };
     let mut candidates: Vec<Candidate> = Vec::new();
     for slice in slices.iter().filter(|s| s.address_type == family) {
@@ -546,6 +574,7 @@ fn backends(
                 weight,
                 ready,
                 endpoint,
+                pod: pod_of(endpoint, slice),
             });
         }
     }
@@ -557,6 +586,7 @@ fn backends(
         None
     };
     let mut out: Vec<(SocketAddr, u32)> = Vec::new();
+    let mut pods = BTreeMap::new();
     for c in &candidates {
         let weight = if !any_ready {
             // Nothing ready: serving terminating endpoints take new
@@ -573,9 +603,28 @@ fn backends(
             Some(existing) => existing.1 = existing.1.max(weight),
             None => out.push((c.addr, weight)),
         }
+        if let Some(pod) = c.pod.clone() {
+            pods.entry(c.addr).or_insert(pod);
+        }
     }
     out.sort();
-    out
+    (out, pods)
+}
+
+/// The pod an endpoint's targetRef names (its namespace defaults to the
+/// slice's): none for an endpoint of something else, or of nothing.
+fn pod_of(endpoint: &Endpoint, slice: &EndpointSlice) -> Option<PodRef> {
+    let target = endpoint.target_ref.as_ref()?;
+    if target.kind.as_deref().is_some_and(|k| k != "Pod") {
+        return None;
+    }
+    Some(PodRef {
+        namespace: target
+            .namespace
+            .clone()
+            .or_else(|| slice.metadata.namespace.clone())?,
+        name: target.name.clone()?,
+    })
 }
 
 /// Topology hints that narrow a VIP's ready endpoints to those meant for
@@ -628,7 +677,7 @@ mod tests {
     use super::*;
 
     fn spec() -> Kubernetes {
-        serde_yaml::from_str("addresses: [cluster_ip, external_ips]").unwrap()
+        serde_saphyr::from_str("addresses: [cluster_ip, external_ips]").unwrap()
     }
 
     #[test]
@@ -654,8 +703,9 @@ mod tests {
             "addressType": "IPv4",
             "ports": [{"name": "http", "port": 8080}, {"name": "dns", "port": 5353}],
             "endpoints": [
-                {"addresses": ["10.1.0.2"], "conditions": {"ready": true}},
-                {"addresses": ["10.1.0.3"]},
+                {"addresses": ["10.1.0.2"], "conditions": {"ready": true},
+                 "targetRef": {"kind": "Pod", "namespace": "shop", "name": "web-a"}},
+                {"addresses": ["10.1.0.3"], "targetRef": {"kind": "Node", "name": "n1"}},
                 {"addresses": ["10.1.0.4"], "conditions": {"ready": false, "serving": true, "terminating": true},
                  "targetRef": {"name": "web-c"}},
                 {"addresses": ["10.1.0.5"], "conditions": {"ready": false, "serving": false, "terminating": true}}
@@ -695,9 +745,62 @@ mod tests {
                 (b("10.1.0.4:8080"), 0)
             ]
         );
+        // Pods from the targetRefs (a namespace left out is the slice's);
+        // a targetRef to something else than a pod names none.
+        let pod = |name: &str| PodRef {
+            namespace: "shop".into(),
+            name: name.into(),
+        };
+        assert_eq!(
+            http.pods,
+            BTreeMap::from([
+                (b("10.1.0.2:8080"), pod("web-a")),
+                (b("10.1.0.4:8080"), pod("web-c"))
+            ])
+        );
+        assert_eq!(http.backend_latency_histogram, None);
         assert_eq!(out[3].backends[0].0.port(), 5353);
         // The IPv6 VIP has no IPv6 slice: no backends, never IPv4 ones.
         assert!(out[1].backends.is_empty());
+    }
+
+    #[test]
+    fn the_latency_histogram_annotation_overrides_the_global_setting() {
+        let svc = |value: &str| -> Arc<Service> {
+            Arc::new(
+                serde_json::from_value(serde_json::json!({
+                    "metadata": {"name": "web", "namespace": "shop",
+                                 "annotations": {LATENCY_HISTOGRAM_ANNOTATION: value}},
+                    "spec": {"clusterIP": "10.96.0.10", "ports": [{"port": 80}]}
+                }))
+                .unwrap(),
+            )
+        };
+        let found = |value: &str| {
+            desired(
+                &[svc(value)],
+                &[],
+                &spec(),
+                &Locality::default(),
+                &Trust::default(),
+            )
+        };
+        assert_eq!(
+            found("false").services[0].backend_latency_histogram,
+            Some(false)
+        );
+        assert_eq!(
+            found(" true ").services[0].backend_latency_histogram,
+            Some(true)
+        );
+        // Anything else: the global setting, and said why.
+        let other = found("off");
+        assert_eq!(other.services[0].backend_latency_histogram, None);
+        let skipped: Vec<String> = other.skipped.iter().map(|s| s.why.clone()).collect();
+        assert_eq!(
+            skipped,
+            ["\"off\": expected \"true\" or \"false\" (the global metrics setting applies)"]
+        );
     }
 
     /// One endpoint: (last octet, node, ready, zone hints, node hints).
@@ -864,7 +967,7 @@ mod tests {
     }
 
     fn found(yaml: &str, svc: Service, slice: EndpointSlice) -> Found {
-        let spec: Kubernetes = serde_yaml::from_str(yaml).unwrap();
+        let spec: Kubernetes = serde_saphyr::from_str(yaml).unwrap();
         let mut trust = Trust::new(&spec, &["10.0.0.10".parse().unwrap()]);
         trust.set_host_addresses(&[("eth0".into(), "10.0.1.1".parse().unwrap())]);
         desired(

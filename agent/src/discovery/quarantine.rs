@@ -181,6 +181,8 @@ mod tests {
                 failure: Failure::default(),
                 discovery: None,
                 drain_timeout: Duration::ZERO,
+                backend_latency_histogram: None,
+                pods: Default::default(),
             })
             .collect()
     }

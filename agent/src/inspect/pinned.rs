@@ -83,6 +83,8 @@ fn snapshot(tables: &Tables, config: &[ServiceSpec]) -> Snapshot {
                 weight,
                 // Draining shows as such; when it ends is the agent's.
                 drain_deadline: draining.then(Instant::now),
+                // Pods are discovery's; the pinned maps don't keep them.
+                pod: None,
             })
             .collect();
         services.insert(

@@ -82,7 +82,7 @@ pub fn base(counters: &Counters, snapshot: &Snapshot, source: &str) -> StatusVie
     let (sent, dropped) = counters.event_counts();
     StatusView {
         version: env!("CARGO_PKG_VERSION").to_string(),
-        commit: crate::BUILD_COMMIT.to_string(),
+        commit: crate::build_info::COMMIT.to_string(),
         map_layout: agent_common::MAP_LAYOUT,
         source: source.to_string(),
         ready: None,

@@ -81,6 +81,8 @@ pub fn orphan_spec(key: &ServiceKey) -> ServiceSpec {
         failure: Default::default(),
         discovery: None,
         drain_timeout: std::time::Duration::ZERO,
+        backend_latency_histogram: None,
+        pods: Default::default(),
     }
 }
 
@@ -123,6 +125,7 @@ impl Reconciler {
                     weight,
                     drain_deadline: (draining && weight > 0)
                         .then(|| Instant::now() + spec.drain_timeout),
+                    pod: spec.pods.get(&addr).cloned(),
                 })
                 .collect();
             found.insert(
@@ -161,6 +164,7 @@ impl Reconciler {
                     addr,
                     weight,
                     drain_deadline: None,
+                    pod: None,
                 };
                 self.ending.push((name, backend));
             }

@@ -30,7 +30,7 @@ use filters::{service_filters, union, write_filter};
 use ids::Ids;
 
 use crate::{
-    config::{Protocol, ServiceSpec},
+    config::{PodRef, Protocol, ServiceSpec},
     counters::{self, Counters, EndedSilently},
     datapath::Maps,
     maglev,
@@ -58,6 +58,9 @@ pub struct BackendState {
     /// Set while a backend that left the desired state drains: its
     /// established connections continue until they close or this passes.
     pub drain_deadline: Option<Instant>,
+    /// Its pod (Kubernetes), kept while it drains: its series keep their
+    /// labels to the end.
+    pub pod: Option<PodRef>,
 }
 
 impl BackendState {
@@ -316,6 +319,7 @@ impl Reconciler {
                     if b.drain_deadline.take().is_some() {
                         info!(service = spec.name, backend = %addr, "backend back; drain ended");
                     }
+                    b.pod = spec.pods.get(&addr).cloned();
                     b
                 }
                 None => {
@@ -327,6 +331,7 @@ impl Reconciler {
                         addr,
                         weight,
                         drain_deadline: None,
+                        pod: spec.pods.get(&addr).cloned(),
                     }
                 }
             };

@@ -180,7 +180,7 @@ mod tests {
     use super::*;
 
     fn trust(yaml: &str) -> Trust {
-        let spec: Kubernetes = serde_yaml::from_str(yaml).unwrap();
+        let spec: Kubernetes = serde_saphyr::from_str(yaml).unwrap();
         let mut t = Trust::new(&spec, &["10.0.0.10".parse().unwrap()]);
         t.set_host_addresses(&[
             ("eth0".into(), "10.0.1.1".parse().unwrap()),
