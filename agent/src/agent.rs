@@ -91,8 +91,9 @@ pub async fn run(
 
     // Overrides first: an agent that can't read them must not start and
     // send traffic to backends an operator drained.
-    let overrides =
-        crate::control::overrides::Overrides::load(&control_paths.state_directory(&cfg.raw.control))?;
+    let overrides = crate::control::overrides::Overrides::load(
+        &control_paths.state_directory(&cfg.raw.control),
+    )?;
     let shared = Arc::new(Shared {
         http: Arc::new(crate::http::Load::new(http.max_event_streams.get())),
         overrides: std::sync::Mutex::new(overrides),

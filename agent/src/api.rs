@@ -643,7 +643,10 @@ async fn change_override(
     Json(change): Json<crate::control::overrides::Change>,
 ) -> Response {
     let Some(control) = app.control else {
-        return (StatusCode::FORBIDDEN, "overrides change only over the control socket\n")
+        return (
+            StatusCode::FORBIDDEN,
+            "overrides change only over the control socket\n",
+        )
             .into_response();
     };
     let (reply, answer) = oneshot::channel();

@@ -28,4 +28,3 @@ pub mod sweep;
 pub mod sysctl;
 pub mod view;
 pub mod writer;
-

@@ -94,7 +94,10 @@ fn connect_from(port: u16, echo: bool) -> Result<(String, Option<TcpStream>)> {
     s.write_all(b"hello\n")?;
     let mut reply = String::new();
     s.read_to_string(&mut reply)?;
-    Ok((reply.split_whitespace().next().unwrap_or("").to_string(), None))
+    Ok((
+        reply.split_whitespace().next().unwrap_or("").to_string(),
+        None,
+    ))
 }
 
 fn echo_works(s: &mut TcpStream) -> Result<bool> {
@@ -129,7 +132,11 @@ struct Bed {
 
 fn bed(tag: &str, backends: &[(usize, u32)], pinning: Option<&Path>) -> Result<Bed> {
     let topo = Topology::new(tag, 4)?;
-    let servers = topo.serve(Family::V4, 8080)?.into_iter().map(Some).collect();
+    let servers = topo
+        .serve(Family::V4, 8080)?
+        .into_iter()
+        .map(Some)
+        .collect();
     topo.warm_neighbours()?;
     let dir = TempDir::new(tag)?;
     let cfg = dir.path("sluice.yaml");
@@ -195,7 +202,9 @@ fn explain_agrees_with_where_300_connections_land() -> Result<()> {
             );
         }
         assert!(
-            predicted["not_in_table"].to_string().contains("10.1.3.2:8080"),
+            predicted["not_in_table"]
+                .to_string()
+                .contains("10.1.3.2:8080"),
             "the drained backend is named: {predicted}"
         );
         // Afterwards the flow's own entry decides, with the same backend.
@@ -217,7 +226,9 @@ fn explain_agrees_with_where_300_connections_land() -> Result<()> {
     )?;
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
-        out.status.success() && text.contains("service web → backend 10.1.") && text.contains("Maglev"),
+        out.status.success()
+            && text.contains("service web → backend 10.1.")
+            && text.contains("Maglev"),
         "{text}"
     );
 
@@ -226,29 +237,59 @@ fn explain_agrees_with_where_300_connections_land() -> Result<()> {
     assert_eq!(status["source"], "agent");
     assert_eq!(status["ready"], true);
     assert_eq!(status["map_layout"], agent_common::MAP_LAYOUT);
-    assert!(status["attachments"].to_string().contains("\"front\""), "{status}");
+    assert!(
+        status["attachments"].to_string().contains("\"front\""),
+        "{status}"
+    );
     assert!(status["drops"]["no_backend"].is_u64(), "{status}");
     assert_eq!(status["ejected_backends"], 1);
     assert_eq!(status["overrides"], 1);
     // conntrack: flows named, filtered and limited.
     let flows = sluice_json(
         &cfg,
-        &["conntrack", "--service", "web", "--backend", "10.1.1.2:8080", "--limit", "5"],
+        &[
+            "conntrack",
+            "--service",
+            "web",
+            "--backend",
+            "10.1.1.2:8080",
+            "--limit",
+            "5",
+        ],
     )?;
     assert_eq!(flows["flows"].as_array().unwrap().len(), 5, "{flows}");
     assert!(flows["matched"].as_u64().unwrap() > 5, "{flows}");
-    assert!(flows["flows"].as_array().unwrap().iter().all(|f| f["backend"] == "10.1.1.2:8080"));
+    assert!(
+        flows["flows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|f| f["backend"] == "10.1.1.2:8080")
+    );
     // backends: per-backend counters and latency from the kernel.
     let out = sluice(&cfg, &["backends", "web"])?;
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("ejected") && text.contains("drain"), "{text}");
     let web = &sluice_json(&cfg, &["services"])?["services"][0];
-    assert!(backend(web, "10.1.1.2:8080")["latency_p99_ms"].as_f64().unwrap() > 0.0);
-    assert!(backend(web, "10.1.2.2:8080")["failures"]["refused"].as_u64().unwrap() >= 3);
+    assert!(
+        backend(web, "10.1.1.2:8080")["latency_p99_ms"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
+    assert!(
+        backend(web, "10.1.2.2:8080")["failures"]["refused"]
+            .as_u64()
+            .unwrap()
+            >= 3
+    );
     // events: the recent ones, and a followed stream filtered by kind.
     let out = sluice(&cfg, &["events", "--kind", "eject", "-o", "json"])?;
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.lines().count() >= 1 && text.lines().all(|l| l.contains("\"eject\"")), "{text}");
+    assert!(
+        text.lines().count() >= 1 && text.lines().all(|l| l.contains("\"eject\"")),
+        "{text}"
+    );
     let mut follow = Command::new(sluice_bin())
         .args(["events", "-f", "--kind", "open", "-o", "json", "--config"])
         .arg(&cfg)
@@ -270,7 +311,10 @@ fn explain_agrees_with_where_300_connections_land() -> Result<()> {
     }
     let _ = follow.kill();
     let _ = follow.wait();
-    assert!(saw_new, "the followed stream did not show the new connection");
+    assert!(
+        saw_new,
+        "the followed stream did not show the new connection"
+    );
 
     // --log-format json: every log line is a JSON object.
     let log = agent.log_text();
@@ -305,7 +349,11 @@ fn drain_stops_new_connections_while_established_ones_finish_and_survives_restar
     assert_eq!(held.len(), 5);
 
     let out = sluice(&cfg, &["drain", "web", "10.1.0.2:8080"])?;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let web = &sluice_json(&cfg, &["services"])?["services"][0];
     let b0 = backend(web, "10.1.0.2:8080");
     assert_eq!(b0["state"], "draining", "{b0}");
@@ -314,28 +362,49 @@ fn drain_stops_new_connections_while_established_ones_finish_and_survives_restar
 
     let reached = |first: u16| -> Result<Vec<String>> {
         bed.topo.client.enter(move || -> Result<Vec<String>> {
-            (first..first + 60).map(|p| Ok(connect_from(p, false)?.0)).collect()
+            (first..first + 60)
+                .map(|p| Ok(connect_from(p, false)?.0))
+                .collect()
         })?
     };
     let names = reached(22000)?;
-    assert!(names.iter().all(|n| n == "b1"), "new connections reached a drained backend: {names:?}");
+    assert!(
+        names.iter().all(|n| n == "b1"),
+        "new connections reached a drained backend: {names:?}"
+    );
     for s in &mut held {
-        assert!(echo_works(s)?, "an established connection to the drained backend broke");
+        assert!(
+            echo_works(s)?,
+            "an established connection to the drained backend broke"
+        );
     }
 
     // The override survives a restart, before any config or discovery.
     agent.stop()?;
     let mut agent = Agent::start(&bed.topo.lb, &bed.cfg, bed.dir.path("agent2.log"))?;
     let names = reached(23000)?;
-    assert!(names.iter().all(|n| n == "b1"), "after a restart: {names:?}");
+    assert!(
+        names.iter().all(|n| n == "b1"),
+        "after a restart: {names:?}"
+    );
     let listed = sluice_json(&cfg, &["services"])?;
-    assert_eq!(backend(&listed["services"][0], "10.1.0.2:8080")["override"]["drain"], true);
+    assert_eq!(
+        backend(&listed["services"][0], "10.1.0.2:8080")["override"]["drain"],
+        true
+    );
 
     // Undrain: backend 0 takes new connections again.
     let out = sluice(&cfg, &["undrain", "web", "10.1.0.2:8080"])?;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let names = reached(24000)?;
-    assert!(names.iter().any(|n| n == "b0"), "undrained backend gets nothing: {names:?}");
+    assert!(
+        names.iter().any(|n| n == "b0"),
+        "undrained backend gets nothing: {names:?}"
+    );
 
     // A weight override, shown and cleared.
     let w = sluice_json(&cfg, &["weight", "web", "10.1.1.2:8080", "7"])?;
@@ -350,10 +419,18 @@ fn drain_stops_new_connections_while_established_ones_finish_and_survives_restar
     // Wrong names are refused, naming what exists; nothing changes.
     let out = sluice(&cfg, &["drain", "web", "10.9.9.9:80"])?;
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("no backend 10.9.9.9:80") && err.contains("10.1.0.2:8080"), "{err}");
+    assert!(
+        !out.status.success()
+            && err.contains("no backend 10.9.9.9:80")
+            && err.contains("10.1.0.2:8080"),
+        "{err}"
+    );
     let out = sluice(&cfg, &["drain", "nosuch", "10.1.0.2:8080"])?;
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("nosuch") && err.contains("web"), "{err}");
+    assert!(
+        !out.status.success() && err.contains("nosuch") && err.contains("web"),
+        "{err}"
+    );
     let out = sluice(&cfg, &["weight", "web", "10.1.0.2:8080", "5000"])?;
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("5000"));
     assert_eq!(sluice_json(&cfg, &["status"])?["overrides"], 0);
@@ -370,7 +447,9 @@ fn read_commands_use_the_pinned_maps_when_the_agent_is_down() -> Result<()> {
     let mut agent = Agent::start(&bed.topo.lb, &bed.cfg, bed.dir.path("agent.log"))?;
     let cfg = bed.cfg.clone();
     let live = bed.topo.client.enter(|| -> Result<Vec<TcpStream>> {
-        (25000..25010).map(|p| Ok(connect_from(p, true)?.1.unwrap())).collect()
+        (25000..25010)
+            .map(|p| Ok(connect_from(p, true)?.1.unwrap()))
+            .collect()
     })??;
     let client = format!("{}:25003", Family::V4.client());
     let explained_live = sluice_json(&cfg, &["explain", &client, VIP])?;
@@ -382,8 +461,14 @@ fn read_commands_use_the_pinned_maps_when_the_agent_is_down() -> Result<()> {
     assert!(err.contains("pinned under"), "the fallback is said: {err}");
     let status: Value = serde_json::from_slice(&status.stdout)?;
     assert_eq!(status["source"], "pinned maps");
-    assert!(status["attachments"].to_string().contains("\"front\""), "{status}");
-    assert!(status["conntrack"]["entries"].as_u64().unwrap() >= 20, "{status}");
+    assert!(
+        status["attachments"].to_string().contains("\"front\""),
+        "{status}"
+    );
+    assert!(
+        status["conntrack"]["entries"].as_u64().unwrap() >= 20,
+        "{status}"
+    );
     let web = &sluice_json(&cfg, &["services"])?["services"][0];
     assert_eq!(web["name"], "web", "named from the config: {web}");
     assert!(web["connections_total"].as_u64().unwrap() >= 10, "{web}");
@@ -394,10 +479,15 @@ fn read_commands_use_the_pinned_maps_when_the_agent_is_down() -> Result<()> {
     assert_eq!(explained["backend"], explained_live["backend"]);
     // Changes need the agent.
     let out = sluice(&cfg, &["drain", "web", "10.1.0.2:8080"])?;
-    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("running agent"));
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("running agent")
+    );
     drop(live);
 
-    let out = Command::new(sluice_bin()).args(["cleanup", "--config"]).arg(&cfg).output()?;
+    let out = Command::new(sluice_bin())
+        .args(["cleanup", "--config"])
+        .arg(&cfg)
+        .output()?;
     assert!(out.status.success(), "cleanup: {out:?}");
     Ok(())
 }
@@ -431,12 +521,17 @@ fn the_control_socket_is_roots_only_and_every_flag_has_an_environment_variable()
     assert!(log.contains("from a user other than root"), "{log}");
 
     // Completions name the commands.
-    let out = Command::new(sluice_bin()).args(["completions", "bash"]).output()?;
+    let out = Command::new(sluice_bin())
+        .args(["completions", "bash"])
+        .output()?;
     let script = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && script.contains("explain") && script.contains("--log-format"));
     // --version names the commit and the map layout.
     let out = Command::new(sluice_bin()).arg("--version").output()?;
     let version = String::from_utf8_lossy(&out.stdout);
-    assert!(version.contains(&format!("map layout {}", agent_common::MAP_LAYOUT)), "{version}");
+    assert!(
+        version.contains(&format!("map layout {}", agent_common::MAP_LAYOUT)),
+        "{version}"
+    );
     Ok(())
 }

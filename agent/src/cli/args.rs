@@ -182,7 +182,12 @@ pub enum Command {
 pub struct Target {
     /// The agent's config: its control.socket, and its pinning.directory
     /// (read when the agent is down).
-    #[arg(long, env = "SLUICE_CONFIG", value_name = "FILE", default_value = "/etc/sluice/sluice.yaml")]
+    #[arg(
+        long,
+        env = "SLUICE_CONFIG",
+        value_name = "FILE",
+        default_value = "/etc/sluice/sluice.yaml"
+    )]
     pub config: PathBuf,
     /// The control socket [default: the config's control.socket, else
     /// /run/sluice/sluice.sock].

@@ -25,7 +25,10 @@ use args::{Command, Output, Target};
 
 /// Runs one operator command; errors are printed, the status says how it went.
 pub fn operate(command: Command) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: starting the async runtime: {e}");
@@ -99,7 +102,8 @@ async fn dispatch(command: Command) -> Result<()> {
             target,
         } => {
             // Checked here too: a typo gets its message without a round trip.
-            let client_addr = crate::inspect::explain::parse_client(&client).map_err(|e| anyhow!(e))?;
+            let client_addr =
+                crate::inspect::explain::parse_client(&client).map_err(|e| anyhow!(e))?;
             let (vip, protocol) =
                 crate::inspect::explain::parse_frontend(&frontend).map_err(|e| anyhow!(e))?;
             let path = format!(
@@ -132,7 +136,11 @@ async fn dispatch(command: Command) -> Result<()> {
             clear,
             target,
         } => {
-            let action = if clear { Action::Undrain } else { Action::Drain };
+            let action = if clear {
+                Action::Undrain
+            } else {
+                Action::Drain
+            };
             change(&target, service, &backend, action).await
         }
         Command::Undrain {
@@ -154,7 +162,10 @@ async fn dispatch(command: Command) -> Result<()> {
             };
             change(&target, service, &backend, action).await
         }
-        Command::Run { .. } | Command::Cleanup { .. } | Command::Check { .. } | Command::Completions { .. } => {
+        Command::Run { .. }
+        | Command::Cleanup { .. }
+        | Command::Check { .. }
+        | Command::Completions { .. } => {
             unreachable!("handled by main")
         }
     }
@@ -233,7 +244,12 @@ fn offline_services(p: &Pinned, _: &Path) -> Result<ServicesResponse> {
     })
 }
 
-async fn events(at: &Agent, follow: bool, service: Option<String>, kind: Option<String>) -> Result<()> {
+async fn events(
+    at: &Agent,
+    follow: bool,
+    service: Option<String>,
+    kind: Option<String>,
+) -> Result<()> {
     let show = |e: &serde_json::Value| match at.output {
         Output::Json => println!("{e}"),
         Output::Table => println!("{}", render::event(e)),
@@ -264,19 +280,27 @@ async fn events(at: &Agent, follow: bool, service: Option<String>, kind: Option<
 }
 
 async fn change(target: &Target, service: String, backend: &str, action: Action) -> Result<()> {
-    let backend = backend
-        .parse()
-        .map_err(|_| anyhow!("{backend}: expected a backend address IP:PORT as `sluice backends {service}` shows it"))?;
+    let backend = backend.parse().map_err(|_| {
+        anyhow!(
+            "{backend}: expected a backend address IP:PORT as `sluice backends {service}` shows it"
+        )
+    })?;
     let at = Agent::find(target);
     let change = Change {
         service,
         backend,
         action,
     };
-    let entry: Entry = at.client.post("/api/v1/overrides", &change).await.map_err(|e| match e {
-        e @ ClientError::Unreachable { .. } => anyhow!("{e}: overrides are changed by the running agent"),
-        e => e.into(),
-    })?;
+    let entry: Entry = at
+        .client
+        .post("/api/v1/overrides", &change)
+        .await
+        .map_err(|e| match e {
+            e @ ClientError::Unreachable { .. } => {
+                anyhow!("{e}: overrides are changed by the running agent")
+            }
+            e => e.into(),
+        })?;
     at.print(&entry, render::override_entry)
 }
 
@@ -304,7 +328,11 @@ mod tests {
     #[test]
     fn queries_are_percent_encoded() {
         assert_eq!(
-            super::query(&[("client", Some("[fd00::1]:80")), ("x", None), ("s", Some("a b"))]),
+            super::query(&[
+                ("client", Some("[fd00::1]:80")),
+                ("x", None),
+                ("s", Some("a b"))
+            ]),
             "client=%5Bfd00%3A%3A1%5D%3A80&s=a%20b"
         );
     }

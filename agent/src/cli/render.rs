@@ -35,7 +35,11 @@ pub fn status(s: &StatusView) -> String {
     line(
         &mut out,
         "Attached:",
-        if attached.is_empty() { "nothing".to_string() } else { attached.join(", ") },
+        if attached.is_empty() {
+            "nothing".to_string()
+        } else {
+            attached.join(", ")
+        },
     );
     line(
         &mut out,
@@ -85,7 +89,11 @@ pub fn status(s: &StatusView) -> String {
             .filter(|(_, n)| **n > 0)
             .map(|(k, n)| format!("{k} {n}"))
             .collect();
-        if v.is_empty() { "none".to_string() } else { v.join(", ") }
+        if v.is_empty() {
+            "none".to_string()
+        } else {
+            v.join(", ")
+        }
     };
     line(&mut out, "Drops:", nonzero(&s.drops));
     line(&mut out, "Passed:", nonzero(&s.passed));
@@ -94,7 +102,14 @@ pub fn status(s: &StatusView) -> String {
 
 pub fn services(r: &ServicesResponse) -> String {
     let mut t = Table::new(&[
-        "SERVICE", "FRONTEND", "FWD", "BACKENDS", "ACTIVE", "CONNS", "RETRIES", "DISCOVERY",
+        "SERVICE",
+        "FRONTEND",
+        "FWD",
+        "BACKENDS",
+        "ACTIVE",
+        "CONNS",
+        "RETRIES",
+        "DISCOVERY",
     ]);
     for s in &r.services {
         let count = |state: &str| s.backends.iter().filter(|b| b.state == state).count();
@@ -108,11 +123,19 @@ pub fn services(r: &ServicesResponse) -> String {
             frontend(s),
             s.forwarding.clone(),
             backends,
-            s.backends.iter().map(|b| b.active_connections).sum::<u64>().to_string(),
+            s.backends
+                .iter()
+                .map(|b| b.active_connections)
+                .sum::<u64>()
+                .to_string(),
             s.connections_total.to_string(),
             s.retries_total.to_string(),
             s.discovery.as_ref().map_or("-".to_string(), |d| {
-                format!("{} {}", d.provider, if d.healthy { "ok" } else { "FAILING" })
+                format!(
+                    "{} {}",
+                    d.provider,
+                    if d.healthy { "ok" } else { "FAILING" }
+                )
             }),
         ]);
     }
@@ -132,8 +155,18 @@ fn frontend(s: &ServiceView) -> String {
 
 pub fn backends(s: &ServiceView) -> String {
     let mut t = Table::new(&[
-        "BACKEND", "STATE", "WEIGHT", "ACTIVE", "CONNS", "REFUSED", "TIMEOUT", "UNREACH",
-        "EJECTIONS", "P50", "P99", "OVERRIDE",
+        "BACKEND",
+        "STATE",
+        "WEIGHT",
+        "ACTIVE",
+        "CONNS",
+        "REFUSED",
+        "TIMEOUT",
+        "UNREACH",
+        "EJECTIONS",
+        "P50",
+        "P99",
+        "OVERRIDE",
     ]);
     let ms = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v}ms"));
     for b in &s.backends {
@@ -186,7 +219,11 @@ pub fn flows(r: &FlowsResponse) -> String {
             opt(f.snat.as_deref()),
         ]);
     }
-    let mut out = if t.is_empty() { String::new() } else { t.render() };
+    let mut out = if t.is_empty() {
+        String::new()
+    } else {
+        t.render()
+    };
     out += &format!("{} of {} matching flows shown\n", r.flows.len(), r.matched);
     out
 }
@@ -194,7 +231,12 @@ pub fn flows(r: &FlowsResponse) -> String {
 pub fn explanation(e: &Explanation) -> String {
     let mut out = format!("{} → {}/{}", e.client, e.vip, e.protocol);
     match (&e.service, &e.backend) {
-        (Some(s), Some(b)) => out += &format!(": service {s} → backend {b} ({})\n", opt(e.backend_state.as_deref())),
+        (Some(s), Some(b)) => {
+            out += &format!(
+                ": service {s} → backend {b} ({})\n",
+                opt(e.backend_state.as_deref())
+            )
+        }
         (Some(s), None) => out += &format!(": service {s} → no backend\n"),
         _ => out += ": not a service\n",
     }
@@ -209,7 +251,13 @@ pub fn event(e: &serde_json::Value) -> String {
     let s = |k: &str| e[k].as_str().unwrap_or("-").to_string();
     let time = e["time_ms"].as_u64().map_or("-".to_string(), |ms| {
         let secs = ms / 1000;
-        format!("{:02}:{:02}:{:02}.{:03}", secs / 3600 % 24, secs / 60 % 60, secs % 60, ms % 1000)
+        format!(
+            "{:02}:{:02}:{:02}.{:03}",
+            secs / 3600 % 24,
+            secs / 60 % 60,
+            secs % 60,
+            ms % 1000
+        )
     });
     let mut line = format!(
         "{time} {:<6} {} {} {} → {} via {}",
@@ -238,8 +286,16 @@ pub fn override_entry(e: &Entry) -> String {
         what.push(format!("weight {w}"));
     }
     if what.is_empty() {
-        format!("{} {}: no override (config or discovery decides)\n", e.service, e.backend)
+        format!(
+            "{} {}: no override (config or discovery decides)\n",
+            e.service, e.backend
+        )
     } else {
-        format!("{} {}: {} (override, kept across restarts)\n", e.service, e.backend, what.join(", "))
+        format!(
+            "{} {}: {} (override, kept across restarts)\n",
+            e.service,
+            e.backend,
+            what.join(", ")
+        )
     }
 }

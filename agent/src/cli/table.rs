@@ -72,7 +72,10 @@ mod tests {
         let mut t = Table::new(&["NAME", "N"]);
         t.row(vec!["web-frontend".into(), "1".into()]);
         t.row(vec!["a".into(), "22".into()]);
-        assert_eq!(t.render(), "NAME          N\nweb-frontend  1\na             22\n");
+        assert_eq!(
+            t.render(),
+            "NAME          N\nweb-frontend  1\na             22\n"
+        );
     }
 
     #[test]

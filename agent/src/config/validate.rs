@@ -9,8 +9,8 @@ use std::{
 };
 
 use super::{
-    BackendSpec, Config, ConfigError, Conntrack, Control, Failure, Forwarding, Interface, KubeAddress,
-    Kubernetes, Limits, Maglev, Pinning, Protocol, Service, ServiceSpec, Validated,
+    BackendSpec, Config, ConfigError, Conntrack, Control, Failure, Forwarding, Interface,
+    KubeAddress, Kubernetes, Limits, Maglev, Pinning, Protocol, Service, ServiceSpec, Validated,
 };
 
 mod address;

@@ -48,23 +48,34 @@ impl Client {
         }
     }
 
-    async fn send(&self, request: Request<Full<Bytes>>) -> Result<hyper::Response<Incoming>, ClientError> {
-        let stream = UnixStream::connect(&self.socket).await.map_err(|source| {
-            ClientError::Unreachable {
-                socket: self.socket.display().to_string(),
-                source,
-            }
-        })?;
+    async fn send(
+        &self,
+        request: Request<Full<Bytes>>,
+    ) -> Result<hyper::Response<Incoming>, ClientError> {
+        let stream =
+            UnixStream::connect(&self.socket)
+                .await
+                .map_err(|source| ClientError::Unreachable {
+                    socket: self.socket.display().to_string(),
+                    source,
+                })?;
         let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| self.protocol(e))?;
         tokio::spawn(connection);
-        let response = sender.send_request(request).await.map_err(|e| self.protocol(e))?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| self.protocol(e))?;
         if response.status().is_success() {
             return Ok(response);
         }
         let status = response.status();
-        let body = response.into_body().collect().await.map_err(|e| self.protocol(e))?;
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| self.protocol(e))?;
         Err(ClientError::Refused {
             status,
             message: String::from_utf8_lossy(&body.to_bytes()).trim().to_string(),
@@ -82,8 +93,15 @@ impl Client {
             .expect("a request built from a valid method and path")
     }
 
-    async fn json<T: DeserializeOwned>(&self, response: hyper::Response<Incoming>) -> Result<T, ClientError> {
-        let body = response.into_body().collect().await.map_err(|e| self.protocol(e))?;
+    async fn json<T: DeserializeOwned>(
+        &self,
+        response: hyper::Response<Incoming>,
+    ) -> Result<T, ClientError> {
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| self.protocol(e))?;
         serde_json::from_slice(&body.to_bytes()).map_err(|e| self.protocol(e))
     }
 
@@ -94,7 +112,11 @@ impl Client {
     }
 
     /// POST `body` as JSON to `path`, answered as `T`.
-    pub async fn post<T: DeserializeOwned>(&self, path: &str, body: &impl Serialize) -> Result<T, ClientError> {
+    pub async fn post<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &impl Serialize,
+    ) -> Result<T, ClientError> {
         let body = serde_json::to_vec(body).map_err(|e| self.protocol(e))?;
         let response = self.send(Self::request("POST", path, body.into())).await?;
         self.json(response).await
@@ -102,7 +124,11 @@ impl Client {
 
     /// GET an event stream (Server-Sent Events) and call `each` with every
     /// event's data until the agent ends the stream or `each` says stop.
-    pub async fn follow(&self, path: &str, mut each: impl FnMut(&str) -> bool) -> Result<(), ClientError> {
+    pub async fn follow(
+        &self,
+        path: &str,
+        mut each: impl FnMut(&str) -> bool,
+    ) -> Result<(), ClientError> {
         let response = self.send(Self::request("GET", path, Bytes::new())).await?;
         let mut body = response.into_body();
         let mut pending = String::new();

@@ -22,7 +22,9 @@ pub struct PathFlags {
 
 impl PathFlags {
     pub fn socket(&self, config: &crate::config::Control) -> std::path::PathBuf {
-        self.socket.clone().unwrap_or_else(|| config.socket.clone().into())
+        self.socket
+            .clone()
+            .unwrap_or_else(|| config.socket.clone().into())
     }
 
     pub fn state_directory(&self, config: &crate::config::Control) -> std::path::PathBuf {

@@ -98,7 +98,9 @@ impl Overrides {
         let text = match std::fs::read_to_string(&file) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
-            Err(e) => return Err(e).with_context(|| format!("reading overrides {}", file.display())),
+            Err(e) => {
+                return Err(e).with_context(|| format!("reading overrides {}", file.display()));
+            }
         };
         let parsed: FileFormat = serde_json::from_str(&text).with_context(|| {
             format!(
@@ -107,7 +109,11 @@ impl Overrides {
             )
         })?;
         if parsed.version != 1 {
-            bail!("overrides {}: version {} is not 1", file.display(), parsed.version);
+            bail!(
+                "overrides {}: version {} is not 1",
+                file.display(),
+                parsed.version
+            );
         }
         for e in parsed.overrides {
             out.by_service
@@ -150,10 +156,18 @@ impl Overrides {
     pub fn change(&mut self, change: &Change, desired: &[ServiceSpec]) -> Result<Override> {
         let Some(service) = desired.iter().find(|s| s.name == change.service) else {
             let names: Vec<&str> = desired.iter().map(|s| s.name.as_str()).collect();
-            bail!("no service {:?} (services: {})", change.service, names.join(", "));
+            bail!(
+                "no service {:?} (services: {})",
+                change.service,
+                names.join(", ")
+            );
         };
         if !service.backends.iter().any(|(a, _)| *a == change.backend) {
-            let addrs: Vec<String> = service.backends.iter().map(|(a, _)| a.to_string()).collect();
+            let addrs: Vec<String> = service
+                .backends
+                .iter()
+                .map(|(a, _)| a.to_string())
+                .collect();
             bail!(
                 "service {} has no backend {} (backends: {})",
                 service.name,
@@ -161,7 +175,9 @@ impl Overrides {
                 addrs.join(", ")
             );
         }
-        let mut next = self.get(&change.service, &change.backend).unwrap_or_default();
+        let mut next = self
+            .get(&change.service, &change.backend)
+            .unwrap_or_default();
         match change.action {
             Action::Drain => next.drain = true,
             Action::Undrain => next.drain = false,
@@ -172,7 +188,10 @@ impl Overrides {
             Action::ClearWeight => next.weight = None,
         }
         let mut updated = self.clone();
-        let backends = updated.by_service.entry(change.service.clone()).or_default();
+        let backends = updated
+            .by_service
+            .entry(change.service.clone())
+            .or_default();
         if next.is_empty() {
             backends.remove(&change.backend);
         } else {
@@ -212,7 +231,9 @@ impl Overrides {
         let Some(file) = &self.file else {
             return Ok(());
         };
-        let dir = file.parent().context("overrides file without a directory")?;
+        let dir = file
+            .parent()
+            .context("overrides file without a directory")?;
         create_private_dir(dir)?;
         let text = serde_json::to_string_pretty(&FileFormat {
             version: 1,
@@ -256,7 +277,10 @@ mod tests {
             port: 80,
             protocol: Protocol::Tcp,
             snat_ip: None,
-            backends: backends.iter().map(|(a, w)| (a.parse().unwrap(), *w)).collect(),
+            backends: backends
+                .iter()
+                .map(|(a, w)| (a.parse().unwrap(), *w))
+                .collect(),
             failure: Default::default(),
             discovery: None,
             drain_timeout: std::time::Duration::ZERO,
@@ -277,18 +301,24 @@ mod tests {
     fn drain_wins_over_weight_and_both_clear() {
         let desired = [spec(&[("10.0.1.1:80", 3), ("10.0.1.2:80", 1)])];
         let mut o = Overrides::default();
-        o.change(&change("10.0.1.1:80", Action::Weight { weight: 7 }), &desired)
+        o.change(
+            &change("10.0.1.1:80", Action::Weight { weight: 7 }),
+            &desired,
+        )
+        .unwrap();
+        o.change(&change("10.0.1.1:80", Action::Drain), &desired)
             .unwrap();
-        o.change(&change("10.0.1.1:80", Action::Drain), &desired).unwrap();
         let mut applied = desired.clone();
         o.apply(&mut applied);
         assert_eq!(applied[0].backends[0].1, 0);
         assert_eq!(applied[0].backends[1].1, 1);
-        o.change(&change("10.0.1.1:80", Action::Undrain), &desired).unwrap();
+        o.change(&change("10.0.1.1:80", Action::Undrain), &desired)
+            .unwrap();
         let mut applied = desired.clone();
         o.apply(&mut applied);
         assert_eq!(applied[0].backends[0].1, 7);
-        o.change(&change("10.0.1.1:80", Action::ClearWeight), &desired).unwrap();
+        o.change(&change("10.0.1.1:80", Action::ClearWeight), &desired)
+            .unwrap();
         assert!(o.is_empty());
     }
 
@@ -298,11 +328,21 @@ mod tests {
         let mut o = Overrides::default();
         let mut other = change("10.0.1.1:80", Action::Drain);
         other.service = "api".into();
-        assert!(o.change(&other, &desired).unwrap_err().to_string().contains("no service \"api\""));
-        let err = o.change(&change("10.0.9.9:80", Action::Drain), &desired).unwrap_err();
+        assert!(
+            o.change(&other, &desired)
+                .unwrap_err()
+                .to_string()
+                .contains("no service \"api\"")
+        );
+        let err = o
+            .change(&change("10.0.9.9:80", Action::Drain), &desired)
+            .unwrap_err();
         assert!(err.to_string().contains("no backend 10.0.9.9:80"), "{err}");
         let err = o
-            .change(&change("10.0.1.1:80", Action::Weight { weight: 5000 }), &desired)
+            .change(
+                &change("10.0.1.1:80", Action::Weight { weight: 5000 }),
+                &desired,
+            )
             .unwrap_err();
         assert!(err.to_string().contains("5000"), "{err}");
         assert!(o.is_empty());
@@ -313,7 +353,8 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("sluice-overrides-{}", std::process::id()));
         let desired = [spec(&[("10.0.1.1:80", 1)])];
         let mut o = Overrides::load(&dir).unwrap();
-        o.change(&change("10.0.1.1:80", Action::Drain), &desired).unwrap();
+        o.change(&change("10.0.1.1:80", Action::Drain), &desired)
+            .unwrap();
         let back = Overrides::load(&dir).unwrap();
         assert_eq!(back.entries(), o.entries());
         std::fs::write(dir.join(FILE_NAME), "{not json").unwrap();

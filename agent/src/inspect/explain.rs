@@ -59,6 +59,9 @@ pub struct Probe {
     pub verdict: String,
 }
 
+/// One slot `pick` looked at: (attempt, slot, backend id, verdict).
+pub type Step = (u32, u32, Option<u32>, &'static str);
+
 enum Candidate {
     Healthy(u32),
     Ejected(u32),
@@ -75,7 +78,7 @@ pub fn pick(
     h: u32,
     exclude: u32,
     first_attempt: u32,
-) -> (Option<(u32, u32)>, Vec<(u32, u32, Option<u32>, &'static str)>) {
+) -> (Option<(u32, u32)>, Vec<Step>) {
     let mut probes = Vec::new();
     if table_size == 0 {
         return (None, probes);
@@ -96,8 +99,10 @@ pub fn pick(
     let mut fallback = None;
     let mut attempt = first_attempt;
     let mut index = 0;
-    let look = |index: u32, attempt: u32, probes: &mut Vec<_>, fallback: &mut Option<_>| {
-        match candidate(index) {
+    let look =
+        |index: u32, attempt: u32, probes: &mut Vec<_>, fallback: &mut Option<_>| match candidate(
+            index,
+        ) {
             None => {
                 probes.push((attempt, index, None, "empty"));
                 Err(())
@@ -117,8 +122,7 @@ pub fn pick(
                 probes.push((attempt, index, Some(exclude), "excluded"));
                 Ok(None)
             }
-        }
-    };
+        };
     while attempt < first_attempt + MAGLEV_MAX_PICKS {
         let hh = if attempt == 0 {
             h
@@ -134,7 +138,12 @@ pub fn pick(
         attempt += 1;
     }
     for step in 1..=MAGLEV_MAX_WALK {
-        match look((index + step) % table_size, attempt, &mut probes, &mut fallback) {
+        match look(
+            (index + step) % table_size,
+            attempt,
+            &mut probes,
+            &mut fallback,
+        ) {
             Err(()) => return (None, probes),
             Ok(Some(id)) => return (Some((id, attempt)), probes),
             Ok(None) => {}
@@ -182,11 +191,15 @@ pub fn explain(
     e.service = Some(super::service_name(snapshot, service.id, vip, protocol));
 
     if client.is_ipv4() != vip.is_ipv4() {
-        e.why.push("the client and the VIP are of different address families".to_string());
+        e.why
+            .push("the client and the VIP are of different address families".to_string());
         return e;
     }
     let key = flow_key(client, vip, protocol);
-    for (table, map) in [("conntrack", &tables.conntrack), ("half_open", &tables.half_open)] {
+    for (table, map) in [
+        ("conntrack", &tables.conntrack),
+        ("half_open", &tables.half_open),
+    ] {
         if let Ok(flow) = map.get(&key, 0)
             && flow.flags & FLOW_F_REVERSE == 0
         {
@@ -263,8 +276,8 @@ pub fn explain(
         e.backend.as_deref().unwrap_or("?"),
         e.backend_state.as_deref().unwrap_or("?")
     ));
-    e.retry_backend = retry_target(&service, protocol, backend_id, attempt, h, &slot, &ejected)
-        .map(name_of);
+    e.retry_backend =
+        retry_target(&service, protocol, backend_id, attempt, h, &slot, &ejected).map(name_of);
     match (&e.retry_backend, protocol) {
         (Some(next), Protocol::Tcp) => e.why.push(format!(
             "if it refuses the connect (or doesn't answer), the client's SYN is sent to {next} instead"
@@ -298,7 +311,10 @@ fn retry_target(
 
 fn existing_flow_reason(table: &str, flow: &Flow, name_of: &impl Fn(u32) -> String) -> String {
     let retried = if flow.attempts > 0 {
-        format!(" (after {} pick(s) past ejected or failed backends)", flow.attempts)
+        format!(
+            " (after {} pick(s) past ejected or failed backends)",
+            flow.attempts
+        )
     } else {
         String::new()
     };
@@ -335,9 +351,9 @@ pub fn parse_frontend(text: &str) -> Result<(SocketAddr, Protocol), String> {
         Some((_, p)) => return Err(format!("{text}: protocol {p:?} is not tcp or udp")),
         None => (text, Protocol::Tcp),
     };
-    let addr = addr
-        .parse()
-        .map_err(|_| format!("{text}: expected VIP:PORT/PROTO (e.g. 10.0.0.1:80/tcp or [fd00::1]:80/udp)"))?;
+    let addr = addr.parse().map_err(|_| {
+        format!("{text}: expected VIP:PORT/PROTO (e.g. 10.0.0.1:80/tcp or [fd00::1]:80/udp)")
+    })?;
     Ok((addr, protocol))
 }
 
@@ -348,7 +364,6 @@ pub fn parse_client(text: &str) -> Result<SocketAddr, String> {
     })
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -356,7 +371,14 @@ mod tests {
     #[test]
     fn pick_takes_the_hash_slot_when_healthy() {
         let table = [1, 2, 3, 4, 5, 6, 7];
-        let (choice, probes) = pick(7, |i| table.get(i as usize).copied(), |_| false, 12, NO_BACKEND, 0);
+        let (choice, probes) = pick(
+            7,
+            |i| table.get(i as usize).copied(),
+            |_| false,
+            12,
+            NO_BACKEND,
+            0,
+        );
         assert_eq!(choice, Some((table[12 % 7], 0)));
         assert_eq!(probes.len(), 1);
     }
@@ -389,7 +411,15 @@ mod tests {
             ("10.0.0.1:80".parse().unwrap(), Protocol::Udp)
         );
         assert_eq!(parse_frontend("[fd00::1]:443").unwrap().1, Protocol::Tcp);
-        assert!(parse_frontend("10.0.0.1:80/sctp").unwrap_err().contains("sctp"));
-        assert!(parse_client("10.0.0.1").unwrap_err().contains("CLIENT_IP:PORT"));
+        assert!(
+            parse_frontend("10.0.0.1:80/sctp")
+                .unwrap_err()
+                .contains("sctp")
+        );
+        assert!(
+            parse_client("10.0.0.1")
+                .unwrap_err()
+                .contains("CLIENT_IP:PORT")
+        );
     }
 }

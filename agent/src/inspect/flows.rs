@@ -33,7 +33,13 @@ pub struct FlowView {
 }
 
 impl FlowView {
-    pub fn new(table: &str, key: &FlowKey, flow: &Flow, tables: &Tables, snapshot: &Snapshot) -> Self {
+    pub fn new(
+        table: &str,
+        key: &FlowKey,
+        flow: &Flow,
+        tables: &Tables,
+        snapshot: &Snapshot,
+    ) -> Self {
         let v4 = key.family == FAMILY_V4;
         let at = |words: [u32; 4], port_be: u16| {
             SocketAddr::new(addr::words_ip(words, v4), u16::from_be(port_be))
@@ -42,7 +48,10 @@ impl FlowView {
         let protocol = if key.proto == PROTO_UDP { "udp" } else { "tcp" };
         let service_flags = tables
             .services
-            .get(&crate::reconcile::service_key_of(vip.ip(), vip.port(), protocol_of(key.proto)), 0)
+            .get(
+                &crate::reconcile::service_key_of(vip.ip(), vip.port(), protocol_of(key.proto)),
+                0,
+            )
             .map(|s| s.flags)
             .unwrap_or(0);
         let (state, _) = FlowState::of(key, flow, &ConntrackTimeouts::default());
@@ -84,7 +93,10 @@ pub fn list(tables: &Tables, snapshot: &Snapshot, filter: &FlowFilter) -> (Vec<F
     let limit = filter.limit.unwrap_or(usize::MAX);
     let mut out = Vec::new();
     let mut matched = 0;
-    for (table, map) in [("half_open", &tables.half_open), ("conntrack", &tables.conntrack)] {
+    for (table, map) in [
+        ("half_open", &tables.half_open),
+        ("conntrack", &tables.conntrack),
+    ] {
         for (key, flow) in map.iter().filter_map(Result::ok) {
             if flow.flags & FLOW_F_REVERSE != 0 {
                 continue;

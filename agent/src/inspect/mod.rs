@@ -11,7 +11,6 @@ mod tables;
 
 use std::net::SocketAddr;
 
-
 pub use tables::{Tables, open_pinned};
 
 use crate::{config::Protocol, state::backend_state, view::Snapshot};
@@ -38,8 +37,11 @@ pub fn backend_name(tables: &Tables, snapshot: &Snapshot, id: u32) -> String {
     match tables.backends.get(&id, 0) {
         Ok(b) if b.port != 0 => {
             let v4 = b.addr[1..] == [0; 3];
-            SocketAddr::new(agent_common::addr::words_ip(b.addr, v4), u16::from_be(b.port))
-                .to_string()
+            SocketAddr::new(
+                agent_common::addr::words_ip(b.addr, v4),
+                u16::from_be(b.port),
+            )
+            .to_string()
         }
         _ => format!("#{id}"),
     }

@@ -59,7 +59,8 @@ pub fn open(directory: &Path, config: &[ServiceSpec]) -> Result<Pinned> {
 /// The services and backends the pinned maps hold, as the agent's
 /// snapshot would show them.
 fn snapshot(tables: &Tables, config: &[ServiceSpec]) -> Snapshot {
-    let pinned: Vec<(ServiceKey, Service)> = tables.services.iter().filter_map(Result::ok).collect();
+    let pinned: Vec<(ServiceKey, Service)> =
+        tables.services.iter().filter_map(Result::ok).collect();
     let family_of = pinned.iter().map(|(k, v)| (v.id, k.family)).collect();
     let mut by_service = pinned_backends(
         &tables.backends,

@@ -71,10 +71,18 @@ pub fn base(counters: &Counters, snapshot: &Snapshot, source: &str) -> StatusVie
     let (mut drops, mut passed) = (BTreeMap::new(), BTreeMap::new());
     for (code, reason) in agent_common::reason::ALL.iter().enumerate() {
         let n = counters.reason_count(code as u32);
-        let into = if reason.dropped { &mut drops } else { &mut passed };
+        let into = if reason.dropped {
+            &mut drops
+        } else {
+            &mut passed
+        };
         into.insert(reason.name.to_string(), n);
     }
-    let backends: Vec<_> = snapshot.services.values().flat_map(|s| s.backends.iter()).collect();
+    let backends: Vec<_> = snapshot
+        .services
+        .values()
+        .flat_map(|s| s.backends.iter())
+        .collect();
     let ejected = backends
         .iter()
         .filter(|b| counters.health(b.id).state() == agent_common::BackendState::Ejected)

@@ -5,10 +5,7 @@
 
 use std::path::Path;
 
-use agent_common::{
-    Backend, BackendHealth, Flow, FlowKey, Service, ServiceKey,
-    registry::map,
-};
+use agent_common::{Backend, BackendHealth, Flow, FlowKey, Service, ServiceKey, registry::map};
 use anyhow::{Context, Result};
 use aya::maps::{Array, HashMap, Map, MapData};
 
