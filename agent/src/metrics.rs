@@ -63,6 +63,8 @@ struct BackendRow {
     ejections: u32,
     /// None: a UDP backend, or its service's histogram is turned off.
     latency: Option<LatencyHistogram>,
+    /// A runtime override in force (`sluice drain`, `sluice weight`).
+    overridden: Option<crate::control::overrides::Override>,
 }
 
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {
@@ -76,6 +78,7 @@ fn render_datapath(shared: &Shared, out: &mut String) {
     let snapshot = view.snapshot();
     let counters = &view.counters;
     let histograms = shared.metrics.lock().unwrap().backend_latency_histogram;
+    let overrides = shared.overrides.lock().unwrap().clone();
 
     // One pass over the maps.
     let mut services = Vec::new();
@@ -94,6 +97,7 @@ fn render_datapath(shared: &Shared, out: &mut String) {
                 state: crate::state::backend_state(&health, b.draining()),
                 ejections: health.ejections,
                 latency: histogram.then(|| counters.latency(b.id)),
+                overridden: overrides.get(name, &b.addr),
             });
         }
     }
@@ -205,6 +209,21 @@ fn render_datapath(shared: &Shared, out: &mut String) {
                 Some(("state", state)),
                 u8::from(state == r.state),
             );
+        }
+    }
+    family(
+        out,
+        "sluice_backend_override",
+        "gauge",
+        "A runtime override in force (sluice drain / sluice weight): kind drain is 1, kind weight is the weight set. No series: none.",
+    );
+    for r in &rows {
+        let Some(o) = r.overridden else { continue };
+        if o.drain {
+            r.sample(out, "sluice_backend_override", Some(("kind", "drain")), 1);
+        }
+        if let Some(w) = o.weight {
+            r.sample(out, "sluice_backend_override", Some(("kind", "weight")), w);
         }
     }
     family(

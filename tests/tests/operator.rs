@@ -14,7 +14,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
-use sluice_tests::{Agent, Bpffs, TempDir, sluice_bin, wait_for};
+use sluice_tests::{Agent, Bpffs, TempDir, http_get, metric, sluice_bin, wait_for};
 use testbed::{Family, Topology};
 
 const VIP: &str = "10.100.0.1:80";
@@ -359,6 +359,17 @@ fn drain_stops_new_connections_while_established_ones_finish_and_survives_restar
     assert_eq!(b0["state"], "draining", "{b0}");
     assert_eq!(b0["weight"], 0, "{b0}");
     assert_eq!(b0["override"]["drain"], true, "{b0}");
+    let (_, scrape) = http_get(&bed.topo.lb, agent.listen, "/metrics")?;
+    let drain_series = [
+        ("service", "web"),
+        ("backend", "10.1.0.2:8080"),
+        ("kind", "drain"),
+    ];
+    assert_eq!(
+        metric(&scrape, "sluice_backend_override", &drain_series),
+        Some(1.0),
+        "the override is shown in the metrics"
+    );
 
     let reached = |first: u16| -> Result<Vec<String>> {
         bed.topo.client.enter(move || -> Result<Vec<String>> {

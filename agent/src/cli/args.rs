@@ -91,12 +91,12 @@ pub enum Command {
     ///
     /// Example: sluice conntrack --service web --backend 10.0.2.2:8080 --limit 20
     Conntrack {
-        #[arg(long, value_name = "SERVICE")]
+        #[arg(long, env = "SLUICE_SERVICE", value_name = "SERVICE")]
         service: Option<String>,
         /// A backend address as `sluice backends` shows it.
-        #[arg(long, value_name = "ADDR")]
+        #[arg(long, env = "SLUICE_BACKEND", value_name = "ADDR")]
         backend: Option<String>,
-        #[arg(long, value_name = "N", default_value_t = 100)]
+        #[arg(long, env = "SLUICE_LIMIT", value_name = "N", default_value_t = 100)]
         limit: usize,
         #[command(flatten)]
         target: Target,
@@ -121,12 +121,12 @@ pub enum Command {
     /// Example: sluice events -f --service web --kind fail
     Events {
         /// Keep following new events (without: the recent ones, then exit).
-        #[arg(short, long)]
+        #[arg(short, long, env = "SLUICE_FOLLOW")]
         follow: bool,
-        #[arg(long, value_name = "SERVICE")]
+        #[arg(long, env = "SLUICE_SERVICE", value_name = "SERVICE")]
         service: Option<String>,
         /// An event kind: open, close, fail, retry or eject.
-        #[arg(long, value_name = "KIND")]
+        #[arg(long, env = "SLUICE_KIND", value_name = "KIND")]
         kind: Option<String>,
         #[command(flatten)]
         target: Target,
@@ -246,5 +246,42 @@ impl HttpArgs {
             self.max_connections,
             self.max_event_streams,
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    /// Flags that change what a command does rather than where or how it
+    /// runs: a variable left in an operator's shell must not turn
+    /// `sluice drain` into an undrain.
+    const NO_ENV: [&str; 1] = ["clear"];
+
+    #[test]
+    fn every_flag_has_a_sluice_environment_variable() {
+        fn walk(command: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in command.get_arguments() {
+                let id = arg.get_id().as_str();
+                if arg.is_positional() || ["help", "version"].contains(&id) || NO_ENV.contains(&id) {
+                    continue;
+                }
+                match arg.get_env() {
+                    Some(env) if env.to_string_lossy().starts_with("SLUICE_") => {}
+                    _ => missing.push(format!("{path} --{id}")),
+                }
+            }
+            for sub in command.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&super::Cli::command(), "sluice", &mut missing);
+        assert!(missing.is_empty(), "flags without a SLUICE_* variable: {missing:?}");
+    }
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        super::Cli::command().debug_assert();
     }
 }
