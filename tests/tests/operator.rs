@@ -207,6 +207,15 @@ fn explain_agrees_with_where_300_connections_land() -> Result<()> {
                 .contains("10.1.3.2:8080"),
             "the drained backend is named: {predicted}"
         );
+        // A refusal would be retried on another healthy backend.
+        let retry = predicted["retry_backend"].as_str().unwrap_or_default();
+        assert!(
+            retry.starts_with("10.1.")
+                && retry != predicted["backend"]
+                && retry != "10.1.2.2:8080"
+                && retry != "10.1.3.2:8080",
+            "retry target: {predicted}"
+        );
         // Afterwards the flow's own entry decides, with the same backend.
         let after = sluice_json(&cfg, &["explain", &client, VIP])?;
         assert_eq!(after["decision"], "conntrack", "{after}");

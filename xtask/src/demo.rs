@@ -24,13 +24,20 @@ use crate::step;
 const BACKENDS: usize = 3;
 const AGENT_LISTEN: &str = "127.0.0.1:9464";
 
-fn config() -> String {
+fn config(dir: &Path) -> String {
     let mut text = String::from(
         "# The demo's config: written by `cargo xtask run`.\ninterfaces:\n  - name: front\n",
     );
     for i in 0..BACKENDS {
         text += &format!("  - name: back{i}\n");
     }
+    // The operator commands find the agent by this config; the demo's
+    // overrides go away with it.
+    text += &format!(
+        "control:\n  socket: {}\n  state_directory: {}\n",
+        dir.join("sluice.sock").display(),
+        dir.join("state").display()
+    );
     text += "services:\n";
     for (name, fam, proto) in [
         ("web", Family::V4, "tcp"),
@@ -80,7 +87,7 @@ pub fn run(bin: &Path) -> Result<()> {
     let dir = std::env::temp_dir().join(format!("sluice-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let config_path = dir.join("sluice.yaml");
-    std::fs::write(&config_path, config())?;
+    std::fs::write(&config_path, config(&dir))?;
     let log_path = dir.join("agent.log");
 
     step("starting the agent in the lb namespace");
@@ -94,6 +101,11 @@ pub fn run(bin: &Path) -> Result<()> {
             config_path.display()
         );
         println!("    agent log: {}", log_path.display());
+        println!(
+            "    operate:   {} status --config {}  (services, backends web, explain, events -f, drain ...)",
+            bin.display(),
+            config_path.display()
+        );
         println!("    dashboard: http://127.0.0.1:{port}/");
         println!("    metrics:   http://127.0.0.1:{port}/metrics");
         println!("    services:  http://127.0.0.1:{port}/api/v1/services");

@@ -263,7 +263,8 @@ mod tests {
         fn walk(command: &clap::Command, path: &str, missing: &mut Vec<String>) {
             for arg in command.get_arguments() {
                 let id = arg.get_id().as_str();
-                if arg.is_positional() || ["help", "version"].contains(&id) || NO_ENV.contains(&id) {
+                if arg.is_positional() || ["help", "version"].contains(&id) || NO_ENV.contains(&id)
+                {
                     continue;
                 }
                 match arg.get_env() {
@@ -277,7 +278,10 @@ mod tests {
         }
         let mut missing = Vec::new();
         walk(&super::Cli::command(), "sluice", &mut missing);
-        assert!(missing.is_empty(), "flags without a SLUICE_* variable: {missing:?}");
+        assert!(
+            missing.is_empty(),
+            "flags without a SLUICE_* variable: {missing:?}"
+        );
     }
 
     #[test]

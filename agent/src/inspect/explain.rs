@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 
 use agent_common::{
     BackendState as Admission, FLOW_F_REVERSE, Flow, FlowKey, MAGLEV_MAX_PICKS, MAGLEV_MAX_WALK,
-    NO_BACKEND, SERVICE_F_RETRY, Service, addr, hash,
+    NO_BACKEND, Service, addr, hash,
 };
 use serde::{Deserialize, Serialize};
 
@@ -276,13 +276,16 @@ pub fn explain(
         e.backend.as_deref().unwrap_or("?"),
         e.backend_state.as_deref().unwrap_or("?")
     ));
-    e.retry_backend =
-        retry_target(&service, protocol, backend_id, attempt, h, &slot, &ejected).map(name_of);
+    let retries = tables.retries(service.id);
+    e.retry_backend = retry_target(
+        &service, retries, protocol, backend_id, attempt, h, &slot, &ejected,
+    )
+    .map(name_of);
     match (&e.retry_backend, protocol) {
         (Some(next), Protocol::Tcp) => e.why.push(format!(
             "if it refuses the connect (or doesn't answer), the client's SYN is sent to {next} instead"
         )),
-        (None, Protocol::Tcp) if service.flags & SERVICE_F_RETRY == 0 => {
+        (None, Protocol::Tcp) if !retries => {
             e.why.push("retry_on_refused is off: a refusal reaches the client".to_string())
         }
         _ => {}
@@ -293,8 +296,13 @@ pub fn explain(
 /// The backend a refused connect is retried on (the kernel's
 /// `tcp_state::retry`: the pick from the next attempt, without the one
 /// that failed).
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the kernel's pick's inputs, as they are"
+)]
 fn retry_target(
     service: &Service,
+    retries: bool,
     protocol: Protocol,
     failed: u32,
     attempt: u32,
@@ -302,7 +310,7 @@ fn retry_target(
     slot: &impl Fn(u32) -> Option<u32>,
     ejected: &impl Fn(u32) -> bool,
 ) -> Option<u32> {
-    if protocol != Protocol::Tcp || service.flags & SERVICE_F_RETRY == 0 {
+    if protocol != Protocol::Tcp || !retries {
         return None;
     }
     let (next, _) = pick(service.table_size, slot, ejected, h, failed, attempt + 1);

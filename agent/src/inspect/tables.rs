@@ -5,7 +5,10 @@
 
 use std::path::Path;
 
-use agent_common::{Backend, BackendHealth, Flow, FlowKey, Service, ServiceKey, registry::map};
+use agent_common::{
+    Backend, BackendHealth, Flow, FlowKey, SERVICE_F_RETRY, Service, ServiceKey, ServicePolicy,
+    registry::map,
+};
 use anyhow::{Context, Result};
 use aya::maps::{Array, HashMap, Map, MapData};
 
@@ -16,6 +19,8 @@ pub struct Tables {
     pub backends: Array<MapData, Backend>,
     pub maglev: Array<MapData, u32>,
     pub health: Array<MapData, BackendHealth>,
+    /// Each service's failure policy (whether refused connects are retried).
+    pub policy: Array<MapData, ServicePolicy>,
     /// Established flows.
     pub conntrack: HashMap<MapData, FlowKey, Flow>,
     /// TCP connects until the client acknowledges the SYN-ACK.
@@ -30,6 +35,7 @@ impl Tables {
             backends: second_handle(&maps.backends, map::BACKENDS, Map::Array)?,
             maglev: maps.maglev.reader()?,
             health: second_handle(&maps.backend_health, map::BACKEND_HEALTH, Map::Array)?,
+            policy: second_handle(&maps.service_policy, map::SERVICE_POLICY, Map::Array)?,
             conntrack: second_handle(&maps.conntrack, map::CONNTRACK, Map::LruHashMap)?,
             half_open: second_handle(&maps.half_open, map::HALF_OPEN, Map::LruHashMap)?,
         })
@@ -43,6 +49,7 @@ impl Tables {
             backends: open_pinned(maps_dir, map::BACKENDS, Map::Array)?,
             maglev: open_pinned(maps_dir, map::MAGLEV, Map::Array)?,
             health: open_pinned(maps_dir, map::BACKEND_HEALTH, Map::Array)?,
+            policy: open_pinned(maps_dir, map::SERVICE_POLICY, Map::Array)?,
             conntrack: open_pinned(maps_dir, map::CONNTRACK, Map::LruHashMap)?,
             half_open: open_pinned(maps_dir, map::HALF_OPEN, Map::LruHashMap)?,
         })
@@ -50,6 +57,14 @@ impl Tables {
 
     pub fn health(&self, backend_id: u32) -> BackendHealth {
         self.health.get(&backend_id, 0).unwrap_or_default()
+    }
+
+    /// Whether the service retries a refused or unanswered connect on
+    /// another backend (`failure.retry_on_refused`).
+    pub fn retries(&self, service_id: u32) -> bool {
+        self.policy
+            .get(&service_id, 0)
+            .is_ok_and(|p| p.flags & SERVICE_F_RETRY != 0)
     }
 }
 
