@@ -27,7 +27,8 @@ pub struct Explanation {
     pub service: Option<String>,
     /// `conntrack` (an established flow), `half_open` (a connect in
     /// progress), `maglev` (a new flow: the table decides), `no_service`,
-    /// `no_backend` (the service's table is empty).
+    /// `no_backend` (the service's table is empty), `family_mismatch` (an
+    /// IPv4 client can't reach an IPv6 VIP, or the other way).
     pub decision: String,
     pub backend: Option<String>,
     /// The chosen backend's state (active, draining, ejected).
@@ -191,6 +192,7 @@ pub fn explain(
     e.service = Some(super::service_name(snapshot, service.id, vip, protocol));
 
     if client.is_ipv4() != vip.is_ipv4() {
+        e.decision = "family_mismatch".to_string();
         e.why
             .push("the client and the VIP are of different address families".to_string());
         return e;
@@ -271,8 +273,18 @@ pub fn explain(
             e.not_in_table.join(", ")
         ));
     }
+    let chosen = e
+        .probes
+        .iter()
+        .rev()
+        .find(|p| p.backend == e.backend)
+        .map(|p| match p.attempt {
+            0 => format!("slot {}", p.slot),
+            n => format!("slot {} (rehash {n})", p.slot),
+        })
+        .unwrap_or_default();
     e.why.push(format!(
-        "→ {} ({})",
+        "→ {} ({}) in {chosen}",
         e.backend.as_deref().unwrap_or("?"),
         e.backend_state.as_deref().unwrap_or("?")
     ));
