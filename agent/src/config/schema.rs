@@ -16,7 +16,7 @@ pub struct Config {
     pub maglev: Maglev,
     #[serde(default)]
     pub limits: Limits,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_empty")]
     pub services: Vec<Service>,
     /// Pin the datapath under bpffs so it outlives the agent (see README
     /// "Hitless restarts and upgrades"). Absent: everything detaches on exit.
@@ -358,7 +358,7 @@ pub struct Service {
     pub forwarding: Forwarding,
     #[serde(default)]
     pub snat_ip: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_empty")]
     pub backends: Vec<BackendSpec>,
     #[serde(default)]
     pub failure: Failure,
@@ -491,4 +491,14 @@ impl Default for Failure {
             min_distinct_clients: 2,
         }
     }
+}
+
+/// A list key written with nothing after it (`backends:`) is an empty list,
+/// as YAML users write a service whose backends come later.
+fn null_as_empty<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<Vec<T>>::deserialize(d).map(Option::unwrap_or_default)
 }

@@ -2,9 +2,8 @@
 //! other read commands while the agent is down, as bpftool reads maps):
 //! services are named from the config file where it has them.
 
-use std::{collections::BTreeMap, path::Path, time::Instant};
+use std::path::Path;
 
-use agent_common::{Service, ServiceKey};
 use anyhow::Result;
 
 use super::Tables;
@@ -12,7 +11,7 @@ use crate::{
     config::ServiceSpec,
     counters::Counters,
     pinning::PinDir,
-    reconcile::{BackendState, ServiceState, orphan_spec, pinned_backends, service_key},
+    reconcile::{ServiceState, read_pinned},
     view::Snapshot,
 };
 
@@ -59,46 +58,27 @@ pub fn open(directory: &Path, config: &[ServiceSpec]) -> Result<Pinned> {
 /// The services and backends the pinned maps hold, as the agent's
 /// snapshot would show them.
 fn snapshot(tables: &Tables, config: &[ServiceSpec]) -> Snapshot {
-    let pinned: Vec<(ServiceKey, Service)> =
-        tables.services.iter().filter_map(Result::ok).collect();
-    let family_of = pinned.iter().map(|(k, v)| (v.id, k.family)).collect();
-    let mut by_service = pinned_backends(
+    let pinned = read_pinned(
+        &tables.services,
         &tables.backends,
         |id| tables.health(id),
-        &family_of,
         tables.backends.len(),
+        config,
     );
-    let mut services = BTreeMap::new();
-    for (key, value) in &pinned {
-        let spec = match config.iter().find(|s| service_key(s) == *key) {
-            Some(spec) => spec.clone(),
-            None => orphan_spec(key),
-        };
-        let backends = by_service
-            .remove(&value.id)
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(id, addr, weight, draining)| BackendState {
-                id,
-                addr,
-                weight,
-                // Draining shows as such; when it ends is the agent's.
-                drain_deadline: draining.then(Instant::now),
-                // Pods are discovery's; the pinned maps don't keep them.
-                pod: None,
-            })
-            .collect();
-        services.insert(
-            spec.name.clone(),
-            ServiceState {
-                id: value.id,
-                spec,
-                backends,
+    let services = pinned
+        .services
+        .into_iter()
+        .map(|s| {
+            let state = ServiceState {
+                id: s.value.id,
+                spec: s.spec,
+                backends: s.backends,
                 live_half: 0,
                 table: Default::default(),
-            },
-        );
-    }
+            };
+            (state.spec.name.clone(), state)
+        })
+        .collect();
     Snapshot { services }
 }
 

@@ -32,7 +32,7 @@ pub type PinnedBackend = (u32, SocketAddr, u32, bool);
 
 /// The backends pinned maps hold, by service id: those ever written and
 /// not removed. `family_of` gives each service id's address family.
-pub fn pinned_backends(
+fn pinned_backends(
     backends: &aya::maps::Array<aya::maps::MapData, agent_common::Backend>,
     health: impl Fn(u32) -> agent_common::BackendHealth,
     family_of: &std::collections::HashMap<u32, u8>,
@@ -62,8 +62,70 @@ pub fn pinned_backends(
     by_service
 }
 
+/// A service the pinned maps hold, matched to the config (or named as an
+/// orphan), with its backends as the reconciler keeps them.
+pub struct PinnedService {
+    pub value: Service,
+    pub spec: ServiceSpec,
+    pub backends: Vec<BackendState>,
+}
+
+/// What pinned maps hold: their services, and the backends whose service
+/// is gone (by service id).
+pub struct PinnedState {
+    pub services: Vec<PinnedService>,
+    pub gone: BTreeMap<u32, Vec<PinnedBackend>>,
+}
+
+/// Reads the services and backends of pinned maps (`limit`: the backend
+/// ids there can be), naming services after `config`'s by frontend.
+pub fn read_pinned(
+    services: &aya::maps::HashMap<aya::maps::MapData, ServiceKey, Service>,
+    backends: &aya::maps::Array<aya::maps::MapData, agent_common::Backend>,
+    health: impl Fn(u32) -> agent_common::BackendHealth,
+    limit: u32,
+    config: &[ServiceSpec],
+) -> PinnedState {
+    let pinned: Vec<(ServiceKey, Service)> = services.iter().filter_map(Result::ok).collect();
+    let family_of: std::collections::HashMap<u32, u8> =
+        pinned.iter().map(|(k, v)| (v.id, k.family)).collect();
+    let mut by_service = pinned_backends(backends, health, &family_of, limit);
+    let services = pinned
+        .into_iter()
+        .map(|(key, value)| {
+            let spec = match config.iter().find(|s| service_key(s) == key) {
+                Some(spec) => spec.clone(),
+                None => orphan_spec(&key),
+            };
+            let backends = by_service
+                .remove(&value.id)
+                .unwrap_or_default()
+                .into_iter()
+                // A backend that was draining drains on (its time starts over).
+                .map(|(id, addr, weight, draining)| BackendState {
+                    id,
+                    addr,
+                    weight,
+                    drain_deadline: (draining && weight > 0)
+                        .then(|| Instant::now() + spec.drain_timeout),
+                    pod: spec.pods.get(&addr).cloned(),
+                })
+                .collect();
+            PinnedService {
+                value,
+                spec,
+                backends,
+            }
+        })
+        .collect();
+    PinnedState {
+        services,
+        gone: by_service,
+    }
+}
+
 /// A pinned service the config no longer has, for its removal.
-pub fn orphan_spec(key: &ServiceKey) -> ServiceSpec {
+fn orphan_spec(key: &ServiceKey) -> ServiceSpec {
     let vip = words_ip(key.addr, key.family == FAMILY_V4);
     let protocol = if key.proto == agent_common::PROTO_UDP {
         crate::config::Protocol::Udp
@@ -94,40 +156,29 @@ impl Reconciler {
     /// longer lists drain. Returns, per config service, the backends found
     /// (discovery services serve them until their provider answers).
     pub fn adopt(&mut self, config: &[ServiceSpec]) -> Result<Adopted> {
-        let pinned: Vec<(ServiceKey, Service)> =
-            self.maps.services.iter().filter_map(Result::ok).collect();
-        let family_of: std::collections::HashMap<u32, u8> =
-            pinned.iter().map(|(k, v)| (v.id, k.family)).collect();
-        let mut by_service = pinned_backends(
+        let pinned = read_pinned(
+            &self.maps.services,
             &self.maps.backends,
             |id| self.health(id),
-            &family_of,
             self.backend_ids.limit,
+            config,
         );
-        let backend_ids: Vec<u32> = by_service.values().flatten().map(|b| b.0).collect();
+        let backend_ids: Vec<u32> = pinned
+            .services
+            .iter()
+            .flat_map(|s| s.backends.iter().map(|b| b.id))
+            .chain(pinned.gone.values().flatten().map(|b| b.0))
+            .collect();
         let mut found = BTreeMap::new();
         let mut orphans = Vec::new();
         let mut service_ids = Vec::new();
-        for (key, value) in &pinned {
+        for PinnedService {
+            value,
+            spec,
+            backends,
+        } in pinned.services
+        {
             service_ids.push(value.id);
-            let spec = match config.iter().find(|s| service_key(s) == *key) {
-                Some(spec) => spec.clone(),
-                None => orphan_spec(key),
-            };
-            let backends: Vec<BackendState> = by_service
-                .remove(&value.id)
-                .unwrap_or_default()
-                .into_iter()
-                // A backend that was draining drains on (its time starts over).
-                .map(|(id, addr, weight, draining)| BackendState {
-                    id,
-                    addr,
-                    weight,
-                    drain_deadline: (draining && weight > 0)
-                        .then(|| Instant::now() + spec.drain_timeout),
-                    pod: spec.pods.get(&addr).cloned(),
-                })
-                .collect();
             found.insert(
                 spec.name.clone(),
                 backends
@@ -156,7 +207,7 @@ impl Reconciler {
         }
         // Backends of services that are gone end as removed backends do:
         // marked removed, their flows deleted, then their ids freed.
-        for (service_id, gone) in by_service {
+        for (service_id, gone) in pinned.gone {
             for (id, addr, weight, _) in gone {
                 let name = format!("{ORPHAN_PREFIX}service #{service_id}");
                 let backend = BackendState {

@@ -24,7 +24,7 @@ mod drain;
 mod filters;
 mod ids;
 
-pub use adopt::{Adopted, PinnedBackend, orphan_spec, pinned_backends};
+pub use adopt::{Adopted, PinnedBackend, PinnedService, PinnedState, read_pinned};
 use agent_common::addr::{self, family};
 use filters::{service_filters, union, write_filter};
 use ids::Ids;
