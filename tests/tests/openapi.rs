@@ -153,10 +153,11 @@ impl Spec {
             .collect();
         if !errors.is_empty() {
             let mut shown = instance.to_string();
-            shown.truncate(3000);
+            shown.truncate(2000);
             bail!(
-                "{what} does not match docs/openapi.yaml:\n{}\nthe answer: {shown}",
-                errors.join("\n")
+                "{what} does not match docs/openapi.yaml ({} errors):\n{}\nthe answer: {shown}",
+                errors.len(),
+                errors[..errors.len().min(10)].join("\n")
             );
         }
         self.note_properties(schema, instance, "", &mut seen.properties)
