@@ -38,25 +38,60 @@ struct AppState {
     control: Option<mpsc::Sender<crate::control::Request>>,
 }
 
+/// Every path the agent serves, over HTTP and on the control socket. The
+/// routers below register these constants and no other path:
+/// docs/openapi.yaml describes each, and tests/tests/openapi.rs holds this
+/// list and the description's paths equal.
+pub mod path {
+    pub const HEALTHZ: &str = "/healthz";
+    pub const READYZ: &str = "/readyz";
+    pub const METRICS: &str = "/metrics";
+    pub const DASHBOARD_PAGE: &str = "/";
+    pub const STATUS: &str = "/api/v1/status";
+    pub const SERVICES: &str = "/api/v1/services";
+    pub const CONNTRACK: &str = "/api/v1/conntrack";
+    pub const EXPLAIN: &str = "/api/v1/explain";
+    pub const EVENTS: &str = "/api/v1/events";
+    pub const EVENTS_RECENT: &str = "/api/v1/events/recent";
+    pub const DASHBOARD: &str = "/api/v1/dashboard";
+    pub const OVERRIDES: &str = "/api/v1/overrides";
+}
+
+/// The paths of `path`, all of them.
+pub const ROUTES: &[&str] = &[
+    path::HEALTHZ,
+    path::READYZ,
+    path::METRICS,
+    path::DASHBOARD_PAGE,
+    path::STATUS,
+    path::SERVICES,
+    path::CONNTRACK,
+    path::EXPLAIN,
+    path::EVENTS,
+    path::EVENTS_RECENT,
+    path::DASHBOARD,
+    path::OVERRIDES,
+];
+
 /// The read endpoints of the API, served over HTTP (behind the gate) and
 /// on the control socket.
 fn api_routes() -> Router<AppState> {
     Router::new()
-        .route("/", get(index))
-        .route("/api/v1/status", get(status))
-        .route("/api/v1/services", get(services))
-        .route("/api/v1/conntrack", get(conntrack))
-        .route("/api/v1/explain", get(explain))
-        .route("/api/v1/events", get(events_stream))
-        .route("/api/v1/events/recent", get(events_recent))
-        .route("/api/v1/dashboard", get(dashboard_data))
+        .route(path::DASHBOARD_PAGE, get(index))
+        .route(path::STATUS, get(status))
+        .route(path::SERVICES, get(services))
+        .route(path::CONNTRACK, get(conntrack))
+        .route(path::EXPLAIN, get(explain))
+        .route(path::EVENTS, get(events_stream))
+        .route(path::EVENTS_RECENT, get(events_recent))
+        .route(path::DASHBOARD, get(dashboard_data))
 }
 
 fn health_routes() -> Router<AppState> {
     Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
+        .route(path::HEALTHZ, get(|| async { "ok\n" }))
+        .route(path::READYZ, get(readyz))
+        .route(path::METRICS, get(metrics))
 }
 
 /// Every HTTP endpoint. The API's (everything but metrics and health: they
@@ -65,7 +100,7 @@ fn health_routes() -> Router<AppState> {
 /// through the root-only control socket.
 pub fn router(shared: Arc<Shared>, registry: Registry) -> Router {
     let api = api_routes()
-        .route("/api/v1/overrides", get(list_overrides))
+        .route(path::OVERRIDES, get(list_overrides))
         .route_layer(middleware::from_fn(crate::http::access::api_gate));
     health_routes().merge(api).with_state(AppState {
         shared,
@@ -83,10 +118,7 @@ pub fn control_router(
 ) -> Router {
     health_routes()
         .merge(api_routes())
-        .route(
-            "/api/v1/overrides",
-            get(list_overrides).post(change_override),
-        )
+        .route(path::OVERRIDES, get(list_overrides).post(change_override))
         .with_state(AppState {
             shared,
             registry,

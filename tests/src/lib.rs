@@ -6,6 +6,7 @@ pub mod fib;
 pub mod flood;
 pub mod fuzz;
 pub mod helm;
+pub mod http1;
 pub mod kube_mock;
 pub mod packet;
 pub mod raw;
