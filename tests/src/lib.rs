@@ -221,11 +221,25 @@ pub fn agent_command(
         .stdin(Stdio::null());
     // The control socket and the overrides beside the test's config (its
     // own directory), not the host's /run/sluice and /var/lib/sluice.
-    let own_dir = config.parent().unwrap_or(Path::new("/tmp"));
     command
-        .env("SLUICE_CONTROL_SOCKET", own_dir.join("control.sock"))
-        .env("SLUICE_STATE_DIR", own_dir.join("state"));
+        .env("SLUICE_CONTROL_SOCKET", control_socket_of(config))
+        .env("SLUICE_STATE_DIR", state_dir_of(config));
     command
+}
+
+/// The control socket of an agent `agent_command` started on `config`: in
+/// a `run` directory beside it (as /run/sluice is in the DaemonSet).
+pub fn control_socket_of(config: &Path) -> PathBuf {
+    config
+        .parent()
+        .unwrap_or(Path::new("/tmp"))
+        .join("run")
+        .join("sluice.sock")
+}
+
+/// The state directory (runtime overrides) of such an agent.
+pub fn state_dir_of(config: &Path) -> PathBuf {
+    config.parent().unwrap_or(Path::new("/tmp")).join("state")
 }
 
 impl Drop for Agent {
@@ -650,4 +664,49 @@ impl Bed {
         let dir = TempDir::new(tag)?;
         Ok(Self { topo, servers, dir })
     }
+}
+
+/// A TCP socket bound to `local` (port 0: any) and connected to `target`.
+/// A fixed port makes a known 5-tuple (address reuse lets a test make the
+/// same tuple again after the last one closed).
+fn tcp_connect_from(local: SocketAddr, target: SocketAddr, timeout: Duration) -> Result<TcpStream> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(target),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&local.into())?;
+    socket
+        .connect_timeout(&target.into(), timeout)
+        .with_context(|| format!("connecting to {target} from {local}"))?;
+    let s: TcpStream = socket.into();
+    s.set_read_timeout(Some(timeout))?;
+    Ok(s)
+}
+
+/// `testbed::tcp_ask` from `local`: the whole reply of the backend's
+/// name server.
+pub fn tcp_ask_from(local: SocketAddr, target: SocketAddr, timeout: Duration) -> Result<String> {
+    let mut s = tcp_connect_from(local, target, timeout)?;
+    s.write_all(b"hello\n")?;
+    let mut reply = String::new();
+    s.read_to_string(&mut reply)
+        .with_context(|| format!("reading from {target}"))?;
+    Ok(reply)
+}
+
+/// A connection from `local` to `target` that stays open: the name server
+/// answers its name, then echoes every line. Returns the name and the
+/// connection.
+pub fn tcp_echo_from(
+    local: SocketAddr,
+    target: SocketAddr,
+    timeout: Duration,
+) -> Result<(String, TcpStream)> {
+    let mut s = tcp_connect_from(local, target, timeout)?;
+    s.write_all(b"echo\n")?;
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(s.try_clone()?), &mut line)?;
+    Ok((line.split_whitespace().next().unwrap_or("").to_string(), s))
 }

@@ -4,15 +4,10 @@
 //! Then one node learns of a removed backend before the other: only the
 //! tuples that were on that backend may disagree.
 
-use std::{
-    collections::BTreeMap,
-    io::{Read, Write},
-    net::{SocketAddr, TcpStream},
-    time::Duration,
-};
+use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 
 use anyhow::{Context, Result};
-use sluice_tests::{Agent, TempDir, backend_states, wait_for};
+use sluice_tests::{Agent, TempDir, backend_states, tcp_ask_from, wait_for};
 use testbed::{Family, NameServer, Topology, udp_ask};
 
 const TUPLES: u16 = 1000;
@@ -59,15 +54,7 @@ fn node(tag: &str, backends: &[(usize, u32)]) -> Result<Node> {
 fn tcp_from(port: u16) -> Result<String> {
     let vip: SocketAddr = "10.100.0.1:80".parse()?;
     let local: SocketAddr = SocketAddr::new(Family::V4.client(), port);
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-    socket.set_reuse_address(true)?;
-    socket.bind(&local.into())?;
-    socket.connect_timeout(&vip.into(), Duration::from_secs(3))?;
-    let mut s: TcpStream = socket.into();
-    s.set_read_timeout(Some(Duration::from_secs(3)))?;
-    s.write_all(b"hello\n")?;
-    let mut reply = String::new();
-    s.read_to_string(&mut reply)?;
+    let reply = tcp_ask_from(local, vip, Duration::from_secs(3))?;
     Ok(reply.split_whitespace().next().unwrap_or("").to_string())
 }
 

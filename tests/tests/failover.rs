@@ -157,22 +157,7 @@ impl Bed {
 
 /// `tcp_ask` from the address `from`.
 fn tcp_ask_from(from: IpAddr, target: SocketAddr, timeout: Duration) -> Result<String> {
-    let socket = socket2::Socket::new(
-        socket2::Domain::for_address(target),
-        socket2::Type::STREAM,
-        None,
-    )?;
-    socket.bind(&SocketAddr::new(from, 0).into())?;
-    socket
-        .connect_timeout(&target.into(), timeout)
-        .with_context(|| format!("connecting to {target} from {from}"))?;
-    let mut s: TcpStream = socket.into();
-    s.set_read_timeout(Some(timeout))?;
-    s.write_all(b"hello\n")?;
-    let mut reply = String::new();
-    s.read_to_string(&mut reply)
-        .with_context(|| format!("reading from {target}"))?;
-    Ok(reply)
+    sluice_tests::tcp_ask_from(SocketAddr::new(from, 0), target, timeout)
 }
 
 fn failures(bed: &Bed, service: &str, i: usize, reason: &str) -> Result<f64> {

@@ -404,7 +404,7 @@ fn every_answer_matches_the_openapi_description() -> Result<()> {
     )?;
     let target = Target {
         http: exposed,
-        socket: bed.dir.path("control.sock"),
+        socket: sluice_tests::control_socket_of(&cfg),
     };
     let result = exercise(&spec, &mut seen, &mut bed, &target);
     if result.is_err() {

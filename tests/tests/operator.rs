@@ -5,7 +5,7 @@
 //! pinned maps when the agent is down; the control socket is root's only.
 
 use std::{
-    io::{BufRead, BufReader, Read, Write},
+    io::{BufRead, BufReader, Write},
     net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::{Command, Output, Stdio},
@@ -14,7 +14,10 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
-use sluice_tests::{Agent, Bpffs, TempDir, http_get, metric, sluice_bin, wait_for};
+use sluice_tests::{
+    Agent, Bpffs, TempDir, control_socket_of, http_get, metric, sluice_bin, tcp_ask_from,
+    tcp_echo_from, wait_for,
+};
 use testbed::{Family, Topology};
 
 const VIP: &str = "10.100.0.1:80";
@@ -22,7 +25,7 @@ const VIP: &str = "10.100.0.1:80";
 /// `sluice ARGS --config CFG --socket SOCK`, from the host (the socket is a
 /// path: it reaches the agent in any namespace).
 fn sluice(cfg: &Path, args: &[&str]) -> Result<Output> {
-    let socket = cfg.parent().unwrap().join("control.sock");
+    let socket = control_socket_of(cfg);
     Command::new(sluice_bin())
         .args(args)
         .arg("--config")
@@ -78,22 +81,12 @@ fn address_of(name: &str) -> String {
 fn connect_from(port: u16, echo: bool) -> Result<(String, Option<TcpStream>)> {
     let vip: SocketAddr = VIP.parse()?;
     let local = SocketAddr::new(Family::V4.client(), port);
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-    socket.set_reuse_address(true)?;
-    socket.bind(&local.into())?;
-    socket.connect_timeout(&vip.into(), Duration::from_secs(3))?;
-    let mut s: TcpStream = socket.into();
-    s.set_read_timeout(Some(Duration::from_secs(3)))?;
+    let timeout = Duration::from_secs(3);
     if echo {
-        s.write_all(b"echo\n")?;
-        let mut line = String::new();
-        BufReader::new(s.try_clone()?).read_line(&mut line)?;
-        let name = line.split_whitespace().next().unwrap_or("").to_string();
+        let (name, s) = tcp_echo_from(local, vip, timeout)?;
         return Ok((name, Some(s)));
     }
-    s.write_all(b"hello\n")?;
-    let mut reply = String::new();
-    s.read_to_string(&mut reply)?;
+    let reply = tcp_ask_from(local, vip, timeout)?;
     Ok((
         reply.split_whitespace().next().unwrap_or("").to_string(),
         None,
@@ -303,7 +296,7 @@ fn explain_agrees_with_where_300_connections_land() -> Result<()> {
         .args(["events", "-f", "--kind", "open", "-o", "json", "--config"])
         .arg(&cfg)
         .arg("--socket")
-        .arg(bed.dir.path("control.sock"))
+        .arg(control_socket_of(&bed.cfg))
         .stdout(Stdio::piped())
         .spawn()?;
     let mut lines = BufReader::new(follow.stdout.take().unwrap()).lines();
@@ -516,7 +509,7 @@ fn read_commands_use_the_pinned_maps_when_the_agent_is_down() -> Result<()> {
 fn the_control_socket_is_roots_only_and_every_flag_has_an_environment_variable() -> Result<()> {
     let bed = bed("ops", &[(0, 1)], None)?;
     let _agent = Agent::start(&bed.topo.lb, &bed.cfg, bed.dir.path("agent.log"))?;
-    let socket = bed.dir.path("control.sock");
+    let socket = control_socket_of(&bed.cfg);
     use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
     let meta = std::fs::metadata(&socket)?;
     assert!(meta.file_type().is_socket());
@@ -524,7 +517,9 @@ fn the_control_socket_is_roots_only_and_every_flag_has_an_environment_variable()
 
     // Another user can't talk to it, even with the file opened up to all.
     std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666))?;
-    std::fs::set_permissions(bed.dir.0.as_path(), std::fs::Permissions::from_mode(0o755))?;
+    for dir in [bed.dir.0.as_path(), socket.parent().unwrap()] {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
+    }
     let out = Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
         .arg(sluice_bin())

@@ -26,7 +26,8 @@ use std::{
 use anyhow::{Context, Result, bail};
 use k8s_openapi::api::apps::v1::DaemonSet;
 use sluice_tests::{
-    Agent, Bed, Bpffs, Cgroup, agent_command, http_get, metric, one_service_yaml, wait_for,
+    Agent, Bed, Bpffs, Cgroup, agent_command, control_socket_of, http_get, metric,
+    one_service_yaml, state_dir_of, wait_for,
 };
 use testbed::{Family, Topology};
 
@@ -328,11 +329,20 @@ fn daemonset_capabilities() -> Result<Vec<String>> {
 /// filesystem, /proc/sys and `read_only` (the DaemonSet's read-only
 /// volumes) read-only. The mounts are made in a mount namespace of the
 /// agent's own, never the host's.
-fn pod_sandbox(caps: &[String], read_only: &[&Path]) -> Vec<String> {
+fn pod_sandbox(caps: &[String], read_only: &[&Path], config: &Path) -> Vec<String> {
     let mut script = String::from("mount --bind -o ro /proc/sys /proc/sys && ");
     for path in read_only {
         script += &format!("mount --bind -o ro '{0}' '{0}' && ", path.display());
     }
+    // The DaemonSet's writable volumes: the control socket's directory (an
+    // emptyDir in memory) and the state directory (the node's).
+    let (run, state) = (control_socket_of(config), state_dir_of(config));
+    let run = run.parent().unwrap();
+    script += &format!(
+        "mkdir -p '{0}' '{1}' && mount -t tmpfs -o mode=0700,size=1m sluice-run '{0}' && mount --bind '{1}' '{1}' && ",
+        run.display(),
+        state.display()
+    );
     script += &format!(
         "mount -o remount,bind,ro / && \
          exec setpriv --bounding-set=-all,{} --inh-caps=-all --no-new-privs -- \"$@\"",
@@ -385,7 +395,7 @@ fn the_daemonsets_capabilities_alone_run_the_datapath() -> Result<()> {
     let cfg = write_config(&bed, &text)?;
 
     // The host's cgroup root is a read-only volume in the DaemonSet.
-    let sandbox = pod_sandbox(&caps, &[&cgroup.mount]);
+    let sandbox = pod_sandbox(&caps, &[&cgroup.mount], &cfg);
     let wrapper: Vec<&str> = sandbox.iter().map(String::as_str).collect();
     let mut agent =
         Agent::start_wrapped(&bed.topo.lb, &wrapper, &cfg, bed.dir.path("agent.log"), &[])?;
@@ -437,7 +447,7 @@ fn the_daemonsets_capabilities_alone_run_the_datapath() -> Result<()> {
     // None of them is spare: without any one, the agent can't start.
     for missing in &caps {
         let fewer: Vec<String> = caps.iter().filter(|c| *c != missing).cloned().collect();
-        let sandbox = pod_sandbox(&fewer, &[&cgroup.mount]);
+        let sandbox = pod_sandbox(&fewer, &[&cgroup.mount], &cfg);
         let wrapper: Vec<&str> = sandbox.iter().map(String::as_str).collect();
         let what = format!("without-{}", missing.trim_start_matches('+'));
         let (code, output) = run_to_exit(&bed, &wrapper, &cfg, &format!("{what}.log"))?;
@@ -456,9 +466,9 @@ fn the_daemonsets_capabilities_alone_run_the_datapath() -> Result<()> {
 #[test]
 fn read_only_proc_sys_refuses_a_setting_it_lacks_and_names_it() -> Result<()> {
     let caps = daemonset_capabilities()?;
-    let sandbox = pod_sandbox(&caps, &[]);
-    let wrapper: Vec<&str> = sandbox.iter().map(String::as_str).collect();
     let bed = Bed::new("ps", 1)?;
+    let sandbox = pod_sandbox(&caps, &[], &bed.dir.path("sluice.yaml"));
+    let wrapper: Vec<&str> = sandbox.iter().map(String::as_str).collect();
     let lb = &bed.topo.lb;
     // A node that doesn't forward and doesn't accept local sources (set
     // here, whatever the host's defaults a new namespace inherits).

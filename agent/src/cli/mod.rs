@@ -13,7 +13,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use serde::{Serialize, de::DeserializeOwned};
 
 use crate::{
-    api::{FlowsResponse, ServicesResponse},
+    api::{FlowsResponse, ServicesResponse, path},
     config::{self, Validated},
     control::{
         client::{Client, ClientError},
@@ -48,19 +48,17 @@ async fn dispatch(command: Command) -> Result<()> {
     match command {
         Command::Status(target) => {
             let at = Agent::find(&target);
-            let status: StatusView = at
-                .read("/api/v1/status", |p, dir| Ok(p.status(dir)))
-                .await?;
+            let status: StatusView = at.read(path::STATUS, |p, dir| Ok(p.status(dir))).await?;
             at.print(&status, render::status)
         }
         Command::Services(target) => {
             let at = Agent::find(&target);
-            let services = at.read("/api/v1/services", offline_services).await?;
+            let services = at.read(path::SERVICES, offline_services).await?;
             at.print(&services, render::services)
         }
         Command::Backends { service, target } => {
             let at = Agent::find(&target);
-            let services: ServicesResponse = at.read("/api/v1/services", offline_services).await?;
+            let services: ServicesResponse = at.read(path::SERVICES, offline_services).await?;
             let names: Vec<&str> = services.services.iter().map(|s| s.name.as_str()).collect();
             let Some(one) = services.services.iter().find(|s| s.name == service) else {
                 bail!("no service {service:?} (services: {})", names.join(", "));
@@ -78,8 +76,9 @@ async fn dispatch(command: Command) -> Result<()> {
                 backend,
                 limit: Some(limit),
             };
-            let path = format!(
-                "/api/v1/conntrack?{}",
+            let url = format!(
+                "{}?{}",
+                path::CONNTRACK,
                 query(&[
                     ("service", filter.service.as_deref()),
                     ("backend", filter.backend.as_deref()),
@@ -88,7 +87,7 @@ async fn dispatch(command: Command) -> Result<()> {
             );
             let at = Agent::find(&target);
             let flows: FlowsResponse = at
-                .read(&path, |p, _| {
+                .read(&url, |p, _| {
                     let (flows, matched) =
                         crate::inspect::flows::list(&p.tables, &p.snapshot, &filter);
                     Ok(FlowsResponse { flows, matched })
@@ -106,13 +105,14 @@ async fn dispatch(command: Command) -> Result<()> {
                 crate::inspect::explain::parse_client(&client).map_err(|e| anyhow!(e))?;
             let (vip, protocol) =
                 crate::inspect::explain::parse_frontend(&frontend).map_err(|e| anyhow!(e))?;
-            let path = format!(
-                "/api/v1/explain?{}",
+            let url = format!(
+                "{}?{}",
+                path::EXPLAIN,
                 query(&[("client", Some(&client)), ("frontend", Some(&frontend))])
             );
             let at = Agent::find(&target);
             let answer: Explanation = at
-                .read(&path, |p, _| {
+                .read(&url, |p, _| {
                     Ok(crate::inspect::explain::explain(
                         &p.tables,
                         &p.snapshot,
@@ -257,7 +257,7 @@ async fn events(
     let filter = query(&[("service", service.as_deref()), ("kind", kind.as_deref())]);
     let recent: Vec<serde_json::Value> = at
         .client
-        .get(&format!("/api/v1/events/recent?limit=50&{filter}"))
+        .get(&format!("{}?limit=50&{filter}", path::EVENTS_RECENT))
         .await?;
     for e in &recent {
         show(e);
@@ -265,9 +265,9 @@ async fn events(
     if !follow {
         return Ok(());
     }
-    let path = format!("/api/v1/events?{filter}");
+    let stream = format!("{}?{filter}", path::EVENTS);
     at.client
-        .follow(&path, |data| {
+        .follow(&stream, |data| {
             if let Ok(e) = serde_json::from_str::<serde_json::Value>(data) {
                 show(&e);
             }
@@ -293,7 +293,7 @@ async fn change(target: &Target, service: String, backend: &str, action: Action)
     };
     let entry: Entry = at
         .client
-        .post("/api/v1/overrides", &change)
+        .post(path::OVERRIDES, &change)
         .await
         .map_err(|e| match e {
             e @ ClientError::Unreachable { .. } => {

@@ -703,6 +703,7 @@ fn a_list_key_with_nothing_after_it_is_an_empty_list() {
     let text = "interfaces:\n  - name: eth0\nservices:\n  - name: web\n    vip: 10.0.0.1\n    port: 80\n    protocol: tcp\n    backends:\n";
     let c = parse(text, "c.yaml").expect("backends: with no items");
     assert!(c.services[0].backends.is_empty());
-    let c = parse("interfaces:\n  - name: eth0\nservices:\n", "c.yaml").expect("services: with no items");
+    let c = parse("interfaces:\n  - name: eth0\nservices:\n", "c.yaml")
+        .expect("services: with no items");
     assert!(c.services.is_empty());
 }

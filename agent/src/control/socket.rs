@@ -116,8 +116,12 @@ async fn bind(path: &Path) -> Result<UnixListener> {
     }
     // Made 0600 right after bind; a connection in between is still
     // checked by its credentials (`RootOnly`).
-    let listener = UnixListener::bind(path)
-        .with_context(|| format!("binding control socket {}", path.display()))?;
+    let listener = UnixListener::bind(path).with_context(|| {
+        format!(
+            "binding the control socket {} (control.socket, or --control-socket): it needs a writable directory",
+            path.display()
+        )
+    })?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("control socket {}", path.display()))?;
     Ok(listener)
