@@ -289,17 +289,26 @@ pub fn explain(
         e.backend_state.as_deref().unwrap_or("?")
     ));
     let retries = tables.retries(service.id);
-    e.retry_backend = retry_target(
+    let retry = retry_target(
         &service, retries, protocol, backend_id, attempt, h, &slot, &ejected,
-    )
-    .map(name_of);
+    );
+    e.retry_backend = retry.map(name_of);
+    let retry_state = retry.map(state_of);
     match (&e.retry_backend, protocol) {
-        (Some(next), Protocol::Tcp) => e.why.push(format!(
-            "if it refuses the connect (or doesn't answer), the client's SYN is sent to {next} instead"
-        )),
-        (None, Protocol::Tcp) if !retries => {
-            e.why.push("retry_on_refused is off: a refusal reaches the client".to_string())
+        (Some(next), Protocol::Tcp) => {
+            let state = retry_state.unwrap_or_default();
+            let fail_open = if state == "ejected" {
+                ": every other choice is ejected, so one is tried (fail open)"
+            } else {
+                ""
+            };
+            e.why.push(format!(
+                "if it refuses the connect (or doesn't answer), the client's SYN is sent to {next} ({state}) instead{fail_open}"
+            ))
         }
+        (None, Protocol::Tcp) if !retries => e
+            .why
+            .push("retry_on_refused is off: a refusal reaches the client".to_string()),
         _ => {}
     }
     e
