@@ -79,17 +79,22 @@ pub fn version() -> Result<String> {
         .to_string())
 }
 
-/// `helm template`: every rendered object of the chart at `chart` with
-/// `values` over its values.yaml (refused as Helm refuses values that break
-/// values.schema.json), as JSON, each with the template it came from.
-pub fn template(chart: &Path, release: &Release, values: &Value) -> Result<Vec<(String, Value)>> {
-    let answer = call(json!({
+/// Helm's answer to a template run: every template's text, by name.
+fn render(chart: &Path, release: &Release, values: &Value) -> Result<Value> {
+    call(json!({
         "op": "template",
         "chart": chart,
         "name": release.name,
         "namespace": release.namespace,
         "values": values,
-    }))?;
+    }))
+}
+
+/// `helm template`: every rendered object of the chart at `chart` with
+/// `values` over its values.yaml (refused as Helm refuses values that break
+/// values.schema.json), as JSON, each with the template it came from.
+pub fn template(chart: &Path, release: &Release, values: &Value) -> Result<Vec<(String, Value)>> {
+    let answer = render(chart, release, values)?;
     let manifests = answer["manifests"].as_object().context("manifests")?;
     let mut objects = Vec::new();
     for (template, text) in manifests {
@@ -106,13 +111,7 @@ pub fn template(chart: &Path, release: &Release, values: &Value) -> Result<Vec<(
 
 /// The rendered NOTES.txt.
 pub fn notes(chart: &Path, release: &Release, values: &Value) -> Result<String> {
-    let answer = call(json!({
-        "op": "template",
-        "chart": chart,
-        "name": release.name,
-        "namespace": release.namespace,
-        "values": values,
-    }))?;
+    let answer = render(chart, release, values)?;
     Ok(answer["manifests"]
         .as_object()
         .context("manifests")?

@@ -58,7 +58,7 @@ impl Prometheus {
 
     /// An instant query: the number of series in the result.
     fn series(&self, ns: &Netns, expr: &str) -> Result<usize> {
-        let path = format!("/api/v1/query?query={}", urlencode(expr));
+        let path = format!("/api/v1/query?query={}", sluice::cli::percent_encode(expr));
         let (status, body) = http_get(ns, self.listen, &path)?;
         if status != 200 {
             bail!("query {expr:?}: HTTP {status}: {body}");
@@ -82,17 +82,6 @@ impl Drop for Prometheus {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn urlencode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 /// Every PromQL expression of the Grafana dashboard, with its variables

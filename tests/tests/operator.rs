@@ -299,16 +299,31 @@ fn explain_agrees_with_where_300_connections_land() -> Result<()> {
         .arg(control_socket_of(&bed.cfg))
         .stdout(Stdio::piped())
         .spawn()?;
-    let mut lines = BufReader::new(follow.stdout.take().unwrap()).lines();
-    // Past the recent ones, a new connection's open arrives live.
-    bed.topo.client.enter(|| connect_from(41000, false))??;
+    // Lines as they come, read on a thread: the wait below is bounded.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = follow.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    // New connections until one's open arrives on the stream (recent
+    // events first, then live ones: none is lost in between).
     let mut saw_new = false;
-    for line in lines.by_ref().take(200) {
-        let line = line?;
-        assert!(line.contains("\"open\""), "{line}");
-        if line.contains(":41000\"") {
-            saw_new = true;
-            break;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut port = 41000;
+    'wait: while std::time::Instant::now() < deadline {
+        bed.topo.client.enter(move || connect_from(port, false))??;
+        let tag = format!(":{port}\"");
+        port += 1;
+        while let Ok(line) = rx.recv_timeout(Duration::from_millis(300)) {
+            assert!(line.contains("\"open\""), "{line}");
+            if line.contains(&tag) {
+                saw_new = true;
+                break 'wait;
+            }
         }
     }
     let _ = follow.kill();

@@ -250,32 +250,52 @@ async fn events(
     service: Option<String>,
     kind: Option<String>,
 ) -> Result<()> {
-    let show = |e: &serde_json::Value| match at.output {
-        Output::Json => println!("{e}"),
-        Output::Table => println!("{}", render::event(e)),
+    // False once stdout is closed (`| head`): then stop.
+    let show = |e: &serde_json::Value| {
+        use std::io::Write as _;
+        let line = match at.output {
+            Output::Json => e.to_string(),
+            Output::Table => render::event(e),
+        };
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{line}").and_then(|()| out.flush()).is_ok()
     };
     let filter = query(&[("service", service.as_deref()), ("kind", kind.as_deref())]);
+    // Following, the stream is opened before the recent events are asked
+    // for: an event between the two shows in both (and once here), never
+    // in neither.
+    let mut stream = match follow {
+        true => Some(
+            at.client
+                .subscribe(&format!("{}?{filter}", path::EVENTS))
+                .await?,
+        ),
+        false => None,
+    };
     let recent: Vec<serde_json::Value> = at
         .client
         .get(&format!("{}?limit=50&{filter}", path::EVENTS_RECENT))
         .await?;
     for e in &recent {
-        show(e);
+        if !show(e) {
+            return Ok(());
+        }
     }
-    if !follow {
+    let Some(stream) = stream.as_mut() else {
         return Ok(());
+    };
+    let shown: std::collections::HashSet<String> = recent.iter().map(|e| e.to_string()).collect();
+    while let Some(data) = stream.next().await? {
+        let Ok(e) = serde_json::from_str::<serde_json::Value>(&data) else {
+            continue;
+        };
+        if shown.contains(&e.to_string()) {
+            continue;
+        }
+        if !show(&e) {
+            break;
+        }
     }
-    let stream = format!("{}?{filter}", path::EVENTS);
-    at.client
-        .follow(&stream, |data| {
-            if let Ok(e) = serde_json::from_str::<serde_json::Value>(data) {
-                show(&e);
-            }
-            // stdout closed (`| head`): stop.
-            use std::io::Write as _;
-            std::io::stdout().flush().is_ok()
-        })
-        .await?;
     Ok(())
 }
 
@@ -304,21 +324,24 @@ async fn change(target: &Target, service: String, backend: &str, action: Action)
     at.print(&entry, render::override_entry)
 }
 
+/// `s` as a URL query value: every byte but the unreserved ones
+/// (RFC 3986) percent-encoded.
+pub fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 /// `k=v&…` of the pairs that have a value, percent-encoded.
 fn query(pairs: &[(&str, Option<&str>)]) -> String {
-    let encode = |s: &str| -> String {
-        s.bytes()
-            .map(|b| match b {
-                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                    (b as char).to_string()
-                }
-                _ => format!("%{b:02X}"),
-            })
-            .collect()
-    };
     pairs
         .iter()
-        .filter_map(|(k, v)| v.map(|v| format!("{k}={}", encode(v))))
+        .filter_map(|(k, v)| v.map(|v| format!("{k}={}", percent_encode(v))))
         .collect::<Vec<_>>()
         .join("&")
 }

@@ -122,34 +122,43 @@ impl Client {
         self.json(response).await
     }
 
-    /// GET an event stream (Server-Sent Events) and call `each` with every
-    /// event's data until the agent ends the stream or `each` says stop.
-    pub async fn follow(
-        &self,
-        path: &str,
-        mut each: impl FnMut(&str) -> bool,
-    ) -> Result<(), ClientError> {
+    /// Opens an event stream (Server-Sent Events): once this returns, the
+    /// agent sends every event from now on.
+    pub async fn subscribe(&self, path: &str) -> Result<Subscription<'_>, ClientError> {
         let response = self.send(Self::request("GET", path, Bytes::new())).await?;
-        let mut body = response.into_body();
-        let mut pending = String::new();
-        while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| self.protocol(e))?;
-            let Some(chunk) = frame.data_ref() else {
-                continue;
-            };
-            pending.push_str(&String::from_utf8_lossy(chunk));
+        Ok(Subscription {
+            client: self,
+            body: response.into_body(),
+            pending: String::new(),
+        })
+    }
+}
+
+/// An open event stream.
+pub struct Subscription<'a> {
+    client: &'a Client,
+    body: Incoming,
+    pending: String,
+}
+
+impl Subscription<'_> {
+    /// The next event's data; None when the agent ends the stream.
+    pub async fn next(&mut self) -> Result<Option<String>, ClientError> {
+        loop {
             // Events end with a blank line; keep-alive comments start with ':'.
-            while let Some(end) = pending.find("\n\n") {
-                let event: String = pending.drain(..end + 2).collect();
-                for line in event.lines() {
-                    if let Some(data) = line.strip_prefix("data:")
-                        && !each(data.trim_start())
-                    {
-                        return Ok(());
-                    }
+            while let Some(end) = self.pending.find("\n\n") {
+                let event: String = self.pending.drain(..end + 2).collect();
+                if let Some(data) = event.lines().find_map(|l| l.strip_prefix("data:")) {
+                    return Ok(Some(data.trim_start().to_string()));
                 }
             }
+            let Some(frame) = self.body.frame().await else {
+                return Ok(None);
+            };
+            let frame = frame.map_err(|e| self.client.protocol(e))?;
+            if let Some(chunk) = frame.data_ref() {
+                self.pending.push_str(&String::from_utf8_lossy(chunk));
+            }
         }
-        Ok(())
     }
 }
