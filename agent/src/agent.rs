@@ -447,8 +447,12 @@ fn change_override(
     change: &crate::control::overrides::Change,
 ) -> Result<crate::control::overrides::Entry> {
     let desired = shared.discovery.lock().unwrap().desired(config);
-    let before = shared.overrides.lock().unwrap().clone();
-    let value = shared.overrides.lock().unwrap().change(change, &desired)?;
+    let (before, value) = {
+        let mut overrides = shared.overrides.lock().unwrap();
+        let before = overrides.clone();
+        let value = overrides.change(change, &desired)?;
+        (before, value)
+    };
     if let Err(e) = apply_desired(writer, shared, config) {
         let mut overrides = shared.overrides.lock().unwrap();
         *overrides = before;

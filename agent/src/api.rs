@@ -529,8 +529,9 @@ pub fn status_view(shared: &Shared) -> crate::inspect::status::StatusView {
     use crate::inspect::status::{Attachment, ConntrackStatus, DiscoveryStatus, base};
     let Some(view) = shared.view.get() else {
         // Not loaded yet: only what the process knows.
-        let mut s = base_unloaded();
+        let mut s = crate::inspect::status::StatusView::empty("agent");
         s.ready = Some(false);
+        s.pid = Some(std::process::id());
         return s;
     };
     let mut status = base(&view.counters, &view.snapshot(), "agent");
@@ -569,30 +570,6 @@ pub fn status_view(shared: &Shared) -> crate::inspect::status::StatusView {
         half_open_capacity: shared.half_open_capacity.load(Ordering::Relaxed),
     };
     status
-}
-
-fn base_unloaded() -> crate::inspect::status::StatusView {
-    crate::inspect::status::StatusView {
-        version: env!("CARGO_PKG_VERSION").to_string(),
-        commit: crate::build_info::COMMIT.to_string(),
-        map_layout: agent_common::MAP_LAYOUT,
-        source: "agent".to_string(),
-        ready: None,
-        pid: Some(std::process::id()),
-        uptime_seconds: None,
-        pin_directory: None,
-        attachments: Vec::new(),
-        services: 0,
-        backends: 0,
-        ejected_backends: 0,
-        draining_backends: 0,
-        overrides: 0,
-        discovery: Vec::new(),
-        conntrack: Default::default(),
-        drops: Default::default(),
-        passed: Default::default(),
-        events: Default::default(),
-    }
 }
 
 async fn status(State(app): State<AppState>) -> impl IntoResponse {

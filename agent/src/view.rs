@@ -27,6 +27,14 @@ impl Snapshot {
             .collect()
     }
 
+    /// A backend by its id (draining ones too).
+    pub fn backend_by_id(&self, id: u32) -> Option<&crate::reconcile::BackendState> {
+        self.services
+            .values()
+            .flat_map(|s| s.backends.iter())
+            .find(|b| b.id == id)
+    }
+
     /// A service by its id, for records that carry only ids (events).
     pub fn service_by_id(&self, id: u32) -> Option<&ServiceState> {
         self.services.values().find(|s| s.id == id)

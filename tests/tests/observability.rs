@@ -378,13 +378,18 @@ fn the_latency_histogram_switch_applies_live_and_the_documented_budget_holds() -
     assert!(histogram(&on, "web-tcp") && !histogram(&on, "web-udp"));
     // The agent's own series, and the datapath's that are per node.
     let fixed = |s: &str| series_count(s, &[], &["service", "interface"]);
-    let measured_on = [
-        backend(&on, "web-tcp"),
-        backend(&on, "web-udp"),
-        series_count(&on, &[("service", "web-tcp")], &["backend"]),
-        series_count(&on, &[("service", "web-dns")], &["backend"]),
-        fixed(&on),
-    ];
+    // Per TCP backend, per UDP backend, per service, per discovery
+    // service, per agent.
+    let measure = |s: &str| {
+        [
+            backend(s, "web-tcp"),
+            backend(s, "web-udp"),
+            series_count(s, &[("service", "web-tcp")], &["backend"]),
+            series_count(s, &[("service", "web-dns")], &["backend"]),
+            fixed(s),
+        ]
+    };
+    let measured_on = measure(&on);
 
     // Off globally, live: every backend's histogram series go.
     let off = reload_to(config(Some(false), None), false)?;
@@ -392,13 +397,7 @@ fn the_latency_histogram_switch_applies_live_and_the_documented_budget_holds() -
         !off.contains("sluice_backend_connect_latency_seconds"),
         "no series and no family left: {off}"
     );
-    let measured_off = [
-        backend(&off, "web-tcp"),
-        backend(&off, "web-udp"),
-        series_count(&off, &[("service", "web-tcp")], &["backend"]),
-        series_count(&off, &[("service", "web-dns")], &["backend"]),
-        fixed(&off),
-    ];
+    let measured_off = measure(&off);
     eprintln!(
         "series (on, off): TCP backend {:?}, UDP backend {:?}, service {:?}, \
          service with discovery {:?}, per agent {:?}",

@@ -521,7 +521,7 @@ fn read_commands_use_the_pinned_maps_when_the_agent_is_down() -> Result<()> {
 }
 
 #[test]
-fn the_control_socket_is_roots_only_and_every_flag_has_an_environment_variable() -> Result<()> {
+fn the_control_socket_is_roots_only_and_the_binary_names_its_build() -> Result<()> {
     let bed = bed("ops", &[(0, 1)], None)?;
     let _agent = Agent::start(&bed.topo.lb, &bed.cfg, bed.dir.path("agent.log"))?;
     let socket = control_socket_of(&bed.cfg);

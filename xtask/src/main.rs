@@ -131,23 +131,9 @@ fn main() -> Result<()> {
                 envs.push(("SLUICE_BENCH_BARE_OBJECT", bare_object()?));
             }
             step(&format!("building and running {bin} (release)"));
-            let mut a = vec![
-                "run",
-                "--release",
-                "--locked",
-                "-p",
-                "sluice-tests",
-                "--bin",
-                bin,
-                "--",
-            ];
-            a.extend(args.iter().map(String::as_str));
-            let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-                .args(&a)
-                .envs(envs)
-                .current_dir(workspace_root())
-                .status()?;
-            if !status.success() {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let ok = run_tests_bin(bin, &args, envs)?;
+            if !ok {
                 bail!("benchmark {bin} failed");
             }
             Ok(())
@@ -165,27 +151,42 @@ fn soak(minutes: f64, args: &[String]) -> Result<()> {
         "building and running the soak for {minutes} minutes (release)"
     ));
     let minutes = minutes.to_string();
-    let mut a = vec![
-        "run",
-        "--release",
-        "--locked",
-        "-p",
-        "sluice-tests",
-        "--bin",
-        "soak",
-        "--",
-        "--minutes",
-        &minutes,
-    ];
+    let mut a = vec!["--minutes", minutes.as_str()];
     a.extend(args.iter().map(String::as_str));
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(&a)
-        .current_dir(workspace_root())
-        .status()?;
-    if !status.success() {
+    let ok = run_tests_bin("soak", &a, Vec::<(&str, String)>::new())?;
+    if !ok {
         bail!("the soak failed (see its summary above)");
     }
     Ok(())
+}
+
+/// `cargo run --release -p sluice-tests --bin BIN -- ARGS` with `envs`
+/// (the benchmarks and the soak): whether it succeeded.
+fn run_tests_bin<K, V>(
+    bin: &str,
+    args: &[&str],
+    envs: impl IntoIterator<Item = (K, V)>,
+) -> Result<bool>
+where
+    K: AsRef<std::ffi::OsStr>,
+    V: AsRef<std::ffi::OsStr>,
+{
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args([
+            "run",
+            "--release",
+            "--locked",
+            "-p",
+            "sluice-tests",
+            "--bin",
+            bin,
+            "--",
+        ])
+        .args(args)
+        .envs(envs)
+        .current_dir(workspace_root())
+        .status()?;
+    Ok(status.success())
 }
 
 /// `cargo xtask fuzz datapath|config ARGS`.

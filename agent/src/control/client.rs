@@ -37,10 +37,6 @@ impl Client {
         }
     }
 
-    pub fn socket(&self) -> &Path {
-        &self.socket
-    }
-
     fn protocol(&self, e: impl std::fmt::Display) -> ClientError {
         ClientError::Protocol {
             socket: self.socket.display().to_string(),

@@ -26,12 +26,7 @@ pub fn service_name(snapshot: &Snapshot, id: u32, vip: SocketAddr, protocol: Pro
 /// A backend's address: the snapshot's, else what its `BACKENDS` slot holds
 /// (a backend already removed from the snapshot, still draining).
 pub fn backend_name(tables: &Tables, snapshot: &Snapshot, id: u32) -> String {
-    if let Some(b) = snapshot
-        .services
-        .values()
-        .flat_map(|s| s.backends.iter())
-        .find(|b| b.id == id)
-    {
+    if let Some(b) = snapshot.backend_by_id(id) {
         return b.addr.to_string();
     }
     match tables.backends.get(&id, 0) {
@@ -49,11 +44,7 @@ pub fn backend_name(tables: &Tables, snapshot: &Snapshot, id: u32) -> String {
 
 /// A backend's state as the API names it.
 pub fn backend_state_name(tables: &Tables, snapshot: &Snapshot, id: u32) -> String {
-    let draining = snapshot
-        .services
-        .values()
-        .flat_map(|s| s.backends.iter())
-        .find(|b| b.id == id)
-        .is_none_or(|b| b.draining());
+    // Not in the snapshot: removed, and draining until its flows end.
+    let draining = snapshot.backend_by_id(id).is_none_or(|b| b.draining());
     backend_state(&tables.health(id), draining).to_string()
 }

@@ -65,16 +65,43 @@ pub struct EventStatus {
     pub dropped: u64,
 }
 
+impl StatusView {
+    /// This build, with nothing known yet about the datapath.
+    pub fn empty(source: &str) -> Self {
+        Self {
+            version: crate::build_info::VERSION.to_string(),
+            commit: crate::build_info::COMMIT.to_string(),
+            map_layout: crate::build_info::MAP_LAYOUT,
+            source: source.to_string(),
+            ready: None,
+            pid: None,
+            uptime_seconds: None,
+            pin_directory: None,
+            attachments: Vec::new(),
+            services: 0,
+            backends: 0,
+            ejected_backends: 0,
+            draining_backends: 0,
+            overrides: 0,
+            discovery: Vec::new(),
+            conntrack: ConntrackStatus::default(),
+            drops: BTreeMap::new(),
+            passed: BTreeMap::new(),
+            events: EventStatus::default(),
+        }
+    }
+}
+
 /// What both sources fill in the same way: counts from the snapshot and
 /// the kernel's counters.
 pub fn base(counters: &Counters, snapshot: &Snapshot, source: &str) -> StatusView {
-    let (mut drops, mut passed) = (BTreeMap::new(), BTreeMap::new());
+    let mut status = StatusView::empty(source);
     for (code, reason) in agent_common::reason::ALL.iter().enumerate() {
         let n = counters.reason_count(code as u32);
         let into = if reason.dropped {
-            &mut drops
+            &mut status.drops
         } else {
-            &mut passed
+            &mut status.passed
         };
         into.insert(reason.name.to_string(), n);
     }
@@ -83,30 +110,14 @@ pub fn base(counters: &Counters, snapshot: &Snapshot, source: &str) -> StatusVie
         .values()
         .flat_map(|s| s.backends.iter())
         .collect();
-    let ejected = backends
+    status.services = snapshot.services.len();
+    status.backends = backends.len();
+    status.ejected_backends = backends
         .iter()
         .filter(|b| counters.health(b.id).state() == agent_common::BackendState::Ejected)
         .count();
+    status.draining_backends = backends.iter().filter(|b| b.draining()).count();
     let (sent, dropped) = counters.event_counts();
-    StatusView {
-        version: env!("CARGO_PKG_VERSION").to_string(),
-        commit: crate::build_info::COMMIT.to_string(),
-        map_layout: agent_common::MAP_LAYOUT,
-        source: source.to_string(),
-        ready: None,
-        pid: None,
-        uptime_seconds: None,
-        pin_directory: None,
-        attachments: Vec::new(),
-        services: snapshot.services.len(),
-        backends: backends.len(),
-        ejected_backends: ejected,
-        draining_backends: backends.iter().filter(|b| b.draining()).count(),
-        overrides: 0,
-        discovery: Vec::new(),
-        conntrack: ConntrackStatus::default(),
-        drops,
-        passed,
-        events: EventStatus { sent, dropped },
-    }
+    status.events = EventStatus { sent, dropped };
+    status
 }
