@@ -24,6 +24,30 @@ fn repo_file(path: &str) -> PathBuf {
 }
 
 /// A Prometheus server in a namespace, ended (by its PID) on drop.
+/// `promtool check metrics` accepts `scrape` (valid exposition format).
+fn check_exposition(scrape: &str) -> Result<()> {
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("promtool (Debian package prometheus)")?;
+    promtool
+        .stdin
+        .take()
+        .context("promtool's stdin")?
+        .write_all(scrape.as_bytes())?;
+    let out = promtool.wait_with_output()?;
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
 struct Prometheus {
     child: Child,
     listen: SocketAddr,
@@ -204,24 +228,7 @@ fn dashboard_and_alert_queries_return_data_from_a_live_agent() -> Result<()> {
 
     // A live scrape is valid exposition format.
     let (_, scrape) = http_get(&topo.lb, agent.listen, "/metrics")?;
-    let mut promtool = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    promtool
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(scrape.as_bytes())?;
-    let out = promtool.wait_with_output()?;
-    assert!(
-        out.status.success(),
-        "promtool check metrics: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    check_exposition(&scrape)?;
 
     let prometheus = Prometheus::start(&topo.lb, &dir, agent.listen)?;
 
@@ -429,20 +436,7 @@ fn the_latency_histogram_switch_applies_live_and_the_documented_budget_holds() -
     assert_eq!(backend(&one, "web-tcp"), measured_on[0]);
     assert!(!histogram(&one, "api-tcp") && !histogram(&one, "web-udp"));
     // A scrape with some histograms on and some off is valid exposition.
-    let mut promtool = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    promtool.stdin.take().unwrap().write_all(one.as_bytes())?;
-    let out = promtool.wait_with_output()?;
-    assert!(
-        out.status.success(),
-        "promtool check metrics: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    check_exposition(&one)?;
 
     // On globally, off for web-tcp: every backend but its.
     let other = reload_to(config(Some(true), Some(false)), false)?;

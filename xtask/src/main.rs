@@ -153,7 +153,7 @@ fn soak(minutes: f64, args: &[String]) -> Result<()> {
     let minutes = minutes.to_string();
     let mut a = vec!["--minutes", minutes.as_str()];
     a.extend(args.iter().map(String::as_str));
-    let ok = run_tests_bin("soak", &a, Vec::<(&str, String)>::new())?;
+    let ok = run_tests_bin("soak", &a, Vec::<(&str, &str)>::new())?;
     if !ok {
         bail!("the soak failed (see its summary above)");
     }
@@ -191,26 +191,12 @@ where
 
 /// `cargo xtask fuzz datapath|config ARGS`.
 fn fuzz(which: &str, args: &[String]) -> Result<()> {
-    let mut a: Vec<String> = Vec::new();
-    let mut envs: Vec<(&str, String)> = Vec::new();
-    match which {
+    let ok = match which {
         "datapath" => {
             prereqs::ensure(prereqs::Need::Tests)?;
             step("building and running the datapath fuzzer (release)");
-            a.extend(
-                [
-                    "run",
-                    "--release",
-                    "--locked",
-                    "-p",
-                    "sluice-tests",
-                    "--bin",
-                    "fuzz-datapath",
-                    "--",
-                ]
-                .map(String::from),
-            );
-            a.extend(args.iter().cloned());
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            run_tests_bin("fuzz-datapath", &args, Vec::<(&str, &str)>::new())?
         }
         "config" => {
             prereqs::ensure(prereqs::Need::Build)?;
@@ -222,17 +208,16 @@ fn fuzz(which: &str, args: &[String]) -> Result<()> {
             step(&format!(
                 "fuzzing the config parser and discovery decoders ({cases} cases each)"
             ));
-            envs.push(("PROPTEST_CASES", cases));
-            a.extend(["test", "--locked", "-p", "sluice", "--lib", "fuzz"].map(String::from));
+            Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+                .args(["test", "--locked", "-p", "sluice", "--lib", "fuzz"])
+                .env("PROPTEST_CASES", cases)
+                .current_dir(workspace_root())
+                .status()?
+                .success()
         }
         other => bail!("unknown fuzzer {other:?}; available: datapath, config"),
-    }
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(&a)
-        .envs(envs)
-        .current_dir(workspace_root())
-        .status()?;
-    if !status.success() {
+    };
+    if !ok {
         bail!("fuzzer {which} failed");
     }
     Ok(())
