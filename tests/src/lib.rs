@@ -383,6 +383,12 @@ impl Daemon {
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// The server's PID while it runs (`ip netns exec` execs the program,
+    /// so this is the server itself): for pinning it and reading its CPU.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
 }
 
 impl Drop for Daemon {

@@ -39,7 +39,9 @@ enum Task {
     /// The kernel modules' layering, fmt and clippy only.
     Lint,
     /// Benchmarks (not tests): `datapath`, `failover`, `control-plane`,
-    /// `bulk` (iperf3 through the VIP in every attach mode against direct routing).
+    /// `bulk` (iperf3 through the VIP in every attach mode against direct
+    /// routing), `e2e` (HTTP and UDP through Sluice next to iptables and
+    /// nftables DNAT, HAProxy and direct routing; docs/benchmarks.md).
     Bench {
         #[arg(default_value = "datapath")]
         which: String,
@@ -76,6 +78,19 @@ enum Task {
     /// Install what the build and the tests need, and nothing else.
     Setup,
 }
+
+/// What `bench e2e` compares Sluice with and drives it with: the peers
+/// (iptables, nftables, HAProxy), the backends (nginx), the load (wrk,
+/// sockperf), and conntrack to flush the kernel's tracking between modes.
+const E2E_PEERS: &[(&str, &str)] = &[
+    ("iptables", "iptables"),
+    ("nftables", "nft"),
+    ("haproxy", "haproxy"),
+    ("nginx-light", "nginx"),
+    ("wrk", "wrk"),
+    ("sockperf", "sockperf"),
+    ("conntrack", "conntrack"),
+];
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
@@ -114,12 +129,16 @@ fn main() -> Result<()> {
                     ("bench-failover", true)
                 }
                 "control-plane" => ("bench-control-plane", true),
+                "e2e" => {
+                    prereqs::ensure_packages(E2E_PEERS)?;
+                    ("bench-e2e", true)
+                }
                 "bulk" => {
                     prereqs::ensure_packages(&[("iperf3", "iperf3")])?;
                     ("bench-bulk", true)
                 }
                 other => bail!(
-                    "unknown benchmark {other:?}; available: datapath, failover, control-plane, bulk"
+                    "unknown benchmark {other:?}; available: datapath, failover, control-plane, bulk, e2e"
                 ),
             };
             if uses_agent {
