@@ -6,11 +6,10 @@
 //! was queued to; RPS picks that CPU per receiving device. So every device
 //! in the LB namespace steers to `LB_CPU` (its tc programs, routing,
 //! netfilter, HAProxy's sockets) and every client and backend device to
-//! `LOAD_CPU`. The LB's cost is then the hard and soft interrupt time of
-//! `LB_CPU` plus the CPU time of the LB's own processes (HAProxy, the
-//! agent), which are pinned there too.
+//! `LOAD_CPU`. The LB's own processes (HAProxy, the agent) are pinned to
+//! `LB_CPU` too, so the LB's cost is the time `LB_CPU` is not idle.
 
-use std::process::Command;
+use std::{process::Command, time::Instant};
 
 use anyhow::{Context, Result, bail};
 use testbed::{Netns, Topology};
@@ -70,46 +69,78 @@ pub fn on_cpu(ns: &Netns, cpu: usize, args: &[&str]) -> Command {
     cmd
 }
 
-/// The LB's CPU time so far, in clock ticks (USER_HZ).
-#[derive(Clone, Copy, Debug, Default)]
-pub struct LbTicks {
-    /// Hard and soft interrupt time of `LB_CPU`: the packet path.
-    pub kernel: u64,
-    /// User and system time of the LB's processes (HAProxy, the agent).
-    pub processes: u64,
+/// The LB CPU's busy time and the LB's processes' CPU time so far.
+#[derive(Clone, Copy, Debug)]
+pub struct LbCpu {
+    at: Instant,
+    /// Idle and I/O-wait time of `LB_CPU`, in clock ticks (USER_HZ). The
+    /// kernel keeps idle time exactly (from the idle loop's entry and exit,
+    /// not by sampling), so wall time minus idle time is the CPU's busy
+    /// time however short its bursts. Interrupt time read from tick samples
+    /// would over-count a mostly idle CPU: ticks stop while it idles and
+    /// fire only when it is awake.
+    idle: u64,
+    /// CPU time of the LB's processes (HAProxy, the agent), in seconds.
+    processes: f64,
 }
 
-impl std::ops::Sub for LbTicks {
-    type Output = LbTicks;
-    fn sub(self, earlier: LbTicks) -> LbTicks {
-        LbTicks {
-            kernel: self.kernel.saturating_sub(earlier.kernel),
-            processes: self.processes.saturating_sub(earlier.processes),
+/// Seconds of what happened between two readings.
+#[derive(Clone, Copy, Debug)]
+pub struct Spent {
+    /// `LB_CPU` not idle: its packet processing and the LB's processes
+    /// (and anything else that ran there: see `background`).
+    pub busy: f64,
+    /// The part of it in the LB's processes.
+    pub processes: f64,
+    pub wall: f64,
+}
+
+impl LbCpu {
+    /// A reading now; `processes` are the LB's processes' PIDs.
+    pub fn read(processes: &[u32]) -> Result<Self> {
+        let mut total = 0.0;
+        for &pid in processes {
+            total += process_seconds(pid)?;
+        }
+        Ok(Self {
+            at: Instant::now(),
+            idle: idle_ticks(LB_CPU)?,
+            processes: total,
+        })
+    }
+
+    /// What was spent since `earlier`.
+    pub fn since(&self, earlier: &LbCpu) -> Spent {
+        let tick = seconds_per_tick();
+        let wall = self.at.duration_since(earlier.at).as_secs_f64();
+        let idle = self.idle.saturating_sub(earlier.idle) as f64 * tick;
+        Spent {
+            busy: (wall - idle).max(0.0),
+            processes: (self.processes - earlier.processes).max(0.0),
+            wall,
         }
     }
 }
 
-/// The LB's CPU time so far, `processes` being its processes' PIDs.
-pub fn lb_ticks(processes: &[u32]) -> Result<LbTicks> {
-    let mut ticks = LbTicks {
-        kernel: interrupt_ticks(LB_CPU)?,
-        processes: 0,
-    };
-    for &pid in processes {
-        ticks.processes += process_ticks(pid)?;
-    }
-    Ok(ticks)
+/// How busy `LB_CPU` is with no load at all, as a fraction, over
+/// `seconds`: what the LB's figures carry on top of its own work (another
+/// program on the machine). Shown with the results.
+pub fn background(seconds: f64) -> Result<f64> {
+    let before = LbCpu::read(&[])?;
+    std::thread::sleep(std::time::Duration::from_secs_f64(seconds));
+    let spent = LbCpu::read(&[])?.since(&before);
+    Ok(spent.busy / spent.wall)
 }
 
-/// Seconds per clock tick of /proc/stat and /proc/PID/stat.
-pub fn seconds_per_tick() -> f64 {
+/// Seconds per clock tick of /proc/stat.
+fn seconds_per_tick() -> f64 {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     1.0 / if hz > 0 { hz as f64 } else { 100.0 }
 }
 
-/// `irq` + `softirq` of `cpu` in /proc/stat.
-fn interrupt_ticks(cpu: usize) -> Result<u64> {
+/// `idle` + `iowait` of `cpu` in /proc/stat.
+fn idle_ticks(cpu: usize) -> Result<u64> {
     let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
     let label = format!("cpu{cpu}");
     let line = stat
@@ -123,28 +154,29 @@ fn interrupt_ticks(cpu: usize) -> Result<u64> {
         .map(str::parse)
         .collect::<Result<_, _>>()
         .with_context(|| format!("/proc/stat line {line:?}"))?;
-    if fields.len() < 7 {
-        bail!("/proc/stat line {line:?} has fewer than 7 counters");
+    if fields.len() < 5 {
+        bail!("/proc/stat line {line:?} has fewer than 5 counters");
     }
-    Ok(fields[5] + fields[6])
+    Ok(fields[3] + fields[4])
 }
 
-/// utime + stime of process `pid` (all its threads).
-fn process_ticks(pid: u32) -> Result<u64> {
-    let path = format!("/proc/{pid}/stat");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    // The command name may hold spaces: fields are counted after its ')'.
-    let rest = text
-        .rsplit_once(')')
-        .with_context(|| format!("{path}: no ')'"))?
-        .1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // After ')': state(3) … utime(14) stime(15), so indices 11 and 12.
-    let field = |i: usize| -> Result<u64> {
-        fields
-            .get(i)
-            .and_then(|f| f.parse().ok())
-            .with_context(|| format!("{path}: field {} unreadable", i + 3))
-    };
-    Ok(field(11)? + field(12)?)
+/// CPU time of every thread of process `pid` so far, in seconds, from
+/// the scheduler's exact run-time accounting (`/proc/PID/task/*/schedstat`)
+/// rather than tick samples.
+fn process_seconds(pid: u32) -> Result<f64> {
+    let dir = format!("/proc/{pid}/task");
+    let mut ns: u64 = 0;
+    for task in std::fs::read_dir(&dir).with_context(|| format!("reading {dir}"))? {
+        let path = task?.path().join("schedstat");
+        // A thread may end between the listing and the read.
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        ns += text
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<u64>().ok())
+            .with_context(|| format!("{}: {text:?}", path.display()))?;
+    }
+    Ok(ns as f64 / 1e9)
 }
