@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod batch;
 pub mod bpffs;
 pub mod build_info;
 pub mod cli;
