@@ -14,7 +14,7 @@ use std::{net::SocketAddr, time::Instant};
 use agent_common::{Service, ServiceKey};
 use aya::maps::{HashMap, Map, MapData};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use sluice_tests::{
     Agent, TempDir,
     bench::{Flags, stats},
