@@ -259,7 +259,7 @@ fn lookup_batch<V: aya::Pod + Default>(
         flags: u64,
     }
     const _: () = assert!(std::mem::size_of::<BatchAttr>() == 56);
-    if std::mem::size_of::<V>() % 8 != 0 {
+    if !std::mem::size_of::<V>().is_multiple_of(8) {
         return Err(std::io::Error::other(format!(
             "batch lookup of {}-byte values: not a multiple of 8",
             std::mem::size_of::<V>()

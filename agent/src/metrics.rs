@@ -177,7 +177,9 @@ fn render_datapath(shared: &Shared, out: &mut Out) {
     let batch = counters
         .backends_batch(backend_ids, any_latency)
         .and_then(|b| Ok((b, counters.services_batch(service_ids)?)))
-        .inspect_err(|e| tracing::warn!(error = %e, "batch read of the counters; reading one by one"))
+        .inspect_err(
+            |e| tracing::warn!(error = %e, "batch read of the counters; reading one by one"),
+        )
         .ok();
     let (backend_stats, health_of, latency_of, service_stats) = match &batch {
         Some((b, s)) => (
@@ -207,9 +209,8 @@ fn render_datapath(shared: &Shared, out: &mut Out) {
                 stats: pick(backend_stats, b.id).unwrap_or_else(|| counters.stats(false, b.id)),
                 state: crate::state::backend_state(&health, b.draining()),
                 ejections: health.ejections,
-                latency: histogram.then(|| {
-                    pick(latency_of, b.id).unwrap_or_else(|| counters.latency(b.id))
-                }),
+                latency: histogram
+                    .then(|| pick(latency_of, b.id).unwrap_or_else(|| counters.latency(b.id))),
                 overridden: overrides.get(name, &b.addr),
             });
         }
@@ -306,7 +307,7 @@ fn render_datapath(shared: &Shared, out: &mut Out) {
     ] {
         family(out, name, "counter", help);
         for r in &rows {
-        out.flush();
+            out.flush();
             for (direction, n) in directions(&r.stats, packets) {
                 r.sample(out, name, Some(("direction", direction)), n);
             }

@@ -218,7 +218,10 @@ mod tests {
     use super::*;
 
     fn is_prime(n: u32) -> bool {
-        n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| n % d != 0)
+        n >= 2
+            && (2..)
+                .take_while(|d| d * d <= n)
+                .all(|d| !n.is_multiple_of(d))
     }
 
     #[test]
@@ -285,7 +288,10 @@ mod tests {
             taken.push((o, o + 256));
         }
         for (o, end) in &taken {
-            assert!(*end <= 1021 || (*o >= 2042 && *end <= 3063) || *o >= 4084, "{o}");
+            assert!(
+                *end <= 1021 || (*o >= 2042 && *end <= 3063) || *o >= 4084,
+                "{o}"
+            );
         }
         for (o, _) in taken {
             let len = s.used.remove(&o).unwrap();
