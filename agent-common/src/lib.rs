@@ -323,7 +323,10 @@ const _: () = assert!(core::mem::size_of::<SockConnect>() == 48);
 /// Version of the pinned maps' layout and meaning. Bump it with any change
 /// to a type or map that pinned state carries from one build to the next:
 /// an agent never adopts maps of another layout.
-pub const MAP_LAYOUT: u32 = 3;
+///
+/// 4: `MAGLEV` is one pool of per-service tables sized by backend count
+/// (was two `maglev.table_size` halves per service id).
+pub const MAP_LAYOUT: u32 = 4;
 
 /// What `BackendHealth::ejected` says of a backend. Kept as a `u32` in the
 /// shared struct (the kernel writes it; a value outside the enum must not be

@@ -16,8 +16,9 @@ pub enum Sizing {
     Services,
     /// `limits.max_backends`: one slot per backend id.
     Backends,
-    /// Two Maglev tables per service (`limits.max_services` × 2 ×
-    /// `maglev.table_size`).
+    /// The pool of Maglev slots every service's table is allocated from,
+    /// sized by `limits.max_services`, `limits.max_backends` and
+    /// `maglev.table_size` (the agent's `reconcile::slots::pool_slots`).
     MaglevSlots,
 }
 

@@ -146,17 +146,22 @@ async fn readyz(State(app): State<AppState>) -> impl IntoResponse {
 }
 
 async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
-    // Reading per-CPU maps is a few syscalls per series: off the async threads.
+    // Reading the maps is syscalls, formatting tens of megabytes takes a
+    // while: off the async threads, streamed as it is written. The channel
+    // holds a few chunks: a slow reader slows the writer instead of the
+    // agent buffering the whole text.
     let (registry, shared) = (app.registry.clone(), app.shared.clone());
-    let body = tokio::task::spawn_blocking(move || crate::metrics::render(&registry, &shared))
-        .await
-        .unwrap_or_default();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::convert::Infallible>>(4);
+    tokio::task::spawn_blocking(move || {
+        let mut send = |chunk: String| tx.blocking_send(Ok(chunk.into())).is_ok();
+        crate::metrics::render_chunks(&registry, &shared, &mut send);
+    });
     (
         [(
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        body,
+        axum::body::Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx)),
     )
 }
 

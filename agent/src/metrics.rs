@@ -44,13 +44,94 @@ pub fn registry() -> prometheus::Result<Registry> {
 
 /// The whole exposition: the registry's metrics, then the datapath's.
 pub fn render(registry: &Registry, shared: &Shared) -> String {
-    let mut out = String::with_capacity(1 << 16);
+    let mut all = String::new();
+    let mut collect = |chunk: String| {
+        all.push_str(&chunk);
+        true
+    };
+    render_chunks(registry, shared, &mut collect);
+    all
+}
+
+/// The exposition in chunks of about `CHUNK` bytes, each handed to `send`
+/// as soon as it is written (false from `send`: nobody reads any more, the
+/// rest is not written). A scrape of 10,000 backends is tens of megabytes:
+/// streamed, the first bytes leave while the rest is formatted, and the
+/// agent never holds the whole text.
+pub fn render_chunks(registry: &Registry, shared: &Shared, send: &mut dyn FnMut(String) -> bool) {
+    let mut out = Out {
+        buf: String::with_capacity(CHUNK + 4096),
+        send,
+        open: true,
+    };
     let encoder = prometheus::TextEncoder::new();
-    if let Err(e) = encoder.encode_utf8(&registry.gather(), &mut out) {
+    if let Err(e) = encoder.encode_utf8(&registry.gather(), &mut out.buf) {
         tracing::warn!(error = %e, "encoding metrics");
     }
     render_datapath(shared, &mut out);
-    out
+    if out.open && !out.buf.is_empty() {
+        (out.send)(std::mem::take(&mut out.buf));
+    }
+}
+
+/// Bytes per chunk of a streamed exposition.
+const CHUNK: usize = 256 << 10;
+
+/// The exposition being written: a buffer that is handed on whenever it
+/// holds a chunk (`flush`, called between lines).
+struct Out<'a> {
+    buf: String,
+    send: &'a mut dyn FnMut(String) -> bool,
+    /// False once `send` said nobody reads: lines are then dropped.
+    open: bool,
+}
+
+impl Out<'_> {
+    fn flush(&mut self) {
+        if self.buf.len() < CHUNK {
+            return;
+        }
+        let full = std::mem::replace(&mut self.buf, String::with_capacity(CHUNK + 4096));
+        if self.open {
+            self.open = (self.send)(full);
+        }
+    }
+}
+
+impl std::ops::Deref for Out<'_> {
+    type Target = String;
+    fn deref(&self) -> &String {
+        &self.buf
+    }
+}
+
+impl std::ops::DerefMut for Out<'_> {
+    fn deref_mut(&mut self) -> &mut String {
+        &mut self.buf
+    }
+}
+
+/// A sample's value, written without `format!` machinery (integers are
+/// most of a scrape's text).
+trait Value: Copy {
+    fn put(self, out: &mut String);
+}
+
+macro_rules! integer_value {
+    ($($t:ty),*) => {$(
+        impl Value for $t {
+            fn put(self, out: &mut String) {
+                out.push_str(itoa::Buffer::new().format(self));
+            }
+        }
+    )*};
+}
+integer_value!(i32, u8, u16, u32, u64, usize);
+
+impl Value for f64 {
+    fn put(self, out: &mut String) {
+        let _ = write!(out, "{self}");
+    }
 }
 
 /// One backend's numbers, read once per scrape.
@@ -71,7 +152,7 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
 }
 
-fn render_datapath(shared: &Shared, out: &mut String) {
+fn render_datapath(shared: &Shared, out: &mut Out) {
     let Some(view) = shared.view.get() else {
         return;
     };
@@ -80,23 +161,56 @@ fn render_datapath(shared: &Shared, out: &mut String) {
     let histograms = shared.metrics.lock().unwrap().backend_latency_histogram;
     let overrides = shared.overrides.lock().unwrap().clone();
 
-    // One pass over the maps.
-    let mut services = Vec::new();
+    // Which services export latency (only TCP has a connect to time).
+    let with_latency = |service: &crate::reconcile::ServiceState| {
+        service.spec.protocol == Protocol::Tcp
+            && service.spec.backend_latency_histogram.unwrap_or(histograms)
+    };
+    // Every map read once, by batch: ids are small and dense.
+    let ids = |ids: &mut dyn Iterator<Item = u32>| ids.max().map_or(0, |m| m + 1);
+    let backend_ids = ids(&mut snapshot
+        .services
+        .values()
+        .flat_map(|s| s.backends.iter().map(|b| b.id)));
+    let service_ids = ids(&mut snapshot.services.values().map(|s| s.id));
+    let any_latency = snapshot.services.values().any(with_latency);
+    let batch = counters
+        .backends_batch(backend_ids, any_latency)
+        .and_then(|b| Ok((b, counters.services_batch(service_ids)?)))
+        .inspect_err(
+            |e| tracing::warn!(error = %e, "batch read of the counters; reading one by one"),
+        )
+        .ok();
+    let (backend_stats, health_of, latency_of, service_stats) = match &batch {
+        Some((b, s)) => (
+            Some(&b.stats[..]),
+            Some(&b.health[..]),
+            Some(&b.latency[..]),
+            Some(&s[..]),
+        ),
+        None => (None, None, None, None),
+    };
+    fn pick<T: Copy>(v: Option<&[T]>, id: u32) -> Option<T> {
+        v.and_then(|v| v.get(id as usize).copied())
+    }
+
+    let mut services = Vec::with_capacity(snapshot.services.len());
     let mut rows = Vec::new();
     for service in snapshot.services.values() {
         let name = &service.spec.name;
-        services.push((name.clone(), counters.stats(true, service.id)));
-        // Only TCP has a connect to time.
-        let histogram = service.spec.protocol == Protocol::Tcp
-            && service.spec.backend_latency_histogram.unwrap_or(histograms);
+        let stats =
+            pick(service_stats, service.id).unwrap_or_else(|| counters.stats(true, service.id));
+        services.push((name.as_str(), stats));
+        let histogram = with_latency(service);
         for b in &service.backends {
-            let health = counters.health(b.id);
+            let health = pick(health_of, b.id).unwrap_or_else(|| counters.health(b.id));
             rows.push(BackendRow {
                 labels: backend_labels(name, &b.addr.to_string(), b.pod.as_ref()),
-                stats: counters.stats(false, b.id),
+                stats: pick(backend_stats, b.id).unwrap_or_else(|| counters.stats(false, b.id)),
                 state: crate::state::backend_state(&health, b.draining()),
                 ejections: health.ejections,
-                latency: histogram.then(|| counters.latency(b.id)),
+                latency: histogram
+                    .then(|| pick(latency_of, b.id).unwrap_or_else(|| counters.latency(b.id))),
                 overridden: overrides.get(name, &b.addr),
             });
         }
@@ -138,6 +252,7 @@ fn render_datapath(shared: &Shared, out: &mut String) {
     ] {
         family(out, name, "counter", help);
         for (s, st) in &services {
+            out.flush();
             sample(out, name, &[("service", s)], value(st));
         }
     }
@@ -155,6 +270,7 @@ fn render_datapath(shared: &Shared, out: &mut String) {
     ] {
         family(out, name, "counter", help);
         for (s, st) in &services {
+            out.flush();
             for (direction, n) in directions(st, packets) {
                 sample(out, name, &[("service", s), ("direction", direction)], n);
             }
@@ -169,6 +285,7 @@ fn render_datapath(shared: &Shared, out: &mut String) {
         "New connections sent to a backend.",
     );
     for r in &rows {
+        out.flush();
         r.sample(
             out,
             "sluice_backend_connections_total",
@@ -190,6 +307,7 @@ fn render_datapath(shared: &Shared, out: &mut String) {
     ] {
         family(out, name, "counter", help);
         for r in &rows {
+            out.flush();
             for (direction, n) in directions(&r.stats, packets) {
                 r.sample(out, name, Some(("direction", direction)), n);
             }
@@ -202,6 +320,7 @@ fn render_datapath(shared: &Shared, out: &mut String) {
         "1 for the backend's current state (active, draining, ejected).",
     );
     for r in &rows {
+        out.flush();
         for state in crate::state::BACKEND_STATES {
             r.sample(
                 out,
@@ -218,6 +337,7 @@ fn render_datapath(shared: &Shared, out: &mut String) {
         "A runtime override in force (sluice drain / sluice weight): kind drain is 1, kind weight is the weight set. No series: none.",
     );
     for r in &rows {
+        out.flush();
         let Some(o) = r.overridden else { continue };
         if o.drain {
             r.sample(out, "sluice_backend_override", Some(("kind", "drain")), 1);
@@ -233,6 +353,7 @@ fn render_datapath(shared: &Shared, out: &mut String) {
         "Failed connects seen in the traffic: refused (RST to a SYN), timeout (SYN retransmitted past the connect timeout), unreachable (ICMP).",
     );
     for r in &rows {
+        out.flush();
         for (reason, n) in [
             ("refused", r.stats.failures_refused),
             ("timeout", r.stats.failures_timeout),
@@ -253,6 +374,7 @@ fn render_datapath(shared: &Shared, out: &mut String) {
         "Times the datapath ejected the backend after consecutive failures.",
     );
     for r in &rows {
+        out.flush();
         r.sample(out, "sluice_backend_ejections_total", None, r.ejections);
     }
     family(
@@ -262,6 +384,7 @@ fn render_datapath(shared: &Shared, out: &mut String) {
         "TCP connections established to the backend and not yet closed by FIN or RST.",
     );
     for r in &rows {
+        out.flush();
         let active = r.stats.opened.saturating_sub(r.stats.closed);
         r.sample(out, "sluice_backend_active_connections", None, active);
     }
@@ -282,7 +405,7 @@ fn render_datapath(shared: &Shared, out: &mut String) {
     ] {
         family(out, name, "counter", help);
         for (reason, _, n) in reasons.iter().filter(|r| r.1 == dropped) {
-            sample(out, name, &[("reason", reason)], n);
+            sample(out, name, &[("reason", reason)], *n);
         }
     }
     family(
@@ -392,7 +515,7 @@ fn render_datapath(shared: &Shared, out: &mut String) {
 
 /// The connect latency histograms of the backends that export one (the
 /// family is left out when none does).
-fn render_latency(rows: &[BackendRow], out: &mut String) {
+fn render_latency(rows: &[BackendRow], out: &mut Out) {
     const LATENCY: &str = "sluice_backend_connect_latency_seconds";
     if rows.iter().all(|r| r.latency.is_none()) {
         return;
@@ -410,6 +533,7 @@ fn render_latency(rows: &[BackendRow], out: &mut String) {
         .collect();
     let bucket = "sluice_backend_connect_latency_seconds_bucket";
     for r in rows {
+        out.flush();
         let Some(h) = &r.latency else { continue };
         // The kernel's log-scale buckets (each 2× the last, from 8 µs), cumulative.
         let mut cumulative = 0;
@@ -491,7 +615,7 @@ fn render_http(load: &crate::http::Load, out: &mut String) {
     );
 }
 
-fn render_discovery(shared: &Shared, out: &mut String) {
+fn render_discovery(shared: &Shared, out: &mut Out) {
     let statuses = shared.discovery.view();
     let families: [(&str, &str, &str); 5] = [
         (
@@ -523,6 +647,7 @@ fn render_discovery(shared: &Shared, out: &mut String) {
     for (name, kind, help) in families {
         family(out, name, kind, help);
         for (service, st) in statuses.statuses.iter() {
+            out.flush();
             let labels = [("service", service.as_str()), ("provider", st.provider)];
             match name {
                 "sluice_discovery_healthy" => sample(out, name, &labels, u8::from(st.healthy)),
@@ -566,7 +691,7 @@ fn render_discovery(shared: &Shared, out: &mut String) {
 
 /// One sample line: `name{k="v",…} value`. Label values here are service
 /// names, addresses, interface names and fixed words: nothing to escape.
-fn sample(out: &mut String, name: &str, labels: &[(&str, &str)], value: impl std::fmt::Display) {
+fn sample(out: &mut String, name: &str, labels: &[(&str, &str)], value: impl Value) {
     out.push_str(name);
     if !labels.is_empty() {
         out.push('{');
@@ -574,11 +699,21 @@ fn sample(out: &mut String, name: &str, labels: &[(&str, &str)], value: impl std
             if i > 0 {
                 out.push(',');
             }
-            let _ = write!(out, "{k}=\"{v}\"");
+            label(out, k, v);
         }
         out.push('}');
     }
-    let _ = writeln!(out, " {value}");
+    out.push(' ');
+    value.put(out);
+    out.push('\n');
+}
+
+/// `k="v"`.
+fn label(out: &mut String, k: &str, v: &str) {
+    out.push_str(k);
+    out.push_str("=\"");
+    out.push_str(v);
+    out.push('"');
 }
 
 /// (direction, count) pairs of a service's or backend's packets or bytes.
@@ -598,18 +733,17 @@ fn directions(s: &ServiceStats, packets: bool) -> [(&'static str, u64); 2] {
 
 impl BackendRow {
     /// One of the backend's sample lines, with its labels and `extra`.
-    fn sample(
-        &self,
-        out: &mut String,
-        name: &str,
-        extra: Option<(&str, &str)>,
-        value: impl std::fmt::Display,
-    ) {
-        let _ = write!(out, "{name}{{{}", self.labels);
+    fn sample(&self, out: &mut String, name: &str, extra: Option<(&str, &str)>, value: impl Value) {
+        out.push_str(name);
+        out.push('{');
+        out.push_str(&self.labels);
         if let Some((k, v)) = extra {
-            let _ = write!(out, ",{k}=\"{v}\"");
+            out.push(',');
+            label(out, k, v);
         }
-        let _ = writeln!(out, "}} {value}");
+        out.push_str("} ");
+        value.put(out);
+        out.push('\n');
     }
 }
 

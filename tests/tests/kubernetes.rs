@@ -552,8 +552,8 @@ fn a_service_that_does_not_fit_is_quarantined_and_others_keep_updating() -> Resu
     ));
 
     let dir = TempDir::new("k8sq")?;
-    let config =
-        sluice_tests::interfaces_yaml(3) + &format!("kubernetes:\n  api_server: http://{API}\n");
+    let config = sluice_tests::interfaces_yaml(3)
+        + &format!("kubernetes:\n  api_server: http://{API}\nlimits:\n  max_services: 64\n");
     std::fs::write(dir.path("sluice.yaml"), config)?;
     let agent = Agent::start(&topo.lb, &dir.path("sluice.yaml"), dir.path("agent.log"))?;
     wait_states(&topo, &agent, &[(0, "active"), (1, "active")])?;

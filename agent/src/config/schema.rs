@@ -276,8 +276,9 @@ impl Default for ConntrackTimeouts {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Maglev {
-    /// Slots per service lookup table; a prime, at least 100× the largest
-    /// backend count for even shares.
+    /// The largest lookup table a service gets, in slots (a prime). A
+    /// service's table holds 100 slots per backend (the smallest prime
+    /// just below a power of two at least that, from 251), up to this.
     pub table_size: u32,
 }
 
@@ -308,8 +309,8 @@ pub const DEFAULT_NEW_FLOWS_PER_SECOND: u32 = 200_000;
 impl Default for Limits {
     fn default() -> Self {
         Self {
-            max_services: 64,
-            max_backends: 4096,
+            max_services: 8192,
+            max_backends: 16_384,
             new_flows_per_second: DEFAULT_NEW_FLOWS_PER_SECOND,
         }
     }

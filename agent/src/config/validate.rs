@@ -271,14 +271,6 @@ fn maglev_and_limits(maglev: &Maglev, limits: &Limits, services: usize) -> Resul
             "must be between 1 and 65536",
         ));
     }
-    let table_slots = u64::from(limits.max_services) * 2 * u64::from(m);
-    if table_slots > u64::from(u32::MAX / 4) {
-        return Err(refuse(
-            "limits.max_services",
-            limits.max_services,
-            "times 2 × maglev.table_size exceeds the kernel's array size limit",
-        ));
-    }
     if limits.max_backends == 0 || limits.max_backends > 1 << 20 {
         return Err(refuse(
             "limits.max_backends",

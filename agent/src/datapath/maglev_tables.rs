@@ -82,6 +82,11 @@ impl MaglevTables {
         aya::maps::Array::try_from(aya::maps::Map::Array(data)).context("MAGLEV as an array")
     }
 
+    /// The array's capacity in slots.
+    pub fn slots(&self) -> u32 {
+        self.slots as u32
+    }
+
     /// Writes `table` at slot `offset`.
     pub fn write(&mut self, offset: u32, table: &[u32]) -> Result<()> {
         let start = offset as usize;

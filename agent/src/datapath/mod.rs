@@ -83,9 +83,10 @@ impl Sizes {
         }
     }
 
-    /// Two table halves per service: one live, one being filled.
+    /// The slot pool every service's table is allocated from (see
+    /// `reconcile::slots`); the config's checks keep it in range.
     pub fn maglev_slots(&self) -> u32 {
-        self.services * 2 * self.table_size
+        crate::reconcile::slots::pool_slots(self.services, self.backends, self.table_size) as u32
     }
 
     /// The capacity `sizing` gives a map; `None`: as the object declares.

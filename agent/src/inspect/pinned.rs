@@ -73,7 +73,7 @@ fn snapshot(tables: &Tables, config: &[ServiceSpec]) -> Snapshot {
                 id: s.value.id,
                 spec: s.spec,
                 backends: s.backends,
-                live_half: 0,
+                table_offset: Some(s.value.table_offset),
                 table: Default::default(),
             };
             (state.spec.name.clone(), state)

@@ -10,7 +10,7 @@ use agent_common::{
 use anyhow::Result;
 use tracing::info;
 
-use super::{BackendState, Reconciler, ServiceState, service_key};
+use super::{BackendState, Reconciler, ServiceState, Slots, service_key};
 use crate::config::ServiceSpec;
 
 /// What a restarted agent found in pinned maps.
@@ -169,6 +169,15 @@ impl Reconciler {
             .flat_map(|s| s.backends.iter().map(|b| b.id))
             .chain(pinned.gone.values().flatten().map(|b| b.0))
             .collect();
+        // The pinned services' live tables stay where they are until the
+        // first apply replaces them.
+        let regions: Vec<(u32, u32)> = pinned
+            .services
+            .iter()
+            .map(|s| (s.value.table_offset, s.value.table_size))
+            .filter(|&(_, size)| size > 0)
+            .collect();
+        self.slots = Slots::with_used(self.slots.capacity(), &regions)?;
         let mut found = BTreeMap::new();
         let mut orphans = Vec::new();
         let mut service_ids = Vec::new();
@@ -192,15 +201,14 @@ impl Reconciler {
                 orphan.backends = backends.iter().map(|b| (b.addr, b.weight)).collect();
                 orphans.push(orphan);
             }
-            let live_half = u32::from(value.table_offset != self.table_offset(value.id, 0));
             self.services.insert(
                 spec.name.clone(),
                 ServiceState {
                     id: value.id,
                     spec,
                     backends,
-                    live_half,
-                    // Unknown: the first apply writes the idle half and flips.
+                    table_offset: (value.table_size > 0).then_some(value.table_offset),
+                    // Unknown: the first apply writes a new table and flips.
                     table: Default::default(),
                 },
             );

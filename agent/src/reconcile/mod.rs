@@ -2,8 +2,9 @@
 //! never lets a packet see a half-made state:
 //!
 //! 1. backends are written before any table points at them;
-//! 2. a changed Maglev table is written into the service's idle half, then the
-//!    service entry flips to it in one map update;
+//! 2. a changed Maglev table is written into a free region of the slot pool
+//!    (`slots`), then the service entry flips to it in one map update, and
+//!    the old region is retired (reused only after a quarantine);
 //! 3. service prefilter bits are set before a service appears and cleared only
 //!    after it is gone; a backend's bits are cleared only after its flows are
 //!    deleted (`end_backends`), so replies of its connections are
@@ -23,11 +24,13 @@ mod adopt;
 mod drain;
 mod filters;
 mod ids;
+pub mod slots;
 
 pub use adopt::{Adopted, PinnedBackend, PinnedService, PinnedState, read_pinned};
 use agent_common::addr::{self, family};
 use filters::{service_filters, union, write_filter};
 use ids::Ids;
+use slots::Slots;
 
 use crate::{
     config::{PodRef, Protocol, ServiceSpec},
@@ -75,8 +78,8 @@ pub struct ServiceState {
     pub id: u32,
     pub spec: ServiceSpec,
     pub backends: Vec<BackendState>,
-    /// Which half of this service's table region is live (0 or 1).
-    pub live_half: u32,
+    /// First slot of the live table in `MAGLEV` (None: none written yet).
+    pub table_offset: Option<u32>,
     /// The live table, as backend ids (shared: snapshots of the state
     /// for the read side copy it often).
     pub table: std::sync::Arc<Vec<u32>>,
@@ -84,7 +87,10 @@ pub struct ServiceState {
 
 pub struct Reconciler {
     maps: Maps,
+    /// `maglev.table_size`: the largest table a service gets.
     table_size: u32,
+    /// Regions of the MAGLEV array, one per service's live table.
+    slots: Slots,
     nr_cpus: usize,
     pub services: BTreeMap<String, ServiceState>,
     service_ids: Ids,
@@ -111,9 +117,11 @@ impl Reconciler {
 
     pub fn new(maps: Maps, table_size: u32, max_services: u32, max_backends: u32) -> Result<Self> {
         let nr_cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow!("{what}: {e}"))?;
+        let slots = Slots::new(maps.maglev.slots());
         Ok(Self {
             maps,
             table_size,
+            slots,
             nr_cpus,
             services: BTreeMap::new(),
             service_ids: Ids::new(max_services, "service"),
@@ -181,7 +189,25 @@ impl Reconciler {
                 self.backend_ids.limit
             );
         }
+        // Every table fitting at once; replaced tables wait out their
+        // quarantine in the pool's headroom (or the apply waits for them).
+        let needed: u64 = desired
+            .iter()
+            .map(|s| u64::from(slots::block_for(self.table_size_for(s))))
+            .sum();
+        if needed > u64::from(self.slots.capacity()) {
+            bail!(
+                "the services' Maglev tables need {needed} slots, but the running MAGLEV array holds {} (sized by limits.max_services and limits.max_backends at start)",
+                self.slots.capacity()
+            );
+        }
         Ok(())
+    }
+
+    /// The size of `spec`'s table: by its backend count, up to
+    /// `maglev.table_size`.
+    fn table_size_for(&self, spec: &ServiceSpec) -> u32 {
+        slots::table_size_for(spec.backends.len(), self.table_size)
     }
 
     /// Backends in `desired` that have no id yet.
@@ -287,6 +313,9 @@ impl Reconciler {
         for b in state.backends {
             self.ending.push((name.to_string(), b));
         }
+        if let Some(offset) = state.table_offset {
+            self.slots.retire(offset);
+        }
         self.service_ids.give(state.id);
         info!(service = name, "service removed");
         Ok(())
@@ -296,12 +325,12 @@ impl Reconciler {
         // The old state stays recorded until the new one is in place.
         let existing = self.services.get(&spec.name).cloned();
         let is_new = existing.is_none();
-        let (id, mut old_backends, live_half, old_table) = match existing {
-            Some(s) => (s.id, s.backends, s.live_half, s.table),
+        let (id, mut old_backends, old_offset, old_table) = match existing {
+            Some(s) => (s.id, s.backends, s.table_offset, s.table),
             None => {
                 let id = self.service_ids.take()?;
                 self.zero_stats(true, id)?;
-                (id, Vec::new(), 1, Default::default())
+                (id, Vec::new(), None, Default::default())
             }
         };
 
@@ -368,10 +397,12 @@ impl Reconciler {
             .set(id, policy, 0)
             .context("writing the failure policy")?;
 
-        // 3. The table, into the idle half, only when it changed.
+        // 3. The table, into a free region, only when it changed. Its size
+        // follows the backend count, so every node sizes it alike.
         let weights: Vec<(SocketAddr, u32)> = backends.iter().map(|b| (b.addr, b.weight)).collect();
         debug_assert!(backends.iter().all(|b| b.drain_deadline.is_none()));
-        let table: Vec<u32> = maglev::build(&weights, self.table_size)
+        let size = self.table_size_for(spec);
+        let table: Vec<u32> = maglev::build(&weights, size)
             .into_iter()
             .map(|i| {
                 if i == maglev::EMPTY {
@@ -381,23 +412,31 @@ impl Reconciler {
                 }
             })
             .collect();
-        let half = if table != *old_table {
-            let half = 1 - live_half;
-            let base = self.table_offset(id, half);
-            self.maps
-                .maglev
-                .write(base, &table)
-                .with_context(|| format!("writing the Maglev table at slot {base}"))?;
-            half
-        } else {
-            live_half
+        let (offset, replaced) = match old_offset {
+            Some(offset) if table == *old_table => (offset, None),
+            _ => {
+                let offset = self.slots.alloc(size).with_context(|| {
+                    format!(
+                        "no free region of {} slots in the MAGLEV array for a table of {size} ({} of {} slots in use)",
+                        slots::block_for(size),
+                        self.slots.in_use(),
+                        self.slots.capacity()
+                    )
+                })?;
+                if let Err(e) = self.maps.maglev.write(offset, &table) {
+                    self.slots.retire(offset);
+                    return Err(e)
+                        .with_context(|| format!("writing the Maglev table at slot {offset}"));
+                }
+                (offset, old_offset)
+            }
         };
 
         // 4. The service entry: one atomic update flips to the new table.
         let value = Service {
             id,
-            table_offset: self.table_offset(id, half),
-            table_size: self.table_size,
+            table_offset: offset,
+            table_size: size,
             flags: if spec.snat_ip.is_some() {
                 SERVICE_F_SNAT
             } else {
@@ -405,10 +444,16 @@ impl Reconciler {
             },
             snat_addr: spec.snat_ip.map(addr::words).unwrap_or_default(),
         };
-        self.maps
-            .services
-            .insert(service_key(spec), value, 0)
-            .context("writing the service entry")?;
+        if let Err(e) = self.maps.services.insert(service_key(spec), value, 0) {
+            if offset != old_offset.unwrap_or(u32::MAX) {
+                self.slots.retire(offset);
+            }
+            return Err(e).context("writing the service entry");
+        }
+        // No new packet reads the old table now; one in flight may still.
+        if let Some(old) = replaced {
+            self.slots.retire(old);
+        }
 
         // 5. Backends no longer listed: no table points at them now. They
         // drain (established connections continue; a reused 5-tuple
@@ -438,7 +483,7 @@ impl Reconciler {
                 id,
                 spec: spec.clone(),
                 backends,
-                live_half: half,
+                table_offset: Some(offset),
                 table: std::sync::Arc::new(table),
             },
         );
@@ -500,10 +545,6 @@ impl Reconciler {
             .insert(&words, addr.port().to_be(), proto);
         self.backend_addr_filter.insert(&words, 0, 0);
         Ok(())
-    }
-
-    fn table_offset(&self, service_id: u32, half: u32) -> u32 {
-        (service_id * 2 + half) * self.table_size
     }
 
     fn zero_stats(&mut self, service: bool, id: u32) -> Result<()> {

@@ -1,17 +1,20 @@
 //! `cargo xtask bench control-plane`: the agent with 1,000 services × 10
-//! backends (options: `--services N --backends N --scrapes N --churns N`).
-//! Reports the time from start to ready (every table written), the time for
-//! a 1% churn update (1% of the backends replaced) to reach the kernel, the
-//! time of a full `/metrics` scrape and of `/api/v1/services` (median and
-//! min–max), the agent's CPU per scrape, its resident memory, and the Maglev
-//! table build time against the table size.
+//! backends, then 5,000 × 10 (options: `--services N --backends N` for one
+//! case of your own, `--scrapes N --churns N`). Reports, per case, the time
+//! from start to ready (every table written), the time for a 1% churn
+//! update (1% of the backends replaced) to reach the kernel, alone and
+//! while `/metrics` is scraped in a loop (interleaved rounds: scrapes must
+//! not hold up an apply), the time of a full `/metrics` scrape and of
+//! `/api/v1/services` (median and min–max), the agent's CPU per scrape, its
+//! resident memory and the kernel memory of its maps; then the Maglev table
+//! build time against the table size.
 
 use std::{net::SocketAddr, time::Instant};
 
 use agent_common::{Service, ServiceKey};
 use aya::maps::{HashMap, Map, MapData};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use sluice_tests::{
     Agent, TempDir,
     bench::{Flags, stats},
@@ -19,6 +22,7 @@ use sluice_tests::{
 };
 use testbed::{Netns, unique};
 
+#[derive(Clone, Copy)]
 struct Args {
     services: usize,
     backends: usize,
@@ -26,19 +30,26 @@ struct Args {
     churns: usize,
 }
 
-fn parse_args() -> Result<Args> {
+/// The cases to run: the flags' one, or 1,000 and 5,000 services.
+fn parse_args() -> Result<Vec<Args>> {
     let f = Flags::parse(&[
         ("--services", "N"),
         ("--backends", "N"),
         ("--scrapes", "N"),
         ("--churns", "N"),
     ])?;
-    Ok(Args {
-        services: f.get("--services", 1000)?,
-        backends: f.get("--backends", 10)?,
-        scrapes: f.get("--scrapes", 10)?,
-        churns: f.get("--churns", 10)?,
-    })
+    let case = |services| -> Result<Args> {
+        Ok(Args {
+            services: f.get("--services", services)?,
+            backends: f.get("--backends", 10)?,
+            scrapes: f.get("--scrapes", 10)?,
+            churns: f.get("--churns", 10)?,
+        })
+    };
+    if f.text("--services").is_some() {
+        return Ok(vec![case(0)?]);
+    }
+    Ok(vec![case(1000)?, case(5000)?])
 }
 
 /// The services whose first backend churn round `round` replaces: 1% of
@@ -53,7 +64,7 @@ fn churned(a: &Args, round: usize) -> Vec<usize> {
 /// The config after `round` churn rounds (0: the initial one).
 fn config(a: &Args, round: usize) -> String {
     let mut text = format!(
-        "interfaces:\n  - name: cp0\nmaglev:\n  table_size: 1021\nlimits:\n  max_services: {}\n  max_backends: {}\nservices:\n",
+        "interfaces:\n  - name: cp0\nlimits:\n  max_services: {}\n  max_backends: {}\nservices:\n",
         a.services,
         a.services * a.backends
     );
@@ -82,7 +93,15 @@ fn config(a: &Args, round: usize) -> String {
 }
 
 fn main() -> Result<()> {
-    let a = parse_args()?;
+    for a in parse_args()? {
+        case(&a)?;
+    }
+    maglev_build_times();
+    Ok(())
+}
+
+fn case(a: &Args) -> Result<()> {
+    let a = *a;
     let ns = Netns::new(&unique("cp"))?;
     ns.exec(&[
         "ip", "link", "add", "cp0", "type", "veth", "peer", "name", "cp1",
@@ -118,8 +137,12 @@ fn main() -> Result<()> {
     // Churn: 1% of the backends replaced per update (file renamed into
     // place, SIGHUP), timed until the last changed service's entry flips to
     // its new table in the kernel (services are applied in config order).
+    // Odd rounds run alone, even ones while another thread scrapes
+    // /metrics back to back: an apply must not wait for a scrape.
     let services_map = kernel_services_map()?;
-    let mut churn = Vec::new();
+    let (mut alone, mut scraped) = (Vec::new(), Vec::new());
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let scrapes_during = std::sync::atomic::AtomicUsize::new(0);
     for round in 1..=a.churns {
         let changed = churned(&a, round);
         let last = *changed.iter().max().context("no service churned")?;
@@ -127,43 +150,83 @@ fn main() -> Result<()> {
         let before = services_map.get(&key, 0)?.table_offset;
         let tmp = dir.path("sluice.yaml.new");
         std::fs::write(&tmp, config(&a, round))?;
-        let t = Instant::now();
-        std::fs::rename(&tmp, dir.path("sluice.yaml"))?;
-        agent.reload()?;
-        while services_map.get(&key, 0)?.table_offset == before {
-            if t.elapsed().as_secs() > 30 {
-                bail!("churn round {round} did not reach the kernel in 30 s");
+        let with_scrapes = round % 2 == 0;
+        let elapsed = std::thread::scope(|scope| -> Result<f64> {
+            stop.store(false, std::sync::atomic::Ordering::SeqCst);
+            let scraper = with_scrapes.then(|| {
+                scope.spawn(|| {
+                    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                        if http_get(&ns, agent.listen, "/metrics").is_ok() {
+                            scrapes_during.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    }
+                })
+            });
+            if scraper.is_some() {
+                // A scrape under way when the update arrives.
+                std::thread::sleep(std::time::Duration::from_millis(20));
             }
-            std::thread::yield_now();
+            let t = Instant::now();
+            std::fs::rename(&tmp, dir.path("sluice.yaml"))?;
+            agent.reload()?;
+            let result = loop {
+                if services_map.get(&key, 0)?.table_offset != before {
+                    break Ok(t.elapsed().as_secs_f64() * 1e3);
+                }
+                if t.elapsed().as_secs() > 30 {
+                    break Err(anyhow::anyhow!(
+                        "churn round {round} did not reach the kernel in 30 s"
+                    ));
+                }
+                std::thread::yield_now();
+            };
+            stop.store(true, std::sync::atomic::Ordering::SeqCst);
+            result
+        })?;
+        if with_scrapes {
+            scraped.push(elapsed);
+        } else {
+            alone.push(elapsed);
         }
-        churn.push(t.elapsed().as_secs_f64() * 1e3);
     }
     let (_, after_churn) = http_get(&ns, agent.listen, "/metrics")?;
     let rss_churn =
         metric(&after_churn, "process_resident_memory_bytes", &[]).unwrap_or(0.0) / 1048576.0;
+    let kernel = kernel_memory(agent.pid())?;
 
     let (sm, slo, shi) = stats(&scrape);
     let (am, alo, ahi) = stats(&api);
     println!(
-        "\n{} services × {} backends ({} backends, Maglev tables of 1021 slots), {} scrapes\n",
+        "\n{} services × {} backends ({} backends, Maglev tables of {} slots), {} scrapes\n",
         a.services,
         a.backends,
         a.services * a.backends,
+        services_map.get(&service_key(0)?, 0)?.table_size,
         a.scrapes
     );
     println!(
         "start to ready (load, attach, write every table)   {:>8.2} s",
         ready.as_secs_f64()
     );
-    if !churn.is_empty() {
-        let (cm, clo, chi) = stats(&churn);
+    if !alone.is_empty() {
+        let (cm, clo, chi) = stats(&alone);
         println!(
             "1% churn update to the kernel ({} backends moved)   median {cm:>7.1} ms   min–max {clo:.1}–{chi:.1} ms   target < 50 ms",
             churned(&a, 1).len()
         );
     }
+    if !scraped.is_empty() && !alone.is_empty() {
+        let (cm, clo, chi) = stats(&scraped);
+        let ratios: Vec<f64> = scraped.iter().zip(&alone).map(|(s, a)| s / a).collect();
+        let (rm, rlo, rhi) = stats(&ratios);
+        println!(
+            "  the same while /metrics is scraped in a loop      median {cm:>7.1} ms   min–max {clo:.1}–{chi:.1} ms   ratio {rm:.2}× ({rlo:.2}–{rhi:.2}), {} scrapes meanwhile",
+            scrapes_during.load(std::sync::atomic::Ordering::Relaxed)
+        );
+    }
     println!(
-        "GET /metrics ({series} series)                    median {sm:>7.1} ms   min–max {slo:.1}–{shi:.1} ms   target < 50 ms"
+        "GET /metrics ({series} series, {:.1} MiB)        median {sm:>7.1} ms   min–max {slo:.1}–{shi:.1} ms   target < 50 ms",
+        first.len() as f64 / 1048576.0
     );
     println!(
         "GET /api/v1/services                              median {am:>7.1} ms   min–max {alo:.1}–{ahi:.1} ms"
@@ -172,9 +235,62 @@ fn main() -> Result<()> {
     println!(
         "agent resident memory                             {rss:>8.1} MiB (after churn {rss_churn:.1} MiB)   target < 100 MiB"
     );
+    println!(
+        "kernel memory of the maps (memlock)               {:>8.1} MiB, of which MAGLEV {:.1} MiB ({} slots)",
+        kernel.total as f64 / 1048576.0,
+        kernel.maglev as f64 / 1048576.0,
+        kernel.maglev_slots
+    );
     drop(agent);
-    maglev_build_times();
     Ok(())
+}
+
+/// The kernel memory of an agent's maps, from its descriptors' fdinfo
+/// (each map once, however many descriptors it has).
+struct KernelMemory {
+    total: u64,
+    maglev: u64,
+    maglev_slots: u64,
+}
+
+fn kernel_memory(pid: u32) -> Result<KernelMemory> {
+    let names: std::collections::HashMap<u32, (String, u32)> = aya::maps::loaded_maps()
+        .filter_map(Result::ok)
+        .map(|m| {
+            let name = m.name_as_str().unwrap_or("").to_string();
+            (m.id(), (name, m.max_entries()))
+        })
+        .collect();
+    let mut seen = std::collections::HashSet::new();
+    let mut memory = KernelMemory {
+        total: 0,
+        maglev: 0,
+        maglev_slots: 0,
+    };
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))? {
+        let Ok(text) = std::fs::read_to_string(entry?.path()) else {
+            continue;
+        };
+        let field = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        };
+        let (Some(id), Some(memlock)) = (field("map_id:"), field("memlock:")) else {
+            continue;
+        };
+        if !seen.insert(id) {
+            continue;
+        }
+        memory.total += memlock;
+        if let Some((name, entries)) = names.get(&(id as u32))
+            && name == "MAGLEV"
+        {
+            memory.maglev += memlock;
+            memory.maglev_slots += u64::from(*entries);
+        }
+    }
+    Ok(memory)
 }
 
 /// The agent's SERVICES map, found among the kernel's maps by name (the
