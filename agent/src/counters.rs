@@ -159,7 +159,7 @@ impl Counters {
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
         let ended = self.ended_silently.all();
         let mut stats: Vec<ServiceStats> = sum_cpus(
-            lookup_batch(self.backend_stats.map(), n, cpus)?,
+            crate::batch::array_values(self.backend_stats.map(), n, cpus)?,
             cpus,
             |sum, v| *sum += v,
         );
@@ -168,10 +168,10 @@ impl Counters {
                 s.closed += n;
             }
         }
-        let health = lookup_batch(self.backend_health.map(), n, 1)?;
+        let health = crate::batch::array_values(self.backend_health.map(), n, 1)?;
         let latency = if latency {
             sum_cpus(
-                lookup_batch(self.backend_latency.map(), n, cpus)?,
+                crate::batch::array_values(self.backend_latency.map(), n, cpus)?,
                 cpus,
                 |sum: &mut LatencyHistogram, v| {
                     for (s, b) in sum.buckets.iter_mut().zip(&v.buckets) {
@@ -195,7 +195,7 @@ impl Counters {
     pub fn services_batch(&self, n: u32) -> std::io::Result<Vec<ServiceStats>> {
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
         Ok(sum_cpus(
-            lookup_batch(self.service_stats.map(), n, cpus)?,
+            crate::batch::array_values(self.service_stats.map(), n, cpus)?,
             cpus,
             |sum, v| *sum += v,
         ))
@@ -233,72 +233,6 @@ fn sum_cpus<V: Default + Copy>(values: Vec<V>, cpus: usize, add: impl Fn(&mut V,
             sum
         })
         .collect()
-}
-
-/// Entries `0..n` of the array (or per-CPU array, `cpus` values per
-/// entry) `map`, read with `BPF_MAP_LOOKUP_BATCH`. `V`'s size must be a
-/// multiple of 8: the kernel's stride between values.
-fn lookup_batch<V: aya::Pod + Default>(
-    map: &MapData,
-    n: u32,
-    cpus: usize,
-) -> std::io::Result<Vec<V>> {
-    use std::os::fd::{AsFd as _, AsRawFd as _};
-    const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
-    /// The `batch` member of the kernel's `union bpf_attr`.
-    #[repr(C)]
-    #[derive(Default)]
-    struct BatchAttr {
-        in_batch: u64,
-        out_batch: u64,
-        keys: u64,
-        values: u64,
-        count: u32,
-        map_fd: u32,
-        elem_flags: u64,
-        flags: u64,
-    }
-    const _: () = assert!(std::mem::size_of::<BatchAttr>() == 56);
-    if !std::mem::size_of::<V>().is_multiple_of(8) {
-        return Err(std::io::Error::other(format!(
-            "batch lookup of {}-byte values: not a multiple of 8",
-            std::mem::size_of::<V>()
-        )));
-    }
-    let mut values = vec![V::default(); n as usize * cpus];
-    let mut keys = vec![0u32; n as usize];
-    let mut out_batch = 0u32;
-    let mut attr = BatchAttr {
-        out_batch: std::ptr::from_mut(&mut out_batch) as u64,
-        keys: keys.as_mut_ptr() as u64,
-        values: values.as_mut_ptr() as u64,
-        count: n,
-        map_fd: map.fd().as_fd().as_raw_fd() as u32,
-        ..BatchAttr::default()
-    };
-    if n == 0 {
-        return Ok(values);
-    }
-    // SAFETY: the bpf syscall with a batch lookup whose buffers hold `n`
-    // keys and `n` × `cpus` values of the map's value size (checked by the
-    // kernel against the map), all alive until it returns.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_LOOKUP_BATCH,
-            std::ptr::from_mut(&mut attr),
-            std::mem::size_of::<BatchAttr>(),
-        )
-    };
-    // ENOENT: the end of the array was reached (`count` says how far).
-    if rc < 0 {
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::ENOENT) {
-            return Err(e);
-        }
-    }
-    values.truncate(attr.count as usize * cpus);
-    Ok(values)
 }
 
 /// The `q` quantile of a connect latency histogram, in seconds, as
