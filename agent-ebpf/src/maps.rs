@@ -7,7 +7,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 
-use crate::packet::{FragmentKey, Scratch};
+use crate::packet::{FragmentKey, Scratch, SynRecord};
 
 /// (VIP, port, protocol) → service.
 #[map]
@@ -119,6 +119,17 @@ pub static SOCK_REVERSE: LruHashMap<u64, agent_common::SockReverse> =
 #[map]
 pub static SOCK_CONNECTS: LruHashMap<u64, agent_common::SockConnect> =
     LruHashMap::with_max_entries(65_536, 0);
+
+/// The client's SYN of each half-open connect of a service that retries,
+/// by its forward key (as `HALF_OPEN`): what `resyn` rebuilds it from.
+#[map]
+pub static SYN_RECORDS: LruHashMap<FlowKey, SynRecord> = LruHashMap::with_max_entries(65_536, 0);
+
+/// The programs that turn a held-back refusal into the client's SYN
+/// towards the next backend (see `resyn`), tail-called by the entry
+/// points: `resyn::XDP_SLOT` and `resyn::TC_SLOT`.
+#[map]
+pub static RESYN_PROGS: aya_ebpf::maps::ProgramArray = aya_ebpf::maps::ProgramArray::with_max_entries(2, 0);
 
 /// This CPU's scratch area (see `Scratch`).
 #[inline(always)]

@@ -107,7 +107,46 @@ pub struct Scratch {
     pub syn_refusal: u32,
     pub syn_verified: u32,
     pub syn_seq: u32,
+    /// A client's SYN being recorded for `SYN_RECORDS` (see `resyn`).
+    pub record: SynRecord,
+    /// Set with a refusal held back for a retry: the flow's forward key
+    /// and where the RST's IP and TCP headers are, for `resyn`, which the
+    /// entry point tail-calls to turn the RST into the client's SYN
+    /// towards the next backend. `resyn` is 1 until the entry point has
+    /// read it (`resyn::requested`).
+    pub resyn_key: FlowKey,
+    pub resyn_l3: u32,
+    pub resyn_l4: u32,
+    pub resyn: u32,
 }
+
+/// Words of `SynRecord::tcp`: a TCP header with the most options (60 bytes).
+pub const SYN_TCP_WORDS: usize = 15;
+
+/// A client's SYN as it reached Sluice, kept (in `SYN_RECORDS`) while its
+/// connect is half-open, so that the backend's refusal can be turned into
+/// the very same SYN towards the next backend (see `resyn`): same
+/// sequence number, window and options (MSS, window scale, SACK,
+/// timestamps), which the backend's SYN-ACK must match.
+#[repr(C)]
+pub struct SynRecord {
+    /// The TCP segment as the client sent it (header, options, and data
+    /// when there is room), zero-padded.
+    pub tcp: [u32; SYN_TCP_WORDS],
+    /// IPv4: the identification and fragment word; IPv6: the version,
+    /// traffic class and flow label word.
+    pub ip_word: u32,
+    /// Bytes of `tcp` in use (20..=60).
+    pub tcp_len: u8,
+    /// IPv4's type of service (IPv6's traffic class is in `ip_word`).
+    pub tos: u8,
+    /// TTL or hop limit as it arrived; forwarding decrements it.
+    pub ttl: u8,
+    /// Refusals of this connect already turned into a SYN to another
+    /// backend (see `resyn::MAX_RESENDS`).
+    pub resends: u8,
+}
+const _: () = assert!(mem::size_of::<SynRecord>() == 68);
 
 /// `Scratch::syn_refusal` of a SYN that may go on.
 pub const NO_REFUSAL: u32 = u32::MAX;
@@ -127,6 +166,18 @@ pub fn copy_addr(dst: &mut [u32; 4], src: &[u32; 4]) {
         core::ptr::write_volatile(&mut dst[2], c);
         core::ptr::write_volatile(&mut dst[3], d);
     }
+}
+
+/// Copies a flow key field by field (a struct copy becomes a memcpy call).
+#[inline(always)]
+pub fn copy_key(to: &mut FlowKey, from: &FlowKey) {
+    copy_addr(&mut to.src, &from.src);
+    copy_addr(&mut to.dst, &from.dst);
+    to.sport = from.sport;
+    to.dport = from.dport;
+    to.proto = from.proto;
+    to.family = from.family;
+    to._pad = 0;
 }
 
 /// A pointer to a `T` at `offset` in the packet, if it lies inside.

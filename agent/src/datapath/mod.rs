@@ -11,7 +11,7 @@ use agent_common::{
 use anyhow::{Context, Result, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, IterableMap, MapData, PerCpuArray},
+    maps::{Array, HashMap, IterableMap, MapData, PerCpuArray, ProgramArray},
     programs::{
         LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
         tc::{SchedClassifierLinkId, TcAttachOptions},
@@ -207,6 +207,10 @@ enum Link {
 /// that is not pinned.
 pub struct Datapath {
     ebpf: Ebpf,
+    /// The programs the XDP and TC programs tail-call to turn a refusal
+    /// into the client's SYN towards the next backend. Held open: the
+    /// kernel empties a program array when its last user handle closes.
+    resyn_progs: ProgramArray<MapData>,
     links: BTreeMap<String, (AttachMode, AttachMode, Link)>,
     tc_loaded: bool,
     pins: Option<PinDir>,
@@ -245,10 +249,18 @@ impl Datapath {
         let xdp: &mut Xdp = program(&mut ebpf, program::XDP)?;
         verify(|| xdp.load())
             .with_context(|| format!("loading program {} (kernel verifier)", program::XDP))?;
+        let mut resyn_progs: ProgramArray<MapData> = take(&mut ebpf, map::RESYN_PROGS)?;
+        let resyn: &mut Xdp = program(&mut ebpf, program::RESYN_XDP)?;
+        verify(|| resyn.load())
+            .with_context(|| format!("loading program {} (kernel verifier)", program::RESYN_XDP))?;
+        resyn_progs
+            .set(program::RESYN_XDP_SLOT, resyn.fd()?, 0)
+            .map_err(DatapathError::map(map::RESYN_PROGS))?;
         let maps = Maps::take_all(&mut ebpf)?;
         Ok((
             Self {
                 ebpf,
+                resyn_progs,
                 links: BTreeMap::new(),
                 tc_loaded: false,
                 pins,
@@ -436,9 +448,16 @@ impl Datapath {
         if !self.tc_loaded {
             verify(|| tc.load())
                 .with_context(|| format!("loading program {} (kernel verifier)", program::TC))?;
+            let resyn: &mut SchedClassifier = program(&mut self.ebpf, program::RESYN_TC)?;
+            verify(|| resyn.load()).with_context(|| {
+                format!("loading program {} (kernel verifier)", program::RESYN_TC)
+            })?;
+            self.resyn_progs
+                .set(program::RESYN_TC_SLOT, resyn.fd()?, 0)
+                .map_err(DatapathError::map(map::RESYN_PROGS))?;
             self.tc_loaded = true;
         }
-        Ok(tc)
+        program(&mut self.ebpf, program::TC)
     }
 
     /// With pinning: an interface whose link an earlier agent pinned gets
