@@ -59,7 +59,8 @@ pub mod map {
     pub const SOCK_REVERSE: &str = "SOCK_REVERSE";
     pub const SOCK_CONNECTS: &str = "SOCK_CONNECTS";
     pub const SYN_RECORDS: &str = "SYN_RECORDS";
-    pub const RESYN_PROGS: &str = "RESYN_PROGS";
+    pub const RESYN_XDP: &str = "RESYN_XDP";
+    pub const RESYN_TC: &str = "RESYN_TC";
 }
 
 const fn def(name: &'static str, pinned: bool, sizing: Sizing) -> MapDef {
@@ -99,20 +100,18 @@ pub const MAPS: &[MapDef] = &[
     // Not pinned: after a restart a half-open connect's refusal waits for
     // the client's retransmission, as without them.
     def(map::SYN_RECORDS, false, Sizing::HalfOpen),
-    def(map::RESYN_PROGS, false, Sizing::Fixed),
+    def(map::RESYN_XDP, false, Sizing::Fixed),
+    def(map::RESYN_TC, false, Sizing::Fixed),
 ];
 
 /// The programs' names (their entry functions in agent-ebpf/src/main.rs).
 pub mod program {
     pub const XDP: &str = "sluice_xdp";
     pub const TC: &str = "sluice_tc";
-    /// Tail-called by the XDP and TC programs, from the `RESYN_PROGS`
-    /// slots `RESYN_XDP_SLOT` and `RESYN_TC_SLOT` (the kernel's
-    /// `resyn::XDP_SLOT`, `resyn::TC_SLOT`).
+    /// Tail-called by the XDP and TC programs, from slot 0 of the maps
+    /// `RESYN_XDP` and `RESYN_TC`.
     pub const RESYN_XDP: &str = "sluice_resyn_xdp";
     pub const RESYN_TC: &str = "sluice_resyn_tc";
-    pub const RESYN_XDP_SLOT: u32 = 0;
-    pub const RESYN_TC_SLOT: u32 = 1;
     /// The cgroup sock_addr programs of socket-level balancing.
     pub const SOCKET: [&str; 8] = [
         "sluice_connect4",

@@ -55,7 +55,7 @@ use aya_ebpf::{
     macros::{cgroup_sock, cgroup_sock_addr, classifier, raw_tracepoint, xdp},
     programs::{RawTracePointContext, SockAddrContext, SockContext, TcContext, XdpContext},
 };
-use maps::RESYN_PROGS;
+use maps::{RESYN_TC, RESYN_XDP};
 use packet::{Action, Ctx};
 use sock::Hook;
 
@@ -69,7 +69,7 @@ pub fn sluice_xdp(ctx: XdpContext) -> u32 {
         // A refusal held back for a retry: `resyn` may send the client's
         // SYN on at once. If the slot is empty, the drop stands.
         // SAFETY: a tail call with this program's own context.
-        unsafe { RESYN_PROGS.tail_call(&ctx, resyn::XDP_SLOT) };
+        unsafe { RESYN_XDP.tail_call(&ctx, 0) };
     }
     verdict
 }
@@ -88,7 +88,7 @@ pub fn sluice_tc(ctx: TcContext) -> i32 {
     if verdict == TC_ACT_SHOT && resyn::requested() {
         // As in `sluice_xdp`.
         // SAFETY: a tail call with this program's own context.
-        unsafe { RESYN_PROGS.tail_call(&ctx, resyn::TC_SLOT) };
+        unsafe { RESYN_TC.tail_call(&ctx, 0) };
     }
     verdict
 }

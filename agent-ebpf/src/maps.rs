@@ -125,11 +125,18 @@ pub static SOCK_CONNECTS: LruHashMap<u64, agent_common::SockConnect> =
 #[map]
 pub static SYN_RECORDS: LruHashMap<FlowKey, SynRecord> = LruHashMap::with_max_entries(65_536, 0);
 
-/// The programs that turn a held-back refusal into the client's SYN
-/// towards the next backend (see `resyn`), tail-called by the entry
-/// points: `resyn::XDP_SLOT` and `resyn::TC_SLOT`.
+/// The program that turns a held-back refusal into the client's SYN
+/// towards the next backend (see `resyn`), tail-called by `sluice_xdp`
+/// (slot 0). One array per program type: the kernel ties a program array
+/// to the type of the first program that uses it.
 #[map]
-pub static RESYN_PROGS: aya_ebpf::maps::ProgramArray = aya_ebpf::maps::ProgramArray::with_max_entries(2, 0);
+pub static RESYN_XDP: aya_ebpf::maps::ProgramArray =
+    aya_ebpf::maps::ProgramArray::with_max_entries(1, 0);
+
+/// As `RESYN_XDP`, tail-called by `sluice_tc`.
+#[map]
+pub static RESYN_TC: aya_ebpf::maps::ProgramArray =
+    aya_ebpf::maps::ProgramArray::with_max_entries(1, 0);
 
 /// This CPU's scratch area (see `Scratch`).
 #[inline(always)]

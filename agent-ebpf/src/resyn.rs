@@ -42,10 +42,6 @@ use crate::{
     tcp_state::{Resend, retry, syn_facts},
 };
 
-/// `RESYN_PROGS` slots of the XDP and the TC program (the agent fills them).
-pub const XDP_SLOT: u32 = agent_common::registry::program::RESYN_XDP_SLOT;
-pub const TC_SLOT: u32 = agent_common::registry::program::RESYN_TC_SLOT;
-
 /// Refusals of one connect turned into a SYN at once; after that the
 /// client's retransmissions pace the retries. It bounds a loop of
 /// refusals at packet speed when every backend refuses.

@@ -207,10 +207,11 @@ enum Link {
 /// that is not pinned.
 pub struct Datapath {
     ebpf: Ebpf,
-    /// The programs the XDP and TC programs tail-call to turn a refusal
-    /// into the client's SYN towards the next backend. Held open: the
-    /// kernel empties a program array when its last user handle closes.
-    resyn_progs: ProgramArray<MapData>,
+    /// The program arrays (XDP, TC) from which the XDP and TC programs
+    /// tail-call the programs that turn a refusal into the client's SYN
+    /// towards the next backend. Held open: the kernel empties a program
+    /// array when its last user handle closes.
+    resyn: [ProgramArray<MapData>; 2],
     links: BTreeMap<String, (AttachMode, AttachMode, Link)>,
     tc_loaded: bool,
     pins: Option<PinDir>,
@@ -249,18 +250,19 @@ impl Datapath {
         let xdp: &mut Xdp = program(&mut ebpf, program::XDP)?;
         verify(|| xdp.load())
             .with_context(|| format!("loading program {} (kernel verifier)", program::XDP))?;
-        let mut resyn_progs: ProgramArray<MapData> = take(&mut ebpf, map::RESYN_PROGS)?;
+        let mut resyn_xdp: ProgramArray<MapData> = take(&mut ebpf, map::RESYN_XDP)?;
+        let resyn_tc: ProgramArray<MapData> = take(&mut ebpf, map::RESYN_TC)?;
         let resyn: &mut Xdp = program(&mut ebpf, program::RESYN_XDP)?;
         verify(|| resyn.load())
             .with_context(|| format!("loading program {} (kernel verifier)", program::RESYN_XDP))?;
-        resyn_progs
-            .set(program::RESYN_XDP_SLOT, resyn.fd()?, 0)
-            .map_err(DatapathError::map(map::RESYN_PROGS))?;
+        resyn_xdp
+            .set(0, resyn.fd()?, 0)
+            .map_err(DatapathError::map(map::RESYN_XDP))?;
         let maps = Maps::take_all(&mut ebpf)?;
         Ok((
             Self {
                 ebpf,
-                resyn_progs,
+                resyn: [resyn_xdp, resyn_tc],
                 links: BTreeMap::new(),
                 tc_loaded: false,
                 pins,
@@ -452,9 +454,9 @@ impl Datapath {
             verify(|| resyn.load()).with_context(|| {
                 format!("loading program {} (kernel verifier)", program::RESYN_TC)
             })?;
-            self.resyn_progs
-                .set(program::RESYN_TC_SLOT, resyn.fd()?, 0)
-                .map_err(DatapathError::map(map::RESYN_PROGS))?;
+            self.resyn[1]
+                .set(0, resyn.fd()?, 0)
+                .map_err(DatapathError::map(map::RESYN_TC))?;
             self.tc_loaded = true;
         }
         program(&mut self.ebpf, program::TC)
@@ -532,6 +534,17 @@ impl Datapath {
             |info: aya::programs::ProgramInfo| info.verified_instruction_count().unwrap_or(0);
         let xdp = count(self.xdp_program()?.info()?);
         let tc = count(self.tc_program()?.info()?);
+        Ok((xdp, tc))
+    }
+
+    /// As `verified_instructions`, for the programs they tail-call to turn
+    /// a refusal into the client's SYN (XDP, TC).
+    pub fn resyn_verified_instructions(&mut self) -> Result<(u32, u32)> {
+        self.tc_program()?; // loads the TC one
+        let count =
+            |info: aya::programs::ProgramInfo| info.verified_instruction_count().unwrap_or(0);
+        let xdp = count(program::<Xdp>(&mut self.ebpf, program::RESYN_XDP)?.info()?);
+        let tc = count(program::<SchedClassifier>(&mut self.ebpf, program::RESYN_TC)?.info()?);
         Ok((xdp, tc))
     }
 
