@@ -201,6 +201,46 @@ fn refused_syn_is_resent_at_once_to_another_backend_ipv6() -> Result<()> {
     refusal_becomes_the_clients_syn(Family::V6, 41_010)
 }
 
+/// With SNAT the resent SYN leaves from the SNAT address, on the port the
+/// retry reserved towards the new backend, and the new backend's answer
+/// reaches the client.
+#[test]
+fn refused_syn_is_resent_at_once_with_snat() -> Result<()> {
+    let text = services_in(FAM, true, &[0, 1, 2], 50).replace(
+        "    failure:\n",
+        &format!(
+            "    forwarding: snat\n    snat_ip: \"{}\"\n    failure:\n",
+            FAM.snat()
+        ),
+    );
+    let mut bed = FibBed::new(&text)?;
+    let (rc, out) = bed.run(&client_syn(FAM, 41_020).bytes())?;
+    assert_eq!(rc, XDP_REDIRECT);
+    let first = backend_of(&out);
+    let sent = segment(&out);
+    assert_eq!(sent.src, FAM.snat());
+    let to_snat = |b: usize, port: u16, flags: u8| Pkt {
+        smac: backend_mac(b),
+        dmac: T0_MAC,
+        ack: CLIENT_SEQ.wrapping_add(1),
+        ..Pkt::tcp(FAM.backend(b), 8080, FAM.snat(), port, flags)
+    };
+    let (rc, out) = bed.run_in("t0", &to_snat(first, sent.sport, TCP_RST | TCP_ACK).bytes())?;
+    assert_eq!(rc, XDP_TX);
+    let second = backend_of(&out);
+    assert_ne!(second, first);
+    let resent = segment(&out);
+    assert_eq!(resent.src, FAM.snat());
+    assert_eq!((resent.dst, resent.dport), (FAM.backend(second), 8080));
+    assert_eq!((resent.seq, resent.options.as_slice()), (CLIENT_SEQ, &SYN_OPTIONS[..]));
+    let (rc, out) = bed.run_in("t0", &to_snat(second, resent.sport, TCP_SYN | TCP_ACK).bytes())?;
+    assert_eq!(rc, XDP_REDIRECT);
+    let answer = segment(&out);
+    assert_eq!((answer.src, answer.sport), (FAM.vip(), 80));
+    assert_eq!((answer.dst, answer.dport), (FAM.client(), 41_020));
+    Ok(())
+}
+
 /// A SYN the record can't hold (here: data past 60 bytes of segment) keeps
 /// today's retry: the refusal is held back, and the client's
 /// retransmission goes to another backend.
