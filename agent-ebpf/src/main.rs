@@ -50,7 +50,7 @@ mod bench;
 mod sock;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT, __sk_buff, xdp_action, xdp_md},
+    bindings::{__sk_buff, TC_ACT_OK, TC_ACT_SHOT, xdp_action, xdp_md},
     helpers::bpf_redirect,
     macros::{cgroup_sock, cgroup_sock_addr, classifier, raw_tracepoint, xdp},
     programs::{RawTracePointContext, SockAddrContext, SockContext, TcContext, XdpContext},

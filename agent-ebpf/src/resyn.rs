@@ -24,7 +24,7 @@ use core::ffi::c_void;
 
 use agent_common::{FAMILY_V4, FLOW_F_VERIFIED, PROTO_TCP, flow_state};
 use aya_ebpf::{
-    bindings::{BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM, __sk_buff, xdp_md},
+    bindings::{__sk_buff, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM, xdp_md},
     helpers::generated::{
         bpf_csum_update, bpf_l4_csum_replace, bpf_skb_change_tail, bpf_skb_pull_data,
         bpf_skb_store_bytes, bpf_xdp_adjust_tail, bpf_xdp_store_bytes,
@@ -151,7 +151,14 @@ fn resend(ctx: &Ctx) -> Option<Action> {
         core::ptr::write_volatile(&mut s.syn_seq, f.syn_seq);
     }
     let refused = f.backend_id;
-    retry(s, f, failure::now_ns(), Resend::AfterFailure, Table::HalfOpen).ok()?;
+    retry(
+        s,
+        f,
+        failure::now_ns(),
+        Resend::AfterFailure,
+        Table::HalfOpen,
+    )
+    .ok()?;
     if f.backend_id == refused {
         return None; // no other backend: the client's retransmission retries
     }
@@ -190,12 +197,7 @@ fn resend(ctx: &Ctx) -> Option<Action> {
         _ => &mut f.fib,
     };
     Some(forward::to_next_hop(
-        &c,
-        &pkt,
-        &mut s.fib,
-        &f.new_src,
-        &f.new_dst,
-        cache,
+        &c, &pkt, &mut s.fib, &f.new_src, &f.new_dst, cache,
     ))
 }
 

@@ -283,7 +283,13 @@ pub enum Resend {
 /// the next healthy choice after the current one. If there is none, the SYN
 /// goes to the same backend again.
 #[inline(always)]
-pub fn retry(s: &mut Scratch, f: &mut Flow, now: u64, why: Resend, table: Table) -> Result<(), u32> {
+pub fn retry(
+    s: &mut Scratch,
+    f: &mut Flow,
+    now: u64,
+    why: Resend,
+    table: Table,
+) -> Result<(), u32> {
     let key = &s.key;
     let Some(service) = service::lookup(
         &mut s.service_key,

@@ -722,7 +722,10 @@ fn connect_with_options(vip: SocketAddr) -> Result<(u8, String)> {
             &mut len,
         );
         if rc != 0 {
-            bail!("TCP_INFO of the connection to {vip}: {}", std::io::Error::last_os_error());
+            bail!(
+                "TCP_INFO of the connection to {vip}: {}",
+                std::io::Error::last_os_error()
+            );
         }
         info.tcpi_options
     };
@@ -731,7 +734,10 @@ fn connect_with_options(vip: SocketAddr) -> Result<(u8, String)> {
     let mut reply = String::new();
     s.read_to_string(&mut reply)
         .with_context(|| format!("reading from {vip}"))?;
-    Ok((options, reply.split_whitespace().next().unwrap_or("").to_string()))
+    Ok((
+        options,
+        reply.split_whitespace().next().unwrap_or("").to_string(),
+    ))
 }
 
 /// Backend 1's port is closed: connections whose first Maglev choice it is
@@ -742,8 +748,13 @@ fn connect_with_options(vip: SocketAddr) -> Result<(u8, String)> {
 /// SYN it got did).
 fn refused_first_choice_goes_on_at_once(fam: Family, tag: &str) -> Result<()> {
     let topo = Topology::new(tag, 3)?;
-    let _servers = [0, 2]
-        .map(|i| NameServer::start(&topo.backends[i], SocketAddr::new(fam.backend(i), PORT), &format!("b{i}")));
+    let _servers = [0, 2].map(|i| {
+        NameServer::start(
+            &topo.backends[i],
+            SocketAddr::new(fam.backend(i), PORT),
+            &format!("b{i}"),
+        )
+    });
     let _servers = _servers.into_iter().collect::<Result<Vec<_>>>()?;
     topo.warm_neighbours()?;
     let dir = TempDir::new(tag)?;
@@ -753,7 +764,10 @@ fn refused_first_choice_goes_on_at_once(fam: Family, tag: &str) -> Result<()> {
         fam.vip()
     );
     for i in 0..3 {
-        text += &format!("      - address: \"{}\"\n", SocketAddr::new(fam.backend(i), PORT));
+        text += &format!(
+            "      - address: \"{}\"\n",
+            SocketAddr::new(fam.backend(i), PORT)
+        );
     }
     std::fs::write(dir.path("sluice.yaml"), text)?;
     let agent = Agent::start(&topo.lb, &dir.path("sluice.yaml"), dir.path("agent.log"))?;

@@ -153,7 +153,10 @@ fn refusal_becomes_the_clients_syn(fam: Family, port: u16) -> Result<()> {
     let first = backend_of(&out);
     let sent = segment(&out);
 
-    let (rc, out) = bed.run_in("t0", &answer_in(fam, first, port, TCP_RST | TCP_ACK).bytes())?;
+    let (rc, out) = bed.run_in(
+        "t0",
+        &answer_in(fam, first, port, TCP_RST | TCP_ACK).bytes(),
+    )?;
     assert_eq!(rc, XDP_TX, "the RST goes back out as a SYN");
     assert_eq!(bed.reason(reason::RST_HELD_FOR_RETRY), 1);
     let ids: Vec<u32> = (0..3)
@@ -183,10 +186,16 @@ fn refusal_becomes_the_clients_syn(fam: Family, port: u16) -> Result<()> {
 
     // The new backend's SYN-ACK reaches the client; the refusing backend's
     // late packets of this flow are not translated any more.
-    let (rc, _) = bed.run_in("t0", &answer_in(fam, second, port, TCP_SYN | TCP_ACK).bytes())?;
+    let (rc, _) = bed.run_in(
+        "t0",
+        &answer_in(fam, second, port, TCP_SYN | TCP_ACK).bytes(),
+    )?;
     assert_eq!(rc, XDP_REDIRECT);
     assert_eq!(bed.reconciler.stats(false, ids[second]).opened, 1);
-    let (rc, _) = bed.run_in("t0", &answer_in(fam, first, port, TCP_RST | TCP_ACK).bytes())?;
+    let (rc, _) = bed.run_in(
+        "t0",
+        &answer_in(fam, first, port, TCP_RST | TCP_ACK).bytes(),
+    )?;
     assert_ne!(rc, XDP_TX);
     Ok(())
 }
@@ -232,8 +241,14 @@ fn refused_syn_is_resent_at_once_with_snat() -> Result<()> {
     let resent = segment(&out);
     assert_eq!(resent.src, FAM.snat());
     assert_eq!((resent.dst, resent.dport), (FAM.backend(second), 8080));
-    assert_eq!((resent.seq, resent.options.as_slice()), (CLIENT_SEQ, &SYN_OPTIONS[..]));
-    let (rc, out) = bed.run_in("t0", &to_snat(second, resent.sport, TCP_SYN | TCP_ACK).bytes())?;
+    assert_eq!(
+        (resent.seq, resent.options.as_slice()),
+        (CLIENT_SEQ, &SYN_OPTIONS[..])
+    );
+    let (rc, out) = bed.run_in(
+        "t0",
+        &to_snat(second, resent.sport, TCP_SYN | TCP_ACK).bytes(),
+    )?;
     assert_eq!(rc, XDP_REDIRECT);
     let answer = segment(&out);
     assert_eq!((answer.src, answer.sport), (FAM.vip(), 80));

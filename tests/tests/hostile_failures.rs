@@ -140,7 +140,10 @@ fn forged_icmp_and_rsts_never_count_against_a_healthy_backend() -> Result<()> {
         };
         let (rc, out) = bed.run_in("t0", &wrong_ack.bytes())?;
         assert_ne!(rc, XDP_DROP, "not held back as a refusal");
-        assert!(!resent_syn(rc, &out), "a RST with the wrong ack resent the SYN");
+        assert!(
+            !resent_syn(rc, &out),
+            "a RST with the wrong ack resent the SYN"
+        );
         let (rc, out) = bed.run_in(
             "t0",
             &from_backend(b, client, port, TCP_RST, CLIENT_SEQ + 1).bytes(),

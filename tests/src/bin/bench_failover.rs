@@ -416,7 +416,7 @@ fn death(args: &Args) -> Result<()> {
     );
     let mut totals = (0, 0, 0, 0);
     for r in 0..args.rounds {
-        let (s, i, elapsed) = round(&args, r)?;
+        let (s, i, elapsed) = round(args, r)?;
         let stopped = s
             .stopped_after
             .map(|d| format!("{:.2} s", d.as_secs_f64()))
