@@ -99,7 +99,7 @@ pub const MAPS: &[MapDef] = &[
     def(map::SOCK_CONNECTS, true, Sizing::Fixed),
     // Not pinned: after a restart a half-open connect's refusal waits for
     // the client's retransmission, as without them.
-    def(map::SYN_RECORDS, false, Sizing::HalfOpen),
+    def(map::SYN_RECORDS, false, Sizing::Fixed),
     def(map::RESYN_XDP, false, Sizing::Fixed),
     def(map::RESYN_TC, false, Sizing::Fixed),
 ];

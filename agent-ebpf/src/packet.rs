@@ -107,8 +107,6 @@ pub struct Scratch {
     pub syn_refusal: u32,
     pub syn_verified: u32,
     pub syn_seq: u32,
-    /// A client's SYN being recorded for `SYN_RECORDS` (see `resyn`).
-    pub record: SynRecord,
     /// Set with a refusal held back for a retry: the flow's forward key
     /// and where the RST's IP and TCP headers are, for `resyn`, which the
     /// entry point tail-calls to turn the RST into the client's SYN
@@ -120,6 +118,15 @@ pub struct Scratch {
     pub resyn: u32,
 }
 
+/// Slots of `SYN_RECORDS` (a power of two). A record is needed from a SYN
+/// until its answer (a round trip to the backend), and it is lost when
+/// another connect's hash takes its slot meanwhile: about rate × round
+/// trip / slots of refusals (1% at 10,000 connects a second and 1 ms) then
+/// wait for the client's retransmission. Few enough slots to stay in the
+/// CPU's cache: at 16,384 the random slot of each new flow missed it and
+/// cost about 200 ns a new flow (`bench datapath`), at 1,024 about 40.
+pub const SYN_RECORD_SLOTS: u32 = 1_024;
+
 /// Words of `SynRecord::tcp`: a TCP header with the most options (60 bytes).
 pub const SYN_TCP_WORDS: usize = 15;
 
@@ -130,6 +137,9 @@ pub const SYN_TCP_WORDS: usize = 15;
 /// timestamps), which the backend's SYN-ACK must match.
 #[repr(C)]
 pub struct SynRecord {
+    /// The hash of the flow's forward key (client → VIP): with the ports
+    /// and the sequence number in `tcp`, whose SYN this is.
+    pub hash: u32,
     /// The TCP segment as the client sent it (header, options, and data
     /// when there is room), zero-padded.
     pub tcp: [u32; SYN_TCP_WORDS],
@@ -146,7 +156,7 @@ pub struct SynRecord {
     /// backend (see `resyn::MAX_RESENDS`).
     pub resends: u8,
 }
-const _: () = assert!(mem::size_of::<SynRecord>() == 68);
+const _: () = assert!(mem::size_of::<SynRecord>() == 72);
 
 /// `Scratch::syn_refusal` of a SYN that may go on.
 pub const NO_REFUSAL: u32 = u32::MAX;

@@ -3,8 +3,8 @@
 //! next healthy backend, so the connect goes on at once instead of when
 //! the client retransmits its SYN (about a second later).
 //!
-//! The client's SYN is recorded at its first pass (`remember`, into
-//! `SYN_RECORDS`): its TCP header with the options as sent (MSS, window
+//! The client's SYN is recorded at its first pass (`remember`, into a slot
+//! of `SYN_RECORDS`): its TCP header with the options as sent (MSS, window
 //! scale, SACK-permitted, timestamps), and the IP fields that carry over.
 //! The pipeline holds the refusal back as before and asks for a resend
 //! (`tcp_state::backend_tcp`); the entry point then tail-calls the program
@@ -37,7 +37,9 @@ use crate::{
     forward::{self, ttl_allows_forwarding},
     headers::{Ipv4, Ipv6, TCP_CHECK_OFFSET, TCP_HDR_LEN},
     maps::{self, BACKEND_FIB, HALF_OPEN, SYN_RECORDS},
-    packet::{Action, Ctx, Packet, SYN_TCP_WORDS, Scratch, copy_key, fragment, ptr_at},
+    packet::{
+        Action, Ctx, Packet, SYN_RECORD_SLOTS, SYN_TCP_WORDS, Scratch, copy_key, fragment, ptr_at,
+    },
     stats::account,
     tcp_state::{Resend, retry, syn_facts},
 };
@@ -47,17 +49,31 @@ use crate::{
 /// refusals at packet speed when every backend refuses.
 const MAX_RESENDS: u8 = 3;
 
+/// The `SYN_RECORDS` slot of a flow whose forward key hashes to `hash`.
+#[inline(always)]
+fn slot(hash: u32) -> u32 {
+    hash & (SYN_RECORD_SLOTS - 1)
+}
+
 /// Records the client's SYN of a new connect of a service that retries
 /// (the flow's forward key is `s.key`). Only a SYN checked whole
 /// (`integrity`: then its segment is in `s.words`) that fits the record:
-/// another keeps the retransmission-based retry.
+/// another keeps the retransmission-based retry. Not atomic: two CPUs
+/// recording into one slot at once may mix two records, which `resend`
+/// takes for neither flow's (the hash, the ports and the sequence number
+/// must match).
 #[inline(always)]
 pub fn remember(ctx: &Ctx, pkt: &Packet, s: &mut Scratch) {
     let len = pkt.ip_end.wrapping_sub(pkt.l4);
     if !syn_facts(s).0 || !(TCP_HDR_LEN..=SYN_TCP_WORDS * 4).contains(&len) {
         return;
     }
-    let r = &mut s.record;
+    let hash = s.key.flow_hash();
+    let Some(r) = SYN_RECORDS.get_ptr_mut(slot(hash)) else {
+        return;
+    };
+    // SAFETY: an array slot (see the note on races above).
+    let r = unsafe { &mut *r };
     if pkt.family == FAMILY_V4 {
         let Some(ip) = ptr_at::<Ipv4>(ctx, pkt.l3) else {
             return;
@@ -88,7 +104,7 @@ pub fn remember(ctx: &Ctx, pkt: &Packet, s: &mut Scratch) {
     }
     r.tcp_len = len as u8;
     r.resends = 0;
-    let _ = SYN_RECORDS.insert(&s.key, &s.record, 0);
+    r.hash = hash;
 }
 
 /// Whether the pipeline asked for a resend on this packet (see
@@ -122,10 +138,17 @@ fn resend(ctx: &Ctx) -> Option<Action> {
     // SAFETY: a live map value, not aliased by the scratch area.
     let f = unsafe { &mut *HALF_OPEN.get_ptr_mut(&s.key)? };
     // SAFETY: as above.
-    let rec = unsafe { &mut *SYN_RECORDS.get_ptr_mut(&s.key)? };
-    // The record must be this connect's SYN (a reused 5-tuple's new
-    // connect may have found an old record), and the flow still refused.
-    if f.state != flow_state::REFUSED || rec.tcp[1] != f.syn_seq || rec.resends >= MAX_RESENDS {
+    let hash = s.key.flow_hash();
+    let rec = unsafe { &mut *SYN_RECORDS.get_ptr_mut(slot(hash))? };
+    // The record must be this connect's SYN (another flow's may have taken
+    // the slot, a reused 5-tuple's earlier connect may have left it), and
+    // the flow still refused.
+    if f.state != flow_state::REFUSED
+        || rec.hash != hash
+        || rec.tcp[0] != u32::from(s.key.sport) | u32::from(s.key.dport) << 16
+        || rec.tcp[1] != f.syn_seq
+        || rec.resends >= MAX_RESENDS
+    {
         return None;
     }
     let v4 = s.key.family == FAMILY_V4;

@@ -210,8 +210,9 @@ pub struct Datapath {
     /// The program arrays (XDP, TC) from which the XDP and TC programs
     /// tail-call the programs that turn a refusal into the client's SYN
     /// towards the next backend. Held open: the kernel empties a program
-    /// array when its last user handle closes.
-    resyn: [ProgramArray<MapData>; 2],
+    /// array when its last user handle closes. `None` for an object
+    /// without them.
+    resyn: Option<[ProgramArray<MapData>; 2]>,
     links: BTreeMap<String, (AttachMode, AttachMode, Link)>,
     tc_loaded: bool,
     pins: Option<PinDir>,
@@ -250,19 +251,33 @@ impl Datapath {
         let xdp: &mut Xdp = program(&mut ebpf, program::XDP)?;
         verify(|| xdp.load())
             .with_context(|| format!("loading program {} (kernel verifier)", program::XDP))?;
-        let mut resyn_xdp: ProgramArray<MapData> = take(&mut ebpf, map::RESYN_XDP)?;
-        let resyn_tc: ProgramArray<MapData> = take(&mut ebpf, map::RESYN_TC)?;
-        let resyn: &mut Xdp = program(&mut ebpf, program::RESYN_XDP)?;
-        verify(|| resyn.load())
-            .with_context(|| format!("loading program {} (kernel verifier)", program::RESYN_XDP))?;
-        resyn_xdp
-            .set(0, resyn.fd()?, 0)
-            .map_err(DatapathError::map(map::RESYN_XDP))?;
+        // An object without them (an older build, loaded to compare or
+        // upgrade) keeps the retransmission-based retry.
+        let resyn = match ebpf.program(program::RESYN_XDP) {
+            Some(_) => {
+                let mut xdp: ProgramArray<MapData> = take(&mut ebpf, map::RESYN_XDP)?;
+                let tc: ProgramArray<MapData> = take(&mut ebpf, map::RESYN_TC)?;
+                let resyn: &mut Xdp = program(&mut ebpf, program::RESYN_XDP)?;
+                verify(|| resyn.load()).with_context(|| {
+                    format!("loading program {} (kernel verifier)", program::RESYN_XDP)
+                })?;
+                xdp.set(0, resyn.fd()?, 0)
+                    .map_err(DatapathError::map(map::RESYN_XDP))?;
+                Some([xdp, tc])
+            }
+            None => {
+                warn!(
+                    "the eBPF object has no {}: a refused connect is retried when the client sends its SYN again",
+                    program::RESYN_XDP
+                );
+                None
+            }
+        };
         let maps = Maps::take_all(&mut ebpf)?;
         Ok((
             Self {
                 ebpf,
-                resyn: [resyn_xdp, resyn_tc],
+                resyn,
                 links: BTreeMap::new(),
                 tc_loaded: false,
                 pins,
@@ -450,13 +465,15 @@ impl Datapath {
         if !self.tc_loaded {
             verify(|| tc.load())
                 .with_context(|| format!("loading program {} (kernel verifier)", program::TC))?;
-            let resyn: &mut SchedClassifier = program(&mut self.ebpf, program::RESYN_TC)?;
-            verify(|| resyn.load()).with_context(|| {
-                format!("loading program {} (kernel verifier)", program::RESYN_TC)
-            })?;
-            self.resyn[1]
-                .set(0, resyn.fd()?, 0)
-                .map_err(DatapathError::map(map::RESYN_TC))?;
+            if let Some([_, resyn_tc]) = &mut self.resyn {
+                let resyn: &mut SchedClassifier = program(&mut self.ebpf, program::RESYN_TC)?;
+                verify(|| resyn.load()).with_context(|| {
+                    format!("loading program {} (kernel verifier)", program::RESYN_TC)
+                })?;
+                resyn_tc
+                    .set(0, resyn.fd()?, 0)
+                    .map_err(DatapathError::map(map::RESYN_TC))?;
+            }
             self.tc_loaded = true;
         }
         program(&mut self.ebpf, program::TC)
