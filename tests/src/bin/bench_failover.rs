@@ -14,7 +14,9 @@
 //! connect waited for the client's SYN retransmission, about 1 s), beside
 //! connects that went straight through the VIP and connects made directly to
 //! the open backend (the LB namespace routing them), all interleaved in the
-//! same run. `--only death|refused` runs one part.
+//! same run; with `--before-object FILE` also the retransmission-based retry
+//! of an older build of the kernel programs, same run. `--only
+//! death|refused` runs one part.
 
 use std::{
     net::{SocketAddr, TcpStream},
@@ -48,6 +50,8 @@ struct Args {
     only: Option<String>,
     refused_rounds: usize,
     refused_connections: usize,
+    before_object: Option<String>,
+    before_connections: usize,
 }
 
 fn parse_args() -> Result<Args> {
@@ -58,6 +62,8 @@ fn parse_args() -> Result<Args> {
         ("--only", "death|refused"),
         ("--refused-rounds", "N"),
         ("--refused-connections", "N"),
+        ("--before-object", "FILE"),
+        ("--before-connections", "N"),
     ])?;
     let only = f.text("--only");
     if let Some(part) = &only
@@ -73,6 +79,8 @@ fn parse_args() -> Result<Args> {
         only,
         refused_rounds: f.get("--refused-rounds", 5)?,
         refused_connections: f.get("--refused-connections", 200)?,
+        before_object: f.text("--before-object"),
+        before_connections: f.get("--before-connections", 20)?,
     })
 }
 
@@ -278,9 +286,53 @@ fn timed_connect(target: SocketAddr) -> Result<Duration> {
     Ok(took)
 }
 
+/// The refusals counted for `closed` so far by the agent.
+fn refusals(topo: &Topology, agent: &Agent, closed: SocketAddr) -> Result<f64> {
+    let m = http_get(&topo.lb, agent.listen, "/metrics")?.1;
+    let closed = closed.to_string();
+    Ok(metric(
+        &m,
+        "sluice_backend_failures_total",
+        &[("backend", &closed), ("reason", "refused")],
+    )
+    .unwrap_or(0.0))
+}
+
+/// `n` connects through `vip`, each classified by whether the agent counted
+/// a refusal of `closed` on it, and (`direct`) each followed by one
+/// directly to that address: (refused first, straight, direct).
+fn connects(
+    topo: &Topology,
+    agent: &Agent,
+    vip: SocketAddr,
+    closed: SocketAddr,
+    direct: Option<SocketAddr>,
+    n: usize,
+) -> Result<(Times, Times, Times)> {
+    let (mut first_refused, mut straight, mut direct_times) =
+        (Times::default(), Times::default(), Times::default());
+    for _ in 0..n {
+        let before = refusals(topo, agent, closed)?;
+        let through_vip = topo.client.enter(|| timed_connect(vip))?;
+        if refusals(topo, agent, closed)? > before {
+            first_refused.add(through_vip);
+        } else {
+            straight.add(through_vip);
+        }
+        if let Some(to) = direct {
+            direct_times.add(topo.client.enter(|| timed_connect(to))?);
+        }
+    }
+    Ok((first_refused, straight, direct_times))
+}
+
 /// The refused first choice, `--refused-rounds` rounds of
 /// `--refused-connections` pairs (a connect through the VIP, then one
-/// directly to the open backend).
+/// directly to the open backend). With `--before-object FILE` (a build of
+/// the kernel programs without the immediate resend, e.g. main's), each
+/// round then restarts the agent on it for `--before-connections` connects
+/// through the VIP: the retransmission-based retry, measured in the same
+/// run.
 fn refused(args: &Args) -> Result<()> {
     let topo = Topology::new("bq", 2)?;
     // Backend 0 serves; backend 1's port is closed (it refuses).
@@ -301,27 +353,25 @@ fn refused(args: &Args) -> Result<()> {
     text += &format!(
         "services:\n  - name: web\n    vip: {SLUICE_VIP}\n    port: 80\n    protocol: tcp\n    failure:\n      consecutive_failures: 1000000000\n      retry_on_refused: true\n    backends:\n      - address: {open}\n      - address: {closed}\n"
     );
-    std::fs::write(dir.path("sluice.yaml"), text)?;
-    let agent = Agent::start(&topo.lb, &dir.path("sluice.yaml"), dir.path("agent.log"))?;
+    let config = dir.path("sluice.yaml");
+    std::fs::write(&config, text)?;
     let vip: SocketAddr = format!("{SLUICE_VIP}:80").parse()?;
-    let refusals = || -> Result<f64> {
-        let m = http_get(&topo.lb, agent.listen, "/metrics")?.1;
-        let closed = closed.to_string();
-        Ok(metric(
-            &m,
-            "sluice_backend_failures_total",
-            &[("backend", &closed), ("reason", "refused")],
-        )
-        .unwrap_or(0.0))
-    };
 
     println!(
         "\na refused first choice: 2 backends, one with its port closed; {} rounds of {} connects \
-         through the VIP, each followed by one directly to the open backend\n",
-        args.refused_rounds, args.refused_connections
+         through the VIP, each followed by one directly to the open backend{}\n",
+        args.refused_rounds,
+        args.refused_connections,
+        match &args.before_object {
+            Some(o) => format!(
+                "; then {} through the VIP with the kernel programs of {o}",
+                args.before_connections
+            ),
+            None => String::new(),
+        }
     );
     println!(
-        "{:<6} {:>9} {:>12} {:>12} {:>9} {:>12} {:>12} {:>12} {:>12} {:>10}",
+        "{:<6} {:>9} {:>10} {:>10} {:>9} {:>10} {:>11} {:>11} {:>10} {:>15} {:>9}",
         "round",
         "refused",
         "p50 µs",
@@ -331,33 +381,51 @@ fn refused(args: &Args) -> Result<()> {
         "direct p50",
         "direct p99",
         "p50 ratio",
-        "failures"
+        "before: refused",
+        "p50 µs"
     );
-    let (mut all_refused, mut all_direct, mut all_straight) =
-        (Times::default(), Times::default(), Times::default());
+    let (mut all_refused, mut all_direct, mut all_straight, mut all_before) = (
+        Times::default(),
+        Times::default(),
+        Times::default(),
+        Times::default(),
+    );
     let (mut p50_ratios, mut p99_ratios) = (Vec::new(), Vec::new());
     let mut failed = 0;
     for round in 0..args.refused_rounds {
-        let (mut first_refused, mut straight, mut direct) =
-            (Times::default(), Times::default(), Times::default());
-        for _ in 0..args.refused_connections {
-            let before = refusals()?;
-            let through_vip = topo.client.enter(|| timed_connect(vip))?;
-            if refusals()? > before {
-                first_refused.add(through_vip);
-            } else {
-                straight.add(through_vip);
+        let agent = Agent::start(&topo.lb, &config, dir.path("agent.log"))?;
+        let (first_refused, straight, direct) = connects(
+            &topo,
+            &agent,
+            vip,
+            closed,
+            Some(direct_to),
+            args.refused_connections,
+        )?;
+        drop(agent);
+        let before = match &args.before_object {
+            Some(object) => {
+                let agent = Agent::start_with(
+                    &topo.lb,
+                    &config,
+                    dir.path("agent-before.log"),
+                    &["--ebpf-object", object],
+                )?;
+                let (before, straight_before, _) =
+                    connects(&topo, &agent, vip, closed, None, args.before_connections)?;
+                failed += straight_before.failed;
+                before
             }
-            direct.add(topo.client.enter(|| timed_connect(direct_to))?);
-        }
-        let failures = first_refused.failed + straight.failed + direct.failed;
+            None => Times::default(),
+        };
+        let failures = first_refused.failed + straight.failed + direct.failed + before.failed;
         failed += failures;
         let p50_ratio = first_refused.quantile(0.5) / direct.quantile(0.5);
         let p99_ratio = first_refused.quantile(0.99) / direct.quantile(0.99);
         p50_ratios.push(p50_ratio);
         p99_ratios.push(p99_ratio);
         println!(
-            "{:<6} {:>9} {:>12.0} {:>12.0} {:>9} {:>12.0} {:>12.0} {:>12.0} {:>11.2}× {:>10}",
+            "{:<6} {:>9} {:>10.0} {:>10.0} {:>9} {:>10.0} {:>11.0} {:>11.0} {:>9.2}× {:>15} {:>9.0}",
             round + 1,
             first_refused.micros.len(),
             first_refused.quantile(0.5),
@@ -367,11 +435,13 @@ fn refused(args: &Args) -> Result<()> {
             direct.quantile(0.5),
             direct.quantile(0.99),
             p50_ratio,
-            failures
+            before.micros.len(),
+            before.quantile(0.5),
         );
         all_refused.micros.extend(first_refused.micros);
         all_straight.micros.extend(straight.micros);
         all_direct.micros.extend(direct.micros);
+        all_before.micros.extend(before.micros);
     }
     let (p50_median, p50_lo, p50_hi) = stats(&p50_ratios);
     let (p99_median, p99_lo, p99_hi) = stats(&p99_ratios);
@@ -379,9 +449,8 @@ fn refused(args: &Args) -> Result<()> {
         "\nall rounds: connect() to established, a refused first choice: p50 {:.0} µs, p99 {:.0} µs \
          ({} connects); through the VIP straight: p50 {:.0} µs; direct: p50 {:.0} µs, p99 {:.0} µs\n\
          ratio to direct, per round: p50 {p50_median:.2}× ({p50_lo:.2}–{p50_hi:.2}), \
-         p99 {p99_median:.2}× ({p99_lo:.2}–{p99_hi:.2}); client-visible failures: {failed}\n\
-         (before: a refused first choice waited for the client's SYN retransmission, about 1 s; \
-         target: p99 < 5 ms)",
+         p99 {p99_median:.2}× ({p99_lo:.2}–{p99_hi:.2}); client-visible failures: {failed}; \
+         target: p99 < 5 ms",
         all_refused.quantile(0.5),
         all_refused.quantile(0.99),
         all_refused.micros.len(),
@@ -389,6 +458,21 @@ fn refused(args: &Args) -> Result<()> {
         all_direct.quantile(0.5),
         all_direct.quantile(0.99),
     );
+    if all_before.micros.is_empty() {
+        println!(
+            "(before: a refused first choice waits for the client's SYN retransmission, about \
+             1 s; --before-object FILE measures it)"
+        );
+    } else {
+        println!(
+            "before (the retransmission-based retry), same run: a refused first choice p50 {:.0} µs, \
+             p99 {:.0} µs ({} connects): {:.0}× the p50 now",
+            all_before.quantile(0.5),
+            all_before.quantile(0.99),
+            all_before.micros.len(),
+            all_before.quantile(0.5) / all_refused.quantile(0.5),
+        );
+    }
     if failed > 0 {
         bail!("{failed} client-visible failures");
     }
