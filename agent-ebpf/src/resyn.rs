@@ -137,8 +137,8 @@ fn resend(ctx: &Ctx) -> Option<Action> {
     copy_key(&mut s.key, &s.resyn_key);
     // SAFETY: a live map value, not aliased by the scratch area.
     let f = unsafe { &mut *HALF_OPEN.get_ptr_mut(&s.key)? };
-    // SAFETY: as above.
     let hash = s.key.flow_hash();
+    // SAFETY: an array slot (see `remember` on races).
     let rec = unsafe { &mut *SYN_RECORDS.get_ptr_mut(slot(hash))? };
     // The record must be this connect's SYN (another flow's may have taken
     // the slot, a reused 5-tuple's earlier connect may have left it), and
