@@ -59,6 +59,9 @@ pub mod map {
     pub const EVENT_BUDGET: &str = "EVENT_BUDGET";
     pub const SOCK_REVERSE: &str = "SOCK_REVERSE";
     pub const SOCK_CONNECTS: &str = "SOCK_CONNECTS";
+    pub const SYN_RECORDS: &str = "SYN_RECORDS";
+    pub const RESYN_XDP: &str = "RESYN_XDP";
+    pub const RESYN_TC: &str = "RESYN_TC";
 }
 
 const fn def(name: &'static str, pinned: bool, sizing: Sizing) -> MapDef {
@@ -95,12 +98,21 @@ pub const MAPS: &[MapDef] = &[
     def(map::EVENT_BUDGET, true, Sizing::Fixed),
     def(map::SOCK_REVERSE, true, Sizing::Fixed),
     def(map::SOCK_CONNECTS, true, Sizing::Fixed),
+    // Not pinned: after a restart a half-open connect's refusal waits for
+    // the client's retransmission, as without them.
+    def(map::SYN_RECORDS, false, Sizing::Fixed),
+    def(map::RESYN_XDP, false, Sizing::Fixed),
+    def(map::RESYN_TC, false, Sizing::Fixed),
 ];
 
 /// The programs' names (their entry functions in agent-ebpf/src/main.rs).
 pub mod program {
     pub const XDP: &str = "sluice_xdp";
     pub const TC: &str = "sluice_tc";
+    /// Tail-called by the XDP and TC programs, from slot 0 of the maps
+    /// `RESYN_XDP` and `RESYN_TC`.
+    pub const RESYN_XDP: &str = "sluice_resyn_xdp";
+    pub const RESYN_TC: &str = "sluice_resyn_tc";
     /// The cgroup sock_addr programs of socket-level balancing.
     pub const SOCKET: [&str; 8] = [
         "sluice_connect4",

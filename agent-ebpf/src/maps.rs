@@ -7,7 +7,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 
-use crate::packet::{FragmentKey, Scratch};
+use crate::packet::{FragmentKey, SYN_RECORD_SLOTS, Scratch, SynRecord};
 
 /// (VIP, port, protocol) → service.
 #[map]
@@ -119,6 +119,28 @@ pub static SOCK_REVERSE: LruHashMap<u64, agent_common::SockReverse> =
 #[map]
 pub static SOCK_CONNECTS: LruHashMap<u64, agent_common::SockConnect> =
     LruHashMap::with_max_entries(65_536, 0);
+
+/// The client's SYN of recent connects of services that retry, in the
+/// slot of its flow's hash (see `resyn`): what `resyn` rebuilds it
+/// from. A direct-mapped array, not a hash map: a new connect pays a few
+/// stores instead of an insert. Two connects whose hashes share a slot
+/// overwrite each other, and the earlier one's refusal then waits for the
+/// client's retransmission (the record names its flow). A power of two.
+#[map]
+pub static SYN_RECORDS: Array<SynRecord> = Array::with_max_entries(SYN_RECORD_SLOTS, 0);
+
+/// The program that turns a held-back refusal into the client's SYN
+/// towards the next backend (see `resyn`), tail-called by `sluice_xdp`
+/// (slot 0). One array per program type: the kernel ties a program array
+/// to the type of the first program that uses it.
+#[map]
+pub static RESYN_XDP: aya_ebpf::maps::ProgramArray =
+    aya_ebpf::maps::ProgramArray::with_max_entries(1, 0);
+
+/// As `RESYN_XDP`, tail-called by `sluice_tc`.
+#[map]
+pub static RESYN_TC: aya_ebpf::maps::ProgramArray =
+    aya_ebpf::maps::ProgramArray::with_max_entries(1, 0);
 
 /// This CPU's scratch area (see `Scratch`).
 #[inline(always)]

@@ -107,7 +107,56 @@ pub struct Scratch {
     pub syn_refusal: u32,
     pub syn_verified: u32,
     pub syn_seq: u32,
+    /// Set with a refusal held back for a retry: the flow's forward key
+    /// and where the RST's IP and TCP headers are, for `resyn`, which the
+    /// entry point tail-calls to turn the RST into the client's SYN
+    /// towards the next backend. `resyn` is 1 until the entry point has
+    /// read it (`resyn::requested`).
+    pub resyn_key: FlowKey,
+    pub resyn_l3: u32,
+    pub resyn_l4: u32,
+    pub resyn: u32,
 }
+
+/// Slots of `SYN_RECORDS` (a power of two). A record is needed from a SYN
+/// until its answer (a round trip to the backend), and it is lost when
+/// another connect's hash takes its slot meanwhile: about rate × round
+/// trip / slots of refusals (1% at 10,000 connects a second and 1 ms) then
+/// wait for the client's retransmission. Few enough slots to stay in the
+/// CPU's cache: at 16,384 the random slot of each new flow missed it and
+/// cost about 200 ns a new flow (`bench datapath`), at 1,024 about 40.
+pub const SYN_RECORD_SLOTS: u32 = 1_024;
+
+/// Words of `SynRecord::tcp`: a TCP header with the most options (60 bytes).
+pub const SYN_TCP_WORDS: usize = 15;
+
+/// A client's SYN as it reached Sluice, kept (in `SYN_RECORDS`) while its
+/// connect is half-open, so that the backend's refusal can be turned into
+/// the very same SYN towards the next backend (see `resyn`): same
+/// sequence number, window and options (MSS, window scale, SACK,
+/// timestamps), which the backend's SYN-ACK must match.
+#[repr(C)]
+pub struct SynRecord {
+    /// The hash of the flow's forward key (client → VIP): with the ports
+    /// and the sequence number in `tcp`, whose SYN this is.
+    pub hash: u32,
+    /// The TCP segment as the client sent it (header, options, and data
+    /// when there is room), zero-padded.
+    pub tcp: [u32; SYN_TCP_WORDS],
+    /// IPv4: the identification and fragment word; IPv6: the version,
+    /// traffic class and flow label word.
+    pub ip_word: u32,
+    /// Bytes of `tcp` in use (20..=60).
+    pub tcp_len: u8,
+    /// IPv4's type of service (IPv6's traffic class is in `ip_word`).
+    pub tos: u8,
+    /// TTL or hop limit as it arrived; forwarding decrements it.
+    pub ttl: u8,
+    /// Refusals of this connect already turned into a SYN to another
+    /// backend (see `resyn::MAX_RESENDS`).
+    pub resends: u8,
+}
+const _: () = assert!(mem::size_of::<SynRecord>() == 72);
 
 /// `Scratch::syn_refusal` of a SYN that may go on.
 pub const NO_REFUSAL: u32 = u32::MAX;
@@ -127,6 +176,18 @@ pub fn copy_addr(dst: &mut [u32; 4], src: &[u32; 4]) {
         core::ptr::write_volatile(&mut dst[2], c);
         core::ptr::write_volatile(&mut dst[3], d);
     }
+}
+
+/// Copies a flow key field by field (a struct copy becomes a memcpy call).
+#[inline(always)]
+pub fn copy_key(to: &mut FlowKey, from: &FlowKey) {
+    copy_addr(&mut to.src, &from.src);
+    copy_addr(&mut to.dst, &from.dst);
+    to.sport = from.sport;
+    to.dport = from.dport;
+    to.proto = from.proto;
+    to.family = from.family;
+    to._pad = 0;
 }
 
 /// A pointer to a `T` at `offset` in the packet, if it lies inside.

@@ -26,7 +26,7 @@ use crate::{
     nat::{rewrite, skb_l4_checksum},
     packet::{Action, Ctx, NO_REFUSAL, Packet, Scratch, fragment},
     parse::{self, Next, tcp_flags, tcp_seq_ack, validate},
-    select, service,
+    resyn, select, service,
     stats::{account, exception, with_stats},
     tcp_state::{backend_tcp, client_tcp, close_seen, established_tcp, start_attempt, syn_facts},
 };
@@ -159,6 +159,9 @@ fn transport(ctx: &Ctx, s: &mut Scratch, pkt: &Packet, src: &[u32; 4], dst: &[u3
                     // SAFETY: the scratch copy of the new entry.
                     let backend_id = unsafe { (*flow).backend_id };
                     failure::count_connection(service.id, backend_id);
+                    if syn && failure::retries(service.id) {
+                        resyn::remember(ctx, pkt, s);
+                    }
                     if pkt.proto == PROTO_UDP {
                         let now = failure::now_ns();
                         events::emit(event_kind::OPEN, 0, &s.key, service.id, backend_id, 0, now);
@@ -198,6 +201,12 @@ fn connect_state(
         } else {
             0
         };
+        if flags & TCP_RST != 0 {
+            // Where a refusal's headers are, should it become a SYN (see
+            // `resyn`).
+            s.resyn_l3 = pkt.l3 as u32;
+            s.resyn_l4 = pkt.l4 as u32;
+        }
         backend_tcp(s, f, flags, ack, ctx.ifindex, Table::HalfOpen)
     }
 }

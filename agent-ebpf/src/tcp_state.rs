@@ -17,7 +17,7 @@ use crate::{
     failure::{self, Failure},
     headers::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     maps::BACKENDS,
-    packet::{Scratch, copy_addr},
+    packet::{Scratch, copy_addr, copy_key},
     select, service,
     stats::with_stats,
 };
@@ -184,9 +184,15 @@ pub fn backend_tcp(
             now,
         );
         if failure::retries(f.service_id) {
-            // Nothing has flowed yet: the client's retransmitted SYN will go
-            // to another backend, so it must not see this refusal.
+            // Nothing has flowed yet: the SYN goes to another backend, so
+            // the client must not see this refusal. At once when `resyn`
+            // can turn this RST into the client's SYN (the entry point
+            // tail-calls it on this request); else the client's
+            // retransmitted SYN goes there.
             f.state = flow_state::REFUSED;
+            if table == Table::HalfOpen {
+                request_resyn(s);
+            }
             return Err(reason::RST_HELD_FOR_RETRY);
         }
         f.state = flow_state::CLOSED;
@@ -196,6 +202,16 @@ pub fn backend_tcp(
         close_seen(&s.reverse_key, f, flags, FLOW_F_FIN_BACKEND);
     }
     Ok(())
+}
+
+/// Asks the entry point to tail-call `resyn` for the flow whose forward
+/// key `forward_of` left in `s.reverse_key` (the refusal being held back).
+#[inline(always)]
+fn request_resyn(s: &mut Scratch) {
+    copy_key(&mut s.resyn_key, &s.reverse_key);
+    // SAFETY: a write to this CPU's scratch area; volatile, so that the
+    // entry point reads it back from memory.
+    unsafe { core::ptr::write_volatile(&mut s.resyn, 1) };
 }
 
 /// A TCP packet of an established flow (`f`, a `CONNTRACK` entry, either
@@ -254,7 +270,7 @@ pub fn close_seen(key: &FlowKey, f: &mut Flow, flags: u8, side: u32) {
 
 /// Why a flow's SYN goes to another backend.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Resend {
+pub enum Resend {
     /// Its backend refused or timed out: a retry, counted as one; the
     /// rehashes go on from the flow's last attempt.
     AfterFailure,
@@ -267,7 +283,13 @@ enum Resend {
 /// the next healthy choice after the current one. If there is none, the SYN
 /// goes to the same backend again.
 #[inline(always)]
-fn retry(s: &mut Scratch, f: &mut Flow, now: u64, why: Resend, table: Table) -> Result<(), u32> {
+pub fn retry(
+    s: &mut Scratch,
+    f: &mut Flow,
+    now: u64,
+    why: Resend,
+    table: Table,
+) -> Result<(), u32> {
     let key = &s.key;
     let Some(service) = service::lookup(
         &mut s.service_key,

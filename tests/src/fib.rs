@@ -41,6 +41,7 @@ pub fn backend_of(frame: &[u8]) -> usize {
 pub const XDP_ABORTED: u32 = 0;
 pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
 pub const XDP_REDIRECT: u32 = 4;
 
 pub struct FibBed {

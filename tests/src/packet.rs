@@ -29,6 +29,8 @@ pub struct Pkt {
     pub payload: Vec<u8>,
     /// IPv4 options (a multiple of 4 bytes).
     pub ip_options: Vec<u8>,
+    /// TCP options (a multiple of 4 bytes).
+    pub tcp_options: Vec<u8>,
     /// IPv4 identification (which datagram a fragment belongs to).
     pub ip_id: u16,
     /// IPv4 flags+fragment offset field (host order).
@@ -56,6 +58,7 @@ impl Pkt {
             ttl: 64,
             payload: b"payload!".to_vec(),
             ip_options: Vec::new(),
+            tcp_options: Vec::new(),
             ip_id: 0x1234,
             frag: 0,
             udp_no_checksum: false,
@@ -79,11 +82,12 @@ impl Pkt {
         if self.proto == 6 {
             l4.extend_from_slice(&self.seq.to_be_bytes());
             l4.extend_from_slice(&self.ack.to_be_bytes());
-            l4.push(5 << 4);
+            l4.push(((5 + self.tcp_options.len() / 4) as u8) << 4);
             l4.push(self.tcp_flags);
             l4.extend_from_slice(&65535u16.to_be_bytes());
             check_at = l4.len();
             l4.extend_from_slice(&[0, 0, 0, 0]); // check, urg
+            l4.extend_from_slice(&self.tcp_options);
         } else {
             l4.extend_from_slice(&((8 + self.payload.len()) as u16).to_be_bytes());
             check_at = l4.len();

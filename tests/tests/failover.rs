@@ -275,11 +275,17 @@ fn refused_with_retry_loses_no_connection() -> Result<()> {
     // The other two share b1's part evenly (±25%).
     let (c0, c2) = (counts["b0"] as f64, counts["b2"] as f64);
     assert!((c0 - c2).abs() / (c0 + c2) < 0.25, "{counts:?}");
-    assert!(
-        b.agent
-            .log_text()
-            .contains("backend ejected by the datapath")
-    );
+    // The agent logs the ejection when it next reads the health words: the
+    // last refusal may be only microseconds old (the retry is immediate).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !b
+        .agent
+        .log_text()
+        .contains("backend ejected by the datapath")
+    {
+        assert!(Instant::now() < deadline, "no ejection logged");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     Ok(())
 }
 
@@ -675,4 +681,144 @@ fn event_stream_reports_each_connection_and_failure() -> Result<()> {
         "recent events match the stream"
     );
     Ok(())
+}
+
+/// TCP_INFO's `tcpi_options` bits (linux/tcp.h).
+const TCPI_OPT_TIMESTAMPS: u8 = 1;
+const TCPI_OPT_SACK: u8 = 2;
+const TCPI_OPT_WSCALE: u8 = 4;
+
+/// The client's TCP segments retransmitted so far (`RetransSegs` of its
+/// namespace's /proc/net/snmp; a SYN sent again counts). Read from a thread
+/// inside the namespace.
+fn retransmitted_segments() -> Result<u64> {
+    let snmp = std::fs::read_to_string("/proc/thread-self/net/snmp")?;
+    let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
+    let (names, values) = (tcp.next(), tcp.next());
+    let (Some(names), Some(values)) = (names, values) else {
+        bail!("no Tcp lines in /proc/net/snmp");
+    };
+    let at = names
+        .split_whitespace()
+        .position(|n| n == "RetransSegs")
+        .context("no RetransSegs in /proc/net/snmp")?;
+    Ok(values
+        .split_whitespace()
+        .nth(at)
+        .context("RetransSegs has no value")?
+        .parse()?)
+}
+
+/// One connection: the options TCP_INFO says were negotiated, and the name
+/// of the backend that answered.
+fn connect_with_options(vip: SocketAddr) -> Result<(u8, String)> {
+    use std::os::fd::AsRawFd;
+    let mut s = TcpStream::connect_timeout(&vip, CONNECT)
+        .with_context(|| format!("connecting to {vip}"))?;
+    // SAFETY: a zeroed tcp_info is valid; getsockopt writes at most `len`
+    // bytes into it.
+    let options = unsafe {
+        let mut info: libc::tcp_info = std::mem::zeroed();
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        let rc = libc::getsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&raw mut info).cast(),
+            &mut len,
+        );
+        if rc != 0 {
+            bail!(
+                "TCP_INFO of the connection to {vip}: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        info.tcpi_options
+    };
+    s.set_read_timeout(Some(CONNECT))?;
+    s.write_all(b"hello\n")?;
+    let mut reply = String::new();
+    s.read_to_string(&mut reply)
+        .with_context(|| format!("reading from {vip}"))?;
+    Ok((
+        options,
+        reply.split_whitespace().next().unwrap_or("").to_string(),
+    ))
+}
+
+/// Backend 1's port is closed: connections whose first Maglev choice it is
+/// are refused there, and the kernel turns each refusal into the client's
+/// SYN towards the next backend at once. Every connection completes, none
+/// needs the client to send its SYN again, and each negotiated the
+/// client's SYN options (the backend's SYN-ACK carries them only if the
+/// SYN it got did).
+fn refused_first_choice_goes_on_at_once(fam: Family, tag: &str) -> Result<()> {
+    let topo = Topology::new(tag, 3)?;
+    let _servers = [0, 2].map(|i| {
+        NameServer::start(
+            &topo.backends[i],
+            SocketAddr::new(fam.backend(i), PORT),
+            &format!("b{i}"),
+        )
+    });
+    let _servers = _servers.into_iter().collect::<Result<Vec<_>>>()?;
+    topo.warm_neighbours()?;
+    let dir = TempDir::new(tag)?;
+    let mut text = sluice_tests::interfaces_yaml(3);
+    text += &format!(
+        "services:\n  - name: web\n    vip: \"{}\"\n    port: 80\n    protocol: tcp\n    failure:\n      consecutive_failures: 1000\n      retry_on_refused: true\n    backends:\n",
+        fam.vip()
+    );
+    for i in 0..3 {
+        text += &format!(
+            "      - address: \"{}\"\n",
+            SocketAddr::new(fam.backend(i), PORT)
+        );
+    }
+    std::fs::write(dir.path("sluice.yaml"), text)?;
+    let agent = Agent::start(&topo.lb, &dir.path("sluice.yaml"), dir.path("agent.log"))?;
+    let vip = SocketAddr::new(fam.vip(), 80);
+    let (before, outcomes, after) = topo.client.enter(|| -> Result<_> {
+        let before = retransmitted_segments()?;
+        let outcomes: Vec<Result<(u8, String)>> =
+            (0..30).map(|_| connect_with_options(vip)).collect();
+        Ok((before, outcomes, retransmitted_segments()?))
+    })??;
+    let log = || agent.log_text();
+    let all = TCPI_OPT_TIMESTAMPS | TCPI_OPT_SACK | TCPI_OPT_WSCALE;
+    for outcome in &outcomes {
+        let (options, name) = outcome
+            .as_ref()
+            .map_err(|e| anyhow::anyhow!("a client-visible failure: {e:#}\n{}", log()))?;
+        assert!(name == "b0" || name == "b2", "answered by {name:?}");
+        assert_eq!(options & all, all, "negotiated options {options:#x}");
+    }
+    let m = http_get(&topo.lb, agent.listen, "/metrics")?.1;
+    let b1 = SocketAddr::new(fam.backend(1), PORT).to_string();
+    let refused = metric(
+        &m,
+        "sluice_backend_failures_total",
+        &[("service", "web"), ("backend", &b1), ("reason", "refused")],
+    )
+    .unwrap_or(0.0);
+    let retries = metric(&m, "sluice_connection_retries_total", &[("service", "web")]);
+    assert!(refused >= 1.0, "no connection chose b1 first:\n{m}");
+    assert_eq!(retries, Some(refused), "each refusal retried once");
+    assert_eq!(
+        after - before,
+        0,
+        "the client sent {} segments again ({refused} refusals)",
+        after - before
+    );
+    Ok(())
+}
+
+#[test]
+fn refused_first_choice_goes_on_at_once_ipv4() -> Result<()> {
+    refused_first_choice_goes_on_at_once(Family::V4, "xq")
+}
+
+#[test]
+fn refused_first_choice_goes_on_at_once_ipv6() -> Result<()> {
+    refused_first_choice_goes_on_at_once(Family::V6, "xs")
 }

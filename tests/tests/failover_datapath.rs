@@ -1,30 +1,38 @@
 //! Failure accounting state transitions through BPF_PROG_TEST_RUN: SYN → RST
-//! (refused, held back, retried), SYN retransmitted past the connect timeout,
+//! (refused, held back, turned into the client's SYN towards another
+//! backend at once), SYN retransmitted past the connect timeout,
 //! SYN-ACK (the streak resets, latency recorded), ejection after the
 //! threshold, the ejection cap, and where new connections go while backends
 //! are ejected.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
 
 use agent_common::reason;
 use anyhow::Result;
 use sluice_tests::{
-    fib::{FibBed, T0_MAC, XDP_DROP, XDP_REDIRECT, backend_mac, backend_of},
-    packet::{CLIENT_SEQ, Pkt, TCP_ACK, TCP_RST, TCP_SYN},
+    fib::{FibBed, T0_MAC, XDP_DROP, XDP_REDIRECT, XDP_TX, backend_mac, backend_of},
+    packet::{CLIENT_SEQ, Pkt, TCP_ACK, TCP_RST, TCP_SYN, checksum},
 };
 use testbed::Family;
 
 const FAM: Family = Family::V4;
 
 fn services(retry: bool, backends: &[usize], max_ejected_percent: u32) -> String {
+    services_in(FAM, retry, backends, max_ejected_percent)
+}
+
+fn services_in(fam: Family, retry: bool, backends: &[usize], max_ejected_percent: u32) -> String {
     let mut text = format!(
         "services:\n  - name: web\n    vip: \"{}\"\n    port: 80\n    protocol: tcp\n    failure:\n      consecutive_failures: 3\n      connect_timeout_ms: 20\n      retry_on_refused: {retry}\n      max_ejected_percent: {max_ejected_percent}\n      min_distinct_clients: 1\n    backends:\n",
-        FAM.vip()
+        fam.vip()
     );
     for &i in backends {
         text += &format!(
             "      - address: \"{}\"\n",
-            SocketAddr::new(FAM.backend(i), 8080)
+            SocketAddr::new(fam.backend(i), 8080)
         );
     }
     text
@@ -34,15 +42,97 @@ fn syn(port: u16) -> Pkt {
     Pkt::tcp(FAM.client(), port, FAM.vip(), 80, TCP_SYN)
 }
 
+/// The options of a Linux client's SYN: MSS 1460, SACK permitted,
+/// timestamps, NOP, window scale 7.
+const SYN_OPTIONS: [u8; 20] = [
+    2, 4, 0x05, 0xb4, 4, 2, 8, 10, 0xde, 0xad, 0xbe, 0xef, 0, 0, 0, 0, 1, 3, 3, 7,
+];
+
+/// A client's SYN as Linux sends it: options, no data.
+fn client_syn(fam: Family, port: u16) -> Pkt {
+    Pkt {
+        tcp_options: SYN_OPTIONS.to_vec(),
+        payload: Vec::new(),
+        ip_id: 0x4321,
+        ..Pkt::tcp(fam.client(), port, fam.vip(), 80, TCP_SYN)
+    }
+}
+
 /// Which backend a forwarded frame went to.
 /// The backend's answer to the client's SYN on `port` (it acknowledges
 /// the SYN).
 fn answer(backend: usize, port: u16, flags: u8) -> Pkt {
+    answer_in(FAM, backend, port, flags)
+}
+
+fn answer_in(fam: Family, backend: usize, port: u16, flags: u8) -> Pkt {
     Pkt {
         smac: backend_mac(backend),
         dmac: T0_MAC,
         ack: CLIENT_SEQ.wrapping_add(1),
-        ..Pkt::tcp(FAM.backend(backend), 8080, FAM.client(), port, flags)
+        ..Pkt::tcp(fam.backend(backend), 8080, fam.client(), port, flags)
+    }
+}
+
+/// A TCP segment in a frame, as a backend would receive it.
+struct Segment {
+    src: IpAddr,
+    dst: IpAddr,
+    ttl: u8,
+    sport: u16,
+    dport: u16,
+    seq: u32,
+    flags: u8,
+    window: u16,
+    options: Vec<u8>,
+    payload_len: usize,
+}
+
+/// Parses an Ethernet frame carrying TCP, checking the IPv4 header
+/// checksum and the TCP checksum on the way.
+fn segment(frame: &[u8]) -> Segment {
+    let (src, dst, ttl, l4, mut pseudo): (IpAddr, IpAddr, u8, &[u8], Vec<u8>) =
+        match u16::from_be_bytes([frame[12], frame[13]]) {
+            0x0800 => {
+                let ip = &frame[14..];
+                let ihl = usize::from(ip[0] & 0xf) * 4;
+                let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+                assert_eq!(checksum(&ip[..ihl]), 0, "IPv4 header checksum");
+                assert_eq!(ip[9], 6, "TCP");
+                let l4 = &ip[ihl..total];
+                let mut pseudo = ip[12..20].to_vec();
+                pseudo.extend_from_slice(&[0, 6]);
+                pseudo.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+                let addr = |b: &[u8]| IpAddr::from(<[u8; 4]>::try_from(b).unwrap());
+                (addr(&ip[12..16]), addr(&ip[16..20]), ip[8], l4, pseudo)
+            }
+            0x86dd => {
+                let ip = &frame[14..];
+                let plen = usize::from(u16::from_be_bytes([ip[4], ip[5]]));
+                assert_eq!(ip[6], 6, "TCP");
+                let l4 = &ip[40..40 + plen];
+                let mut pseudo = ip[8..40].to_vec();
+                pseudo.extend_from_slice(&(l4.len() as u32).to_be_bytes());
+                pseudo.extend_from_slice(&[0, 0, 0, 6]);
+                let addr = |b: &[u8]| IpAddr::from(<[u8; 16]>::try_from(b).unwrap());
+                (addr(&ip[8..24]), addr(&ip[24..40]), ip[7], l4, pseudo)
+            }
+            other => panic!("ethertype {other:#x}"),
+        };
+    pseudo.extend_from_slice(l4);
+    assert_eq!(checksum(&pseudo), 0, "TCP checksum");
+    let doff = usize::from(l4[12] >> 4) * 4;
+    Segment {
+        src,
+        dst,
+        ttl,
+        sport: u16::from_be_bytes([l4[0], l4[1]]),
+        dport: u16::from_be_bytes([l4[2], l4[3]]),
+        seq: u32::from_be_bytes([l4[4], l4[5], l4[6], l4[7]]),
+        flags: l4[13],
+        window: u16::from_be_bytes([l4[14], l4[15]]),
+        options: l4[20..doff].to_vec(),
+        payload_len: l4.len() - doff,
     }
 }
 
@@ -54,38 +144,160 @@ fn backend_id(bed: &FibBed, i: usize) -> u32 {
     bed.backend_id("web", SocketAddr::new(FAM.backend(i), 8080))
 }
 
-#[test]
-fn refused_syn_is_held_back_and_retried_on_another_backend() -> Result<()> {
-    let mut bed = FibBed::new(&services(true, &[0, 1, 2], 50))?;
-    let (rc, out) = bed.run(&syn(41_000).bytes())?;
+/// The backend refuses: counted, and the RST becomes the client's SYN
+/// towards another backend at once, options and sequence number kept.
+fn refusal_becomes_the_clients_syn(fam: Family, port: u16) -> Result<()> {
+    let mut bed = FibBed::new(&services_in(fam, true, &[0, 1, 2], 50))?;
+    let (rc, out) = bed.run(&client_syn(fam, port).bytes())?;
     assert_eq!(rc, XDP_REDIRECT);
     let first = backend_of(&out);
+    let sent = segment(&out);
 
-    // The backend refuses: counted, and the RST is not forwarded.
-    let (rc, _) = bed.run_in("t0", &answer(first, 41_000, TCP_RST | TCP_ACK).bytes())?;
+    let (rc, out) = bed.run_in(
+        "t0",
+        &answer_in(fam, first, port, TCP_RST | TCP_ACK).bytes(),
+    )?;
+    assert_eq!(rc, XDP_TX, "the RST goes back out as a SYN");
+    assert_eq!(bed.reason(reason::RST_HELD_FOR_RETRY), 1);
+    let ids: Vec<u32> = (0..3)
+        .map(|i| bed.backend_id("web", SocketAddr::new(fam.backend(i), 8080)))
+        .collect();
+    assert_eq!(bed.reconciler.stats(false, ids[first]).failures_refused, 1);
+    assert_eq!(bed.reconciler.health(ids[first]).consecutive_failures, 1);
+    let second = backend_of(&out);
+    assert_ne!(second, first, "retried on another backend");
+    let resent = segment(&out);
+    assert_eq!(resent.flags, TCP_SYN);
+    assert_eq!(resent.seq, CLIENT_SEQ, "the client's sequence number");
+    assert_eq!(resent.options, SYN_OPTIONS, "the client's options");
+    assert_eq!(resent.window, sent.window);
+    assert_eq!(resent.payload_len, 0);
+    assert_eq!((resent.src, resent.sport), (fam.client(), port));
+    assert_eq!((resent.dst, resent.dport), (fam.backend(second), 8080));
+    assert_eq!(resent.ttl, sent.ttl, "one hop, as the first SYN");
+    let service_id = bed.reconciler.services["web"].id;
+    assert_eq!(bed.reconciler.stats(true, service_id).retries, 1);
+    assert_eq!(bed.reconciler.stats(false, ids[second]).connections, 1);
+
+    // A retransmission of the client's SYN follows the flow there.
+    let (rc, out) = bed.run(&client_syn(fam, port).bytes())?;
+    assert_eq!(rc, XDP_REDIRECT);
+    assert_eq!(backend_of(&out), second);
+
+    // The new backend's SYN-ACK reaches the client; the refusing backend's
+    // late packets of this flow are not translated any more.
+    let (rc, _) = bed.run_in(
+        "t0",
+        &answer_in(fam, second, port, TCP_SYN | TCP_ACK).bytes(),
+    )?;
+    assert_eq!(rc, XDP_REDIRECT);
+    assert_eq!(bed.reconciler.stats(false, ids[second]).opened, 1);
+    let (rc, _) = bed.run_in(
+        "t0",
+        &answer_in(fam, first, port, TCP_RST | TCP_ACK).bytes(),
+    )?;
+    assert_ne!(rc, XDP_TX);
+    Ok(())
+}
+
+#[test]
+fn refused_syn_is_resent_at_once_to_another_backend() -> Result<()> {
+    refusal_becomes_the_clients_syn(Family::V4, 41_000)
+}
+
+#[test]
+fn refused_syn_is_resent_at_once_to_another_backend_ipv6() -> Result<()> {
+    refusal_becomes_the_clients_syn(Family::V6, 41_010)
+}
+
+/// With SNAT the resent SYN leaves from the SNAT address, on the port the
+/// retry reserved towards the new backend, and the new backend's answer
+/// reaches the client.
+#[test]
+fn refused_syn_is_resent_at_once_with_snat() -> Result<()> {
+    let text = services_in(FAM, true, &[0, 1, 2], 50).replace(
+        "    failure:\n",
+        &format!(
+            "    forwarding: snat\n    snat_ip: \"{}\"\n    failure:\n",
+            FAM.snat()
+        ),
+    );
+    let mut bed = FibBed::new(&text)?;
+    let (rc, out) = bed.run(&client_syn(FAM, 41_020).bytes())?;
+    assert_eq!(rc, XDP_REDIRECT);
+    let first = backend_of(&out);
+    let sent = segment(&out);
+    assert_eq!(sent.src, FAM.snat());
+    let to_snat = |b: usize, port: u16, flags: u8| Pkt {
+        smac: backend_mac(b),
+        dmac: T0_MAC,
+        ack: CLIENT_SEQ.wrapping_add(1),
+        ..Pkt::tcp(FAM.backend(b), 8080, FAM.snat(), port, flags)
+    };
+    let (rc, out) = bed.run_in("t0", &to_snat(first, sent.sport, TCP_RST | TCP_ACK).bytes())?;
+    assert_eq!(rc, XDP_TX);
+    let second = backend_of(&out);
+    assert_ne!(second, first);
+    let resent = segment(&out);
+    assert_eq!(resent.src, FAM.snat());
+    assert_eq!((resent.dst, resent.dport), (FAM.backend(second), 8080));
+    assert_eq!(
+        (resent.seq, resent.options.as_slice()),
+        (CLIENT_SEQ, &SYN_OPTIONS[..])
+    );
+    let (rc, out) = bed.run_in(
+        "t0",
+        &to_snat(second, resent.sport, TCP_SYN | TCP_ACK).bytes(),
+    )?;
+    assert_eq!(rc, XDP_REDIRECT);
+    let answer = segment(&out);
+    assert_eq!((answer.src, answer.sport), (FAM.vip(), 80));
+    assert_eq!((answer.dst, answer.dport), (FAM.client(), 41_020));
+    Ok(())
+}
+
+/// A SYN the record can't hold (here: data past 60 bytes of segment) keeps
+/// today's retry: the refusal is held back, and the client's
+/// retransmission goes to another backend.
+#[test]
+fn refused_syn_without_a_record_waits_for_the_retransmission() -> Result<()> {
+    let mut bed = FibBed::new(&services(true, &[0, 1, 2], 50))?;
+    let long = Pkt {
+        payload: vec![0x61; 48],
+        ..syn(41_011)
+    };
+    let (rc, out) = bed.run(&long.bytes())?;
+    assert_eq!(rc, XDP_REDIRECT);
+    let first = backend_of(&out);
+    let (rc, _) = bed.run_in("t0", &answer(first, 41_011, TCP_RST | TCP_ACK).bytes())?;
     assert_eq!(rc, XDP_DROP, "the refusal is held back");
     assert_eq!(bed.reason(reason::RST_HELD_FOR_RETRY), 1);
     assert_eq!(backend_stats(&bed, first).failures_refused, 1);
-    assert_eq!(
-        bed.reconciler
-            .health(backend_id(&bed, first))
-            .consecutive_failures,
-        1
-    );
-
-    // The client's retransmitted SYN goes to another backend.
-    let (rc, out) = bed.run(&syn(41_000).bytes())?;
+    let (rc, out) = bed.run(&long.bytes())?;
     assert_eq!(rc, XDP_REDIRECT);
-    let second = backend_of(&out);
-    assert_ne!(second, first, "retried on another backend");
-    let service_id = bed.reconciler.services["web"].id;
-    assert_eq!(bed.reconciler.stats(true, service_id).retries, 1);
+    assert_ne!(backend_of(&out), first, "retried on another backend");
+    Ok(())
+}
 
-    // The new backend's SYN-ACK reaches the client; the old backend's late
-    // packets of this flow are not translated any more.
-    let (rc, _) = bed.run_in("t0", &answer(second, 41_000, TCP_SYN | TCP_ACK).bytes())?;
-    assert_eq!(rc, XDP_REDIRECT);
-    assert_eq!(backend_stats(&bed, second).opened, 1);
+/// Every backend refuses: a few refusals become SYNs at once, then the
+/// client's retransmissions pace the rest (no loop at packet speed).
+#[test]
+fn refusals_of_every_backend_are_resent_a_bounded_number_of_times() -> Result<()> {
+    let mut bed = FibBed::new(&services(true, &[0, 1, 2], 50))?;
+    let (_, out) = bed.run(&client_syn(FAM, 41_012).bytes())?;
+    let mut at = backend_of(&out);
+    let mut resent = 0;
+    loop {
+        let (rc, out) = bed.run_in("t0", &answer(at, 41_012, TCP_RST | TCP_ACK).bytes())?;
+        if rc != XDP_TX {
+            assert_eq!(rc, XDP_DROP, "held back");
+            break;
+        }
+        resent += 1;
+        assert!(resent <= 3, "resent {resent} times");
+        at = backend_of(&out);
+    }
+    assert_eq!(resent, 3);
     Ok(())
 }
 

@@ -13,7 +13,7 @@ use agent_common::reason;
 use anyhow::Result;
 use sluice_tests::{
     fib::{
-        CLIENT_MAC, FibBed, T0_MAC, T1_MAC, XDP_DROP, XDP_PASS, XDP_REDIRECT, backend_mac,
+        CLIENT_MAC, FibBed, T0_MAC, T1_MAC, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, backend_mac,
         backend_of,
     },
     packet::{CLIENT_SEQ, Pkt, TCP_ACK, TCP_RST, TCP_SYN, checksum, icmp_unreachable},
@@ -81,6 +81,12 @@ fn ejected(bed: &FibBed) -> Vec<usize> {
         .collect()
 }
 
+/// Whether a RST's outcome is a SYN sent back out towards a backend: a
+/// refusal turned into the client's SYN (see the kernel's `resyn`).
+fn resent_syn(rc: u32, out: &[u8]) -> bool {
+    rc == XDP_TX && (0..3).any(|i| out[..6] == backend_mac(i))
+}
+
 #[test]
 fn forged_icmp_and_rsts_never_count_against_a_healthy_backend() -> Result<()> {
     let mut bed = FibBed::new(&services(FAM, 1, true))?;
@@ -122,19 +128,27 @@ fn forged_icmp_and_rsts_never_count_against_a_healthy_backend() -> Result<()> {
             dmac: T1_MAC,
             ..rst.clone()
         };
-        bed.run_in("t1", &spoofed.bytes())?;
+        // None of the forged RSTs becomes the client's SYN towards another
+        // backend (`resyn`): that is for a refusal held back, only.
+        let (rc, out) = bed.run_in("t1", &spoofed.bytes())?;
+        assert!(!resent_syn(rc, &out), "a spoofed RST resent the SYN");
         // From the backends' side, but not acknowledging the SYN, and
         // without ACK at all.
         let wrong_ack = Pkt {
             ack: CLIENT_SEQ + 1000,
             ..rst.clone()
         };
-        let (rc, _) = bed.run_in("t0", &wrong_ack.bytes())?;
+        let (rc, out) = bed.run_in("t0", &wrong_ack.bytes())?;
         assert_ne!(rc, XDP_DROP, "not held back as a refusal");
-        bed.run_in(
+        assert!(
+            !resent_syn(rc, &out),
+            "a RST with the wrong ack resent the SYN"
+        );
+        let (rc, out) = bed.run_in(
             "t0",
             &from_backend(b, client, port, TCP_RST, CLIENT_SEQ + 1).bytes(),
         )?;
+        assert!(!resent_syn(rc, &out), "a RST without ACK resent the SYN");
         assert_eq!(failures(&bed), 0, "a forged signal counted (port {port})");
         // The backend answers: the connect succeeds.
         let syn_ack = from_backend(b, client, port, TCP_SYN | TCP_ACK, CLIENT_SEQ + 1);

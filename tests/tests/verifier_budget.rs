@@ -17,5 +17,9 @@ fn the_programs_stay_within_the_verifiers_budget() -> Result<()> {
     assert!(xdp > 0 && tc > 0, "the kernel reported no counts");
     assert!(xdp < BUDGET, "XDP program: {xdp} verified instructions");
     assert!(tc < BUDGET, "TC program: {tc} verified instructions");
+    let (xdp, tc) = bed.datapath.resyn_verified_instructions()?;
+    println!("the refusal-to-SYN programs they tail-call: xdp {xdp}, tc {tc}");
+    assert!(xdp > 0 && tc > 0, "the kernel reported no counts");
+    assert!(xdp < BUDGET && tc < BUDGET, "xdp {xdp}, tc {tc}");
     Ok(())
 }

@@ -11,7 +11,7 @@ use agent_common::{
 use anyhow::{Context, Result, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, IterableMap, MapData, PerCpuArray},
+    maps::{Array, HashMap, IterableMap, MapData, PerCpuArray, ProgramArray},
     programs::{
         LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
         tc::{SchedClassifierLinkId, TcAttachOptions},
@@ -208,6 +208,12 @@ enum Link {
 /// that is not pinned.
 pub struct Datapath {
     ebpf: Ebpf,
+    /// The program arrays (XDP, TC) from which the XDP and TC programs
+    /// tail-call the programs that turn a refusal into the client's SYN
+    /// towards the next backend. Held open: the kernel empties a program
+    /// array when its last user handle closes. `None` for an object
+    /// without them.
+    resyn: Option<[ProgramArray<MapData>; 2]>,
     links: BTreeMap<String, (AttachMode, AttachMode, Link)>,
     tc_loaded: bool,
     pins: Option<PinDir>,
@@ -246,10 +252,33 @@ impl Datapath {
         let xdp: &mut Xdp = program(&mut ebpf, program::XDP)?;
         verify(|| xdp.load())
             .with_context(|| format!("loading program {} (kernel verifier)", program::XDP))?;
+        // An object without them (an older build, loaded to compare or
+        // upgrade) keeps the retransmission-based retry.
+        let resyn = match ebpf.program(program::RESYN_XDP) {
+            Some(_) => {
+                let mut xdp: ProgramArray<MapData> = take(&mut ebpf, map::RESYN_XDP)?;
+                let tc: ProgramArray<MapData> = take(&mut ebpf, map::RESYN_TC)?;
+                let resyn: &mut Xdp = program(&mut ebpf, program::RESYN_XDP)?;
+                verify(|| resyn.load()).with_context(|| {
+                    format!("loading program {} (kernel verifier)", program::RESYN_XDP)
+                })?;
+                xdp.set(0, resyn.fd()?, 0)
+                    .map_err(DatapathError::map(map::RESYN_XDP))?;
+                Some([xdp, tc])
+            }
+            None => {
+                warn!(
+                    "the eBPF object has no {}: a refused connect is retried when the client sends its SYN again",
+                    program::RESYN_XDP
+                );
+                None
+            }
+        };
         let maps = Maps::take_all(&mut ebpf)?;
         Ok((
             Self {
                 ebpf,
+                resyn,
                 links: BTreeMap::new(),
                 tc_loaded: false,
                 pins,
@@ -437,9 +466,18 @@ impl Datapath {
         if !self.tc_loaded {
             verify(|| tc.load())
                 .with_context(|| format!("loading program {} (kernel verifier)", program::TC))?;
+            if let Some([_, resyn_tc]) = &mut self.resyn {
+                let resyn: &mut SchedClassifier = program(&mut self.ebpf, program::RESYN_TC)?;
+                verify(|| resyn.load()).with_context(|| {
+                    format!("loading program {} (kernel verifier)", program::RESYN_TC)
+                })?;
+                resyn_tc
+                    .set(0, resyn.fd()?, 0)
+                    .map_err(DatapathError::map(map::RESYN_TC))?;
+            }
             self.tc_loaded = true;
         }
-        Ok(tc)
+        program(&mut self.ebpf, program::TC)
     }
 
     /// With pinning: an interface whose link an earlier agent pinned gets
@@ -514,6 +552,17 @@ impl Datapath {
             |info: aya::programs::ProgramInfo| info.verified_instruction_count().unwrap_or(0);
         let xdp = count(self.xdp_program()?.info()?);
         let tc = count(self.tc_program()?.info()?);
+        Ok((xdp, tc))
+    }
+
+    /// As `verified_instructions`, for the programs they tail-call to turn
+    /// a refusal into the client's SYN (XDP, TC).
+    pub fn resyn_verified_instructions(&mut self) -> Result<(u32, u32)> {
+        self.tc_program()?; // loads the TC one
+        let count =
+            |info: aya::programs::ProgramInfo| info.verified_instruction_count().unwrap_or(0);
+        let xdp = count(program::<Xdp>(&mut self.ebpf, program::RESYN_XDP)?.info()?);
+        let tc = count(program::<SchedClassifier>(&mut self.ebpf, program::RESYN_TC)?.info()?);
         Ok((xdp, tc))
     }
 

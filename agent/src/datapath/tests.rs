@@ -22,6 +22,7 @@ fn the_registry_names_every_map_and_program_of_the_object() {
     let programs: BTreeSet<&str> = obj.programs.keys().map(String::as_str).collect();
     let mut named = vec![program::XDP, program::TC, program::SOCK_STATE];
     named.extend([program::TCP_RESET, program::SOCK_RELEASE]);
+    named.extend([program::RESYN_XDP, program::RESYN_TC]);
     named.extend(program::SOCKET);
     for name in named {
         assert!(
