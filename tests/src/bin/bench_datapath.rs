@@ -9,7 +9,7 @@
 //! - `established`: `bench_restore` → sluice_xdp on one flow that exists;
 //! - `restore+vary`, `new flow`: the same with a counter written into the
 //!   client's port and address, so every run is a new flow (Maglev choice,
-//!   two conntrack inserts; at steady state the LRU map also evicts).
+//!   two half-open inserts, into a table sized so that it never evicts).
 //!
 //! - `live: redirect only`, `live: sluice, established`: the forwarding
 //!   ceiling. Live frames (`BPF_F_TEST_XDP_LIVE_FRAMES`): every run's frame
@@ -56,14 +56,24 @@ struct Args {
     rounds: usize,
     /// Run only the case whose name contains this (for profiling).
     only: Option<String>,
+    /// Entries of the conntrack and half-open tables (the agent's default
+    /// conntrack size unless given): how far apart new flows' entries lie
+    /// in memory, so how many of their accesses miss the caches.
+    conntrack: u32,
 }
 
 fn parse_args() -> Result<Args> {
-    let f = Flags::parse(&[("--repeat", "N"), ("--rounds", "N"), ("--only", "CASE")])?;
+    let f = Flags::parse(&[
+        ("--repeat", "N"),
+        ("--rounds", "N"),
+        ("--only", "CASE"),
+        ("--conntrack", "ENTRIES"),
+    ])?;
     let args = Args {
         repeat: f.get("--repeat", 1_000_000)?,
         rounds: f.get("--rounds", 5)?,
         only: f.text("--only"),
+        conntrack: f.get("--conntrack", 262_144)?, // the agent's default
     };
     ensure!(
         args.rounds >= 1 && args.repeat >= 1,
@@ -306,7 +316,7 @@ fn main() -> Result<()> {
     let args = parse_args()?;
     // New flows must find free entries (not evict): every new-flow run adds
     // two half-open entries, so cap those runs to what the map holds.
-    let conntrack: u32 = 262_144; // the agent's default
+    let conntrack = args.conntrack;
     let new_flow_repeat = args.repeat.min(conntrack / 2 / (args.rounds as u32 + 1));
     let mut full = BenchBed::new(None, conntrack)?;
     // The build without statistics and events, made by `cargo xtask bench`.
