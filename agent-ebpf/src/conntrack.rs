@@ -206,7 +206,10 @@ pub fn install_reverse(
         {
             return Ok(key.sport);
         }
-        if map.get_ptr_mut(&s.reverse_key).is_some_and(|other| !same_flow(other)) {
+        if map
+            .get_ptr_mut(&s.reverse_key)
+            .is_some_and(|other| !same_flow(other))
+        {
             return Err(reason::REPLY_CONFLICT);
         }
         return if map.insert(&s.reverse_key, &s.reverse, 0).is_ok() {

@@ -327,7 +327,11 @@ fn a_syn_with_a_new_sequence_number_on_a_reused_port_is_a_new_connection() -> Re
     bed.run(&from_client(port, 3_000, TCP_ACK).bytes())?;
     bed.run(&from_client(port, 3_000, TCP_FIN | TCP_ACK).bytes())?;
     bed.run_in("t0", &answer_to(port, 3_000, TCP_FIN | TCP_ACK).bytes())?;
-    assert_eq!(service(&bed).closed, 1, "closed as an established connection");
+    assert_eq!(
+        service(&bed).closed,
+        1,
+        "closed as an established connection"
+    );
     let (rc, _) = bed.run(&syn_with(port, 4_000).bytes())?;
     assert_eq!(rc, XDP_REDIRECT);
     bed.run_in("t0", &answer_to(port, 4_000, TCP_SYN | TCP_ACK).bytes())?;

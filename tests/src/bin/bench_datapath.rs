@@ -156,7 +156,12 @@ impl BenchBed {
         let object = object.unwrap_or(sluice::datapath::EBPF_OBJECT);
         let mut bed = FibBed::with_tables(SERVICES, conntrack, conntrack, object)?;
         let ebpf = bed.datapath.ebpf_mut();
-        for name in ["bench_pass", "bench_restore", "bench_redirect", "bench_drop"] {
+        for name in [
+            "bench_pass",
+            "bench_restore",
+            "bench_redirect",
+            "bench_drop",
+        ] {
             let p: &mut Xdp = ebpf
                 .program_mut(name)
                 .with_context(|| format!("program {name}"))?
@@ -258,17 +263,18 @@ fn live(b: &mut BenchBed, case: Case, name: &str, frame: &[u8], repeat: u32) -> 
         .try_into()?;
     let ctx = xdp_md(b.ingress, frame.len())?;
     let ctx = &ctx;
-    let result = ns.enter(|| {
-        prog.test_run(TestRunOptions {
-            data_in: Some(frame),
-            ctx_in: Some(ctx),
-            repeat,
-            // The kernel's default batch (64 frames, as a NAPI poll).
-            attrs: TestRunAttrs::new().xdp_live_frames(0),
-            ..TestRunOptions::default()
-        })
-    })?
-    .with_context(|| format!("{name}: live-frames test run"))?;
+    let result = ns
+        .enter(|| {
+            prog.test_run(TestRunOptions {
+                data_in: Some(frame),
+                ctx_in: Some(ctx),
+                repeat,
+                // The kernel's default batch (64 frames, as a NAPI poll).
+                attrs: TestRunAttrs::new().xdp_live_frames(0),
+                ..TestRunOptions::default()
+            })
+        })?
+        .with_context(|| format!("{name}: live-frames test run"))?;
     let (after, delivered) = (stats(&b.bed), b.delivered()? - delivered_before);
     let (runs, packets, new_conns) = (
         u64::from(repeat),
@@ -481,7 +487,10 @@ fn main() -> Result<()> {
             args.repeat
         );
         println!("{:<32} {:>8} {:>17}", "case", "Mpps", "min–max");
-        for (name, v) in [("redirect only (ceiling)", &c), ("sluice, established", &sl)] {
+        for (name, v) in [
+            ("redirect only (ceiling)", &c),
+            ("sluice, established", &sl),
+        ] {
             let (m, lo, hi) = bench::stats(v);
             println!("{name:<32} {m:>8.2} {lo:>8.2}–{hi:<8.2}");
         }
