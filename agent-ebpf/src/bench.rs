@@ -3,13 +3,15 @@
 //! output, so a NAT program would time its rewritten packet from the second
 //! run on. `bench_restore` writes the original headers back before each run
 //! and tail-calls the program under test; the bench subtracts its cost by
-//! timing it in front of `bench_pass` too.
+//! timing it in front of `bench_pass` too. `bench_redirect` and
+//! `bench_drop` serve the live-frames row (frames really sent on a veth).
 
 use agent_common::BenchFrame;
 use aya_ebpf::{
     bindings::xdp_action,
+    helpers::bpf_redirect,
     macros::{map, xdp},
-    maps::{Array, ProgramArray},
+    maps::{Array, PerCpuArray, ProgramArray},
     programs::XdpContext,
 };
 
@@ -81,4 +83,48 @@ pub fn bench_restore(ctx: XdpContext) -> u32 {
     // SAFETY: a tail call replaces this program; on failure it returns.
     unsafe { BENCH_JUMP.tail_call(&ctx, 0) };
     xdp_action::XDP_ABORTED
+}
+
+/// Slot 0: the interface `bench_redirect` sends every frame to.
+#[map]
+pub static BENCH_TARGET: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Slot 0: frames `bench_drop` received, per CPU.
+#[map]
+pub static BENCH_DELIVERED: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// The forwarding ceiling for live frames: a program that only redirects,
+/// by the same helper as the datapath, to the interface in `BENCH_TARGET`.
+#[xdp]
+pub fn bench_redirect(_ctx: XdpContext) -> u32 {
+    match BENCH_TARGET.get(0) {
+        // SAFETY: plain helper call.
+        Some(&ifindex) => unsafe { bpf_redirect(ifindex, 0) as u32 },
+        None => xdp_action::XDP_ABORTED,
+    }
+}
+
+/// Attached to the peer of the interface live frames are redirected to: a
+/// veth drops frames sent into it unless its peer runs an XDP program. It
+/// counts them (proof they left by that interface) and drops them, so that
+/// the receiving side costs as little as it can and the same for every case.
+#[xdp]
+pub fn bench_drop(ctx: XdpContext) -> u32 {
+    // Only the benchmark's frames (IPv4 TCP) count: the kernel sends its
+    // own on t0 now and then (IPv6 neighbour discovery, MLD).
+    let (data, end) = (ctx.data(), ctx.data_end());
+    if data + 24 > end {
+        return xdp_action::XDP_DROP;
+    }
+    // SAFETY: bytes 12..14 (EtherType) and 23 (IPv4 protocol) are inside
+    // the frame (checked above).
+    let ours = unsafe {
+        ((data + 12) as *const u16).read_unaligned() == 0x0800u16.to_be()
+            && *((data + 23) as *const u8) == 6
+    };
+    if ours && let Some(count) = BENCH_DELIVERED.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot of a per-CPU map.
+        unsafe { *count += 1 };
+    }
+    xdp_action::XDP_DROP
 }

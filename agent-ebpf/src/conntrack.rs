@@ -183,19 +183,21 @@ pub fn install_reverse(
     if !snat {
         // Taken: by an earlier life of this same flow (overwrite it), or by
         // another flow whose replies would then be mistranslated (refuse).
-        let same_flow = |m: &LruHashMap<FlowKey, Flow>, reverse_key: &FlowKey| {
-            m.get_ptr_mut(reverse_key).is_none_or(|other| {
-                // SAFETY: a live conntrack value, read field by field.
-                unsafe { (*other).new_src == key.dst && (*other).new_sport == key.dport }
-            })
+        let same_flow = |other: *mut Flow| {
+            // SAFETY: a live conntrack value, read field by field.
+            unsafe { (*other).new_src == key.dst && (*other).new_sport == key.dport }
         };
-        if table == Table::HalfOpen {
-            if !same_flow(&CONNTRACK, &s.reverse_key) {
+        if table == Table::HalfOpen
+            && let Some(other) = CONNTRACK.get_ptr_mut(&s.reverse_key)
+        {
+            if !same_flow(other) {
                 return Err(reason::REPLY_CONFLICT);
             }
             // An established entry of this flow's earlier life (its forward
             // entry evicted) would shadow the new one: looked up first, it
-            // would take the SYN-ACK the connect waits for.
+            // would take the SYN-ACK the connect waits for. (Only when there
+            // is one: a new flow's usual case is none, and a delete is a
+            // second hash and bucket walk.)
             let _ = CONNTRACK.remove(&s.reverse_key);
         }
         if map
@@ -204,7 +206,10 @@ pub fn install_reverse(
         {
             return Ok(key.sport);
         }
-        if !same_flow(map, &s.reverse_key) {
+        if map
+            .get_ptr_mut(&s.reverse_key)
+            .is_some_and(|other| !same_flow(other))
+        {
             return Err(reason::REPLY_CONFLICT);
         }
         return if map.insert(&s.reverse_key, &s.reverse, 0).is_ok() {

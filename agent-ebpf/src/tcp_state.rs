@@ -72,10 +72,24 @@ pub fn client_tcp(s: &mut Scratch, f: &mut Flow, flags: u8, table: Table) -> Res
         return Ok(());
     }
     let now = failure::now_ns();
+    // A retransmitted SYN carries the flow's initial sequence number; a SYN
+    // with another one during the connect is a new connection on the same
+    // 5-tuple: the client gave up on the last one without a RST Sluice saw
+    // (its SYN-ACK lost, or the socket closed while connecting). Taken for a
+    // retransmission it would go uncounted, to the old backend, and its
+    // SYN-ACK (which acknowledges the new number) would not be trusted, so
+    // the flow would never be promoted.
+    let state = if syn_facts(s).1 != f.syn_seq
+        && matches!(f.state, flow_state::SYN_SENT | flow_state::ESTABLISHED)
+    {
+        flow_state::CLOSED
+    } else {
+        f.state
+    };
     // One call of `retry` below, however the SYN got there: each call is
     // a copy for the verifier to walk.
     let mut new_connection = false;
-    let resend = match f.state {
+    let resend = match state {
         flow_state::SYN_SENT => {
             let Some(policy) = failure::policy(f.service_id) else {
                 return Ok(());

@@ -64,6 +64,16 @@ impl FibBed {
 
     /// As `with_conntrack`, loading another build of the eBPF object.
     pub fn with_object(services_yaml: &str, conntrack: u32, object: &[u8]) -> Result<Self> {
+        Self::with_tables(services_yaml, conntrack, 16_384, object)
+    }
+
+    /// As `with_object`, with a half-open table of `half_open` entries.
+    pub fn with_tables(
+        services_yaml: &str,
+        conntrack: u32,
+        half_open: u32,
+        object: &[u8],
+    ) -> Result<Self> {
         let ns = Netns::new(&unique("dp"))?;
         ns.exec(&[
             "ip", "link", "add", "t0", "type", "veth", "peer", "name", "t1",
@@ -127,7 +137,7 @@ impl FibBed {
         let cfg = config::parse(&text, "test.yaml")?;
         let sizes = Sizes {
             conntrack,
-            half_open: 16_384,
+            half_open,
             services: 8,
             backends: 64,
             table_size: 251,

@@ -14,7 +14,7 @@ use agent_common::reason;
 use anyhow::Result;
 use sluice_tests::{
     fib::{FibBed, T0_MAC, XDP_DROP, XDP_REDIRECT, XDP_TX, backend_mac, backend_of},
-    packet::{CLIENT_SEQ, Pkt, TCP_ACK, TCP_RST, TCP_SYN, checksum},
+    packet::{CLIENT_SEQ, Pkt, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, checksum},
 };
 use testbed::Family;
 
@@ -489,5 +489,66 @@ fn reused_tuple_of_an_ejected_backend_is_a_new_connection() -> Result<()> {
         (connections.0, connections.1 + 1),
         "a new connection of backend 2 only"
     );
+    Ok(())
+}
+
+/// A client that gives up on a connect without a RST Sluice sees (its
+/// SYN-ACK lost, or the socket closed while connecting) may reuse the port
+/// at once: a SYN with another initial sequence number on a half-open flow
+/// is a new connection, counted, whose SYN-ACK is trusted and whose
+/// handshake completes; so is one after that connection's FIN close. (Taken
+/// for a retransmission, it went uncounted and its flow never left the
+/// half-open table: a rare lost connection in long runs of short ones.)
+#[test]
+fn a_syn_with_a_new_sequence_number_on_a_reused_port_is_a_new_connection() -> Result<()> {
+    let mut bed = FibBed::new(&services(false, &[1], 50))?;
+    let service_id = bed.reconciler.services["web"].id;
+    let service = |bed: &FibBed| bed.reconciler.stats(true, service_id);
+    let syn_with = |port: u16, seq: u32| Pkt { seq, ..syn(port) };
+    let answer_to = |port: u16, seq: u32, flags: u8| Pkt {
+        ack: seq.wrapping_add(1),
+        ..answer(1, port, flags)
+    };
+    let from_client = |port: u16, seq: u32, flags: u8| Pkt {
+        seq: seq.wrapping_add(1),
+        ..Pkt::tcp(FAM.client(), port, FAM.vip(), 80, flags)
+    };
+    let port = 45_000;
+
+    // 1. A connect answered by the backend, then abandoned by the client (no
+    //    ACK, no RST): the next SYN on the port has a new number.
+    bed.run(&syn_with(port, 1_000).bytes())?;
+    bed.run_in("t0", &answer_to(port, 1_000, TCP_SYN | TCP_ACK).bytes())?;
+    // 2. A connect abandoned before any answer, within the connect timeout.
+    bed.run(&syn_with(port, 2_000).bytes())?;
+    let before = service(&bed);
+    assert_eq!((before.connections, before.opened), (2, 1));
+    let (rc, out) = bed.run(&syn_with(port, 3_000).bytes())?;
+    assert_eq!(rc, XDP_REDIRECT);
+    assert_eq!(backend_of(&out), 1);
+    let (rc, _) = bed.run_in("t0", &answer_to(port, 3_000, TCP_SYN | TCP_ACK).bytes())?;
+    assert_eq!(rc, XDP_REDIRECT);
+    let after = service(&bed);
+    assert_eq!(after.connections, 3, "each new number is a new connection");
+    assert_eq!(after.opened, 2, "the SYN-ACK to the last one is trusted");
+    assert_eq!(after.untrusted_signals, 0);
+    assert_eq!(after.failures_timeout + after.failures_refused, 0);
+
+    // Its handshake completes and it closes (FINs both ways); a SYN with a
+    // new number after that is a new connection too.
+    bed.run(&from_client(port, 3_000, TCP_ACK).bytes())?;
+    bed.run(&from_client(port, 3_000, TCP_FIN | TCP_ACK).bytes())?;
+    bed.run_in("t0", &answer_to(port, 3_000, TCP_FIN | TCP_ACK).bytes())?;
+    assert_eq!(
+        service(&bed).closed,
+        1,
+        "closed as an established connection"
+    );
+    let (rc, _) = bed.run(&syn_with(port, 4_000).bytes())?;
+    assert_eq!(rc, XDP_REDIRECT);
+    bed.run_in("t0", &answer_to(port, 4_000, TCP_SYN | TCP_ACK).bytes())?;
+    let last = service(&bed);
+    assert_eq!((last.connections, last.opened), (4, 3));
+    assert_eq!(last.untrusted_signals, 0);
     Ok(())
 }
