@@ -100,15 +100,17 @@ fn monotonic_to_wall_ns() -> i128 {
 }
 
 fn view(e: &Event, shared: &Shared, offset: i128) -> EventView {
-    let (mut service, mut backend) = (format!("#{}", e.service_id), format!("#{}", e.backend_id));
-    if let Some(view) = shared.view.get()
-        && let Some(s) = view.snapshot().service_by_id(e.service_id)
-    {
-        service = s.spec.name.clone();
-        if let Some(b) = s.backends.iter().find(|b| b.id == e.backend_id) {
-            backend = b.addr.to_string();
-        }
-    }
+    // By id through the snapshot's index: events come at up to 10,000 a
+    // second, and a node may have thousands of services.
+    let snapshot = shared.view.get().map(|v| v.snapshot());
+    let service = snapshot
+        .as_ref()
+        .and_then(|s| s.service_by_id(e.service_id))
+        .map_or_else(|| format!("#{}", e.service_id), |s| s.spec.name.clone());
+    let backend = snapshot
+        .as_ref()
+        .and_then(|s| s.backend_by_id(e.backend_id))
+        .map_or_else(|| format!("#{}", e.backend_id), |b| b.addr.to_string());
     let kind = match e.kind {
         event_kind::OPEN => "open",
         event_kind::CLOSE => "close",

@@ -79,7 +79,7 @@ fn snapshot(tables: &Tables, config: &[ServiceSpec]) -> Snapshot {
             (state.spec.name.clone(), state)
         })
         .collect();
-    Snapshot { services }
+    Snapshot::new(services)
 }
 
 impl Pinned {

@@ -38,6 +38,9 @@ struct Args {
     rounds: usize,
     seconds: u32,
     connections: u32,
+    /// Services configured besides the measured one (iptables, nftables,
+    /// Sluice): what a lookup costs in a node with many Services.
+    others: usize,
     /// Only the modes whose label contains this (iptables DNAT, the
     /// baseline, always runs).
     only: Option<String>,
@@ -49,12 +52,14 @@ fn parse_args() -> Result<Args> {
         ("--seconds", "N"),
         ("--connections", "N"),
         ("--only", "MODE"),
+        ("--services", "N"),
     ])?;
     Ok(Args {
         rounds: f.get("--rounds", 5)?,
         seconds: f.get("--seconds", 3)?,
         connections: f.get("--connections", 32)?,
         only: f.text("--only"),
+        others: f.get::<usize>("--services", 1)?.saturating_sub(1),
     })
 }
 
@@ -142,7 +147,7 @@ fn refusal(mode: Mode, dir: &TempDir) -> Option<String> {
 /// One round of one mode: start it, warm it, measure, tear it down.
 fn measure(topo: &Topology, mode: Mode, dir: &TempDir, args: &Args) -> Result<Round> {
     let background = cpu::background(1.0)?;
-    let running = modes::start(topo, mode, dir)?;
+    let running = modes::start(topo, mode, args.others, dir)?;
     let lb = running.processes();
     let http = mode.target(HTTP_PORT);
     // Warm-up (discarded): neighbours resolved, servers' first accepts.
@@ -235,6 +240,13 @@ fn report(rows: &[Row], args: &Args) {
         cpu::LOAD_CPU,
         cpu::LB_CPU
     );
+    if args.others > 0 {
+        println!(
+            "{} more TCP services configured before the measured one (iptables: rules a new \
+             connection passes first; nftables and Sluice: entries of a hash lookup)",
+            args.others
+        );
+    }
     println!(
         "medians; × iptables: the same round's ratio, median (min–max); LB µs: the LB \
          namespace's CPU per request (the time its CPU was not idle), procs: the part \

@@ -140,10 +140,23 @@ fn forwarding(topo: &Topology, on: bool) -> Result<()> {
         .exec(&["sysctl", "-qw", &format!("net.ipv4.ip_forward={v}")])
 }
 
-/// Starts `mode` in the LB namespace, with `backends` behind the VIP.
-/// Err(refusal) for a Sluice attach mode the agent refuses on this device
-/// is told apart by the caller from the log.
-pub fn start<'a>(topo: &'a Topology, mode: Mode, dir: &TempDir) -> Result<Running<'a>> {
+/// The VIP of the `i`th of the services configured besides the measured
+/// one (`--services`): 10.101.0.1, 10.101.0.2, …
+fn other_vip(i: usize) -> IpAddr {
+    std::net::Ipv4Addr::new(10, 101, (i / 250) as u8, (i % 250 + 1) as u8).into()
+}
+
+/// Starts `mode` in the LB namespace, with the topology's backends behind
+/// the VIP and `others` more TCP services configured before it (traffic
+/// goes to the VIP only: what the others cost is the lookup). A Sluice
+/// attach mode the agent refuses on this device is told apart by the
+/// caller, from the log.
+pub fn start<'a>(
+    topo: &'a Topology,
+    mode: Mode,
+    others: usize,
+    dir: &TempDir,
+) -> Result<Running<'a>> {
     let mut running = Running {
         topo,
         mode,
@@ -156,12 +169,15 @@ pub fn start<'a>(topo: &'a Topology, mode: Mode, dir: &TempDir) -> Result<Runnin
         .collect();
     match mode {
         Mode::Direct => {}
-        Mode::Iptables => iptables(topo, &backends, dir)?,
-        Mode::Nftables => nftables(topo, &backends, dir)?,
+        Mode::Iptables => iptables(topo, &backends, others, dir)?,
+        Mode::Nftables => nftables(topo, &backends, others, dir)?,
         Mode::Haproxy => running.haproxy = Some(haproxy(topo, &backends, dir)?),
         Mode::Sluice(attach) => {
             let path = dir.path("sluice.yaml");
-            std::fs::write(&path, sluice_config(topo.backends.len(), attach, &backends))?;
+            std::fs::write(
+                &path,
+                sluice_config(topo.backends.len(), attach, &backends, others),
+            )?;
             let log = dir.path(&format!("agent-{attach}.log"));
             let agent = Agent::start(&topo.lb, &path, log)?;
             pin(agent.pid(), LB_CPU)?;
@@ -173,9 +189,12 @@ pub fn start<'a>(topo: &'a Topology, mode: Mode, dir: &TempDir) -> Result<Runnin
 
 /// kube-proxy's iptables shape: services chain → service chain →
 /// `statistic --mode random` to one endpoint chain per backend → DNAT.
-fn iptables(topo: &Topology, backends: &[IpAddr], dir: &TempDir) -> Result<()> {
+fn iptables(topo: &Topology, backends: &[IpAddr], others: usize, dir: &TempDir) -> Result<()> {
     let vip = Family::V4.vip();
     let mut rules = String::from("*nat\n:E2E-SERVICES - [0:0]\n");
+    for i in 0..others {
+        rules += &format!(":E2E-OTHER-{i} - [0:0]\n");
+    }
     for proto in ["tcp", "udp"] {
         rules += &format!(":E2E-SVC-{proto} - [0:0]\n");
         for i in 0..backends.len() {
@@ -183,6 +202,16 @@ fn iptables(topo: &Topology, backends: &[IpAddr], dir: &TempDir) -> Result<()> {
         }
     }
     rules += "-A PREROUTING -j E2E-SERVICES\n";
+    // The other services first: a new connection to the VIP passes their
+    // rules one by one, as kube-proxy's KUBE-SERVICES chain makes it.
+    for i in 0..others {
+        rules += &format!(
+            "-A E2E-SERVICES -d {}/32 -p tcp --dport {HTTP_PORT} -j E2E-OTHER-{i}\n\
+             -A E2E-OTHER-{i} -p tcp -j DNAT --to-destination {}:{HTTP_PORT}\n",
+            other_vip(i),
+            backends[0]
+        );
+    }
     for (proto, port) in [("tcp", HTTP_PORT), ("udp", UDP_PORT)] {
         rules +=
             &format!("-A E2E-SERVICES -d {vip}/32 -p {proto} --dport {port} -j E2E-SVC-{proto}\n");
@@ -214,12 +243,15 @@ fn iptables(topo: &Topology, backends: &[IpAddr], dir: &TempDir) -> Result<()> {
 
 /// kube-proxy's nftables shape: a verdict map on address . protocol .
 /// port to the service chain, `numgen random` to an endpoint chain, DNAT.
-fn nftables(topo: &Topology, backends: &[IpAddr], dir: &TempDir) -> Result<()> {
+fn nftables(topo: &Topology, backends: &[IpAddr], others: usize, dir: &TempDir) -> Result<()> {
     let vip = Family::V4.vip();
     let n = backends.len();
+    let other_elements: String = (0..others)
+        .map(|i| format!(", {} . tcp . {HTTP_PORT} : goto other-{i}", other_vip(i)))
+        .collect();
     let mut text = format!(
         "table ip e2e {{\n  map services {{\n    type ipv4_addr . inet_proto . inet_service : verdict\n    \
-         elements = {{ {vip} . tcp . {HTTP_PORT} : goto svc-tcp, {vip} . udp . {UDP_PORT} : goto svc-udp }}\n  }}\n  \
+         elements = {{ {vip} . tcp . {HTTP_PORT} : goto svc-tcp, {vip} . udp . {UDP_PORT} : goto svc-udp{other_elements} }}\n  }}\n  \
          chain prerouting {{\n    type nat hook prerouting priority dstnat; policy accept;\n    \
          ip daddr . meta l4proto . th dport vmap @services\n  }}\n"
     );
@@ -236,6 +268,12 @@ fn nftables(topo: &Topology, backends: &[IpAddr], dir: &TempDir) -> Result<()> {
                 "  chain sep-{proto}-{i} {{\n    meta l4proto {proto} dnat to {b}:{port}\n  }}\n"
             );
         }
+    }
+    for i in 0..others {
+        text += &format!(
+            "  chain other-{i} {{\n    meta l4proto tcp dnat to {}:{HTTP_PORT}\n  }}\n",
+            backends[0]
+        );
     }
     text += "}\n";
     let path = dir.path("e2e.nft");
@@ -279,9 +317,17 @@ fn haproxy(topo: &Topology, backends: &[IpAddr], dir: &TempDir) -> Result<Daemon
     Ok(daemon)
 }
 
-fn sluice_config(interfaces: usize, attach: &str, backends: &[IpAddr]) -> String {
+fn sluice_config(interfaces: usize, attach: &str, backends: &[IpAddr], others: usize) -> String {
     let mut text = sluice_tests::interfaces_yaml_in(interfaces, Some(attach));
     text += "services:\n";
+    for i in 0..others {
+        text += &format!(
+            "  - name: other-{i}\n    vip: \"{}\"\n    port: {HTTP_PORT}\n    protocol: tcp\n    \
+             backends:\n      - address: \"{}:{HTTP_PORT}\"\n",
+            other_vip(i),
+            backends[0]
+        );
+    }
     for (name, proto, port) in [("web", "tcp", HTTP_PORT), ("echo", "udp", UDP_PORT)] {
         text += &format!(
             "  - name: {name}\n    vip: \"{}\"\n    port: {port}\n    protocol: {proto}\n    backends:\n",
