@@ -46,3 +46,41 @@ impl Diff {
         !(sum as u16)
     }
 }
+
+/// The sum of an L4 segment's pseudo-header (addresses, protocol, length
+/// `len`), words as they sit in the packet, not yet folded.
+#[inline(always)]
+pub fn pseudo_header_sum(v4: bool, proto: u8, src: &[u32; 4], dst: &[u32; 4], len: usize) -> u64 {
+    if v4 {
+        u64::from(src[0])
+            + u64::from(dst[0])
+            + u64::from(u16::from(proto).to_be())
+            + u64::from((len as u16).to_be())
+    } else {
+        let mut sum = u64::from((len as u32).to_be()) + u64::from(u32::from(proto).to_be());
+        let mut i = 0;
+        while i < 4 {
+            sum += u64::from(src[i]) + u64::from(dst[i]);
+            i += 1;
+        }
+        sum
+    }
+}
+
+/// Folds a sum of 32-bit words into 32 bits (one's complement).
+#[inline(always)]
+pub fn fold32(mut sum: u64) -> u32 {
+    sum = (sum & 0xffff_ffff) + (sum >> 32);
+    sum = (sum & 0xffff_ffff) + (sum >> 32);
+    sum as u32
+}
+
+/// Folds a sum of 16- and 32-bit words into 16 bits (one's complement).
+#[inline(always)]
+pub fn fold16(sum: u64) -> u16 {
+    let mut sum = u64::from(fold32(sum));
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum as u16
+}

@@ -14,6 +14,7 @@ use agent_common::{FAMILY_V4, reason};
 use aya_ebpf::helpers::generated::{bpf_skb_load_bytes, bpf_xdp_load_bytes};
 
 use crate::{
+    csum::{fold16 as fold, pseudo_header_sum},
     headers::TCP_CHECK_OFFSET,
     packet::{Ctx, Packet, fragment},
 };
@@ -130,30 +131,11 @@ fn sum(ctx: &Ctx, offset: usize, len: usize, words: &mut [u32; COPY_WORDS]) -> O
 /// The pseudo-header's folded sum, words as they would sit in the packet.
 #[inline(always)]
 fn pseudo_header(pkt: &Packet, src: &[u32; 4], dst: &[u32; 4], len: usize) -> u16 {
-    let sum = if pkt.family == FAMILY_V4 {
-        u64::from(src[0])
-            + u64::from(dst[0])
-            + u64::from(u16::from(pkt.proto).to_be())
-            + u64::from((len as u16).to_be())
-    } else {
-        let mut sum = u64::from((len as u32).to_be()) + u64::from(u32::from(pkt.proto).to_be());
-        let mut i = 0;
-        while i < 4 {
-            sum += u64::from(src[i]) + u64::from(dst[i]);
-            i += 1;
-        }
-        sum
-    };
-    fold(sum)
-}
-
-/// Folds a sum of 16- and 32-bit words into 16 bits (one's complement).
-#[inline(always)]
-fn fold(mut sum: u64) -> u16 {
-    sum = (sum & 0xffff_ffff) + (sum >> 32);
-    sum = (sum & 0xffff_ffff) + (sum >> 32);
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum as u16
+    fold(pseudo_header_sum(
+        pkt.family == FAMILY_V4,
+        pkt.proto,
+        src,
+        dst,
+        len,
+    ))
 }

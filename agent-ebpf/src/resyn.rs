@@ -33,6 +33,7 @@ use aya_ebpf::{
 
 use crate::{
     conntrack::Table,
+    csum::{fold16, fold32, pseudo_header_sum},
     failure,
     forward::{self, ttl_allows_forwarding},
     headers::{Ipv4, Ipv6, TCP_CHECK_OFFSET, TCP_HDR_LEN},
@@ -380,41 +381,8 @@ fn skb_tcp_checksum(ctx: &Ctx, l4: usize, pseudo: u32, segment: u32) {
     }
 }
 
-/// The TCP pseudo-header's sum (32 bits, folded), words as in the packet.
+/// The pseudo-header's sum folded to 32 bits.
 #[inline(always)]
 fn pseudo_header(v4: bool, src: &[u32; 4], dst: &[u32; 4], len: usize) -> u32 {
-    let sum = if v4 {
-        u64::from(src[0])
-            + u64::from(dst[0])
-            + u64::from(u16::from(PROTO_TCP).to_be())
-            + u64::from((len as u16).to_be())
-    } else {
-        let mut sum = u64::from((len as u32).to_be()) + u64::from(u32::from(PROTO_TCP).to_be());
-        let mut i = 0;
-        while i < 4 {
-            sum += u64::from(src[i]) + u64::from(dst[i]);
-            i += 1;
-        }
-        sum
-    };
-    fold32(sum)
-}
-
-/// Folds a sum of 32-bit words into 32 bits (one's complement).
-#[inline(always)]
-fn fold32(mut sum: u64) -> u32 {
-    sum = (sum & 0xffff_ffff) + (sum >> 32);
-    sum = (sum & 0xffff_ffff) + (sum >> 32);
-    sum as u32
-}
-
-/// Folds a sum into 16 bits (one's complement).
-#[inline(always)]
-fn fold16(mut sum: u64) -> u16 {
-    sum = (sum & 0xffff_ffff) + (sum >> 32);
-    sum = (sum & 0xffff_ffff) + (sum >> 32);
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum as u16
+    fold32(pseudo_header_sum(v4, PROTO_TCP, src, dst, len))
 }
