@@ -126,8 +126,13 @@ fn sweep(
     let entries = match crate::batch::hash_entries::<FlowKey, Flow>(map.map(), capacity as usize) {
         Ok(entries) => entries,
         Err(e) => {
-            debug!(error = %e, "conntrack batch read failed; nothing swept this time");
-            Vec::new()
+            // A kernel without batch reads of LRU maps (before 5.6): the
+            // walk, two syscalls per entry, rather than no sweep at all.
+            warn_once(&e);
+            map.iter()
+                .take(capacity as usize)
+                .map_while(Result::ok)
+                .collect()
         }
     };
     for (key, flow) in entries {
@@ -197,6 +202,15 @@ fn sweep(
         }
     }
     swept
+}
+
+/// Says once per agent that the batch read failed and the sweep walks the
+/// table key by key instead.
+fn warn_once(e: &std::io::Error) {
+    static SAID: std::sync::Once = std::sync::Once::new();
+    SAID.call_once(|| {
+        tracing::warn!(error = %e, "conntrack batch read refused; sweeping key by key (slower)");
+    });
 }
 
 /// Established connections the LRU evicted from a full map: nothing in the

@@ -605,3 +605,51 @@ fn a_reply_tuple_is_never_shared_by_two_flows() -> Result<()> {
     );
     Ok(())
 }
+
+/// The agent reads the conntrack tables in batches (the sweep, 4,096
+/// entries a syscall): every entry of a table several batches long is
+/// read once, the same as a key-by-key walk finds it.
+#[test]
+fn a_batch_read_of_a_conntrack_table_finds_every_entry_once() -> Result<()> {
+    use agent_common::{Flow, FlowKey};
+    use aya::maps::IterableMap as _;
+
+    let bed = FibBed::with_conntrack(&services(Family::V4, false, &[0]), 65_536)?;
+    // A handle of its own on the bed's table, as the agent's sweep has.
+    let mut table = bed.reconciler.read_tables()?.conntrack;
+    let n: u32 = 10_000;
+    for i in 0..n {
+        let key = FlowKey {
+            src: [
+                u32::from_be_bytes([10, 9, (i >> 8) as u8, i as u8]),
+                0,
+                0,
+                0,
+            ],
+            sport: (i as u16).to_be(),
+            dport: 80u16.to_be(),
+            proto: agent_common::PROTO_TCP,
+            family: agent_common::FAMILY_V4,
+            ..FlowKey::default()
+        };
+        let flow = Flow {
+            backend_id: i,
+            ..Flow::default()
+        };
+        table.insert(key, flow, 0)?;
+    }
+    let batched = sluice::batch::hash_entries::<FlowKey, Flow>(table.map(), usize::MAX)?;
+    let mut walked: Vec<(FlowKey, Flow)> = table.iter().collect::<Result<_, _>>()?;
+    let mut read: Vec<(FlowKey, Flow)> = batched.clone();
+    let order = |a: &(FlowKey, Flow), b: &(FlowKey, Flow)| a.1.backend_id.cmp(&b.1.backend_id);
+    walked.sort_by(order);
+    read.sort_by(order);
+    assert_eq!(batched.len(), n as usize, "every entry, none twice");
+    assert_eq!(read, walked, "the same entries as a key-by-key walk");
+    assert_eq!(
+        sluice::batch::hash_entries::<FlowKey, Flow>(table.map(), 5_000)?.len(),
+        5_000,
+        "the limit holds"
+    );
+    Ok(())
+}

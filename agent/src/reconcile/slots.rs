@@ -10,10 +10,13 @@
 //!
 //! A table that a service stops using (its entry flipped to a new one) is
 //! not reused at once: a packet that read the old entry may still be
-//! reading its slots. It is *retired*, and freed only after `QUARANTINE`
-//! (an XDP or tc program runs for microseconds; today's two halves per
-//! service gave the same kind of guarantee, a half being rewritten only at
-//! the service's next change).
+//! reading its slots. It is *retired*, and freed only after `QUARANTINE`.
+//! An XDP or tc program runs for microseconds, but the socket-level path
+//! (the cgroup `connect` hook) runs in process context, which a preemptible
+//! kernel may interrupt between reading the entry and reading the slots:
+//! a second leaves such a reader far behind. (The two halves per service
+//! used before gave the same kind of guarantee: a half was rewritten only
+//! at the service's next change.)
 
 use std::{
     collections::{BTreeMap, BTreeSet, VecDeque},
@@ -21,7 +24,7 @@ use std::{
 };
 
 /// How long a retired table stays untouched before its slots are reused.
-pub const QUARANTINE: Duration = Duration::from_millis(10);
+pub const QUARANTINE: Duration = Duration::from_secs(1);
 
 /// Table sizes: primes just below powers of two, from 2^8 to 2^20 (each
 /// fits its power-of-two block with a few slots to spare). A service's
