@@ -19,11 +19,11 @@ use crate::{counters::Counters, inspect::Tables, reconcile::ServiceState};
 #[derive(Default)]
 pub struct Snapshot {
     pub services: BTreeMap<String, ServiceState>,
-    /// Service id → name, and backend id → (service name, index in its
+    /// Service id → name, and backend id → (service id, index in its
     /// backends): records that carry only ids (events, at up to 10,000 a
     /// second) are named without a walk over thousands of services.
     service_names: HashMap<u32, String>,
-    backends_by_id: HashMap<u32, (String, usize)>,
+    backends_by_id: HashMap<u32, (u32, usize)>,
 }
 
 impl Snapshot {
@@ -33,7 +33,7 @@ impl Snapshot {
         for (name, s) in &services {
             service_names.insert(s.id, name.clone());
             for (i, b) in s.backends.iter().enumerate() {
-                backends_by_id.insert(b.id, (name.clone(), i));
+                backends_by_id.insert(b.id, (s.id, i));
             }
         }
         Self {
@@ -53,8 +53,8 @@ impl Snapshot {
 
     /// A backend by its id (draining ones too).
     pub fn backend_by_id(&self, id: u32) -> Option<&crate::reconcile::BackendState> {
-        let (service, i) = self.backends_by_id.get(&id)?;
-        self.services.get(service)?.backends.get(*i)
+        let &(service_id, i) = self.backends_by_id.get(&id)?;
+        self.service_by_id(service_id)?.backends.get(i)
     }
 
     /// A service by its id, for records that carry only ids (events).

@@ -72,6 +72,8 @@ pub struct Running<'a> {
     mode: Mode,
     agent: Option<Agent>,
     haproxy: Option<Daemon>,
+    /// `stop` ran (or the drop did): nothing left to remove.
+    torn_down: bool,
 }
 
 impl Running<'_> {
@@ -94,6 +96,7 @@ impl Running<'_> {
     }
 
     fn teardown(&mut self) -> Result<()> {
+        self.torn_down = true;
         if let Some(mut agent) = self.agent.take() {
             agent.stop()?;
         }
@@ -124,7 +127,9 @@ impl Running<'_> {
 
 impl Drop for Running<'_> {
     fn drop(&mut self) {
-        if self.agent.is_some() || self.haproxy.is_some() {
+        // Also on a failure mid-mode: the rules and the VIP go too, not
+        // only the processes.
+        if !self.torn_down {
             let _ = self.teardown();
         }
     }
@@ -162,6 +167,7 @@ pub fn start<'a>(
         mode,
         agent: None,
         haproxy: None,
+        torn_down: false,
     };
     forwarding(topo, mode.kernel_forwards())?;
     let backends: Vec<IpAddr> = (0..topo.backends.len())
