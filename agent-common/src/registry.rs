@@ -20,6 +20,8 @@ pub enum Sizing {
     /// sized by `limits.max_services`, `limits.max_backends` and
     /// `maglev.table_size` (the agent's `reconcile::slots::pool_slots`).
     MaglevSlots,
+    /// `conntrack.affinity_max_entries`.
+    Affinity,
 }
 
 /// One map of the kernel object.
@@ -62,6 +64,7 @@ pub mod map {
     pub const SYN_RECORDS: &str = "SYN_RECORDS";
     pub const RESYN_XDP: &str = "RESYN_XDP";
     pub const RESYN_TC: &str = "RESYN_TC";
+    pub const AFFINITY: &str = "AFFINITY";
 }
 
 const fn def(name: &'static str, pinned: bool, sizing: Sizing) -> MapDef {
@@ -103,6 +106,8 @@ pub const MAPS: &[MapDef] = &[
     def(map::SYN_RECORDS, false, Sizing::Fixed),
     def(map::RESYN_XDP, false, Sizing::Fixed),
     def(map::RESYN_TC, false, Sizing::Fixed),
+    // Pinned: a client keeps its backend across an agent restart.
+    def(map::AFFINITY, true, Sizing::Affinity),
 ];
 
 /// The programs' names (their entry functions in agent-ebpf/src/main.rs).

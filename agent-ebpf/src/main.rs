@@ -30,6 +30,8 @@ mod conntrack;
 
 mod select;
 
+mod affinity;
+
 mod failure;
 
 mod budget;

@@ -142,6 +142,13 @@ pub static RESYN_XDP: aya_ebpf::maps::ProgramArray =
 pub static RESYN_TC: aya_ebpf::maps::ProgramArray =
     aya_ebpf::maps::ProgramArray::with_max_entries(1, 0);
 
+/// Session affinity: (service, client address) → the client's backend and
+/// when it last opened a connection (see `affinity`). Pinned: clients keep
+/// their backends across an agent restart.
+#[map]
+pub static AFFINITY: LruHashMap<agent_common::AffinityKey, agent_common::AffinityEntry> =
+    LruHashMap::with_max_entries(65_536, 0);
+
 /// This CPU's scratch area (see `Scratch`).
 #[inline(always)]
 pub fn scratch() -> Option<&'static mut Scratch> {

@@ -116,6 +116,11 @@ pub struct Scratch {
     pub resyn_l3: u32,
     pub resyn_l4: u32,
     pub resyn: u32,
+    /// The key of a client's session affinity entry (see `affinity`).
+    pub affinity_key: agent_common::AffinityKey,
+    /// A new flow's backend id, attempt and `FLOW_F_AFFINITY` bit (see
+    /// `pipeline::choose`).
+    pub chosen: [u32; 3],
 }
 
 /// Slots of `SYN_RECORDS` (a power of two). A record is needed from a SYN

@@ -8,11 +8,12 @@
 )]
 
 use agent_common::{
-    FLOW_F_FAILURE_COUNTED, FLOW_F_FIN_BACKEND, FLOW_F_FIN_CLIENT, FLOW_F_VERIFIED, Flow, FlowKey,
+    FLOW_F_AFFINITY, FLOW_F_FAILURE_COUNTED, FLOW_F_FIN_BACKEND, FLOW_F_FIN_CLIENT, FLOW_F_VERIFIED, Flow, FlowKey,
     SERVICE_F_RETRY, SNAT_PORT_MIN, flow_state, reason,
 };
 
 use crate::{
+    affinity,
     conntrack::{Table, answer_key, forward_of, install_reverse},
     failure::{self, Failure},
     headers::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
@@ -176,6 +177,11 @@ pub fn backend_tcp(
             let latency = now.wrapping_sub(f.syn_ns);
             failure::record_success(&s.reverse_key, f.service_id, f.backend_id, latency, now);
             f.state = flow_state::ESTABLISHED;
+            if f.flags & FLOW_F_AFFINITY != 0 {
+                // The backend that took the connection (after a retry, not
+                // the one the entry named) is the client's from now on.
+                affinity::record(&mut s.affinity_key, f.service_id, &s.reverse_key, f.backend_id);
+            }
         }
         return Ok(());
     }
@@ -314,7 +320,7 @@ pub fn retry(
     ) else {
         return Ok(());
     };
-    let h = s.key.flow_hash();
+    let h = select::first_hash(&service, &s.key);
     let first = match why {
         Resend::AfterFailure => u32::from(f.attempts) + 1,
         Resend::NewConnection => 0,

@@ -27,6 +27,9 @@ pub struct ServiceSpec {
     /// The pod behind each backend that has one (Kubernetes endpoints), for
     /// the metrics' and the API's `namespace` and `pod`.
     pub pods: BTreeMap<SocketAddr, PodRef>,
+    /// Session affinity by client address: its timeout in seconds (1 to
+    /// 86,400); None: no affinity.
+    pub affinity_timeout: Option<u32>,
 }
 
 /// A Kubernetes pod, as an EndpointSlice endpoint's targetRef names it.

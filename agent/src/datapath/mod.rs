@@ -70,6 +70,7 @@ pub struct Sizes {
     pub services: u32,
     pub backends: u32,
     pub table_size: u32,
+    pub affinity: u32,
 }
 
 impl Sizes {
@@ -80,6 +81,7 @@ impl Sizes {
             services: config.limits.max_services,
             backends: config.limits.max_backends,
             table_size: config.maglev.table_size,
+            affinity: config.conntrack.affinity_max_entries,
         }
     }
 
@@ -98,6 +100,7 @@ impl Sizes {
             Sizing::Services => Some(self.services),
             Sizing::Backends => Some(self.backends),
             Sizing::MaglevSlots => Some(self.maglev_slots()),
+            Sizing::Affinity => Some(self.affinity),
         }
     }
 

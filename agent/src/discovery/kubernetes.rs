@@ -54,7 +54,10 @@ use tracing::{info, warn};
 
 pub use self::trust::{Skipped, Trust};
 use super::{DiscoveryError, KubeClientError, Outcome, Reporter};
-use crate::config::{KubeAddress, Kubernetes, MAX_WEIGHT, PodRef, Protocol, ServiceSpec, backend};
+use crate::config::{
+    DEFAULT_AFFINITY_TIMEOUT_SECONDS, KubeAddress, Kubernetes, MAX_AFFINITY_TIMEOUT_SECONDS,
+    MAX_WEIGHT, PodRef, Protocol, ServiceSpec, backend,
+};
 
 /// The Service annotation with per-endpoint weights.
 pub const WEIGHTS_ANNOTATION: &str = "sluice.io/weights";
@@ -367,6 +370,7 @@ pub fn desired(
                 None
             }
         };
+        let affinity_timeout = session_affinity(svc_spec, &mut skip);
         let local = |policy: &Option<String>| policy.as_deref() == Some("Local");
         let internal_local = local(&svc_spec.internal_traffic_policy);
         let external_local = local(&svc_spec.external_traffic_policy);
@@ -457,11 +461,45 @@ pub fn desired(
                     drain_timeout: Duration::from_secs(spec.drain_timeout_seconds.into()),
                     backend_latency_histogram: histogram,
                     pods,
+                    affinity_timeout,
                 });
             }
         }
     }
     found
+}
+
+/// `sessionAffinity: ClientIP` and its timeout (`sessionAffinityConfig.
+/// clientIP.timeoutSeconds`, default 10800, at most 86400 as the API server
+/// allows): affinity on every VIP of the Service. A timeout out of range
+/// (an API server that didn't check) is noted and the default used.
+fn session_affinity(
+    svc_spec: &k8s_openapi::api::core::v1::ServiceSpec,
+    skip: &mut impl FnMut(String, String),
+) -> Option<u32> {
+    if svc_spec.session_affinity.as_deref() != Some("ClientIP") {
+        return None;
+    }
+    let timeout = svc_spec
+        .session_affinity_config
+        .as_ref()
+        .and_then(|c| c.client_ip.as_ref())
+        .and_then(|c| c.timeout_seconds);
+    match timeout {
+        None => Some(DEFAULT_AFFINITY_TIMEOUT_SECONDS),
+        Some(t) if (1..=i64::from(MAX_AFFINITY_TIMEOUT_SECONDS)).contains(&i64::from(t)) => {
+            Some(t as u32)
+        }
+        Some(t) => {
+            skip(
+                "sessionAffinityConfig.clientIP.timeoutSeconds".into(),
+                format!(
+                    "{t}: must be 1 to {MAX_AFFINITY_TIMEOUT_SECONDS} (the default, {DEFAULT_AFFINITY_TIMEOUT_SECONDS}, applies)"
+                ),
+            );
+            Some(DEFAULT_AFFINITY_TIMEOUT_SECONDS)
+        }
+    }
 }
 
 fn annotation<'a>(svc: &'a Service, name: &str) -> Option<&'a str> {

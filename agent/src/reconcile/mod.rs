@@ -14,7 +14,7 @@ use std::{collections::BTreeMap, net::SocketAddr, time::Instant};
 
 use agent_common::{
     Backend, BackendFib, BackendHealth, FibCache, LatencyHistogram, NO_BACKEND, Prefilter,
-    SERVICE_F_RETRY, SERVICE_F_SNAT, Service, ServiceKey, ServicePolicy, ServiceStats, prefilter,
+    SERVICE_F_AFFINITY, SERVICE_F_RETRY, SERVICE_F_SNAT, Service, ServiceKey, ServicePolicy, ServiceStats, prefilter,
 };
 use anyhow::{Context, Result, anyhow, bail};
 use aya::maps::PerCpuValues;
@@ -441,8 +441,14 @@ impl Reconciler {
                 SERVICE_F_SNAT
             } else {
                 0
+            } | if spec.affinity_timeout.is_some() {
+                SERVICE_F_AFFINITY
+            } else {
+                0
             },
             snat_addr: spec.snat_ip.map(addr::words).unwrap_or_default(),
+            affinity_timeout_s: spec.affinity_timeout.unwrap_or(0),
+            _pad: 0,
         };
         if let Err(e) = self.maps.services.insert(service_key(spec), value, 0) {
             if offset != old_offset.unwrap_or(u32::MAX) {
