@@ -132,6 +132,8 @@ pub struct Maps {
     pub backend_latency: PerCpuArray<MapData, LatencyHistogram>,
     pub event_budget: PerCpuArray<MapData, EventBudget>,
     pub sock_connects: HashMap<MapData, u64, agent_common::SockConnect>,
+    /// Session affinity entries (see the kernel's `affinity`).
+    pub affinity: HashMap<MapData, agent_common::AffinityKey, agent_common::AffinityEntry>,
 }
 
 /// A second handle (a duplicate of its fd) on the map `name` behind `map`,
@@ -194,6 +196,7 @@ impl Maps {
             backend_latency: take(ebpf, map::BACKEND_LATENCY)?,
             event_budget: take(ebpf, map::EVENT_BUDGET)?,
             sock_connects: take(ebpf, map::SOCK_CONNECTS)?,
+            affinity: take(ebpf, map::AFFINITY)?,
         })
     }
 }

@@ -316,9 +316,36 @@ impl Reconciler {
         if let Some(offset) = state.table_offset {
             self.slots.retire(offset);
         }
+        if state.spec.affinity_timeout.is_some() {
+            self.forget_affinity(state.id);
+        }
         self.service_ids.give(state.id);
         info!(service = name, "service removed");
         Ok(())
+    }
+
+    /// Deletes the session affinity entries of service `id`, which is being
+    /// removed. The kernel would not follow a stale entry to a backend of
+    /// another service (the key holds the service id, and an entry is
+    /// used only while `BACKENDS[backend].service_id` is that service's),
+    /// but a new service given this id, with a backend given the old
+    /// entry's backend id, would take the old clients there: not Maglev's
+    /// choice, and unlike every other node. One walk of the table (a
+    /// service removal is rare); an entry the walk misses only costs that.
+    fn forget_affinity(&mut self, id: u32) {
+        let stale: Vec<agent_common::AffinityKey> = self
+            .maps
+            .affinity
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.service_id == id)
+            .collect();
+        for key in &stale {
+            let _ = self.maps.affinity.remove(key);
+        }
+        if !stale.is_empty() {
+            info!(service_id = id, entries = stale.len(), "session affinity entries of a removed service deleted");
+        }
     }
 
     fn upsert_service(&mut self, spec: &ServiceSpec) -> Result<()> {
