@@ -803,6 +803,62 @@ mod tests {
     }
 
     #[test]
+    fn session_affinity_client_ip_applies_to_every_vip_of_the_service() {
+        let svc = |extra: serde_json::Value| -> Arc<Service> {
+            let mut spec = serde_json::json!({
+                "clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10", "fd00::10"],
+                "externalIPs": ["192.0.2.7"], "ports": [{"port": 80}]
+            });
+            spec.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            Arc::new(
+                serde_json::from_value(serde_json::json!({
+                    "metadata": {"name": "web", "namespace": "shop"}, "spec": spec
+                }))
+                .unwrap(),
+            )
+        };
+        let found = |extra: serde_json::Value| {
+            desired(
+                &[svc(extra)],
+                &[],
+                &spec(),
+                &Locality::default(),
+                &Trust::default(),
+            )
+        };
+        let timeouts = |f: &Found| -> Vec<Option<u32>> {
+            f.services.iter().map(|s| s.affinity_timeout).collect()
+        };
+        // None (the default) and explicit None: no affinity.
+        assert_eq!(timeouts(&found(serde_json::json!({}))), [None; 3]);
+        let none = found(serde_json::json!({"sessionAffinity": "None"}));
+        assert_eq!(timeouts(&none), [None; 3]);
+        // ClientIP without a config: Kubernetes' default, 3 hours.
+        let default = found(serde_json::json!({"sessionAffinity": "ClientIP"}));
+        assert_eq!(timeouts(&default), [Some(10_800); 3]);
+        let set = found(serde_json::json!({
+            "sessionAffinity": "ClientIP",
+            "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 60}}
+        }));
+        assert_eq!(timeouts(&set), [Some(60); 3]);
+        assert!(set.skipped.is_empty());
+        // Out of range (the API server refuses it; a mock might not): the
+        // default applies, and the Service's status says why.
+        for bad in [0, -5, 86_401] {
+            let f = found(serde_json::json!({
+                "sessionAffinity": "ClientIP",
+                "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": bad}}
+            }));
+            assert_eq!(timeouts(&f), [Some(10_800); 3], "{bad}");
+            let skipped: Vec<_> = f.skipped.iter().collect();
+            assert_eq!(skipped.len(), 1, "{bad}: {skipped:?}");
+            assert!(skipped[0].why.contains(&bad.to_string()), "{skipped:?}");
+        }
+    }
+
+    #[test]
     fn the_latency_histogram_annotation_overrides_the_global_setting() {
         let svc = |value: &str| -> Arc<Service> {
             Arc::new(
