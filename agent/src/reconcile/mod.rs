@@ -613,6 +613,14 @@ impl Reconciler {
     }
 
     /// The kernel's view of a backend's health.
+    /// A client's session affinity entry, if any (for tests and tools).
+    pub fn affinity_entry(
+        &self,
+        key: &agent_common::AffinityKey,
+    ) -> Option<agent_common::AffinityEntry> {
+        self.maps.affinity.get(key, 0).ok()
+    }
+
     pub fn health(&self, backend_id: u32) -> BackendHealth {
         counters::health(&self.maps.backend_health, backend_id)
     }
