@@ -46,7 +46,9 @@ pub const SERVICE_F_RETRY: u32 = 2;
 /// the backend its `AFFINITY` entry names while the entry is younger than
 /// `Service::affinity_timeout_s` and the backend takes new connections.
 pub const SERVICE_F_AFFINITY: u32 = 16;
-/// The backend is chosen by least connections (reserved: issue #15, item 5).
+/// The backend of a new client is the one of two candidates (the Maglev
+/// choice and a random slot of the table) with fewer active connections
+/// for its weight (`BACKEND_ACTIVE`): per node, not consistent across nodes.
 pub const SERVICE_F_LEAST_CONN: u32 = 32;
 
 /// Value of the `SERVICES` map.
@@ -161,6 +163,10 @@ pub const FLOW_F_FAILURE_COUNTED: u32 = 16;
 /// backend that answers its SYN becomes the client's affinity (after a
 /// retry, the one that took the connection).
 pub const FLOW_F_AFFINITY: u32 = 32;
+/// Forward entry of a flow of a least-connections service: counted in its
+/// backend's `BACKEND_ACTIVE` word, until it closes (then cleared, so it is
+/// taken off once).
+pub const FLOW_F_ACTIVE_COUNTED: u32 = 64;
 
 /// The FIB lookup result for a flow's next hop, kept in its conntrack entry:
 /// a FIB lookup costs more than the rest of the fast path together.
@@ -366,7 +372,8 @@ const _: () = assert!(core::mem::size_of::<SockConnect>() == 48);
 ///
 /// 4: `MAGLEV` is one pool of per-service tables sized by backend count
 /// (was two `maglev.table_size` halves per service id).
-/// 5: `Service` is 40 bytes (`affinity_timeout_s`); the `AFFINITY` map.
+/// 5: `Service` is 40 bytes (`affinity_timeout_s`); the `AFFINITY` and
+/// `BACKEND_ACTIVE` maps.
 pub const MAP_LAYOUT: u32 = 5;
 
 /// What `BackendHealth::ejected` says of a backend. Kept as a `u32` in the

@@ -65,6 +65,7 @@ pub mod map {
     pub const RESYN_XDP: &str = "RESYN_XDP";
     pub const RESYN_TC: &str = "RESYN_TC";
     pub const AFFINITY: &str = "AFFINITY";
+    pub const BACKEND_ACTIVE: &str = "BACKEND_ACTIVE";
 }
 
 const fn def(name: &'static str, pinned: bool, sizing: Sizing) -> MapDef {
@@ -108,6 +109,8 @@ pub const MAPS: &[MapDef] = &[
     def(map::RESYN_TC, false, Sizing::Fixed),
     // Pinned: a client keeps its backend across an agent restart.
     def(map::AFFINITY, true, Sizing::Affinity),
+    // Pinned: it counts the pinned flows.
+    def(map::BACKEND_ACTIVE, true, Sizing::Backends),
 ];
 
 /// The programs' names (their entry functions in agent-ebpf/src/main.rs).

@@ -32,6 +32,8 @@ mod select;
 
 mod affinity;
 
+mod least_conn;
+
 mod failure;
 
 mod budget;

@@ -149,6 +149,12 @@ pub static RESYN_TC: aya_ebpf::maps::ProgramArray =
 pub static AFFINITY: LruHashMap<agent_common::AffinityKey, agent_common::AffinityEntry> =
     LruHashMap::with_max_entries(65_536, 0);
 
+/// Backend id → its active flows of least-connections services, shared by
+/// every CPU (atomic adds; see `least_conn`). Signed in effect: the
+/// agent's correction may leave a word briefly below zero.
+#[map]
+pub static BACKEND_ACTIVE: Array<u64> = Array::with_max_entries(4096, 0);
+
 /// This CPU's scratch area (see `Scratch`).
 #[inline(always)]
 pub fn scratch() -> Option<&'static mut Scratch> {

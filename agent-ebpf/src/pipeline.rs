@@ -9,8 +9,8 @@
 )]
 
 use agent_common::{
-    FLOW_F_AFFINITY, FLOW_F_FIN_CLIENT, FLOW_F_REVERSE, Flow, FlowKey, NO_BACKEND, PROTO_TCP,
-    PROTO_UDP, SERVICE_F_AFFINITY, SERVICE_F_SNAT, Service, event_kind, flow_state, prefilter, reason,
+    FLOW_F_ACTIVE_COUNTED, FLOW_F_AFFINITY, FLOW_F_FIN_CLIENT, FLOW_F_REVERSE, Flow, FlowKey, NO_BACKEND, PROTO_TCP,
+    PROTO_UDP, SERVICE_F_AFFINITY, SERVICE_F_LEAST_CONN, SERVICE_F_SNAT, Service, event_kind, flow_state, prefilter, reason,
 };
 use aya_ebpf::bindings::bpf_fib_lookup;
 
@@ -22,6 +22,7 @@ use crate::{
     headers::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     icmp,
     integrity::{self, check_syn},
+    least_conn,
     maps::{BACKEND_FIB, BACKENDS, CONNTRACK, HALF_OPEN},
     nat::{rewrite, skb_l4_checksum},
     packet::{Action, Ctx, NO_REFUSAL, Packet, Scratch, fragment},
@@ -120,6 +121,7 @@ fn transport(ctx: &Ctx, s: &mut Scratch, pkt: &Packet, src: &[u32; 4], dst: &[u3
         if !restarts {
             return translate(ctx, pkt, &s.key, &mut s.fib, flow);
         }
+        least_conn::closed(f);
         conntrack::forget(s, f);
     }
     // A connect being made: its entries are half-open until the client
@@ -330,7 +332,11 @@ fn new_flow(s: &mut Scratch, service: &Service, syn: bool, flags: u8) -> Result<
     );
     // A connect of an affinity service: its SYN-ACK confirms (or, after
     // a retry, moves) the client's affinity (see `tcp_state::backend_tcp`).
-    forward.flags = if syn { affinity_flag } else { 0 };
+    forward.flags = if syn {
+        affinity_flag
+    } else {
+        affinity_flag & FLOW_F_ACTIVE_COUNTED
+    };
     forward.attempts = attempt.min(255) as u8;
     if syn {
         forward.state = flow_state::SYN_SENT;
@@ -352,19 +358,23 @@ fn new_flow(s: &mut Scratch, service: &Service, syn: bool, flags: u8) -> Result<
         let _ = map.remove(&s.reverse_key);
         return Err(reason::CONNTRACK_FULL);
     }
+    least_conn::opened(&s.forward);
     Ok(&raw mut s.forward)
 }
 
 /// The backend of a new flow of `service` (whose forward key is `s.key`):
-/// the client's live affinity entry's, else the Maglev choice (recorded as
-/// the client's affinity for an affinity service, unless the packet is an
-/// untracked RST). Left in `s.chosen` (backend id, attempt, the flow's
-/// `FLOW_F_AFFINITY` bit), not returned: read back from memory, the
+/// the client's live affinity entry's, else the Maglev choice, or for a
+/// least-connections service the less loaded of it and a random slot's
+/// backend (recorded as the client's affinity for an affinity service,
+/// unless the packet is an untracked RST). Left in `s.chosen` (backend id,
+/// attempt, the flow's `FLOW_F_AFFINITY` and `FLOW_F_ACTIVE_COUNTED`
+/// bits), not returned: read back from memory, the
 /// outcomes are one state for the verifier to walk the rest of the new
 /// flow with, not one per way of choosing. False: no backend.
 #[inline(always)]
 fn choose(s: &mut Scratch, service: &Service, untracked: bool) -> bool {
     let affinity = service.flags & SERVICE_F_AFFINITY != 0;
+    let least_conn = service.flags & SERVICE_F_LEAST_CONN != 0;
     let kept = if affinity {
         affinity::backend(&mut s.affinity_key, service, &s.key)
     } else {
@@ -374,16 +384,24 @@ fn choose(s: &mut Scratch, service: &Service, untracked: bool) -> bool {
         Some(id) => (id, 0),
         None => {
             let h = select::first_hash(service, &s.key);
-            let Some(choice) = select::pick(service, h, NO_BACKEND, 0) else {
+            let Some(mut choice) = select::pick(service, h, NO_BACKEND, 0) else {
                 return false;
             };
+            if least_conn {
+                choice.0 = least_conn::choose(service, choice.0);
+            }
             if affinity && !untracked {
                 affinity::record(&mut s.affinity_key, service.id, &s.key, choice.0);
             }
             choice
         }
     };
-    let flag = if affinity { FLOW_F_AFFINITY } else { 0 };
+    let flag = if affinity { FLOW_F_AFFINITY } else { 0 }
+        | if least_conn && !untracked {
+            FLOW_F_ACTIVE_COUNTED
+        } else {
+            0
+        };
     // SAFETY: writes to this CPU's scratch area; volatile, so that they are
     // read back from memory.
     unsafe {

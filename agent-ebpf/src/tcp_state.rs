@@ -16,6 +16,7 @@ use crate::{
     affinity,
     conntrack::{Table, answer_key, forward_of, install_reverse},
     failure::{self, Failure},
+    least_conn,
     headers::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     maps::BACKENDS,
     packet::{Scratch, copy_addr, copy_key},
@@ -216,6 +217,7 @@ pub fn backend_tcp(
             return Err(reason::RST_HELD_FOR_RETRY);
         }
         f.state = flow_state::CLOSED;
+        least_conn::closed(f);
         return Ok(());
     }
     if flags & (TCP_FIN | TCP_RST) != 0 {
@@ -282,6 +284,7 @@ pub fn close_seen(key: &FlowKey, f: &mut Flow, flags: u8, side: u32) {
     f.flags |= side;
     let both = FLOW_F_FIN_CLIENT | FLOW_F_FIN_BACKEND;
     f.state = if rst || f.flags & both == both {
+        least_conn::closed(f);
         flow_state::CLOSED
     } else {
         flow_state::CLOSING
@@ -340,6 +343,7 @@ pub fn retry(
     // Seeded with the current port's offset: the same port is tried first.
     let seed = u32::from(u16::from_be(f.new_sport)).wrapping_sub(u32::from(SNAT_PORT_MIN));
     let new_sport = install_reverse(s, &service, backend_id, backend, seed, table)?;
+    least_conn::moved(f, backend_id);
     copy_addr(&mut f.new_dst, &backend.addr);
     f.new_dport = backend.port;
     f.new_sport = new_sport;

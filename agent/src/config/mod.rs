@@ -19,7 +19,7 @@ use std::path::Path;
 
 pub use model::{DiscoverySpec, PodRef, ServiceSpec, Source};
 pub use schema::{
-    Affinity, AttachMode, BackendSpec, ClientIpAffinity, Config, Conntrack, ConntrackTimeouts, Control, Discovery,
+    Affinity, Algorithm, AttachMode, BackendSpec, ClientIpAffinity, Config, Conntrack, ConntrackTimeouts, Control, Discovery,
     DnsDiscovery, DnsRecord, EtcdDiscovery, Failure, Forwarding, Interface, KubeAddress,
     Kubernetes, Limits, Maglev, Metrics, Pinning, Protocol, Service, ServiceMetrics, SocketLb,
 };

@@ -30,6 +30,8 @@ pub struct ServiceSpec {
     /// Session affinity by client address: its timeout in seconds (1 to
     /// 86,400); None: no affinity.
     pub affinity_timeout: Option<u32>,
+    /// How a new client's backend is chosen.
+    pub algorithm: super::Algorithm,
 }
 
 /// A Kubernetes pod, as an EndpointSlice endpoint's targetRef names it.

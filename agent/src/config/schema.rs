@@ -380,6 +380,21 @@ pub struct Service {
     /// Session affinity: a client's connections go to one backend.
     #[serde(default)]
     pub affinity: Option<Affinity>,
+    /// How a new connection's backend is chosen.
+    #[serde(default)]
+    pub algorithm: Algorithm,
+}
+
+/// `algorithm:` of a service.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Algorithm {
+    /// Consistent hashing: every node makes the same choice.
+    #[default]
+    Maglev,
+    /// The less loaded (active connections for its weight) of two
+    /// candidates, by this node's own counts: not consistent across nodes.
+    LeastConnections,
 }
 
 /// `affinity:` of a service (one kind: by client address).

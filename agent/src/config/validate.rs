@@ -392,6 +392,7 @@ fn service(s: &Service, at: &str, taken: &mut Taken) -> Result<ServiceSpec, Refu
         backend_latency_histogram: s.metrics.backend_latency_histogram,
         pods: Default::default(),
         affinity_timeout,
+        algorithm: s.algorithm,
     })
 }
 

@@ -134,6 +134,9 @@ pub struct Maps {
     pub sock_connects: HashMap<MapData, u64, agent_common::SockConnect>,
     /// Session affinity entries (see the kernel's `affinity`).
     pub affinity: HashMap<MapData, agent_common::AffinityKey, agent_common::AffinityEntry>,
+    /// Each backend's active flows of least-connections services (the
+    /// kernel's `least_conn`; the sweep corrects it).
+    pub backend_active: Array<MapData, u64>,
 }
 
 /// A second handle (a duplicate of its fd) on the map `name` behind `map`,
@@ -197,6 +200,7 @@ impl Maps {
             event_budget: take(ebpf, map::EVENT_BUDGET)?,
             sock_connects: take(ebpf, map::SOCK_CONNECTS)?,
             affinity: take(ebpf, map::AFFINITY)?,
+            backend_active: take(ebpf, map::BACKEND_ACTIVE)?,
         })
     }
 }

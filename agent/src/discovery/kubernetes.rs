@@ -462,6 +462,7 @@ pub fn desired(
                     backend_latency_histogram: histogram,
                     pods,
                     affinity_timeout,
+                    algorithm: Default::default(),
                 });
             }
         }

@@ -184,6 +184,7 @@ mod tests {
                 backend_latency_histogram: None,
                 pods: Default::default(),
                 affinity_timeout: None,
+                algorithm: Default::default(),
             })
             .collect()
     }

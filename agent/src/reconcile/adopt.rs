@@ -146,6 +146,7 @@ fn orphan_spec(key: &ServiceKey) -> ServiceSpec {
         backend_latency_histogram: None,
         pods: Default::default(),
         affinity_timeout: None,
+        algorithm: Default::default(),
     }
 }
 

@@ -14,7 +14,7 @@ use std::{collections::BTreeMap, net::SocketAddr, time::Instant};
 
 use agent_common::{
     Backend, BackendFib, BackendHealth, FibCache, LatencyHistogram, NO_BACKEND, Prefilter,
-    SERVICE_F_AFFINITY, SERVICE_F_RETRY, SERVICE_F_SNAT, Service, ServiceKey, ServicePolicy, ServiceStats, prefilter,
+    SERVICE_F_AFFINITY, SERVICE_F_LEAST_CONN, SERVICE_F_RETRY, SERVICE_F_SNAT, Service, ServiceKey, ServicePolicy, ServiceStats, prefilter,
 };
 use anyhow::{Context, Result, anyhow, bail};
 use aya::maps::PerCpuValues;
@@ -33,7 +33,7 @@ use ids::Ids;
 use slots::Slots;
 
 use crate::{
-    config::{PodRef, Protocol, ServiceSpec},
+    config::{Algorithm, PodRef, Protocol, ServiceSpec},
     counters::{self, Counters, EndedSilently},
     datapath::Maps,
     maglev,
@@ -472,6 +472,9 @@ impl Reconciler {
                 SERVICE_F_AFFINITY
             } else {
                 0
+            } | match spec.algorithm {
+                Algorithm::Maglev => 0,
+                Algorithm::LeastConnections => SERVICE_F_LEAST_CONN,
             },
             snat_addr: spec.snat_ip.map(addr::words).unwrap_or_default(),
             affinity_timeout_s: spec.affinity_timeout.unwrap_or(0),
@@ -566,6 +569,10 @@ impl Reconciler {
             .backend_health
             .set(id, BackendHealth::default(), 0)
             .with_context(|| format!("clearing the health of backend {addr}"))?;
+        self.maps
+            .backend_active
+            .set(id, 0, 0)
+            .with_context(|| format!("clearing the active count of backend {addr}"))?;
         let zeros = PerCpuValues::try_from(vec![LatencyHistogram::default(); self.nr_cpus])
             .context("building per-CPU zeros")?;
         self.maps
