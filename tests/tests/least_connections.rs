@@ -217,6 +217,18 @@ fn least_connections_spares_the_backend_that_holds_them_and_counts_leak_nothing(
         "maglev gave the holding backend {maglev_b0} of {N}"
     );
     ensure!(lc_b0 < N / 4, "least_connections gave it {lc_b0} of {N}");
+    // `explain` says the choice is this node's, from live counts.
+    let out = std::process::Command::new(sluice_tests::sluice_bin())
+        .args(["explain", "10.0.1.2:40000", &format!("{}/tcp", vip()), "-o", "json"])
+        .arg("--config")
+        .arg(&bed.cfg)
+        .arg("--socket")
+        .arg(sluice_tests::control_socket_of(&bed.cfg))
+        .output()?;
+    let e: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| String::from_utf8_lossy(&out.stderr).to_string())?;
+    ensure!(e["decision"] == "least_connections", "{e}");
+    ensure!(e["backend"].is_null(), "{e}");
 
     // The kernel's counts are the connections open now: the held ones.
     let held_n = held.len() as i64;

@@ -15,6 +15,7 @@ const FULL: &str = r#"interfaces:
     attach: tc
 conntrack:
   max_entries: 65536
+  affinity_max_entries: 65536
   timeouts:
     tcp_syn_sent: 30
     tcp_established: 3600
@@ -48,6 +49,10 @@ services:
     drain_timeout_seconds: 60
     metrics:
       backend_latency_histogram: true
+    affinity:
+      client_ip:
+        timeout_seconds: 10800
+    algorithm: least_connections
   - name: dns6
     vip: "fd00::1"
     port: 53
@@ -100,6 +105,11 @@ const WORDS: &[&str] = &[
     "forwarding",
     "snat_ip",
     "failure",
+    "affinity",
+    "client_ip",
+    "timeout_seconds",
+    "algorithm",
+    "least_connections",
     "discovery",
     "dns",
     "etcd",
@@ -235,6 +245,9 @@ fn check(text: &str) -> Result<(), TestCaseError> {
                 }
                 if let Some(snat) = s.snat_ip {
                     prop_assert_eq!(snat.is_ipv4(), s.vip.is_ipv4());
+                }
+                if let Some(t) = s.affinity_timeout {
+                    prop_assert!((1..=super::MAX_AFFINITY_TIMEOUT_SECONDS).contains(&t));
                 }
             }
         }

@@ -55,7 +55,7 @@ use tracing::{info, warn};
 pub use self::trust::{Skipped, Trust};
 use super::{DiscoveryError, KubeClientError, Outcome, Reporter};
 use crate::config::{
-    DEFAULT_AFFINITY_TIMEOUT_SECONDS, KubeAddress, Kubernetes, MAX_AFFINITY_TIMEOUT_SECONDS,
+    Algorithm, DEFAULT_AFFINITY_TIMEOUT_SECONDS, KubeAddress, Kubernetes, MAX_AFFINITY_TIMEOUT_SECONDS,
     MAX_WEIGHT, PodRef, Protocol, ServiceSpec, backend,
 };
 
@@ -63,6 +63,8 @@ use crate::config::{
 pub const WEIGHTS_ANNOTATION: &str = "sluice.io/weights";
 /// The Service annotation that turns its backends' latency histogram on or off.
 pub const LATENCY_HISTOGRAM_ANNOTATION: &str = "sluice.io/backend-latency-histogram";
+/// `maglev` (the default) or `least_connections`: the Service's `algorithm`.
+pub const ALGORITHM_ANNOTATION: &str = "sluice.io/algorithm";
 /// Events that arrive within this much of each other are applied together…
 const SETTLE: Duration = Duration::from_millis(50);
 /// …but a steady stream of events is applied at least this often.
@@ -371,6 +373,19 @@ pub fn desired(
             }
         };
         let affinity_timeout = session_affinity(svc_spec, &mut skip);
+        let algorithm = match annotation(svc, ALGORITHM_ANNOTATION) {
+            None | Some("maglev") => Algorithm::Maglev,
+            Some("least_connections") => Algorithm::LeastConnections,
+            Some(other) => {
+                skip(
+                    format!("annotation {ALGORITHM_ANNOTATION}"),
+                    format!(
+                        "{other:?}: expected \"maglev\" or \"least_connections\" (maglev applies)"
+                    ),
+                );
+                Algorithm::Maglev
+            }
+        };
         let local = |policy: &Option<String>| policy.as_deref() == Some("Local");
         let internal_local = local(&svc_spec.internal_traffic_policy);
         let external_local = local(&svc_spec.external_traffic_policy);
@@ -462,7 +477,7 @@ pub fn desired(
                     backend_latency_histogram: histogram,
                     pods,
                     affinity_timeout,
-                    algorithm: Default::default(),
+                    algorithm,
                 });
             }
         }
@@ -847,6 +862,22 @@ mod tests {
         assert!(set.skipped.is_empty());
         // Out of range (the API server refuses it; a mock might not): the
         // default applies, and the Service's status says why.
+        // The algorithm, by annotation.
+        let annotated = |value: &str| {
+            let svc: Service = serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "web", "namespace": "shop",
+                             "annotations": {ALGORITHM_ANNOTATION: value}},
+                "spec": {"clusterIP": "10.96.0.10", "ports": [{"port": 80}]}
+            }))
+            .unwrap();
+            desired(&[Arc::new(svc)], &[], &spec(), &Locality::default(), &Trust::default())
+        };
+        let lc = annotated("least_connections");
+        assert_eq!(lc.services[0].algorithm, Algorithm::LeastConnections);
+        let bad = annotated("fastest");
+        assert_eq!(bad.services[0].algorithm, Algorithm::Maglev);
+        assert_eq!(bad.skipped.len(), 1, "{:?}", bad.skipped);
+        assert_eq!(set.services[0].algorithm, Algorithm::Maglev);
         for bad in [0, -5, 86_401] {
             let f = found(serde_json::json!({
                 "sessionAffinity": "ClientIP",

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 
 use agent_common::{
     AffinityKey, BackendState as Admission, FLOW_F_REVERSE, Flow, FlowKey, MAGLEV_MAX_PICKS,
-    MAGLEV_MAX_WALK, NO_BACKEND, SERVICE_F_AFFINITY, Service, addr, hash,
+    MAGLEV_MAX_WALK, NO_BACKEND, SERVICE_F_AFFINITY, SERVICE_F_LEAST_CONN, Service, addr, hash,
 };
 use serde::{Deserialize, Serialize};
 
@@ -27,7 +27,9 @@ pub struct Explanation {
     pub service: Option<String>,
     /// `conntrack` (an established flow), `half_open` (a connect in
     /// progress), `affinity` (a new flow: the client's session affinity
-    /// entry decides), `maglev` (a new flow: the table decides), `no_service`,
+    /// entry decides), `maglev` (a new flow: the table decides),
+    /// `least_connections` (a new flow: this node's live counts decide,
+    /// per connection; not retraced), `no_service`,
     /// `no_backend` (the service's table is empty), `family_mismatch` (an
     /// IPv4 client can't reach an IPv6 VIP, or the other way).
     pub decision: String,
@@ -263,6 +265,18 @@ pub fn explain(
         ));
         return e;
     };
+    if service.flags & SERVICE_F_LEAST_CONN != 0 {
+        // Made per node, per connection, from live counts and a random
+        // draw: not something to retrace.
+        e.decision = "least_connections".to_string();
+        e.why.push(format!(
+            "no flow yet: algorithm least_connections: this node chooses per connection between the Maglev choice ({}, slot {} of {}) and the backend of a random slot, whichever has fewer active connections for its weight here (not consistent across nodes; not retraced)",
+            name_of(backend_id),
+            h % service.table_size,
+            service.table_size
+        ));
+        return e;
+    }
     e.decision = "maglev".to_string();
     e.backend = Some(name_of(backend_id));
     e.backend_state = Some(state_of(backend_id));
