@@ -9,8 +9,9 @@
 )]
 
 use agent_common::{
-    FLOW_F_ACTIVE_COUNTED, FLOW_F_AFFINITY, FLOW_F_FIN_CLIENT, FLOW_F_REVERSE, Flow, FlowKey, NO_BACKEND, PROTO_TCP,
-    PROTO_UDP, SERVICE_F_AFFINITY, SERVICE_F_LEAST_CONN, SERVICE_F_SNAT, Service, event_kind, flow_state, prefilter, reason,
+    FLOW_F_ACTIVE_COUNTED, FLOW_F_AFFINITY, FLOW_F_FIN_CLIENT, FLOW_F_REVERSE, Flow, FlowKey,
+    NO_BACKEND, PROTO_TCP, PROTO_UDP, SERVICE_F_AFFINITY, SERVICE_F_LEAST_CONN, SERVICE_F_SNAT,
+    Service, event_kind, flow_state, prefilter, reason,
 };
 use aya_ebpf::bindings::bpf_fib_lookup;
 

@@ -8,16 +8,16 @@
 )]
 
 use agent_common::{
-    FLOW_F_AFFINITY, FLOW_F_FAILURE_COUNTED, FLOW_F_FIN_BACKEND, FLOW_F_FIN_CLIENT, FLOW_F_VERIFIED, Flow, FlowKey,
-    SERVICE_F_RETRY, SNAT_PORT_MIN, flow_state, reason,
+    FLOW_F_AFFINITY, FLOW_F_FAILURE_COUNTED, FLOW_F_FIN_BACKEND, FLOW_F_FIN_CLIENT,
+    FLOW_F_VERIFIED, Flow, FlowKey, SERVICE_F_RETRY, SNAT_PORT_MIN, flow_state, reason,
 };
 
 use crate::{
     affinity,
     conntrack::{Table, answer_key, forward_of, install_reverse},
     failure::{self, Failure},
-    least_conn,
     headers::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    least_conn,
     maps::BACKENDS,
     packet::{Scratch, copy_addr, copy_key},
     select, service,
@@ -181,7 +181,12 @@ pub fn backend_tcp(
             if f.flags & FLOW_F_AFFINITY != 0 {
                 // The backend that took the connection (after a retry, not
                 // the one the entry named) is the client's from now on.
-                affinity::record(&mut s.affinity_key, f.service_id, &s.reverse_key, f.backend_id);
+                affinity::record(
+                    &mut s.affinity_key,
+                    f.service_id,
+                    &s.reverse_key,
+                    f.backend_id,
+                );
             }
         }
         return Ok(());

@@ -310,14 +310,13 @@ impl ActiveCounts {
     /// Compares the words with `live` (counted flows by backend id) and
     /// corrects the differences seen twice in a row.
     fn correct(&mut self, live: &BTreeMap<u32, u64>) {
-        let values =
-            match crate::batch::array_values::<u64>(self.map.map(), self.capacity, 1) {
-                Ok(values) => values,
-                Err(e) => {
-                    debug!(error = %e, "reading BACKEND_ACTIVE");
-                    return;
-                }
-            };
+        let values = match crate::batch::array_values::<u64>(self.map.map(), self.capacity, 1) {
+            Ok(values) => values,
+            Err(e) => {
+                debug!(error = %e, "reading BACKEND_ACTIVE");
+                return;
+            }
+        };
         let mut suspect = HashMap::new();
         for (id, &have) in values.iter().enumerate() {
             let id = id as u32;
@@ -327,7 +326,12 @@ impl ActiveCounts {
                 continue;
             }
             if self.suspect.get(&id) == Some(&diff) {
-                debug!(backend_id = id, counted = have as i64, live = want, "active count corrected");
+                debug!(
+                    backend_id = id,
+                    counted = have as i64,
+                    live = want,
+                    "active count corrected"
+                );
                 let _ = self.map.set(id, want, 0);
             } else {
                 suspect.insert(id, diff);

@@ -106,9 +106,8 @@ impl Bed {
             for k in 0..per_client {
                 for i in 0..CLIENTS {
                     let from = client(fam, i);
-                    let reply =
-                        sluice_tests::tcp_ask_from(SocketAddr::new(from, 0), vip, CONNECT)
-                            .with_context(|| format!("connection {k} from {from}"))?;
+                    let reply = sluice_tests::tcp_ask_from(SocketAddr::new(from, 0), vip, CONNECT)
+                        .with_context(|| format!("connection {k} from {from}"))?;
                     let name = reply.split_whitespace().next().unwrap_or("").to_string();
                     *reached.entry(from).or_default().entry(name).or_default() += 1;
                 }
@@ -192,7 +191,10 @@ fn twenty_clients_keep_one_backend_until_it_is_ejected_or_drained() -> Result<()
     let first = one_each(&b.round(200)?, "round 1")?;
     let by_backend = spread(&first);
     println!("round 1: clients per backend {by_backend:?}");
-    ensure!(by_backend.len() > 1, "all clients on one backend: {by_backend:?}");
+    ensure!(
+        by_backend.len() > 1,
+        "all clients on one backend: {by_backend:?}"
+    );
 
     // `explain` says where a client's next connection goes, from its
     // affinity entry.
@@ -213,7 +215,11 @@ fn twenty_clients_keep_one_backend_until_it_is_ejected_or_drained() -> Result<()
     let drained = busiest(&first, &[gone]).context("a second backend")?;
     b.servers[gone] = None;
     let out = b.sluice(&["drain", "web", &backend(b.fam, drained).to_string()])?;
-    ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let second = one_each(&b.round(50)?, "round 2")?;
     let third = one_each(&b.round(50)?, "round 3")?;
@@ -222,7 +228,11 @@ fn twenty_clients_keep_one_backend_until_it_is_ejected_or_drained() -> Result<()
         spread(&second)
     );
     ensure!(b.state(gone)? == "ejected", "b{gone}: {}", b.state(gone)?);
-    ensure!(b.state(drained)? == "draining", "b{drained}: {}", b.state(drained)?);
+    ensure!(
+        b.state(drained)? == "draining",
+        "b{drained}: {}",
+        b.state(drained)?
+    );
     let (gone, drained) = (format!("b{gone}"), format!("b{drained}"));
     let mut moved = 0;
     for (c, before) in &first {
@@ -250,13 +260,20 @@ fn an_expired_entry_lets_maglev_choose_again_ipv6() -> Result<()> {
     let first = one_each(&b.round(20)?, "round 1")?;
     let by_backend = spread(&first);
     println!("IPv6 round 1: clients per backend {by_backend:?}");
-    ensure!(by_backend.len() > 1, "all clients on one backend: {by_backend:?}");
+    ensure!(
+        by_backend.len() > 1,
+        "all clients on one backend: {by_backend:?}"
+    );
 
     // Drained: its clients move, one new backend each.
     let x = busiest(&first, &[]).context("a busiest backend")?;
     let addr = backend(b.fam, x).to_string();
     let out = b.sluice(&["drain", "web", &addr])?;
-    ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let moved = one_each(&b.round(10)?, "drained")?;
     let xname = format!("b{x}");
     for (c, before) in &first {
@@ -271,10 +288,17 @@ fn an_expired_entry_lets_maglev_choose_again_ipv6() -> Result<()> {
     // clients' entries are live (each connection refreshes its client's
     // entry) and keep them where they are.
     let out = b.sluice(&["undrain", "web", &addr])?;
-    ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     ensure!(b.state(x)? == "active", "b{x}: {}", b.state(x)?);
     let kept = one_each(&b.round(10)?, "undrained")?;
-    ensure!(kept == moved, "within the timeout: {kept:?}, before {moved:?}");
+    ensure!(
+        kept == moved,
+        "within the timeout: {kept:?}, before {moved:?}"
+    );
 
     // Idle past the timeout (2 s, on a clock of whole seconds): the
     // entries have expired, Maglev places every client as at first.
@@ -346,8 +370,14 @@ fn retry_moves_affinity_forged_rsts_do_not(fam: Family) -> Result<()> {
     let mut bed = FibBed::new(&services(fam))?;
     let id = |bed: &FibBed, b: usize| bed.backend_id("web", backend(fam, b));
     let first = connect(&mut bed, fam, 40_000)?;
-    ensure!(entry(&bed, fam) == Some(id(&bed, first)), "no entry for b{first}");
-    ensure!(connect(&mut bed, fam, 40_001)? == first, "the affinity was not followed");
+    ensure!(
+        entry(&bed, fam) == Some(id(&bed, first)),
+        "no entry for b{first}"
+    );
+    ensure!(
+        connect(&mut bed, fam, 40_001)? == first,
+        "the affinity was not followed"
+    );
 
     // A connect to the same backend, then RSTs acknowledging its SYN that
     // claim to be the backend's: from the clients' side, and without ACK.
@@ -369,8 +399,14 @@ fn retry_moves_affinity_forged_rsts_do_not(fam: Family) -> Result<()> {
     // The backend answers after all: nothing moved.
     let syn_ack = from_backend(fam, first, port, TCP_SYN | TCP_ACK);
     ensure!(bed.run_in("t0", &syn_ack.bytes())?.0 == XDP_REDIRECT);
-    ensure!(entry(&bed, fam) == Some(id(&bed, first)), "a forged RST moved the entry");
-    ensure!(connect(&mut bed, fam, 40_003)? == first, "a forged RST moved the client");
+    ensure!(
+        entry(&bed, fam) == Some(id(&bed, first)),
+        "a forged RST moved the entry"
+    );
+    ensure!(
+        connect(&mut bed, fam, 40_003)? == first,
+        "a forged RST moved the client"
+    );
 
     // A real refusal (from the backend's side, acknowledging the SYN): the
     // SYN goes to another backend at once (`resyn`), whose SYN-ACK makes
@@ -378,7 +414,10 @@ fn retry_moves_affinity_forged_rsts_do_not(fam: Family) -> Result<()> {
     let port = 40_004;
     let (rc, out) = bed.run_in("t1", &syn_from(fam, port).bytes())?;
     ensure!(rc == XDP_REDIRECT && backend_of(&out) == first);
-    let (rc, out) = bed.run_in("t0", &from_backend(fam, first, port, TCP_RST | TCP_ACK).bytes())?;
+    let (rc, out) = bed.run_in(
+        "t0",
+        &from_backend(fam, first, port, TCP_RST | TCP_ACK).bytes(),
+    )?;
     ensure!(rc == XDP_TX, "the refusal was not turned into a SYN: {rc}");
     let next = backend_of(&out);
     ensure!(next != first, "resent to the refusing backend");
@@ -386,7 +425,10 @@ fn retry_moves_affinity_forged_rsts_do_not(fam: Family) -> Result<()> {
     ensure!(entry(&bed, fam) == Some(id(&bed, first)));
     let syn_ack = from_backend(fam, next, port, TCP_SYN | TCP_ACK);
     ensure!(bed.run_in("t0", &syn_ack.bytes())?.0 == XDP_REDIRECT);
-    ensure!(entry(&bed, fam) == Some(id(&bed, next)), "the retry did not move the entry");
+    ensure!(
+        entry(&bed, fam) == Some(id(&bed, next)),
+        "the retry did not move the entry"
+    );
     // One refusal ejects nothing (threshold 3), yet the client stays with
     // the backend that took its connection.
     for port in 40_005..40_010 {

@@ -108,7 +108,12 @@ struct Bed {
 impl Bed {
     /// Rewrites the config and waits until the agent has applied it.
     fn reconfigure(&self, text: &str) -> Result<()> {
-        let applied = || self.agent.log_text().matches("config change applied").count();
+        let applied = || {
+            self.agent
+                .log_text()
+                .matches("config change applied")
+                .count()
+        };
         let before = applied();
         std::fs::write(&self.cfg, text)?;
         self.agent.reload()?;
@@ -141,31 +146,32 @@ impl Bed {
 /// those to the holding backend (`b0`) are kept open and returned, the
 /// others closed by the server at once (and read to their end).
 fn connections(topo: &Topology, n: usize, keep_all: bool) -> Result<(usize, Vec<TcpStream>)> {
-    topo.client.enter(move || -> Result<(usize, Vec<TcpStream>)> {
-        let (mut to_b0, mut kept) = (0, Vec::new());
-        for i in 0..n {
-            let mut s = TcpStream::connect_timeout(&vip(), Duration::from_secs(4))
-                .with_context(|| format!("connection {i}"))?;
-            s.set_read_timeout(Some(Duration::from_secs(4)))?;
-            s.write_all(b"hello\n")?;
-            let mut line = String::new();
-            BufReader::new(s.try_clone()?).read_line(&mut line)?;
-            let name = line.split_whitespace().next().unwrap_or("").to_string();
-            if name == "b0" {
-                to_b0 += 1;
-                kept.push(s);
-            } else {
-                ensure!(name == "b1", "connection {i}: answer {line:?}");
-                if keep_all {
-                    kept.push(s); // the server has closed its side
+    topo.client
+        .enter(move || -> Result<(usize, Vec<TcpStream>)> {
+            let (mut to_b0, mut kept) = (0, Vec::new());
+            for i in 0..n {
+                let mut s = TcpStream::connect_timeout(&vip(), Duration::from_secs(4))
+                    .with_context(|| format!("connection {i}"))?;
+                s.set_read_timeout(Some(Duration::from_secs(4)))?;
+                s.write_all(b"hello\n")?;
+                let mut line = String::new();
+                BufReader::new(s.try_clone()?).read_line(&mut line)?;
+                let name = line.split_whitespace().next().unwrap_or("").to_string();
+                if name == "b0" {
+                    to_b0 += 1;
+                    kept.push(s);
                 } else {
-                    let mut rest = Vec::new();
-                    let _ = s.read_to_end(&mut rest);
+                    ensure!(name == "b1", "connection {i}: answer {line:?}");
+                    if keep_all {
+                        kept.push(s); // the server has closed its side
+                    } else {
+                        let mut rest = Vec::new();
+                        let _ = s.read_to_end(&mut rest);
+                    }
                 }
             }
-        }
-        Ok((to_b0, kept))
-    })?
+            Ok((to_b0, kept))
+        })?
 }
 
 /// Closes connections with a RST (SO_LINGER 0).
@@ -219,7 +225,13 @@ fn least_connections_spares_the_backend_that_holds_them_and_counts_leak_nothing(
     ensure!(lc_b0 < N / 4, "least_connections gave it {lc_b0} of {N}");
     // `explain` says the choice is this node's, from live counts.
     let out = std::process::Command::new(sluice_tests::sluice_bin())
-        .args(["explain", "10.0.1.2:40000", &format!("{}/tcp", vip()), "-o", "json"])
+        .args([
+            "explain",
+            "10.0.1.2:40000",
+            &format!("{}/tcp", vip()),
+            "-o",
+            "json",
+        ])
         .arg("--config")
         .arg(&bed.cfg)
         .arg("--socket")

@@ -55,8 +55,8 @@ use tracing::{info, warn};
 pub use self::trust::{Skipped, Trust};
 use super::{DiscoveryError, KubeClientError, Outcome, Reporter};
 use crate::config::{
-    Algorithm, DEFAULT_AFFINITY_TIMEOUT_SECONDS, KubeAddress, Kubernetes, MAX_AFFINITY_TIMEOUT_SECONDS,
-    MAX_WEIGHT, PodRef, Protocol, ServiceSpec, backend,
+    Algorithm, DEFAULT_AFFINITY_TIMEOUT_SECONDS, KubeAddress, Kubernetes,
+    MAX_AFFINITY_TIMEOUT_SECONDS, MAX_WEIGHT, PodRef, Protocol, ServiceSpec, backend,
 };
 
 /// The Service annotation with per-endpoint weights.
@@ -870,7 +870,13 @@ mod tests {
                 "spec": {"clusterIP": "10.96.0.10", "ports": [{"port": 80}]}
             }))
             .unwrap();
-            desired(&[Arc::new(svc)], &[], &spec(), &Locality::default(), &Trust::default())
+            desired(
+                &[Arc::new(svc)],
+                &[],
+                &spec(),
+                &Locality::default(),
+                &Trust::default(),
+            )
         };
         let lc = annotated("least_connections");
         assert_eq!(lc.services[0].algorithm, Algorithm::LeastConnections);

@@ -6,8 +6,8 @@
 use std::path::Path;
 
 use agent_common::{
-    AffinityEntry, AffinityKey, Backend, BackendHealth, Flow, FlowKey, SERVICE_F_RETRY, Service, ServiceKey, ServicePolicy,
-    registry::map,
+    AffinityEntry, AffinityKey, Backend, BackendHealth, Flow, FlowKey, SERVICE_F_RETRY, Service,
+    ServiceKey, ServicePolicy, registry::map,
 };
 use anyhow::{Context, Result};
 use aya::maps::{Array, HashMap, Map, MapData};

@@ -14,7 +14,8 @@ use std::{collections::BTreeMap, net::SocketAddr, time::Instant};
 
 use agent_common::{
     Backend, BackendFib, BackendHealth, FibCache, LatencyHistogram, NO_BACKEND, Prefilter,
-    SERVICE_F_AFFINITY, SERVICE_F_LEAST_CONN, SERVICE_F_RETRY, SERVICE_F_SNAT, Service, ServiceKey, ServicePolicy, ServiceStats, prefilter,
+    SERVICE_F_AFFINITY, SERVICE_F_LEAST_CONN, SERVICE_F_RETRY, SERVICE_F_SNAT, Service, ServiceKey,
+    ServicePolicy, ServiceStats, prefilter,
 };
 use anyhow::{Context, Result, anyhow, bail};
 use aya::maps::PerCpuValues;
@@ -344,7 +345,11 @@ impl Reconciler {
             let _ = self.maps.affinity.remove(key);
         }
         if !stale.is_empty() {
-            info!(service_id = id, entries = stale.len(), "session affinity entries of a removed service deleted");
+            info!(
+                service_id = id,
+                entries = stale.len(),
+                "session affinity entries of a removed service deleted"
+            );
         }
     }
 
