@@ -442,3 +442,40 @@ fn a_retry_moves_the_affinity_and_forged_rsts_do_not() -> Result<()> {
     retry_moves_affinity_forged_rsts_do_not(Family::V4)?;
     retry_moves_affinity_forged_rsts_do_not(Family::V6)
 }
+
+/// Affinity with least connections: a client's entry decides first, even
+/// towards the busiest backend; a new client is placed by least
+/// connections, never on that backend.
+#[test]
+fn affinity_comes_before_least_connections() -> Result<()> {
+    let fam = Family::V4;
+    let text = services(fam).replace(
+        "    failure:\n",
+        "    algorithm: least_connections\n    failure:\n",
+    );
+    let mut bed = FibBed::new(&text)?;
+    let first = connect(&mut bed, fam, 41_000)?;
+    // 30 more connects of the same client, all kept open: its backend
+    // becomes by far the busiest, and the client stays with it.
+    for port in 41_001..41_031 {
+        ensure!(connect(&mut bed, fam, port)? == first, "port {port}");
+    }
+    // New clients: each has two candidates, at most one of them the busy
+    // backend (the second is never the first's backend), and the other
+    // has no connection: none lands there.
+    for i in 0..20u8 {
+        let other: IpAddr = std::net::Ipv4Addr::new(10, 0, 1, 100 + i).into();
+        let syn = Pkt {
+            smac: CLIENT_MAC,
+            dmac: T1_MAC,
+            ..Pkt::tcp(other, 42_000, fam.vip(), 80, TCP_SYN)
+        };
+        let (rc, out) = bed.run_in("t1", &syn.bytes())?;
+        ensure!(rc == XDP_REDIRECT, "client {other}: {rc}");
+        ensure!(
+            backend_of(&out) != first,
+            "new client {other} placed on the busiest backend b{first}"
+        );
+    }
+    Ok(())
+}
