@@ -112,8 +112,9 @@ pub struct Backend {
     pub port: u16,
     /// The configured weight, and the owning service's id: a restarted
     /// agent reads them to adopt the backends of pinned maps as they were;
-    /// the kernel reads the service id to tell whether a client's affinity
-    /// entry still names a backend of that service (ids are reused).
+    /// the kernel reads the weight for least connections and the service
+    /// id to tell whether a client's affinity entry still names a backend
+    /// of that service (ids are reused).
     pub weight: u16,
     pub service_id: u32,
 }
