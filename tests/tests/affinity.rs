@@ -9,7 +9,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, SocketAddr},
+    net::{IpAddr, SocketAddr, UdpSocket},
     path::PathBuf,
     process::{Command, Output, Stdio},
     time::Duration,
@@ -75,6 +75,14 @@ fn bed(tag: &str, fam: Family, backends: usize, timeout: u32) -> Result<Bed> {
     for i in 0..backends {
         text += &format!("      - address: \"{}\"\n", backend(fam, i));
     }
+    // The same over UDP (the name servers answer datagrams too).
+    text += &format!(
+        "  - name: dns\n    vip: \"{}\"\n    port: 53\n    protocol: udp\n    affinity:\n      client_ip: {{}}\n    backends:\n",
+        fam.vip()
+    );
+    for i in 0..backends {
+        text += &format!("      - address: \"{}\"\n", backend(fam, i));
+    }
     let cfg = dir.path("sluice.yaml");
     std::fs::write(&cfg, text)?;
     let agent = Agent::start(&topo.lb, &cfg, dir.path("agent.log"))?;
@@ -108,6 +116,34 @@ impl Bed {
                     let from = client(fam, i);
                     let reply = sluice_tests::tcp_ask_from(SocketAddr::new(from, 0), vip, CONNECT)
                         .with_context(|| format!("connection {k} from {from}"))?;
+                    let name = reply.split_whitespace().next().unwrap_or("").to_string();
+                    *reached.entry(from).or_default().entry(name).or_default() += 1;
+                }
+            }
+            Ok(reached)
+        })?
+    }
+
+    /// As `round`, with UDP datagrams to the `dns` service, each from a
+    /// socket of its own (a new flow each).
+    fn udp_round(&self, per_client: usize) -> Result<Reached> {
+        let (vip, fam) = (SocketAddr::new(self.fam.vip(), 53), self.fam);
+        self.topo.client.enter(move || -> Result<Reached> {
+            let mut reached = Reached::new();
+            for k in 0..per_client {
+                for i in 0..CLIENTS {
+                    let from = client(fam, i);
+                    let s = UdpSocket::bind(SocketAddr::new(from, 0))?;
+                    s.set_read_timeout(Some(Duration::from_secs(1)))?;
+                    s.connect(vip)?;
+                    let mut buf = [0u8; 512];
+                    let n = (0..3)
+                        .find_map(|_| {
+                            s.send(b"hello").ok()?;
+                            s.recv(&mut buf).ok()
+                        })
+                        .with_context(|| format!("datagram {k} from {from}: no answer"))?;
+                    let reply = String::from_utf8_lossy(&buf[..n]);
                     let name = reply.split_whitespace().next().unwrap_or("").to_string();
                     *reached.entry(from).or_default().entry(name).or_default() += 1;
                 }
@@ -194,6 +230,17 @@ fn twenty_clients_keep_one_backend_until_it_is_ejected_or_drained() -> Result<()
     ensure!(
         by_backend.len() > 1,
         "all clients on one backend: {by_backend:?}"
+    );
+
+    // UDP: each client's datagrams (a new flow each) reach one backend,
+    // and the same as its TCP connections: the first choice is Maglev's
+    // of the client's address, and both services have the same backends.
+    let udp = one_each(&b.udp_round(20)?, "UDP")?;
+    ensure!(
+        udp == first,
+        "UDP {:?}, TCP {:?}",
+        spread(&udp),
+        spread(&first)
     );
 
     // `explain` says where a client's next connection goes, from its
