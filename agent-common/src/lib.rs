@@ -42,6 +42,14 @@ const _: () = assert!(core::mem::size_of::<ServiceKey>() == 20);
 pub const SERVICE_F_SNAT: u32 = 1;
 /// A refused or unanswered SYN is retried on another backend (policy flag).
 pub const SERVICE_F_RETRY: u32 = 2;
+/// Direct server return on the LB's segment: only the destination MAC
+/// changes (towards the backend); IP and L4 headers stay as the client sent
+/// them, and the backend, with the VIP on a loopback, answers the client.
+pub const SERVICE_F_DSR_L2: u32 = 4;
+/// Direct server return through a tunnel: the packet, unchanged, is
+/// wrapped in an outer IPv4 (IPIP) or IPv6 (IP6IP6) header from
+/// `snat_addr` to the backend's address.
+pub const SERVICE_F_DSR_TUNNEL: u32 = 8;
 
 /// Value of the `SERVICES` map.
 #[repr(C)]
@@ -55,7 +63,8 @@ pub struct Service {
     pub table_size: u32,
     /// `SERVICE_F_*` bits.
     pub flags: u32,
-    /// Source address for `snat` services.
+    /// Source address for `snat` services; for `SERVICE_F_DSR_TUNNEL`
+    /// services the tunnel's outer source address.
     pub snat_addr: [u32; 4],
 }
 const _: () = assert!(core::mem::size_of::<Service>() == 32);
@@ -121,6 +130,12 @@ pub const FLOW_F_VERIFIED: u32 = 8;
 /// Forward entry of a TCP flow: a failure of its current backend has been
 /// counted; one connect attempt counts at most once.
 pub const FLOW_F_FAILURE_COUNTED: u32 = 16;
+/// Forward entry of a direct-server-return flow (`SERVICE_F_DSR_*`): the
+/// packet keeps its addresses and ports; `new_dst` is the backend's address,
+/// for the next hop only. It has no reverse entry (the replies bypass the
+/// LB) and its TCP state stays `UNKNOWN`: no SYN-ACK, refusal or timeout
+/// is ever seen for it.
+pub const FLOW_F_DSR: u32 = 32;
 
 /// The FIB lookup result for a flow's next hop, kept in its conntrack entry:
 /// a FIB lookup costs more than the rest of the fast path together.
@@ -326,7 +341,7 @@ const _: () = assert!(core::mem::size_of::<SockConnect>() == 48);
 ///
 /// 4: `MAGLEV` is one pool of per-service tables sized by backend count
 /// (was two `maglev.table_size` halves per service id).
-pub const MAP_LAYOUT: u32 = 4;
+pub const MAP_LAYOUT: u32 = 5;
 
 /// What `BackendHealth::ejected` says of a backend. Kept as a `u32` in the
 /// shared struct (the kernel writes it; a value outside the enum must not be

@@ -9,8 +9,9 @@
 )]
 
 use agent_common::{
-    FLOW_F_FIN_CLIENT, FLOW_F_REVERSE, Flow, FlowKey, NO_BACKEND, PROTO_TCP, PROTO_UDP,
-    SERVICE_F_SNAT, Service, event_kind, flow_state, prefilter, reason,
+    FLOW_F_DSR, FLOW_F_FIN_CLIENT, FLOW_F_REVERSE, Flow, FlowKey, NO_BACKEND, PROTO_TCP,
+    PROTO_UDP, SERVICE_F_DSR_L2, SERVICE_F_SNAT, Service, event_kind, flow_state, prefilter,
+    reason,
 };
 use aya_ebpf::bindings::bpf_fib_lookup;
 
@@ -280,6 +281,10 @@ fn syn_refusal(s: &Scratch) -> Option<u32> {
 #[inline(always)]
 fn new_flow(s: &mut Scratch, service: &Service, syn: bool, flags: u8) -> Result<*mut Flow, u32> {
     let snat = service.flags & SERVICE_F_SNAT != 0;
+    // Direct server return: the LB sees only the client's side, so the flow
+    // has no reverse entry, no connect to watch (no HALF_OPEN, no SYN-ACK,
+    // no timeout) and its packets stay as sent (see `FLOW_F_DSR`).
+    let dsr = service.flags & SERVICE_F_DSR_L2 != 0;
     let untracked = !syn && flags & TCP_RST != 0;
     if untracked && snat {
         // Which SNAT port the flow had is gone with its entry.
@@ -289,7 +294,7 @@ fn new_flow(s: &mut Scratch, service: &Service, syn: bool, flags: u8) -> Result<
         with_stats(true, service.id, |st| st.over_budget += 1);
         return Err(reason::NEW_FLOW_BUDGET);
     }
-    let table = if syn {
+    let table = if syn && !dsr {
         Table::HalfOpen
     } else {
         Table::Established
@@ -302,7 +307,7 @@ fn new_flow(s: &mut Scratch, service: &Service, syn: bool, flags: u8) -> Result<
         return Err(reason::NO_BACKEND);
     };
     let seed = if snat { snat_seed() } else { 0 };
-    let new_sport = if untracked {
+    let new_sport = if untracked || dsr {
         s.key.sport
     } else {
         install_reverse(s, service, backend_id, backend, seed, table)?
@@ -311,18 +316,19 @@ fn new_flow(s: &mut Scratch, service: &Service, syn: bool, flags: u8) -> Result<
     let facts = syn_facts(s);
     let (forward, key) = (&mut s.forward, &s.key);
     let new_src = if snat { &service.snat_addr } else { &key.src };
+    let new_dport = if dsr { key.dport } else { backend.port };
     fill(
         forward,
         new_src,
         new_sport,
         &backend.addr,
-        backend.port,
+        new_dport,
         backend_id,
         service.id,
     );
-    forward.flags = 0;
+    forward.flags = if dsr { FLOW_F_DSR } else { 0 };
     forward.attempts = attempt.min(255) as u8;
-    if syn {
+    if syn && !dsr {
         forward.state = flow_state::SYN_SENT;
         forward.syn_ns = failure::now_ns();
         start_attempt(forward, facts);
@@ -339,7 +345,9 @@ fn new_flow(s: &mut Scratch, service: &Service, syn: bool, flags: u8) -> Result<
     }
     let map = table.map();
     if map.insert(&s.key, &s.forward, 0).is_err() {
-        let _ = map.remove(&s.reverse_key);
+        if !dsr {
+            let _ = map.remove(&s.reverse_key);
+        }
         return Err(reason::CONNTRACK_FULL);
     }
     Ok(&raw mut s.forward)
@@ -363,13 +371,21 @@ fn translate(
     if !ttl_allows_forwarding(ctx, pkt) {
         return exception(reason::TTL_EXCEEDED);
     }
+    // A DSR flow's packet keeps its destination (the VIP): `new_dst` is
+    // the backend's address only for the next hop; the rest is unchanged.
+    let dsr = f.flags & FLOW_F_DSR != 0;
+    let rewritten_dst = if dsr {
+        &key.dst
+    } else {
+        &f.new_dst
+    };
     let l4_change = rewrite(
         ctx,
         pkt,
         key,
         &f.new_src,
         f.new_sport,
-        &f.new_dst,
+        rewritten_dst,
         f.new_dport,
     );
     let to_backend = f.flags & FLOW_F_REVERSE == 0;
@@ -385,7 +401,7 @@ fn translate(
         },
         _ => &mut f.fib,
     };
-    let action = forward::to_next_hop(ctx, pkt, params, &f.new_src, &f.new_dst, cache);
+    let action = forward::to_next_hop(ctx, pkt, params, &f.new_src, &f.new_dst, cache, dsr);
     if ctx.skb && pkt.fragment != fragment::LATER {
         // Last: the helper may move the packet, which ends direct access.
         skb_l4_checksum(ctx, pkt, l4_change);

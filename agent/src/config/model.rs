@@ -27,6 +27,9 @@ pub struct ServiceSpec {
     /// The pod behind each backend that has one (Kubernetes endpoints), for
     /// the metrics' and the API's `namespace` and `pod`.
     pub pods: BTreeMap<SocketAddr, PodRef>,
+    /// Direct server return, and how (None: `dnat` or `snat`). With
+    /// `Encapsulation::Ipip`, `snat_ip` is the tunnel's outer source.
+    pub dsr: Option<super::Encapsulation>,
 }
 
 /// A Kubernetes pod, as an EndpointSlice endpoint's targetRef names it.

@@ -457,6 +457,7 @@ pub fn desired(
                     drain_timeout: Duration::from_secs(spec.drain_timeout_seconds.into()),
                     backend_latency_histogram: histogram,
                     pods,
+                    dsr: None,
                 });
             }
         }

@@ -183,6 +183,7 @@ mod tests {
                 drain_timeout: Duration::ZERO,
                 backend_latency_histogram: None,
                 pods: Default::default(),
+                dsr: None,
             })
             .collect()
     }

@@ -14,7 +14,7 @@ use std::{collections::BTreeMap, net::SocketAddr, time::Instant};
 
 use agent_common::{
     Backend, BackendFib, BackendHealth, FibCache, LatencyHistogram, NO_BACKEND, Prefilter,
-    SERVICE_F_RETRY, SERVICE_F_SNAT, Service, ServiceKey, ServicePolicy, ServiceStats, prefilter,
+    SERVICE_F_DSR_L2, SERVICE_F_DSR_TUNNEL, SERVICE_F_RETRY, SERVICE_F_SNAT, Service, ServiceKey, ServicePolicy, ServiceStats, prefilter,
 };
 use anyhow::{Context, Result, anyhow, bail};
 use aya::maps::PerCpuValues;
@@ -33,7 +33,7 @@ use ids::Ids;
 use slots::Slots;
 
 use crate::{
-    config::{PodRef, Protocol, ServiceSpec},
+    config::{Encapsulation, PodRef, Protocol, ServiceSpec},
     counters::{self, Counters, EndedSilently},
     datapath::Maps,
     maglev,
@@ -383,7 +383,8 @@ impl Reconciler {
             consecutive_failures: f.consecutive_failures,
             max_ejected: active * f.max_ejected_percent / 100,
             connect_timeout_ns: u64::from(f.connect_timeout_ms) * 1_000_000,
-            flags: if f.retry_on_refused {
+            // The LB never sees a DSR backend's refusal: nothing to retry on.
+            flags: if f.retry_on_refused && spec.dsr.is_none() {
                 SERVICE_F_RETRY
             } else {
                 0
@@ -437,10 +438,11 @@ impl Reconciler {
             id,
             table_offset: offset,
             table_size: size,
-            flags: if spec.snat_ip.is_some() {
-                SERVICE_F_SNAT
-            } else {
-                0
+            flags: match spec.dsr {
+                Some(Encapsulation::None) => SERVICE_F_DSR_L2,
+                Some(Encapsulation::Ipip) => SERVICE_F_DSR_TUNNEL,
+                None if spec.snat_ip.is_some() => SERVICE_F_SNAT,
+                None => 0,
             },
             snat_addr: spec.snat_ip.map(addr::words).unwrap_or_default(),
         };
