@@ -136,6 +136,32 @@ pub const FLOW_F_FAILURE_COUNTED: u32 = 16;
 /// LB) and its TCP state stays `UNKNOWN`: no SYN-ACK, refusal or timeout
 /// is ever seen for it.
 pub const FLOW_F_DSR: u32 = 32;
+/// With `FLOW_F_DSR`: the packet is wrapped in an outer IP header from
+/// `new_src` (the service's `snat_addr`) to `new_dst` (the backend).
+pub const FLOW_F_DSR_TUNNEL: u32 = 64;
+
+/// Key of `DECAP_VIPS` (the backend host's decapsulation, `sluice_decap`):
+/// a VIP whose encapsulated packets are unwrapped.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DecapVip {
+    pub addr: [u32; 4],
+    /// `FAMILY_V4` or `FAMILY_V6`.
+    pub family: u32,
+}
+const _: () = assert!(core::mem::size_of::<DecapVip>() == 20);
+
+/// Slots of `DECAP_COUNTS` (per CPU): what `sluice_decap` did.
+pub mod decap_count {
+    /// Unwrapped and passed up to a configured VIP.
+    pub const DECAPSULATED: u32 = 0;
+    /// Encapsulated to a configured VIP but cut short or contradicting its
+    /// lengths: dropped.
+    pub const MALFORMED: u32 = 1;
+    /// Encapsulated, but not to a configured VIP: passed untouched.
+    pub const NOT_OURS: u32 = 2;
+    pub const COUNT: u32 = 3;
+}
 
 /// The FIB lookup result for a flow's next hop, kept in its conntrack entry:
 /// a FIB lookup costs more than the rest of the fast path together.
@@ -609,6 +635,7 @@ mod pod {
     unsafe impl aya::Pod for super::BenchFrame {}
     unsafe impl aya::Pod for super::SockReverse {}
     unsafe impl aya::Pod for super::SockConnect {}
+    unsafe impl aya::Pod for super::DecapVip {}
 }
 
 #[cfg(test)]

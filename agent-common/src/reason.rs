@@ -82,6 +82,10 @@ reasons! {
     /// larger than the MTU towards the backend). Dropped: the kernel would
     /// route it by the VIP.
     DSR_TOO_BIG = 21, "dsr_too_big", true;
+    /// A tunnelled direct-server-return packet that could not be wrapped
+    /// (no headroom, or the encapsulating program missing). Dropped: sent
+    /// unwrapped it would reach the wrong host or none.
+    DSR_ENCAP_FAILED = 22, "dsr_encap_failed", true;
 }
 
 pub const COUNT: u32 = ALL.len() as u32;

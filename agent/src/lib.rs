@@ -11,6 +11,7 @@ pub mod config;
 pub mod control;
 pub mod counters;
 pub mod datapath;
+pub mod decap;
 pub mod discovery;
 pub mod events;
 pub mod http;

@@ -20,8 +20,9 @@ use std::path::Path;
 pub use model::{DiscoverySpec, PodRef, ServiceSpec, Source};
 pub use schema::{
     AttachMode, BackendSpec, Config, Conntrack, ConntrackTimeouts, Control, Discovery,
-    DnsDiscovery, DnsRecord, Dsr, Encapsulation, EtcdDiscovery, Failure, Forwarding, Interface, KubeAddress,
-    Kubernetes, Limits, Maglev, Metrics, Pinning, Protocol, Service, ServiceMetrics, SocketLb,
+    DnsDiscovery, DnsRecord, Dsr, Encapsulation, EtcdDiscovery, Failure, Forwarding, Interface,
+    KubeAddress, Kubernetes, Limits, Maglev, Metrics, Pinning, Protocol, Service, ServiceMetrics,
+    SocketLb,
 };
 pub use schema::{DEFAULT_CONTROL_SOCKET, DEFAULT_NEW_FLOWS_PER_SECOND, DEFAULT_STATE_DIRECTORY};
 pub use validate::{

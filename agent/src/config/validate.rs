@@ -9,8 +9,9 @@ use std::{
 };
 
 use super::{
-    BackendSpec, Config, ConfigError, Conntrack, Control, Encapsulation, Failure, Forwarding, Interface,
-    KubeAddress, Kubernetes, Limits, Maglev, Pinning, Protocol, Service, ServiceSpec, Validated,
+    BackendSpec, Config, ConfigError, Conntrack, Control, Encapsulation, Failure, Forwarding,
+    Interface, KubeAddress, Kubernetes, Limits, Maglev, Pinning, Protocol, Service, ServiceSpec,
+    Validated,
 };
 
 mod address;
@@ -392,16 +393,7 @@ fn service(s: &Service, at: &str, taken: &mut Taken) -> Result<ServiceSpec, Refu
 /// The `dsr` options: only with `forwarding: dsr` (where they default to L2).
 fn dsr(s: &Service, field: &str) -> Result<Option<Encapsulation>, Refusal> {
     match (s.forwarding, s.dsr) {
-        (Forwarding::Dsr, d) => match d.unwrap_or_default().encapsulation {
-            // The kernel side of the tunnel (encapsulation, and the
-            // backend's decap) is not in this build: refused, not ignored.
-            Encapsulation::Ipip => Err(refuse(
-                format!("{field}.encapsulation"),
-                "ipip",
-                "not supported by this build (use none: L2 DSR)",
-            )),
-            e => Ok(Some(e)),
-        },
+        (Forwarding::Dsr, d) => Ok(Some(d.unwrap_or_default().encapsulation)),
         (_, Some(d)) => Err(refuse(
             field,
             format!("{{encapsulation: {}}}", d.encapsulation.as_str()),

@@ -14,7 +14,8 @@ use std::{collections::BTreeMap, net::SocketAddr, time::Instant};
 
 use agent_common::{
     Backend, BackendFib, BackendHealth, FibCache, LatencyHistogram, NO_BACKEND, Prefilter,
-    SERVICE_F_DSR_L2, SERVICE_F_DSR_TUNNEL, SERVICE_F_RETRY, SERVICE_F_SNAT, Service, ServiceKey, ServicePolicy, ServiceStats, prefilter,
+    SERVICE_F_DSR_L2, SERVICE_F_DSR_TUNNEL, SERVICE_F_RETRY, SERVICE_F_SNAT, Service, ServiceKey,
+    ServicePolicy, ServiceStats, prefilter,
 };
 use anyhow::{Context, Result, anyhow, bail};
 use aya::maps::PerCpuValues;
