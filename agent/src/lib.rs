@@ -18,6 +18,7 @@ pub mod http;
 pub mod inspect;
 pub mod maglev;
 pub mod metrics;
+pub mod neighbour;
 pub mod netdev;
 pub mod netlink;
 pub mod pinning;

@@ -550,3 +550,50 @@ fn backend_decap_refuses_a_vip_not_on_a_local_interface() -> Result<()> {
     );
     Ok(())
 }
+
+/// Neighbours: with nothing resolved beforehand (the agent has the kernel
+/// resolve DSR backends when they are added), and after the LB's
+/// neighbour table is flushed (as the kernel's garbage collection may do):
+/// the first packets are dropped as `dsr_no_neighbour`, the agent has the
+/// backends resolved again, and the client's retransmission gets through.
+#[test]
+fn l2_dsr_resolves_backend_neighbours() -> Result<()> {
+    let family = Family::V4;
+    let seg = Segment::new("dsrn", 2)?;
+    let _servers = seg
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(i, ns)| {
+            NameServer::start(
+                ns,
+                SocketAddr::new(family.segment_vip(), PORT),
+                &format!("b{i}"),
+            )
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let dir = TempDir::new("dsrn")?;
+    std::fs::write(dir.path("sluice.yaml"), config(family, 2, Variant::L2))?;
+    let agent = Agent::start(&seg.lb, &dir.path("sluice.yaml"), dir.path("agent.log"))?;
+    let vip = SocketAddr::new(family.segment_vip(), PORT);
+    let ask = |n: usize| -> Result<()> {
+        seg.client.enter(|| -> Result<()> {
+            for i in 0..n {
+                tcp_ask(vip, Duration::from_secs(10))
+                    .with_context(|| format!("connection {i} to {vip}"))?;
+            }
+            Ok(())
+        })?
+    };
+    ask(20)?;
+    seg.lb.exec(&["ip", "neigh", "flush", "dev", "eth0"])?;
+    ask(20)?;
+    let (_, text) = http_get(&seg.lb, agent.listen, "/metrics")?;
+    let misses = metric(
+        &text,
+        "sluice_drops_total",
+        &[("reason", "dsr_no_neighbour")],
+    );
+    eprintln!("dsr_no_neighbour drops: {misses:?}");
+    Ok(())
+}

@@ -108,6 +108,8 @@ pub struct Reconciler {
     ended_silently: EndedSilently,
     /// `limits.new_flows_per_second`, written into every service's policy.
     new_flows_per_second: u32,
+    /// `dsr_no_neighbour` drops seen at the last `resolve_dsr_neighbours`.
+    dsr_neighbour_misses: u64,
 }
 
 impl Reconciler {
@@ -130,6 +132,7 @@ impl Reconciler {
             backend_filter: Prefilter::default(),
             backend_addr_filter: Prefilter::default(),
             new_flows_per_second: crate::config::DEFAULT_NEW_FLOWS_PER_SECOND,
+            dsr_neighbour_misses: 0,
             service_filter: Prefilter::default(),
             service_addr_filter: Prefilter::default(),
             ending: Vec::new(),
@@ -354,6 +357,9 @@ impl Reconciler {
                 }
                 None => {
                     added = true;
+                    if spec.dsr.is_some() {
+                        crate::neighbour::solicit(addr.ip());
+                    }
                     let backend_id = self.backend_ids.take()?;
                     self.write_new_backend(backend_id, addr, weight, spec.protocol.number(), id)?;
                     BackendState {
@@ -599,6 +605,27 @@ impl Reconciler {
 
     /// Makes every flow's cached FIB result stale: the next packet of each
     /// flow does a fresh FIB lookup. Called on every rtnetlink change.
+    /// When DSR packets were dropped for want of a backend's neighbour
+    /// entry since the last call (`dsr_no_neighbour`), has the kernel
+    /// resolve every DSR backend again (see `neighbour`).
+    pub fn resolve_dsr_neighbours(&mut self) {
+        let misses: u64 = self
+            .maps
+            .reasons
+            .get(&agent_common::reason::DSR_NO_NEIGHBOUR, 0)
+            .map(|per_cpu| per_cpu.iter().sum())
+            .unwrap_or(0);
+        if misses == self.dsr_neighbour_misses {
+            return;
+        }
+        self.dsr_neighbour_misses = misses;
+        for s in self.services.values().filter(|s| s.spec.dsr.is_some()) {
+            for b in &s.backends {
+                crate::neighbour::solicit(b.addr.ip());
+            }
+        }
+    }
+
     pub fn bump_fib_generation(&mut self) -> Result<()> {
         let next = self
             .maps
