@@ -56,6 +56,16 @@ services:
     snat_ip: "fd00::2"
     backends:
       - address: "[fd00::3]:5353"
+  - name: dsr
+    vip: 10.0.0.4
+    port: 80
+    protocol: tcp
+    forwarding: dsr
+    dsr:
+      encapsulation: ipip
+    snat_ip: 10.0.0.5
+    backends:
+      - address: 10.0.1.4:80
   - name: api
     vip: 10.0.0.2
     port: 443
@@ -119,6 +129,10 @@ const WORDS: &[&str] = &[
     "udp",
     "snat",
     "dnat",
+    "dsr",
+    "encapsulation",
+    "ipip",
+    "none",
     "auto",
     "10.0.0.1",
     "fd00::1",
@@ -236,6 +250,13 @@ fn check(text: &str) -> Result<(), TestCaseError> {
                 if let Some(snat) = s.snat_ip {
                     prop_assert_eq!(snat.is_ipv4(), s.vip.is_ipv4());
                 }
+                // DSR can't change ports; a tunnel needs its outer source.
+                if s.dsr.is_some() {
+                    prop_assert!(s.backends.iter().all(|(a, _)| a.port() == s.port));
+                }
+                if s.dsr == Some(super::Encapsulation::Ipip) {
+                    prop_assert!(s.snat_ip.is_some());
+                }
             }
         }
         Err(ConfigError::Invalid {
@@ -261,7 +282,7 @@ fn check(text: &str) -> Result<(), TestCaseError> {
 #[test]
 fn the_full_config_is_valid() {
     let v = parse(FULL, "c.yaml").expect("FULL parses");
-    assert_eq!(v.services.len(), 4);
+    assert_eq!(v.services.len(), 5);
 }
 
 proptest! {
