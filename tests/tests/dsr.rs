@@ -309,7 +309,7 @@ fn udp_flows(b: &Bed) -> Result<()> {
 /// A bulk transfer both ways on one connection (the backend echoes): every
 /// byte comes back intact, so every packet went to the same backend. The
 /// LB's device receives the client's half only.
-fn bulk(b: &Bed) -> Result<()> {
+fn bulk(b: &Bed, variant: Variant) -> Result<()> {
     let vip = b.vip();
     let rx_before = b.lb_rx_bytes()?;
     let data: Vec<u8> = (0..BULK_BYTES as u64)
@@ -334,6 +334,9 @@ fn bulk(b: &Bed) -> Result<()> {
             peer.ip() == b.family.segment_client(),
             "bulk: backend {name} saw {peer}"
         );
+        if variant == Variant::Ipip {
+            check_clamped(b, &name, peer)?;
+        }
         let mut writer = s.try_clone()?;
         let sent = data.clone();
         let send = thread::spawn(move || -> std::io::Result<()> {
@@ -370,6 +373,45 @@ fn bulk(b: &Bed) -> Result<()> {
     Ok(())
 }
 
+/// Through the tunnel both ends' segments must fit once wrapped: the
+/// client's SYN had its MSS clamped by the LB, the backend's SYN-ACK by
+/// `sluice backend-decap`. Each end's send MSS (`ss`'s `mss:`, which is
+/// less the TCP options in use) is at most the MTU (1500) less the outer
+/// header, the IP header and TCP's: 1440 (IPv4), 1400 (IPv6). Unclamped it
+/// would be 1448 (IPv4) or 1428 (IPv6) with timestamps.
+fn check_clamped(b: &Bed, backend: &str, client: SocketAddr) -> Result<()> {
+    let limit = match b.family {
+        Family::V4 => 1440,
+        Family::V6 => 1400,
+    };
+    let i: usize = backend.trim_start_matches('b').parse()?;
+    let vip = b.vip();
+    let at_client = send_mss(&b.seg.client, &format!("dst {vip} and src {client}"))?;
+    let at_backend = send_mss(&b.seg.backends[i], &format!("src {vip} and dst {client}"))?;
+    eprintln!("tunnel: send MSS {at_client} at the client, {at_backend} at backend {backend}");
+    ensure!(
+        at_client <= limit && at_backend <= limit,
+        "send MSS {at_client} (client) and {at_backend} (backend): more than {limit}, the tunnel's room"
+    );
+    Ok(())
+}
+
+/// The send MSS of the one TCP connection in `ns` that `filter` (an `ss`
+/// filter) names.
+fn send_mss(ns: &Netns, filter: &str) -> Result<u32> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns.name, "ss", "-Htin"])
+        .args(filter.split_whitespace())
+        .output()
+        .context("running ss")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .find_map(|w| w.strip_prefix("mss:"))
+        .with_context(|| format!("no connection {filter} in {}: {text}", ns.name))?
+        .parse()
+        .with_context(|| format!("ss in {}: {text}", ns.name))
+}
+
 /// "b0 10.90.0.1:40000" → ("b0", the peer).
 fn parse_reply(reply: &str) -> Result<(String, SocketAddr)> {
     let mut words = reply.split_whitespace();
@@ -385,7 +427,7 @@ fn parse_reply(reply: &str) -> Result<(String, SocketAddr)> {
 fn dsr(tag: &str, family: Family, variant: Variant) -> Result<()> {
     let mut b = bed(tag, family, 2, variant)?;
     short_connections(&b)?;
-    bulk(&b)?;
+    bulk(&b, variant)?;
     b.check_counters("web-tcp")?;
     udp_flows(&b)?;
     b.check_counters("web-udp")?;
