@@ -594,6 +594,17 @@ impl Datapath {
         Ok((xdp, tc))
     }
 
+    /// As `verified_instructions`, for the programs they tail-call to wrap
+    /// a tunnelled DSR packet (XDP, TC).
+    pub fn encap_verified_instructions(&mut self) -> Result<(u32, u32)> {
+        self.tc_program()?; // loads the TC one
+        let count =
+            |info: aya::programs::ProgramInfo| info.verified_instruction_count().unwrap_or(0);
+        let xdp = count(program::<Xdp>(&mut self.ebpf, program::ENCAP_XDP)?.info()?);
+        let tc = count(program::<SchedClassifier>(&mut self.ebpf, program::ENCAP_TC)?.info()?);
+        Ok((xdp, tc))
+    }
+
     /// Raw access for tests and benchmarks that load extra programs.
     pub fn ebpf_mut(&mut self) -> &mut Ebpf {
         &mut self.ebpf
