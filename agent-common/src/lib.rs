@@ -42,6 +42,14 @@ const _: () = assert!(core::mem::size_of::<ServiceKey>() == 20);
 pub const SERVICE_F_SNAT: u32 = 1;
 /// A refused or unanswered SYN is retried on another backend (policy flag).
 pub const SERVICE_F_RETRY: u32 = 2;
+/// Direct server return on the LB's segment: only the destination MAC
+/// changes (towards the backend); IP and L4 headers stay as the client sent
+/// them, and the backend, with the VIP on a loopback, answers the client.
+pub const SERVICE_F_DSR_L2: u32 = 4;
+/// Direct server return through a tunnel: the packet, unchanged, is
+/// wrapped in an outer IPv4 (IPIP) or IPv6 (IP6IP6) header from
+/// `snat_addr` to the backend's address.
+pub const SERVICE_F_DSR_TUNNEL: u32 = 8;
 /// Session affinity by client address: a client's new connections go to
 /// the backend its `AFFINITY` entry names while the entry is younger than
 /// `Service::affinity_timeout_s` and the backend takes new connections.
@@ -63,7 +71,8 @@ pub struct Service {
     pub table_size: u32,
     /// `SERVICE_F_*` bits.
     pub flags: u32,
-    /// Source address for `snat` services.
+    /// Source address for `snat` services; for `SERVICE_F_DSR_TUNNEL`
+    /// services the tunnel's outer source address.
     pub snat_addr: [u32; 4],
     /// With `SERVICE_F_AFFINITY`: how long a client's affinity entry lives
     /// after its last new connection, in seconds.
@@ -168,6 +177,38 @@ pub const FLOW_F_AFFINITY: u32 = 32;
 /// backend's `BACKEND_ACTIVE` word, until it closes (then cleared, so it is
 /// taken off once).
 pub const FLOW_F_ACTIVE_COUNTED: u32 = 64;
+/// Forward entry of a direct-server-return flow (`SERVICE_F_DSR_*`): the
+/// packet keeps its addresses and ports; `new_dst` is the backend's address,
+/// for the next hop only. It has no reverse entry (the replies bypass the
+/// LB) and its TCP state stays `UNKNOWN`: no SYN-ACK, refusal or timeout
+/// is ever seen for it.
+pub const FLOW_F_DSR: u32 = 128;
+/// With `FLOW_F_DSR`: the packet is wrapped in an outer IP header from
+/// `new_src` (the service's `snat_addr`) to `new_dst` (the backend).
+pub const FLOW_F_DSR_TUNNEL: u32 = 256;
+
+/// Key of `DECAP_VIPS` (the backend host's decapsulation, `sluice_decap`):
+/// a VIP whose encapsulated packets are unwrapped.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DecapVip {
+    pub addr: [u32; 4],
+    /// `FAMILY_V4` or `FAMILY_V6`.
+    pub family: u32,
+}
+const _: () = assert!(core::mem::size_of::<DecapVip>() == 20);
+
+/// Slots of `DECAP_COUNTS` (per CPU): what `sluice_decap` did.
+pub mod decap_count {
+    /// Unwrapped and passed up to a configured VIP.
+    pub const DECAPSULATED: u32 = 0;
+    /// Encapsulated to a configured VIP but cut short or contradicting its
+    /// lengths: dropped.
+    pub const MALFORMED: u32 = 1;
+    /// Encapsulated, but not to a configured VIP: passed untouched.
+    pub const NOT_OURS: u32 = 2;
+    pub const COUNT: u32 = 3;
+}
 
 /// The FIB lookup result for a flow's next hop, kept in its conntrack entry:
 /// a FIB lookup costs more than the rest of the fast path together.
@@ -645,6 +686,7 @@ mod pod {
     unsafe impl aya::Pod for super::SockConnect {}
     unsafe impl aya::Pod for super::AffinityKey {}
     unsafe impl aya::Pod for super::AffinityEntry {}
+    unsafe impl aya::Pod for super::DecapVip {}
 }
 
 #[cfg(test)]

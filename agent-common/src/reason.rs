@@ -71,6 +71,21 @@ reasons! {
     /// had is gone, so it is passed untouched. (With DNAT it goes to the
     /// Maglev choice, untracked: a RST creates no state.)
     UNTRACKED_RST = 18, "untracked_rst", false;
+    /// A packet from a client outside the service's `allowed_sources`. Dropped.
+    SOURCE_DENIED = 19, "source_denied", true;
+    /// A direct-server-return packet whose backend has no neighbour entry
+    /// yet: handed to the kernel it would be routed by its destination, the
+    /// VIP, not to the backend. Dropped; the agent asks the kernel to
+    /// resolve the backends of DSR services, and the client retransmits.
+    DSR_NO_NEIGHBOUR = 20, "dsr_no_neighbour", true;
+    /// A direct-server-return packet too big for the egress MTU (an XDP frame
+    /// larger than the MTU towards the backend). Dropped: the kernel would
+    /// route it by the VIP.
+    DSR_TOO_BIG = 21, "dsr_too_big", true;
+    /// A tunnelled direct-server-return packet that could not be wrapped
+    /// (no headroom, or the encapsulating program missing). Dropped: sent
+    /// unwrapped it would reach the wrong host or none.
+    DSR_ENCAP_FAILED = 22, "dsr_encap_failed", true;
 }
 
 pub const COUNT: u32 = ALL.len() as u32;

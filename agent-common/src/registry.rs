@@ -66,6 +66,10 @@ pub mod map {
     pub const RESYN_TC: &str = "RESYN_TC";
     pub const AFFINITY: &str = "AFFINITY";
     pub const BACKEND_ACTIVE: &str = "BACKEND_ACTIVE";
+    pub const ENCAP_XDP: &str = "ENCAP_XDP";
+    pub const ENCAP_TC: &str = "ENCAP_TC";
+    pub const DECAP_VIPS: &str = "DECAP_VIPS";
+    pub const DECAP_COUNTS: &str = "DECAP_COUNTS";
 }
 
 const fn def(name: &'static str, pinned: bool, sizing: Sizing) -> MapDef {
@@ -111,6 +115,12 @@ pub const MAPS: &[MapDef] = &[
     def(map::AFFINITY, true, Sizing::Affinity),
     // Pinned: it counts the pinned flows.
     def(map::BACKEND_ACTIVE, true, Sizing::Backends),
+    def(map::ENCAP_XDP, false, Sizing::Fixed),
+    def(map::ENCAP_TC, false, Sizing::Fixed),
+    // The backend host's decapsulation (`sluice backend-decap`), which loads
+    // the same object but attaches only `sluice_decap`.
+    def(map::DECAP_VIPS, false, Sizing::Fixed),
+    def(map::DECAP_COUNTS, false, Sizing::Fixed),
 ];
 
 /// The programs' names (their entry functions in agent-ebpf/src/main.rs).
@@ -121,6 +131,15 @@ pub mod program {
     /// `RESYN_XDP` and `RESYN_TC`.
     pub const RESYN_XDP: &str = "sluice_resyn_xdp";
     pub const RESYN_TC: &str = "sluice_resyn_tc";
+    /// Tail-called by the XDP and TC programs, from slot 0 of the maps
+    /// `ENCAP_XDP` and `ENCAP_TC`: wraps a tunnelled DSR flow's packet.
+    pub const ENCAP_XDP: &str = "sluice_encap_xdp";
+    pub const ENCAP_TC: &str = "sluice_encap_tc";
+    /// The backend host's TC ingress program (`sluice backend-decap`).
+    pub const DECAP: &str = "sluice_decap";
+    /// Its TC egress companion: the backend's SYN-ACKs from a VIP get the
+    /// MSS the tunnel leaves room for.
+    pub const DECAP_MSS: &str = "sluice_decap_mss";
     /// The cgroup sock_addr programs of socket-level balancing.
     pub const SOCKET: [&str; 8] = [
         "sluice_connect4",

@@ -10,8 +10,8 @@
 )]
 
 use agent_common::{
-    Backend, FLOW_F_REVERSE, Flow, FlowKey, SERVICE_F_SNAT, SNAT_PORT_ATTEMPTS, SNAT_PORT_MAX,
-    SNAT_PORT_MIN, Service, flow_state, reason,
+    Backend, FLOW_F_DSR, FLOW_F_REVERSE, Flow, FlowKey, SERVICE_F_SNAT, SNAT_PORT_ATTEMPTS,
+    SNAT_PORT_MAX, SNAT_PORT_MIN, Service, flow_state, reason,
 };
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_coarse_ns, maps::LruHashMap};
 
@@ -96,8 +96,12 @@ pub fn promote(s: &mut Scratch) {
 /// `s.key`) is `f`: a new connection takes its 5-tuple.
 #[inline(always)]
 pub fn forget(s: &mut Scratch, f: &Flow) {
-    answer_key(&mut s.reverse_key, f, s.key.proto, s.key.family);
-    let _ = CONNTRACK.remove(&s.reverse_key);
+    // A direct-server-return flow has no reply entry: the key its reply
+    // would have may be another flow's.
+    if f.flags & FLOW_F_DSR == 0 {
+        answer_key(&mut s.reverse_key, f, s.key.proto, s.key.family);
+        let _ = CONNTRACK.remove(&s.reverse_key);
+    }
     let _ = CONNTRACK.remove(&s.key);
 }
 

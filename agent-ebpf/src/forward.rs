@@ -25,6 +25,8 @@ use crate::{
 /// cached FIB result while it is current, else by a FIB lookup (then cached).
 /// A FIB lookup costs more than the rest of the fast path together, and even
 /// reading the clock costs a fifth of it: freshness is a generation number.
+/// `dsr`: the packet still has the VIP as its destination (`dst` is the
+/// backend's address): the kernel can't be handed it to finish the job.
 #[inline(always)]
 pub fn to_next_hop(
     ctx: &Ctx,
@@ -33,6 +35,7 @@ pub fn to_next_hop(
     src: &[u32; 4],
     dst: &[u32; 4],
     cache: &mut FibCache,
+    dsr: bool,
 ) -> Action {
     // The agent bumps the generation whenever rtnetlink reports a route,
     // neighbour, address or link change; a result of an older generation
@@ -40,7 +43,11 @@ pub fn to_next_hop(
     let now = FIB_GENERATION.get(0).copied().unwrap_or(0);
     if cache.ifindex == 0 || cache.stamp != now {
         if let Err(code) = lookup(ctx, pkt, params, src, dst) {
-            return exception(code);
+            return exception(match code {
+                reason::FIB_NO_NEIGHBOUR if dsr => reason::DSR_NO_NEIGHBOUR,
+                reason::FIB_FRAG_NEEDED if dsr => reason::DSR_TOO_BIG,
+                _ => code,
+            });
         }
         // Byte by byte: copying the 6-byte arrays becomes memmove calls.
         let (d, m) = (&params.dmac, &params.smac);

@@ -46,20 +46,23 @@ mod nat;
 
 mod forward;
 
+mod encap;
+
 mod resyn;
 
 mod pipeline;
 
 mod bench;
+mod decap;
 mod sock;
 
 use aya_ebpf::{
-    bindings::{__sk_buff, TC_ACT_OK, TC_ACT_SHOT, xdp_action, xdp_md},
+    bindings::{__sk_buff, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, xdp_action, xdp_md},
     helpers::bpf_redirect,
     macros::{cgroup_sock, cgroup_sock_addr, classifier, raw_tracepoint, xdp},
     programs::{RawTracePointContext, SockAddrContext, SockContext, TcContext, XdpContext},
 };
-use maps::{RESYN_TC, RESYN_XDP};
+use maps::{ENCAP_TC, ENCAP_XDP, RESYN_TC, RESYN_XDP};
 use packet::{Action, Ctx};
 use sock::Hook;
 
@@ -74,6 +77,12 @@ pub fn sluice_xdp(ctx: XdpContext) -> u32 {
         // SYN on at once. If the slot is empty, the drop stands.
         // SAFETY: a tail call with this program's own context.
         unsafe { RESYN_XDP.tail_call(&ctx, 0) };
+    }
+    if matches!(verdict, xdp_action::XDP_TX | xdp_action::XDP_REDIRECT) && encap::requested() {
+        // A tunnelled DSR packet: `encap` wraps and sends it.
+        // SAFETY: a tail call with this program's own context.
+        unsafe { ENCAP_XDP.tail_call(&ctx, 0) };
+        return xdp_verdict(encap::unavailable());
     }
     verdict
 }
@@ -93,6 +102,12 @@ pub fn sluice_tc(ctx: TcContext) -> i32 {
         // As in `sluice_xdp`.
         // SAFETY: a tail call with this program's own context.
         unsafe { RESYN_TC.tail_call(&ctx, 0) };
+    }
+    if verdict == TC_ACT_REDIRECT && encap::requested() {
+        // As in `sluice_xdp`.
+        // SAFETY: a tail call with this program's own context.
+        unsafe { ENCAP_TC.tail_call(&ctx, 0) };
+        return tc_verdict(encap::unavailable(), 0);
     }
     verdict
 }
@@ -122,6 +137,34 @@ pub fn sluice_resyn_xdp(ctx: XdpContext) -> u32 {
 pub fn sluice_resyn_tc(ctx: TcContext) -> i32 {
     let c = tc_ctx(&ctx);
     tc_verdict(resyn::run(&c), c.ifindex)
+}
+
+/// A tunnelled DSR packet wrapped in its outer header (see `encap`),
+/// tail-called by `sluice_xdp`.
+#[xdp]
+pub fn sluice_encap_xdp(ctx: XdpContext) -> u32 {
+    xdp_verdict(encap::run(&xdp_ctx(&ctx)))
+}
+
+/// As `sluice_encap_xdp`, tail-called by `sluice_tc`.
+#[classifier]
+pub fn sluice_encap_tc(ctx: TcContext) -> i32 {
+    let c = tc_ctx(&ctx);
+    tc_verdict(encap::run(&c), c.ifindex)
+}
+
+/// The backend host's decapsulation of tunnelled DSR (see `decap`),
+/// attached at TC ingress by `sluice backend-decap`.
+#[classifier]
+pub fn sluice_decap(ctx: TcContext) -> i32 {
+    decap::run(&ctx)
+}
+
+/// The backend's SYN-ACKs from a VIP with their MSS clamped (see `decap`),
+/// attached at TC egress by `sluice backend-decap`.
+#[classifier]
+pub fn sluice_decap_mss(ctx: TcContext) -> i32 {
+    decap::clamp_replies(&ctx)
 }
 
 #[inline(always)]

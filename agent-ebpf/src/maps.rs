@@ -154,6 +154,26 @@ pub static AFFINITY: LruHashMap<agent_common::AffinityKey, agent_common::Affinit
 /// agent's correction may leave a word briefly below zero.
 #[map]
 pub static BACKEND_ACTIVE: Array<u64> = Array::with_max_entries(4096, 0);
+/// The program that wraps a tunnelled DSR flow's packet in its outer
+/// header (see `encap`), tail-called by `sluice_xdp` (slot 0).
+#[map]
+pub static ENCAP_XDP: aya_ebpf::maps::ProgramArray =
+    aya_ebpf::maps::ProgramArray::with_max_entries(1, 0);
+
+/// As `ENCAP_XDP`, tail-called by `sluice_tc`.
+#[map]
+pub static ENCAP_TC: aya_ebpf::maps::ProgramArray =
+    aya_ebpf::maps::ProgramArray::with_max_entries(1, 0);
+
+/// The backend host's VIPs whose IPIP / IP6IP6 packets `sluice_decap`
+/// unwraps (see `decap`); written by `sluice backend-decap`.
+#[map]
+pub static DECAP_VIPS: HashMap<agent_common::DecapVip, u32> = HashMap::with_max_entries(256, 0);
+
+/// What `sluice_decap` did, by `agent_common::decap_count` (per CPU).
+#[map]
+pub static DECAP_COUNTS: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries(agent_common::decap_count::COUNT, 0);
 
 /// This CPU's scratch area (see `Scratch`).
 #[inline(always)]

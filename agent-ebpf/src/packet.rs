@@ -121,6 +121,28 @@ pub struct Scratch {
     /// A new flow's backend id, attempt and `FLOW_F_AFFINITY` bit (see
     /// `pipeline::choose`).
     pub chosen: [u32; 3],
+    /// Set by `pipeline::translate` for a tunnelled DSR packet (see `encap`).
+    pub encap: EncapRequest,
+}
+
+/// A tunnelled DSR packet's wrapping, asked of `encap` (tail-called by the
+/// entry point) once its next hop is known and its Ethernet addresses are
+/// written: the outer addresses, the egress, and where the inner headers are.
+#[repr(C)]
+pub struct EncapRequest {
+    pub outer_src: [u32; 4],
+    pub outer_dst: [u32; 4],
+    /// The egress interface; `tx` is 1 when it is the one the packet came in on.
+    pub ifindex: u32,
+    pub tx: u32,
+    /// Offsets of the inner IP and transport headers.
+    pub l3: u32,
+    pub l4: u32,
+    pub family: u8,
+    pub proto: u8,
+    pub _pad: u16,
+    /// 1 until the entry point has read it (`encap::requested`).
+    pub requested: u32,
 }
 
 /// Slots of `SYN_RECORDS` (a power of two). A record is needed from a SYN

@@ -9,16 +9,17 @@
 )]
 
 use agent_common::{
-    FLOW_F_ACTIVE_COUNTED, FLOW_F_AFFINITY, FLOW_F_FIN_CLIENT, FLOW_F_REVERSE, Flow, FlowKey,
-    NO_BACKEND, PROTO_TCP, PROTO_UDP, SERVICE_F_AFFINITY, SERVICE_F_LEAST_CONN, SERVICE_F_SNAT,
-    Service, event_kind, flow_state, prefilter, reason,
+    FLOW_F_ACTIVE_COUNTED, FLOW_F_AFFINITY, FLOW_F_DSR, FLOW_F_DSR_TUNNEL, FLOW_F_FIN_CLIENT,
+    FLOW_F_REVERSE, Flow, FlowKey, NO_BACKEND, PROTO_TCP, PROTO_UDP, SERVICE_F_AFFINITY,
+    SERVICE_F_DSR_L2, SERVICE_F_DSR_TUNNEL, SERVICE_F_LEAST_CONN, SERVICE_F_SNAT, Service,
+    event_kind, flow_state, prefilter, reason,
 };
 use aya_ebpf::bindings::bpf_fib_lookup;
 
 use crate::{
     affinity, budget,
     conntrack::{self, Table, copy_flow, fill, install_reverse, snat_seed},
-    events, failure,
+    encap, events, failure,
     forward::{self, ttl_allows_forwarding},
     headers::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     icmp,
@@ -26,7 +27,7 @@ use crate::{
     least_conn,
     maps::{BACKEND_FIB, BACKENDS, CONNTRACK, HALF_OPEN},
     nat::{rewrite, skb_l4_checksum},
-    packet::{Action, Ctx, NO_REFUSAL, Packet, Scratch, fragment},
+    packet::{Action, Ctx, EncapRequest, NO_REFUSAL, Packet, Scratch, fragment},
     parse::{self, Next, tcp_flags, tcp_seq_ack, validate},
     resyn, select, service,
     stats::{account, exception, with_stats},
@@ -120,7 +121,7 @@ fn transport(ctx: &Ctx, s: &mut Scratch, pkt: &Packet, src: &[u32; 4], dst: &[u3
             restarts = established_tcp(s, f, flags);
         }
         if !restarts {
-            return translate(ctx, pkt, &s.key, &mut s.fib, flow);
+            return translate(ctx, pkt, &s.key, &mut s.fib, &mut s.encap, flow);
         }
         least_conn::closed(f);
         conntrack::forget(s, f);
@@ -178,7 +179,7 @@ fn transport(ctx: &Ctx, s: &mut Scratch, pkt: &Packet, src: &[u32; 4], dst: &[u3
             }
         }
     };
-    translate(ctx, pkt, &s.key, &mut s.fib, flow)
+    translate(ctx, pkt, &s.key, &mut s.fib, &mut s.encap, flow)
 }
 
 /// The TCP state of a half-open flow (`f`), from whichever side the
@@ -284,6 +285,10 @@ fn syn_refusal(s: &Scratch) -> Option<u32> {
 #[inline(always)]
 fn new_flow(s: &mut Scratch, service: &Service, syn: bool, flags: u8) -> Result<*mut Flow, u32> {
     let snat = service.flags & SERVICE_F_SNAT != 0;
+    // Direct server return: the LB sees only the client's side, so the flow
+    // has no reverse entry, no connect to watch (no HALF_OPEN, no SYN-ACK,
+    // no timeout) and its packets stay as sent (see `FLOW_F_DSR`).
+    let dsr = service.flags & (SERVICE_F_DSR_L2 | SERVICE_F_DSR_TUNNEL) != 0;
     let untracked = !syn && flags & TCP_RST != 0;
     if untracked && snat {
         // Which SNAT port the flow had is gone with its entry.
@@ -293,7 +298,7 @@ fn new_flow(s: &mut Scratch, service: &Service, syn: bool, flags: u8) -> Result<
         with_stats(true, service.id, |st| st.over_budget += 1);
         return Err(reason::NEW_FLOW_BUDGET);
     }
-    let table = if syn {
+    let table = if syn && !dsr {
         Table::HalfOpen
     } else {
         Table::Established
@@ -313,7 +318,7 @@ fn new_flow(s: &mut Scratch, service: &Service, syn: bool, flags: u8) -> Result<
         return Err(reason::NO_BACKEND);
     };
     let seed = if snat { snat_seed() } else { 0 };
-    let new_sport = if untracked {
+    let new_sport = if untracked || dsr {
         s.key.sport
     } else {
         install_reverse(s, service, backend_id, backend, seed, table)?
@@ -321,25 +326,40 @@ fn new_flow(s: &mut Scratch, service: &Service, syn: bool, flags: u8) -> Result<
 
     let facts = syn_facts(s);
     let (forward, key) = (&mut s.forward, &s.key);
-    let new_src = if snat { &service.snat_addr } else { &key.src };
+    // The tunnel's outer source is the service's `snat_addr` too.
+    let tunnel = service.flags & SERVICE_F_DSR_TUNNEL != 0;
+    let new_src = if snat || tunnel {
+        &service.snat_addr
+    } else {
+        &key.src
+    };
+    let new_dport = if dsr { key.dport } else { backend.port };
     fill(
         forward,
         new_src,
         new_sport,
         &backend.addr,
-        backend.port,
+        new_dport,
         backend_id,
         service.id,
     );
     // A connect of an affinity service: its SYN-ACK confirms (or, after
     // a retry, moves) the client's affinity (see `tcp_state::backend_tcp`).
-    forward.flags = if syn {
+    let chosen_flags = if syn {
         affinity_flag
     } else {
         affinity_flag & FLOW_F_ACTIVE_COUNTED
     };
+    forward.flags = chosen_flags
+        | if tunnel {
+            FLOW_F_DSR | FLOW_F_DSR_TUNNEL
+        } else if dsr {
+            FLOW_F_DSR
+        } else {
+            0
+        };
     forward.attempts = attempt.min(255) as u8;
-    if syn {
+    if syn && !dsr {
         forward.state = flow_state::SYN_SENT;
         forward.syn_ns = failure::now_ns();
         start_attempt(forward, facts);
@@ -356,7 +376,9 @@ fn new_flow(s: &mut Scratch, service: &Service, syn: bool, flags: u8) -> Result<
     }
     let map = table.map();
     if map.insert(&s.key, &s.forward, 0).is_err() {
-        let _ = map.remove(&s.reverse_key);
+        if !dsr {
+            let _ = map.remove(&s.reverse_key);
+        }
         return Err(reason::CONNTRACK_FULL);
     }
     least_conn::opened(&s.forward);
@@ -422,6 +444,7 @@ fn translate(
     pkt: &Packet,
     key: &FlowKey,
     params: &mut bpf_fib_lookup,
+    encap_request: &mut EncapRequest,
     flow: *mut Flow,
 ) -> Action {
     // SAFETY: `flow` is valid and aliases neither `key` nor `params`.
@@ -431,15 +454,16 @@ fn translate(
     if !ttl_allows_forwarding(ctx, pkt) {
         return exception(reason::TTL_EXCEEDED);
     }
-    let l4_change = rewrite(
-        ctx,
-        pkt,
-        key,
-        &f.new_src,
-        f.new_sport,
-        &f.new_dst,
-        f.new_dport,
-    );
+    // A DSR flow's packet keeps its addresses: `new_dst` is the backend's
+    // address and `new_src` the tunnel's or the client's, for the next hop
+    // (and the outer header) only.
+    let dsr = f.flags & FLOW_F_DSR != 0;
+    let (to_src, to_dst) = if dsr {
+        (&key.src, &key.dst)
+    } else {
+        (&f.new_src, &f.new_dst)
+    };
+    let l4_change = rewrite(ctx, pkt, key, to_src, f.new_sport, to_dst, f.new_dport);
     let to_backend = f.flags & FLOW_F_REVERSE == 0;
     account(f.service_id, f.backend_id, to_backend, ctx);
     // Towards a backend the next hop depends on the backend alone: one cached
@@ -453,7 +477,8 @@ fn translate(
         },
         _ => &mut f.fib,
     };
-    let action = forward::to_next_hop(ctx, pkt, params, &f.new_src, &f.new_dst, cache);
+    let action = forward::to_next_hop(ctx, pkt, params, &f.new_src, &f.new_dst, cache, dsr);
+    encap::request(encap_request, ctx, pkt, f, &action);
     if ctx.skb && pkt.fragment != fragment::LATER {
         // Last: the helper may move the packet, which ends direct access.
         skb_l4_checksum(ctx, pkt, l4_change);

@@ -221,7 +221,7 @@ fn resend(ctx: &Ctx) -> Option<Action> {
         _ => &mut f.fib,
     };
     Some(forward::to_next_hop(
-        &c, &pkt, &mut s.fib, &f.new_src, &f.new_dst, cache,
+        &c, &pkt, &mut s.fib, &f.new_src, &f.new_dst, cache, false,
     ))
 }
 

@@ -258,6 +258,7 @@ pub async fn run(
             _ = health_ticker.tick() => {
                 readmitter.tick(&mut writer).await;
                 writer.finish_drains(std::time::Instant::now());
+                writer.resolve_dsr_neighbours();
             }
             Some(report) = reports.recv() => {
                 let service = report.service.clone();

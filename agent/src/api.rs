@@ -272,7 +272,9 @@ pub fn service_views(
                 vip: s.spec.vip.to_string(),
                 port: s.spec.port,
                 protocol: s.spec.protocol.as_str().to_string(),
-                forwarding: if s.spec.snat_ip.is_some() {
+                forwarding: if s.spec.dsr.is_some() {
+                    "dsr"
+                } else if s.spec.snat_ip.is_some() {
                     "snat"
                 } else {
                     "dnat"

@@ -94,6 +94,20 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::BackendDecap { interface, vips } => match sluice::decap::run(&interface, &vips) {
+            Ok(c) => {
+                println!(
+                    "detached from {interface}: {} packets unwrapped, {} malformed dropped, \
+                     {} encapsulated to other addresses passed untouched",
+                    c.decapsulated, c.malformed, c.not_ours
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "sluice", &mut std::io::stdout());
             ExitCode::SUCCESS

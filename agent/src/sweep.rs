@@ -12,7 +12,9 @@ use std::{
     time::Duration,
 };
 
-use agent_common::{FLOW_F_ACTIVE_COUNTED, FLOW_F_REVERSE, Flow, FlowKey, PROTO_UDP, flow_state};
+use agent_common::{
+    FLOW_F_ACTIVE_COUNTED, FLOW_F_DSR, FLOW_F_REVERSE, Flow, FlowKey, PROTO_UDP, flow_state,
+};
 use aya::maps::{Array, HashMap as BpfHashMap, IterableMap as _, MapData};
 use tracing::debug;
 
@@ -150,10 +152,15 @@ fn sweep(
         let reply_key = answer_key(&key, &flow);
         // Not in the walk is not gone: the walk misses keys while the map
         // changes, so a missing reply entry is looked up.
-        let reply_seen = replies
-            .remove(&reply_key)
-            .or_else(|| map.get(&reply_key, 0).ok())
-            .map(|r| r.last_seen);
+        // A direct-server-return flow has none (its replies bypass the LB).
+        let reply_seen = if flow.flags & FLOW_F_DSR != 0 {
+            None
+        } else {
+            replies
+                .remove(&reply_key)
+                .or_else(|| map.get(&reply_key, 0).ok())
+                .map(|r| r.last_seen)
+        };
         let entries = 1 + u64::from(reply_seen.is_some());
         let (state, timeout) = FlowState::of(&key, &flow, timeouts);
         let last = reply_seen.map_or(flow.last_seen, |r| {

@@ -71,6 +71,11 @@ impl Writer {
         self.reconciler.recount_ejected()
     }
 
+    /// See `Reconciler::resolve_dsr_neighbours`.
+    pub fn resolve_dsr_neighbours(&mut self) {
+        self.reconciler.resolve_dsr_neighbours();
+    }
+
     pub fn bump_fib_generation(&mut self) -> Result<()> {
         self.reconciler.bump_fib_generation()
     }

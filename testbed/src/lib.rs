@@ -22,6 +22,9 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
+mod segment;
+pub use segment::Segment;
+
 /// Runs a command, failing with its stderr when it fails.
 pub fn run(args: &[&str]) -> Result<()> {
     let out = Command::new(args[0])

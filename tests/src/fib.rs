@@ -138,7 +138,7 @@ impl FibBed {
         let sizes = Sizes {
             conntrack,
             half_open,
-            services: 8,
+            services: 16,
             backends: 64,
             table_size: 251,
             affinity: 1024,

@@ -21,5 +21,9 @@ fn the_programs_stay_within_the_verifiers_budget() -> Result<()> {
     println!("the refusal-to-SYN programs they tail-call: xdp {xdp}, tc {tc}");
     assert!(xdp > 0 && tc > 0, "the kernel reported no counts");
     assert!(xdp < BUDGET && tc < BUDGET, "xdp {xdp}, tc {tc}");
+    let (xdp, tc) = bed.datapath.encap_verified_instructions()?;
+    println!("the tunnelled-DSR wrapping programs they tail-call: xdp {xdp}, tc {tc}");
+    assert!(xdp > 0 && tc > 0, "the kernel reported no counts");
+    assert!(xdp < BUDGET && tc < BUDGET, "xdp {xdp}, tc {tc}");
     Ok(())
 }

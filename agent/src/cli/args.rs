@@ -168,6 +168,27 @@ pub enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// On a backend host of a service with `forwarding: dsr` and
+    /// `dsr.encapsulation: ipip`: unwrap the IPIP / IP6IP6 packets the load
+    /// balancer sends to these VIPs (each must be on a local interface,
+    /// usually the loopback), until SIGINT or SIGTERM. Needs no ipip module.
+    ///
+    /// Example: sluice backend-decap --interface eth0 --vip 10.0.0.1 --vip fd00::1
+    BackendDecap {
+        /// The interface the tunnelled packets arrive on.
+        #[arg(long, env = "SLUICE_DECAP_INTERFACE", value_name = "IF")]
+        interface: String,
+        /// A VIP to unwrap packets for (repeat the flag; in the variable,
+        /// comma-separated).
+        #[arg(
+            long = "vip",
+            env = "SLUICE_DECAP_VIPS",
+            value_name = "VIP",
+            value_delimiter = ',',
+            required = true
+        )]
+        vips: Vec<std::net::IpAddr>,
+    },
     /// Print a shell completion script.
     ///
     /// Example: sluice completions bash > /etc/bash_completion.d/sluice

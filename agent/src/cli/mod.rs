@@ -165,6 +165,7 @@ async fn dispatch(command: Command) -> Result<()> {
         Command::Run { .. }
         | Command::Cleanup { .. }
         | Command::Check { .. }
+        | Command::BackendDecap { .. }
         | Command::Completions { .. } => {
             unreachable!("handled by main")
         }

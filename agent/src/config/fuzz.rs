@@ -61,6 +61,16 @@ services:
     snat_ip: "fd00::2"
     backends:
       - address: "[fd00::3]:5353"
+  - name: dsr
+    vip: 10.0.0.4
+    port: 80
+    protocol: tcp
+    forwarding: dsr
+    dsr:
+      encapsulation: ipip
+    snat_ip: 10.0.0.5
+    backends:
+      - address: 10.0.1.4:80
   - name: api
     vip: 10.0.0.2
     port: 443
@@ -129,6 +139,10 @@ const WORDS: &[&str] = &[
     "udp",
     "snat",
     "dnat",
+    "dsr",
+    "encapsulation",
+    "ipip",
+    "none",
     "auto",
     "10.0.0.1",
     "fd00::1",
@@ -249,6 +263,13 @@ fn check(text: &str) -> Result<(), TestCaseError> {
                 if let Some(t) = s.affinity_timeout {
                     prop_assert!((1..=super::MAX_AFFINITY_TIMEOUT_SECONDS).contains(&t));
                 }
+                // DSR can't change ports; a tunnel needs its outer source.
+                if s.dsr.is_some() {
+                    prop_assert!(s.backends.iter().all(|(a, _)| a.port() == s.port));
+                }
+                if s.dsr == Some(super::Encapsulation::Ipip) {
+                    prop_assert!(s.snat_ip.is_some());
+                }
             }
         }
         Err(ConfigError::Invalid {
@@ -274,7 +295,7 @@ fn check(text: &str) -> Result<(), TestCaseError> {
 #[test]
 fn the_full_config_is_valid() {
     let v = parse(FULL, "c.yaml").expect("FULL parses");
-    assert_eq!(v.services.len(), 4);
+    assert_eq!(v.services.len(), 5);
 }
 
 proptest! {

@@ -20,9 +20,9 @@ use std::path::Path;
 pub use model::{DiscoverySpec, PodRef, ServiceSpec, Source};
 pub use schema::{
     Affinity, Algorithm, AttachMode, BackendSpec, ClientIpAffinity, Config, Conntrack,
-    ConntrackTimeouts, Control, Discovery, DnsDiscovery, DnsRecord, EtcdDiscovery, Failure,
-    Forwarding, Interface, KubeAddress, Kubernetes, Limits, Maglev, Metrics, Pinning, Protocol,
-    Service, ServiceMetrics, SocketLb,
+    ConntrackTimeouts, Control, Discovery, DnsDiscovery, DnsRecord, Dsr, Encapsulation,
+    EtcdDiscovery, Failure, Forwarding, Interface, KubeAddress, Kubernetes, Limits, Maglev,
+    Metrics, Pinning, Protocol, Service, ServiceMetrics, SocketLb,
 };
 pub use schema::{
     DEFAULT_AFFINITY_TIMEOUT_SECONDS, DEFAULT_CONTROL_SOCKET, DEFAULT_NEW_FLOWS_PER_SECOND,

@@ -32,6 +32,9 @@ pub struct ServiceSpec {
     pub affinity_timeout: Option<u32>,
     /// How a new client's backend is chosen.
     pub algorithm: super::Algorithm,
+    /// Direct server return, and how (None: `dnat` or `snat`). With
+    /// `Encapsulation::Ipip`, `snat_ip` is the tunnel's outer source.
+    pub dsr: Option<super::Encapsulation>,
 }
 
 /// A Kubernetes pod, as an EndpointSlice endpoint's targetRef names it.

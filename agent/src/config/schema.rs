@@ -351,6 +351,38 @@ pub enum Forwarding {
     Dnat,
     /// Full NAT: backends see `snat_ip` as the source.
     Snat,
+    /// Direct server return: the packet reaches the backend with the VIP
+    /// as destination (L2 or tunnelled, see `dsr`), and the backend answers
+    /// the client directly.
+    Dsr,
+}
+
+/// How a `forwarding: dsr` service's packets reach the backend.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Encapsulation {
+    /// L2 DSR: only the destination MAC changes (backends on the LB's segment).
+    #[default]
+    None,
+    /// IPIP (IPv4 VIPs) or IP6IP6 (IPv6 VIPs), from `snat_ip` to the backend.
+    Ipip,
+}
+
+impl Encapsulation {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Ipip => "ipip",
+        }
+    }
+}
+
+/// The `dsr` options of a service.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Dsr {
+    #[serde(default)]
+    pub encapsulation: Encapsulation,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -377,6 +409,9 @@ pub struct Service {
     /// Overrides of the global `metrics` settings for this service.
     #[serde(default)]
     pub metrics: ServiceMetrics,
+    /// With `forwarding: dsr`: how packets reach the backend.
+    #[serde(default)]
+    pub dsr: Option<Dsr>,
     /// Session affinity: a client's connections go to one backend.
     #[serde(default)]
     pub affinity: Option<Affinity>,

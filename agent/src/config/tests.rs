@@ -760,3 +760,84 @@ fn session_affinity_parses_with_kubernetes_default_and_bounds() {
         "{e}"
     );
 }
+
+const DSR: &str = r#"
+interfaces:
+  - name: lb0
+services:
+  - name: web
+    vip: 10.0.0.1
+    port: 80
+    protocol: tcp
+    forwarding: dsr
+    backends:
+      - address: 10.0.1.1:80
+      - address: 10.0.1.2:80
+"#;
+
+#[test]
+fn dsr_defaults_to_l2_and_takes_ipip_with_an_outer_source() {
+    let v = parse(DSR, "c.yaml").unwrap();
+    assert_eq!(v.services[0].dsr, Some(Encapsulation::None));
+    assert_eq!(v.services[0].snat_ip, None);
+    let v = parse(
+        &DSR.replace(
+            "forwarding: dsr",
+            "forwarding: dsr\n    dsr: {encapsulation: ipip}\n    snat_ip: 10.0.9.1",
+        ),
+        "c.yaml",
+    )
+    .unwrap();
+    assert_eq!(v.services[0].dsr, Some(Encapsulation::Ipip));
+    assert_eq!(v.services[0].snat_ip, Some("10.0.9.1".parse().unwrap()));
+    // Not DSR: no dsr.
+    assert_eq!(parse(GOOD, "c.yaml").unwrap().services[0].dsr, None);
+}
+
+#[test]
+fn dsr_refuses_what_it_cant_do_naming_the_field() {
+    // DSR can't rewrite the port.
+    let e = error_of(&DSR.replace("10.0.1.2:80", "10.0.1.2:8080"));
+    assert!(
+        e.contains("services[0].backends[1].address")
+            && e.contains("10.0.1.2:8080")
+            && e.contains("can't change the port"),
+        "{e}"
+    );
+    // The tunnel needs its outer source.
+    let e = error_of(&DSR.replace(
+        "forwarding: dsr",
+        "forwarding: dsr\n    dsr: {encapsulation: ipip}",
+    ));
+    assert!(
+        e.contains("services[0].snat_ip") && e.contains("(missing)") && e.contains("ipip"),
+        "{e}"
+    );
+    // L2 DSR has no use for one.
+    let e = error_of(&DSR.replace("forwarding: dsr", "forwarding: dsr\n    snat_ip: 10.0.9.1"));
+    assert!(
+        e.contains("services[0].snat_ip") && e.contains("10.0.9.1"),
+        "{e}"
+    );
+    // Of the VIP's family.
+    let e = error_of(&DSR.replace(
+        "forwarding: dsr",
+        "forwarding: dsr\n    dsr: {encapsulation: ipip}\n    snat_ip: \"fd00::1\"",
+    ));
+    assert!(e.contains("same family"), "{e}");
+    // dsr options without forwarding: dsr.
+    let e = error_of(&GOOD.replace(
+        "protocol: tcp",
+        "protocol: tcp\n    dsr: {encapsulation: ipip}",
+    ));
+    assert!(
+        e.contains("services[0].dsr") && e.contains("only used with forwarding: dsr"),
+        "{e}"
+    );
+    // An unknown encapsulation.
+    let e = error_of(&DSR.replace(
+        "forwarding: dsr",
+        "forwarding: dsr\n    dsr: {encapsulation: gue}",
+    ));
+    assert!(e.contains("gue"), "{e}");
+}

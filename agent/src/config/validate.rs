@@ -9,8 +9,9 @@ use std::{
 };
 
 use super::{
-    Affinity, BackendSpec, Config, ConfigError, Conntrack, Control, Failure, Forwarding, Interface,
-    KubeAddress, Kubernetes, Limits, Maglev, Pinning, Protocol, Service, ServiceSpec, Validated,
+    Affinity, BackendSpec, Config, ConfigError, Conntrack, Control, Encapsulation, Failure,
+    Forwarding, Interface, KubeAddress, Kubernetes, Limits, Maglev, Pinning, Protocol, Service,
+    ServiceSpec, Validated,
 };
 
 mod address;
@@ -366,7 +367,11 @@ fn service(s: &Service, at: &str, taken: &mut Taken) -> Result<ServiceSpec, Refu
         ));
     }
     let snat_ip = snat_ip(s, vip, &field("snat_ip"))?;
+    let dsr = dsr(s, &field("dsr"))?;
     let backends = static_backends(&s.backends, vip, &field("backends"))?;
+    if dsr.is_some() {
+        dsr_backend_ports(s, &backends, &field("backends"))?;
+    }
     failure(&s.failure, &field("failure"))?;
     let discovery = match &s.discovery {
         None => None,
@@ -393,7 +398,40 @@ fn service(s: &Service, at: &str, taken: &mut Taken) -> Result<ServiceSpec, Refu
         pods: Default::default(),
         affinity_timeout,
         algorithm: s.algorithm,
+        dsr,
     })
+}
+
+/// The `dsr` options: only with `forwarding: dsr` (where they default to L2).
+fn dsr(s: &Service, field: &str) -> Result<Option<Encapsulation>, Refusal> {
+    match (s.forwarding, s.dsr) {
+        (Forwarding::Dsr, d) => Ok(Some(d.unwrap_or_default().encapsulation)),
+        (_, Some(d)) => Err(refuse(
+            field,
+            format!("{{encapsulation: {}}}", d.encapsulation.as_str()),
+            "only used with forwarding: dsr",
+        )),
+        (_, None) => Ok(None),
+    }
+}
+
+/// DSR leaves the packet's destination port as the client sent it (the
+/// backend answers from the VIP's port, to the client directly): a backend
+/// must listen on the service's port.
+fn dsr_backend_ports(s: &Service, backends: &[(SocketAddr, u32)], at: &str) -> Result<(), Refusal> {
+    for (j, (addr, _)) in backends.iter().enumerate() {
+        if addr.port() != s.port {
+            return Err(refuse(
+                format!("{at}[{j}].address"),
+                &s.backends[j].address,
+                format!(
+                    "forwarding: dsr can't change the port: a backend must listen on the service's port ({})",
+                    s.port
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// A service's `affinity` (under `at`): its timeout in seconds, if any.
@@ -416,11 +454,18 @@ fn affinity(a: Option<&Affinity>, at: &str) -> Result<Option<u32>, Refusal> {
 }
 
 fn snat_ip(s: &Service, vip: IpAddr, field: &str) -> Result<Option<IpAddr>, Refusal> {
-    match (s.forwarding, &s.snat_ip) {
-        (Forwarding::Snat, None) => {
-            Err(refuse(field, "(missing)", "required with forwarding: snat"))
-        }
-        (Forwarding::Snat, Some(text)) => {
+    // With IPIP DSR, `snat_ip` is the tunnel's outer source address: the
+    // backend host's decap sees it, the client never does.
+    let tunnel = s.forwarding == Forwarding::Dsr
+        && s.dsr.unwrap_or_default().encapsulation == Encapsulation::Ipip;
+    match (&s.snat_ip, s.forwarding == Forwarding::Snat || tunnel) {
+        (None, true) if tunnel => Err(refuse(
+            field,
+            "(missing)",
+            "required with dsr.encapsulation: ipip (the tunnel's outer source address)",
+        )),
+        (None, true) => Err(refuse(field, "(missing)", "required with forwarding: snat")),
+        (Some(text), true) => {
             let ip: IpAddr = text
                 .parse()
                 .map_err(|_| refuse(field, text, "not an IP address"))?;
@@ -432,10 +477,12 @@ fn snat_ip(s: &Service, vip: IpAddr, field: &str) -> Result<Option<IpAddr>, Refu
             }
             Ok(Some(ip))
         }
-        (Forwarding::Dnat, Some(text)) => {
-            Err(refuse(field, text, "only used with forwarding: snat"))
-        }
-        (Forwarding::Dnat, None) => Ok(None),
+        (Some(text), false) => Err(refuse(
+            field,
+            text,
+            "only used with forwarding: snat, or dsr with dsr.encapsulation: ipip",
+        )),
+        (None, false) => Ok(None),
     }
 }
 

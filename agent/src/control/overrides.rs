@@ -288,6 +288,7 @@ mod tests {
             pods: Default::default(),
             affinity_timeout: None,
             algorithm: Default::default(),
+            dsr: None,
         }
     }
 

@@ -224,6 +224,10 @@ pub struct Datapath {
     /// array when its last user handle closes. `None` for an object
     /// without them.
     resyn: Option<[ProgramArray<MapData>; 2]>,
+    /// The tail-call slots of tunnelled DSR's wrapping (see `encap`), the
+    /// TC one filled when the TC program is first loaded. None: an object
+    /// without it (tunnelled DSR packets are then dropped, counted).
+    encap: Option<[ProgramArray<MapData>; 2]>,
     links: BTreeMap<String, (AttachMode, AttachMode, Link)>,
     tc_loaded: bool,
     pins: Option<PinDir>,
@@ -284,11 +288,26 @@ impl Datapath {
                 None
             }
         };
+        let encap = match ebpf.program(program::ENCAP_XDP) {
+            Some(_) => {
+                let mut xdp: ProgramArray<MapData> = take(&mut ebpf, map::ENCAP_XDP)?;
+                let tc: ProgramArray<MapData> = take(&mut ebpf, map::ENCAP_TC)?;
+                let encap: &mut Xdp = program(&mut ebpf, program::ENCAP_XDP)?;
+                verify(|| encap.load()).with_context(|| {
+                    format!("loading program {} (kernel verifier)", program::ENCAP_XDP)
+                })?;
+                xdp.set(0, encap.fd()?, 0)
+                    .map_err(DatapathError::map(map::ENCAP_XDP))?;
+                Some([xdp, tc])
+            }
+            None => None,
+        };
         let maps = Maps::take_all(&mut ebpf)?;
         Ok((
             Self {
                 ebpf,
                 resyn,
+                encap,
                 links: BTreeMap::new(),
                 tc_loaded: false,
                 pins,
@@ -485,6 +504,15 @@ impl Datapath {
                     .set(0, resyn.fd()?, 0)
                     .map_err(DatapathError::map(map::RESYN_TC))?;
             }
+            if let Some([_, encap_tc]) = &mut self.encap {
+                let encap: &mut SchedClassifier = program(&mut self.ebpf, program::ENCAP_TC)?;
+                verify(|| encap.load()).with_context(|| {
+                    format!("loading program {} (kernel verifier)", program::ENCAP_TC)
+                })?;
+                encap_tc
+                    .set(0, encap.fd()?, 0)
+                    .map_err(DatapathError::map(map::ENCAP_TC))?;
+            }
             self.tc_loaded = true;
         }
         program(&mut self.ebpf, program::TC)
@@ -573,6 +601,17 @@ impl Datapath {
             |info: aya::programs::ProgramInfo| info.verified_instruction_count().unwrap_or(0);
         let xdp = count(program::<Xdp>(&mut self.ebpf, program::RESYN_XDP)?.info()?);
         let tc = count(program::<SchedClassifier>(&mut self.ebpf, program::RESYN_TC)?.info()?);
+        Ok((xdp, tc))
+    }
+
+    /// As `verified_instructions`, for the programs they tail-call to wrap
+    /// a tunnelled DSR packet (XDP, TC).
+    pub fn encap_verified_instructions(&mut self) -> Result<(u32, u32)> {
+        self.tc_program()?; // loads the TC one
+        let count =
+            |info: aya::programs::ProgramInfo| info.verified_instruction_count().unwrap_or(0);
+        let xdp = count(program::<Xdp>(&mut self.ebpf, program::ENCAP_XDP)?.info()?);
+        let tc = count(program::<SchedClassifier>(&mut self.ebpf, program::ENCAP_TC)?.info()?);
         Ok((xdp, tc))
     }
 

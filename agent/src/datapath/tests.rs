@@ -23,6 +23,12 @@ fn the_registry_names_every_map_and_program_of_the_object() {
     let mut named = vec![program::XDP, program::TC, program::SOCK_STATE];
     named.extend([program::TCP_RESET, program::SOCK_RELEASE]);
     named.extend([program::RESYN_XDP, program::RESYN_TC]);
+    named.extend([
+        program::ENCAP_XDP,
+        program::ENCAP_TC,
+        program::DECAP,
+        program::DECAP_MSS,
+    ]);
     named.extend(program::SOCKET);
     for name in named {
         assert!(

@@ -32,7 +32,7 @@
 //! last sent set keeps serving; the watchers relist with backoff by
 //! themselves.
 
-mod trust;
+pub(crate) mod trust;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -478,6 +478,7 @@ pub fn desired(
                     pods,
                     affinity_timeout,
                     algorithm,
+                    dsr: None,
                 });
             }
         }

@@ -147,6 +147,7 @@ fn orphan_spec(key: &ServiceKey) -> ServiceSpec {
         pods: Default::default(),
         affinity_timeout: None,
         algorithm: Default::default(),
+        dsr: None,
     }
 }
 

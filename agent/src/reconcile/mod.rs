@@ -14,7 +14,8 @@ use std::{collections::BTreeMap, net::SocketAddr, time::Instant};
 
 use agent_common::{
     Backend, BackendFib, BackendHealth, FibCache, LatencyHistogram, NO_BACKEND, Prefilter,
-    SERVICE_F_AFFINITY, SERVICE_F_LEAST_CONN, SERVICE_F_RETRY, SERVICE_F_SNAT, Service, ServiceKey,
+    SERVICE_F_AFFINITY, SERVICE_F_DSR_L2, SERVICE_F_DSR_TUNNEL, SERVICE_F_LEAST_CONN,
+    SERVICE_F_RETRY, SERVICE_F_SNAT, Service, ServiceKey,
     ServicePolicy, ServiceStats, prefilter,
 };
 use anyhow::{Context, Result, anyhow, bail};
@@ -34,7 +35,7 @@ use ids::Ids;
 use slots::Slots;
 
 use crate::{
-    config::{Algorithm, PodRef, Protocol, ServiceSpec},
+    config::{Algorithm, Encapsulation, PodRef, Protocol, ServiceSpec},
     counters::{self, Counters, EndedSilently},
     datapath::Maps,
     maglev,
@@ -108,6 +109,8 @@ pub struct Reconciler {
     ended_silently: EndedSilently,
     /// `limits.new_flows_per_second`, written into every service's policy.
     new_flows_per_second: u32,
+    /// `dsr_no_neighbour` drops seen at the last `resolve_dsr_neighbours`.
+    dsr_neighbour_misses: u64,
 }
 
 impl Reconciler {
@@ -130,6 +133,7 @@ impl Reconciler {
             backend_filter: Prefilter::default(),
             backend_addr_filter: Prefilter::default(),
             new_flows_per_second: crate::config::DEFAULT_NEW_FLOWS_PER_SECOND,
+            dsr_neighbour_misses: 0,
             service_filter: Prefilter::default(),
             service_addr_filter: Prefilter::default(),
             ending: Vec::new(),
@@ -385,6 +389,9 @@ impl Reconciler {
                 }
                 None => {
                     added = true;
+                    if spec.dsr.is_some() {
+                        crate::neighbour::solicit(addr.ip());
+                    }
                     let backend_id = self.backend_ids.take()?;
                     self.write_new_backend(backend_id, addr, weight, spec.protocol.number(), id)?;
                     BackendState {
@@ -415,7 +422,8 @@ impl Reconciler {
             consecutive_failures: f.consecutive_failures,
             max_ejected: active * f.max_ejected_percent / 100,
             connect_timeout_ns: u64::from(f.connect_timeout_ms) * 1_000_000,
-            flags: if f.retry_on_refused {
+            // The LB never sees a DSR backend's refusal: nothing to retry on.
+            flags: if f.retry_on_refused && spec.dsr.is_none() {
                 SERVICE_F_RETRY
             } else {
                 0
@@ -469,10 +477,11 @@ impl Reconciler {
             id,
             table_offset: offset,
             table_size: size,
-            flags: if spec.snat_ip.is_some() {
-                SERVICE_F_SNAT
-            } else {
-                0
+            flags: match spec.dsr {
+                Some(Encapsulation::None) => SERVICE_F_DSR_L2,
+                Some(Encapsulation::Ipip) => SERVICE_F_DSR_TUNNEL,
+                None if spec.snat_ip.is_some() => SERVICE_F_SNAT,
+                None => 0,
             } | if spec.affinity_timeout.is_some() {
                 SERVICE_F_AFFINITY
             } else {
@@ -649,6 +658,27 @@ impl Reconciler {
 
     /// Makes every flow's cached FIB result stale: the next packet of each
     /// flow does a fresh FIB lookup. Called on every rtnetlink change.
+    /// When DSR packets were dropped for want of a backend's neighbour
+    /// entry since the last call (`dsr_no_neighbour`), has the kernel
+    /// resolve every DSR backend again (see `neighbour`).
+    pub fn resolve_dsr_neighbours(&mut self) {
+        let misses: u64 = self
+            .maps
+            .reasons
+            .get(&agent_common::reason::DSR_NO_NEIGHBOUR, 0)
+            .map(|per_cpu| per_cpu.iter().sum())
+            .unwrap_or(0);
+        if misses == self.dsr_neighbour_misses {
+            return;
+        }
+        self.dsr_neighbour_misses = misses;
+        for s in self.services.values().filter(|s| s.spec.dsr.is_some()) {
+            for b in &s.backends {
+                crate::neighbour::solicit(b.addr.ip());
+            }
+        }
+    }
+
     pub fn bump_fib_generation(&mut self) -> Result<()> {
         let next = self
             .maps

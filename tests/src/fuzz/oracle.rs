@@ -5,7 +5,9 @@
 //!   the service whose VIP it was sent to (the source kept, or the service's
 //!   SNAT address), or, from a backend, to a client that sent to that
 //!   service with the VIP as source; every other byte kept but the TTL (one
-//!   less) and the MACs (the next hop's); checksums that verify, recomputed
+//!   less) and the MACs (the next hop's); for a DSR service, every address
+//!   and port kept, to the MAC of one of its backends (never passed: the
+//!   kernel would route it by the VIP); checksums that verify, recomputed
 //!   here from scratch (or, for input that was already wrong, wrong by the
 //!   same amount: a forwarder must neither hide nor add corruption);
 //! - passed rewritten, only with a counted reason (the FIB had no neighbour:
@@ -393,8 +395,40 @@ impl Oracle {
         let sport = ports_in.map(|p| p.0);
 
         let mut direction = None;
+        // Where the frame must be going: its IP destination, but for direct
+        // server return, which keeps the VIP and sends to a backend by MAC.
+        let mut hop = vout.dst;
         // To a service: the destination becomes one of its backends.
         for s in self.world.services_at(vin.dst, dport, vin.proto) {
+            if s.dsr {
+                // Direct server return: every address and port kept, the
+                // frame forwarded (never handed to the kernel, which would
+                // route it by the VIP) to the MAC of one of its backends.
+                let kept = vout.src == vin.src
+                    && vout.dst == vin.dst
+                    && src_out == src_in
+                    && dst_out == dst_in;
+                let Some(backend) = self.world.neighbour_by_mac(&out[0..6], vin.v6) else {
+                    continue;
+                };
+                let to = SocketAddr::new(backend, s.port);
+                let backend_ok = match dport {
+                    Some(_) => s.has_backend(&to),
+                    None => s.has_backend_ip(backend),
+                };
+                if kept && verdict.is_some() && backend_ok {
+                    if dport.is_some() && s.weight_of(&to) == Some(0) {
+                        return Err(format!(
+                            "service {}: sent to drained backend {to} (weight 0)",
+                            s.name
+                        ));
+                    }
+                    hop = backend;
+                    direction = Some((s, true));
+                    break;
+                }
+                continue;
+            }
             let backend_ok = match dst_out {
                 Some(d) => s.has_backend(&d),
                 None => s.has_backend_ip(vout.dst),
@@ -419,7 +453,12 @@ impl Oracle {
         // From a backend: the source becomes the VIP, the destination a
         // client that sent to that service.
         if direction.is_none() {
-            for s in self.world.services_of_backend(vin.src, sport, vin.proto) {
+            // (Never a DSR service's: its replies don't come this way.)
+            for s in self
+                .world
+                .services_of_backend(vin.src, sport, vin.proto)
+                .filter(|s| !s.dsr)
+            {
                 let vip_ok = vout.src == s.vip
                     && sport.is_none_or(|_| src_out.map(|a| a.port()) == Some(s.port));
                 let client_ok = match (s.snat, dst_out) {
@@ -447,7 +486,7 @@ impl Oracle {
         };
 
         if let Some(verdict) = verdict {
-            next_hop(&self.world, out, vout.dst, verdict, ingress, program)?;
+            next_hop(&self.world, out, hop, verdict, ingress, program)?;
         }
         let how = match verdict {
             Some(Verdict::Tx) => "forwarded (XDP_TX)",
@@ -459,13 +498,21 @@ impl Oracle {
         } else {
             "reply to a client"
         };
-        let mode = if service.snat.is_some() {
+        let mode = if service.dsr {
+            "dsr"
+        } else if service.snat.is_some() {
             "snat"
         } else {
             "dnat"
         };
         let mut j = Judgement::class(format!("{how} {way} ({mode})"));
         checksums(input, out, &vin, &vout, &mut j)?;
+        // A DSR flow's backend is the one its MAC named.
+        let dst_out = if service.dsr {
+            dst_out.map(|d| SocketAddr::new(hop, d.port()))
+        } else {
+            dst_out
+        };
         if to_backend
             && let (Some(client), Some(from), Some(backend)) = (src_in, src_out, dst_out)
             && let Some(vip) = dst_in
@@ -901,6 +948,39 @@ mod tests {
         assert_eq!(j.class, "forwarded to a backend (dnat)");
         assert_eq!(j.verified, 2, "IPv4 header and TCP checksums");
         assert_eq!(j.flow.unwrap().backend, sa("10.1.1.2:8080"));
+    }
+
+    #[test]
+    fn dsr_keeps_every_address_and_goes_to_a_backends_mac() {
+        let o = Oracle::new();
+        const DSR_VIP: &str = "10.100.0.4:80";
+        let input = tcp_frame(sa(CLIENT), sa(DSR_VIP), 64, T1_MAC, CLIENT_MAC);
+        // Right: the frame as sent, TTL one less, to backend 1's MAC.
+        let out = tcp_frame(sa(CLIENT), sa(DSR_VIP), 63, backend_mac(1), T0_MAC);
+        let j = judge(&o, &input, Verdict::Redirect, &out, None).unwrap();
+        assert_eq!(j.class, "forwarded to a backend (dsr)");
+        assert_eq!(j.flow.unwrap().backend, sa("10.1.1.2:80"));
+        // To a host that is no backend of the service (backend 2), or a
+        // drained one (backend 3).
+        let out = tcp_frame(sa(CLIENT), sa(DSR_VIP), 63, backend_mac(2), T0_MAC);
+        assert!(
+            judge(&o, &input, Verdict::Redirect, &out, None)
+                .unwrap_err()
+                .contains("not a valid rewrite")
+        );
+        let out = tcp_frame(sa(CLIENT), sa(DSR_VIP), 63, backend_mac(3), T0_MAC);
+        assert!(
+            judge(&o, &input, Verdict::Redirect, &out, None)
+                .unwrap_err()
+                .contains("drained")
+        );
+        // Translated as dnat would: DSR must not.
+        let out = tcp_frame(sa(CLIENT), sa("10.1.1.2:80"), 63, backend_mac(1), T0_MAC);
+        assert!(
+            judge(&o, &input, Verdict::Redirect, &out, None)
+                .unwrap_err()
+                .contains("not a valid rewrite")
+        );
     }
 
     #[test]

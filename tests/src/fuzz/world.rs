@@ -43,6 +43,9 @@ pub struct Service {
     pub proto: u8,
     /// `Some(snat_ip)` for `forwarding: snat`.
     pub snat: Option<IpAddr>,
+    /// `forwarding: dsr` (L2): the packet keeps its addresses and ports,
+    /// only its MACs (towards a backend) and TTL change.
+    pub dsr: bool,
     /// Address and weight (0: drained, never chosen for a new flow).
     pub backends: Vec<(SocketAddr, u32)>,
 }
@@ -100,9 +103,9 @@ fn client_mac(k: usize) -> [u8; 6] {
 }
 
 impl World {
-    /// IPv4 and IPv6, TCP and UDP, dnat and snat, a backend shared by two
-    /// services (on two VIPs and on two ports), and a drained backend.
-    /// Eight services: the test bed's map size.
+    /// IPv4 and IPv6, TCP and UDP, dnat, snat and (L2) dsr, a backend
+    /// shared by several services (on several VIPs and ports), and a
+    /// drained backend. Ten services (the test bed's maps hold 16).
     pub fn standard() -> Self {
         let services = vec![
             Service {
@@ -111,6 +114,7 @@ impl World {
                 port: 80,
                 proto: TCP,
                 snat: None,
+                dsr: false,
                 backends: vec![
                     (sa("10.1.0.2:8080"), 1),
                     (sa("10.1.1.2:8080"), 2),
@@ -124,6 +128,7 @@ impl World {
                 port: 53,
                 proto: UDP,
                 snat: None,
+                dsr: false,
                 backends: vec![(sa("10.1.0.2:5353"), 1), (sa("10.1.1.2:5353"), 1)],
             },
             Service {
@@ -132,6 +137,7 @@ impl World {
                 port: 80,
                 proto: TCP,
                 snat: None,
+                dsr: false,
                 backends: vec![(sa("10.1.0.2:8080"), 1)],
             },
             Service {
@@ -140,6 +146,7 @@ impl World {
                 port: 443,
                 proto: TCP,
                 snat: Some(ip("10.1.0.1")),
+                dsr: false,
                 backends: vec![(sa("10.1.1.2:8443"), 1), (sa("10.1.2.2:8443"), 1)],
             },
             Service {
@@ -148,6 +155,7 @@ impl World {
                 port: 443,
                 proto: UDP,
                 snat: Some(ip("10.1.0.1")),
+                dsr: false,
                 backends: vec![(sa("10.1.2.2:8443"), 1), (sa("10.1.3.2:8443"), 0)],
             },
             Service {
@@ -156,6 +164,7 @@ impl World {
                 port: 80,
                 proto: TCP,
                 snat: None,
+                dsr: false,
                 backends: vec![
                     (sa("[fd01:0::2]:8080"), 1),
                     (sa("[fd01:1::2]:8080"), 1),
@@ -168,6 +177,7 @@ impl World {
                 port: 53,
                 proto: UDP,
                 snat: Some(ip("fd01::1")),
+                dsr: false,
                 backends: vec![(sa("[fd01:1::2]:5353"), 1), (sa("[fd01:2::2]:5353"), 1)],
             },
             Service {
@@ -176,7 +186,30 @@ impl World {
                 port: 443,
                 proto: TCP,
                 snat: Some(ip("fd01::1")),
+                dsr: false,
                 backends: vec![(sa("[fd01:2::2]:8443"), 1)],
+            },
+            Service {
+                name: "dsr4",
+                vip: ip("10.100.0.4"),
+                port: 80,
+                proto: TCP,
+                snat: None,
+                dsr: true,
+                backends: vec![
+                    (sa("10.1.0.2:80"), 1),
+                    (sa("10.1.1.2:80"), 1),
+                    (sa("10.1.3.2:80"), 0),
+                ],
+            },
+            Service {
+                name: "dsr6-udp",
+                vip: ip("fd64::4"),
+                port: 53,
+                proto: UDP,
+                snat: None,
+                dsr: true,
+                backends: vec![(sa("[fd01:0::2]:53"), 1), (sa("[fd01:2::2]:53"), 1)],
             },
         ];
         let mut neighbours = Vec::new();
@@ -227,6 +260,9 @@ impl World {
             if let Some(snat) = s.snat {
                 text += &format!("    forwarding: snat\n    snat_ip: \"{snat}\"\n");
             }
+            if s.dsr {
+                text += "    forwarding: dsr\n";
+            }
             text += "    backends:\n";
             for (addr, weight) in &s.backends {
                 text += &format!("      - address: \"{addr}\"\n        weight: {weight}\n");
@@ -237,6 +273,15 @@ impl World {
 
     pub fn neighbour(&self, ip: IpAddr) -> Option<&Neighbour> {
         self.neighbours.iter().find(|n| n.ip == ip)
+    }
+
+    /// The address of the neighbour whose MAC is `mac`, in the family
+    /// `v6` says (a backend's MAC serves both of its addresses).
+    pub fn neighbour_by_mac(&self, mac: &[u8], v6: bool) -> Option<IpAddr> {
+        self.neighbours
+            .iter()
+            .find(|n| n.mac == mac && n.ip.is_ipv6() == v6)
+            .map(|n| n.ip)
     }
 
     /// Services at `(vip, port, proto)`; `port` None: any port (a later

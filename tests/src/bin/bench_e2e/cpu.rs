@@ -31,7 +31,7 @@ pub fn steer(topo: &Topology) -> Result<()> {
 }
 
 /// Every receive queue of every device in `ns` but `lo` to `cpu`.
-fn rps(ns: &Netns, cpu: usize) -> Result<()> {
+pub fn rps(ns: &Netns, cpu: usize) -> Result<()> {
     let mask = format!("{:x}", 1u64 << cpu);
     let script = format!(
         "for q in /sys/class/net/*/queues/rx-*/rps_cpus; do \

@@ -14,12 +14,17 @@
 //! so the LB's share is read apart from the client's and the backends'.
 //! Ratios are taken against iptables DNAT in the same round.
 //!
+//! Then the DSR row (dsr.rs): a response-heavy workload through Sluice with
+//! direct server return, L2 and IPIP, against Sluice dnat (`--only dsr`
+//! runs it with only the baseline of the main table).
+//!
 //! Artifacts kept out: the client uses the whole port range 1024–65535,
 //! every mode starts with the LB's connection tracking flushed, and the
 //! backends' TIME_WAIT sockets take a reused port's new SYN by its newer
 //! timestamp (TCP timestamps on, as by default).
 
 mod cpu;
+mod dsr;
 mod load;
 mod modes;
 mod servers;
@@ -130,6 +135,16 @@ fn main() -> Result<()> {
         }
     }
     report(&rows, &args);
+    // The DSR row has a topology of its own (one L2 segment).
+    drop(_servers);
+    drop(topo);
+    if args
+        .only
+        .as_ref()
+        .is_none_or(|o| o.to_lowercase().contains("dsr"))
+    {
+        dsr::run(&args)?;
+    }
     Ok(())
 }
 
