@@ -42,6 +42,10 @@ const _: () = assert!(core::mem::size_of::<ServiceKey>() == 20);
 pub const SERVICE_F_SNAT: u32 = 1;
 /// A refused or unanswered SYN is retried on another backend (policy flag).
 pub const SERVICE_F_RETRY: u32 = 2;
+/// New flows are admitted only from sources in the service's entries of
+/// `SOURCE_RANGES` (`allowed_sources`); others are dropped as
+/// `reason::SOURCE_DENIED` before any state is created.
+pub const SERVICE_F_SOURCE_RANGES: u32 = 64;
 
 /// Value of the `SERVICES` map.
 #[repr(C)]
@@ -80,6 +84,34 @@ pub struct Backend {
     pub service_id: u32,
 }
 const _: () = assert!(core::mem::size_of::<Backend>() == 24);
+
+/// The data of a `SOURCE_RANGES` key, after the LPM trie's prefix length:
+/// the whole key is `{prefixlen: u32, service_id: u32, family: u8, _pad:
+/// [u8; 3], addr: [u32; 4]}` (the `Key<SourceRange>` of aya's LPM trie,
+/// 28 bytes). The prefix length counts the service id, family and pad bits
+/// too (`SOURCE_RANGE_FIXED_BITS` + the CIDR's prefix), so one trie holds
+/// every service's ranges and a lookup matches only its own service and
+/// family. The value is 1 (its presence is what counts).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SourceRange {
+    pub service_id: u32,
+    pub family: u8,
+    pub _pad: [u8; 3],
+    /// Network byte order; an IPv4 address occupies `addr[0]`.
+    pub addr: [u32; 4],
+}
+const _: () = assert!(core::mem::size_of::<SourceRange>() == 24);
+/// The `SOURCE_RANGES` key's size with its prefix length in front.
+pub const SOURCE_RANGE_KEY_SIZE: usize = 4 + core::mem::size_of::<SourceRange>();
+const _: () = assert!(SOURCE_RANGE_KEY_SIZE == 28);
+/// Bits of a `SOURCE_RANGES` key before the address: service id (32),
+/// family (8) and pad (24), always matched whole.
+pub const SOURCE_RANGE_FIXED_BITS: u32 = 64;
+/// Capacity of `SOURCE_RANGES`: the source ranges of all services
+/// together (`allowed_sources` entries, one per service entry it applies
+/// to). The config and Kubernetes discovery refuse more.
+pub const MAX_SOURCE_RANGES: u32 = 16_384;
 
 /// Key of the `CONNTRACK` map: a packet's 5-tuple as seen on the wire.
 #[repr(C)]
@@ -326,7 +358,9 @@ const _: () = assert!(core::mem::size_of::<SockConnect>() == 48);
 ///
 /// 4: `MAGLEV` is one pool of per-service tables sized by backend count
 /// (was two `maglev.table_size` halves per service id).
-pub const MAP_LAYOUT: u32 = 4;
+/// 5: issue #15's service options: `SOURCE_RANGES`, the `source_denied`
+/// reason (`REASONS` grows), ...
+pub const MAP_LAYOUT: u32 = 5;
 
 /// What `BackendHealth::ejected` says of a backend. Kept as a `u32` in the
 /// shared struct (the kernel writes it; a value outside the enum must not be
@@ -594,6 +628,7 @@ mod pod {
     unsafe impl aya::Pod for super::BenchFrame {}
     unsafe impl aya::Pod for super::SockReverse {}
     unsafe impl aya::Pod for super::SockConnect {}
+    unsafe impl aya::Pod for super::SourceRange {}
 }
 
 #[cfg(test)]

@@ -71,6 +71,9 @@ reasons! {
     /// had is gone, so it is passed untouched. (With DNAT it goes to the
     /// Maglev choice, untracked: a RST creates no state.)
     UNTRACKED_RST = 18, "untracked_rst", false;
+    /// A new flow to a service with `allowed_sources` from a source in
+    /// none of its ranges: dropped before any state is created.
+    SOURCE_DENIED = 19, "source_denied", true;
 }
 
 pub const COUNT: u32 = ALL.len() as u32;

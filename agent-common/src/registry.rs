@@ -62,6 +62,7 @@ pub mod map {
     pub const SYN_RECORDS: &str = "SYN_RECORDS";
     pub const RESYN_XDP: &str = "RESYN_XDP";
     pub const RESYN_TC: &str = "RESYN_TC";
+    pub const SOURCE_RANGES: &str = "SOURCE_RANGES";
 }
 
 const fn def(name: &'static str, pinned: bool, sizing: Sizing) -> MapDef {
@@ -103,6 +104,8 @@ pub const MAPS: &[MapDef] = &[
     def(map::SYN_RECORDS, false, Sizing::Fixed),
     def(map::RESYN_XDP, false, Sizing::Fixed),
     def(map::RESYN_TC, false, Sizing::Fixed),
+    // Pinned like SERVICES, whose ids its keys carry.
+    def(map::SOURCE_RANGES, true, Sizing::Fixed),
 ];
 
 /// The programs' names (their entry functions in agent-ebpf/src/main.rs).

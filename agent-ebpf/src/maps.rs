@@ -142,6 +142,13 @@ pub static RESYN_XDP: aya_ebpf::maps::ProgramArray =
 pub static RESYN_TC: aya_ebpf::maps::ProgramArray =
     aya_ebpf::maps::ProgramArray::with_max_entries(1, 0);
 
+/// The source ranges of services with `allowed_sources` (see
+/// `agent_common::SourceRange`): one trie for all services, its keys led
+/// by the service id. Sized by `agent_common::MAX_SOURCE_RANGES`.
+#[map]
+pub static SOURCE_RANGES: aya_ebpf::maps::LpmTrie<agent_common::SourceRange, u32> =
+    aya_ebpf::maps::LpmTrie::with_max_entries(agent_common::MAX_SOURCE_RANGES, 0);
+
 /// This CPU's scratch area (see `Scratch`).
 #[inline(always)]
 pub fn scratch() -> Option<&'static mut Scratch> {

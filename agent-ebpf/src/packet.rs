@@ -4,7 +4,8 @@
 
 use core::{ffi::c_void, mem};
 
-use agent_common::{Flow, FlowKey, ServiceKey};
+use agent_common::{Flow, FlowKey, ServiceKey, SourceRange};
+use aya_ebpf::maps::lpm_trie::Key;
 use aya_ebpf::bindings::bpf_fib_lookup;
 use network_types::eth::EthHdr;
 
@@ -116,6 +117,9 @@ pub struct Scratch {
     pub resyn_l3: u32,
     pub resyn_l4: u32,
     pub resyn: u32,
+    /// The client's source as a `SOURCE_RANGES` key (see
+    /// `service::source_allowed`).
+    pub source_key: Key<SourceRange>,
 }
 
 /// Slots of `SYN_RECORDS` (a power of two). A record is needed from a SYN

@@ -10,7 +10,7 @@
 
 use agent_common::{
     FLOW_F_FIN_CLIENT, FLOW_F_REVERSE, Flow, FlowKey, NO_BACKEND, PROTO_TCP, PROTO_UDP,
-    SERVICE_F_SNAT, Service, event_kind, flow_state, prefilter, reason,
+    SERVICE_F_SNAT, SERVICE_F_SOURCE_RANGES, Service, event_kind, flow_state, prefilter, reason,
 };
 use aya_ebpf::bindings::bpf_fib_lookup;
 
@@ -142,6 +142,14 @@ fn transport(ctx: &Ctx, s: &mut Scratch, pkt: &Packet, src: &[u32; 4], dst: &[u3
         };
         if let Err(code) = validate(ctx, pkt) {
             return exception(code);
+        }
+        // `allowed_sources`: a source in none of the service's ranges
+        // creates nothing (no budget taken, no pick, no entry). Flows
+        // admitted before a range was removed keep their entries above.
+        if service.flags & SERVICE_F_SOURCE_RANGES != 0
+            && !service::source_allowed(&mut s.source_key, service.id, src, pkt.family)
+        {
+            return exception(reason::SOURCE_DENIED);
         }
         // A connection starts with a SYN (or any UDP datagram); a mid-stream
         // packet without an entry (evicted, or from before a restart) is

@@ -6,7 +6,7 @@ use std::{
     net::{IpAddr, SocketAddr},
 };
 
-use super::{DnsRecord, Failure, Protocol};
+use super::{Cidr, DnsRecord, Failure, Protocol};
 
 /// A service after validation, addresses parsed.
 #[derive(Debug, Clone, PartialEq)]
@@ -27,6 +27,11 @@ pub struct ServiceSpec {
     /// The pod behind each backend that has one (Kubernetes endpoints), for
     /// the metrics' and the API's `namespace` and `pod`.
     pub pods: BTreeMap<SocketAddr, PodRef>,
+    /// `allowed_sources`: None, no restriction; Some, new flows only from
+    /// these blocks (Some(empty): from nowhere, which only Kubernetes makes,
+    /// when every `loadBalancerSourceRanges` entry was invalid). Blocks of
+    /// the other family than the VIP's never match.
+    pub allowed_sources: Option<Vec<Cidr>>,
 }
 
 /// A Kubernetes pod, as an EndpointSlice endpoint's targetRef names it.

@@ -372,6 +372,10 @@ pub struct Service {
     /// Overrides of the global `metrics` settings for this service.
     #[serde(default)]
     pub metrics: ServiceMetrics,
+    /// New flows only from these blocks (`10.0.0.0/8`, `fd00::/8`; a bare
+    /// address is a block of one). Absent or empty: from anywhere.
+    #[serde(default, deserialize_with = "null_as_empty")]
+    pub allowed_sources: Vec<String>,
 }
 
 fn default_drain_timeout() -> u32 {

@@ -302,6 +302,20 @@ fn services(list: &[Service], limits: &Limits) -> Result<Vec<ServiceSpec>, Refus
         .enumerate()
         .map(|(i, s)| service(s, &format!("services[{i}]"), &mut taken))
         .collect::<Result<Vec<_>, _>>()?;
+    let ranges: usize = services
+        .iter()
+        .map(|s| s.allowed_sources.as_ref().map_or(0, Vec::len))
+        .sum();
+    if ranges > agent_common::MAX_SOURCE_RANGES as usize {
+        return Err(refuse(
+            "services",
+            format!("{ranges} allowed_sources entries"),
+            format!(
+                "more than the {} the kernel's SOURCE_RANGES map holds",
+                agent_common::MAX_SOURCE_RANGES
+            ),
+        ));
+    }
     let backend_total: usize = services.iter().map(|s| s.backends.len()).sum();
     if backend_total > limits.max_backends as usize {
         return Err(refuse(
@@ -369,6 +383,7 @@ fn service(s: &Service, at: &str, taken: &mut Taken) -> Result<ServiceSpec, Refu
         )?),
     };
     let drain_timeout = drain_timeout(s.drain_timeout_seconds, field("drain_timeout_seconds"))?;
+    let allowed_sources = allowed_sources(&s.allowed_sources, &field("allowed_sources"))?;
     Ok(ServiceSpec {
         name: s.name.clone(),
         vip,
@@ -381,7 +396,25 @@ fn service(s: &Service, at: &str, taken: &mut Taken) -> Result<ServiceSpec, Refu
         drain_timeout,
         backend_latency_histogram: s.metrics.backend_latency_histogram,
         pods: Default::default(),
+        allowed_sources,
     })
+}
+
+/// `allowed_sources` under `at`: blocks, each listed once; empty means no
+/// restriction (as kube-proxy reads an empty `loadBalancerSourceRanges`).
+fn allowed_sources(list: &[String], at: &str) -> Result<Option<Vec<Cidr>>, Refusal> {
+    if list.is_empty() {
+        return Ok(None);
+    }
+    let mut cidrs: Vec<Cidr> = Vec::with_capacity(list.len());
+    for (i, text) in list.iter().enumerate() {
+        let cidr = Cidr::parse(text).map_err(|why| refuse(format!("{at}[{i}]"), text, why))?;
+        if cidrs.contains(&cidr) {
+            return Err(refuse(format!("{at}[{i}]"), text, "listed twice"));
+        }
+        cidrs.push(cidr);
+    }
+    Ok(Some(cidrs))
 }
 
 fn snat_ip(s: &Service, vip: IpAddr, field: &str) -> Result<Option<IpAddr>, Refusal> {

@@ -286,6 +286,7 @@ mod tests {
             drain_timeout: std::time::Duration::ZERO,
             backend_latency_histogram: None,
             pods: Default::default(),
+            allowed_sources: None,
         }
     }
 

@@ -129,6 +129,8 @@ pub struct Maps {
     pub backend_latency: PerCpuArray<MapData, LatencyHistogram>,
     pub event_budget: PerCpuArray<MapData, EventBudget>,
     pub sock_connects: HashMap<MapData, u64, agent_common::SockConnect>,
+    /// The services' `allowed_sources` (see `reconcile::ranges`).
+    pub source_ranges: aya::maps::LpmTrie<MapData, agent_common::SourceRange, u32>,
 }
 
 /// A second handle (a duplicate of its fd) on the map `name` behind `map`,
@@ -191,6 +193,7 @@ impl Maps {
             backend_latency: take(ebpf, map::BACKEND_LATENCY)?,
             event_budget: take(ebpf, map::EVENT_BUDGET)?,
             sock_connects: take(ebpf, map::SOCK_CONNECTS)?,
+            source_ranges: take(ebpf, map::SOURCE_RANGES)?,
         })
     }
 }

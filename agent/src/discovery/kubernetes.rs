@@ -43,7 +43,7 @@ use std::{
 
 use futures_util::StreamExt;
 use k8s_openapi::api::{
-    core::v1::Service,
+    core::v1::{Service, ServiceSpec as KubeServiceSpec},
     discovery::v1::{Endpoint, EndpointSlice},
 };
 use kube::{
@@ -54,7 +54,9 @@ use tracing::{info, warn};
 
 pub use self::trust::{Skipped, Trust};
 use super::{DiscoveryError, KubeClientError, Outcome, Reporter};
-use crate::config::{KubeAddress, Kubernetes, MAX_WEIGHT, PodRef, Protocol, ServiceSpec, backend};
+use crate::config::{
+    Cidr, KubeAddress, Kubernetes, MAX_WEIGHT, PodRef, Protocol, ServiceSpec, backend,
+};
 
 /// The Service annotation with per-endpoint weights.
 pub const WEIGHTS_ANNOTATION: &str = "sluice.io/weights";
@@ -370,18 +372,21 @@ pub fn desired(
         let local = |policy: &Option<String>| policy.as_deref() == Some("Local");
         let internal_local = local(&svc_spec.internal_traffic_policy);
         let external_local = local(&svc_spec.external_traffic_policy);
-        // Each VIP with whether its traffic policy is Local.
-        let mut vips: Vec<(IpAddr, bool)> = Vec::new();
+        let source_ranges = source_ranges(svc_spec, &mut skip);
+        // Each VIP with whether its traffic policy is Local, and whether it
+        // is a load-balancer IP (which `loadBalancerSourceRanges` limits,
+        // as in kube-proxy: not the clusterIP, externalIPs or NodePorts).
+        let mut vips: Vec<(IpAddr, bool, bool)> = Vec::new();
         let mut add = |kind: &str, text: &str, local_only: bool| {
             let Ok(ip) = text.parse::<IpAddr>() else {
                 return; // "None" (headless), or not an address
             };
-            if vips.iter().any(|(v, _)| *v == ip) {
+            if vips.iter().any(|(v, _, _)| *v == ip) {
                 return;
             }
             match trust.refuse_vip(ip, kind != "clusterIP") {
                 Some(why) => skip(format!("{kind} {ip}"), why),
-                None => vips.push((ip, local_only)),
+                None => vips.push((ip, local_only, kind == LB_KIND)),
             }
         };
         if spec.addresses.contains(&KubeAddress::ClusterIp) {
@@ -408,7 +413,7 @@ pub fn desired(
                 .into_iter()
                 .flatten()
                 .filter_map(|i| i.ip.as_deref())
-                .for_each(|ip| add("load-balancer IP", ip, external_local));
+                .for_each(|ip| add(LB_KIND, ip, external_local));
         }
         let slices = by_service
             .get(&(ns, name))
@@ -428,7 +433,7 @@ pub fn desired(
                 .clone()
                 .filter(|n| !n.is_empty())
                 .unwrap_or_else(|| port.port.to_string());
-            for (k, (vip, local_only)) in vips.iter().enumerate() {
+            for (k, (vip, local_only, lb)) in vips.iter().enumerate() {
                 let service_name = if k == 0 {
                     format!("{owner}:{port_label}")
                 } else {
@@ -457,11 +462,38 @@ pub fn desired(
                     drain_timeout: Duration::from_secs(spec.drain_timeout_seconds.into()),
                     backend_latency_histogram: histogram,
                     pods,
+                    allowed_sources: if *lb { source_ranges.clone() } else { None },
                 });
             }
         }
     }
     found
+}
+
+/// What `add` calls a load-balancer ingress IP.
+const LB_KIND: &str = "load-balancer IP";
+
+/// `spec.loadBalancerSourceRanges` as `allowed_sources`: None when empty
+/// (no restriction, as kube-proxy reads it). An entry that is no block is
+/// skipped and reported; if none is left, the load-balancer IPs admit no
+/// source at all (a typo must not open the service to everyone).
+fn source_ranges(
+    svc_spec: &KubeServiceSpec,
+    skip: &mut impl FnMut(String, String),
+) -> Option<Vec<Cidr>> {
+    let listed = svc_spec.load_balancer_source_ranges.as_ref()?;
+    if listed.is_empty() {
+        return None;
+    }
+    let mut cidrs = Vec::new();
+    for text in listed {
+        match Cidr::parse_sloppy(text.trim()) {
+            Ok(c) if !cidrs.contains(&c) => cidrs.push(c),
+            Ok(_) => {}
+            Err(why) => skip(format!("loadBalancerSourceRanges entry {text:?}"), why),
+        }
+    }
+    Some(cidrs)
 }
 
 fn annotation<'a>(svc: &'a Service, name: &str) -> Option<&'a str> {

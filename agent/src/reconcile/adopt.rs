@@ -145,6 +145,7 @@ fn orphan_spec(key: &ServiceKey) -> ServiceSpec {
         drain_timeout: std::time::Duration::ZERO,
         backend_latency_histogram: None,
         pods: Default::default(),
+        allowed_sources: None,
     }
 }
 

@@ -14,7 +14,7 @@ use std::{collections::BTreeMap, net::SocketAddr, time::Instant};
 
 use agent_common::{
     Backend, BackendFib, BackendHealth, FibCache, LatencyHistogram, NO_BACKEND, Prefilter,
-    SERVICE_F_RETRY, SERVICE_F_SNAT, Service, ServiceKey, ServicePolicy, ServiceStats, prefilter,
+    SERVICE_F_RETRY, SERVICE_F_SNAT, SERVICE_F_SOURCE_RANGES, Service, ServiceKey, ServicePolicy, ServiceStats, prefilter,
 };
 use anyhow::{Context, Result, anyhow, bail};
 use aya::maps::PerCpuValues;
@@ -24,6 +24,7 @@ mod adopt;
 mod drain;
 mod filters;
 mod ids;
+mod ranges;
 pub mod slots;
 
 pub use adopt::{Adopted, PinnedBackend, PinnedService, PinnedState, read_pinned};
@@ -107,6 +108,8 @@ pub struct Reconciler {
     ended_silently: EndedSilently,
     /// `limits.new_flows_per_second`, written into every service's policy.
     new_flows_per_second: u32,
+    /// What `SOURCE_RANGES` holds (see `ranges`).
+    source_ranges: std::collections::BTreeSet<ranges::Entry>,
 }
 
 impl Reconciler {
@@ -118,7 +121,9 @@ impl Reconciler {
     pub fn new(maps: Maps, table_size: u32, max_services: u32, max_backends: u32) -> Result<Self> {
         let nr_cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow!("{what}: {e}"))?;
         let slots = Slots::new(maps.maglev.slots());
+        let source_ranges = ranges::read(&maps.source_ranges);
         Ok(Self {
+            source_ranges,
             maps,
             table_size,
             slots,
@@ -293,6 +298,15 @@ impl Reconciler {
                 .with_context(|| format!("service {}", spec.name))?;
         }
 
+        // Source ranges of service ids no service has (removed, or left in
+        // a pinned trie by the agent before).
+        let live: std::collections::HashSet<u32> = self.services.values().map(|s| s.id).collect();
+        ranges::remove_where(
+            &mut self.maps.source_ranges,
+            &mut self.source_ranges,
+            |(_, r)| !live.contains(&r.service_id),
+        );
+
         // Now that removed services are out of the map, drop their bits.
         self.write_filter(prefilter::SERVICE, &wanted)?;
         self.write_filter(prefilter::SERVICE_ADDR, &wanted_addr)?;
@@ -316,6 +330,12 @@ impl Reconciler {
         if let Some(offset) = state.table_offset {
             self.slots.retire(offset);
         }
+        // Before its id can be reused: a new service must not inherit them.
+        ranges::remove_where(
+            &mut self.maps.source_ranges,
+            &mut self.source_ranges,
+            |(_, r)| r.service_id == state.id,
+        );
         self.service_ids.give(state.id);
         info!(service = name, "service removed");
         Ok(())
@@ -432,16 +452,30 @@ impl Reconciler {
             }
         };
 
-        // 4. The service entry: one atomic update flips to the new table.
+        // 4. Source ranges the service gains, before its entry can ask.
+        let wanted_ranges = ranges::wanted(id, spec);
+        for entry in wanted_ranges.difference(&self.source_ranges.clone()) {
+            if let Err(e) = ranges::insert(&mut self.maps.source_ranges, &mut self.source_ranges, *entry) {
+                if offset != old_offset.unwrap_or(u32::MAX) {
+                    self.slots.retire(offset);
+                }
+                return Err(e);
+            }
+        }
+
+        // 5. The service entry: one atomic update flips to the new table.
+        let mut flags = 0;
+        if spec.snat_ip.is_some() {
+            flags |= SERVICE_F_SNAT;
+        }
+        if spec.allowed_sources.is_some() {
+            flags |= SERVICE_F_SOURCE_RANGES;
+        }
         let value = Service {
             id,
             table_offset: offset,
             table_size: size,
-            flags: if spec.snat_ip.is_some() {
-                SERVICE_F_SNAT
-            } else {
-                0
-            },
+            flags,
             snat_addr: spec.snat_ip.map(addr::words).unwrap_or_default(),
         };
         if let Err(e) = self.maps.services.insert(service_key(spec), value, 0) {
@@ -454,8 +488,14 @@ impl Reconciler {
         if let Some(old) = replaced {
             self.slots.retire(old);
         }
+        // Ranges it lost: its entry no longer admits by them.
+        ranges::remove_where(
+            &mut self.maps.source_ranges,
+            &mut self.source_ranges,
+            |(prefix, r)| r.service_id == id && !wanted_ranges.contains(&(*prefix, *r)),
+        );
 
-        // 5. Backends no longer listed: no table points at them now. They
+        // 6. Backends no longer listed: no table points at them now. They
         // drain (established connections continue; a reused 5-tuple
         // re-picks), or with no drain time go at once.
         for mut b in old_backends {
