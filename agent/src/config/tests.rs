@@ -715,3 +715,32 @@ fn a_list_key_with_nothing_after_it_is_an_empty_list() {
         .expect("services: with no items");
     assert!(c.services.is_empty());
 }
+
+#[test]
+fn allowed_sources_parse_and_bad_blocks_are_refused_by_name() {
+    let with = |list: &str| GOOD.replace("    protocol: tcp\n", &format!("    protocol: tcp\n    allowed_sources: {list}\n"));
+    let v = parse(&with("[10.0.0.0/8, \"fd00::/8\", 192.0.2.7]"), "c.yaml").unwrap();
+    let got: Vec<String> = v.services[0]
+        .allowed_sources
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|c| c.to_string())
+        .collect();
+    assert_eq!(got, ["10.0.0.0/8", "fd00::/8", "192.0.2.7/32"]);
+    // Absent or empty: no restriction.
+    assert_eq!(parse(GOOD, "c.yaml").unwrap().services[0].allowed_sources, None);
+    assert_eq!(parse(&with("[]"), "c.yaml").unwrap().services[0].allowed_sources, None);
+    for (list, field, value) in [
+        ("[10.0.0.0/33]", "services[0].allowed_sources[0]", "10.0.0.0/33"),
+        ("[10.0.0.0/8, 10.1.2.3/8]", "services[0].allowed_sources[1]", "10.1.2.3/8"),
+        ("[web]", "services[0].allowed_sources[0]", "web"),
+        ("[10.0.0.0/8, 10.0.0.0/8]", "services[0].allowed_sources[1]", "10.0.0.0/8"),
+    ] {
+        let e = error_of(&with(list));
+        assert!(
+            e.contains(field) && e.contains(&format!("{value:?}")),
+            "{list}: {e}"
+        );
+    }
+}

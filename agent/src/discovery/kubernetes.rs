@@ -713,6 +713,56 @@ mod tests {
     }
 
     #[test]
+    fn load_balancer_source_ranges_limit_only_the_load_balancer_ips() {
+        let service = |ranges: serde_json::Value| -> Service {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "web", "namespace": "shop"},
+                "spec": {"clusterIP": "10.96.0.10", "externalIPs": ["192.0.2.7"],
+                         "loadBalancerSourceRanges": ranges,
+                         "ports": [{"name": "http", "port": 80}]},
+                "status": {"loadBalancer": {"ingress": [{"ip": "198.51.100.4"}]}}
+            }))
+            .unwrap()
+        };
+        let spec: Kubernetes =
+            serde_saphyr::from_str("addresses: [cluster_ip, external_ips, load_balancer]").unwrap();
+        let run = |svc: Service| {
+            desired(&[Arc::new(svc)], &[], &spec, &Locality::default(), &Trust::default())
+        };
+        let found = run(service(serde_json::json!(["10.0.0.0/8", " 172.16.1.1/12", "nonsense"])));
+        let by_vip = |vip: &str| {
+            found
+                .services
+                .iter()
+                .find(|s| s.vip.to_string() == vip)
+                .unwrap()
+                .allowed_sources
+                .clone()
+        };
+        let lb: Vec<String> = by_vip("198.51.100.4")
+            .unwrap()
+            .iter()
+            .map(|c| c.to_string())
+            .collect();
+        // Host bits cleared as kube-proxy does; the bad entry skipped and told.
+        assert_eq!(lb, ["10.0.0.0/8", "172.16.0.0/12"]);
+        assert_eq!(by_vip("10.96.0.10"), None, "the clusterIP is not limited");
+        assert_eq!(by_vip("192.0.2.7"), None, "externalIPs are not limited");
+        assert!(
+            found.skipped.iter().any(|s| s.what.contains("nonsense")),
+            "{:?}",
+            found.skipped
+        );
+        // Only bad entries: the load-balancer IP admits nobody (not everybody).
+        let found = run(service(serde_json::json!(["nonsense"])));
+        let lb = found.services.iter().find(|s| s.vip.to_string() == "198.51.100.4").unwrap();
+        assert_eq!(lb.allowed_sources, Some(Vec::new()));
+        // Empty: no restriction, as kube-proxy reads it.
+        let found = run(service(serde_json::json!([])));
+        assert!(found.services.iter().all(|s| s.allowed_sources.is_none()));
+    }
+
+    #[test]
     fn services_and_slices_become_sluice_services() {
         let svc: Service = serde_json::from_value(serde_json::json!({
             "metadata": {"name": "web", "namespace": "shop",
