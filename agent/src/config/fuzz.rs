@@ -48,6 +48,7 @@ services:
     drain_timeout_seconds: 60
     metrics:
       backend_latency_histogram: true
+    allowed_sources: [10.0.0.0/8, "fd00::/8", 192.0.2.7]
   - name: dns6
     vip: "fd00::1"
     port: 53
@@ -99,6 +100,9 @@ const WORDS: &[&str] = &[
     "weight",
     "forwarding",
     "snat_ip",
+    "allowed_sources",
+    "10.0.0.0/8",
+    "\"fd00::/8\"",
     "failure",
     "discovery",
     "dns",
@@ -235,6 +239,10 @@ fn check(text: &str) -> Result<(), TestCaseError> {
                 }
                 if let Some(snat) = s.snat_ip {
                     prop_assert_eq!(snat.is_ipv4(), s.vip.is_ipv4());
+                }
+                // Accepted blocks are blocks: their text parses back as itself.
+                for c in s.allowed_sources.iter().flatten() {
+                    prop_assert_eq!(super::Cidr::parse(&c.to_string()), Ok(*c));
                 }
             }
         }
