@@ -46,6 +46,23 @@ pub const SERVICE_F_RETRY: u32 = 2;
 /// `SOURCE_RANGES` (`allowed_sources`); others are dropped as
 /// `reason::SOURCE_DENIED` before any state is created.
 pub const SERVICE_F_SOURCE_RANGES: u32 = 64;
+/// A new flow to a backend marked `BACKEND_F_REMOTE` is SNATed to
+/// `snat_addr` (a NodePort entry's node address, with `external_traffic_policy:
+/// cluster`: the backend is on another node, and its replies must come back
+/// through this one); flows to other backends keep the client's address.
+pub const SERVICE_F_SNAT_REMOTE: u32 = 128;
+
+/// Whether a new flow of `service` to `backend` is SNATed: always with
+/// `SERVICE_F_SNAT`, to remote backends only with `SERVICE_F_SNAT_REMOTE`.
+/// Bit arithmetic, no branches: one outcome register for the verifier to
+/// carry, not one path per way of getting there.
+#[inline(always)]
+pub fn snat_for(service: &Service, backend: &Backend) -> bool {
+    const _: () = assert!(SERVICE_F_SNAT == 1 && BACKEND_F_REMOTE == 1);
+    const _: () = assert!(SERVICE_F_SNAT_REMOTE == 1 << 7);
+    let f = service.flags;
+    (f | ((f >> 7) & backend.flags)) & 1 != 0
+}
 
 /// Value of the `SERVICES` map.
 #[repr(C)]
@@ -59,7 +76,8 @@ pub struct Service {
     pub table_size: u32,
     /// `SERVICE_F_*` bits.
     pub flags: u32,
-    /// Source address for `snat` services.
+    /// Source address for `snat` services, and for `SERVICE_F_SNAT_REMOTE`
+    /// flows to remote backends (the NodePort entry's node address).
     pub snat_addr: [u32; 4],
 }
 const _: () = assert!(core::mem::size_of::<Service>() == 32);
@@ -82,8 +100,15 @@ pub struct Backend {
     /// as they were.
     pub weight: u16,
     pub service_id: u32,
+    /// `BACKEND_F_*` bits.
+    pub flags: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<Backend>() == 24);
+const _: () = assert!(core::mem::size_of::<Backend>() == 32);
+
+/// The backend is on another node (or on no known node): with
+/// `SERVICE_F_SNAT_REMOTE` its flows are SNATed.
+pub const BACKEND_F_REMOTE: u32 = 1;
 
 /// The data of a `SOURCE_RANGES` key, after the LPM trie's prefix length:
 /// the whole key is `{prefixlen: u32, service_id: u32, family: u8, _pad:
@@ -359,7 +384,7 @@ const _: () = assert!(core::mem::size_of::<SockConnect>() == 48);
 /// 4: `MAGLEV` is one pool of per-service tables sized by backend count
 /// (was two `maglev.table_size` halves per service id).
 /// 5: issue #15's service options: `SOURCE_RANGES`, the `source_denied`
-/// reason (`REASONS` grows), ...
+/// reason (`REASONS` grows), `Backend::flags` (32 bytes), ...
 pub const MAP_LAYOUT: u32 = 5;
 
 /// What `BackendHealth::ejected` says of a backend. Kept as a `u32` in the

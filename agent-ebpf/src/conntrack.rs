@@ -10,8 +10,8 @@
 )]
 
 use agent_common::{
-    Backend, FLOW_F_REVERSE, Flow, FlowKey, SERVICE_F_SNAT, SNAT_PORT_ATTEMPTS, SNAT_PORT_MAX,
-    SNAT_PORT_MIN, Service, flow_state, reason,
+    Backend, FLOW_F_REVERSE, Flow, FlowKey, SNAT_PORT_ATTEMPTS, SNAT_PORT_MAX, SNAT_PORT_MIN,
+    Service, flow_state, reason, snat_for,
 };
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_coarse_ns, maps::LruHashMap};
 
@@ -159,7 +159,7 @@ pub fn install_reverse(
     table: Table,
 ) -> Result<u16, u32> {
     let map = table.map();
-    let snat = service.flags & SERVICE_F_SNAT != 0;
+    let snat = snat_for(service, backend);
     let key = &s.key;
     let reverse_key = &mut s.reverse_key;
     copy_addr(&mut reverse_key.src, &backend.addr);

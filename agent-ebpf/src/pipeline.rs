@@ -10,7 +10,8 @@
 
 use agent_common::{
     FLOW_F_FIN_CLIENT, FLOW_F_REVERSE, Flow, FlowKey, NO_BACKEND, PROTO_TCP, PROTO_UDP,
-    SERVICE_F_SNAT, SERVICE_F_SOURCE_RANGES, Service, event_kind, flow_state, prefilter, reason,
+    SERVICE_F_SNAT, SERVICE_F_SNAT_REMOTE, SERVICE_F_SOURCE_RANGES, Service, event_kind,
+    flow_state, prefilter, reason, snat_for,
 };
 use aya_ebpf::bindings::bpf_fib_lookup;
 
@@ -287,10 +288,10 @@ fn syn_refusal(s: &Scratch) -> Option<u32> {
 /// creates nothing: with DNAT it goes to the Maglev choice untracked.
 #[inline(always)]
 fn new_flow(s: &mut Scratch, service: &Service, syn: bool, flags: u8) -> Result<*mut Flow, u32> {
-    let snat = service.flags & SERVICE_F_SNAT != 0;
     let untracked = !syn && flags & TCP_RST != 0;
-    if untracked && snat {
-        // Which SNAT port the flow had is gone with its entry.
+    if untracked && service.flags & (SERVICE_F_SNAT | SERVICE_F_SNAT_REMOTE) != 0 {
+        // Which SNAT port the flow had (if it had one) is gone with its
+        // entry.
         return Err(reason::UNTRACKED_RST);
     }
     if !untracked && !budget::take(service.id) {
@@ -309,6 +310,8 @@ fn new_flow(s: &mut Scratch, service: &Service, syn: bool, flags: u8) -> Result<
     let Some(backend) = BACKENDS.get(backend_id) else {
         return Err(reason::NO_BACKEND);
     };
+    // The service's SNAT, or a NodePort entry's towards another node.
+    let snat = snat_for(service, backend);
     let seed = if snat { snat_seed() } else { 0 };
     let new_sport = if untracked {
         s.key.sport

@@ -19,6 +19,7 @@ pub mod maglev;
 pub mod metrics;
 pub mod netdev;
 pub mod netlink;
+pub mod nodeport;
 pub mod pinning;
 pub mod published;
 pub mod readmit;

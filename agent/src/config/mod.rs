@@ -21,7 +21,8 @@ pub use model::{DiscoverySpec, PodRef, ServiceSpec, Source};
 pub use schema::{
     AttachMode, BackendSpec, Config, Conntrack, ConntrackTimeouts, Control, Discovery,
     DnsDiscovery, DnsRecord, EtcdDiscovery, Failure, Forwarding, Interface, KubeAddress,
-    Kubernetes, Limits, Maglev, Metrics, Pinning, Protocol, Service, ServiceMetrics, SocketLb,
+    Kubernetes, Limits, Maglev, Metrics, Node, Pinning, Protocol, Service, ServiceMetrics,
+    SocketLb, TrafficPolicy,
 };
 pub use schema::{DEFAULT_CONTROL_SOCKET, DEFAULT_NEW_FLOWS_PER_SECOND, DEFAULT_STATE_DIRECTORY};
 pub use validate::{

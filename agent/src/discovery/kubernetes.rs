@@ -52,7 +52,7 @@ use kube::{
 };
 use tracing::{info, warn};
 
-pub use self::trust::{Skipped, Trust};
+pub use self::trust::{Skipped, Trust, host_addresses};
 use super::{DiscoveryError, KubeClientError, Outcome, Reporter};
 use crate::config::{
     Cidr, KubeAddress, Kubernetes, MAX_WEIGHT, PodRef, Protocol, ServiceSpec, backend,
@@ -145,7 +145,9 @@ pub async fn run(spec: Kubernetes, reporter: Reporter) {
     let here = Locality {
         node: node.as_deref(),
         zone: zone.as_deref(),
+        addresses: &[],
     };
+    let node_ports = spec.addresses.contains(&KubeAddress::NodePorts);
     let mut listed = vec![false; 2 * scopes.len()];
     let mut skipped = BTreeSet::new();
     // Everything in the stores, by the rules: logged when what is skipped
@@ -154,6 +156,16 @@ pub async fn run(spec: Kubernetes, reporter: Reporter) {
         trust.set_host_addresses(&trust::host_addresses());
         let services: Vec<Arc<Service>> = service_stores.iter().flat_map(|s| s.state()).collect();
         let slices: Vec<Arc<EndpointSlice>> = slice_stores.iter().flat_map(|s| s.state()).collect();
+        // NodePorts listen on the node's addresses as they are now.
+        let addresses = if node_ports {
+            crate::nodeport::host_node_addresses()
+        } else {
+            Vec::new()
+        };
+        let here = Locality {
+            addresses: &addresses,
+            ..here
+        };
         let found = desired(&services, &slices, &spec, &here, trust);
         log_skipped(&skipped, &found.skipped);
         skipped = found.skipped;
@@ -293,6 +305,8 @@ async fn client(spec: &Kubernetes) -> Result<(Client, hyper::Uri), KubeClientErr
 pub struct Locality<'a> {
     pub node: Option<&'a str>,
     pub zone: Option<&'a str>,
+    /// Where NodePorts listen (`kubernetes.addresses: [node_ports]`).
+    pub addresses: &'a [IpAddr],
 }
 
 /// What the stores make: the Sluice services, and what was not taken.
@@ -415,6 +429,18 @@ pub fn desired(
                 .filter_map(|i| i.ip.as_deref())
                 .for_each(|ip| add(LB_KIND, ip, external_local));
         }
+        // NodePorts: of `type: NodePort` and `LoadBalancer` Services (the
+        // latter has none with `allocateLoadBalancerNodePorts: false`: its
+        // ports then carry no nodePort), on node addresses of the
+        // Service's families.
+        let has_node_ports = matches!(
+            svc_spec.type_.as_deref(),
+            Some("NodePort") | Some("LoadBalancer")
+        );
+        let families: Vec<bool> = match &svc_spec.ip_families {
+            Some(list) if !list.is_empty() => list.iter().map(|f| f == "IPv4").collect(),
+            _ => vec![true, false],
+        };
         let slices = by_service
             .get(&(ns, name))
             .map(Vec::as_slice)
@@ -439,7 +465,7 @@ pub fn desired(
                 } else {
                     format!("{owner}:{port_label}@{vip}")
                 };
-                let (backends, pods) = backends(
+                let (backends, pods, _) = backends(
                     slices,
                     port.name.as_deref(),
                     *vip,
@@ -463,6 +489,65 @@ pub fn desired(
                     backend_latency_histogram: histogram,
                     pods,
                     allowed_sources: if *lb { source_ranges.clone() } else { None },
+                    node_port: None,
+                    local_only: *local_only,
+                    backend_nodes: Default::default(),
+                    snat_remote: None,
+                    remote_backends: Default::default(),
+                });
+            }
+            // The NodePort, on each node address of the Service's families.
+            let Some(node_port) = port
+                .node_port
+                .and_then(|p| u16::try_from(p).ok())
+                .filter(|_| spec.addresses.contains(&KubeAddress::NodePorts) && has_node_ports)
+            else {
+                continue;
+            };
+            for addr in here.addresses.iter().filter(|a| families.contains(&a.is_ipv4())) {
+                let (backends, pods, nodes) = backends(
+                    slices,
+                    port.name.as_deref(),
+                    *addr,
+                    &weights,
+                    Scope {
+                        here: *here,
+                        local_only: external_local,
+                    },
+                    &mut skip,
+                );
+                // Cluster: another node's endpoint (or one of no known
+                // node, or every one when this node's name is unknown) is
+                // SNATed to this address, so that its replies come back.
+                let remote_backends = if external_local {
+                    Default::default()
+                } else {
+                    backends
+                        .iter()
+                        .map(|(a, _)| *a)
+                        .filter(|a| here.node.is_none() || nodes.get(a).map(String::as_str) != here.node)
+                        .collect()
+                };
+                found.services.push(ServiceSpec {
+                    name: format!("{owner}:{port_label}@{}", SocketAddr::new(*addr, node_port)),
+                    vip: *addr,
+                    port: node_port,
+                    protocol,
+                    snat_ip: None,
+                    backends,
+                    failure: spec.failure.clone(),
+                    discovery: None,
+                    drain_timeout: Duration::from_secs(spec.drain_timeout_seconds.into()),
+                    backend_latency_histogram: histogram,
+                    pods,
+                    // As kube-proxy: loadBalancerSourceRanges don't apply
+                    // to NodePorts.
+                    allowed_sources: None,
+                    node_port: None,
+                    local_only: external_local,
+                    backend_nodes: nodes,
+                    snat_remote: (!external_local).then_some(*addr),
+                    remote_backends,
                 });
             }
         }
@@ -537,7 +622,7 @@ struct Candidate<'a> {
 
 /// The endpoints of `slices` for one Service port at `vip` (of its address
 /// family), as `(address, weight)`; weight 0 = draining (established
-/// connections only); and the pods behind them. An endpoint that fails the
+/// connections only); the pods behind them; and their nodes (`nodeName`). An endpoint that fails the
 /// config's backend check is left out and told to `skip` (what, why).
 fn backends(
     slices: &[&EndpointSlice],
@@ -546,7 +631,11 @@ fn backends(
     weights: &BTreeMap<String, u32>,
     scope: Scope,
     skip: &mut impl FnMut(String, String),
-) -> (Vec<(SocketAddr, u32)>, BTreeMap<SocketAddr, PodRef>) {
+) -> (
+    Vec<(SocketAddr, u32)>,
+    BTreeMap<SocketAddr, PodRef>,
+    BTreeMap<SocketAddr, String>,
+) {
     let family = if vip.is_ipv4() { "IPv4" } else { "IPv6" };
     let mut candidates: Vec<Candidate> = Vec::new();
     for slice in slices.iter().filter(|s| s.address_type == family) {
@@ -619,6 +708,7 @@ fn backends(
     };
     let mut out: Vec<(SocketAddr, u32)> = Vec::new();
     let mut pods = BTreeMap::new();
+    let mut nodes = BTreeMap::new();
     for c in &candidates {
         let weight = if !any_ready {
             // Nothing ready: serving terminating endpoints take new
@@ -638,9 +728,12 @@ fn backends(
         if let Some(pod) = c.pod.clone() {
             pods.entry(c.addr).or_insert(pod);
         }
+        if let Some(node) = c.endpoint.node_name.clone() {
+            nodes.entry(c.addr).or_insert(node);
+        }
     }
     out.sort();
-    (out, pods)
+    (out, pods, nodes)
 }
 
 /// The pod an endpoint's targetRef names (its namespace defaults to the
@@ -937,6 +1030,7 @@ mod tests {
         let here = Locality {
             node,
             zone: Some("zone-b"),
+            addresses: &[],
         };
         let out = desired(
             &[Arc::new(svc)],

@@ -202,6 +202,11 @@ mod tests {
                 backend_latency_histogram: None,
                 pods: Default::default(),
                 allowed_sources: None,
+                node_port: None,
+                local_only: false,
+                backend_nodes: Default::default(),
+                snat_remote: None,
+                remote_backends: Default::default(),
             })
             .collect()
     }

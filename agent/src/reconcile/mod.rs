@@ -14,7 +14,8 @@ use std::{collections::BTreeMap, net::SocketAddr, time::Instant};
 
 use agent_common::{
     Backend, BackendFib, BackendHealth, FibCache, LatencyHistogram, NO_BACKEND, Prefilter,
-    SERVICE_F_RETRY, SERVICE_F_SNAT, SERVICE_F_SOURCE_RANGES, Service, ServiceKey, ServicePolicy, ServiceStats, prefilter,
+    BACKEND_F_REMOTE, SERVICE_F_RETRY, SERVICE_F_SNAT, SERVICE_F_SNAT_REMOTE,
+    SERVICE_F_SOURCE_RANGES, Service, ServiceKey, ServicePolicy, ServiceStats, prefilter,
 };
 use anyhow::{Context, Result, anyhow, bail};
 use aya::maps::PerCpuValues;
@@ -65,6 +66,9 @@ pub struct BackendState {
     /// Its pod (Kubernetes), kept while it drains: its series keep their
     /// labels to the end.
     pub pod: Option<PodRef>,
+    /// `BACKEND_F_REMOTE` as written (None: not known, adopted from pinned
+    /// maps; the next apply writes it).
+    pub remote: Option<bool>,
 }
 
 impl BackendState {
@@ -361,9 +365,11 @@ impl Reconciler {
             let state = match old_backends.iter().position(|b| b.addr == addr) {
                 Some(i) => {
                     let mut b = old_backends.swap_remove(i);
-                    if b.weight != weight {
+                    let remote = spec.remote_backends.contains(&addr);
+                    if b.weight != weight || b.remote != Some(remote) {
                         b.weight = weight;
-                        self.write_backend(b.id, addr, weight, id)?;
+                        b.remote = Some(remote);
+                        self.write_backend(b.id, addr, weight, id, remote)?;
                     }
                     if b.drain_deadline.take().is_some() {
                         info!(service = spec.name, backend = %addr, "backend back; drain ended");
@@ -374,13 +380,21 @@ impl Reconciler {
                 None => {
                     added = true;
                     let backend_id = self.backend_ids.take()?;
-                    self.write_new_backend(backend_id, addr, weight, spec.protocol.number(), id)?;
+                    let remote = spec.remote_backends.contains(&addr);
+                    self.write_new_backend(
+                        backend_id,
+                        addr,
+                        weight,
+                        (spec.protocol.number(), id),
+                        remote,
+                    )?;
                     BackendState {
                         id: backend_id,
                         addr,
                         weight,
                         drain_deadline: None,
                         pod: spec.pods.get(&addr).cloned(),
+                        remote: Some(remote),
                     }
                 }
             };
@@ -471,12 +485,19 @@ impl Reconciler {
         if spec.allowed_sources.is_some() {
             flags |= SERVICE_F_SOURCE_RANGES;
         }
+        if spec.snat_ip.is_none() && spec.snat_remote.is_some() {
+            flags |= SERVICE_F_SNAT_REMOTE;
+        }
         let value = Service {
             id,
             table_offset: offset,
             table_size: size,
             flags,
-            snat_addr: spec.snat_ip.map(addr::words).unwrap_or_default(),
+            snat_addr: spec
+                .snat_ip
+                .or(spec.snat_remote)
+                .map(addr::words)
+                .unwrap_or_default(),
         };
         if let Err(e) = self.maps.services.insert(service_key(spec), value, 0) {
             if offset != old_offset.unwrap_or(u32::MAX) {
@@ -536,12 +557,15 @@ impl Reconciler {
         addr: SocketAddr,
         weight: u32,
         service_id: u32,
+        remote: bool,
     ) -> Result<()> {
         let backend = Backend {
             addr: addr::words(addr.ip()),
             port: addr.port().to_be(),
             weight: weight as u16, // ≤ MAX_WEIGHT
             service_id,
+            flags: if remote { BACKEND_F_REMOTE } else { 0 },
+            _pad: 0,
         };
         self.maps
             .backends
@@ -550,16 +574,17 @@ impl Reconciler {
     }
 
     /// Everything the kernel keeps per backend, for a new or reused id.
+    /// `(proto, service_id)`: the service's protocol and id.
     fn write_new_backend(
         &mut self,
         id: u32,
         addr: SocketAddr,
         weight: u32,
-        proto: u8,
-        service_id: u32,
+        (proto, service_id): (u8, u32),
+        remote: bool,
     ) -> Result<()> {
         let words = addr::words(addr.ip());
-        self.write_backend(id, addr, weight, service_id)?;
+        self.write_backend(id, addr, weight, service_id, remote)?;
         // A reused id must not inherit its last owner's next hop or health.
         let fib = BackendFib {
             dst: words,
