@@ -137,3 +137,80 @@ pub fn node_port_entry(spec: &ServiceSpec, addr: IpAddr, port: u16, here: &Here)
     }
     entry
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn services(text: &str) -> Vec<ServiceSpec> {
+        crate::config::parse(text, "c.yaml").unwrap().services
+    }
+
+    const TEXT: &str = r#"
+interfaces: [{name: lb0}]
+services:
+  - name: web
+    vip: 10.0.0.1
+    port: 80
+    protocol: tcp
+    node_port: 30080
+    backends:
+      - {address: 10.0.1.1:8080, node: node-a}
+      - {address: 10.0.1.2:8080, node: node-b}
+      - {address: 10.0.1.3:8080}
+"#;
+
+    fn here() -> Here {
+        Here {
+            name: Some("node-a".into()),
+            addresses: vec!["192.0.2.10".parse().unwrap(), "2001:db8::10".parse().unwrap()],
+        }
+    }
+
+    #[test]
+    fn cluster_entries_snat_to_their_own_address_towards_other_nodes() {
+        let out = expand(services(TEXT), &here());
+        let names: Vec<&str> = out.iter().map(|s| s.name.as_str()).collect();
+        // The IPv6 node address is not the VIP's family: no entry there.
+        assert_eq!(names, ["web", "web@192.0.2.10:30080"]);
+        let entry = &out[1];
+        assert_eq!((entry.vip, entry.port), ("192.0.2.10".parse().unwrap(), 30080));
+        assert_eq!(entry.backends.len(), 3);
+        assert_eq!(entry.snat_remote, Some("192.0.2.10".parse().unwrap()));
+        let remote: Vec<String> = entry.remote_backends.iter().map(|a| a.to_string()).collect();
+        // node-b's and the one of no known node; node-a's keeps the client.
+        assert_eq!(remote, ["10.0.1.2:8080", "10.0.1.3:8080"]);
+        assert_eq!(out[0].snat_remote, None, "the VIP itself is as configured");
+    }
+
+    #[test]
+    fn local_entries_keep_this_nodes_backends_and_the_client_address() {
+        let text = TEXT.replace("node_port: 30080\n", "node_port: 30080\n    external_traffic_policy: local\n");
+        let out = expand(services(&text), &here());
+        for s in &out {
+            let backends: Vec<String> = s.backends.iter().map(|(a, _)| a.to_string()).collect();
+            assert_eq!(backends, ["10.0.1.1:8080"], "{}", s.name);
+            assert_eq!(s.snat_remote, None);
+            assert!(s.remote_backends.is_empty());
+        }
+        // No name for this node: no backend is known to be local.
+        let nameless = Here { name: None, ..here() };
+        assert!(expand(services(&text), &nameless).iter().all(|s| s.backends.is_empty()));
+    }
+
+    #[test]
+    fn a_node_port_on_another_services_frontend_is_left_out() {
+        let text = TEXT.to_string() + "  - name: taken\n    vip: 192.0.2.10\n    port: 30080\n    protocol: tcp\n";
+        // Validation knows no node address here (they are the host's).
+        let out = expand(services(&text), &here());
+        let names: Vec<&str> = out.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["web", "taken"]);
+    }
+
+    #[test]
+    fn default_node_addresses_are_no_loopback_or_link_local() {
+        for ip in host_node_addresses() {
+            assert!(refused_class(ip).is_none(), "{ip}");
+        }
+    }
+}
