@@ -331,8 +331,10 @@ struct Taken {
     names: HashSet<String>,
     /// (VIP, port, protocol) → the service's name.
     frontends: std::collections::HashMap<(IpAddr, u16, Protocol), String>,
-    /// (node port, protocol) → the service's name.
-    node_ports: std::collections::HashMap<(u16, Protocol), String>,
+    /// (node port, protocol, IPv4) → the service's name. A node port is on
+    /// the node addresses of its VIP's family: an IPv4 and an IPv6 service
+    /// may share one (a dual-stack pair, as Kubernetes gives them).
+    node_ports: std::collections::HashMap<(u16, Protocol, bool), String>,
     /// `node.addresses` as configured (empty: the host's, not known here).
     node_addresses: Vec<IpAddr>,
 }
@@ -420,7 +422,7 @@ fn service(s: &Service, at: &str, taken: &mut Taken) -> Result<ServiceSpec, Refu
         ));
     }
     if taken.node_addresses.contains(&vip)
-        && let Some(other) = taken.node_ports.get(&(s.port, s.protocol))
+        && let Some(other) = taken.node_ports.get(&(s.port, s.protocol, vip.is_ipv4()))
     {
         return Err(refuse(
             field("vip"),
@@ -493,12 +495,12 @@ fn node_port(
     if port == 0 {
         return Err(refuse(field, port, "must be 1 to 65535"));
     }
-    if let Some(other) = taken.node_ports.get(&(port, s.protocol)) {
+    if let Some(other) = taken.node_ports.get(&(port, s.protocol, vip.is_ipv4())) {
         return Err(refuse(
             field,
             port,
             format!(
-                "service {other} has node_port {port}/{} too (a node port is on every node address)",
+                "service {other} has node_port {port}/{} too, of the same family (a node port is on every node address of its VIP's family)",
                 s.protocol.as_str()
             ),
         ));
@@ -515,7 +517,7 @@ fn node_port(
             ));
         }
     }
-    taken.node_ports.insert((port, s.protocol), s.name.clone());
+    taken.node_ports.insert((port, s.protocol, vip.is_ipv4()), s.name.clone());
     Ok(Some(port))
 }
 

@@ -1,0 +1,214 @@
+//! NodePorts with real connections: a client connects to the node's own
+//! address (the LB namespace's) and the node port, TCP and UDP, IPv4 and
+//! IPv6, and lands on backends in other namespaces. Backend 0 is this
+//! node's; backend 1 is "another node's": its default route does not go
+//! through this node (only a route to the node address does, as another
+//! node reaches this one), so its replies come back only if Sluice SNATs
+//! to the node address. The backends answer with the peer address they
+//! see: with `external_traffic_policy: cluster` backend 0 sees the client,
+//! backend 1 the node address; with `local` only backend 0 is used and it
+//! sees the client. A refused connect on this node's backend is resent to
+//! the other node's at once, across the change to SNAT.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail, ensure};
+use sluice_tests::{Agent, TempDir, http_get, interfaces_yaml, metric};
+use testbed::{Family, Topology};
+
+const PORT: u16 = 8080;
+const CLUSTER: u16 = 30080;
+const LOCAL: u16 = 30081;
+const REFUSED: u16 = 30082;
+const CLOSED: u16 = 9999;
+
+/// The node address: the LB namespace's address on the clients' side.
+fn node(fam: Family) -> IpAddr {
+    fam.client_gateway()
+}
+
+fn suffix(fam: Family) -> &'static str {
+    match fam {
+        Family::V4 => "",
+        Family::V6 => "6",
+    }
+}
+
+fn vip(fam: Family, last: u8) -> String {
+    match fam {
+        Family::V4 => format!("10.100.0.{last}"),
+        Family::V6 => format!("fd64::{last}"),
+    }
+}
+
+fn backend(fam: Family, i: usize, port: u16) -> SocketAddr {
+    SocketAddr::new(fam.backend(i), port)
+}
+
+/// The services of both families: `web` (TCP) and `dns` (UDP) with the
+/// cluster policy, `local` with the local policy, `refused` whose local
+/// backend's port is closed.
+fn config() -> String {
+    let mut text = interfaces_yaml(2);
+    text += &format!(
+        "node:\n  name: lb-node\n  addresses: [\"{}\", \"{}\"]\nservices:\n",
+        node(Family::V4),
+        node(Family::V6)
+    );
+    for fam in [Family::V4, Family::V6] {
+        let s = suffix(fam);
+        let pair = |local_port: u16| {
+            format!(
+                "    backends:\n      - {{address: \"{}\", node: lb-node}}\n      - {{address: \"{}\", node: node-b}}\n",
+                backend(fam, 0, local_port),
+                backend(fam, 1, PORT)
+            )
+        };
+        for (name, last, protocol, node_port, policy, local_port) in [
+            ("web", 1, "tcp", CLUSTER, "cluster", PORT),
+            ("dns", 1, "udp", CLUSTER, "cluster", PORT),
+            ("local", 2, "tcp", LOCAL, "local", PORT),
+            ("refused", 3, "tcp", REFUSED, "cluster", CLOSED),
+        ] {
+            text += &format!(
+                "  - name: {name}{s}\n    vip: \"{}\"\n    port: 80\n    protocol: {protocol}\n    node_port: {node_port}\n    external_traffic_policy: {policy}\n    failure: {{min_distinct_clients: 2, consecutive_failures: 1000}}\n",
+                vip(fam, last)
+            );
+            text += &pair(local_port);
+        }
+    }
+    text
+}
+
+/// Backend 1 is on "another node": no default route through this one,
+/// only a route to the node address.
+fn make_backend_remote(topo: &Topology) -> Result<()> {
+    let b = &topo.backends[1];
+    b.exec(&["ip", "route", "del", "default"])?;
+    b.exec(&["ip", "-6", "route", "del", "default"])?;
+    for fam in [Family::V4, Family::V6] {
+        let host = match fam {
+            Family::V4 => format!("{}/32", node(fam)),
+            Family::V6 => format!("{}/128", node(fam)),
+        };
+        let via = fam.backend_gateway(1).to_string();
+        b.exec(&["ip", "route", "add", &host, "via", &via])?;
+    }
+    // Without SNAT its replies to the client have nowhere to go.
+    let client = Family::V4.client().to_string();
+    if b.exec(&["ip", "route", "get", &client]).is_ok() {
+        bail!("backend 1 still has a route to the client");
+    }
+    Ok(())
+}
+
+/// Answers ("bX", peer address seen) of `n` connections to `target`.
+fn answers(topo: &Topology, target: SocketAddr, udp: bool, n: usize) -> Result<Vec<(String, IpAddr)>> {
+    topo.client.enter(|| {
+        (0..n)
+            .map(|i| {
+                let text = if udp {
+                    testbed::udp_ask(target, 41_000 + i as u16, Duration::from_secs(2))
+                } else {
+                    testbed::tcp_ask(target, Duration::from_secs(3))
+                }
+                .with_context(|| format!("connection {i} to {target}"))?;
+                let mut words = text.split_whitespace();
+                let name = words.next().unwrap_or("").to_string();
+                let peer: SocketAddr = words
+                    .next()
+                    .and_then(|p| p.parse().ok())
+                    .with_context(|| format!("answer {text:?} names no peer"))?;
+                Ok((name, peer.ip()))
+            })
+            .collect()
+    })?
+}
+
+/// `by_backend` for a log line: backend → (answers, distinct peers).
+fn summary(got: &BTreeMap<String, Vec<IpAddr>>) -> String {
+    got.iter()
+        .map(|(b, peers)| {
+            let mut distinct = peers.clone();
+            distinct.sort();
+            distinct.dedup();
+            format!("{b}: {} answers, peers {distinct:?}", peers.len())
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Answers grouped: backend name → the peer addresses it saw.
+fn by_backend(answers: &[(String, IpAddr)]) -> BTreeMap<String, Vec<IpAddr>> {
+    let mut out: BTreeMap<String, Vec<IpAddr>> = BTreeMap::new();
+    for (name, peer) in answers {
+        out.entry(name.clone()).or_default().push(*peer);
+    }
+    out
+}
+
+#[test]
+fn node_ports_reach_backends_on_both_nodes_tcp_and_udp_both_families() -> Result<()> {
+    let topo = Topology::new("np", 2)?;
+    let mut servers = topo.serve(Family::V4, PORT)?;
+    servers.extend(topo.serve(Family::V6, PORT)?);
+    make_backend_remote(&topo)?;
+    // As every datapath test does: the first SYN to a backend whose
+    // neighbour entry is missing is handed to the kernel, which drops an
+    // SNATed one (its source is the node's own address).
+    topo.warm_neighbours()?;
+    let dir = TempDir::new("np")?;
+    let cfg = dir.path("sluice.yaml");
+    std::fs::write(&cfg, config())?;
+    let agent = Agent::start(&topo.lb, &cfg, dir.path("agent.log"))?;
+
+    for fam in [Family::V4, Family::V6] {
+        let (client, node) = (fam.client(), node(fam));
+        // Cluster: both backends; this node's sees the client, the other
+        // node's the node address (SNAT), and its replies come back.
+        for udp in [false, true] {
+            let target = SocketAddr::new(node, CLUSTER);
+            let got = by_backend(&answers(&topo, target, udp, 40)?);
+            println!(
+                "{fam:?} cluster {}: {}",
+                if udp { "udp" } else { "tcp" },
+                summary(&got)
+            );
+            ensure!(
+                got.keys().map(String::as_str).eq(["b0", "b1"]),
+                "{target} ({}): not both backends: {got:?}",
+                if udp { "udp" } else { "tcp" }
+            );
+            ensure!(got["b0"].iter().all(|p| *p == client), "b0 saw {:?}", got["b0"]);
+            ensure!(got["b1"].iter().all(|p| *p == node), "b1 saw {:?}", got["b1"]);
+        }
+        // Local: this node's backend only, with the client's address.
+        let target = SocketAddr::new(node, LOCAL);
+        let got = by_backend(&answers(&topo, target, false, 30)?);
+        println!("{fam:?} local: {}", summary(&got));
+        ensure!(got.keys().map(String::as_str).eq(["b0"]), "{target}: {got:?}");
+        ensure!(got["b0"].iter().all(|p| *p == client), "b0 saw {:?}", got["b0"]);
+        // This node's backend refuses: the connect is resent to the other
+        // node's at once, now SNATed, and completes.
+        let target = SocketAddr::new(node, REFUSED);
+        let got = by_backend(&answers(&topo, target, false, 30)?);
+        println!("{fam:?} refused on b0: {}", summary(&got));
+        ensure!(got.keys().map(String::as_str).eq(["b1"]), "{target}: {got:?}");
+        ensure!(got["b1"].iter().all(|p| *p == node), "b1 saw {:?}", got["b1"]);
+        let metrics = http_get(&topo.lb, agent.listen, "/metrics")?.1;
+        let service = format!("refused{}@{}", suffix(fam), SocketAddr::new(node, REFUSED));
+        let retries = metric(
+            &metrics,
+            "sluice_connection_retries_total",
+            &[("service", &service)],
+        )
+        .with_context(|| format!("no retries series of {service}"))?;
+        println!("{service}: {retries} retries");
+        ensure!(retries > 0.0, "no connect of {service} was resent to b1");
+    }
+    Ok(())
+}
