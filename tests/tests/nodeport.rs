@@ -212,3 +212,100 @@ fn node_ports_reach_backends_on_both_nodes_tcp_and_udp_both_families() -> Result
     }
     Ok(())
 }
+
+/// A Kubernetes Service (namespace `shop`) of `type_` with one TCP port,
+/// its nodePort and external traffic policy.
+fn kube_service(name: &str, cluster_ip: &str, type_: &str, node_port: u16, policy: &str) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": "shop", "labels": {"sluice.io/enabled": "true"}},
+        "spec": {"type": type_, "clusterIP": cluster_ip, "clusterIPs": [cluster_ip],
+                 "ipFamilies": ["IPv4"], "externalTrafficPolicy": policy,
+                 "ports": [{"name": "http", "port": 80, "protocol": "TCP",
+                            "targetPort": PORT, "nodePort": node_port}]},
+        "status": {"loadBalancer": {}}
+    })
+}
+
+/// Its EndpointSlice: backend 0 on node-a (this node), backend 1 on node-b.
+fn kube_slice(service: &str) -> serde_json::Value {
+    let endpoints: Vec<serde_json::Value> = [(0, "node-a"), (1, "node-b")]
+        .iter()
+        .map(|(i, node)| {
+            serde_json::json!({
+                "addresses": [format!("10.1.{i}.2")],
+                "nodeName": node,
+                "conditions": {"ready": true, "serving": true, "terminating": false},
+                "targetRef": {"kind": "Pod", "namespace": "shop", "name": format!("{service}-{i}")}
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": format!("{service}-abcde"), "namespace": "shop",
+                     "labels": {"kubernetes.io/service-name": service}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": PORT, "protocol": "TCP"}],
+        "endpoints": endpoints
+    })
+}
+
+/// Kubernetes `type: NodePort` (Cluster) and `type: LoadBalancer` (Local)
+/// Services through the mock API server: their nodePorts on this node's
+/// addresses (found on the host, not configured), real connections.
+#[test]
+fn kubernetes_node_ports_honour_the_external_traffic_policy() -> Result<()> {
+    const API: &str = "127.0.0.1:8001";
+    let topo = Topology::new("npk", 2)?;
+    let _servers = topo.serve(Family::V4, PORT)?;
+    make_backend_remote(&topo)?;
+    topo.warm_neighbours()?;
+    let api = sluice_tests::kube_mock::KubeMock::start(&topo.lb, API.parse()?)?;
+    api.apply(kube_service("np", "10.100.0.5", "NodePort", 30090, "Cluster"));
+    api.apply(kube_slice("np"));
+    api.apply(kube_service("lb", "10.100.0.6", "LoadBalancer", 30091, "Local"));
+    api.apply(kube_slice("lb"));
+
+    let dir = TempDir::new("npk")?;
+    let config = interfaces_yaml(2)
+        + &format!(
+            "kubernetes:\n  api_server: http://{API}\n  node_name: node-a\n  addresses: [cluster_ip, node_ports]\n"
+        );
+    std::fs::write(dir.path("sluice.yaml"), config)?;
+    let agent = Agent::start(&topo.lb, &dir.path("sluice.yaml"), dir.path("agent.log"))?;
+    let (client, node) = (Family::V4.client(), node(Family::V4));
+    let cluster = SocketAddr::new(node, 30090);
+    sluice_tests::wait_for("the node port", Duration::from_secs(15), || {
+        Ok(topo
+            .client
+            .enter(|| testbed::tcp_ask(cluster, Duration::from_secs(1)))?
+            .is_ok())
+    })
+    .with_context(|| agent.log_text())?;
+
+    let got = by_backend(&answers(&topo, cluster, false, 40)?);
+    println!("kubernetes Cluster {cluster}: {}", summary(&got));
+    ensure!(got.keys().map(String::as_str).eq(["b0", "b1"]), "{got:?}");
+    ensure!(got["b0"].iter().all(|p| *p == client), "b0 saw {:?}", got["b0"]);
+    ensure!(got["b1"].iter().all(|p| *p == node), "b1 saw {:?}", got["b1"]);
+
+    let local = SocketAddr::new(node, 30091);
+    let got = by_backend(&answers(&topo, local, false, 30)?);
+    println!("kubernetes Local {local}: {}", summary(&got));
+    ensure!(got.keys().map(String::as_str).eq(["b0"]), "{got:?}");
+    ensure!(got["b0"].iter().all(|p| *p == client), "b0 saw {:?}", got["b0"]);
+
+    // The entries are named after the Service, port and node address.
+    let listed = sluice_tests::services_json(&topo.lb, &agent)?;
+    let names: Vec<&str> = listed["services"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| s["name"].as_str())
+        .collect();
+    ensure!(
+        names.contains(&"shop/np:http@10.0.1.1:30090") && names.contains(&"shop/lb:http@10.0.1.1:30091"),
+        "{names:?}"
+    );
+    Ok(())
+}

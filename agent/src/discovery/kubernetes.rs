@@ -806,6 +806,84 @@ mod tests {
     }
 
     #[test]
+    fn node_ports_of_node_port_and_load_balancer_services_follow_their_policy() {
+        let service = |name: &str, type_: &str, policy: &str, allocate: Option<bool>| -> Service {
+            let mut spec = serde_json::json!({
+                "type": type_, "clusterIP": "10.96.0.10", "ipFamilies": ["IPv4"],
+                "externalTrafficPolicy": policy,
+                "ports": [{"name": "http", "port": 80, "nodePort": 30080},
+                          {"name": "dns", "port": 53, "protocol": "UDP", "nodePort": 30053}]
+            });
+            if allocate == Some(false) {
+                // The API server then allocates none.
+                spec["allocateLoadBalancerNodePorts"] = serde_json::json!(false);
+                spec["ports"][0].as_object_mut().unwrap().remove("nodePort");
+                spec["ports"][1].as_object_mut().unwrap().remove("nodePort");
+            }
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": name, "namespace": "shop"}, "spec": spec
+            }))
+            .unwrap()
+        };
+        let slice = |name: &str| -> EndpointSlice {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": format!("{name}-1"), "namespace": "shop",
+                             "labels": {"kubernetes.io/service-name": name}},
+                "addressType": "IPv4",
+                "ports": [{"name": "http", "port": 8080}, {"name": "dns", "port": 5353}],
+                "endpoints": [
+                    {"addresses": ["10.1.0.2"], "nodeName": "node-a"},
+                    {"addresses": ["10.1.0.3"], "nodeName": "node-b"},
+                    {"addresses": ["10.1.0.4"]}
+                ]
+            }))
+            .unwrap()
+        };
+        let spec: Kubernetes = serde_saphyr::from_str("addresses: [cluster_ip, node_ports]").unwrap();
+        let addresses: Vec<IpAddr> =
+            vec!["192.0.2.10".parse().unwrap(), "2001:db8::10".parse().unwrap()];
+        let here = Locality {
+            node: Some("node-a"),
+            zone: None,
+            addresses: &addresses,
+        };
+        let services = [
+            Arc::new(service("np", "NodePort", "Cluster", None)),
+            Arc::new(service("lb", "LoadBalancer", "Local", None)),
+            Arc::new(service("noalloc", "LoadBalancer", "Cluster", Some(false))),
+            Arc::new(service("plain", "ClusterIP", "Cluster", None)),
+        ];
+        let slices = ["np", "lb", "noalloc", "plain"].map(|n| Arc::new(slice(n)));
+        let out = desired(&services, &slices, &spec, &here, &Trust::default()).services;
+        let find = |name: &str| out.iter().find(|s| s.name == name);
+        let b = |a: &str| a.parse::<SocketAddr>().unwrap();
+        // Cluster: every endpoint; node-b's and the one of no node SNATed
+        // to the node address; UDP too; only the IPv4 node address.
+        let np = find("shop/np:http@192.0.2.10:30080").expect("the NodePort entry");
+        assert_eq!((np.vip, np.port, np.protocol), ("192.0.2.10".parse().unwrap(), 30080, Protocol::Tcp));
+        assert_eq!(np.backends.len(), 3);
+        assert_eq!(np.snat_remote, Some("192.0.2.10".parse().unwrap()));
+        assert_eq!(
+            np.remote_backends.iter().copied().collect::<Vec<_>>(),
+            [b("10.1.0.3:8080"), b("10.1.0.4:8080")]
+        );
+        assert!(find("shop/np:dns@192.0.2.10:30053").is_some_and(|s| s.protocol == Protocol::Udp));
+        assert!(out.iter().all(|s| s.vip.to_string() != "2001:db8::10"), "an IPv4-only Service");
+        // Local (a LoadBalancer's nodePort): this node's endpoint only, no SNAT.
+        let lb = find("shop/lb:http@192.0.2.10:30080").expect("the LoadBalancer's NodePort");
+        assert_eq!(lb.backends, [(b("10.1.0.2:8080"), 1)]);
+        assert_eq!(lb.snat_remote, None);
+        assert!(lb.remote_backends.is_empty());
+        // No nodePorts allocated, or not a NodePort type: no entry.
+        assert!(out.iter().all(|s| !s.name.starts_with("shop/noalloc:http@")));
+        assert!(out.iter().all(|s| !s.name.starts_with("shop/plain:http@")));
+        // Without node_ports in addresses: none at all.
+        let spec: Kubernetes = serde_saphyr::from_str("addresses: [cluster_ip]").unwrap();
+        let out = desired(&services, &slices, &spec, &here, &Trust::default()).services;
+        assert!(out.iter().all(|s| !s.name.contains('@')), "{:?}", out.iter().map(|s| &s.name).collect::<Vec<_>>());
+    }
+
+    #[test]
     fn load_balancer_source_ranges_limit_only_the_load_balancer_ips() {
         let service = |ranges: serde_json::Value| -> Service {
             serde_json::from_value(serde_json::json!({
