@@ -281,3 +281,117 @@ fn a_forged_syn_flood_from_denied_sources_creates_no_state() -> Result<()> {
     );
     Ok(())
 }
+
+/// A Python client in the client namespace, inside `cgroup` (socket-level
+/// balancing): one JSON object per line it prints.
+fn cgroup_client(
+    topo: &Topology,
+    cgroup: &sluice_tests::Cgroup,
+    script: &str,
+) -> Result<Vec<Value>> {
+    let procs = cgroup.path.join("cgroup.procs");
+    let out = Command::new("ip")
+        .args(["netns", "exec", &topo.client.name, "sh", "-c"])
+        .arg(format!(
+            "echo $$ > {} && exec python3 -c \"$0\"",
+            procs.display()
+        ))
+        .arg(script)
+        .stdin(Stdio::null())
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "client failed: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).with_context(|| format!("client line {l:?}")))
+        .collect()
+}
+
+/// Connects to the IPv4 VIP from `BIND` ("" = not bound): what happened.
+const BOUND_CLIENT: &str = r#"
+import json, socket
+s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+s.settimeout(3)
+if "BIND":
+    s.bind(("BIND", 0))
+try:
+    s.connect(("10.100.0.1", 80))
+    s.sendall(b"hello\n")
+    reply = b""
+    while True:
+        d = s.recv(4096)
+        if not d: break
+        reply += d
+    print(json.dumps({"reply": reply.decode(), "peer": list(s.getpeername())}))
+except PermissionError:
+    print(json.dumps({"error": "EPERM"}))
+except OSError as e:
+    print(json.dumps({"error": str(e)}))
+"#;
+
+/// Socket-level balancing honours `allowed_sources` where the source is
+/// known at connect(): a socket bound to a denied address gets EPERM
+/// (counted as source_denied), one bound to an allowed address is
+/// balanced at the socket; an unbound one is left to the packet path,
+/// which checks its real source.
+#[test]
+fn socket_level_balancing_checks_bound_sources() -> Result<()> {
+    let (topo, _servers, dir) = bed("srs")?;
+    let cgroup = sluice_tests::Cgroup::new(&dir, "sluice-srs-")?;
+    let cfg = dir.path("sluice.yaml");
+    let text = config(Some(&["10.0.1.0/29", "fd00:1::/125"])).replacen(
+        "services:\n",
+        &format!("socket_lb:\n  cgroup: {}\nservices:\n", cgroup.path.display()),
+        1,
+    );
+    std::fs::write(&cfg, text)?;
+    let agent = Agent::start(&topo.lb, &cfg, dir.path("agent.log"))?;
+    let run = |bind: &str| -> Result<Value> {
+        let out = cgroup_client(&topo, &cgroup, &BOUND_CLIENT.replace("BIND", bind))?;
+        out.into_iter().next().context("no output")
+    };
+
+    let denied_before = drops(&agent, &topo, "source_denied")?;
+    let denied = run(&other_client(Family::V4).to_string())?;
+    ensure!(denied["error"] == "EPERM", "bound to a denied address: {denied}");
+    let denied_after = drops(&agent, &topo, "source_denied")?;
+    ensure!(denied_after > denied_before, "the refused connect was not counted");
+
+    let metrics = |name: &str| -> Result<f64> {
+        let text = http_get(&topo.lb, agent.listen, "/metrics")?.1;
+        Ok(metric(
+            &text,
+            name,
+            &[("service", "web"), ("direction", "to_backend")],
+        )
+        .unwrap_or(0.0))
+    };
+    let via_packets = metrics("sluice_service_packets_total")?;
+    let allowed = run(&Family::V4.client().to_string())?;
+    ensure!(
+        allowed["reply"].as_str().is_some_and(|r| r.starts_with("b0 10.0.1.2:")),
+        "bound to an allowed address: {allowed}"
+    );
+    ensure!(allowed["peer"][0] == "10.100.0.1", "getpeername: {allowed}");
+    ensure!(
+        metrics("sluice_service_packets_total")? == via_packets,
+        "the allowed bound socket went through the packet path, not the socket hook"
+    );
+
+    // Unbound: no source yet at connect(); the packet path checks it.
+    let unbound = run("")?;
+    ensure!(
+        unbound["reply"].as_str().is_some_and(|r| r.starts_with("b0 10.0.1.2:")),
+        "unbound: {unbound}"
+    );
+    ensure!(
+        metrics("sluice_service_packets_total")? > via_packets,
+        "the unbound socket was balanced at the socket, unchecked"
+    );
+    Ok(())
+}
