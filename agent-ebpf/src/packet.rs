@@ -5,8 +5,8 @@
 use core::{ffi::c_void, mem};
 
 use agent_common::{Flow, FlowKey, ServiceKey, SourceRange};
-use aya_ebpf::maps::lpm_trie::Key;
 use aya_ebpf::bindings::bpf_fib_lookup;
+use aya_ebpf::maps::lpm_trie::Key;
 use network_types::eth::EthHdr;
 
 /// What the entry point should do with the packet.

@@ -2,7 +2,9 @@
 //! traffic through without a hash lookup; then the exact (VIP, port,
 //! protocol) lookup.
 
-use agent_common::{FAMILY_V4, SOURCE_RANGE_FIXED_BITS, Service, ServiceKey, SourceRange, prefilter};
+use agent_common::{
+    FAMILY_V4, SOURCE_RANGE_FIXED_BITS, Service, ServiceKey, SourceRange, prefilter,
+};
 use aya_ebpf::maps::lpm_trie::Key;
 
 use crate::{

@@ -82,11 +82,16 @@ pub fn expand(services: Vec<ServiceSpec>, here: &Here) -> Vec<ServiceSpec> {
     for mut spec in services {
         if spec.local_only {
             let nodes = std::mem::take(&mut spec.backend_nodes);
-            spec.backends.retain(|(addr, _)| is_local(&nodes, addr, here));
+            spec.backends
+                .retain(|(addr, _)| is_local(&nodes, addr, here));
             spec.backend_nodes = nodes;
         }
         if let Some(port) = spec.node_port {
-            for addr in here.addresses.iter().filter(|a| a.is_ipv4() == spec.vip.is_ipv4()) {
+            for addr in here
+                .addresses
+                .iter()
+                .filter(|a| a.is_ipv4() == spec.vip.is_ipv4())
+            {
                 let entry = node_port_entry(&spec, *addr, port, here);
                 if !taken.insert(crate::reconcile::service_key(&entry)) {
                     warn!(
@@ -163,7 +168,10 @@ services:
     fn here() -> Here {
         Here {
             name: Some("node-a".into()),
-            addresses: vec!["192.0.2.10".parse().unwrap(), "2001:db8::10".parse().unwrap()],
+            addresses: vec![
+                "192.0.2.10".parse().unwrap(),
+                "2001:db8::10".parse().unwrap(),
+            ],
         }
     }
 
@@ -174,10 +182,17 @@ services:
         // The IPv6 node address is not the VIP's family: no entry there.
         assert_eq!(names, ["web", "web@192.0.2.10:30080"]);
         let entry = &out[1];
-        assert_eq!((entry.vip, entry.port), ("192.0.2.10".parse().unwrap(), 30080));
+        assert_eq!(
+            (entry.vip, entry.port),
+            ("192.0.2.10".parse().unwrap(), 30080)
+        );
         assert_eq!(entry.backends.len(), 3);
         assert_eq!(entry.snat_remote, Some("192.0.2.10".parse().unwrap()));
-        let remote: Vec<String> = entry.remote_backends.iter().map(|a| a.to_string()).collect();
+        let remote: Vec<String> = entry
+            .remote_backends
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
         // node-b's and the one of no known node; node-a's keeps the client.
         assert_eq!(remote, ["10.0.1.2:8080", "10.0.1.3:8080"]);
         assert_eq!(out[0].snat_remote, None, "the VIP itself is as configured");
@@ -185,7 +200,10 @@ services:
 
     #[test]
     fn local_entries_keep_this_nodes_backends_and_the_client_address() {
-        let text = TEXT.replace("node_port: 30080\n", "node_port: 30080\n    external_traffic_policy: local\n");
+        let text = TEXT.replace(
+            "node_port: 30080\n",
+            "node_port: 30080\n    external_traffic_policy: local\n",
+        );
         let out = expand(services(&text), &here());
         for s in &out {
             let backends: Vec<String> = s.backends.iter().map(|(a, _)| a.to_string()).collect();
@@ -194,13 +212,21 @@ services:
             assert!(s.remote_backends.is_empty());
         }
         // No name for this node: no backend is known to be local.
-        let nameless = Here { name: None, ..here() };
-        assert!(expand(services(&text), &nameless).iter().all(|s| s.backends.is_empty()));
+        let nameless = Here {
+            name: None,
+            ..here()
+        };
+        assert!(
+            expand(services(&text), &nameless)
+                .iter()
+                .all(|s| s.backends.is_empty())
+        );
     }
 
     #[test]
     fn a_node_port_on_another_services_frontend_is_left_out() {
-        let text = TEXT.to_string() + "  - name: taken\n    vip: 192.0.2.10\n    port: 30080\n    protocol: tcp\n";
+        let text = TEXT.to_string()
+            + "  - name: taken\n    vip: 192.0.2.10\n    port: 30080\n    protocol: tcp\n";
         // Validation knows no node address here (they are the host's).
         let out = expand(services(&text), &here());
         let names: Vec<&str> = out.iter().map(|s| s.name.as_str()).collect();

@@ -107,7 +107,12 @@ fn make_backend_remote(topo: &Topology) -> Result<()> {
 }
 
 /// Answers ("bX", peer address seen) of `n` connections to `target`.
-fn answers(topo: &Topology, target: SocketAddr, udp: bool, n: usize) -> Result<Vec<(String, IpAddr)>> {
+fn answers(
+    topo: &Topology,
+    target: SocketAddr,
+    udp: bool,
+    n: usize,
+) -> Result<Vec<(String, IpAddr)>> {
     topo.client.enter(|| {
         (0..n)
             .map(|i| {
@@ -183,22 +188,44 @@ fn node_ports_reach_backends_on_both_nodes_tcp_and_udp_both_families() -> Result
                 "{target} ({}): not both backends: {got:?}",
                 if udp { "udp" } else { "tcp" }
             );
-            ensure!(got["b0"].iter().all(|p| *p == client), "b0 saw {:?}", got["b0"]);
-            ensure!(got["b1"].iter().all(|p| *p == node), "b1 saw {:?}", got["b1"]);
+            ensure!(
+                got["b0"].iter().all(|p| *p == client),
+                "b0 saw {:?}",
+                got["b0"]
+            );
+            ensure!(
+                got["b1"].iter().all(|p| *p == node),
+                "b1 saw {:?}",
+                got["b1"]
+            );
         }
         // Local: this node's backend only, with the client's address.
         let target = SocketAddr::new(node, LOCAL);
         let got = by_backend(&answers(&topo, target, false, 30)?);
         println!("{fam:?} local: {}", summary(&got));
-        ensure!(got.keys().map(String::as_str).eq(["b0"]), "{target}: {got:?}");
-        ensure!(got["b0"].iter().all(|p| *p == client), "b0 saw {:?}", got["b0"]);
+        ensure!(
+            got.keys().map(String::as_str).eq(["b0"]),
+            "{target}: {got:?}"
+        );
+        ensure!(
+            got["b0"].iter().all(|p| *p == client),
+            "b0 saw {:?}",
+            got["b0"]
+        );
         // This node's backend refuses: the connect is resent to the other
         // node's at once, now SNATed, and completes.
         let target = SocketAddr::new(node, REFUSED);
         let got = by_backend(&answers(&topo, target, false, 30)?);
         println!("{fam:?} refused on b0: {}", summary(&got));
-        ensure!(got.keys().map(String::as_str).eq(["b1"]), "{target}: {got:?}");
-        ensure!(got["b1"].iter().all(|p| *p == node), "b1 saw {:?}", got["b1"]);
+        ensure!(
+            got.keys().map(String::as_str).eq(["b1"]),
+            "{target}: {got:?}"
+        );
+        ensure!(
+            got["b1"].iter().all(|p| *p == node),
+            "b1 saw {:?}",
+            got["b1"]
+        );
         let metrics = http_get(&topo.lb, agent.listen, "/metrics")?.1;
         let service = format!("refused{}@{}", suffix(fam), SocketAddr::new(node, REFUSED));
         let retries = metric(
@@ -215,7 +242,13 @@ fn node_ports_reach_backends_on_both_nodes_tcp_and_udp_both_families() -> Result
 
 /// A Kubernetes Service (namespace `shop`) of `type_` with one TCP port,
 /// its nodePort and external traffic policy.
-fn kube_service(name: &str, cluster_ip: &str, type_: &str, node_port: u16, policy: &str) -> serde_json::Value {
+fn kube_service(
+    name: &str,
+    cluster_ip: &str,
+    type_: &str,
+    node_port: u16,
+    policy: &str,
+) -> serde_json::Value {
     serde_json::json!({
         "apiVersion": "v1", "kind": "Service",
         "metadata": {"name": name, "namespace": "shop", "labels": {"sluice.io/enabled": "true"}},
@@ -261,9 +294,21 @@ fn kubernetes_node_ports_honour_the_external_traffic_policy() -> Result<()> {
     make_backend_remote(&topo)?;
     topo.warm_neighbours()?;
     let api = sluice_tests::kube_mock::KubeMock::start(&topo.lb, API.parse()?)?;
-    api.apply(kube_service("np", "10.100.0.5", "NodePort", 30090, "Cluster"));
+    api.apply(kube_service(
+        "np",
+        "10.100.0.5",
+        "NodePort",
+        30090,
+        "Cluster",
+    ));
     api.apply(kube_slice("np"));
-    api.apply(kube_service("lb", "10.100.0.6", "LoadBalancer", 30091, "Local"));
+    api.apply(kube_service(
+        "lb",
+        "10.100.0.6",
+        "LoadBalancer",
+        30091,
+        "Local",
+    ));
     api.apply(kube_slice("lb"));
 
     let dir = TempDir::new("npk")?;
@@ -286,14 +331,26 @@ fn kubernetes_node_ports_honour_the_external_traffic_policy() -> Result<()> {
     let got = by_backend(&answers(&topo, cluster, false, 40)?);
     println!("kubernetes Cluster {cluster}: {}", summary(&got));
     ensure!(got.keys().map(String::as_str).eq(["b0", "b1"]), "{got:?}");
-    ensure!(got["b0"].iter().all(|p| *p == client), "b0 saw {:?}", got["b0"]);
-    ensure!(got["b1"].iter().all(|p| *p == node), "b1 saw {:?}", got["b1"]);
+    ensure!(
+        got["b0"].iter().all(|p| *p == client),
+        "b0 saw {:?}",
+        got["b0"]
+    );
+    ensure!(
+        got["b1"].iter().all(|p| *p == node),
+        "b1 saw {:?}",
+        got["b1"]
+    );
 
     let local = SocketAddr::new(node, 30091);
     let got = by_backend(&answers(&topo, local, false, 30)?);
     println!("kubernetes Local {local}: {}", summary(&got));
     ensure!(got.keys().map(String::as_str).eq(["b0"]), "{got:?}");
-    ensure!(got["b0"].iter().all(|p| *p == client), "b0 saw {:?}", got["b0"]);
+    ensure!(
+        got["b0"].iter().all(|p| *p == client),
+        "b0 saw {:?}",
+        got["b0"]
+    );
 
     // The entries are named after the Service, port and node address.
     let listed = sluice_tests::services_json(&topo.lb, &agent)?;
@@ -304,7 +361,8 @@ fn kubernetes_node_ports_honour_the_external_traffic_policy() -> Result<()> {
         .filter_map(|s| s["name"].as_str())
         .collect();
     ensure!(
-        names.contains(&"shop/np:http@10.0.1.1:30090") && names.contains(&"shop/lb:http@10.0.1.1:30091"),
+        names.contains(&"shop/np:http@10.0.1.1:30090")
+            && names.contains(&"shop/lb:http@10.0.1.1:30091"),
         "{names:?}"
     );
     Ok(())

@@ -168,7 +168,10 @@ fn allowed_sources_admit_listed_clients_and_drop_others_both_families_and_follow
             "{fam:?}: source_denied went from {before} to {after}"
         );
         let left = flows_of(&cfg, service_name(fam), denied)?;
-        ensure!(left == 0, "{left} conntrack entries of denied client {denied}");
+        ensure!(
+            left == 0,
+            "{left} conntrack entries of denied client {denied}"
+        );
         ensure!(
             flows_of(&cfg, service_name(fam), fam.client())? > 0,
             "the allowed client's flow is not in conntrack (the check would prove nothing)"
@@ -191,12 +194,21 @@ fn allowed_sources_admit_listed_clients_and_drop_others_both_families_and_follow
     std::fs::write(&cfg, config(Some(&["10.0.1.8/29", "fd00:1::8/125"])))?;
     agent.reload()?;
     wait_for("the new ranges", Duration::from_secs(10), || {
-        Ok(ask(&topo, other_client(Family::V4), Family::V4, Duration::from_secs(1)).is_ok())
+        Ok(ask(
+            &topo,
+            other_client(Family::V4),
+            Family::V4,
+            Duration::from_secs(1),
+        )
+        .is_ok())
     })?;
     for fam in [Family::V4, Family::V6] {
         let answer = ask(&topo, other_client(fam), fam, Duration::from_secs(3))
             .with_context(|| format!("newly allowed client {}", other_client(fam)))?;
-        ensure!(answer.contains(&other_client(fam).to_string()), "{answer:?}");
+        ensure!(
+            answer.contains(&other_client(fam).to_string()),
+            "{answer:?}"
+        );
         ensure!(
             ask(&topo, fam.client(), fam, Duration::from_secs(2)).is_err(),
             "{}: no longer allowed, but connected",
@@ -215,7 +227,13 @@ fn allowed_sources_admit_listed_clients_and_drop_others_both_families_and_follow
     std::fs::write(&cfg, config(None))?;
     agent.reload()?;
     wait_for("no ranges", Duration::from_secs(10), || {
-        Ok(ask(&topo, Family::V4.client(), Family::V4, Duration::from_secs(1)).is_ok())
+        Ok(ask(
+            &topo,
+            Family::V4.client(),
+            Family::V4,
+            Duration::from_secs(1),
+        )
+        .is_ok())
     })?;
     for fam in [Family::V4, Family::V6] {
         for from in [fam.client(), other_client(fam)] {
@@ -250,7 +268,12 @@ fn a_forged_syn_flood_from_denied_sources_creates_no_state() -> Result<()> {
     };
     thread::sleep(Duration::from_secs(3));
     // A real client during the flood still connects.
-    let during = ask(&topo, Family::V4.client(), Family::V4, Duration::from_secs(3));
+    let during = ask(
+        &topo,
+        Family::V4.client(),
+        Family::V4,
+        Duration::from_secs(3),
+    );
     stop.store(true, Ordering::Relaxed);
     let sent = flooder.join().expect("flood thread");
     during.context("the allowed client during the flood")?;
@@ -262,7 +285,11 @@ fn a_forged_syn_flood_from_denied_sources_creates_no_state() -> Result<()> {
         .as_array()
         .into_iter()
         .flatten()
-        .filter(|f| f["client"].as_str().is_some_and(|c| c.starts_with("10.77.")))
+        .filter(|f| {
+            f["client"]
+                .as_str()
+                .is_some_and(|c| c.starts_with("10.77."))
+        })
         .count();
     println!(
         "flood: {sent} forged SYNs; source_denied {denied}; new_flow_budget {budget}; \
@@ -346,7 +373,10 @@ fn socket_level_balancing_checks_bound_sources() -> Result<()> {
     let cfg = dir.path("sluice.yaml");
     let text = config(Some(&["10.0.1.0/29", "fd00:1::/125"])).replacen(
         "services:\n",
-        &format!("socket_lb:\n  cgroup: {}\nservices:\n", cgroup.path.display()),
+        &format!(
+            "socket_lb:\n  cgroup: {}\nservices:\n",
+            cgroup.path.display()
+        ),
         1,
     );
     std::fs::write(&cfg, text)?;
@@ -358,9 +388,15 @@ fn socket_level_balancing_checks_bound_sources() -> Result<()> {
 
     let denied_before = drops(&agent, &topo, "source_denied")?;
     let denied = run(&other_client(Family::V4).to_string())?;
-    ensure!(denied["error"] == "EPERM", "bound to a denied address: {denied}");
+    ensure!(
+        denied["error"] == "EPERM",
+        "bound to a denied address: {denied}"
+    );
     let denied_after = drops(&agent, &topo, "source_denied")?;
-    ensure!(denied_after > denied_before, "the refused connect was not counted");
+    ensure!(
+        denied_after > denied_before,
+        "the refused connect was not counted"
+    );
 
     let metrics = |name: &str| -> Result<f64> {
         let text = http_get(&topo.lb, agent.listen, "/metrics")?.1;
@@ -374,7 +410,9 @@ fn socket_level_balancing_checks_bound_sources() -> Result<()> {
     let via_packets = metrics("sluice_service_packets_total")?;
     let allowed = run(&Family::V4.client().to_string())?;
     ensure!(
-        allowed["reply"].as_str().is_some_and(|r| r.starts_with("b0 10.0.1.2:")),
+        allowed["reply"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("b0 10.0.1.2:")),
         "bound to an allowed address: {allowed}"
     );
     ensure!(allowed["peer"][0] == "10.100.0.1", "getpeername: {allowed}");
@@ -386,7 +424,9 @@ fn socket_level_balancing_checks_bound_sources() -> Result<()> {
     // Unbound: no source yet at connect(); the packet path checks it.
     let unbound = run("")?;
     ensure!(
-        unbound["reply"].as_str().is_some_and(|r| r.starts_with("b0 10.0.1.2:")),
+        unbound["reply"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("b0 10.0.1.2:")),
         "unbound: {unbound}"
     );
     ensure!(

@@ -718,7 +718,12 @@ fn a_list_key_with_nothing_after_it_is_an_empty_list() {
 
 #[test]
 fn allowed_sources_parse_and_bad_blocks_are_refused_by_name() {
-    let with = |list: &str| GOOD.replace("    protocol: tcp\n", &format!("    protocol: tcp\n    allowed_sources: {list}\n"));
+    let with = |list: &str| {
+        GOOD.replace(
+            "    protocol: tcp\n",
+            &format!("    protocol: tcp\n    allowed_sources: {list}\n"),
+        )
+    };
     let v = parse(&with("[10.0.0.0/8, \"fd00::/8\", 192.0.2.7]"), "c.yaml").unwrap();
     let got: Vec<String> = v.services[0]
         .allowed_sources
@@ -729,13 +734,31 @@ fn allowed_sources_parse_and_bad_blocks_are_refused_by_name() {
         .collect();
     assert_eq!(got, ["10.0.0.0/8", "fd00::/8", "192.0.2.7/32"]);
     // Absent or empty: no restriction.
-    assert_eq!(parse(GOOD, "c.yaml").unwrap().services[0].allowed_sources, None);
-    assert_eq!(parse(&with("[]"), "c.yaml").unwrap().services[0].allowed_sources, None);
+    assert_eq!(
+        parse(GOOD, "c.yaml").unwrap().services[0].allowed_sources,
+        None
+    );
+    assert_eq!(
+        parse(&with("[]"), "c.yaml").unwrap().services[0].allowed_sources,
+        None
+    );
     for (list, field, value) in [
-        ("[10.0.0.0/33]", "services[0].allowed_sources[0]", "10.0.0.0/33"),
-        ("[10.0.0.0/8, 10.1.2.3/8]", "services[0].allowed_sources[1]", "10.1.2.3/8"),
+        (
+            "[10.0.0.0/33]",
+            "services[0].allowed_sources[0]",
+            "10.0.0.0/33",
+        ),
+        (
+            "[10.0.0.0/8, 10.1.2.3/8]",
+            "services[0].allowed_sources[1]",
+            "10.1.2.3/8",
+        ),
         ("[web]", "services[0].allowed_sources[0]", "web"),
-        ("[10.0.0.0/8, 10.0.0.0/8]", "services[0].allowed_sources[1]", "10.0.0.0/8"),
+        (
+            "[10.0.0.0/8, 10.0.0.0/8]",
+            "services[0].allowed_sources[1]",
+            "10.0.0.0/8",
+        ),
     ] {
         let e = error_of(&with(list));
         assert!(
@@ -766,7 +789,9 @@ services:
     assert_eq!(s.node_port, Some(30080));
     assert!(s.local_only);
     assert_eq!(
-        s.backend_nodes.get(&"10.0.1.1:8080".parse().unwrap()).map(String::as_str),
+        s.backend_nodes
+            .get(&"10.0.1.1:8080".parse().unwrap())
+            .map(String::as_str),
         Some("node-a")
     );
     assert_eq!(v.raw.node.name.as_deref(), Some("node-a"));
@@ -791,12 +816,27 @@ services:
     let on_node = text.to_string()
         + "  - name: api\n    vip: 192.0.2.10\n    port: 30080\n    protocol: tcp\n";
     let e = refusal(&on_node);
-    assert!(e.contains("services[1].vip") && e.contains("service web"), "{e}");
+    assert!(
+        e.contains("services[1].vip") && e.contains("service web"),
+        "{e}"
+    );
     for (from, to, field) in [
         ("node_port: 30080", "node_port: 0", "services[0].node_port"),
-        ("node: node-a}", "node: \"\"}", "services[0].backends[0].node"),
-        ("addresses: [192.0.2.10,", "addresses: [127.0.0.1,", "node.addresses[0]"),
-        ("external_traffic_policy: local", "external_traffic_policy: nearby", "external_traffic_policy"),
+        (
+            "node: node-a}",
+            "node: \"\"}",
+            "services[0].backends[0].node",
+        ),
+        (
+            "addresses: [192.0.2.10,",
+            "addresses: [127.0.0.1,",
+            "node.addresses[0]",
+        ),
+        (
+            "external_traffic_policy: local",
+            "external_traffic_policy: nearby",
+            "external_traffic_policy",
+        ),
     ] {
         let text = text.replace(from, to);
         let e = parse(&text, "c.yaml").unwrap_err().to_string();

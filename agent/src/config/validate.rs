@@ -76,7 +76,11 @@ fn node(n: &Node) -> Result<Vec<IpAddr>, Refusal> {
     if let Some(name) = &n.name
         && (name.trim().is_empty() || name.len() > 253)
     {
-        return Err(refuse("node.name", name, "a node name of 1 to 253 characters"));
+        return Err(refuse(
+            "node.name",
+            name,
+            "a node name of 1 to 253 characters",
+        ));
     }
     let mut out: Vec<IpAddr> = Vec::new();
     for (i, text) in n.addresses.iter().flatten().enumerate() {
@@ -85,7 +89,11 @@ fn node(n: &Node) -> Result<Vec<IpAddr>, Refusal> {
             .parse()
             .map_err(|_| refuse(&field, text, "not an IPv4 or IPv6 address"))?;
         if let Some(class) = refused_class(ip) {
-            return Err(refuse(&field, text, format!("{class} can't be a node address")));
+            return Err(refuse(
+                &field,
+                text,
+                format!("{class} can't be a node address"),
+            ));
         }
         if out.contains(&ip) {
             return Err(refuse(&field, text, "listed twice"));
@@ -434,7 +442,9 @@ fn service(s: &Service, at: &str, taken: &mut Taken) -> Result<ServiceSpec, Refu
             ),
         ));
     }
-    taken.frontends.insert((vip, s.port, s.protocol), s.name.clone());
+    taken
+        .frontends
+        .insert((vip, s.port, s.protocol), s.name.clone());
     let node_port = node_port(s, vip, &field("node_port"), taken)?;
     let backend_nodes = backend_nodes(&s.backends, &field("backends"))?;
     let local_only = s.external_traffic_policy == TrafficPolicy::Local;
@@ -505,7 +515,11 @@ fn node_port(
             ),
         ));
     }
-    for addr in taken.node_addresses.iter().filter(|a| a.is_ipv4() == vip.is_ipv4()) {
+    for addr in taken
+        .node_addresses
+        .iter()
+        .filter(|a| a.is_ipv4() == vip.is_ipv4())
+    {
         if let Some(other) = taken.frontends.get(&(*addr, port, s.protocol)) {
             return Err(refuse(
                 field,
@@ -517,7 +531,9 @@ fn node_port(
             ));
         }
     }
-    taken.node_ports.insert((port, s.protocol, vip.is_ipv4()), s.name.clone());
+    taken
+        .node_ports
+        .insert((port, s.protocol, vip.is_ipv4()), s.name.clone());
     Ok(Some(port))
 }
 

@@ -212,7 +212,10 @@ fn check_kubernetes(svc: Value, slice: Value) -> Result<(), TestCaseError> {
     .raw
     .kubernetes
     .expect("a kubernetes section");
-    let node_addresses = ["192.0.2.10".parse().unwrap(), "2001:db8::10".parse().unwrap()];
+    let node_addresses = [
+        "192.0.2.10".parse().unwrap(),
+        "2001:db8::10".parse().unwrap(),
+    ];
     let here = Locality {
         node: Some("node-1"),
         zone: Some("zone-a"),

@@ -504,7 +504,11 @@ pub fn desired(
             else {
                 continue;
             };
-            for addr in here.addresses.iter().filter(|a| families.contains(&a.is_ipv4())) {
+            for addr in here
+                .addresses
+                .iter()
+                .filter(|a| families.contains(&a.is_ipv4()))
+            {
                 let (backends, pods, nodes) = backends(
                     slices,
                     port.name.as_deref(),
@@ -525,7 +529,9 @@ pub fn desired(
                     backends
                         .iter()
                         .map(|(a, _)| *a)
-                        .filter(|a| here.node.is_none() || nodes.get(a).map(String::as_str) != here.node)
+                        .filter(|a| {
+                            here.node.is_none() || nodes.get(a).map(String::as_str) != here.node
+                        })
                         .collect()
                 };
                 found.services.push(ServiceSpec {
@@ -603,6 +609,14 @@ fn weights(svc: &Service) -> BTreeMap<String, u32> {
         .unwrap_or_default()
 }
 
+/// What `backends` finds: (address, weight), the pods behind them, their
+/// nodes.
+type Endpoints = (
+    Vec<(SocketAddr, u32)>,
+    BTreeMap<SocketAddr, PodRef>,
+    BTreeMap<SocketAddr, String>,
+);
+
 /// Which endpoints one VIP may send to.
 #[derive(Debug, Clone, Copy)]
 struct Scope<'a> {
@@ -631,11 +645,7 @@ fn backends(
     weights: &BTreeMap<String, u32>,
     scope: Scope,
     skip: &mut impl FnMut(String, String),
-) -> (
-    Vec<(SocketAddr, u32)>,
-    BTreeMap<SocketAddr, PodRef>,
-    BTreeMap<SocketAddr, String>,
-) {
+) -> Endpoints {
     let family = if vip.is_ipv4() { "IPv4" } else { "IPv6" };
     let mut candidates: Vec<Candidate> = Vec::new();
     for slice in slices.iter().filter(|s| s.address_type == family) {
@@ -839,9 +849,12 @@ mod tests {
             }))
             .unwrap()
         };
-        let spec: Kubernetes = serde_saphyr::from_str("addresses: [cluster_ip, node_ports]").unwrap();
-        let addresses: Vec<IpAddr> =
-            vec!["192.0.2.10".parse().unwrap(), "2001:db8::10".parse().unwrap()];
+        let spec: Kubernetes =
+            serde_saphyr::from_str("addresses: [cluster_ip, node_ports]").unwrap();
+        let addresses: Vec<IpAddr> = vec![
+            "192.0.2.10".parse().unwrap(),
+            "2001:db8::10".parse().unwrap(),
+        ];
         let here = Locality {
             node: Some("node-a"),
             zone: None,
@@ -860,7 +873,10 @@ mod tests {
         // Cluster: every endpoint; node-b's and the one of no node SNATed
         // to the node address; UDP too; only the IPv4 node address.
         let np = find("shop/np:http@192.0.2.10:30080").expect("the NodePort entry");
-        assert_eq!((np.vip, np.port, np.protocol), ("192.0.2.10".parse().unwrap(), 30080, Protocol::Tcp));
+        assert_eq!(
+            (np.vip, np.port, np.protocol),
+            ("192.0.2.10".parse().unwrap(), 30080, Protocol::Tcp)
+        );
         assert_eq!(np.backends.len(), 3);
         assert_eq!(np.snat_remote, Some("192.0.2.10".parse().unwrap()));
         assert_eq!(
@@ -868,19 +884,29 @@ mod tests {
             [b("10.1.0.3:8080"), b("10.1.0.4:8080")]
         );
         assert!(find("shop/np:dns@192.0.2.10:30053").is_some_and(|s| s.protocol == Protocol::Udp));
-        assert!(out.iter().all(|s| s.vip.to_string() != "2001:db8::10"), "an IPv4-only Service");
+        assert!(
+            out.iter().all(|s| s.vip.to_string() != "2001:db8::10"),
+            "an IPv4-only Service"
+        );
         // Local (a LoadBalancer's nodePort): this node's endpoint only, no SNAT.
         let lb = find("shop/lb:http@192.0.2.10:30080").expect("the LoadBalancer's NodePort");
         assert_eq!(lb.backends, [(b("10.1.0.2:8080"), 1)]);
         assert_eq!(lb.snat_remote, None);
         assert!(lb.remote_backends.is_empty());
         // No nodePorts allocated, or not a NodePort type: no entry.
-        assert!(out.iter().all(|s| !s.name.starts_with("shop/noalloc:http@")));
+        assert!(
+            out.iter()
+                .all(|s| !s.name.starts_with("shop/noalloc:http@"))
+        );
         assert!(out.iter().all(|s| !s.name.starts_with("shop/plain:http@")));
         // Without node_ports in addresses: none at all.
         let spec: Kubernetes = serde_saphyr::from_str("addresses: [cluster_ip]").unwrap();
         let out = desired(&services, &slices, &spec, &here, &Trust::default()).services;
-        assert!(out.iter().all(|s| !s.name.contains('@')), "{:?}", out.iter().map(|s| &s.name).collect::<Vec<_>>());
+        assert!(
+            out.iter().all(|s| !s.name.contains('@')),
+            "{:?}",
+            out.iter().map(|s| &s.name).collect::<Vec<_>>()
+        );
     }
 
     #[test]
@@ -898,9 +924,19 @@ mod tests {
         let spec: Kubernetes =
             serde_saphyr::from_str("addresses: [cluster_ip, external_ips, load_balancer]").unwrap();
         let run = |svc: Service| {
-            desired(&[Arc::new(svc)], &[], &spec, &Locality::default(), &Trust::default())
+            desired(
+                &[Arc::new(svc)],
+                &[],
+                &spec,
+                &Locality::default(),
+                &Trust::default(),
+            )
         };
-        let found = run(service(serde_json::json!(["10.0.0.0/8", " 172.16.1.1/12", "nonsense"])));
+        let found = run(service(serde_json::json!([
+            "10.0.0.0/8",
+            " 172.16.1.1/12",
+            "nonsense"
+        ])));
         let by_vip = |vip: &str| {
             found
                 .services
@@ -926,7 +962,11 @@ mod tests {
         );
         // Only bad entries: the load-balancer IP admits nobody (not everybody).
         let found = run(service(serde_json::json!(["nonsense"])));
-        let lb = found.services.iter().find(|s| s.vip.to_string() == "198.51.100.4").unwrap();
+        let lb = found
+            .services
+            .iter()
+            .find(|s| s.vip.to_string() == "198.51.100.4")
+            .unwrap();
         assert_eq!(lb.allowed_sources, Some(Vec::new()));
         // Empty: no restriction, as kube-proxy reads it.
         let found = run(service(serde_json::json!([])));

@@ -13,9 +13,9 @@
 use std::{collections::BTreeMap, net::SocketAddr, time::Instant};
 
 use agent_common::{
-    Backend, BackendFib, BackendHealth, FibCache, LatencyHistogram, NO_BACKEND, Prefilter,
-    BACKEND_F_REMOTE, SERVICE_F_RETRY, SERVICE_F_SNAT, SERVICE_F_SNAT_REMOTE,
-    SERVICE_F_SOURCE_RANGES, Service, ServiceKey, ServicePolicy, ServiceStats, prefilter,
+    BACKEND_F_REMOTE, Backend, BackendFib, BackendHealth, FibCache, LatencyHistogram, NO_BACKEND,
+    Prefilter, SERVICE_F_RETRY, SERVICE_F_SNAT, SERVICE_F_SNAT_REMOTE, SERVICE_F_SOURCE_RANGES,
+    Service, ServiceKey, ServicePolicy, ServiceStats, prefilter,
 };
 use anyhow::{Context, Result, anyhow, bail};
 use aya::maps::PerCpuValues;
@@ -469,7 +469,11 @@ impl Reconciler {
         // 4. Source ranges the service gains, before its entry can ask.
         let wanted_ranges = ranges::wanted(id, spec);
         for entry in wanted_ranges.difference(&self.source_ranges.clone()) {
-            if let Err(e) = ranges::insert(&mut self.maps.source_ranges, &mut self.source_ranges, *entry) {
+            if let Err(e) = ranges::insert(
+                &mut self.maps.source_ranges,
+                &mut self.source_ranges,
+                *entry,
+            ) {
                 if offset != old_offset.unwrap_or(u32::MAX) {
                     self.slots.retire(offset);
                 }

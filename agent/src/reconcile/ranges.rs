@@ -52,7 +52,13 @@ pub fn insert(
     entry: Entry,
 ) -> Result<()> {
     trie.insert(&Key::new(entry.0, entry.1), 1, 0)
-        .with_context(|| format!("writing source range {} of service #{}", show(&entry), entry.1.service_id))?;
+        .with_context(|| {
+            format!(
+                "writing source range {} of service #{}",
+                show(&entry),
+                entry.1.service_id
+            )
+        })?;
     written.insert(entry);
     Ok(())
 }
@@ -72,7 +78,9 @@ pub fn remove_where(
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {
                 written.remove(&entry);
             }
-            Err(e) => warn!(range = show(&entry), service_id = entry.1.service_id, error = %e, "removing a source range"),
+            Err(e) => {
+                warn!(range = show(&entry), service_id = entry.1.service_id, error = %e, "removing a source range")
+            }
         }
     }
 }
@@ -80,5 +88,8 @@ pub fn remove_where(
 /// `10.0.0.0/8` for logs.
 fn show((prefix_len, r): &Entry) -> String {
     let ip = addr::words_ip(r.addr, r.family == agent_common::FAMILY_V4);
-    format!("{ip}/{}", prefix_len.saturating_sub(SOURCE_RANGE_FIXED_BITS))
+    format!(
+        "{ip}/{}",
+        prefix_len.saturating_sub(SOURCE_RANGE_FIXED_BITS)
+    )
 }

@@ -128,14 +128,23 @@ impl Cidr {
         match Self::parse(text) {
             Err(_) if text.contains('/') => {
                 let (addr, prefix) = text.split_once('/').unwrap_or((text, ""));
-                let network: IpAddr = addr.trim().parse().map_err(|_| "expected ADDRESS/PREFIX".to_string())?;
-                let prefix: u8 = prefix.trim().parse().map_err(|_| "expected ADDRESS/PREFIX".to_string())?;
+                let network: IpAddr = addr
+                    .trim()
+                    .parse()
+                    .map_err(|_| "expected ADDRESS/PREFIX".to_string())?;
+                let prefix: u8 = prefix
+                    .trim()
+                    .parse()
+                    .map_err(|_| "expected ADDRESS/PREFIX".to_string())?;
                 let cidr = Self { network, prefix };
                 let max = if network.is_ipv4() { 32 } else { 128 };
                 if prefix > max {
                     return Err(format!("the prefix length must be 0 to {max}"));
                 }
-                Ok(Self { network: cidr.masked(network), prefix })
+                Ok(Self {
+                    network: cidr.masked(network),
+                    prefix,
+                })
             }
             other => other,
         }
