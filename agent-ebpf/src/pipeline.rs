@@ -316,7 +316,7 @@ fn new_flow(s: &mut Scratch, service: &Service, syn: bool, flags: u8) -> Result<
     let new_sport = if untracked {
         s.key.sport
     } else {
-        install_reverse(s, service, backend_id, backend, seed, table)?
+        install_reverse(s, service, backend_id, backend, seed, table, snat)?
     };
 
     let facts = syn_facts(s);
