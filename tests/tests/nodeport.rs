@@ -8,7 +8,8 @@
 //! see: with `external_traffic_policy: cluster` backend 0 sees the client,
 //! backend 1 the node address; with `local` only backend 0 is used and it
 //! sees the client. A refused connect on this node's backend is resent to
-//! the other node's at once, across the change to SNAT.
+//! the other node's at once, across the change to SNAT. The node's own
+//! services on other ports of its address are left alone.
 
 use std::{
     collections::BTreeMap,
@@ -170,9 +171,22 @@ fn node_ports_reach_backends_on_both_nodes_tcp_and_udp_both_families() -> Result
     let cfg = dir.path("sluice.yaml");
     std::fs::write(&cfg, config())?;
     let agent = Agent::start(&topo.lb, &cfg, dir.path("agent.log"))?;
+    // The node's own services on its address (another port) are the
+    // node's: untouched by the node ports.
+    let own: Vec<testbed::NameServer> = [Family::V4, Family::V6]
+        .into_iter()
+        .map(|fam| testbed::NameServer::start(&topo.lb, SocketAddr::new(node(fam), 2222), "node"))
+        .collect::<Result<_>>()?;
 
     for fam in [Family::V4, Family::V6] {
         let (client, node) = (fam.client(), node(fam));
+        let answer = topo
+            .client
+            .enter(|| testbed::tcp_ask(SocketAddr::new(node, 2222), Duration::from_secs(3)))??;
+        ensure!(
+            answer.starts_with("node "),
+            "the node's own port 2222: {answer:?}"
+        );
         // Cluster: both backends; this node's sees the client, the other
         // node's the node address (SNAT), and its replies come back.
         for udp in [false, true] {
@@ -237,6 +251,7 @@ fn node_ports_reach_backends_on_both_nodes_tcp_and_udp_both_families() -> Result
         println!("{service}: {retries} retries");
         ensure!(retries > 0.0, "no connect of {service} was resent to b1");
     }
+    drop(own);
     Ok(())
 }
 
