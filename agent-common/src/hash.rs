@@ -44,6 +44,20 @@ pub const fn flow_hash(src: &[u32; 4], dst: &[u32; 4], sport: u16, dport: u16, p
     finish(h)
 }
 
+/// Hash of a client address alone: what Maglev picks the backend by for a
+/// service with session affinity, so that every connection of a client,
+/// on every node, has the same first choice (the affinity entry then keeps
+/// it there when the backends change).
+#[inline(always)]
+pub const fn client_hash(src: &[u32; 4]) -> u32 {
+    let mut h = SEED;
+    h = mix(h, src[0]);
+    h = mix(h, src[1]);
+    h = mix(h, src[2]);
+    h = mix(h, src[3]);
+    finish(h)
+}
+
 /// The `attempt`-th alternative to a flow hash, for skipping ejected backends.
 #[inline(always)]
 pub const fn rehash(h: u32, attempt: u32) -> u32 {

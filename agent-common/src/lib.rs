@@ -42,6 +42,14 @@ const _: () = assert!(core::mem::size_of::<ServiceKey>() == 20);
 pub const SERVICE_F_SNAT: u32 = 1;
 /// A refused or unanswered SYN is retried on another backend (policy flag).
 pub const SERVICE_F_RETRY: u32 = 2;
+/// Session affinity by client address: a client's new connections go to
+/// the backend its `AFFINITY` entry names while the entry is younger than
+/// `Service::affinity_timeout_s` and the backend takes new connections.
+pub const SERVICE_F_AFFINITY: u32 = 16;
+/// The backend of a new client is the one of two candidates (the Maglev
+/// choice and a random slot of the table) with fewer active connections
+/// for its weight (`BACKEND_ACTIVE`): per node, not consistent across nodes.
+pub const SERVICE_F_LEAST_CONN: u32 = 32;
 /// New flows are admitted only from sources in the service's entries of
 /// `SOURCE_RANGES` (`allowed_sources`); others are dropped as
 /// `reason::SOURCE_DENIED` before any state is created.
@@ -79,8 +87,37 @@ pub struct Service {
     /// Source address for `snat` services, and for `SERVICE_F_SNAT_REMOTE`
     /// flows to remote backends (the NodePort entry's node address).
     pub snat_addr: [u32; 4],
+    /// With `SERVICE_F_AFFINITY`: how long a client's affinity entry lives
+    /// after its last new connection, in seconds.
+    pub affinity_timeout_s: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<Service>() == 32);
+const _: () = assert!(core::mem::size_of::<Service>() == 40);
+
+/// Key of the `AFFINITY` map: one client of one service. The service id is
+/// part of the key, so an id reused by a new service finds none of the old
+/// one's entries valid (and the backend check refuses a reused backend id).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    pub service_id: u32,
+    pub family: u8,
+    pub _pad: [u8; 3],
+    /// The client's address (an IPv4 address in `client[0]`).
+    pub client: [u32; 4],
+}
+const _: () = assert!(core::mem::size_of::<AffinityKey>() == 24);
+
+/// Value of the `AFFINITY` map: the backend a client's new connections go
+/// to, and when the client last opened one (whole seconds of the coarse
+/// monotonic clock, as `Flow::last_seen`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AffinityEntry {
+    pub backend_id: u32,
+    pub last_used_s: u32,
+}
+const _: () = assert!(core::mem::size_of::<AffinityEntry>() == 8);
 
 /// How far a new flow's Maglev choice looks past ejected backends: this
 /// many rehashes of its hash, then this many slots walked one by one (the
@@ -95,9 +132,11 @@ pub struct Backend {
     pub addr: [u32; 4],
     /// Network byte order.
     pub port: u16,
-    /// The configured weight, and the owning service's id. The kernel reads
-    /// neither: a restarted agent does, to adopt the backends of pinned maps
-    /// as they were.
+    /// The configured weight, and the owning service's id: a restarted
+    /// agent reads them to adopt the backends of pinned maps as they were;
+    /// the kernel reads the weight for least connections and the service
+    /// id to tell whether a client's affinity entry still names a backend
+    /// of that service (ids are reused).
     pub weight: u16,
     pub service_id: u32,
     /// `BACKEND_F_*` bits.
@@ -178,6 +217,14 @@ pub const FLOW_F_VERIFIED: u32 = 8;
 /// Forward entry of a TCP flow: a failure of its current backend has been
 /// counted; one connect attempt counts at most once.
 pub const FLOW_F_FAILURE_COUNTED: u32 = 16;
+/// Forward entry of a TCP flow of a service with session affinity: the
+/// backend that answers its SYN becomes the client's affinity (after a
+/// retry, the one that took the connection).
+pub const FLOW_F_AFFINITY: u32 = 32;
+/// Forward entry of a flow of a least-connections service: counted in its
+/// backend's `BACKEND_ACTIVE` word, until it closes (then cleared, so it is
+/// taken off once).
+pub const FLOW_F_ACTIVE_COUNTED: u32 = 64;
 
 /// The FIB lookup result for a flow's next hop, kept in its conntrack entry:
 /// a FIB lookup costs more than the rest of the fast path together.
@@ -383,8 +430,9 @@ const _: () = assert!(core::mem::size_of::<SockConnect>() == 48);
 ///
 /// 4: `MAGLEV` is one pool of per-service tables sized by backend count
 /// (was two `maglev.table_size` halves per service id).
-/// 5: issue #15's service options: `SOURCE_RANGES`, the `source_denied`
-/// reason (`REASONS` grows), `Backend::flags` (32 bytes), ...
+/// 5: `Service` is 40 bytes (`affinity_timeout_s`); the `AFFINITY` and
+/// `BACKEND_ACTIVE` maps; `SOURCE_RANGES` and the `source_denied` reason
+/// (`REASONS` grows); `Backend` is 32 bytes (`flags`).
 pub const MAP_LAYOUT: u32 = 5;
 
 /// What `BackendHealth::ejected` says of a backend. Kept as a `u32` in the
@@ -653,6 +701,8 @@ mod pod {
     unsafe impl aya::Pod for super::BenchFrame {}
     unsafe impl aya::Pod for super::SockReverse {}
     unsafe impl aya::Pod for super::SockConnect {}
+    unsafe impl aya::Pod for super::AffinityKey {}
+    unsafe impl aya::Pod for super::AffinityEntry {}
     unsafe impl aya::Pod for super::SourceRange {}
 }
 

@@ -20,6 +20,8 @@ pub enum Sizing {
     /// sized by `limits.max_services`, `limits.max_backends` and
     /// `maglev.table_size` (the agent's `reconcile::slots::pool_slots`).
     MaglevSlots,
+    /// `conntrack.affinity_max_entries`.
+    Affinity,
 }
 
 /// One map of the kernel object.
@@ -62,6 +64,8 @@ pub mod map {
     pub const SYN_RECORDS: &str = "SYN_RECORDS";
     pub const RESYN_XDP: &str = "RESYN_XDP";
     pub const RESYN_TC: &str = "RESYN_TC";
+    pub const AFFINITY: &str = "AFFINITY";
+    pub const BACKEND_ACTIVE: &str = "BACKEND_ACTIVE";
     pub const SOURCE_RANGES: &str = "SOURCE_RANGES";
 }
 
@@ -104,6 +108,10 @@ pub const MAPS: &[MapDef] = &[
     def(map::SYN_RECORDS, false, Sizing::Fixed),
     def(map::RESYN_XDP, false, Sizing::Fixed),
     def(map::RESYN_TC, false, Sizing::Fixed),
+    // Pinned: a client keeps its backend across an agent restart.
+    def(map::AFFINITY, true, Sizing::Affinity),
+    // Pinned: it counts the pinned flows.
+    def(map::BACKEND_ACTIVE, true, Sizing::Backends),
     // Pinned like SERVICES, whose ids its keys carry.
     def(map::SOURCE_RANGES, true, Sizing::Fixed),
 ];

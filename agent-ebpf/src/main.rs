@@ -30,6 +30,10 @@ mod conntrack;
 
 mod select;
 
+mod affinity;
+
+mod least_conn;
+
 mod failure;
 
 mod budget;

@@ -142,6 +142,18 @@ pub static RESYN_XDP: aya_ebpf::maps::ProgramArray =
 pub static RESYN_TC: aya_ebpf::maps::ProgramArray =
     aya_ebpf::maps::ProgramArray::with_max_entries(1, 0);
 
+/// Session affinity: (service, client address) → the client's backend and
+/// when it last opened a connection (see `affinity`). Pinned: clients keep
+/// their backends across an agent restart.
+#[map]
+pub static AFFINITY: LruHashMap<agent_common::AffinityKey, agent_common::AffinityEntry> =
+    LruHashMap::with_max_entries(65_536, 0);
+
+/// Backend id → its active flows of least-connections services, shared by
+/// every CPU (atomic adds; see `least_conn`). Signed in effect: the
+/// agent's correction may leave a word briefly below zero.
+#[map]
+pub static BACKEND_ACTIVE: Array<u64> = Array::with_max_entries(4096, 0);
 /// The source ranges of services with `allowed_sources` (see
 /// `agent_common::SourceRange`): one trie for all services, its keys led
 /// by the service id. Sized by `agent_common::MAX_SOURCE_RANGES`.

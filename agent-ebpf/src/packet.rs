@@ -117,6 +117,11 @@ pub struct Scratch {
     pub resyn_l3: u32,
     pub resyn_l4: u32,
     pub resyn: u32,
+    /// The key of a client's session affinity entry (see `affinity`).
+    pub affinity_key: agent_common::AffinityKey,
+    /// A new flow's backend id, attempt and `FLOW_F_AFFINITY` bit (see
+    /// `pipeline::choose`).
+    pub chosen: [u32; 3],
     /// The client's source as a `SOURCE_RANGES` key (see
     /// `service::source_allowed`).
     pub source_key: Key<SourceRange>,

@@ -9,20 +9,22 @@
 )]
 
 use agent_common::{
-    FLOW_F_FIN_CLIENT, FLOW_F_REVERSE, Flow, FlowKey, NO_BACKEND, PROTO_TCP, PROTO_UDP,
-    SERVICE_F_SNAT, SERVICE_F_SNAT_REMOTE, SERVICE_F_SOURCE_RANGES, Service, event_kind,
-    flow_state, prefilter, reason, snat_for,
+    FLOW_F_ACTIVE_COUNTED, FLOW_F_AFFINITY, FLOW_F_FIN_CLIENT, FLOW_F_REVERSE, Flow, FlowKey,
+    NO_BACKEND, PROTO_TCP, PROTO_UDP, SERVICE_F_AFFINITY, SERVICE_F_LEAST_CONN, SERVICE_F_SNAT,
+    SERVICE_F_SNAT_REMOTE, SERVICE_F_SOURCE_RANGES, Service, event_kind, flow_state, prefilter,
+    reason, snat_for,
 };
 use aya_ebpf::bindings::bpf_fib_lookup;
 
 use crate::{
-    budget,
+    affinity, budget,
     conntrack::{self, Table, copy_flow, fill, install_reverse, snat_seed},
     events, failure,
     forward::{self, ttl_allows_forwarding},
     headers::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     icmp,
     integrity::{self, check_syn},
+    least_conn,
     maps::{BACKEND_FIB, BACKENDS, CONNTRACK, HALF_OPEN},
     nat::{rewrite, skb_l4_checksum},
     packet::{Action, Ctx, NO_REFUSAL, Packet, Scratch, fragment},
@@ -121,6 +123,7 @@ fn transport(ctx: &Ctx, s: &mut Scratch, pkt: &Packet, src: &[u32; 4], dst: &[u3
         if !restarts {
             return translate(ctx, pkt, &s.key, &mut s.fib, flow);
         }
+        least_conn::closed(f);
         conntrack::forget(s, f);
     }
     // A connect being made: its entries are half-open until the client
@@ -282,7 +285,8 @@ fn syn_refusal(s: &Scratch) -> Option<u32> {
     (code != NO_REFUSAL).then_some(code)
 }
 
-/// Picks the backend by Maglev (skipping ejected ones), records both
+/// Picks the backend (a client's live affinity entry, else Maglev,
+/// skipping ejected backends), records both
 /// directions of the flow (a SYN's in `HALF_OPEN`, others' in `CONNTRACK`),
 /// and returns the forward entry (its copy in the scratch area). A RST
 /// creates nothing: with DNAT it goes to the Maglev choice untracked.
@@ -303,9 +307,16 @@ fn new_flow(s: &mut Scratch, service: &Service, syn: bool, flags: u8) -> Result<
     } else {
         Table::Established
     };
-    let h = s.key.flow_hash();
-    let Some((backend_id, attempt)) = select::pick(service, h, NO_BACKEND, 0) else {
+    if !choose(s, service, untracked) {
         return Err(reason::NO_BACKEND);
+    }
+    // SAFETY: reads of this CPU's scratch area (see `choose`).
+    let (backend_id, attempt, affinity_flag) = unsafe {
+        (
+            core::ptr::read_volatile(&s.chosen[0]),
+            core::ptr::read_volatile(&s.chosen[1]),
+            core::ptr::read_volatile(&s.chosen[2]),
+        )
     };
     let Some(backend) = BACKENDS.get(backend_id) else {
         return Err(reason::NO_BACKEND);
@@ -331,7 +342,13 @@ fn new_flow(s: &mut Scratch, service: &Service, syn: bool, flags: u8) -> Result<
         backend_id,
         service.id,
     );
-    forward.flags = 0;
+    // A connect of an affinity service: its SYN-ACK confirms (or, after
+    // a retry, moves) the client's affinity (see `tcp_state::backend_tcp`).
+    forward.flags = if syn {
+        affinity_flag
+    } else {
+        affinity_flag & FLOW_F_ACTIVE_COUNTED
+    };
     forward.attempts = attempt.min(255) as u8;
     if syn {
         forward.state = flow_state::SYN_SENT;
@@ -353,7 +370,58 @@ fn new_flow(s: &mut Scratch, service: &Service, syn: bool, flags: u8) -> Result<
         let _ = map.remove(&s.reverse_key);
         return Err(reason::CONNTRACK_FULL);
     }
+    least_conn::opened(&s.forward);
     Ok(&raw mut s.forward)
+}
+
+/// The backend of a new flow of `service` (whose forward key is `s.key`):
+/// the client's live affinity entry's, else the Maglev choice, or for a
+/// least-connections service the less loaded of it and a random slot's
+/// backend (recorded as the client's affinity for an affinity service,
+/// unless the packet is an untracked RST). Left in `s.chosen` (backend id,
+/// attempt, the flow's `FLOW_F_AFFINITY` and `FLOW_F_ACTIVE_COUNTED`
+/// bits), not returned: read back from memory, the
+/// outcomes are one state for the verifier to walk the rest of the new
+/// flow with, not one per way of choosing. False: no backend.
+#[inline(always)]
+fn choose(s: &mut Scratch, service: &Service, untracked: bool) -> bool {
+    let affinity = service.flags & SERVICE_F_AFFINITY != 0;
+    let least_conn = service.flags & SERVICE_F_LEAST_CONN != 0;
+    let kept = if affinity {
+        affinity::backend(&mut s.affinity_key, service, &s.key)
+    } else {
+        None
+    };
+    let (backend_id, attempt) = match kept {
+        Some(id) => (id, 0),
+        None => {
+            let h = select::first_hash(service, &s.key);
+            let Some(mut choice) = select::pick(service, h, NO_BACKEND, 0) else {
+                return false;
+            };
+            if least_conn {
+                choice.0 = least_conn::choose(service, choice.0);
+            }
+            if affinity && !untracked {
+                affinity::record(&mut s.affinity_key, service.id, &s.key, choice.0);
+            }
+            choice
+        }
+    };
+    let flag = if affinity { FLOW_F_AFFINITY } else { 0 }
+        | if least_conn && !untracked {
+            FLOW_F_ACTIVE_COUNTED
+        } else {
+            0
+        };
+    // SAFETY: writes to this CPU's scratch area; volatile, so that they are
+    // read back from memory.
+    unsafe {
+        core::ptr::write_volatile(&mut s.chosen[0], backend_id);
+        core::ptr::write_volatile(&mut s.chosen[1], attempt);
+        core::ptr::write_volatile(&mut s.chosen[2], flag);
+    }
+    true
 }
 
 /// Rewrites the packet as its flow entry says (either direction), counts it,

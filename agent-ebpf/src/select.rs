@@ -2,8 +2,8 @@
 //! hash, skipping ejected backends.
 
 use agent_common::{
-    BackendState, MAGLEV_MAX_PICKS as MAX_PICKS, MAGLEV_MAX_WALK as MAX_WALK, NO_BACKEND, Service,
-    hash,
+    BackendState, FlowKey, MAGLEV_MAX_PICKS as MAX_PICKS, MAGLEV_MAX_WALK as MAX_WALK, NO_BACKEND,
+    SERVICE_F_AFFINITY, Service, hash,
 };
 
 use crate::maps::{BACKEND_HEALTH, MAGLEV};
@@ -12,6 +12,18 @@ use crate::maps::{BACKEND_HEALTH, MAGLEV};
 // then MAX_WALK slots walked one by one (see `pick`): with half the
 // backends ejected, all 40 miss a healthy one for about one connection in
 // 10^12.
+
+/// The hash a flow's Maglev choice starts from: its 5-tuple's, or for a
+/// service with session affinity its client address's, so that a new
+/// client's connections all have one first choice, the same on every node.
+#[inline(always)]
+pub fn first_hash(service: &Service, key: &FlowKey) -> u32 {
+    if service.flags & SERVICE_F_AFFINITY != 0 {
+        hash::client_hash(&key.src)
+    } else {
+        key.flow_hash()
+    }
+}
 
 #[inline(always)]
 pub fn is_ejected(backend_id: u32) -> bool {

@@ -8,14 +8,16 @@
 )]
 
 use agent_common::{
-    FLOW_F_FAILURE_COUNTED, FLOW_F_FIN_BACKEND, FLOW_F_FIN_CLIENT, FLOW_F_VERIFIED, Flow, FlowKey,
-    SERVICE_F_RETRY, SNAT_PORT_MIN, flow_state, reason, snat_for,
+    FLOW_F_AFFINITY, FLOW_F_FAILURE_COUNTED, FLOW_F_FIN_BACKEND, FLOW_F_FIN_CLIENT,
+    FLOW_F_VERIFIED, Flow, FlowKey, SERVICE_F_RETRY, SNAT_PORT_MIN, flow_state, reason, snat_for,
 };
 
 use crate::{
+    affinity,
     conntrack::{Table, answer_key, forward_of, install_reverse},
     failure::{self, Failure},
     headers::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    least_conn,
     maps::BACKENDS,
     packet::{Scratch, copy_addr, copy_key},
     select, service,
@@ -176,6 +178,16 @@ pub fn backend_tcp(
             let latency = now.wrapping_sub(f.syn_ns);
             failure::record_success(&s.reverse_key, f.service_id, f.backend_id, latency, now);
             f.state = flow_state::ESTABLISHED;
+            if f.flags & FLOW_F_AFFINITY != 0 {
+                // The backend that took the connection (after a retry, not
+                // the one the entry named) is the client's from now on.
+                affinity::record(
+                    &mut s.affinity_key,
+                    f.service_id,
+                    &s.reverse_key,
+                    f.backend_id,
+                );
+            }
         }
         return Ok(());
     }
@@ -210,6 +222,7 @@ pub fn backend_tcp(
             return Err(reason::RST_HELD_FOR_RETRY);
         }
         f.state = flow_state::CLOSED;
+        least_conn::closed(f);
         return Ok(());
     }
     if flags & (TCP_FIN | TCP_RST) != 0 {
@@ -276,6 +289,7 @@ pub fn close_seen(key: &FlowKey, f: &mut Flow, flags: u8, side: u32) {
     f.flags |= side;
     let both = FLOW_F_FIN_CLIENT | FLOW_F_FIN_BACKEND;
     f.state = if rst || f.flags & both == both {
+        least_conn::closed(f);
         flow_state::CLOSED
     } else {
         flow_state::CLOSING
@@ -314,7 +328,7 @@ pub fn retry(
     ) else {
         return Ok(());
     };
-    let h = s.key.flow_hash();
+    let h = select::first_hash(&service, &s.key);
     let first = match why {
         Resend::AfterFailure => u32::from(f.attempts) + 1,
         Resend::NewConnection => 0,
@@ -342,6 +356,7 @@ pub fn retry(
         &mut f.new_src,
         if snat { &service.snat_addr } else { &s.key.src },
     );
+    least_conn::moved(f, backend_id);
     copy_addr(&mut f.new_dst, &backend.addr);
     f.new_dport = backend.port;
     f.new_sport = new_sport;

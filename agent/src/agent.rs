@@ -171,6 +171,12 @@ pub async fn run(
     shared
         .half_open_capacity
         .store(sizes.half_open, Ordering::Relaxed);
+    let backend_active = second_handle(
+        &maps.backend_active,
+        agent_common::registry::map::BACKEND_ACTIVE,
+        aya::maps::Map::Array,
+    )
+    .map_err(anyhow::Error::from)?;
     let mut reconciler = Reconciler::new(maps, sizes.table_size, sizes.services, sizes.backends)?;
     reconciler.set_new_flows_per_second(cfg.raw.limits.new_flows_per_second);
     // The loop below is the one writer; everything else reads `view`.
@@ -183,6 +189,11 @@ pub async fn run(
             conntrack_capacity: sizes.conntrack,
             half_open,
             half_open_capacity: sizes.half_open,
+            active: crate::sweep::ActiveCounts {
+                map: backend_active,
+                capacity: sizes.backends,
+                suspect: Default::default(),
+            },
         },
         shared.clone(),
         view,

@@ -12,8 +12,8 @@ use std::{
     time::Duration,
 };
 
-use agent_common::{FLOW_F_REVERSE, Flow, FlowKey, PROTO_UDP, flow_state};
-use aya::maps::{HashMap as BpfHashMap, IterableMap as _, MapData};
+use agent_common::{FLOW_F_ACTIVE_COUNTED, FLOW_F_REVERSE, Flow, FlowKey, PROTO_UDP, flow_state};
+use aya::maps::{Array, HashMap as BpfHashMap, IterableMap as _, MapData};
 use tracing::debug;
 
 use crate::{config::ConntrackTimeouts, counters::Counters, state::Shared, view::View};
@@ -109,6 +109,9 @@ struct Swept {
     pub expired_established: BTreeMap<u32, u64>,
     /// Established connections still in the map, by backend id.
     pub established: BTreeMap<u32, u64>,
+    /// Flows still in the map that the kernel counts as active
+    /// (`FLOW_F_ACTIVE_COUNTED`), by backend id.
+    pub counted: BTreeMap<u32, u64>,
 }
 
 /// Sweeps `map` once: removes the flows idle past their timeout at `now`.
@@ -182,6 +185,9 @@ fn sweep(
             *swept.counts.entry(state).or_default() += entries;
             if flow.state == flow_state::ESTABLISHED {
                 *swept.established.entry(flow.backend_id).or_default() += 1;
+            }
+            if flow.flags & FLOW_F_ACTIVE_COUNTED != 0 {
+                *swept.counted.entry(flow.backend_id).or_default() += 1;
             }
         }
     }
@@ -277,12 +283,71 @@ impl Evictions {
     }
 }
 
+/// The kernel's active-flow counts of least-connections services
+/// (`BACKEND_ACTIVE`), corrected after each sweep. The kernel adds one
+/// when a counted flow opens and takes one off when it closes; a flow that
+/// ends silently (expired by this sweep, evicted by the LRU, deleted with
+/// an ended backend) is never taken off there. So after each sweep the
+/// words are compared with the counted flows the walks found.
+///
+/// Racy, and self-correcting: flows open and close between the walk and
+/// the read of the words, so a difference seen once is most likely such a
+/// flow, and is left alone; the same difference in two sweeps in a row
+/// (two seconds apart) is a leak, and the word is set to the walks'
+/// count. A kernel add in the instant of that write is lost, and found by
+/// the next two sweeps. The kernel reads a word as signed and at least
+/// zero, so an error meanwhile never makes a backend look busier than
+/// zero connections below the truth.
+pub struct ActiveCounts {
+    pub map: Array<MapData, u64>,
+    /// Backend slots (`limits.max_backends`).
+    pub capacity: u32,
+    /// The differences (word − walks' count) of the last sweep, by backend id.
+    pub suspect: HashMap<u32, i64>,
+}
+
+impl ActiveCounts {
+    /// Compares the words with `live` (counted flows by backend id) and
+    /// corrects the differences seen twice in a row.
+    fn correct(&mut self, live: &BTreeMap<u32, u64>) {
+        let values = match crate::batch::array_values::<u64>(self.map.map(), self.capacity, 1) {
+            Ok(values) => values,
+            Err(e) => {
+                debug!(error = %e, "reading BACKEND_ACTIVE");
+                return;
+            }
+        };
+        let mut suspect = HashMap::new();
+        for (id, &have) in values.iter().enumerate() {
+            let id = id as u32;
+            let want = live.get(&id).copied().unwrap_or(0);
+            let diff = (have as i64).wrapping_sub(want as i64);
+            if diff == 0 {
+                continue;
+            }
+            if self.suspect.get(&id) == Some(&diff) {
+                debug!(
+                    backend_id = id,
+                    counted = have as i64,
+                    live = want,
+                    "active count corrected"
+                );
+                let _ = self.map.set(id, want, 0);
+            } else {
+                suspect.insert(id, diff);
+            }
+        }
+        self.suspect = suspect;
+    }
+}
+
 /// The maps the sweep walks, on handles of its own.
 pub struct Tables {
     pub conntrack: BpfHashMap<MapData, FlowKey, Flow>,
     pub conntrack_capacity: u32,
     pub half_open: BpfHashMap<MapData, FlowKey, Flow>,
     pub half_open_capacity: u32,
+    pub active: ActiveCounts,
 }
 
 /// Sweeps the conntrack maps on a thread of its own (a walk of a large map
@@ -294,6 +359,7 @@ pub fn spawn(tables: Tables, shared: Arc<Shared>, view: Arc<View>) {
         conntrack_capacity: capacity,
         mut half_open,
         half_open_capacity,
+        mut active,
     } = tables;
     let mut evictions = Evictions::default();
     std::thread::spawn(move || {
@@ -331,6 +397,11 @@ pub fn spawn(tables: Tables, shared: Arc<Shared>, view: Arc<View>) {
             for (backend_id, n) in &opening.established {
                 *swept.established.entry(*backend_id).or_default() += n;
             }
+            let mut counted = opening.counted.clone();
+            for (backend_id, n) in &swept.counted {
+                *counted.entry(*backend_id).or_default() += n;
+            }
+            active.correct(&counted);
             evictions.follow(&view.counters, &swept, total, capacity);
             shared.conntrack_entries.store(total, Ordering::Relaxed);
             let opening_total: u64 = opening.counts.values().sum();

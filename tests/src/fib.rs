@@ -141,6 +141,7 @@ impl FibBed {
             services: 8,
             backends: 64,
             table_size: 251,
+            affinity: 1024,
         };
         let (datapath, maps) = Datapath::load_object(sizes, object, None)?;
         let mut reconciler =

@@ -15,6 +15,7 @@ const FULL: &str = r#"interfaces:
     attach: tc
 conntrack:
   max_entries: 65536
+  affinity_max_entries: 65536
   timeouts:
     tcp_syn_sent: 30
     tcp_established: 3600
@@ -48,6 +49,10 @@ services:
     drain_timeout_seconds: 60
     metrics:
       backend_latency_histogram: true
+    affinity:
+      client_ip:
+        timeout_seconds: 10800
+    algorithm: least_connections
     allowed_sources: [10.0.0.0/8, "fd00::/8", 192.0.2.7]
   - name: dns6
     vip: "fd00::1"
@@ -104,6 +109,11 @@ const WORDS: &[&str] = &[
     "10.0.0.0/8",
     "\"fd00::/8\"",
     "failure",
+    "affinity",
+    "client_ip",
+    "timeout_seconds",
+    "algorithm",
+    "least_connections",
     "discovery",
     "dns",
     "etcd",
@@ -239,6 +249,9 @@ fn check(text: &str) -> Result<(), TestCaseError> {
                 }
                 if let Some(snat) = s.snat_ip {
                     prop_assert_eq!(snat.is_ipv4(), s.vip.is_ipv4());
+                }
+                if let Some(t) = s.affinity_timeout {
+                    prop_assert!((1..=super::MAX_AFFINITY_TIMEOUT_SECONDS).contains(&t));
                 }
                 // Accepted blocks are blocks: their text parses back as itself.
                 for c in s.allowed_sources.iter().flatten() {

@@ -19,12 +19,15 @@ use std::path::Path;
 
 pub use model::{DiscoverySpec, PodRef, ServiceSpec, Source};
 pub use schema::{
-    AttachMode, BackendSpec, Config, Conntrack, ConntrackTimeouts, Control, Discovery,
-    DnsDiscovery, DnsRecord, EtcdDiscovery, Failure, Forwarding, Interface, KubeAddress,
-    Kubernetes, Limits, Maglev, Metrics, Node, Pinning, Protocol, Service, ServiceMetrics,
-    SocketLb, TrafficPolicy,
+    Affinity, Algorithm, AttachMode, BackendSpec, ClientIpAffinity, Config, Conntrack,
+    ConntrackTimeouts, Control, Discovery, DnsDiscovery, DnsRecord, EtcdDiscovery, Failure,
+    Forwarding, Interface, KubeAddress, Kubernetes, Limits, Maglev, Metrics, Node, Pinning,
+    Protocol, Service, ServiceMetrics, SocketLb, TrafficPolicy,
 };
-pub use schema::{DEFAULT_CONTROL_SOCKET, DEFAULT_NEW_FLOWS_PER_SECOND, DEFAULT_STATE_DIRECTORY};
+pub use schema::{
+    DEFAULT_AFFINITY_TIMEOUT_SECONDS, DEFAULT_CONTROL_SOCKET, DEFAULT_NEW_FLOWS_PER_SECOND,
+    DEFAULT_STATE_DIRECTORY, MAX_AFFINITY_TIMEOUT_SECONDS,
+};
 pub use validate::{
     BackendError, Cidr, MAX_WEIGHT, RefusedClass, backend, is_prime, refused_class,
 };

@@ -27,6 +27,11 @@ pub struct ServiceSpec {
     /// The pod behind each backend that has one (Kubernetes endpoints), for
     /// the metrics' and the API's `namespace` and `pod`.
     pub pods: BTreeMap<SocketAddr, PodRef>,
+    /// Session affinity by client address: its timeout in seconds (1 to
+    /// 86,400); None: no affinity.
+    pub affinity_timeout: Option<u32>,
+    /// How a new client's backend is chosen.
+    pub algorithm: super::Algorithm,
     /// `allowed_sources`: None, no restriction; Some, new flows only from
     /// these blocks (Some(empty): from nowhere, which only Kubernetes makes,
     /// when every `loadBalancerSourceRanges` entry was invalid). Blocks of

@@ -262,6 +262,10 @@ pub struct Conntrack {
     /// How long a flow may stay idle in each state before the agent's sweep
     /// removes it (both entries; an SNAT flow's port returns to the pool).
     pub timeouts: ConntrackTimeouts,
+    /// Capacity of the session affinity table: one entry per client of
+    /// each service with `affinity` (an LRU: when full, the least recently
+    /// used client's entry goes, and that client is placed by Maglev again).
+    pub affinity_max_entries: u32,
 }
 
 impl Default for Conntrack {
@@ -270,6 +274,7 @@ impl Default for Conntrack {
             max_entries: 262_144,
             half_open_max_entries: 65_536,
             timeouts: ConntrackTimeouts::default(),
+            affinity_max_entries: 65_536,
         }
     }
 }
@@ -403,6 +408,12 @@ pub struct Service {
     /// Overrides of the global `metrics` settings for this service.
     #[serde(default)]
     pub metrics: ServiceMetrics,
+    /// Session affinity: a client's connections go to one backend.
+    #[serde(default)]
+    pub affinity: Option<Affinity>,
+    /// How a new connection's backend is chosen.
+    #[serde(default)]
+    pub algorithm: Algorithm,
     /// New flows only from these blocks (`10.0.0.0/8`, `fd00::/8`; a bare
     /// address is a block of one). Absent or empty: from anywhere.
     #[serde(default, deserialize_with = "null_as_empty")]
@@ -412,6 +423,46 @@ pub struct Service {
     pub node_port: Option<u16>,
     #[serde(default)]
     pub external_traffic_policy: TrafficPolicy,
+}
+
+/// `algorithm:` of a service.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Algorithm {
+    /// Consistent hashing: every node makes the same choice.
+    #[default]
+    Maglev,
+    /// The less loaded (active connections for its weight) of two
+    /// candidates, by this node's own counts: not consistent across nodes.
+    LeastConnections,
+}
+
+/// `affinity:` of a service (one kind: by client address).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Affinity {
+    #[serde(default)]
+    pub client_ip: Option<ClientIpAffinity>,
+}
+
+/// `affinity: {client_ip: {timeout_seconds: N}}`: every new connection of
+/// a client address goes to the backend of its previous ones while the
+/// client opened one within the last `timeout_seconds` and that backend
+/// takes new connections (kube-proxy's `sessionAffinity: ClientIP`).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientIpAffinity {
+    #[serde(default = "default_affinity_timeout")]
+    pub timeout_seconds: u32,
+}
+
+/// Kubernetes' default `sessionAffinityConfig.clientIP.timeoutSeconds` (3 h).
+pub const DEFAULT_AFFINITY_TIMEOUT_SECONDS: u32 = 10_800;
+/// Kubernetes' maximum for it (one day).
+pub const MAX_AFFINITY_TIMEOUT_SECONDS: u32 = 86_400;
+
+fn default_affinity_timeout() -> u32 {
+    DEFAULT_AFFINITY_TIMEOUT_SECONDS
 }
 
 fn default_drain_timeout() -> u32 {

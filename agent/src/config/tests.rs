@@ -717,6 +717,51 @@ fn a_list_key_with_nothing_after_it_is_an_empty_list() {
 }
 
 #[test]
+fn session_affinity_parses_with_kubernetes_default_and_bounds() {
+    let with = |affinity: &str| format!("{GOOD}    affinity: {affinity}\n");
+    assert_eq!(
+        parse(GOOD, "c.yaml").unwrap().services[0].affinity_timeout,
+        None
+    );
+    let v = parse(&with("{client_ip: {timeout_seconds: 30}}"), "c.yaml").unwrap();
+    assert_eq!(v.services[0].affinity_timeout, Some(30));
+    let v = parse(&with("{client_ip: {}}"), "c.yaml").unwrap();
+    assert_eq!(v.services[0].affinity_timeout, Some(10_800));
+    let v = parse(&with("{client_ip: {timeout_seconds: 86400}}"), "c.yaml").unwrap();
+    assert_eq!(v.services[0].affinity_timeout, Some(86_400));
+    for (value, field, shown) in [
+        (
+            "{client_ip: {timeout_seconds: 0}}",
+            "services[0].affinity.client_ip.timeout_seconds",
+            "0",
+        ),
+        (
+            "{client_ip: {timeout_seconds: 86401}}",
+            "services[0].affinity.client_ip.timeout_seconds",
+            "86401",
+        ),
+        ("{}", "services[0].affinity", "{}"),
+    ] {
+        let e = error_of(&with(value));
+        assert!(e.contains(field) && e.contains(shown), "{value}: {e}");
+    }
+    // Not a number, a negative one, an unknown kind: serde names them.
+    for (value, shown) in [
+        ("{client_ip: {timeout_seconds: -1}}", "timeout_seconds"),
+        ("{client_ip: {timeout_seconds: soon}}", "timeout_seconds"),
+        ("{cookie: {}}", "cookie"),
+    ] {
+        let e = error_of(&with(value));
+        assert!(e.contains(shown), "{value}: {e}");
+    }
+    let e = error_of(&format!("{GOOD}conntrack:\n  affinity_max_entries: 10\n"));
+    assert!(
+        e.contains("conntrack.affinity_max_entries") && e.contains("10"),
+        "{e}"
+    );
+}
+
+#[test]
 fn allowed_sources_parse_and_bad_blocks_are_refused_by_name() {
     let with = |list: &str| {
         GOOD.replace(

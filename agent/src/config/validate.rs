@@ -9,13 +9,15 @@ use std::{
 };
 
 use super::{
-    BackendSpec, Config, ConfigError, Conntrack, Control, Failure, Forwarding, Interface,
+    Affinity, BackendSpec, Config, ConfigError, Conntrack, Control, Failure, Forwarding, Interface,
     KubeAddress, Kubernetes, Limits, Maglev, Node, Pinning, Protocol, Service, ServiceSpec,
     TrafficPolicy, Validated,
 };
 
 mod address;
 mod source;
+
+use super::MAX_AFFINITY_TIMEOUT_SECONDS;
 
 pub use address::{Cidr, RefusedClass, refused_class};
 
@@ -273,6 +275,13 @@ fn conntrack(c: &Conntrack) -> Result<(), Refusal> {
             "must be at least 1024",
         ));
     }
+    if c.affinity_max_entries < 1024 {
+        return Err(refuse(
+            "conntrack.affinity_max_entries",
+            c.affinity_max_entries,
+            "must be at least 1024",
+        ));
+    }
     if c.half_open_max_entries < 1024 {
         return Err(refuse(
             "conntrack.half_open_max_entries",
@@ -469,6 +478,7 @@ fn service(s: &Service, at: &str, taken: &mut Taken) -> Result<ServiceSpec, Refu
     };
     let drain_timeout = drain_timeout(s.drain_timeout_seconds, field("drain_timeout_seconds"))?;
     let allowed_sources = allowed_sources(&s.allowed_sources, &field("allowed_sources"))?;
+    let affinity_timeout = affinity(s.affinity.as_ref(), &field("affinity"))?;
     Ok(ServiceSpec {
         name: s.name.clone(),
         vip,
@@ -481,6 +491,8 @@ fn service(s: &Service, at: &str, taken: &mut Taken) -> Result<ServiceSpec, Refu
         drain_timeout,
         backend_latency_histogram: s.metrics.backend_latency_histogram,
         pods: Default::default(),
+        affinity_timeout,
+        algorithm: s.algorithm,
         allowed_sources,
         node_port,
         local_only,
@@ -575,6 +587,25 @@ fn allowed_sources(list: &[String], at: &str) -> Result<Option<Vec<Cidr>>, Refus
         cidrs.push(cidr);
     }
     Ok(Some(cidrs))
+}
+
+/// A service's `affinity` (under `at`): its timeout in seconds, if any.
+fn affinity(a: Option<&Affinity>, at: &str) -> Result<Option<u32>, Refusal> {
+    let Some(a) = a else {
+        return Ok(None);
+    };
+    let Some(client_ip) = &a.client_ip else {
+        return Err(refuse(at, "{}", "name the kind of affinity: client_ip"));
+    };
+    let t = client_ip.timeout_seconds;
+    if !(1..=MAX_AFFINITY_TIMEOUT_SECONDS).contains(&t) {
+        return Err(refuse(
+            format!("{at}.client_ip.timeout_seconds"),
+            t,
+            format!("must be 1 to {MAX_AFFINITY_TIMEOUT_SECONDS} (one day, as Kubernetes allows)"),
+        ));
+    }
+    Ok(Some(t))
 }
 
 fn snat_ip(s: &Service, vip: IpAddr, field: &str) -> Result<Option<IpAddr>, Refusal> {

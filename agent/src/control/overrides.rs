@@ -286,6 +286,8 @@ mod tests {
             drain_timeout: std::time::Duration::ZERO,
             backend_latency_histogram: None,
             pods: Default::default(),
+            affinity_timeout: None,
+            algorithm: Default::default(),
             allowed_sources: None,
             node_port: None,
             local_only: false,

@@ -70,6 +70,7 @@ pub struct Sizes {
     pub services: u32,
     pub backends: u32,
     pub table_size: u32,
+    pub affinity: u32,
 }
 
 impl Sizes {
@@ -80,6 +81,7 @@ impl Sizes {
             services: config.limits.max_services,
             backends: config.limits.max_backends,
             table_size: config.maglev.table_size,
+            affinity: config.conntrack.affinity_max_entries,
         }
     }
 
@@ -98,6 +100,7 @@ impl Sizes {
             Sizing::Services => Some(self.services),
             Sizing::Backends => Some(self.backends),
             Sizing::MaglevSlots => Some(self.maglev_slots()),
+            Sizing::Affinity => Some(self.affinity),
         }
     }
 
@@ -129,6 +132,11 @@ pub struct Maps {
     pub backend_latency: PerCpuArray<MapData, LatencyHistogram>,
     pub event_budget: PerCpuArray<MapData, EventBudget>,
     pub sock_connects: HashMap<MapData, u64, agent_common::SockConnect>,
+    /// Session affinity entries (see the kernel's `affinity`).
+    pub affinity: HashMap<MapData, agent_common::AffinityKey, agent_common::AffinityEntry>,
+    /// Each backend's active flows of least-connections services (the
+    /// kernel's `least_conn`; the sweep corrects it).
+    pub backend_active: Array<MapData, u64>,
     /// The services' `allowed_sources` (see `reconcile::ranges`).
     pub source_ranges: aya::maps::LpmTrie<MapData, agent_common::SourceRange, u32>,
 }
@@ -193,6 +201,8 @@ impl Maps {
             backend_latency: take(ebpf, map::BACKEND_LATENCY)?,
             event_budget: take(ebpf, map::EVENT_BUDGET)?,
             sock_connects: take(ebpf, map::SOCK_CONNECTS)?,
+            affinity: take(ebpf, map::AFFINITY)?,
+            backend_active: take(ebpf, map::BACKEND_ACTIVE)?,
             source_ranges: take(ebpf, map::SOURCE_RANGES)?,
         })
     }

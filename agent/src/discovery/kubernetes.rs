@@ -55,13 +55,16 @@ use tracing::{info, warn};
 pub use self::trust::{Skipped, Trust, host_addresses};
 use super::{DiscoveryError, KubeClientError, Outcome, Reporter};
 use crate::config::{
-    Cidr, KubeAddress, Kubernetes, MAX_WEIGHT, PodRef, Protocol, ServiceSpec, backend,
+    Algorithm, Cidr, DEFAULT_AFFINITY_TIMEOUT_SECONDS, KubeAddress, Kubernetes,
+    MAX_AFFINITY_TIMEOUT_SECONDS, MAX_WEIGHT, PodRef, Protocol, ServiceSpec, backend,
 };
 
 /// The Service annotation with per-endpoint weights.
 pub const WEIGHTS_ANNOTATION: &str = "sluice.io/weights";
 /// The Service annotation that turns its backends' latency histogram on or off.
 pub const LATENCY_HISTOGRAM_ANNOTATION: &str = "sluice.io/backend-latency-histogram";
+/// `maglev` (the default) or `least_connections`: the Service's `algorithm`.
+pub const ALGORITHM_ANNOTATION: &str = "sluice.io/algorithm";
 /// Events that arrive within this much of each other are applied together…
 const SETTLE: Duration = Duration::from_millis(50);
 /// …but a steady stream of events is applied at least this often.
@@ -383,6 +386,20 @@ pub fn desired(
                 None
             }
         };
+        let affinity_timeout = session_affinity(svc_spec, &mut skip);
+        let algorithm = match annotation(svc, ALGORITHM_ANNOTATION) {
+            None | Some("maglev") => Algorithm::Maglev,
+            Some("least_connections") => Algorithm::LeastConnections,
+            Some(other) => {
+                skip(
+                    format!("annotation {ALGORITHM_ANNOTATION}"),
+                    format!(
+                        "{other:?}: expected \"maglev\" or \"least_connections\" (maglev applies)"
+                    ),
+                );
+                Algorithm::Maglev
+            }
+        };
         let local = |policy: &Option<String>| policy.as_deref() == Some("Local");
         let internal_local = local(&svc_spec.internal_traffic_policy);
         let external_local = local(&svc_spec.external_traffic_policy);
@@ -488,6 +505,8 @@ pub fn desired(
                     drain_timeout: Duration::from_secs(spec.drain_timeout_seconds.into()),
                     backend_latency_histogram: histogram,
                     pods,
+                    affinity_timeout,
+                    algorithm,
                     allowed_sources: if *lb { source_ranges.clone() } else { None },
                     node_port: None,
                     local_only: *local_only,
@@ -554,6 +573,8 @@ pub fn desired(
                     backend_nodes: nodes,
                     snat_remote: (!external_local).then_some(*addr),
                     remote_backends,
+                    affinity_timeout,
+                    algorithm,
                 });
             }
         }
@@ -585,6 +606,39 @@ fn source_ranges(
         }
     }
     Some(cidrs)
+}
+
+/// `sessionAffinity: ClientIP` and its timeout (`sessionAffinityConfig.
+/// clientIP.timeoutSeconds`, default 10800, at most 86400 as the API server
+/// allows): affinity on every VIP of the Service. A timeout out of range
+/// (an API server that didn't check) is noted and the default used.
+fn session_affinity(
+    svc_spec: &k8s_openapi::api::core::v1::ServiceSpec,
+    skip: &mut impl FnMut(String, String),
+) -> Option<u32> {
+    if svc_spec.session_affinity.as_deref() != Some("ClientIP") {
+        return None;
+    }
+    let timeout = svc_spec
+        .session_affinity_config
+        .as_ref()
+        .and_then(|c| c.client_ip.as_ref())
+        .and_then(|c| c.timeout_seconds);
+    match timeout {
+        None => Some(DEFAULT_AFFINITY_TIMEOUT_SECONDS),
+        Some(t) if (1..=i64::from(MAX_AFFINITY_TIMEOUT_SECONDS)).contains(&i64::from(t)) => {
+            Some(t as u32)
+        }
+        Some(t) => {
+            skip(
+                "sessionAffinityConfig.clientIP.timeoutSeconds".into(),
+                format!(
+                    "{t}: must be 1 to {MAX_AFFINITY_TIMEOUT_SECONDS} (the default, {DEFAULT_AFFINITY_TIMEOUT_SECONDS}, applies)"
+                ),
+            );
+            Some(DEFAULT_AFFINITY_TIMEOUT_SECONDS)
+        }
+    }
 }
 
 fn annotation<'a>(svc: &'a Service, name: &str) -> Option<&'a str> {
@@ -1055,6 +1109,84 @@ mod tests {
         assert_eq!(out[3].backends[0].0.port(), 5353);
         // The IPv6 VIP has no IPv6 slice: no backends, never IPv4 ones.
         assert!(out[1].backends.is_empty());
+    }
+
+    #[test]
+    fn session_affinity_client_ip_applies_to_every_vip_of_the_service() {
+        let svc = |extra: serde_json::Value| -> Arc<Service> {
+            let mut spec = serde_json::json!({
+                "clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10", "fd00::10"],
+                "externalIPs": ["192.0.2.7"], "ports": [{"port": 80}]
+            });
+            spec.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            Arc::new(
+                serde_json::from_value(serde_json::json!({
+                    "metadata": {"name": "web", "namespace": "shop"}, "spec": spec
+                }))
+                .unwrap(),
+            )
+        };
+        let found = |extra: serde_json::Value| {
+            desired(
+                &[svc(extra)],
+                &[],
+                &spec(),
+                &Locality::default(),
+                &Trust::default(),
+            )
+        };
+        let timeouts = |f: &Found| -> Vec<Option<u32>> {
+            f.services.iter().map(|s| s.affinity_timeout).collect()
+        };
+        // None (the default) and explicit None: no affinity.
+        assert_eq!(timeouts(&found(serde_json::json!({}))), [None; 3]);
+        let none = found(serde_json::json!({"sessionAffinity": "None"}));
+        assert_eq!(timeouts(&none), [None; 3]);
+        // ClientIP without a config: Kubernetes' default, 3 hours.
+        let default = found(serde_json::json!({"sessionAffinity": "ClientIP"}));
+        assert_eq!(timeouts(&default), [Some(10_800); 3]);
+        let set = found(serde_json::json!({
+            "sessionAffinity": "ClientIP",
+            "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 60}}
+        }));
+        assert_eq!(timeouts(&set), [Some(60); 3]);
+        assert!(set.skipped.is_empty());
+        // Out of range (the API server refuses it; a mock might not): the
+        // default applies, and the Service's status says why.
+        // The algorithm, by annotation.
+        let annotated = |value: &str| {
+            let svc: Service = serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "web", "namespace": "shop",
+                             "annotations": {ALGORITHM_ANNOTATION: value}},
+                "spec": {"clusterIP": "10.96.0.10", "ports": [{"port": 80}]}
+            }))
+            .unwrap();
+            desired(
+                &[Arc::new(svc)],
+                &[],
+                &spec(),
+                &Locality::default(),
+                &Trust::default(),
+            )
+        };
+        let lc = annotated("least_connections");
+        assert_eq!(lc.services[0].algorithm, Algorithm::LeastConnections);
+        let bad = annotated("fastest");
+        assert_eq!(bad.services[0].algorithm, Algorithm::Maglev);
+        assert_eq!(bad.skipped.len(), 1, "{:?}", bad.skipped);
+        assert_eq!(set.services[0].algorithm, Algorithm::Maglev);
+        for bad in [0, -5, 86_401] {
+            let f = found(serde_json::json!({
+                "sessionAffinity": "ClientIP",
+                "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": bad}}
+            }));
+            assert_eq!(timeouts(&f), [Some(10_800); 3], "{bad}");
+            let skipped: Vec<_> = f.skipped.iter().collect();
+            assert_eq!(skipped.len(), 1, "{bad}: {skipped:?}");
+            assert!(skipped[0].why.contains(&bad.to_string()), "{skipped:?}");
+        }
     }
 
     #[test]

@@ -8,8 +8,8 @@
 use std::net::SocketAddr;
 
 use agent_common::{
-    BackendState as Admission, FLOW_F_REVERSE, Flow, FlowKey, MAGLEV_MAX_PICKS, MAGLEV_MAX_WALK,
-    NO_BACKEND, Service, addr, hash,
+    AffinityKey, BackendState as Admission, FLOW_F_REVERSE, Flow, FlowKey, MAGLEV_MAX_PICKS,
+    MAGLEV_MAX_WALK, NO_BACKEND, SERVICE_F_AFFINITY, SERVICE_F_LEAST_CONN, Service, addr, hash,
 };
 use serde::{Deserialize, Serialize};
 
@@ -26,7 +26,10 @@ pub struct Explanation {
     /// the packets pass to the host untouched).
     pub service: Option<String>,
     /// `conntrack` (an established flow), `half_open` (a connect in
-    /// progress), `maglev` (a new flow: the table decides), `no_service`,
+    /// progress), `affinity` (a new flow: the client's session affinity
+    /// entry decides), `maglev` (a new flow: the table decides),
+    /// `least_connections` (a new flow: this node's live counts decide,
+    /// per connection; not retraced), `no_service`,
     /// `no_backend` (the service's table is empty), `family_mismatch` (an
     /// IPv4 client can't reach an IPv6 VIP, or the other way).
     pub decision: String,
@@ -214,7 +217,24 @@ pub fn explain(
         }
     }
 
-    let h = key.flow_hash();
+    let affinity = service.flags & SERVICE_F_AFFINITY != 0;
+    if affinity && let Some(id) = affinity_backend(tables, &service, &key, &mut e.why) {
+        e.decision = "affinity".to_string();
+        e.backend = Some(name_of(id));
+        e.backend_state = Some(state_of(id));
+        e.why.push(format!(
+            "→ {} ({})",
+            e.backend.as_deref().unwrap_or("?"),
+            e.backend_state.as_deref().unwrap_or("?")
+        ));
+        return e;
+    }
+    // The kernel's `select::first_hash`.
+    let h = if affinity {
+        hash::client_hash(&key.src)
+    } else {
+        key.flow_hash()
+    };
     e.hash = Some(h);
     e.table_size = Some(service.table_size);
     if let Some(state) = state {
@@ -245,11 +265,28 @@ pub fn explain(
         ));
         return e;
     };
+    if service.flags & SERVICE_F_LEAST_CONN != 0 {
+        // Made per node, per connection, from live counts and a random
+        // draw: not something to retrace.
+        e.decision = "least_connections".to_string();
+        e.why.push(format!(
+            "no flow yet: algorithm least_connections: this node chooses per connection between the Maglev choice ({}, slot {} of {}) and the backend of a random slot, whichever has fewer active connections for its weight here (not consistent across nodes; not retraced)",
+            name_of(backend_id),
+            h % service.table_size,
+            service.table_size
+        ));
+        return e;
+    }
     e.decision = "maglev".to_string();
     e.backend = Some(name_of(backend_id));
     e.backend_state = Some(state_of(backend_id));
+    let of = if affinity {
+        " of the client's address (session affinity: one first choice for all its connections)"
+    } else {
+        ""
+    };
     e.why.push(format!(
-        "no flow yet: a new connection is placed by Maglev: hash {h:#010x} → slot {} of {}",
+        "no flow yet: a new connection is placed by Maglev: hash{of} {h:#010x} → slot {} of {}",
         h % service.table_size,
         service.table_size
     ));
@@ -312,6 +349,52 @@ pub fn explain(
         _ => {}
     }
     e
+}
+
+/// The backend of the client's session affinity entry at `service`, if
+/// the kernel's `affinity::backend` would use it (live, still the
+/// service's backend, taking new connections); why not, into `why`.
+fn affinity_backend(
+    tables: &Tables,
+    service: &Service,
+    key: &FlowKey,
+    why: &mut Vec<String>,
+) -> Option<u32> {
+    let akey = AffinityKey {
+        service_id: service.id,
+        family: key.family,
+        _pad: [0; 3],
+        client: key.src,
+    };
+    let Ok(entry) = tables.affinity.get(&akey, 0) else {
+        why.push("no session affinity entry for this client: a new client".to_string());
+        return None;
+    };
+    let age = crate::sweep::now_seconds().saturating_sub(entry.last_used_s);
+    let timeout = service.affinity_timeout_s;
+    let belongs = tables
+        .backends
+        .get(&entry.backend_id, 0)
+        .is_ok_and(|b| b.service_id == service.id);
+    let state = tables.health(entry.backend_id).state();
+    if age > timeout {
+        why.push(format!(
+            "the client's session affinity entry expired ({age} s since its last new connection, timeout {timeout} s)"
+        ));
+        return None;
+    }
+    if !belongs || state != Admission::Active {
+        why.push(format!(
+            "the client's session affinity entry names backend #{} ({}), which takes no new connections: the client moves",
+            entry.backend_id,
+            if belongs { format!("{state:?}").to_lowercase() } else { "no longer this service's".to_string() }
+        ));
+        return None;
+    }
+    why.push(format!(
+        "a new connection follows the client's session affinity entry (last new connection {age} s ago, timeout {timeout} s)"
+    ));
+    Some(entry.backend_id)
 }
 
 /// The backend a refused connect is retried on (the kernel's

@@ -6,8 +6,8 @@
 use std::path::Path;
 
 use agent_common::{
-    Backend, BackendHealth, Flow, FlowKey, SERVICE_F_RETRY, Service, ServiceKey, ServicePolicy,
-    registry::map,
+    AffinityEntry, AffinityKey, Backend, BackendHealth, Flow, FlowKey, SERVICE_F_RETRY, Service,
+    ServiceKey, ServicePolicy, registry::map,
 };
 use anyhow::{Context, Result};
 use aya::maps::{Array, HashMap, Map, MapData};
@@ -25,6 +25,8 @@ pub struct Tables {
     pub conntrack: HashMap<MapData, FlowKey, Flow>,
     /// TCP connects until the client acknowledges the SYN-ACK.
     pub half_open: HashMap<MapData, FlowKey, Flow>,
+    /// Session affinity entries.
+    pub affinity: HashMap<MapData, AffinityKey, AffinityEntry>,
 }
 
 impl Tables {
@@ -38,6 +40,7 @@ impl Tables {
             policy: second_handle(&maps.service_policy, map::SERVICE_POLICY, Map::Array)?,
             conntrack: second_handle(&maps.conntrack, map::CONNTRACK, Map::LruHashMap)?,
             half_open: second_handle(&maps.half_open, map::HALF_OPEN, Map::LruHashMap)?,
+            affinity: second_handle(&maps.affinity, map::AFFINITY, Map::LruHashMap)?,
         })
     }
 
@@ -52,6 +55,7 @@ impl Tables {
             policy: open_pinned(maps_dir, map::SERVICE_POLICY, Map::Array)?,
             conntrack: open_pinned(maps_dir, map::CONNTRACK, Map::LruHashMap)?,
             half_open: open_pinned(maps_dir, map::HALF_OPEN, Map::LruHashMap)?,
+            affinity: open_pinned(maps_dir, map::AFFINITY, Map::LruHashMap)?,
         })
     }
 

@@ -146,6 +146,8 @@ fn orphan_spec(key: &ServiceKey) -> ServiceSpec {
         drain_timeout: std::time::Duration::ZERO,
         backend_latency_histogram: None,
         pods: Default::default(),
+        affinity_timeout: None,
+        algorithm: Default::default(),
         allowed_sources: None,
         node_port: None,
         local_only: false,

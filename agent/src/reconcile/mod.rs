@@ -14,8 +14,9 @@ use std::{collections::BTreeMap, net::SocketAddr, time::Instant};
 
 use agent_common::{
     BACKEND_F_REMOTE, Backend, BackendFib, BackendHealth, FibCache, LatencyHistogram, NO_BACKEND,
-    Prefilter, SERVICE_F_RETRY, SERVICE_F_SNAT, SERVICE_F_SNAT_REMOTE, SERVICE_F_SOURCE_RANGES,
-    Service, ServiceKey, ServicePolicy, ServiceStats, prefilter,
+    Prefilter, SERVICE_F_AFFINITY, SERVICE_F_LEAST_CONN, SERVICE_F_RETRY, SERVICE_F_SNAT,
+    SERVICE_F_SNAT_REMOTE, SERVICE_F_SOURCE_RANGES, Service, ServiceKey, ServicePolicy,
+    ServiceStats, prefilter,
 };
 use anyhow::{Context, Result, anyhow, bail};
 use aya::maps::PerCpuValues;
@@ -35,7 +36,7 @@ use ids::Ids;
 use slots::Slots;
 
 use crate::{
-    config::{PodRef, Protocol, ServiceSpec},
+    config::{Algorithm, PodRef, Protocol, ServiceSpec},
     counters::{self, Counters, EndedSilently},
     datapath::Maps,
     maglev,
@@ -340,9 +341,40 @@ impl Reconciler {
             &mut self.source_ranges,
             |(_, r)| r.service_id == state.id,
         );
+        if state.spec.affinity_timeout.is_some() {
+            self.forget_affinity(state.id);
+        }
         self.service_ids.give(state.id);
         info!(service = name, "service removed");
         Ok(())
+    }
+
+    /// Deletes the session affinity entries of service `id`, which is being
+    /// removed. The kernel would not follow a stale entry to a backend of
+    /// another service (the key holds the service id, and an entry is
+    /// used only while `BACKENDS[backend].service_id` is that service's),
+    /// but a new service given this id, with a backend given the old
+    /// entry's backend id, would take the old clients there: not Maglev's
+    /// choice, and unlike every other node. One walk of the table (a
+    /// service removal is rare); an entry the walk misses only costs that.
+    fn forget_affinity(&mut self, id: u32) {
+        let stale: Vec<agent_common::AffinityKey> = self
+            .maps
+            .affinity
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.service_id == id)
+            .collect();
+        for key in &stale {
+            let _ = self.maps.affinity.remove(key);
+        }
+        if !stale.is_empty() {
+            info!(
+                service_id = id,
+                entries = stale.len(),
+                "session affinity entries of a removed service deleted"
+            );
+        }
     }
 
     fn upsert_service(&mut self, spec: &ServiceSpec) -> Result<()> {
@@ -496,12 +528,23 @@ impl Reconciler {
             id,
             table_offset: offset,
             table_size: size,
-            flags,
+            flags: flags
+                | if spec.affinity_timeout.is_some() {
+                    SERVICE_F_AFFINITY
+                } else {
+                    0
+                }
+                | match spec.algorithm {
+                    Algorithm::Maglev => 0,
+                    Algorithm::LeastConnections => SERVICE_F_LEAST_CONN,
+                },
             snat_addr: spec
                 .snat_ip
                 .or(spec.snat_remote)
                 .map(addr::words)
                 .unwrap_or_default(),
+            affinity_timeout_s: spec.affinity_timeout.unwrap_or(0),
+            _pad: 0,
         };
         if let Err(e) = self.maps.services.insert(service_key(spec), value, 0) {
             if offset != old_offset.unwrap_or(u32::MAX) {
@@ -602,6 +645,10 @@ impl Reconciler {
             .backend_health
             .set(id, BackendHealth::default(), 0)
             .with_context(|| format!("clearing the health of backend {addr}"))?;
+        self.maps
+            .backend_active
+            .set(id, 0, 0)
+            .with_context(|| format!("clearing the active count of backend {addr}"))?;
         let zeros = PerCpuValues::try_from(vec![LatencyHistogram::default(); self.nr_cpus])
             .context("building per-CPU zeros")?;
         self.maps
@@ -649,6 +696,14 @@ impl Reconciler {
     }
 
     /// The kernel's view of a backend's health.
+    /// A client's session affinity entry, if any (for tests and tools).
+    pub fn affinity_entry(
+        &self,
+        key: &agent_common::AffinityKey,
+    ) -> Option<agent_common::AffinityEntry> {
+        self.maps.affinity.get(key, 0).ok()
+    }
+
     pub fn health(&self, backend_id: u32) -> BackendHealth {
         counters::health(&self.maps.backend_health, backend_id)
     }
