@@ -1,4 +1,4 @@
-//! `allowed_sources`: real connections from clients inside and outside a
+//! `allowed_sources`: real connections (TCP, and UDP datagrams) from clients inside and outside a
 //! service's ranges, IPv4 and IPv6. Allowed clients connect; denied ones
 //! get nothing (the connect times out), leave nothing in conntrack and are
 //! counted as `sluice_drops_total{reason="source_denied"}`; a forged SYN
@@ -50,23 +50,41 @@ fn service_name(fam: Family) -> &'static str {
     }
 }
 
-/// Two services (IPv4 `web`, IPv6 `web6`) on backend 0, each with
-/// `allowed_sources: ranges` (None: the key left out).
+/// Four services on backend 0, each with `allowed_sources: ranges` (None:
+/// the key left out): TCP `web` (IPv4) and `web6`, UDP `dns` and `dns6`.
 fn config(ranges: Option<&[&str]>) -> String {
     let mut text = interfaces_yaml(1) + "services:\n";
-    for fam in [Family::V4, Family::V6] {
-        text += &format!(
-            "  - name: {}\n    vip: \"{}\"\n    port: 80\n    protocol: tcp\n    backends:\n      - address: \"{}\"\n",
-            service_name(fam),
-            fam.vip(),
-            SocketAddr::new(fam.backend(0), PORT)
-        );
-        if let Some(ranges) = ranges {
-            let list: Vec<String> = ranges.iter().map(|r| format!("\"{r}\"")).collect();
-            text += &format!("    allowed_sources: [{}]\n", list.join(", "));
+    for (protocol, prefix) in [("tcp", "web"), ("udp", "dns")] {
+        for fam in [Family::V4, Family::V6] {
+            let name = service_name(fam).replace("web", prefix);
+            text += &format!(
+                "  - name: {name}\n    vip: \"{}\"\n    port: 80\n    protocol: {protocol}\n    backends:\n      - address: \"{}\"\n",
+                fam.vip(),
+                SocketAddr::new(fam.backend(0), PORT)
+            );
+            if let Some(ranges) = ranges {
+                let list: Vec<String> = ranges.iter().map(|r| format!("\"{r}\"")).collect();
+                text += &format!("    allowed_sources: [{}]\n", list.join(", "));
+            }
         }
     }
     text
+}
+
+/// One UDP request from `from` (any port) to the family's VIP: the
+/// backend's answer.
+fn ask_udp(topo: &Topology, from: IpAddr, fam: Family, timeout: Duration) -> Result<String> {
+    topo.client.enter(|| -> Result<String> {
+        let socket = std::net::UdpSocket::bind(SocketAddr::new(from, 0))?;
+        socket.set_read_timeout(Some(timeout))?;
+        socket.connect(vip(fam))?;
+        socket.send(b"hello")?;
+        let mut buf = [0u8; 512];
+        let n = socket
+            .recv(&mut buf)
+            .with_context(|| format!("no UDP answer to {from} from {}", vip(fam)))?;
+        Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+    })?
 }
 
 /// The test bed: one backend serving both families, the client with its
@@ -167,6 +185,23 @@ fn allowed_sources_admit_listed_clients_and_drop_others_both_families_and_follow
             after >= before + 1.0,
             "{fam:?}: source_denied went from {before} to {after}"
         );
+        // UDP alike: the allowed client's datagram is answered, the
+        // denied one's is not (and counted).
+        let answer = ask_udp(&topo, fam.client(), fam, Duration::from_secs(2))?;
+        ensure!(
+            answer.starts_with("b0 "),
+            "UDP from the allowed client: {answer:?}"
+        );
+        let before_udp = drops(&agent, &topo, "source_denied")?;
+        if let Ok(answer) = ask_udp(&topo, denied, fam, Duration::from_secs(1)) {
+            bail!("UDP from denied client {denied} answered: {answer:?}");
+        }
+        ensure!(
+            drops(&agent, &topo, "source_denied")? > before_udp,
+            "the denied datagram was not counted"
+        );
+        let dns = service_name(fam).replace("web", "dns");
+        ensure!(flows_of(&cfg, &dns, denied)? == 0, "a UDP flow of {denied}");
         let left = flows_of(&cfg, service_name(fam), denied)?;
         ensure!(
             left == 0,
