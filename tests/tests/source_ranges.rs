@@ -1,5 +1,6 @@
-//! `allowed_sources`: real connections (TCP, and UDP datagrams) from clients inside and outside a
-//! service's ranges, IPv4 and IPv6. Allowed clients connect; denied ones
+//! `allowed_sources`: real connections (TCP, and UDP datagrams) from
+//! clients inside and outside a service's ranges, IPv4 and IPv6. Allowed
+//! clients connect; denied ones
 //! get nothing (the connect times out), leave nothing in conntrack and are
 //! counted as `sluice_drops_total{reason="source_denied"}`; a forged SYN
 //! flood from denied sources creates no state and takes no new-flow
