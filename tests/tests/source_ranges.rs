@@ -1,8 +1,9 @@
 //! `allowed_sources`: real connections (TCP, and UDP datagrams) from
 //! clients inside and outside a service's ranges, IPv4 and IPv6. Allowed
-//! clients connect; denied ones
-//! get nothing (the connect times out), leave nothing in conntrack and are
-//! counted as `sluice_drops_total{reason="source_denied"}`; a forged SYN
+//! clients connect; denied ones get nothing (the connect times out), leave
+//! nothing in conntrack and are counted as
+//! `sluice_drops_total{reason="source_denied"}`; socket-level balancing
+//! refuses a socket bound to a denied address; a forged SYN
 //! flood from denied sources creates no state and takes no new-flow
 //! budget; a reload that changes the ranges takes effect for new flows
 //! while an established flow of a source no longer allowed keeps working.
