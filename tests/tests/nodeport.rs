@@ -382,3 +382,74 @@ fn kubernetes_node_ports_honour_the_external_traffic_policy() -> Result<()> {
     );
     Ok(())
 }
+
+/// Entries of `/api/v1/services` whose name starts with `prefix`.
+fn entries(topo: &Topology, agent: &Agent, prefix: &str) -> Result<Vec<String>> {
+    let listed = sluice_tests::services_json(&topo.lb, agent)?;
+    Ok(listed["services"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| s["name"].as_str())
+        .filter(|n| n.starts_with(prefix))
+        .map(str::to_string)
+        .collect())
+}
+
+/// With no `node.addresses`, the node ports are on the host's addresses
+/// (not loopback, not link-local), and follow an address added to or
+/// removed from an interface.
+#[test]
+fn default_node_addresses_follow_the_hosts_addresses() -> Result<()> {
+    let topo = Topology::new("npa", 1)?;
+    let _servers = topo.serve(Family::V4, PORT)?;
+    topo.warm_neighbours()?;
+    let dir = TempDir::new("npa")?;
+    let cfg = dir.path("sluice.yaml");
+    let config = interfaces_yaml(1)
+        + &format!(
+            "node: {{name: lb-node}}\nservices:\n  - name: web\n    vip: 10.100.0.1\n    port: 80\n    protocol: tcp\n    node_port: {CLUSTER}\n    backends:\n      - {{address: \"{}\", node: lb-node}}\n",
+            backend(Family::V4, 0, PORT)
+        );
+    std::fs::write(&cfg, config)?;
+    let agent = Agent::start(&topo.lb, &cfg, dir.path("agent.log"))?;
+
+    // Every IPv4 address of the LB namespace's interfaces but loopback.
+    let mut listed = entries(&topo, &agent, "web@")?;
+    listed.sort();
+    ensure!(
+        listed == ["web@10.0.1.1:30080", "web@10.1.0.1:30080"],
+        "{listed:?}"
+    );
+    let answer = topo.client.enter(|| {
+        testbed::tcp_ask(
+            SocketAddr::new(node(Family::V4), CLUSTER),
+            Duration::from_secs(3),
+        )
+    })??;
+    ensure!(answer.starts_with("b0 10.0.1.2:"), "{answer:?}");
+
+    // A new address on the clients' side: a node port there too.
+    topo.lb
+        .exec(&["ip", "addr", "add", "10.0.1.100/24", "dev", "front"])?;
+    let added: SocketAddr = "10.0.1.100:30080".parse()?;
+    sluice_tests::wait_for(
+        "the node port on the new address",
+        Duration::from_secs(10),
+        || {
+            Ok(topo
+                .client
+                .enter(|| testbed::tcp_ask(added, Duration::from_secs(1)))?
+                .is_ok())
+        },
+    )
+    .with_context(|| agent.log_text())?;
+    ensure!(entries(&topo, &agent, "web@10.0.1.100:")?.len() == 1);
+    // Removed again: so is its entry.
+    topo.lb
+        .exec(&["ip", "addr", "del", "10.0.1.100/24", "dev", "front"])?;
+    sluice_tests::wait_for("the entry gone", Duration::from_secs(10), || {
+        Ok(entries(&topo, &agent, "web@10.0.1.100:")?.is_empty())
+    })?;
+    Ok(())
+}
