@@ -58,6 +58,27 @@ pub const SERVICE_F_AFFINITY: u32 = 16;
 /// choice and a random slot of the table) with fewer active connections
 /// for its weight (`BACKEND_ACTIVE`): per node, not consistent across nodes.
 pub const SERVICE_F_LEAST_CONN: u32 = 32;
+/// New flows are admitted only from sources in the service's entries of
+/// `SOURCE_RANGES` (`allowed_sources`); others are dropped as
+/// `reason::SOURCE_DENIED` before any state is created.
+pub const SERVICE_F_SOURCE_RANGES: u32 = 64;
+/// A new flow to a backend marked `BACKEND_F_REMOTE` is SNATed to
+/// `snat_addr` (a NodePort entry's node address, with `external_traffic_policy:
+/// cluster`: the backend is on another node, and its replies must come back
+/// through this one); flows to other backends keep the client's address.
+pub const SERVICE_F_SNAT_REMOTE: u32 = 128;
+
+/// Whether a new flow of `service` to `backend` is SNATed: always with
+/// `SERVICE_F_SNAT`, to remote backends only with `SERVICE_F_SNAT_REMOTE`.
+/// Bit arithmetic, no branches: one outcome register for the verifier to
+/// carry, not one path per way of getting there.
+#[inline(always)]
+pub fn snat_for(service: &Service, backend: &Backend) -> bool {
+    const _: () = assert!(SERVICE_F_SNAT == 1 && BACKEND_F_REMOTE == 1);
+    const _: () = assert!(SERVICE_F_SNAT_REMOTE == 1 << 7);
+    let f = service.flags;
+    (f | ((f >> 7) & backend.flags)) & 1 != 0
+}
 
 /// Value of the `SERVICES` map.
 #[repr(C)]
@@ -71,8 +92,9 @@ pub struct Service {
     pub table_size: u32,
     /// `SERVICE_F_*` bits.
     pub flags: u32,
-    /// Source address for `snat` services; for `SERVICE_F_DSR_TUNNEL`
-    /// services the tunnel's outer source address.
+    /// Source address for `snat` services, and for `SERVICE_F_SNAT_REMOTE`
+    /// flows to remote backends (the NodePort entry's node address); for
+    /// `SERVICE_F_DSR_TUNNEL` services the tunnel's outer source address.
     pub snat_addr: [u32; 4],
     /// With `SERVICE_F_AFFINITY`: how long a client's affinity entry lives
     /// after its last new connection, in seconds.
@@ -126,8 +148,43 @@ pub struct Backend {
     /// of that service (ids are reused).
     pub weight: u16,
     pub service_id: u32,
+    /// `BACKEND_F_*` bits.
+    pub flags: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<Backend>() == 24);
+const _: () = assert!(core::mem::size_of::<Backend>() == 32);
+
+/// The backend is on another node (or on no known node): with
+/// `SERVICE_F_SNAT_REMOTE` its flows are SNATed.
+pub const BACKEND_F_REMOTE: u32 = 1;
+
+/// The data of a `SOURCE_RANGES` key, after the LPM trie's prefix length:
+/// the whole key is `{prefixlen: u32, service_id: u32, family: u8, _pad:
+/// [u8; 3], addr: [u32; 4]}` (the `Key<SourceRange>` of aya's LPM trie,
+/// 28 bytes). The prefix length counts the service id, family and pad bits
+/// too (`SOURCE_RANGE_FIXED_BITS` + the CIDR's prefix), so one trie holds
+/// every service's ranges and a lookup matches only its own service and
+/// family. The value is 1 (its presence is what counts).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SourceRange {
+    pub service_id: u32,
+    pub family: u8,
+    pub _pad: [u8; 3],
+    /// Network byte order; an IPv4 address occupies `addr[0]`.
+    pub addr: [u32; 4],
+}
+const _: () = assert!(core::mem::size_of::<SourceRange>() == 24);
+/// The `SOURCE_RANGES` key's size with its prefix length in front.
+pub const SOURCE_RANGE_KEY_SIZE: usize = 4 + core::mem::size_of::<SourceRange>();
+const _: () = assert!(SOURCE_RANGE_KEY_SIZE == 28);
+/// Bits of a `SOURCE_RANGES` key before the address: service id (32),
+/// family (8) and pad (24), always matched whole.
+pub const SOURCE_RANGE_FIXED_BITS: u32 = 64;
+/// Capacity of `SOURCE_RANGES`: the source ranges of all services
+/// together (`allowed_sources` entries, one per service entry it applies
+/// to). The config and Kubernetes discovery refuse more.
+pub const MAX_SOURCE_RANGES: u32 = 16_384;
 
 /// Key of the `CONNTRACK` map: a packet's 5-tuple as seen on the wire.
 #[repr(C)]
@@ -415,7 +472,8 @@ const _: () = assert!(core::mem::size_of::<SockConnect>() == 48);
 /// 4: `MAGLEV` is one pool of per-service tables sized by backend count
 /// (was two `maglev.table_size` halves per service id).
 /// 5: `Service` is 40 bytes (`affinity_timeout_s`); the `AFFINITY` and
-/// `BACKEND_ACTIVE` maps.
+/// `BACKEND_ACTIVE` maps; `SOURCE_RANGES` and the `source_denied` reason
+/// (`REASONS` grows); `Backend` is 32 bytes (`flags`).
 pub const MAP_LAYOUT: u32 = 5;
 
 /// What `BackendHealth::ejected` says of a backend. Kept as a `u32` in the
@@ -687,6 +745,7 @@ mod pod {
     unsafe impl aya::Pod for super::AffinityKey {}
     unsafe impl aya::Pod for super::AffinityEntry {}
     unsafe impl aya::Pod for super::DecapVip {}
+    unsafe impl aya::Pod for super::SourceRange {}
 }
 
 #[cfg(test)]

@@ -70,6 +70,7 @@ pub mod map {
     pub const ENCAP_TC: &str = "ENCAP_TC";
     pub const DECAP_VIPS: &str = "DECAP_VIPS";
     pub const DECAP_COUNTS: &str = "DECAP_COUNTS";
+    pub const SOURCE_RANGES: &str = "SOURCE_RANGES";
 }
 
 const fn def(name: &'static str, pinned: bool, sizing: Sizing) -> MapDef {
@@ -121,6 +122,8 @@ pub const MAPS: &[MapDef] = &[
     // the same object but attaches only `sluice_decap`.
     def(map::DECAP_VIPS, false, Sizing::Fixed),
     def(map::DECAP_COUNTS, false, Sizing::Fixed),
+    // Pinned like SERVICES, whose ids its keys carry.
+    def(map::SOURCE_RANGES, true, Sizing::Fixed),
 ];
 
 /// The programs' names (their entry functions in agent-ebpf/src/main.rs).

@@ -10,8 +10,8 @@
 )]
 
 use agent_common::{
-    Backend, FLOW_F_DSR, FLOW_F_REVERSE, Flow, FlowKey, SERVICE_F_SNAT, SNAT_PORT_ATTEMPTS,
-    SNAT_PORT_MAX, SNAT_PORT_MIN, Service, flow_state, reason,
+    Backend, FLOW_F_DSR, FLOW_F_REVERSE, Flow, FlowKey, SNAT_PORT_ATTEMPTS, SNAT_PORT_MAX,
+    SNAT_PORT_MIN, Service, flow_state, reason,
 };
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_coarse_ns, maps::LruHashMap};
 
@@ -152,7 +152,9 @@ pub fn answer_key(key: &mut FlowKey, flow: &Flow, proto: u8, family: u8) {
 /// `port_seed` within the SNAT range. A reply tuple must be free in both
 /// tables; one held by an established flow is checked first (a connect
 /// made at that moment could slip past, which the port cursor makes as
-/// rare as a wrap of the whole range).
+/// rare as a wrap of the whole range). `snat`: whether this flow is SNATed
+/// (`agent_common::snat_for` of the service and backend), decided once by
+/// the caller.
 #[inline(always)]
 pub fn install_reverse(
     s: &mut Scratch,
@@ -161,9 +163,9 @@ pub fn install_reverse(
     backend: &Backend,
     port_seed: u32,
     table: Table,
+    snat: bool,
 ) -> Result<u16, u32> {
     let map = table.map();
-    let snat = service.flags & SERVICE_F_SNAT != 0;
     let key = &s.key;
     let reverse_key = &mut s.reverse_key;
     copy_addr(&mut reverse_key.src, &backend.addr);

@@ -174,6 +174,12 @@ pub static DECAP_VIPS: HashMap<agent_common::DecapVip, u32> = HashMap::with_max_
 #[map]
 pub static DECAP_COUNTS: PerCpuArray<u64> =
     PerCpuArray::with_max_entries(agent_common::decap_count::COUNT, 0);
+/// The source ranges of services with `allowed_sources` (see
+/// `agent_common::SourceRange`): one trie for all services, its keys led
+/// by the service id. Sized by `agent_common::MAX_SOURCE_RANGES`.
+#[map]
+pub static SOURCE_RANGES: aya_ebpf::maps::LpmTrie<agent_common::SourceRange, u32> =
+    aya_ebpf::maps::LpmTrie::with_max_entries(agent_common::MAX_SOURCE_RANGES, 0);
 
 /// This CPU's scratch area (see `Scratch`).
 #[inline(always)]

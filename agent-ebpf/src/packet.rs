@@ -4,8 +4,9 @@
 
 use core::{ffi::c_void, mem};
 
-use agent_common::{Flow, FlowKey, ServiceKey};
+use agent_common::{Flow, FlowKey, ServiceKey, SourceRange};
 use aya_ebpf::bindings::bpf_fib_lookup;
+use aya_ebpf::maps::lpm_trie::Key;
 use network_types::eth::EthHdr;
 
 /// What the entry point should do with the packet.
@@ -121,6 +122,9 @@ pub struct Scratch {
     /// A new flow's backend id, attempt and `FLOW_F_AFFINITY` bit (see
     /// `pipeline::choose`).
     pub chosen: [u32; 3],
+    /// The client's source as a `SOURCE_RANGES` key (see
+    /// `service::source_allowed`).
+    pub source_key: Key<SourceRange>,
     /// Set by `pipeline::translate` for a tunnelled DSR packet (see `encap`).
     pub encap: EncapRequest,
 }

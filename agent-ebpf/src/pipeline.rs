@@ -11,8 +11,9 @@
 use agent_common::{
     FLOW_F_ACTIVE_COUNTED, FLOW_F_AFFINITY, FLOW_F_DSR, FLOW_F_DSR_TUNNEL, FLOW_F_FIN_CLIENT,
     FLOW_F_REVERSE, Flow, FlowKey, NO_BACKEND, PROTO_TCP, PROTO_UDP, SERVICE_F_AFFINITY,
-    SERVICE_F_DSR_L2, SERVICE_F_DSR_TUNNEL, SERVICE_F_LEAST_CONN, SERVICE_F_SNAT, Service,
-    event_kind, flow_state, prefilter, reason,
+    SERVICE_F_DSR_L2, SERVICE_F_DSR_TUNNEL, SERVICE_F_LEAST_CONN, SERVICE_F_SNAT,
+    SERVICE_F_SNAT_REMOTE, SERVICE_F_SOURCE_RANGES, Service, event_kind, flow_state, prefilter,
+    reason, snat_for,
 };
 use aya_ebpf::bindings::bpf_fib_lookup;
 
@@ -146,6 +147,14 @@ fn transport(ctx: &Ctx, s: &mut Scratch, pkt: &Packet, src: &[u32; 4], dst: &[u3
         };
         if let Err(code) = validate(ctx, pkt) {
             return exception(code);
+        }
+        // `allowed_sources`: a source in none of the service's ranges
+        // creates nothing (no budget taken, no pick, no entry). Flows
+        // admitted before a range was removed keep their entries above.
+        if service.flags & SERVICE_F_SOURCE_RANGES != 0
+            && !service::source_allowed(&mut s.source_key, service.id, src, pkt.family)
+        {
+            return exception(reason::SOURCE_DENIED);
         }
         // A connection starts with a SYN (or any UDP datagram); a mid-stream
         // packet without an entry (evicted, or from before a restart) is
@@ -284,14 +293,14 @@ fn syn_refusal(s: &Scratch) -> Option<u32> {
 /// creates nothing: with DNAT it goes to the Maglev choice untracked.
 #[inline(always)]
 fn new_flow(s: &mut Scratch, service: &Service, syn: bool, flags: u8) -> Result<*mut Flow, u32> {
-    let snat = service.flags & SERVICE_F_SNAT != 0;
     // Direct server return: the LB sees only the client's side, so the flow
     // has no reverse entry, no connect to watch (no HALF_OPEN, no SYN-ACK,
     // no timeout) and its packets stay as sent (see `FLOW_F_DSR`).
     let dsr = service.flags & (SERVICE_F_DSR_L2 | SERVICE_F_DSR_TUNNEL) != 0;
     let untracked = !syn && flags & TCP_RST != 0;
-    if untracked && snat {
-        // Which SNAT port the flow had is gone with its entry.
+    if untracked && service.flags & (SERVICE_F_SNAT | SERVICE_F_SNAT_REMOTE) != 0 {
+        // Which SNAT port the flow had (if it had one) is gone with its
+        // entry.
         return Err(reason::UNTRACKED_RST);
     }
     if !untracked && !budget::take(service.id) {
@@ -317,11 +326,13 @@ fn new_flow(s: &mut Scratch, service: &Service, syn: bool, flags: u8) -> Result<
     let Some(backend) = BACKENDS.get(backend_id) else {
         return Err(reason::NO_BACKEND);
     };
+    // The service's SNAT, or a NodePort entry's towards another node.
+    let snat = snat_for(service, backend);
     let seed = if snat { snat_seed() } else { 0 };
     let new_sport = if untracked || dsr {
         s.key.sport
     } else {
-        install_reverse(s, service, backend_id, backend, seed, table)?
+        install_reverse(s, service, backend_id, backend, seed, table, snat)?
     };
 
     let facts = syn_facts(s);

@@ -2,10 +2,13 @@
 //! traffic through without a hash lookup; then the exact (VIP, port,
 //! protocol) lookup.
 
-use agent_common::{Service, ServiceKey, prefilter};
+use agent_common::{
+    FAMILY_V4, SOURCE_RANGE_FIXED_BITS, Service, ServiceKey, SourceRange, prefilter,
+};
+use aya_ebpf::maps::lpm_trie::Key;
 
 use crate::{
-    maps::{PREFILTER, SERVICES},
+    maps::{PREFILTER, SERVICES, SOURCE_RANGES},
     packet::{Action, copy_addr},
     stats::count,
 };
@@ -49,4 +52,29 @@ pub fn lookup(
     key.family = family;
     // SAFETY: copied out at once; the agent replaces, never edits, entries.
     unsafe { SERVICES.get(key) }.copied()
+}
+
+/// Whether `src` (of `family`) is in one of the `allowed_sources` ranges of
+/// the service `service_id`: one longest-prefix lookup of the whole
+/// address, led by the service id and family (see
+/// `agent_common::SourceRange`), through `key` (the scratch area's on the
+/// packet path).
+#[inline(always)]
+pub fn source_allowed(
+    key: &mut Key<SourceRange>,
+    service_id: u32,
+    src: &[u32; 4],
+    family: u8,
+) -> bool {
+    let bits = if family == FAMILY_V4 { 32 } else { 128 };
+    key.prefix_len = SOURCE_RANGE_FIXED_BITS + bits;
+    key.data.service_id = service_id;
+    key.data.family = family;
+    key.data._pad = [0; 3];
+    // Word by word: the key is packed (no references into it).
+    key.data.addr[0] = src[0];
+    key.data.addr[1] = src[1];
+    key.data.addr[2] = src[2];
+    key.data.addr[3] = src[3];
+    SOURCE_RANGES.get(&*key).is_some()
 }

@@ -7,8 +7,8 @@
 //! failure counting and ejection.
 
 use agent_common::{
-    FAMILY_V4, FAMILY_V6, FlowKey, NO_BACKEND, PROTO_TCP, PROTO_UDP, ServiceKey, SockConnect,
-    SockReverse,
+    FAMILY_V4, FAMILY_V6, FlowKey, NO_BACKEND, PROTO_TCP, PROTO_UDP, SERVICE_F_SOURCE_RANGES,
+    ServiceKey, SockConnect, SockReverse, SourceRange, reason,
 };
 use aya_ebpf::{
     bindings::bpf_sock_addr,
@@ -19,11 +19,14 @@ use aya_ebpf::{
 use crate::{
     failure::{self, Failure},
     maps::{BACKENDS, SERVICES, SOCK_CONNECTS, SOCK_REVERSE},
-    select,
+    select, service,
+    stats::count,
 };
 
 /// A cgroup sock_addr program's verdict: let the call proceed.
 const ALLOW: i32 = 1;
+/// ... or fail it with EPERM.
+const DENY: i32 = 0;
 const TCP_ESTABLISHED: u64 = 1;
 const TCP_SYN_SENT: u64 = 2;
 const TCP_CLOSE: u64 = 7;
@@ -77,6 +80,32 @@ fn set_destination(sa: *mut bpf_sock_addr, v6: bool, addr: &[u32; 4], port: u16)
     }
 }
 
+/// The address the socket is bound to, if it is bound to one (not the
+/// wildcard): the source its packets will carry. An unbound socket's
+/// source is chosen by the route later, after these hooks.
+#[inline(always)]
+fn bound_source(sa: *mut bpf_sock_addr, v6: bool) -> Option<[u32; 4]> {
+    // SAFETY: `sk` of a sock_addr context is the socket (never null in
+    // these hooks); its source address fields are readable.
+    let addr = unsafe {
+        let sk = (*sa).__bindgen_anon_1.sk;
+        if sk.is_null() {
+            return None;
+        }
+        if v6 {
+            [
+                (*sk).src_ip6[0],
+                (*sk).src_ip6[1],
+                (*sk).src_ip6[2],
+                (*sk).src_ip6[3],
+            ]
+        } else {
+            [(*sk).src_ip4, 0, 0, 0]
+        }
+    };
+    (addr != [0; 4]).then_some(addr)
+}
+
 /// connect4/6, sendmsg4/6: a VIP destination becomes a backend.
 #[inline(always)]
 pub fn translate(ctx: &SockAddrContext, v6: bool, hook: Hook) -> i32 {
@@ -98,6 +127,22 @@ pub fn translate(ctx: &SockAddrContext, v6: bool, hook: Hook) -> i32 {
     let Some(service) = (unsafe { SERVICES.get(key) }) else {
         return ALLOW;
     };
+    // `allowed_sources`, where the source is known here: a socket bound to
+    // an address outside the ranges is refused (EPERM, counted as
+    // `source_denied`). An unbound socket's source is not known yet: it is
+    // left untranslated, so its packets go to the VIP and are checked by
+    // the packet path where they cross an attached interface (never
+    // balanced unchecked).
+    if service.flags & SERVICE_F_SOURCE_RANGES != 0 {
+        let Some(src) = bound_source(sa, v6) else {
+            return ALLOW;
+        };
+        let mut range_key = aya_ebpf::maps::lpm_trie::Key::new(0, SourceRange::default());
+        if !service::source_allowed(&mut range_key, service.id, &src, family) {
+            count(reason::SOURCE_DENIED);
+            return DENY;
+        }
+    }
     // SAFETY: a helper the sock_addr hooks may call with their context.
     let cookie = unsafe { bpf_get_socket_cookie(sa.cast()) };
     // The same socket always gets the same backend (a UDP socket's

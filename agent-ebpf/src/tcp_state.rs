@@ -9,7 +9,7 @@
 
 use agent_common::{
     FLOW_F_AFFINITY, FLOW_F_FAILURE_COUNTED, FLOW_F_FIN_BACKEND, FLOW_F_FIN_CLIENT,
-    FLOW_F_VERIFIED, Flow, FlowKey, SERVICE_F_RETRY, SNAT_PORT_MIN, flow_state, reason,
+    FLOW_F_VERIFIED, Flow, FlowKey, SERVICE_F_RETRY, SNAT_PORT_MIN, flow_state, reason, snat_for,
 };
 
 use crate::{
@@ -347,7 +347,15 @@ pub fn retry(
     let _ = table.map().remove(&s.reverse_key);
     // Seeded with the current port's offset: the same port is tried first.
     let seed = u32::from(u16::from_be(f.new_sport)).wrapping_sub(u32::from(SNAT_PORT_MIN));
-    let new_sport = install_reverse(s, &service, backend_id, backend, seed, table)?;
+    // A NodePort entry SNATs towards remote backends only: the source
+    // follows the new backend (SNAT address and claimed port, or the
+    // client's own), as `install_reverse` records the reply direction.
+    let snat = snat_for(&service, backend);
+    let new_sport = install_reverse(s, &service, backend_id, backend, seed, table, snat)?;
+    copy_addr(
+        &mut f.new_src,
+        if snat { &service.snat_addr } else { &s.key.src },
+    );
     least_conn::moved(f, backend_id);
     copy_addr(&mut f.new_dst, &backend.addr);
     f.new_dport = backend.port;

@@ -239,6 +239,9 @@ pub async fn run(
     // attached is retried when that changes (it appears, is made again, or
     // the config changes), not at every route or neighbour change.
     let mut resolved = devices.clone();
+    // The host's addresses the config file's NodePorts listen on by
+    // default: an address added or removed re-applies the services.
+    let mut node_addresses = crate::nodeport::host_node_addresses();
     loop {
         tokio::select! {
             _ = net_changes.notified() => {
@@ -253,6 +256,15 @@ pub async fn run(
                         warn!(error = format!("{e:#}"), "kernel settings for new interfaces");
                     }
                     *shared.attachments.lock().unwrap() = datapath.attachments();
+                }
+                let now = crate::nodeport::host_node_addresses();
+                if now != node_addresses {
+                    node_addresses = now;
+                    let follows = current.raw.node.addresses.is_none()
+                        && current.services.iter().any(|s| s.node_port.is_some());
+                    if follows && let Err(e) = apply_desired(&mut writer, &shared, &current) {
+                        error!(error = format!("{e:#}"), "node ports not moved to the node's new addresses; the last applied set keeps serving");
+                    }
                 }
             }
             _ = health_ticker.tick() => {

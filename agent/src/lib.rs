@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod neighbour;
 pub mod netdev;
 pub mod netlink;
+pub mod nodeport;
 pub mod pinning;
 pub mod published;
 pub mod readmit;

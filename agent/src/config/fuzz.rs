@@ -53,6 +53,7 @@ services:
       client_ip:
         timeout_seconds: 10800
     algorithm: least_connections
+    allowed_sources: [10.0.0.0/8, "fd00::/8", 192.0.2.7]
   - name: dns6
     vip: "fd00::1"
     port: 53
@@ -114,6 +115,9 @@ const WORDS: &[&str] = &[
     "weight",
     "forwarding",
     "snat_ip",
+    "allowed_sources",
+    "10.0.0.0/8",
+    "\"fd00::/8\"",
     "failure",
     "affinity",
     "client_ip",
@@ -269,6 +273,11 @@ fn check(text: &str) -> Result<(), TestCaseError> {
                 }
                 if s.dsr == Some(super::Encapsulation::Ipip) {
                     prop_assert!(s.snat_ip.is_some());
+}
+
+                // Accepted blocks are blocks: their text parses back as itself.
+                for c in s.allowed_sources.iter().flatten() {
+                    prop_assert_eq!(super::Cidr::parse(&c.to_string()), Ok(*c));
                 }
             }
         }

@@ -22,7 +22,7 @@ pub use schema::{
     Affinity, Algorithm, AttachMode, BackendSpec, ClientIpAffinity, Config, Conntrack,
     ConntrackTimeouts, Control, Discovery, DnsDiscovery, DnsRecord, Dsr, Encapsulation,
     EtcdDiscovery, Failure, Forwarding, Interface, KubeAddress, Kubernetes, Limits, Maglev,
-    Metrics, Pinning, Protocol, Service, ServiceMetrics, SocketLb,
+    Metrics, Node, Pinning, Protocol, Service, ServiceMetrics, SocketLb, TrafficPolicy,
 };
 pub use schema::{
     DEFAULT_AFFINITY_TIMEOUT_SECONDS, DEFAULT_CONTROL_SOCKET, DEFAULT_NEW_FLOWS_PER_SECOND,

@@ -2,11 +2,11 @@
 //! parsed and their discovery source resolved.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::{IpAddr, SocketAddr},
 };
 
-use super::{DnsRecord, Failure, Protocol};
+use super::{Cidr, DnsRecord, Failure, Protocol};
 
 /// A service after validation, addresses parsed.
 #[derive(Debug, Clone, PartialEq)]
@@ -35,6 +35,24 @@ pub struct ServiceSpec {
     /// Direct server return, and how (None: `dnat` or `snat`). With
     /// `Encapsulation::Ipip`, `snat_ip` is the tunnel's outer source.
     pub dsr: Option<super::Encapsulation>,
+    /// `allowed_sources`: None, no restriction; Some, new flows only from
+    /// these blocks (Some(empty): from nowhere, which only Kubernetes makes,
+    /// when every `loadBalancerSourceRanges` entry was invalid). Blocks of
+    /// the other family than the VIP's never match.
+    pub allowed_sources: Option<Vec<Cidr>>,
+    /// `node_port`: the service is also on this port of every node address
+    /// (`nodeport::expand` makes those entries).
+    pub node_port: Option<u16>,
+    /// `external_traffic_policy: local`: this node's backends only.
+    pub local_only: bool,
+    /// The node of each backend that names one (`backends[].node`, or an
+    /// EndpointSlice endpoint's `nodeName`).
+    pub backend_nodes: BTreeMap<SocketAddr, String>,
+    /// A NodePort entry's node address with `external_traffic_policy:
+    /// cluster`: flows to `remote_backends` are SNATed to it.
+    pub snat_remote: Option<IpAddr>,
+    /// Backends on another node or of no known node (see `snat_remote`).
+    pub remote_backends: BTreeSet<SocketAddr>,
 }
 
 /// A Kubernetes pod, as an EndpointSlice endpoint's targetRef names it.

@@ -37,6 +37,34 @@ pub struct Config {
     /// What the agent exports to Prometheus (docs/metrics.md). Applies live.
     #[serde(default)]
     pub metrics: Metrics,
+    /// This node: its name (for backends' `node` and traffic policies) and
+    /// the addresses its NodePorts listen on.
+    #[serde(default)]
+    pub node: Node,
+}
+
+/// This node (see docs/configuration.md, `node`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Node {
+    /// Default: the `NODE_NAME` environment variable, else the hostname.
+    pub name: Option<String>,
+    /// Where NodePorts listen. Default: every address of the host's
+    /// interfaces but loopback, link-local, multicast and unspecified ones
+    /// (and kube-proxy's `kube-ipvs0`), read at each apply.
+    pub addresses: Option<Vec<String>>,
+}
+
+/// `external_traffic_policy` (Kubernetes' `externalTrafficPolicy`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TrafficPolicy {
+    /// Every backend; those on other nodes (or of no known node) through a
+    /// NodePort are SNATed to the node address the packet arrived on.
+    #[default]
+    Cluster,
+    /// This node's backends only; the client's address is kept.
+    Local,
 }
 
 /// The operator interface on this host (restart-time settings).
@@ -178,6 +206,9 @@ pub enum KubeAddress {
     ClusterIp,
     ExternalIps,
     LoadBalancer,
+    /// The `nodePort` of `type: NodePort` and `LoadBalancer` Services, on
+    /// the node's addresses.
+    NodePorts,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -418,6 +449,15 @@ pub struct Service {
     /// How a new connection's backend is chosen.
     #[serde(default)]
     pub algorithm: Algorithm,
+    /// New flows only from these blocks (`10.0.0.0/8`, `fd00::/8`; a bare
+    /// address is a block of one). Absent or empty: from anywhere.
+    #[serde(default, deserialize_with = "null_as_empty")]
+    pub allowed_sources: Vec<String>,
+    /// Also listen on this port of every node address (`node.addresses`).
+    #[serde(default)]
+    pub node_port: Option<u16>,
+    #[serde(default)]
+    pub external_traffic_policy: TrafficPolicy,
 }
 
 /// `algorithm:` of a service.
@@ -533,6 +573,9 @@ pub struct BackendSpec {
     pub address: String,
     #[serde(default = "default_weight")]
     pub weight: u32,
+    /// The node the backend runs on (compared with `node.name`).
+    #[serde(default)]
+    pub node: Option<String>,
 }
 
 fn default_weight() -> u32 {

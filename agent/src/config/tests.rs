@@ -444,7 +444,7 @@ fn two_services_with_one_name_are_refused() {
     );
     assert_eq!(
         refusal(&same_frontend),
-        "config file c.yaml: services[1].vip: invalid value \"10.0.0.1\": another service has the same VIP, port and protocol"
+        "config file c.yaml: services[1].vip: invalid value \"10.0.0.1\": service api has the same VIP, port and protocol"
     );
 }
 
@@ -639,11 +639,11 @@ fn parse_errors_name_field_path_and_value() {
         (
             format!("{GOOD}metrcs: {{}}\n"),
             "metrcs: unknown field `metrcs`, expected one of interfaces, conntrack, maglev, limits, \
-             services, pinning, kubernetes, socket_lb, control, metrics at line 13 column 1",
+             services, pinning, kubernetes, socket_lb, control, metrics, node at line 13 column 1",
         ),
         (
             GOOD.replace("weight: 3", "wieght: 3"),
-            "services[0].backends[1].wieght: unknown field `wieght`, expected one of address, weight at line 12 column 9",
+            "services[0].backends[1].wieght: unknown field `wieght`, expected one of address, weight, node at line 12 column 9",
         ),
         // A bad enum value.
         (
@@ -840,4 +840,132 @@ fn dsr_refuses_what_it_cant_do_naming_the_field() {
         "forwarding: dsr\n    dsr: {encapsulation: gue}",
     ));
     assert!(e.contains("gue"), "{e}");
+}
+
+#[test]
+fn allowed_sources_parse_and_bad_blocks_are_refused_by_name() {
+    let with = |list: &str| {
+        GOOD.replace(
+            "    protocol: tcp\n",
+            &format!("    protocol: tcp\n    allowed_sources: {list}\n"),
+        )
+    };
+    let v = parse(&with("[10.0.0.0/8, \"fd00::/8\", 192.0.2.7]"), "c.yaml").unwrap();
+    let got: Vec<String> = v.services[0]
+        .allowed_sources
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|c| c.to_string())
+        .collect();
+    assert_eq!(got, ["10.0.0.0/8", "fd00::/8", "192.0.2.7/32"]);
+    // Absent or empty: no restriction.
+    assert_eq!(
+        parse(GOOD, "c.yaml").unwrap().services[0].allowed_sources,
+        None
+    );
+    assert_eq!(
+        parse(&with("[]"), "c.yaml").unwrap().services[0].allowed_sources,
+        None
+    );
+    for (list, field, value) in [
+        (
+            "[10.0.0.0/33]",
+            "services[0].allowed_sources[0]",
+            "10.0.0.0/33",
+        ),
+        (
+            "[10.0.0.0/8, 10.1.2.3/8]",
+            "services[0].allowed_sources[1]",
+            "10.1.2.3/8",
+        ),
+        ("[web]", "services[0].allowed_sources[0]", "web"),
+        (
+            "[10.0.0.0/8, 10.0.0.0/8]",
+            "services[0].allowed_sources[1]",
+            "10.0.0.0/8",
+        ),
+    ] {
+        let e = error_of(&with(list));
+        assert!(
+            e.contains(field) && e.contains(&format!("{value:?}")),
+            "{list}: {e}"
+        );
+    }
+}
+
+#[test]
+fn node_ports_parse_and_collisions_name_both_services() {
+    let text = r#"
+interfaces: [{name: lb0}]
+node: {name: node-a, addresses: [192.0.2.10, "2001:db8::10"]}
+services:
+  - name: web
+    vip: 10.0.0.1
+    port: 80
+    protocol: tcp
+    node_port: 30080
+    external_traffic_policy: local
+    backends:
+      - {address: 10.0.1.1:8080, node: node-a}
+      - {address: 10.0.1.2:8080}
+"#;
+    let v = parse(text, "c.yaml").unwrap();
+    let s = &v.services[0];
+    assert_eq!(s.node_port, Some(30080));
+    assert!(s.local_only);
+    assert_eq!(
+        s.backend_nodes
+            .get(&"10.0.1.1:8080".parse().unwrap())
+            .map(String::as_str),
+        Some("node-a")
+    );
+    assert_eq!(v.raw.node.name.as_deref(), Some("node-a"));
+    // Another service on the same node port and protocol: both named.
+    let clash = text.to_string()
+        + "  - name: api\n    vip: 10.0.0.2\n    port: 80\n    protocol: tcp\n    node_port: 30080\n";
+    let e = refusal(&clash);
+    assert!(
+        e.contains("services[1].node_port") && e.contains("\"30080\"") && e.contains("service web"),
+        "{e}"
+    );
+    // UDP on the same number is another port.
+    parse(
+        &clash.replace(
+            "name: api\n    vip: 10.0.0.2\n    port: 80\n    protocol: tcp",
+            "name: api\n    vip: 10.0.0.2\n    port: 80\n    protocol: udp",
+        ),
+        "c.yaml",
+    )
+    .unwrap();
+    // A VIP that is a node address, on a node port's number.
+    let on_node = text.to_string()
+        + "  - name: api\n    vip: 192.0.2.10\n    port: 30080\n    protocol: tcp\n";
+    let e = refusal(&on_node);
+    assert!(
+        e.contains("services[1].vip") && e.contains("service web"),
+        "{e}"
+    );
+    for (from, to, field) in [
+        ("node_port: 30080", "node_port: 0", "services[0].node_port"),
+        (
+            "node: node-a}",
+            "node: \"\"}",
+            "services[0].backends[0].node",
+        ),
+        (
+            "addresses: [192.0.2.10,",
+            "addresses: [127.0.0.1,",
+            "node.addresses[0]",
+        ),
+        (
+            "external_traffic_policy: local",
+            "external_traffic_policy: nearby",
+            "external_traffic_policy",
+        ),
+    ] {
+        let text = text.replace(from, to);
+        let e = parse(&text, "c.yaml").unwrap_err().to_string();
+        assert!(e.contains(field), "{to}: {e}");
+    }
 }

@@ -10,8 +10,8 @@ use std::{
 
 use super::{
     Affinity, BackendSpec, Config, ConfigError, Conntrack, Control, Encapsulation, Failure,
-    Forwarding, Interface, KubeAddress, Kubernetes, Limits, Maglev, Pinning, Protocol, Service,
-    ServiceSpec, Validated,
+    Forwarding, Interface, KubeAddress, Kubernetes, Limits, Maglev, Node, Pinning, Protocol,
+    Service, ServiceSpec, TrafficPolicy, Validated,
 };
 
 mod address;
@@ -68,7 +68,48 @@ fn check(raw: &Config) -> Result<Vec<ServiceSpec>, Refusal> {
     control(&raw.control)?;
     conntrack(&raw.conntrack)?;
     maglev_and_limits(&raw.maglev, &raw.limits, raw.services.len())?;
-    services(&raw.services, &raw.limits)
+    let node_addresses = node(&raw.node)?;
+    services(&raw.services, &raw.limits, &node_addresses)
+}
+
+/// `node`: a name if set, addresses that can be VIPs, each once. Returns
+/// the configured addresses (empty: the host's, found at each apply).
+fn node(n: &Node) -> Result<Vec<IpAddr>, Refusal> {
+    if let Some(name) = &n.name
+        && (name.trim().is_empty() || name.len() > 253)
+    {
+        return Err(refuse(
+            "node.name",
+            name,
+            "a node name of 1 to 253 characters",
+        ));
+    }
+    let mut out: Vec<IpAddr> = Vec::new();
+    for (i, text) in n.addresses.iter().flatten().enumerate() {
+        let field = format!("node.addresses[{i}]");
+        let ip: IpAddr = text
+            .parse()
+            .map_err(|_| refuse(&field, text, "not an IPv4 or IPv6 address"))?;
+        if let Some(class) = refused_class(ip) {
+            return Err(refuse(
+                &field,
+                text,
+                format!("{class} can't be a node address"),
+            ));
+        }
+        if out.contains(&ip) {
+            return Err(refuse(&field, text, "listed twice"));
+        }
+        out.push(ip);
+    }
+    if n.addresses.as_ref().is_some_and(Vec::is_empty) {
+        return Err(refuse(
+            "node.addresses",
+            "[]",
+            "name at least one address, or leave it out for every address of the host",
+        ));
+    }
+    Ok(out)
 }
 
 fn interfaces(interfaces: &[Interface]) -> Result<(), Refusal> {
@@ -148,7 +189,7 @@ fn kubernetes(k: &Kubernetes) -> Result<(), Refusal> {
         return Err(refuse(
             "kubernetes.addresses",
             "[]",
-            "name at least one of cluster_ip, external_ips, load_balancer",
+            "name at least one of cluster_ip, external_ips, load_balancer, node_ports",
         ));
     }
     if let Some(ns) = &k.namespace {
@@ -179,7 +220,10 @@ fn kubernetes(k: &Kubernetes) -> Result<(), Refusal> {
         }
     }
     if let Some(cidrs) = &k.external_cidrs {
-        let external = k.addresses.iter().any(|a| *a != KubeAddress::ClusterIp);
+        let external = k
+            .addresses
+            .iter()
+            .any(|a| matches!(a, KubeAddress::ExternalIps | KubeAddress::LoadBalancer));
         if !external {
             return Err(refuse(
                 "kubernetes.external_cidrs",
@@ -302,16 +346,44 @@ fn maglev_and_limits(maglev: &Maglev, limits: &Limits, services: usize) -> Resul
 #[derive(Default)]
 struct Taken {
     names: HashSet<String>,
-    frontends: HashSet<(IpAddr, u16, Protocol)>,
+    /// (VIP, port, protocol) → the service's name.
+    frontends: std::collections::HashMap<(IpAddr, u16, Protocol), String>,
+    /// (node port, protocol, IPv4) → the service's name. A node port is on
+    /// the node addresses of its VIP's family: an IPv4 and an IPv6 service
+    /// may share one (a dual-stack pair, as Kubernetes gives them).
+    node_ports: std::collections::HashMap<(u16, Protocol, bool), String>,
+    /// `node.addresses` as configured (empty: the host's, not known here).
+    node_addresses: Vec<IpAddr>,
 }
 
-fn services(list: &[Service], limits: &Limits) -> Result<Vec<ServiceSpec>, Refusal> {
-    let mut taken = Taken::default();
+fn services(
+    list: &[Service],
+    limits: &Limits,
+    node_addresses: &[IpAddr],
+) -> Result<Vec<ServiceSpec>, Refusal> {
+    let mut taken = Taken {
+        node_addresses: node_addresses.to_vec(),
+        ..Taken::default()
+    };
     let services = list
         .iter()
         .enumerate()
         .map(|(i, s)| service(s, &format!("services[{i}]"), &mut taken))
         .collect::<Result<Vec<_>, _>>()?;
+    let ranges: usize = services
+        .iter()
+        .map(|s| s.allowed_sources.as_ref().map_or(0, Vec::len))
+        .sum();
+    if ranges > agent_common::MAX_SOURCE_RANGES as usize {
+        return Err(refuse(
+            "services",
+            format!("{ranges} allowed_sources entries"),
+            format!(
+                "more than the {} the kernel's SOURCE_RANGES map holds",
+                agent_common::MAX_SOURCE_RANGES
+            ),
+        ));
+    }
     let backend_total: usize = services.iter().map(|s| s.backends.len()).sum();
     if backend_total > limits.max_backends as usize {
         return Err(refuse(
@@ -359,11 +431,37 @@ fn service(s: &Service, at: &str, taken: &mut Taken) -> Result<ServiceSpec, Refu
     if s.port == 0 {
         return Err(refuse(field("port"), s.port, "must be 1 to 65535"));
     }
-    if !taken.frontends.insert((vip, s.port, s.protocol)) {
+    if let Some(other) = taken.frontends.get(&(vip, s.port, s.protocol)) {
         return Err(refuse(
             field("vip"),
             &s.vip,
-            "another service has the same VIP, port and protocol",
+            format!("service {other} has the same VIP, port and protocol"),
+        ));
+    }
+    if taken.node_addresses.contains(&vip)
+        && let Some(other) = taken.node_ports.get(&(s.port, s.protocol, vip.is_ipv4()))
+    {
+        return Err(refuse(
+            field("vip"),
+            &s.vip,
+            format!(
+                "a node address, and service {other}'s node_port {}/{} is on it",
+                s.port,
+                s.protocol.as_str()
+            ),
+        ));
+    }
+    taken
+        .frontends
+        .insert((vip, s.port, s.protocol), s.name.clone());
+    let node_port = node_port(s, vip, &field("node_port"), taken)?;
+    let backend_nodes = backend_nodes(&s.backends, &field("backends"))?;
+    let local_only = s.external_traffic_policy == TrafficPolicy::Local;
+    if local_only && s.discovery.is_some() {
+        return Err(refuse(
+            field("external_traffic_policy"),
+            "local",
+            "needs the backends' nodes (backends[].node), which discovery doesn't give",
         ));
     }
     let snat_ip = snat_ip(s, vip, &field("snat_ip"))?;
@@ -371,6 +469,15 @@ fn service(s: &Service, at: &str, taken: &mut Taken) -> Result<ServiceSpec, Refu
     let backends = static_backends(&s.backends, vip, &field("backends"))?;
     if dsr.is_some() {
         dsr_backend_ports(s, &backends, &field("backends"))?;
+        // A NodePort entry SNATs towards other nodes' backends: DSR keeps
+        // the client's address, so the two don't combine (yet).
+        if let Some(port) = s.node_port {
+            return Err(refuse(
+                field("node_port"),
+                port,
+                "not available with forwarding: dsr (a NodePort reaches other nodes' backends by SNAT)",
+            ));
+        }
     }
     failure(&s.failure, &field("failure"))?;
     let discovery = match &s.discovery {
@@ -383,6 +490,7 @@ fn service(s: &Service, at: &str, taken: &mut Taken) -> Result<ServiceSpec, Refu
         )?),
     };
     let drain_timeout = drain_timeout(s.drain_timeout_seconds, field("drain_timeout_seconds"))?;
+    let allowed_sources = allowed_sources(&s.allowed_sources, &field("allowed_sources"))?;
     let affinity_timeout = affinity(s.affinity.as_ref(), &field("affinity"))?;
     Ok(ServiceSpec {
         name: s.name.clone(),
@@ -398,6 +506,12 @@ fn service(s: &Service, at: &str, taken: &mut Taken) -> Result<ServiceSpec, Refu
         pods: Default::default(),
         affinity_timeout,
         algorithm: s.algorithm,
+        allowed_sources,
+        node_port,
+        local_only,
+        backend_nodes,
+        snat_remote: None,
+        remote_backends: Default::default(),
         dsr,
     })
 }
@@ -432,6 +546,93 @@ fn dsr_backend_ports(s: &Service, backends: &[(SocketAddr, u32)], at: &str) -> R
         }
     }
     Ok(())
+}
+
+/// `node_port` of service `s` (at `vip`) under `field`: not 0, and no other
+/// service's node port or frontend on a node address with the same port and
+/// protocol (both named).
+fn node_port(
+    s: &Service,
+    vip: IpAddr,
+    field: &str,
+    taken: &mut Taken,
+) -> Result<Option<u16>, Refusal> {
+    let Some(port) = s.node_port else {
+        return Ok(None);
+    };
+    if port == 0 {
+        return Err(refuse(field, port, "must be 1 to 65535"));
+    }
+    if let Some(other) = taken.node_ports.get(&(port, s.protocol, vip.is_ipv4())) {
+        return Err(refuse(
+            field,
+            port,
+            format!(
+                "service {other} has node_port {port}/{} too, of the same family (a node port is on every node address of its VIP's family)",
+                s.protocol.as_str()
+            ),
+        ));
+    }
+    for addr in taken
+        .node_addresses
+        .iter()
+        .filter(|a| a.is_ipv4() == vip.is_ipv4())
+    {
+        if let Some(other) = taken.frontends.get(&(*addr, port, s.protocol)) {
+            return Err(refuse(
+                field,
+                port,
+                format!(
+                    "service {other} has {} as its VIP, port and protocol, a node address",
+                    SocketAddr::new(*addr, port)
+                ),
+            ));
+        }
+    }
+    taken
+        .node_ports
+        .insert((port, s.protocol, vip.is_ipv4()), s.name.clone());
+    Ok(Some(port))
+}
+
+/// The backends' `node`, under `at` (`services[i].backends`).
+fn backend_nodes(
+    list: &[BackendSpec],
+    at: &str,
+) -> Result<std::collections::BTreeMap<SocketAddr, String>, Refusal> {
+    let mut out = std::collections::BTreeMap::new();
+    for (j, b) in list.iter().enumerate() {
+        let Some(node) = &b.node else { continue };
+        if node.trim().is_empty() || node.len() > 253 {
+            return Err(refuse(
+                format!("{at}[{j}].node"),
+                node,
+                "a node name of 1 to 253 characters",
+            ));
+        }
+        // The address was checked by `static_backends`.
+        if let Ok(addr) = b.address.parse::<SocketAddr>() {
+            out.insert(addr, node.clone());
+        }
+    }
+    Ok(out)
+}
+
+/// `allowed_sources` under `at`: blocks, each listed once; empty means no
+/// restriction (as kube-proxy reads an empty `loadBalancerSourceRanges`).
+fn allowed_sources(list: &[String], at: &str) -> Result<Option<Vec<Cidr>>, Refusal> {
+    if list.is_empty() {
+        return Ok(None);
+    }
+    let mut cidrs: Vec<Cidr> = Vec::with_capacity(list.len());
+    for (i, text) in list.iter().enumerate() {
+        let cidr = Cidr::parse(text).map_err(|why| refuse(format!("{at}[{i}]"), text, why))?;
+        if cidrs.contains(&cidr) {
+            return Err(refuse(format!("{at}[{i}]"), text, "listed twice"));
+        }
+        cidrs.push(cidr);
+    }
+    Ok(Some(cidrs))
 }
 
 /// A service's `affinity` (under `at`): its timeout in seconds, if any.

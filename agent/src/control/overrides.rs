@@ -206,11 +206,23 @@ impl Overrides {
     /// The weights of `desired` with the overrides applied.
     pub fn apply(&self, desired: &mut [ServiceSpec]) {
         for service in desired {
-            let Some(overrides) = self.by_service.get(&service.name) else {
-                continue;
+            // A config file service's NodePort entries (`web@192.0.2.10:30080`,
+            // see `nodeport`) follow the service's overrides; their own
+            // come first. (Config names have no '@' or '/'; Kubernetes
+            // names, which have a '/', keep theirs per entry.)
+            let base = match service.name.split_once('@') {
+                Some((base, _)) if !service.name.contains('/') => self.by_service.get(base),
+                _ => None,
             };
+            let own = self.by_service.get(&service.name);
+            if own.is_none() && base.is_none() {
+                continue;
+            }
             for (addr, weight) in &mut service.backends {
-                if let Some(o) = overrides.get(addr) {
+                if let Some(o) = own
+                    .and_then(|o| o.get(addr))
+                    .or_else(|| base.and_then(|o| o.get(addr)))
+                {
                     *weight = o.weight(*weight);
                 }
             }
@@ -289,6 +301,12 @@ mod tests {
             affinity_timeout: None,
             algorithm: Default::default(),
             dsr: None,
+            allowed_sources: None,
+            node_port: None,
+            local_only: false,
+            backend_nodes: Default::default(),
+            snat_remote: None,
+            remote_backends: Default::default(),
         }
     }
 
@@ -323,6 +341,23 @@ mod tests {
         o.change(&change("10.0.1.1:80", Action::ClearWeight), &desired)
             .unwrap();
         assert!(o.is_empty());
+    }
+
+    #[test]
+    fn a_services_node_port_entries_follow_its_overrides() {
+        let desired = [spec(&[("10.0.1.1:80", 1), ("10.0.1.2:80", 1)])];
+        let mut o = Overrides::default();
+        o.change(&change("10.0.1.1:80", Action::Drain), &desired)
+            .unwrap();
+        let mut entry = desired[0].clone();
+        entry.name = "web@192.0.2.10:30080".into();
+        let mut other = desired[0].clone();
+        other.name = "web2@192.0.2.10:30081".into();
+        let mut applied = [desired[0].clone(), entry, other];
+        o.apply(&mut applied);
+        assert_eq!(applied[0].backends[0].1, 0);
+        assert_eq!(applied[1].backends[0].1, 0, "the NodePort entry of web");
+        assert_eq!(applied[2].backends[0].1, 1, "another service's entry");
     }
 
     #[test]

@@ -137,6 +137,8 @@ pub struct Maps {
     /// Each backend's active flows of least-connections services (the
     /// kernel's `least_conn`; the sweep corrects it).
     pub backend_active: Array<MapData, u64>,
+    /// The services' `allowed_sources` (see `reconcile::ranges`).
+    pub source_ranges: aya::maps::LpmTrie<MapData, agent_common::SourceRange, u32>,
 }
 
 /// A second handle (a duplicate of its fd) on the map `name` behind `map`,
@@ -201,6 +203,7 @@ impl Maps {
             sock_connects: take(ebpf, map::SOCK_CONNECTS)?,
             affinity: take(ebpf, map::AFFINITY)?,
             backend_active: take(ebpf, map::BACKEND_ACTIVE)?,
+            source_ranges: take(ebpf, map::SOURCE_RANGES)?,
         })
     }
 }

@@ -205,16 +205,21 @@ fn check_kubernetes(svc: Value, slice: Value) -> Result<(), TestCaseError> {
         return Ok(());
     };
     let spec = crate::config::parse(
-        "interfaces: [{name: lb0}]\nkubernetes:\n  addresses: [cluster_ip, external_ips, load_balancer]\n",
+        "interfaces: [{name: lb0}]\nkubernetes:\n  addresses: [cluster_ip, external_ips, load_balancer, node_ports]\n",
         "c.yaml",
     )
     .expect("a valid config")
     .raw
     .kubernetes
     .expect("a kubernetes section");
+    let node_addresses = [
+        "192.0.2.10".parse().unwrap(),
+        "2001:db8::10".parse().unwrap(),
+    ];
     let here = Locality {
         node: Some("node-1"),
         zone: Some("zone-a"),
+        addresses: &node_addresses,
     };
     let trust = Trust::new(&spec, &[]);
     let found = desired(&[Arc::new(svc)], &[Arc::new(slice)], &spec, &here, &trust);

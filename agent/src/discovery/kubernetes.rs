@@ -43,7 +43,7 @@ use std::{
 
 use futures_util::StreamExt;
 use k8s_openapi::api::{
-    core::v1::Service,
+    core::v1::{Service, ServiceSpec as KubeServiceSpec},
     discovery::v1::{Endpoint, EndpointSlice},
 };
 use kube::{
@@ -52,10 +52,10 @@ use kube::{
 };
 use tracing::{info, warn};
 
-pub use self::trust::{Skipped, Trust};
+pub use self::trust::{Skipped, Trust, host_addresses};
 use super::{DiscoveryError, KubeClientError, Outcome, Reporter};
 use crate::config::{
-    Algorithm, DEFAULT_AFFINITY_TIMEOUT_SECONDS, KubeAddress, Kubernetes,
+    Algorithm, Cidr, DEFAULT_AFFINITY_TIMEOUT_SECONDS, KubeAddress, Kubernetes,
     MAX_AFFINITY_TIMEOUT_SECONDS, MAX_WEIGHT, PodRef, Protocol, ServiceSpec, backend,
 };
 
@@ -148,7 +148,9 @@ pub async fn run(spec: Kubernetes, reporter: Reporter) {
     let here = Locality {
         node: node.as_deref(),
         zone: zone.as_deref(),
+        addresses: &[],
     };
+    let node_ports = spec.addresses.contains(&KubeAddress::NodePorts);
     let mut listed = vec![false; 2 * scopes.len()];
     let mut skipped = BTreeSet::new();
     // Everything in the stores, by the rules: logged when what is skipped
@@ -157,6 +159,16 @@ pub async fn run(spec: Kubernetes, reporter: Reporter) {
         trust.set_host_addresses(&trust::host_addresses());
         let services: Vec<Arc<Service>> = service_stores.iter().flat_map(|s| s.state()).collect();
         let slices: Vec<Arc<EndpointSlice>> = slice_stores.iter().flat_map(|s| s.state()).collect();
+        // NodePorts listen on the node's addresses as they are now.
+        let addresses = if node_ports {
+            crate::nodeport::host_node_addresses()
+        } else {
+            Vec::new()
+        };
+        let here = Locality {
+            addresses: &addresses,
+            ..here
+        };
         let found = desired(&services, &slices, &spec, &here, trust);
         log_skipped(&skipped, &found.skipped);
         skipped = found.skipped;
@@ -296,6 +308,8 @@ async fn client(spec: &Kubernetes) -> Result<(Client, hyper::Uri), KubeClientErr
 pub struct Locality<'a> {
     pub node: Option<&'a str>,
     pub zone: Option<&'a str>,
+    /// Where NodePorts listen (`kubernetes.addresses: [node_ports]`).
+    pub addresses: &'a [IpAddr],
 }
 
 /// What the stores make: the Sluice services, and what was not taken.
@@ -389,18 +403,21 @@ pub fn desired(
         let local = |policy: &Option<String>| policy.as_deref() == Some("Local");
         let internal_local = local(&svc_spec.internal_traffic_policy);
         let external_local = local(&svc_spec.external_traffic_policy);
-        // Each VIP with whether its traffic policy is Local.
-        let mut vips: Vec<(IpAddr, bool)> = Vec::new();
+        let source_ranges = source_ranges(svc_spec, &mut skip);
+        // Each VIP with whether its traffic policy is Local, and whether it
+        // is a load-balancer IP (which `loadBalancerSourceRanges` limits,
+        // as in kube-proxy: not the clusterIP, externalIPs or NodePorts).
+        let mut vips: Vec<(IpAddr, bool, bool)> = Vec::new();
         let mut add = |kind: &str, text: &str, local_only: bool| {
             let Ok(ip) = text.parse::<IpAddr>() else {
                 return; // "None" (headless), or not an address
             };
-            if vips.iter().any(|(v, _)| *v == ip) {
+            if vips.iter().any(|(v, _, _)| *v == ip) {
                 return;
             }
             match trust.refuse_vip(ip, kind != "clusterIP") {
                 Some(why) => skip(format!("{kind} {ip}"), why),
-                None => vips.push((ip, local_only)),
+                None => vips.push((ip, local_only, kind == LB_KIND)),
             }
         };
         if spec.addresses.contains(&KubeAddress::ClusterIp) {
@@ -427,8 +444,20 @@ pub fn desired(
                 .into_iter()
                 .flatten()
                 .filter_map(|i| i.ip.as_deref())
-                .for_each(|ip| add("load-balancer IP", ip, external_local));
+                .for_each(|ip| add(LB_KIND, ip, external_local));
         }
+        // NodePorts: of `type: NodePort` and `LoadBalancer` Services (the
+        // latter has none with `allocateLoadBalancerNodePorts: false`: its
+        // ports then carry no nodePort), on node addresses of the
+        // Service's families.
+        let has_node_ports = matches!(
+            svc_spec.type_.as_deref(),
+            Some("NodePort") | Some("LoadBalancer")
+        );
+        let families: Vec<bool> = match &svc_spec.ip_families {
+            Some(list) if !list.is_empty() => list.iter().map(|f| f == "IPv4").collect(),
+            _ => vec![true, false],
+        };
         let slices = by_service
             .get(&(ns, name))
             .map(Vec::as_slice)
@@ -447,13 +476,13 @@ pub fn desired(
                 .clone()
                 .filter(|n| !n.is_empty())
                 .unwrap_or_else(|| port.port.to_string());
-            for (k, (vip, local_only)) in vips.iter().enumerate() {
+            for (k, (vip, local_only, lb)) in vips.iter().enumerate() {
                 let service_name = if k == 0 {
                     format!("{owner}:{port_label}")
                 } else {
                     format!("{owner}:{port_label}@{vip}")
                 };
-                let (backends, pods) = backends(
+                let (backends, pods, _) = backends(
                     slices,
                     port.name.as_deref(),
                     *vip,
@@ -479,11 +508,106 @@ pub fn desired(
                     affinity_timeout,
                     algorithm,
                     dsr: None,
+                    allowed_sources: if *lb { source_ranges.clone() } else { None },
+                    node_port: None,
+                    local_only: *local_only,
+                    backend_nodes: Default::default(),
+                    snat_remote: None,
+                    remote_backends: Default::default(),
+                });
+            }
+            // The NodePort, on each node address of the Service's families.
+            let Some(node_port) = port
+                .node_port
+                .and_then(|p| u16::try_from(p).ok())
+                .filter(|_| spec.addresses.contains(&KubeAddress::NodePorts) && has_node_ports)
+            else {
+                continue;
+            };
+            for addr in here
+                .addresses
+                .iter()
+                .filter(|a| families.contains(&a.is_ipv4()))
+            {
+                let (backends, pods, nodes) = backends(
+                    slices,
+                    port.name.as_deref(),
+                    *addr,
+                    &weights,
+                    Scope {
+                        here: *here,
+                        local_only: external_local,
+                    },
+                    &mut skip,
+                );
+                // Cluster: another node's endpoint (or one of no known
+                // node, or every one when this node's name is unknown) is
+                // SNATed to this address, so that its replies come back.
+                let remote_backends = if external_local {
+                    Default::default()
+                } else {
+                    backends
+                        .iter()
+                        .map(|(a, _)| *a)
+                        .filter(|a| {
+                            here.node.is_none() || nodes.get(a).map(String::as_str) != here.node
+                        })
+                        .collect()
+                };
+                found.services.push(ServiceSpec {
+                    name: format!("{owner}:{port_label}@{}", SocketAddr::new(*addr, node_port)),
+                    vip: *addr,
+                    port: node_port,
+                    protocol,
+                    snat_ip: None,
+                    backends,
+                    failure: spec.failure.clone(),
+                    discovery: None,
+                    drain_timeout: Duration::from_secs(spec.drain_timeout_seconds.into()),
+                    backend_latency_histogram: histogram,
+                    pods,
+                    // As kube-proxy: loadBalancerSourceRanges don't apply
+                    // to NodePorts.
+                    allowed_sources: None,
+                    node_port: None,
+                    local_only: external_local,
+                    backend_nodes: nodes,
+                    snat_remote: (!external_local).then_some(*addr),
+                    remote_backends,
+                    affinity_timeout,
+                    algorithm,
+                    dsr: None,
                 });
             }
         }
     }
     found
+}
+
+/// What `add` calls a load-balancer ingress IP.
+const LB_KIND: &str = "load-balancer IP";
+
+/// `spec.loadBalancerSourceRanges` as `allowed_sources`: None when empty
+/// (no restriction, as kube-proxy reads it). An entry that is no block is
+/// skipped and reported; if none is left, the load-balancer IPs admit no
+/// source at all (a typo must not open the service to everyone).
+fn source_ranges(
+    svc_spec: &KubeServiceSpec,
+    skip: &mut impl FnMut(String, String),
+) -> Option<Vec<Cidr>> {
+    let listed = svc_spec.load_balancer_source_ranges.as_ref()?;
+    if listed.is_empty() {
+        return None;
+    }
+    let mut cidrs = Vec::new();
+    for text in listed {
+        match Cidr::parse_sloppy(text.trim()) {
+            Ok(c) if !cidrs.contains(&c) => cidrs.push(c),
+            Ok(_) => {}
+            Err(why) => skip(format!("loadBalancerSourceRanges entry {text:?}"), why),
+        }
+    }
+    Some(cidrs)
 }
 
 /// `sessionAffinity: ClientIP` and its timeout (`sessionAffinityConfig.
@@ -541,6 +665,14 @@ fn weights(svc: &Service) -> BTreeMap<String, u32> {
         .unwrap_or_default()
 }
 
+/// What `backends` finds: (address, weight), the pods behind them, their
+/// nodes.
+type Endpoints = (
+    Vec<(SocketAddr, u32)>,
+    BTreeMap<SocketAddr, PodRef>,
+    BTreeMap<SocketAddr, String>,
+);
+
 /// Which endpoints one VIP may send to.
 #[derive(Debug, Clone, Copy)]
 struct Scope<'a> {
@@ -560,7 +692,7 @@ struct Candidate<'a> {
 
 /// The endpoints of `slices` for one Service port at `vip` (of its address
 /// family), as `(address, weight)`; weight 0 = draining (established
-/// connections only); and the pods behind them. An endpoint that fails the
+/// connections only); the pods behind them; and their nodes (`nodeName`). An endpoint that fails the
 /// config's backend check is left out and told to `skip` (what, why).
 fn backends(
     slices: &[&EndpointSlice],
@@ -569,7 +701,7 @@ fn backends(
     weights: &BTreeMap<String, u32>,
     scope: Scope,
     skip: &mut impl FnMut(String, String),
-) -> (Vec<(SocketAddr, u32)>, BTreeMap<SocketAddr, PodRef>) {
+) -> Endpoints {
     let family = if vip.is_ipv4() { "IPv4" } else { "IPv6" };
     let mut candidates: Vec<Candidate> = Vec::new();
     for slice in slices.iter().filter(|s| s.address_type == family) {
@@ -642,6 +774,7 @@ fn backends(
     };
     let mut out: Vec<(SocketAddr, u32)> = Vec::new();
     let mut pods = BTreeMap::new();
+    let mut nodes = BTreeMap::new();
     for c in &candidates {
         let weight = if !any_ready {
             // Nothing ready: serving terminating endpoints take new
@@ -661,9 +794,12 @@ fn backends(
         if let Some(pod) = c.pod.clone() {
             pods.entry(c.addr).or_insert(pod);
         }
+        if let Some(node) = c.endpoint.node_name.clone() {
+            nodes.entry(c.addr).or_insert(node);
+        }
     }
     out.sort();
-    (out, pods)
+    (out, pods, nodes)
 }
 
 /// The pod an endpoint's targetRef names (its namespace defaults to the
@@ -733,6 +869,164 @@ mod tests {
 
     fn spec() -> Kubernetes {
         serde_saphyr::from_str("addresses: [cluster_ip, external_ips]").unwrap()
+    }
+
+    #[test]
+    fn node_ports_of_node_port_and_load_balancer_services_follow_their_policy() {
+        let service = |name: &str, type_: &str, policy: &str, allocate: Option<bool>| -> Service {
+            let mut spec = serde_json::json!({
+                "type": type_, "clusterIP": "10.96.0.10", "ipFamilies": ["IPv4"],
+                "externalTrafficPolicy": policy,
+                "ports": [{"name": "http", "port": 80, "nodePort": 30080},
+                          {"name": "dns", "port": 53, "protocol": "UDP", "nodePort": 30053}]
+            });
+            if allocate == Some(false) {
+                // The API server then allocates none.
+                spec["allocateLoadBalancerNodePorts"] = serde_json::json!(false);
+                spec["ports"][0].as_object_mut().unwrap().remove("nodePort");
+                spec["ports"][1].as_object_mut().unwrap().remove("nodePort");
+            }
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": name, "namespace": "shop"}, "spec": spec
+            }))
+            .unwrap()
+        };
+        let slice = |name: &str| -> EndpointSlice {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": format!("{name}-1"), "namespace": "shop",
+                             "labels": {"kubernetes.io/service-name": name}},
+                "addressType": "IPv4",
+                "ports": [{"name": "http", "port": 8080}, {"name": "dns", "port": 5353}],
+                "endpoints": [
+                    {"addresses": ["10.1.0.2"], "nodeName": "node-a"},
+                    {"addresses": ["10.1.0.3"], "nodeName": "node-b"},
+                    {"addresses": ["10.1.0.4"]}
+                ]
+            }))
+            .unwrap()
+        };
+        let spec: Kubernetes =
+            serde_saphyr::from_str("addresses: [cluster_ip, node_ports]").unwrap();
+        let addresses: Vec<IpAddr> = vec![
+            "192.0.2.10".parse().unwrap(),
+            "2001:db8::10".parse().unwrap(),
+        ];
+        let here = Locality {
+            node: Some("node-a"),
+            zone: None,
+            addresses: &addresses,
+        };
+        let services = [
+            Arc::new(service("np", "NodePort", "Cluster", None)),
+            Arc::new(service("lb", "LoadBalancer", "Local", None)),
+            Arc::new(service("noalloc", "LoadBalancer", "Cluster", Some(false))),
+            Arc::new(service("plain", "ClusterIP", "Cluster", None)),
+        ];
+        let slices = ["np", "lb", "noalloc", "plain"].map(|n| Arc::new(slice(n)));
+        let out = desired(&services, &slices, &spec, &here, &Trust::default()).services;
+        let find = |name: &str| out.iter().find(|s| s.name == name);
+        let b = |a: &str| a.parse::<SocketAddr>().unwrap();
+        // Cluster: every endpoint; node-b's and the one of no node SNATed
+        // to the node address; UDP too; only the IPv4 node address.
+        let np = find("shop/np:http@192.0.2.10:30080").expect("the NodePort entry");
+        assert_eq!(
+            (np.vip, np.port, np.protocol),
+            ("192.0.2.10".parse().unwrap(), 30080, Protocol::Tcp)
+        );
+        assert_eq!(np.backends.len(), 3);
+        assert_eq!(np.snat_remote, Some("192.0.2.10".parse().unwrap()));
+        assert_eq!(
+            np.remote_backends.iter().copied().collect::<Vec<_>>(),
+            [b("10.1.0.3:8080"), b("10.1.0.4:8080")]
+        );
+        assert!(find("shop/np:dns@192.0.2.10:30053").is_some_and(|s| s.protocol == Protocol::Udp));
+        assert!(
+            out.iter().all(|s| s.vip.to_string() != "2001:db8::10"),
+            "an IPv4-only Service"
+        );
+        // Local (a LoadBalancer's nodePort): this node's endpoint only, no SNAT.
+        let lb = find("shop/lb:http@192.0.2.10:30080").expect("the LoadBalancer's NodePort");
+        assert_eq!(lb.backends, [(b("10.1.0.2:8080"), 1)]);
+        assert_eq!(lb.snat_remote, None);
+        assert!(lb.remote_backends.is_empty());
+        // No nodePorts allocated, or not a NodePort type: no entry.
+        assert!(
+            out.iter()
+                .all(|s| !s.name.starts_with("shop/noalloc:http@"))
+        );
+        assert!(out.iter().all(|s| !s.name.starts_with("shop/plain:http@")));
+        // Without node_ports in addresses: none at all.
+        let spec: Kubernetes = serde_saphyr::from_str("addresses: [cluster_ip]").unwrap();
+        let out = desired(&services, &slices, &spec, &here, &Trust::default()).services;
+        assert!(
+            out.iter().all(|s| !s.name.contains('@')),
+            "{:?}",
+            out.iter().map(|s| &s.name).collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn load_balancer_source_ranges_limit_only_the_load_balancer_ips() {
+        let service = |ranges: serde_json::Value| -> Service {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "web", "namespace": "shop"},
+                "spec": {"clusterIP": "10.96.0.10", "externalIPs": ["192.0.2.7"],
+                         "loadBalancerSourceRanges": ranges,
+                         "ports": [{"name": "http", "port": 80}]},
+                "status": {"loadBalancer": {"ingress": [{"ip": "198.51.100.4"}]}}
+            }))
+            .unwrap()
+        };
+        let spec: Kubernetes =
+            serde_saphyr::from_str("addresses: [cluster_ip, external_ips, load_balancer]").unwrap();
+        let run = |svc: Service| {
+            desired(
+                &[Arc::new(svc)],
+                &[],
+                &spec,
+                &Locality::default(),
+                &Trust::default(),
+            )
+        };
+        let found = run(service(serde_json::json!([
+            "10.0.0.0/8",
+            " 172.16.1.1/12",
+            "nonsense"
+        ])));
+        let by_vip = |vip: &str| {
+            found
+                .services
+                .iter()
+                .find(|s| s.vip.to_string() == vip)
+                .unwrap()
+                .allowed_sources
+                .clone()
+        };
+        let lb: Vec<String> = by_vip("198.51.100.4")
+            .unwrap()
+            .iter()
+            .map(|c| c.to_string())
+            .collect();
+        // Host bits cleared as kube-proxy does; the bad entry skipped and told.
+        assert_eq!(lb, ["10.0.0.0/8", "172.16.0.0/12"]);
+        assert_eq!(by_vip("10.96.0.10"), None, "the clusterIP is not limited");
+        assert_eq!(by_vip("192.0.2.7"), None, "externalIPs are not limited");
+        assert!(
+            found.skipped.iter().any(|s| s.what.contains("nonsense")),
+            "{:?}",
+            found.skipped
+        );
+        // Only bad entries: the load-balancer IP admits nobody (not everybody).
+        let found = run(service(serde_json::json!(["nonsense"])));
+        let lb = found
+            .services
+            .iter()
+            .find(|s| s.vip.to_string() == "198.51.100.4")
+            .unwrap();
+        assert_eq!(lb.allowed_sources, Some(Vec::new()));
+        // Empty: no restriction, as kube-proxy reads it.
+        let found = run(service(serde_json::json!([])));
+        assert!(found.services.iter().all(|s| s.allowed_sources.is_none()));
     }
 
     #[test]
@@ -988,6 +1282,7 @@ mod tests {
         let here = Locality {
             node,
             zone: Some("zone-b"),
+            addresses: &[],
         };
         let out = desired(
             &[Arc::new(svc)],

@@ -497,7 +497,7 @@ impl Hub {
     /// file already has stays the file's; a Kubernetes Service that doesn't
     /// fit is quarantined, see `quarantine`).
     pub fn desired(&mut self, config: &Validated) -> Vec<ServiceSpec> {
-        let mut out: Vec<ServiceSpec> = config
+        let out: Vec<ServiceSpec> = config
             .services
             .iter()
             .map(|spec| {
@@ -512,6 +512,9 @@ impl Hub {
                 spec
             })
             .collect();
+        // NodePorts and traffic policies, with the node's addresses as
+        // they are now.
+        let mut out = crate::nodeport::expand(out, &crate::nodeport::Here::of(&config.raw.node));
         let capacity = self.capacity.unwrap_or(Capacity {
             services: config.raw.limits.max_services,
             backends: config.raw.limits.max_backends,

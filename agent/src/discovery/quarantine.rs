@@ -42,6 +42,8 @@ pub struct Fitted {
 struct Used {
     services: usize,
     backends: usize,
+    /// Entries of `SOURCE_RANGES` (one per `allowed_sources` block).
+    ranges: usize,
     keys: HashSet<agent_common::ServiceKey>,
     names: HashSet<String>,
 }
@@ -51,6 +53,7 @@ impl Used {
         let mut used = Self {
             services: 0,
             backends: 0,
+            ranges: 0,
             keys: HashSet::new(),
             names: HashSet::new(),
         };
@@ -62,6 +65,7 @@ impl Used {
         for s in services {
             self.services += 1;
             self.backends += s.backends.len();
+            self.ranges += ranges_of(s);
             self.keys.insert(service_key(s));
             self.names.insert(s.name.clone());
         }
@@ -83,6 +87,15 @@ impl Used {
         let backends: usize = group.iter().map(|s| s.backends.len()).sum();
         let free_services = (capacity.services as usize).saturating_sub(self.services);
         let free_backends = (capacity.backends as usize).saturating_sub(self.backends);
+        let ranges: usize = group.iter().map(ranges_of).sum();
+        let free_ranges = (agent_common::MAX_SOURCE_RANGES as usize).saturating_sub(self.ranges);
+        if ranges > free_ranges {
+            return Some(format!(
+                "needs {ranges} source-range entries (loadBalancerSourceRanges × ports × \
+                 VIPs); {free_ranges} of the {} of SOURCE_RANGES are free",
+                agent_common::MAX_SOURCE_RANGES
+            ));
+        }
         if services <= free_services && backends <= free_backends {
             return None;
         }
@@ -93,6 +106,11 @@ impl Used {
             capacity.services, capacity.backends
         ))
     }
+}
+
+/// The `SOURCE_RANGES` entries a service takes.
+fn ranges_of(s: &ServiceSpec) -> usize {
+    s.allowed_sources.as_ref().map_or(0, Vec::len)
 }
 
 /// Fits `found` (the Kubernetes services) into `capacity` after `taken`
@@ -186,6 +204,12 @@ mod tests {
                 affinity_timeout: None,
                 algorithm: Default::default(),
                 dsr: None,
+                allowed_sources: None,
+                node_port: None,
+                local_only: false,
+                backend_nodes: Default::default(),
+                snat_remote: None,
+                remote_backends: Default::default(),
             })
             .collect()
     }

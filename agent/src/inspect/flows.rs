@@ -2,7 +2,10 @@
 
 use std::net::SocketAddr;
 
-use agent_common::{FAMILY_V4, FLOW_F_REVERSE, Flow, FlowKey, PROTO_UDP, SERVICE_F_SNAT, addr};
+use agent_common::{
+    FAMILY_V4, FLOW_F_REVERSE, Flow, FlowKey, PROTO_UDP, SERVICE_F_SNAT, SERVICE_F_SNAT_REMOTE,
+    addr,
+};
 use serde::{Deserialize, Serialize};
 
 use super::Tables;
@@ -62,7 +65,10 @@ impl FlowView {
             protocol: protocol.to_string(),
             client: at(key.src, key.sport).to_string(),
             vip: vip.to_string(),
-            snat: (service_flags & SERVICE_F_SNAT != 0)
+            // A NodePort entry SNATs its flows to remote backends only:
+            // those whose source was rewritten.
+            snat: (service_flags & SERVICE_F_SNAT != 0
+                || (service_flags & SERVICE_F_SNAT_REMOTE != 0 && flow.new_src != key.src))
                 .then(|| at(flow.new_src, flow.new_sport).to_string()),
             state: state.name().to_string(),
             idle_seconds: idle(now_seconds(), flow.last_seen),

@@ -109,6 +109,7 @@ pub fn read_pinned(
                     drain_deadline: (draining && weight > 0)
                         .then(|| Instant::now() + spec.drain_timeout),
                     pod: spec.pods.get(&addr).cloned(),
+                    remote: None,
                 })
                 .collect();
             PinnedService {
@@ -148,6 +149,12 @@ fn orphan_spec(key: &ServiceKey) -> ServiceSpec {
         affinity_timeout: None,
         algorithm: Default::default(),
         dsr: None,
+        allowed_sources: None,
+        node_port: None,
+        local_only: false,
+        backend_nodes: Default::default(),
+        snat_remote: None,
+        remote_backends: Default::default(),
     }
 }
 
@@ -227,6 +234,7 @@ impl Reconciler {
                     weight,
                     drain_deadline: None,
                     pod: None,
+                    remote: None,
                 };
                 self.ending.push((name, backend));
             }

@@ -13,10 +13,10 @@
 use std::{collections::BTreeMap, net::SocketAddr, time::Instant};
 
 use agent_common::{
-    Backend, BackendFib, BackendHealth, FibCache, LatencyHistogram, NO_BACKEND, Prefilter,
-    SERVICE_F_AFFINITY, SERVICE_F_DSR_L2, SERVICE_F_DSR_TUNNEL, SERVICE_F_LEAST_CONN,
-    SERVICE_F_RETRY, SERVICE_F_SNAT, Service, ServiceKey,
-    ServicePolicy, ServiceStats, prefilter,
+    BACKEND_F_REMOTE, Backend, BackendFib, BackendHealth, FibCache, LatencyHistogram, NO_BACKEND,
+    Prefilter, SERVICE_F_AFFINITY, SERVICE_F_DSR_L2, SERVICE_F_DSR_TUNNEL, SERVICE_F_LEAST_CONN,
+    SERVICE_F_RETRY, SERVICE_F_SNAT, SERVICE_F_SNAT_REMOTE, SERVICE_F_SOURCE_RANGES, Service,
+    ServiceKey, ServicePolicy, ServiceStats, prefilter,
 };
 use anyhow::{Context, Result, anyhow, bail};
 use aya::maps::PerCpuValues;
@@ -26,6 +26,7 @@ mod adopt;
 mod drain;
 mod filters;
 mod ids;
+mod ranges;
 pub mod slots;
 
 pub use adopt::{Adopted, PinnedBackend, PinnedService, PinnedState, read_pinned};
@@ -66,6 +67,9 @@ pub struct BackendState {
     /// Its pod (Kubernetes), kept while it drains: its series keep their
     /// labels to the end.
     pub pod: Option<PodRef>,
+    /// `BACKEND_F_REMOTE` as written (None: not known, adopted from pinned
+    /// maps; the next apply writes it).
+    pub remote: Option<bool>,
 }
 
 impl BackendState {
@@ -111,6 +115,8 @@ pub struct Reconciler {
     new_flows_per_second: u32,
     /// `dsr_no_neighbour` drops seen at the last `resolve_dsr_neighbours`.
     dsr_neighbour_misses: u64,
+    /// What `SOURCE_RANGES` holds (see `ranges`).
+    source_ranges: std::collections::BTreeSet<ranges::Entry>,
 }
 
 impl Reconciler {
@@ -122,7 +128,9 @@ impl Reconciler {
     pub fn new(maps: Maps, table_size: u32, max_services: u32, max_backends: u32) -> Result<Self> {
         let nr_cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow!("{what}: {e}"))?;
         let slots = Slots::new(maps.maglev.slots());
+        let source_ranges = ranges::read(&maps.source_ranges);
         Ok(Self {
+            source_ranges,
             maps,
             table_size,
             slots,
@@ -298,6 +306,15 @@ impl Reconciler {
                 .with_context(|| format!("service {}", spec.name))?;
         }
 
+        // Source ranges of service ids no service has (removed, or left in
+        // a pinned trie by the agent before).
+        let live: std::collections::HashSet<u32> = self.services.values().map(|s| s.id).collect();
+        ranges::remove_where(
+            &mut self.maps.source_ranges,
+            &mut self.source_ranges,
+            |(_, r)| !live.contains(&r.service_id),
+        );
+
         // Now that removed services are out of the map, drop their bits.
         self.write_filter(prefilter::SERVICE, &wanted)?;
         self.write_filter(prefilter::SERVICE_ADDR, &wanted_addr)?;
@@ -321,6 +338,12 @@ impl Reconciler {
         if let Some(offset) = state.table_offset {
             self.slots.retire(offset);
         }
+        // Before its id can be reused: a new service must not inherit them.
+        ranges::remove_where(
+            &mut self.maps.source_ranges,
+            &mut self.source_ranges,
+            |(_, r)| r.service_id == state.id,
+        );
         if state.spec.affinity_timeout.is_some() {
             self.forget_affinity(state.id);
         }
@@ -377,9 +400,11 @@ impl Reconciler {
             let state = match old_backends.iter().position(|b| b.addr == addr) {
                 Some(i) => {
                     let mut b = old_backends.swap_remove(i);
-                    if b.weight != weight {
+                    let remote = spec.remote_backends.contains(&addr);
+                    if b.weight != weight || b.remote != Some(remote) {
                         b.weight = weight;
-                        self.write_backend(b.id, addr, weight, id)?;
+                        b.remote = Some(remote);
+                        self.write_backend(b.id, addr, weight, id, remote)?;
                     }
                     if b.drain_deadline.take().is_some() {
                         info!(service = spec.name, backend = %addr, "backend back; drain ended");
@@ -393,13 +418,21 @@ impl Reconciler {
                         crate::neighbour::solicit(addr.ip());
                     }
                     let backend_id = self.backend_ids.take()?;
-                    self.write_new_backend(backend_id, addr, weight, spec.protocol.number(), id)?;
+                    let remote = spec.remote_backends.contains(&addr);
+                    self.write_new_backend(
+                        backend_id,
+                        addr,
+                        weight,
+                        (spec.protocol.number(), id),
+                        remote,
+                    )?;
                     BackendState {
                         id: backend_id,
                         addr,
                         weight,
                         drain_deadline: None,
                         pod: spec.pods.get(&addr).cloned(),
+                        remote: Some(remote),
                     }
                 }
             };
@@ -472,25 +505,54 @@ impl Reconciler {
             }
         };
 
-        // 4. The service entry: one atomic update flips to the new table.
+        // 4. Source ranges the service gains, before its entry can ask.
+        let wanted_ranges = ranges::wanted(id, spec);
+        for entry in wanted_ranges.difference(&self.source_ranges.clone()) {
+            if let Err(e) = ranges::insert(
+                &mut self.maps.source_ranges,
+                &mut self.source_ranges,
+                *entry,
+            ) {
+                if offset != old_offset.unwrap_or(u32::MAX) {
+                    self.slots.retire(offset);
+                }
+                return Err(e);
+            }
+        }
+
+        // 5. The service entry: one atomic update flips to the new table.
+        // With IPIP DSR, `snat_ip` is the tunnel's outer source, not SNAT.
+        let mut flags = match spec.dsr {
+            Some(Encapsulation::None) => SERVICE_F_DSR_L2,
+            Some(Encapsulation::Ipip) => SERVICE_F_DSR_TUNNEL,
+            None if spec.snat_ip.is_some() => SERVICE_F_SNAT,
+            None => 0,
+        };
+        if spec.allowed_sources.is_some() {
+            flags |= SERVICE_F_SOURCE_RANGES;
+        }
+        if spec.snat_ip.is_none() && spec.snat_remote.is_some() {
+            flags |= SERVICE_F_SNAT_REMOTE;
+        }
         let value = Service {
             id,
             table_offset: offset,
             table_size: size,
-            flags: match spec.dsr {
-                Some(Encapsulation::None) => SERVICE_F_DSR_L2,
-                Some(Encapsulation::Ipip) => SERVICE_F_DSR_TUNNEL,
-                None if spec.snat_ip.is_some() => SERVICE_F_SNAT,
-                None => 0,
-            } | if spec.affinity_timeout.is_some() {
-                SERVICE_F_AFFINITY
-            } else {
-                0
-            } | match spec.algorithm {
-                Algorithm::Maglev => 0,
-                Algorithm::LeastConnections => SERVICE_F_LEAST_CONN,
-            },
-            snat_addr: spec.snat_ip.map(addr::words).unwrap_or_default(),
+            flags: flags
+                | if spec.affinity_timeout.is_some() {
+                    SERVICE_F_AFFINITY
+                } else {
+                    0
+                }
+                | match spec.algorithm {
+                    Algorithm::Maglev => 0,
+                    Algorithm::LeastConnections => SERVICE_F_LEAST_CONN,
+                },
+            snat_addr: spec
+                .snat_ip
+                .or(spec.snat_remote)
+                .map(addr::words)
+                .unwrap_or_default(),
             affinity_timeout_s: spec.affinity_timeout.unwrap_or(0),
             _pad: 0,
         };
@@ -504,8 +566,14 @@ impl Reconciler {
         if let Some(old) = replaced {
             self.slots.retire(old);
         }
+        // Ranges it lost: its entry no longer admits by them.
+        ranges::remove_where(
+            &mut self.maps.source_ranges,
+            &mut self.source_ranges,
+            |(prefix, r)| r.service_id == id && !wanted_ranges.contains(&(*prefix, *r)),
+        );
 
-        // 5. Backends no longer listed: no table points at them now. They
+        // 6. Backends no longer listed: no table points at them now. They
         // drain (established connections continue; a reused 5-tuple
         // re-picks), or with no drain time go at once.
         for mut b in old_backends {
@@ -546,12 +614,15 @@ impl Reconciler {
         addr: SocketAddr,
         weight: u32,
         service_id: u32,
+        remote: bool,
     ) -> Result<()> {
         let backend = Backend {
             addr: addr::words(addr.ip()),
             port: addr.port().to_be(),
             weight: weight as u16, // ≤ MAX_WEIGHT
             service_id,
+            flags: if remote { BACKEND_F_REMOTE } else { 0 },
+            _pad: 0,
         };
         self.maps
             .backends
@@ -560,16 +631,17 @@ impl Reconciler {
     }
 
     /// Everything the kernel keeps per backend, for a new or reused id.
+    /// `(proto, service_id)`: the service's protocol and id.
     fn write_new_backend(
         &mut self,
         id: u32,
         addr: SocketAddr,
         weight: u32,
-        proto: u8,
-        service_id: u32,
+        (proto, service_id): (u8, u32),
+        remote: bool,
     ) -> Result<()> {
         let words = addr::words(addr.ip());
-        self.write_backend(id, addr, weight, service_id)?;
+        self.write_backend(id, addr, weight, service_id, remote)?;
         // A reused id must not inherit its last owner's next hop or health.
         let fib = BackendFib {
             dst: words,

@@ -121,6 +121,35 @@ impl Cidr {
         Ok(cidr)
     }
 
+    /// As `parse`, but host bits are cleared instead of refused
+    /// (`10.1.2.3/8` is `10.0.0.0/8`), as kube-proxy reads
+    /// `loadBalancerSourceRanges`.
+    pub fn parse_sloppy(text: &str) -> Result<Self, String> {
+        match Self::parse(text) {
+            Err(_) if text.contains('/') => {
+                let (addr, prefix) = text.split_once('/').unwrap_or((text, ""));
+                let network: IpAddr = addr
+                    .trim()
+                    .parse()
+                    .map_err(|_| "expected ADDRESS/PREFIX".to_string())?;
+                let prefix: u8 = prefix
+                    .trim()
+                    .parse()
+                    .map_err(|_| "expected ADDRESS/PREFIX".to_string())?;
+                let cidr = Self { network, prefix };
+                let max = if network.is_ipv4() { 32 } else { 128 };
+                if prefix > max {
+                    return Err(format!("the prefix length must be 0 to {max}"));
+                }
+                Ok(Self {
+                    network: cidr.masked(network),
+                    prefix,
+                })
+            }
+            other => other,
+        }
+    }
+
     /// `ip` with the bits past the prefix cleared.
     fn masked(&self, ip: IpAddr) -> IpAddr {
         match ip {
@@ -137,6 +166,16 @@ impl Cidr {
                 IpAddr::V6(Ipv6Addr::from(u128::from(v6) & mask))
             }
         }
+    }
+
+    /// The block's first address.
+    pub fn network(&self) -> IpAddr {
+        self.network
+    }
+
+    /// The prefix length in bits.
+    pub fn prefix(&self) -> u8 {
+        self.prefix
     }
 
     pub fn contains(&self, ip: IpAddr) -> bool {
