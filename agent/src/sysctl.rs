@@ -44,16 +44,24 @@ impl Sysctls {
     /// - `forwarding` (IPv4 and IPv6): the FIB lookup of the kernel programs
     ///   answers "forwarding disabled" without it, and the kernel forwards
     ///   the packets it is handed (a next hop with no neighbour entry yet).
-    /// - `accept_local`, in snat mode: such a packet handed to the kernel,
+    /// - `accept_local`, in snat mode (and for NodePorts with the cluster
+    ///   policy): such a packet handed to the kernel,
     ///   already rewritten, has this host's SNAT address as its source, which
     ///   IPv4 drops as a martian unless it is set. (IPv6 has no such check.)
     pub fn apply(&mut self, cfg: &Validated, interfaces: &[String]) -> Result<()> {
         let v4 = cfg.services.iter().any(|s| s.vip.is_ipv4());
         let v6 = cfg.services.iter().any(|s| s.vip.is_ipv6());
-        let snat_v4 = cfg
-            .services
-            .iter()
-            .any(|s| s.snat_ip.is_some_and(|ip| ip.is_ipv4()));
+        // A NodePort with `external_traffic_policy: cluster` SNATs to the
+        // node's own addresses towards other nodes' backends: the same slow
+        // path. (A DSR tunnel's `snat_ip` is an outer source the kernel
+        // never sees as a packet's source: no need there.)
+        let snat_v4 = cfg.services.iter().any(|s| {
+            (s.dsr.is_none() && s.snat_ip.is_some_and(|ip| ip.is_ipv4()))
+                || (s.node_port.is_some() && !s.local_only && s.vip.is_ipv4())
+        }) || cfg.raw.kubernetes.as_ref().is_some_and(|k| {
+            k.addresses
+                .contains(&crate::config::KubeAddress::NodePorts)
+        });
         if !interfaces.is_empty() {
             // IPv6 forwards a packet the kernel is handed only when forwarding
             // is on for all interfaces, not just for the one it arrived on.

@@ -163,10 +163,10 @@ fn node_ports_reach_backends_on_both_nodes_tcp_and_udp_both_families() -> Result
     let mut servers = topo.serve(Family::V4, PORT)?;
     servers.extend(topo.serve(Family::V6, PORT)?);
     make_backend_remote(&topo)?;
-    // As every datapath test does: the first SYN to a backend whose
-    // neighbour entry is missing is handed to the kernel, which drops an
-    // SNATed one (its source is the node's own address).
-    topo.warm_neighbours()?;
+    // Neighbour tables left cold, as on a fresh node: the first SYN to a
+    // backend is handed to the kernel to resolve, SNATed to the node's own
+    // address, which IPv4 forwards only with accept_local (the agent sets
+    // it for cluster-policy NodePorts).
     let dir = TempDir::new("np")?;
     let cfg = dir.path("sluice.yaml");
     std::fs::write(&cfg, config())?;
@@ -307,7 +307,6 @@ fn kubernetes_node_ports_honour_the_external_traffic_policy() -> Result<()> {
     let topo = Topology::new("npk", 2)?;
     let _servers = topo.serve(Family::V4, PORT)?;
     make_backend_remote(&topo)?;
-    topo.warm_neighbours()?;
     let api = sluice_tests::kube_mock::KubeMock::start(&topo.lb, API.parse()?)?;
     api.apply(kube_service(
         "np",
