@@ -177,6 +177,17 @@ pub struct ServiceView {
     pub port: u16,
     pub protocol: String,
     pub forwarding: String,
+    /// With `forwarding: dsr`: `none` (L2) or `ipip`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dsr_encapsulation: Option<String>,
+    /// `maglev` or `least_connections`.
+    pub algorithm: String,
+    /// Session affinity by client address: its timeout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity_timeout_seconds: Option<u32>,
+    /// New flows are admitted only from these blocks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed_sources: Option<Vec<String>>,
     pub connections_total: u64,
     pub retries_total: u64,
     pub fail_open_total: u64,
@@ -280,6 +291,14 @@ pub fn service_views(
                     "dnat"
                 }
                 .to_string(),
+                dsr_encapsulation: s.spec.dsr.map(|e| e.as_str().to_string()),
+                algorithm: s.spec.algorithm.as_str().to_string(),
+                affinity_timeout_seconds: s.spec.affinity_timeout,
+                allowed_sources: s
+                    .spec
+                    .allowed_sources
+                    .as_ref()
+                    .map(|list| list.iter().map(ToString::to_string).collect()),
                 connections_total: totals.connections,
                 retries_total: totals.retries,
                 fail_open_total: totals.fail_open,

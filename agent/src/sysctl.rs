@@ -58,10 +58,11 @@ impl Sysctls {
         let snat_v4 = cfg.services.iter().any(|s| {
             (s.dsr.is_none() && s.snat_ip.is_some_and(|ip| ip.is_ipv4()))
                 || (s.node_port.is_some() && !s.local_only && s.vip.is_ipv4())
-        }) || cfg.raw.kubernetes.as_ref().is_some_and(|k| {
-            k.addresses
-                .contains(&crate::config::KubeAddress::NodePorts)
-        });
+        }) || cfg
+            .raw
+            .kubernetes
+            .as_ref()
+            .is_some_and(|k| k.addresses.contains(&crate::config::KubeAddress::NodePorts));
         if !interfaces.is_empty() {
             // IPv6 forwards a packet the kernel is handed only when forwarding
             // is on for all interfaces, not just for the one it arrived on.

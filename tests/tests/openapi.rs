@@ -336,6 +336,10 @@ fn config() -> String {
         "  - name: web-snat\n    vip: 10.100.0.1\n    port: 81\n    protocol: tcp\n    forwarding: snat\n    snat_ip: {}\n    backends:\n      - address: 10.1.0.2:8080\n",
         Family::V4.snat()
     );
+    // Every service option the API reports, so that each described
+    // property shows up in a live answer.
+    text += "  - name: web-options\n    vip: 10.100.0.1\n    port: 82\n    protocol: tcp\n    algorithm: least_connections\n    affinity: {client_ip: {timeout_seconds: 60}}\n    allowed_sources: [10.0.0.0/8, \"fd00::/8\"]\n    backends:\n      - address: 10.1.0.2:8080\n";
+    text += "  - name: web-dsr\n    vip: 10.100.0.1\n    port: 8080\n    protocol: tcp\n    forwarding: dsr\n    dsr: {encapsulation: none}\n    backends:\n      - address: 10.1.0.2:8080\n";
     text
 }
 

@@ -105,6 +105,7 @@ pub fn services(r: &ServicesResponse) -> String {
         "SERVICE",
         "FRONTEND",
         "FWD",
+        "CHOICE",
         "BACKENDS",
         "ACTIVE",
         "CONNS",
@@ -121,7 +122,8 @@ pub fn services(r: &ServicesResponse) -> String {
         t.row(vec![
             s.name.clone(),
             frontend(s),
-            s.forwarding.clone(),
+            forwarding(s),
+            choice(s),
             backends,
             s.backends
                 .iter()
@@ -143,6 +145,23 @@ pub fn services(r: &ServicesResponse) -> String {
         return "no services\n".to_string();
     }
     t.render()
+}
+
+/// `dnat`, `snat`, `dsr` (L2) or `dsr-ipip`.
+fn forwarding(s: &ServiceView) -> String {
+    match s.dsr_encapsulation.as_deref() {
+        Some("ipip") => "dsr-ipip".to_string(),
+        _ => s.forwarding.clone(),
+    }
+}
+
+/// How a new connection's backend is chosen: the algorithm, and the
+/// affinity's timeout if the service has one (`maglev+affinity 60s`).
+fn choice(s: &ServiceView) -> String {
+    match s.affinity_timeout_seconds {
+        Some(t) => format!("{}+affinity {t}s", s.algorithm),
+        None => s.algorithm.clone(),
+    }
 }
 
 fn frontend(s: &ServiceView) -> String {
@@ -195,7 +214,11 @@ pub fn backends(s: &ServiceView) -> String {
             over,
         ]);
     }
-    let head = format!("{} {} ({})\n", s.name, frontend(s), s.forwarding);
+    let mut options = vec![forwarding(s), choice(s)];
+    if let Some(blocks) = &s.allowed_sources {
+        options.push(format!("from {}", blocks.join(" ")));
+    }
+    let head = format!("{} {} ({})\n", s.name, frontend(s), options.join("; "));
     if t.is_empty() {
         return head + "no backends\n";
     }

@@ -273,7 +273,7 @@ fn check(text: &str) -> Result<(), TestCaseError> {
                 }
                 if s.dsr == Some(super::Encapsulation::Ipip) {
                     prop_assert!(s.snat_ip.is_some());
-}
+                }
 
                 // Accepted blocks are blocks: their text parses back as itself.
                 for c in s.allowed_sources.iter().flatten() {

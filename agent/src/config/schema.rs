@@ -472,6 +472,15 @@ pub enum Algorithm {
     LeastConnections,
 }
 
+impl Algorithm {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Maglev => "maglev",
+            Self::LeastConnections => "least_connections",
+        }
+    }
+}
+
 /// `affinity:` of a service (one kind: by client address).
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
