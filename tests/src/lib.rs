@@ -621,6 +621,33 @@ impl Cgroup {
         std::fs::create_dir(&path)?;
         Ok(Self { mount, path })
     }
+
+    /// Runs the Python `script` in network namespace `netns`, as a process
+    /// of this cgroup (so the socket-level hooks see its sockets), and
+    /// returns one JSON object per line it prints.
+    pub fn run_python(&self, netns: &str, script: &str) -> Result<Vec<serde_json::Value>> {
+        let procs = self.path.join("cgroup.procs");
+        let out = Command::new("ip")
+            .args(["netns", "exec", netns, "sh", "-c"])
+            .arg(format!(
+                "echo $$ > {} && exec python3 -c \"$0\"",
+                procs.display()
+            ))
+            .arg(script)
+            .stdin(std::process::Stdio::null())
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "client failed: {}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).with_context(|| format!("client line {l:?}")))
+            .collect()
+    }
 }
 
 impl Drop for Cgroup {

@@ -5,42 +5,12 @@
 //! ejected through the socket state tracepoint, as on the packet path. IPv4
 //! and IPv6.
 
-use std::{
-    collections::BTreeMap,
-    process::{Command, Stdio},
-    time::Duration,
-};
+use std::{collections::BTreeMap, time::Duration};
 
-use anyhow::{Context, Result, bail};
+use anyhow::Result;
 use serde_json::Value;
 use sluice_tests::{Agent, Bpffs, Cgroup, TempDir, backend_states, http_get, metric, wait_for};
 use testbed::{Family, Topology};
-
-/// Runs a Python client in the client namespace, inside `cgroup`, and
-/// returns one JSON object per line it prints.
-fn client(topo: &Topology, cgroup: &Cgroup, script: &str) -> Result<Vec<Value>> {
-    let procs = cgroup.path.join("cgroup.procs");
-    let out = Command::new("ip")
-        .args(["netns", "exec", &topo.client.name, "sh", "-c"])
-        .arg(format!(
-            "echo $$ > {} && exec python3 -c \"$0\"",
-            procs.display()
-        ))
-        .arg(script)
-        .stdin(Stdio::null())
-        .output()?;
-    if !out.status.success() {
-        bail!(
-            "client failed: {}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).with_context(|| format!("client line {l:?}")))
-        .collect()
-}
 
 const TCP_CLIENT: &str = r#"
 import json, socket
@@ -133,7 +103,7 @@ fn cgroup_clients_reach_backends_see_the_vip_and_failures_eject() -> Result<()> 
     let mut agent = Agent::start(&topo.lb, &dir.path("sluice.yaml"), dir.path("agent.log"))?;
 
     // TCP: every connection reaches a backend; the application sees the VIP.
-    let tcp = client(&topo, &cgroup, &TCP_CLIENT.replace("COUNT", "60"))?;
+    let tcp = cgroup.run_python(&topo.client.name, &TCP_CLIENT.replace("COUNT", "60"))?;
     assert_eq!(tcp.len(), 60);
     for r in &tcp {
         assert_eq!(r["peer"], serde_json::json!(["10.100.0.1", 80]), "{r}");
@@ -148,7 +118,7 @@ fn cgroup_clients_reach_backends_see_the_vip_and_failures_eject() -> Result<()> 
 
     // UDP, unconnected (sendto/recvfrom) and connected: replies come "from"
     // the VIP.
-    let udp = client(&topo, &cgroup, &UDP_CLIENT.replace("COUNT", "40"))?;
+    let udp = cgroup.run_python(&topo.client.name, &UDP_CLIENT.replace("COUNT", "40"))?;
     assert_eq!(udp.len(), 40);
     for r in &udp {
         assert_eq!(r["peer"], serde_json::json!(["10.100.0.1", 80]), "{r}");
@@ -159,7 +129,7 @@ fn cgroup_clients_reach_backends_see_the_vip_and_failures_eject() -> Result<()> 
         .replace("\"10.100.0.1\"", "\"fd64::1\"")
         .replace("list(peer)", "list(peer)[:2]")
         .replace("COUNT", "30");
-    let tcp6 = client(&topo, &cgroup, &script6)?;
+    let tcp6 = cgroup.run_python(&topo.client.name, &script6)?;
     assert_eq!(tcp6.len(), 30);
     for r in &tcp6 {
         assert_eq!(r["peer"], serde_json::json!(["fd64::1", 80]), "{r}");
@@ -169,9 +139,8 @@ fn cgroup_clients_reach_backends_see_the_vip_and_failures_eject() -> Result<()> 
         );
     }
     assert_eq!(by_backend(&tcp6).len(), 3, "{:?}", by_backend(&tcp6));
-    let udp6 = client(
-        &topo,
-        &cgroup,
+    let udp6 = cgroup.run_python(
+        &topo.client.name,
         &UDP_CLIENT
             .replace("AF_INET", "AF_INET6")
             .replace("\"10.100.0.1\"", "\"fd64::1\"")
@@ -215,7 +184,7 @@ fn cgroup_clients_reach_backends_see_the_vip_and_failures_eject() -> Result<()> 
 
     // Backend 1 refuses: counted by the tracepoint, ejected after 3.
     servers.remove(1);
-    let after = client(&topo, &cgroup, &TCP_CLIENT.replace("COUNT", "60"))?;
+    let after = cgroup.run_python(&topo.client.name, &TCP_CLIENT.replace("COUNT", "60"))?;
     let refused = after.iter().filter(|r| r["refused"] == true).count();
     assert!((1..=3).contains(&refused), "{refused} refused");
     let (_, m) = http_get(&topo.lb, agent.listen, "/metrics")?;
@@ -237,7 +206,7 @@ fn cgroup_clients_reach_backends_see_the_vip_and_failures_eject() -> Result<()> 
                 == Some(&"ejected".to_string()),
         )
     })?;
-    let later = client(&topo, &cgroup, &TCP_CLIENT.replace("COUNT", "30"))?;
+    let later = cgroup.run_python(&topo.client.name, &TCP_CLIENT.replace("COUNT", "30"))?;
     assert!(
         later.iter().all(|r| r["refused"] != true),
         "refusals after the ejection"
@@ -247,7 +216,7 @@ fn cgroup_clients_reach_backends_see_the_vip_and_failures_eject() -> Result<()> 
     // kill -9: the pinned hooks keep balancing on their own (and keep the
     // ejection); a restarted agent replaces them with no gap.
     agent.kill9()?;
-    let alone = client(&topo, &cgroup, &TCP_CLIENT.replace("COUNT", "30"))?;
+    let alone = cgroup.run_python(&topo.client.name, &TCP_CLIENT.replace("COUNT", "30"))?;
     for r in &alone {
         assert_eq!(r["peer"], serde_json::json!(["10.100.0.1", 80]), "{r}");
     }
@@ -259,7 +228,7 @@ fn cgroup_clients_reach_backends_see_the_vip_and_failures_eject() -> Result<()> 
     // pinned too): the hooks balanced while no agent ran.
     let (_, m) = http_get(&topo.lb, agent.listen, "/metrics")?;
     assert_eq!(packets_to_backends_via_the_vip(&m), Some(0.0));
-    let again = client(&topo, &cgroup, &TCP_CLIENT.replace("COUNT", "30"))?;
+    let again = cgroup.run_python(&topo.client.name, &TCP_CLIENT.replace("COUNT", "30"))?;
     assert_eq!(by_backend(&again).values().sum::<usize>(), 30);
     Ok(())
 }

@@ -346,36 +346,6 @@ fn a_forged_syn_flood_from_denied_sources_creates_no_state() -> Result<()> {
     Ok(())
 }
 
-/// A Python client in the client namespace, inside `cgroup` (socket-level
-/// balancing): one JSON object per line it prints.
-fn cgroup_client(
-    topo: &Topology,
-    cgroup: &sluice_tests::Cgroup,
-    script: &str,
-) -> Result<Vec<Value>> {
-    let procs = cgroup.path.join("cgroup.procs");
-    let out = Command::new("ip")
-        .args(["netns", "exec", &topo.client.name, "sh", "-c"])
-        .arg(format!(
-            "echo $$ > {} && exec python3 -c \"$0\"",
-            procs.display()
-        ))
-        .arg(script)
-        .stdin(Stdio::null())
-        .output()?;
-    if !out.status.success() {
-        bail!(
-            "client failed: {}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).with_context(|| format!("client line {l:?}")))
-        .collect()
-}
-
 /// Connects to the IPv4 VIP from `BIND` ("" = not bound): what happened.
 const BOUND_CLIENT: &str = r#"
 import json, socket
@@ -419,7 +389,7 @@ fn socket_level_balancing_checks_bound_sources() -> Result<()> {
     std::fs::write(&cfg, text)?;
     let agent = Agent::start(&topo.lb, &cfg, dir.path("agent.log"))?;
     let run = |bind: &str| -> Result<Value> {
-        let out = cgroup_client(&topo, &cgroup, &BOUND_CLIENT.replace("BIND", bind))?;
+        let out = cgroup.run_python(&topo.client.name, &BOUND_CLIENT.replace("BIND", bind))?;
         out.into_iter().next().context("no output")
     };
 

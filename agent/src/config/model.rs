@@ -55,6 +55,36 @@ pub struct ServiceSpec {
     pub remote_backends: BTreeSet<SocketAddr>,
 }
 
+impl ServiceSpec {
+    /// A service with no backends and every option at its default (DNAT,
+    /// Maglev, no affinity, from anywhere, no NodePort, no drain time):
+    /// what code that makes a service of its own starts from.
+    pub fn new(name: String, vip: IpAddr, port: u16, protocol: Protocol) -> Self {
+        Self {
+            name,
+            vip,
+            port,
+            protocol,
+            snat_ip: None,
+            backends: Vec::new(),
+            failure: Failure::default(),
+            discovery: None,
+            drain_timeout: std::time::Duration::ZERO,
+            backend_latency_histogram: None,
+            pods: BTreeMap::new(),
+            affinity_timeout: None,
+            algorithm: Default::default(),
+            dsr: None,
+            allowed_sources: None,
+            node_port: None,
+            local_only: false,
+            backend_nodes: BTreeMap::new(),
+            snat_remote: None,
+            remote_backends: BTreeSet::new(),
+        }
+    }
+}
+
 /// A Kubernetes pod, as an EndpointSlice endpoint's targetRef names it.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PodRef {

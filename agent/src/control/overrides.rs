@@ -284,29 +284,11 @@ mod tests {
 
     fn spec(backends: &[(&str, u32)]) -> ServiceSpec {
         ServiceSpec {
-            name: "web".into(),
-            vip: "10.0.0.1".parse().unwrap(),
-            port: 80,
-            protocol: Protocol::Tcp,
-            snat_ip: None,
             backends: backends
                 .iter()
                 .map(|(a, w)| (a.parse().unwrap(), *w))
                 .collect(),
-            failure: Default::default(),
-            discovery: None,
-            drain_timeout: std::time::Duration::ZERO,
-            backend_latency_histogram: None,
-            pods: Default::default(),
-            affinity_timeout: None,
-            algorithm: Default::default(),
-            dsr: None,
-            allowed_sources: None,
-            node_port: None,
-            local_only: false,
-            backend_nodes: Default::default(),
-            snat_remote: None,
-            remote_backends: Default::default(),
+            ..ServiceSpec::new("web".into(), "10.0.0.1".parse().unwrap(), 80, Protocol::Tcp)
         }
     }
 

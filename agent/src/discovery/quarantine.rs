@@ -188,28 +188,15 @@ mod tests {
     fn service(owner: &str, vip: u8, ports: u16, backends: u8) -> Vec<ServiceSpec> {
         (1..=ports)
             .map(|port| ServiceSpec {
-                name: format!("{owner}:{port}"),
-                vip: [10, 96, 0, vip].into(),
-                port,
-                protocol: Protocol::Tcp,
-                snat_ip: None,
                 backends: (0..backends)
                     .map(|b| (SocketAddr::from(([10, 1, vip, b], 8080)), 1))
                     .collect(),
-                failure: Failure::default(),
-                discovery: None,
-                drain_timeout: Duration::ZERO,
-                backend_latency_histogram: None,
-                pods: Default::default(),
-                affinity_timeout: None,
-                algorithm: Default::default(),
-                dsr: None,
-                allowed_sources: None,
-                node_port: None,
-                local_only: false,
-                backend_nodes: Default::default(),
-                snat_remote: None,
-                remote_backends: Default::default(),
+                ..ServiceSpec::new(
+                    format!("{owner}:{port}"),
+                    [10, 96, 0, vip].into(),
+                    port,
+                    Protocol::Tcp,
+                )
             })
             .collect()
     }

@@ -134,28 +134,12 @@ fn orphan_spec(key: &ServiceKey) -> ServiceSpec {
         crate::config::Protocol::Tcp
     };
     let port = u16::from_be(key.port);
-    ServiceSpec {
-        name: format!("{ORPHAN_PREFIX}{vip} {port}/{}", protocol.as_str()),
+    ServiceSpec::new(
+        format!("{ORPHAN_PREFIX}{vip} {port}/{}", protocol.as_str()),
         vip,
         port,
         protocol,
-        snat_ip: None,
-        backends: Vec::new(),
-        failure: Default::default(),
-        discovery: None,
-        drain_timeout: std::time::Duration::ZERO,
-        backend_latency_histogram: None,
-        pods: Default::default(),
-        affinity_timeout: None,
-        algorithm: Default::default(),
-        dsr: None,
-        allowed_sources: None,
-        node_port: None,
-        local_only: false,
-        backend_nodes: Default::default(),
-        snat_remote: None,
-        remote_backends: Default::default(),
-    }
+    )
 }
 
 impl Reconciler {
