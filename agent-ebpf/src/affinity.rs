@@ -42,10 +42,17 @@ fn usable(service_id: u32, backend_id: u32) -> bool {
 }
 
 /// The backend of the live, usable affinity entry of the client of `flow`
-/// at `service`, refreshed for this new connection. `k` is scratch space
-/// for the key (too big for the stack).
+/// at `service`, refreshed for this new connection unless `refresh` is
+/// false (an untracked RST follows the entry but is no new connection: a
+/// forged one must not keep the entry alive). `k` is scratch space for the
+/// key (too big for the stack).
 #[inline(always)]
-pub fn backend(k: &mut AffinityKey, service: &Service, flow: &FlowKey) -> Option<u32> {
+pub fn backend(
+    k: &mut AffinityKey,
+    service: &Service,
+    flow: &FlowKey,
+    refresh: bool,
+) -> Option<u32> {
     key_of(k, service.id, flow);
     // SAFETY: a live map value; CPUs racing on it store the same kind of
     // value (a backend id and a time), either of which is right.
@@ -59,7 +66,7 @@ pub fn backend(k: &mut AffinityKey, service: &Service, flow: &FlowKey) -> Option
     if !usable(service.id, id) {
         return None;
     }
-    if entry.last_used_s != now {
+    if refresh && entry.last_used_s != now {
         entry.last_used_s = now;
     }
     Some(id)

@@ -20,7 +20,9 @@
 
 use agent_common::{DecapVip, FAMILY_V4, FAMILY_V6, decap_count};
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC},
+    bindings::{
+        BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_OK, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+    },
     helpers::generated::bpf_skb_adjust_room,
     programs::TcContext,
 };
@@ -64,9 +66,17 @@ pub fn run(ctx: &TcContext) -> i32 {
             TC_ACT_SHOT
         }
         Verdict::Strip(outer) => {
+            // FIXED_GSO: a packet GRO merged keeps its inner segment size
+            // (the outer header was no part of it).
             // SAFETY: plain helper call on this program's skb.
-            let rc =
-                unsafe { bpf_skb_adjust_room(ctx.skb.skb, -(outer as i32), BPF_ADJ_ROOM_MAC, 0) };
+            let rc = unsafe {
+                bpf_skb_adjust_room(
+                    ctx.skb.skb,
+                    -(outer as i32),
+                    BPF_ADJ_ROOM_MAC,
+                    u64::from(BPF_F_ADJ_ROOM_FIXED_GSO),
+                )
+            };
             if rc != 0 {
                 count(decap_count::MALFORMED);
                 return TC_ACT_SHOT;

@@ -180,7 +180,10 @@ pub fn clamp_mss(ctx: &Ctx, l4: usize, max: u16) {
             }
             TCPOPT_MSS if o[1] == 4 => {
                 let old = u16::from_be_bytes([o[2], o[3]]);
-                if old > max {
+                // At an odd offset (after an odd number of NOPs, which no
+                // stack sends) the value straddles two checksum words and
+                // the one-word update below would be wrong: left alone.
+                if old > max && at & 1 == 0 {
                     set_mss(ctx, l4, tcp, opt, old, max);
                 }
                 return;

@@ -370,7 +370,12 @@ fn new_flow(s: &mut Scratch, service: &Service, syn: bool, flags: u8) -> Result<
             0
         };
     forward.attempts = attempt.min(255) as u8;
-    if syn && !dsr {
+    // A DSR connect too starts in SYN_SENT (in `CONNTRACK`, as the LB sees
+    // no SYN-ACK to move it from `HALF_OPEN`): its retransmitted SYNs stay
+    // on the backend, it expires after the SYN timeout if the client never
+    // goes on, and the client's first ACK establishes it
+    // (`tcp_state::established_tcp`).
+    if syn {
         forward.state = flow_state::SYN_SENT;
         forward.syn_ns = failure::now_ns();
         start_attempt(forward, facts);
@@ -410,7 +415,7 @@ fn choose(s: &mut Scratch, service: &Service, untracked: bool) -> bool {
     let affinity = service.flags & SERVICE_F_AFFINITY != 0;
     let least_conn = service.flags & SERVICE_F_LEAST_CONN != 0;
     let kept = if affinity {
-        affinity::backend(&mut s.affinity_key, service, &s.key)
+        affinity::backend(&mut s.affinity_key, service, &s.key, !untracked)
     } else {
         None
     };

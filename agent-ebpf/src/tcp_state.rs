@@ -8,7 +8,7 @@
 )]
 
 use agent_common::{
-    FLOW_F_AFFINITY, FLOW_F_FAILURE_COUNTED, FLOW_F_FIN_BACKEND, FLOW_F_FIN_CLIENT,
+    FLOW_F_AFFINITY, FLOW_F_DSR, FLOW_F_FAILURE_COUNTED, FLOW_F_FIN_BACKEND, FLOW_F_FIN_CLIENT,
     FLOW_F_VERIFIED, Flow, FlowKey, SERVICE_F_RETRY, SNAT_PORT_MIN, flow_state, reason, snat_for,
 };
 
@@ -257,6 +257,15 @@ pub fn established_tcp(s: &mut Scratch, f: &mut Flow, flags: u8) -> bool {
                 flow_state::CLOSED | flow_state::CLOSING | flow_state::UNKNOWN
             );
     }
+    // A DSR connect: the LB never sees the SYN-ACK, so the client's first
+    // ACK is what says the connection is made.
+    if from_client
+        && f.state == flow_state::SYN_SENT
+        && f.flags & FLOW_F_DSR != 0
+        && flags & TCP_ACK != 0
+    {
+        f.state = flow_state::ESTABLISHED;
+    }
     if flags & (TCP_FIN | TCP_RST) == 0 {
         return false;
     }
@@ -292,6 +301,12 @@ pub fn close_seen(key: &FlowKey, f: &mut Flow, flags: u8, side: u32) {
         least_conn::closed(f);
         flow_state::CLOSED
     } else {
+        // The LB sees no FIN of a DSR backend: the client's is the close,
+        // for the active count, and the flow lingers only for its closing
+        // timeout.
+        if f.flags & FLOW_F_DSR != 0 {
+            least_conn::closed(f);
+        }
         flow_state::CLOSING
     };
 }

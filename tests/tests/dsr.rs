@@ -283,9 +283,28 @@ fn udp_flows(b: &Bed) -> Result<()> {
     let client = b.family.segment_client();
     let mut reached = BTreeSet::new();
     b.seg.client.enter(|| -> Result<()> {
+        // The second ask binds the port the first just closed; once, that
+        // bind found the port still held (EADDRINUSE): a moment later it is
+        // free.
+        let ask = |port| {
+            let mut tries = 0;
+            loop {
+                match udp_ask(vip, port, TIMEOUT) {
+                    Err(e)
+                        if tries < 5
+                            && e.downcast_ref::<std::io::Error>().map(std::io::Error::kind)
+                                == Some(std::io::ErrorKind::AddrInUse) =>
+                    {
+                        tries += 1;
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    other => return other,
+                }
+            }
+        };
         for port in 40_000..40_050u16 {
-            let first = udp_ask(vip, port, TIMEOUT)?;
-            let again = udp_ask(vip, port, TIMEOUT)?;
+            let first = ask(port)?;
+            let again = ask(port)?;
             let (name, peer) = parse_reply(&first)?;
             ensure!(
                 peer.ip() == client,
@@ -637,5 +656,109 @@ fn l2_dsr_resolves_backend_neighbours() -> Result<()> {
         &[("reason", "dsr_no_neighbour")],
     );
     eprintln!("dsr_no_neighbour drops: {misses:?}");
+    Ok(())
+}
+
+/// The flows of `service` from `client` in `/api/v1/conntrack`: (state,
+/// backend) of each.
+fn flows_of(b: &Bed, service: &str, client: SocketAddr) -> Result<Vec<(String, String)>> {
+    let (status, body) = http_get(
+        &b.seg.lb,
+        b.agent.listen,
+        &format!("/api/v1/conntrack?service={service}"),
+    )?;
+    ensure!(status == 200, "/api/v1/conntrack answered {status}: {body}");
+    let answer: serde_json::Value = serde_json::from_str(&body)?;
+    Ok(answer["flows"]
+        .as_array()
+        .context("no flows in /api/v1/conntrack")?
+        .iter()
+        .filter(|f| f["client"] == client.to_string())
+        .map(|f| {
+            (
+                f["state"].as_str().unwrap_or_default().to_string(),
+                f["backend"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect())
+}
+
+/// A DSR connect as the LB sees it, the client's side only, forged from
+/// outside so that each step is exact: the SYN makes one flow in
+/// `syn_sent` (it expires after the SYN timeout if nothing follows, not
+/// after the established one); retransmissions of that SYN, and a SYN that
+/// also carries RST, stay on it (same backend, one connection counted);
+/// the client's first ACK establishes it; its FIN begins the close.
+#[test]
+fn a_dsr_connect_follows_the_clients_packets() -> Result<()> {
+    let b = bed("dsrcs", Family::V4, 2, Variant::L2)?;
+    let tx = RawSender::open(&b.seg.client, "eth0")?;
+    let (client_mac, lb_mac) = (mac_of(&b.seg.client, "eth0")?, mac_of(&b.seg.lb, "eth0")?);
+    let client = SocketAddr::new(b.family.segment_client(), 61_000);
+    let vip = b.vip();
+    let send = |flags: u8, seq_offset: u32| -> Result<()> {
+        let mut p = Pkt::tcp(client.ip(), client.port(), vip.ip(), vip.port(), flags);
+        p.smac = client_mac;
+        p.dmac = lb_mac;
+        p.payload.clear();
+        p.seq = p.seq.wrapping_add(seq_offset);
+        ensure!(tx.send(&p.bytes()), "sending a forged segment");
+        Ok(())
+    };
+    let connections = || -> Result<u64> {
+        let s = sluice_tests::service_json(&b.seg.lb, &b.agent, "web-tcp")?;
+        s["connections_total"]
+            .as_u64()
+            .context("no connections_total")
+    };
+    let before = connections()?;
+    let state_is = |want: &str| -> Result<String> {
+        let mut backend = String::new();
+        wait_for(
+            &format!("the flow of {client} in {want}"),
+            Duration::from_secs(5),
+            || {
+                let flows = flows_of(&b, "web-tcp", client)?;
+                ensure!(
+                    flows.len() <= 1,
+                    "{client} has {} flows: {flows:?}",
+                    flows.len()
+                );
+                Ok(match flows.first() {
+                    Some((state, to)) if state == want => {
+                        backend = to.clone();
+                        true
+                    }
+                    _ => false,
+                })
+            },
+        )?;
+        Ok(backend)
+    };
+
+    const SYN: u8 = 0x02;
+    const RST: u8 = 0x04;
+    const ACK: u8 = 0x10;
+    const FIN: u8 = 0x01;
+    send(SYN, 0)?;
+    let first = state_is("syn_sent")?;
+    for _ in 0..3 {
+        send(SYN, 0)?;
+    }
+    send(SYN | RST, 0)?;
+    thread::sleep(Duration::from_millis(300));
+    ensure!(
+        state_is("syn_sent")? == first,
+        "a retransmitted SYN moved the flow off {first}"
+    );
+    ensure!(
+        connections()? == before + 1,
+        "connections counted: {} (was {before}): a retransmission counted as a connection",
+        connections()?
+    );
+    send(ACK, 1)?;
+    ensure!(state_is("established")? == first, "the ACK moved the flow");
+    send(FIN | ACK, 1)?;
+    ensure!(state_is("closing")? == first, "the FIN moved the flow");
     Ok(())
 }

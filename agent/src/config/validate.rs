@@ -370,9 +370,22 @@ fn services(
         .enumerate()
         .map(|(i, s)| service(s, &format!("services[{i}]"), &mut taken))
         .collect::<Result<Vec<_>, _>>()?;
+    // A NodePort entry per node address carries the service's ranges too.
+    // (With the default node addresses, read at apply time, the apply
+    // refuses what doesn't fit.)
+    let entries = |s: &ServiceSpec| {
+        1 + if s.node_port.is_some() {
+            node_addresses
+                .iter()
+                .filter(|a| a.is_ipv4() == s.vip.is_ipv4())
+                .count()
+        } else {
+            0
+        }
+    };
     let ranges: usize = services
         .iter()
-        .map(|s| s.allowed_sources.as_ref().map_or(0, Vec::len))
+        .map(|s| s.allowed_sources.as_ref().map_or(0, Vec::len) * entries(s))
         .sum();
     if ranges > agent_common::MAX_SOURCE_RANGES as usize {
         return Err(refuse(

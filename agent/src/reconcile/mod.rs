@@ -344,9 +344,9 @@ impl Reconciler {
             &mut self.source_ranges,
             |(_, r)| r.service_id == state.id,
         );
-        if state.spec.affinity_timeout.is_some() {
-            self.forget_affinity(state.id);
-        }
+        // Whatever the spec says now: affinity may have been switched off
+        // before the removal, and an adopted orphan's spec doesn't know.
+        self.forget_affinity(state.id);
         self.service_ids.give(state.id);
         info!(service = name, "service removed");
         Ok(())
@@ -705,7 +705,6 @@ impl Reconciler {
         }
     }
 
-    /// The kernel's view of a backend's health.
     /// A client's session affinity entry, if any (for tests and tools).
     pub fn affinity_entry(
         &self,
@@ -714,6 +713,7 @@ impl Reconciler {
         self.maps.affinity.get(key, 0).ok()
     }
 
+    /// The kernel's view of a backend's health.
     pub fn health(&self, backend_id: u32) -> BackendHealth {
         counters::health(&self.maps.backend_health, backend_id)
     }
@@ -728,8 +728,6 @@ impl Reconciler {
         counters::reason_count(&self.maps.reasons, code)
     }
 
-    /// Makes every flow's cached FIB result stale: the next packet of each
-    /// flow does a fresh FIB lookup. Called on every rtnetlink change.
     /// When DSR packets were dropped for want of a backend's neighbour
     /// entry since the last call (`dsr_no_neighbour`), has the kernel
     /// resolve every DSR backend again (see `neighbour`).
@@ -751,6 +749,8 @@ impl Reconciler {
         }
     }
 
+    /// Makes every flow's cached FIB result stale: the next packet of each
+    /// flow does a fresh FIB lookup. Called on every rtnetlink change.
     pub fn bump_fib_generation(&mut self) -> Result<()> {
         let next = self
             .maps
