@@ -138,6 +138,30 @@ fn conntrack(cfg: &Path, service: &str) -> Result<Value> {
     Ok(serde_json::from_slice(&out.stdout)?)
 }
 
+/// `sluice explain CLIENT:PORT VIP/tcp -o json`'s decision, against the
+/// agent of `cfg`.
+fn explained(cfg: &Path, client: SocketAddr, vip: SocketAddr) -> Result<String> {
+    let out = Command::new(sluice_bin())
+        .arg("explain")
+        .arg(client.to_string())
+        .arg(format!("{vip}/tcp"))
+        .args(["-o", "json", "--config"])
+        .arg(cfg)
+        .arg("--socket")
+        .arg(control_socket_of(cfg))
+        .stdin(Stdio::null())
+        .output()
+        .context("running sluice explain")?;
+    if !out.status.success() {
+        bail!(
+            "sluice explain failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let answer: Value = serde_json::from_slice(&out.stdout)?;
+    Ok(answer["decision"].as_str().unwrap_or_default().to_string())
+}
+
 /// Flows of `service` whose client is `client` (any port).
 fn flows_of(cfg: &Path, service: &str, client: IpAddr) -> Result<usize> {
     let flows = conntrack(cfg, service)?;
@@ -212,6 +236,18 @@ fn allowed_sources_admit_listed_clients_and_drop_others_both_families_and_follow
         ensure!(
             flows_of(&cfg, service_name(fam), fam.client())? > 0,
             "the allowed client's flow is not in conntrack (the check would prove nothing)"
+        );
+        // `sluice explain` says so, and lets the allowed client through.
+        let decision = explained(&cfg, SocketAddr::new(denied, 40_123), vip(fam))?;
+        ensure!(
+            decision == "source_denied",
+            "explain for {denied}: {decision}"
+        );
+        let decision = explained(&cfg, SocketAddr::new(fam.client(), 40_123), vip(fam))?;
+        ensure!(
+            decision == "maglev",
+            "explain for {}: {decision}",
+            fam.client()
         );
     }
 

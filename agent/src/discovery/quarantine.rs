@@ -179,10 +179,10 @@ pub fn log_changes(before: &BTreeMap<String, String>, now: &BTreeMap<String, Str
 
 #[cfg(test)]
 mod tests {
-    use std::{net::SocketAddr, time::Duration};
+    use std::net::SocketAddr;
 
     use super::*;
-    use crate::config::{Failure, Protocol};
+    use crate::config::Protocol;
 
     /// `ports` Sluice services of Service `owner`, each with `backends`.
     fn service(owner: &str, vip: u8, ports: u16, backends: u8) -> Vec<ServiceSpec> {

@@ -9,7 +9,8 @@ use std::net::SocketAddr;
 
 use agent_common::{
     AffinityKey, BackendState as Admission, FLOW_F_REVERSE, Flow, FlowKey, MAGLEV_MAX_PICKS,
-    MAGLEV_MAX_WALK, NO_BACKEND, SERVICE_F_AFFINITY, SERVICE_F_LEAST_CONN, Service, addr, hash,
+    MAGLEV_MAX_WALK, NO_BACKEND, SERVICE_F_AFFINITY, SERVICE_F_LEAST_CONN, SERVICE_F_SOURCE_RANGES,
+    Service, addr, hash,
 };
 use serde::{Deserialize, Serialize};
 
@@ -29,7 +30,8 @@ pub struct Explanation {
     /// progress), `affinity` (a new flow: the client's session affinity
     /// entry decides), `maglev` (a new flow: the table decides),
     /// `least_connections` (a new flow: this node's live counts decide,
-    /// per connection; not retraced), `no_service`,
+    /// per connection; not retraced), `source_denied` (a new flow from a
+    /// source outside the service's `allowed_sources`: dropped), `no_service`,
     /// `no_backend` (the service's table is empty), `family_mismatch` (an
     /// IPv4 client can't reach an IPv6 VIP, or the other way).
     pub decision: String,
@@ -217,6 +219,16 @@ pub fn explain(
         }
     }
 
+    if service.flags & SERVICE_F_SOURCE_RANGES != 0
+        && !tables.source_allowed(service.id, client.ip())
+    {
+        e.decision = "source_denied".to_string();
+        e.why.push(format!(
+            "{} is in none of the service's allowed_sources: a new flow is dropped (source_denied)",
+            client.ip()
+        ));
+        return e;
+    }
     let affinity = service.flags & SERVICE_F_AFFINITY != 0;
     if affinity && let Some(id) = affinity_backend(tables, &service, &key, &mut e.why) {
         e.decision = "affinity".to_string();

@@ -6,11 +6,11 @@
 use std::path::Path;
 
 use agent_common::{
-    AffinityEntry, AffinityKey, Backend, BackendHealth, Flow, FlowKey, SERVICE_F_RETRY, Service,
-    ServiceKey, ServicePolicy, registry::map,
+    AffinityEntry, AffinityKey, Backend, BackendHealth, Flow, FlowKey, SERVICE_F_RETRY,
+    SOURCE_RANGE_FIXED_BITS, Service, ServiceKey, ServicePolicy, SourceRange, addr, registry::map,
 };
 use anyhow::{Context, Result};
-use aya::maps::{Array, HashMap, Map, MapData};
+use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, lpm_trie::Key};
 
 use crate::datapath::{Maps, second_handle};
 
@@ -27,6 +27,8 @@ pub struct Tables {
     pub half_open: HashMap<MapData, FlowKey, Flow>,
     /// Session affinity entries.
     pub affinity: HashMap<MapData, AffinityKey, AffinityEntry>,
+    /// The `allowed_sources` blocks of the services that have them.
+    pub source_ranges: LpmTrie<MapData, SourceRange, u32>,
 }
 
 impl Tables {
@@ -41,6 +43,7 @@ impl Tables {
             conntrack: second_handle(&maps.conntrack, map::CONNTRACK, Map::LruHashMap)?,
             half_open: second_handle(&maps.half_open, map::HALF_OPEN, Map::LruHashMap)?,
             affinity: second_handle(&maps.affinity, map::AFFINITY, Map::LruHashMap)?,
+            source_ranges: second_handle(&maps.source_ranges, map::SOURCE_RANGES, Map::LpmTrie)?,
         })
     }
 
@@ -56,7 +59,25 @@ impl Tables {
             conntrack: open_pinned(maps_dir, map::CONNTRACK, Map::LruHashMap)?,
             half_open: open_pinned(maps_dir, map::HALF_OPEN, Map::LruHashMap)?,
             affinity: open_pinned(maps_dir, map::AFFINITY, Map::LruHashMap)?,
+            source_ranges: open_pinned(maps_dir, map::SOURCE_RANGES, Map::LpmTrie)?,
         })
+    }
+
+    /// Whether a new flow of service `service_id` from `client` is
+    /// admitted by its `allowed_sources` (as the kernel's
+    /// `service::source_allowed` looks it up).
+    pub fn source_allowed(&self, service_id: u32, client: std::net::IpAddr) -> bool {
+        let full = SOURCE_RANGE_FIXED_BITS + if client.is_ipv4() { 32 } else { 128 };
+        let key = Key::new(
+            full,
+            SourceRange {
+                service_id,
+                family: addr::family(client),
+                _pad: [0; 3],
+                addr: addr::words(client),
+            },
+        );
+        self.source_ranges.get(&key, 0).is_ok()
     }
 
     pub fn health(&self, backend_id: u32) -> BackendHealth {
