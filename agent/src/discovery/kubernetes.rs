@@ -462,6 +462,16 @@ pub fn desired(
             .get(&(ns, name))
             .map(Vec::as_slice)
             .unwrap_or_default();
+        // What every Sluice service of this Service shares, whatever its
+        // address and port.
+        let common = |name: String, vip: IpAddr, port: u16, protocol: Protocol| ServiceSpec {
+            failure: spec.failure.clone(),
+            drain_timeout: Duration::from_secs(spec.drain_timeout_seconds.into()),
+            backend_latency_histogram: histogram,
+            affinity_timeout,
+            algorithm,
+            ..ServiceSpec::new(name, vip, port, protocol)
+        };
         for port in svc_spec.ports.iter().flatten() {
             let protocol = match port.protocol.as_deref().unwrap_or("TCP") {
                 "TCP" => Protocol::Tcp,
@@ -494,26 +504,11 @@ pub fn desired(
                     &mut skip,
                 );
                 found.services.push(ServiceSpec {
-                    name: service_name,
-                    vip: *vip,
-                    port: vip_port,
-                    protocol,
-                    snat_ip: None,
                     backends,
-                    failure: spec.failure.clone(),
-                    discovery: None,
-                    drain_timeout: Duration::from_secs(spec.drain_timeout_seconds.into()),
-                    backend_latency_histogram: histogram,
                     pods,
-                    affinity_timeout,
-                    algorithm,
-                    dsr: None,
                     allowed_sources: if *lb { source_ranges.clone() } else { None },
-                    node_port: None,
                     local_only: *local_only,
-                    backend_nodes: Default::default(),
-                    snat_remote: None,
-                    remote_backends: Default::default(),
+                    ..common(service_name, *vip, vip_port, protocol)
                 });
             }
             // The NodePort, on each node address of the Service's families.
@@ -555,28 +550,21 @@ pub fn desired(
                         .collect()
                 };
                 found.services.push(ServiceSpec {
-                    name: format!("{owner}:{port_label}@{}", SocketAddr::new(*addr, node_port)),
-                    vip: *addr,
-                    port: node_port,
-                    protocol,
-                    snat_ip: None,
                     backends,
-                    failure: spec.failure.clone(),
-                    discovery: None,
-                    drain_timeout: Duration::from_secs(spec.drain_timeout_seconds.into()),
-                    backend_latency_histogram: histogram,
                     pods,
                     // As kube-proxy: loadBalancerSourceRanges don't apply
                     // to NodePorts.
                     allowed_sources: None,
-                    node_port: None,
                     local_only: external_local,
                     backend_nodes: nodes,
                     snat_remote: (!external_local).then_some(*addr),
                     remote_backends,
-                    affinity_timeout,
-                    algorithm,
-                    dsr: None,
+                    ..common(
+                        format!("{owner}:{port_label}@{}", SocketAddr::new(*addr, node_port)),
+                        *addr,
+                        node_port,
+                        protocol,
+                    )
                 });
             }
         }
