@@ -149,11 +149,10 @@ impl Drop for Decap {
     }
 }
 
-fn bed(tag: &str, family: Family, backends: usize, variant: Variant) -> Result<Bed> {
-    let seg = Segment::new(tag, backends)?;
-    // Each backend serves on the VIP (on its loopback), as a DSR backend does.
-    let servers = seg
-        .backends
+/// A name server on every backend of `seg`, on the VIP (on its loopback),
+/// as a DSR backend serves.
+fn serve_vip(seg: &Segment, family: Family) -> Result<Vec<NameServer>> {
+    seg.backends
         .iter()
         .enumerate()
         .map(|(i, ns)| {
@@ -163,7 +162,12 @@ fn bed(tag: &str, family: Family, backends: usize, variant: Variant) -> Result<B
                 &format!("b{i}"),
             )
         })
-        .collect::<Result<Vec<_>>>()?;
+        .collect()
+}
+
+fn bed(tag: &str, family: Family, backends: usize, variant: Variant) -> Result<Bed> {
+    let seg = Segment::new(tag, backends)?;
+    let servers = serve_vip(&seg, family)?;
     seg.warm_neighbours()?;
     let dir = TempDir::new(tag)?;
     let mut decaps = Vec::new();
@@ -621,18 +625,7 @@ fn backend_decap_refuses_a_vip_not_on_a_local_interface() -> Result<()> {
 fn l2_dsr_resolves_backend_neighbours() -> Result<()> {
     let family = Family::V4;
     let seg = Segment::new("dsrn", 2)?;
-    let _servers = seg
-        .backends
-        .iter()
-        .enumerate()
-        .map(|(i, ns)| {
-            NameServer::start(
-                ns,
-                SocketAddr::new(family.segment_vip(), PORT),
-                &format!("b{i}"),
-            )
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let _servers = serve_vip(&seg, family)?;
     let dir = TempDir::new("dsrn")?;
     std::fs::write(dir.path("sluice.yaml"), config(family, 2, Variant::L2))?;
     let agent = Agent::start(&seg.lb, &dir.path("sluice.yaml"), dir.path("agent.log"))?;
@@ -646,16 +639,27 @@ fn l2_dsr_resolves_backend_neighbours() -> Result<()> {
             Ok(())
         })?
     };
+    let misses = || -> Result<f64> {
+        let (_, text) = http_get(&seg.lb, agent.listen, "/metrics")?;
+        Ok(metric(
+            &text,
+            "sluice_drops_total",
+            &[("reason", "dsr_no_neighbour")],
+        )
+        .unwrap_or(0.0))
+    };
     ask(20)?;
+    let before = misses()?;
     seg.lb.exec(&["ip", "neigh", "flush", "dev", "eth0"])?;
     ask(20)?;
-    let (_, text) = http_get(&seg.lb, agent.listen, "/metrics")?;
-    let misses = metric(
-        &text,
-        "sluice_drops_total",
-        &[("reason", "dsr_no_neighbour")],
+    let after = misses()?;
+    eprintln!("dsr_no_neighbour drops: {before} before the flush, {after} after");
+    // The flush did leave the LB without the backends' neighbours (else the
+    // connections above would prove nothing), and they completed anyway.
+    ensure!(
+        after > before,
+        "no dsr_no_neighbour drop after the flush: the recovery was not exercised"
     );
-    eprintln!("dsr_no_neighbour drops: {misses:?}");
     Ok(())
 }
 

@@ -20,8 +20,7 @@ use crate::{
     Args, Measured,
     cpu::{self, LB_CPU, LOAD_CPU, pin},
     load::{self, Http},
-    median, metered, ratio_text,
-    servers::listening,
+    median, metered, ratio_text, servers,
 };
 
 const PORT: u16 = 80;
@@ -88,26 +87,17 @@ fn nginx(seg: &Segment, dir: &TempDir) -> Result<Vec<Daemon>> {
         let root = dir.path(&format!("www-{i}"));
         std::fs::create_dir_all(&root)?;
         std::fs::write(root.join("index.html"), vec![b'x'; BODY_BYTES])?;
-        let conf = dir.path(&format!("dsr-nginx-{i}.conf"));
-        std::fs::write(
-            &conf,
-            format!(
-                "daemon off;\nmaster_process off;\nworker_processes 1;\n\
-                 error_log {} warn;\npid {};\n\
-                 events {{ worker_connections 16384; }}\n\
-                 http {{\n  access_log off;\n  keepalive_requests 100000000;\n  \
-                 server {{\n    listen {PORT} backlog=4096;\n    listen [::]:{PORT} backlog=4096;\n    \
-                 root {};\n  }}\n}}\n",
-                dir.path(&format!("dsr-nginx-{i}.error.log")).display(),
-                dir.path(&format!("dsr-nginx-{i}.pid")).display(),
-                root.display()
-            ),
+        let server = format!(
+            "listen {PORT} backlog=4096;\n    listen [::]:{PORT} backlog=4096;\n    root {};",
+            root.display()
+        );
+        let d = servers::nginx(
+            ns,
+            dir,
+            &format!("dsr-nginx-{i}"),
+            &server,
+            SocketAddr::new("0.0.0.0".parse()?, PORT),
         )?;
-        let args = ["-c".to_string(), conf.to_string_lossy().into()];
-        let d = Daemon::start(ns, "nginx", &args, dir.path(&format!("dsr-nginx-{i}.out")))?;
-        let vip = SocketAddr::new("0.0.0.0".parse()?, PORT);
-        listening(ns, &d, "-Hltn", vip)?;
-        pin(d.pid().context("nginx exited at once")?, LOAD_CPU)?;
         daemons.push(d);
     }
     Ok(daemons)

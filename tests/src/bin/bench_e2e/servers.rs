@@ -21,26 +21,16 @@ pub fn start(topo: &Topology, dir: &TempDir) -> Result<Servers> {
     let mut daemons = Vec::new();
     for (i, ns) in topo.backends.iter().enumerate() {
         let ip = Family::V4.backend(i);
-        let conf = dir.path(&format!("nginx-{i}.conf"));
-        let log = dir.path(&format!("nginx-{i}.error.log"));
-        let pid_file = dir.path(&format!("nginx-{i}.pid"));
-        std::fs::write(
-            &conf,
-            format!(
-                "daemon off;\nmaster_process off;\nworker_processes 1;\n\
-                 error_log {} warn;\npid {};\n\
-                 events {{ worker_connections 16384; }}\n\
-                 http {{\n  access_log off;\n  keepalive_requests 100000000;\n  \
-                 server {{\n    listen {ip}:{HTTP_PORT} backlog=4096;\n    \
-                 location / {{ return 200 \"b{i}\\n\"; }}\n  }}\n}}\n",
-                log.display(),
-                pid_file.display()
-            ),
+        let server = format!(
+            "listen {ip}:{HTTP_PORT} backlog=4096;\n    location / {{ return 200 \"b{i}\\n\"; }}"
+        );
+        let nginx = nginx(
+            ns,
+            dir,
+            &format!("nginx-{i}"),
+            &server,
+            SocketAddr::new(ip, HTTP_PORT),
         )?;
-        let args = ["-c".to_string(), conf.to_string_lossy().into()];
-        let nginx = Daemon::start(ns, "nginx", &args, dir.path(&format!("nginx-{i}.out")))?;
-        listening(ns, &nginx, "-Hltn", SocketAddr::new(ip, HTTP_PORT))?;
-        pin(nginx.pid().context("nginx exited at once")?, LOAD_CPU)?;
         daemons.push(nginx);
 
         let args: Vec<String> = ["server", "-i", &ip.to_string(), "-p", &UDP_PORT.to_string()]
@@ -57,6 +47,36 @@ pub fn start(topo: &Topology, dir: &TempDir) -> Result<Servers> {
         daemons.push(udp);
     }
     Ok(Servers { _daemons: daemons })
+}
+
+/// One nginx process in `ns` (its files in `dir`, named `name`): keep-alive
+/// without a request limit, `server` the body of its one server block. It
+/// is pinned to the load CPU once it listens on `listen`.
+pub fn nginx(
+    ns: &Netns,
+    dir: &TempDir,
+    name: &str,
+    server: &str,
+    listen: SocketAddr,
+) -> Result<Daemon> {
+    let conf = dir.path(&format!("{name}.conf"));
+    std::fs::write(
+        &conf,
+        format!(
+            "daemon off;\nmaster_process off;\nworker_processes 1;\n\
+             error_log {} warn;\npid {};\n\
+             events {{ worker_connections 16384; }}\n\
+             http {{\n  access_log off;\n  keepalive_requests 100000000;\n  \
+             server {{\n    {server}\n  }}\n}}\n",
+            dir.path(&format!("{name}.error.log")).display(),
+            dir.path(&format!("{name}.pid")).display(),
+        ),
+    )?;
+    let args = ["-c".to_string(), conf.to_string_lossy().into()];
+    let daemon = Daemon::start(ns, "nginx", &args, dir.path(&format!("{name}.out")))?;
+    listening(ns, &daemon, "-Hltn", listen)?;
+    pin(daemon.pid().context("nginx exited at once")?, LOAD_CPU)?;
+    Ok(daemon)
 }
 
 /// Waits until `server` listens on `addr` in `ns` (`flags`: ss's, e.g.
